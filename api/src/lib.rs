@@ -1,0 +1,65 @@
+//! agentq-api: a thin HTTP front to the queue.
+//!
+//! `POST /v1/tasks` validates a task and enqueues it with one Lua script; reads come straight
+//! from Redis. The api holds no state of its own, so any number of replicas can run.
+//! Failure policy: client mistakes get a 4xx naming the field and write nothing; Redis trouble
+//! gets a 503 within a few seconds (never a 500 or a hang); nothing here retries on its own.
+
+pub mod error;
+mod routes;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use agentq_common::config::ApiConfig;
+use agentq_common::metrics::ApiMetrics;
+use agentq_common::{Broker, Redis};
+use tokio::net::TcpListener;
+
+pub use routes::app;
+
+/// Bodies above this size get a 413.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Broker,
+    pub config: Arc<ApiConfig>,
+    pub metrics: ApiMetrics,
+    /// Queues this process has registered in Redis, so the registry write happens once per queue.
+    pub known_queues: Arc<Mutex<HashSet<String>>>,
+}
+
+impl AppState {
+    pub fn new(config: ApiConfig) -> anyhow::Result<Self> {
+        let redis = Redis::open(&config.common.redis_url)?;
+        let broker = Broker::new(redis, config.common.key_prefix.clone());
+        Ok(Self {
+            broker,
+            config: Arc::new(config),
+            metrics: ApiMetrics::new(),
+            known_queues: Arc::default(),
+        })
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
+pub async fn run(
+    config: ApiConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::new(config)?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        redis = %state.config.common.redis_display(),
+        prefix = %state.config.common.key_prefix,
+        "agentq-api serving"
+    );
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("agentq-api stopped");
+    Ok(())
+}

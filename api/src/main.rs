@@ -1,0 +1,39 @@
+//! `agentq-api`: reads configuration from the environment (exit 64 on a bad value), binds
+//! `AGENTQ_LISTEN`, serves until SIGTERM or SIGINT, then lets in-flight requests finish.
+
+use agentq_common::config::{self, ApiConfig, ProcessEnv, EXIT_CONFIG};
+use agentq_common::{shutdown, telemetry};
+
+#[tokio::main]
+async fn main() {
+    let format = match config::log_format(&ProcessEnv) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("agentq-api: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    telemetry::init(format);
+    let config = match ApiConfig::from_env(&ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(variable = e.var, error = %e, "bad configuration");
+            eprintln!("agentq-api: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(config.common.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, listen = %config.common.listen, "cannot bind");
+            std::process::exit(1);
+        }
+    };
+    let stop = async {
+        shutdown::signal().await;
+    };
+    if let Err(e) = agentq_api::run(config, listener, stop).await {
+        tracing::error!(error = %e, "agentq-api failed");
+        std::process::exit(1);
+    }
+}

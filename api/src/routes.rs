@@ -1,0 +1,337 @@
+//! Routes and handlers.
+
+use std::time::{Duration, Instant};
+
+use agentq_common::broker::{CancelOutcome, Enqueued};
+use agentq_common::keys::{validate_queue, TaskId};
+use agentq_common::metrics::render;
+use agentq_common::task::{CreateTask, Status};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::{AppState, MAX_BODY_BYTES};
+
+/// Longest any handler waits on Redis before answering 503.
+const REDIS_DEADLINE: Duration = Duration::from_secs(4);
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+const MAX_LIST_LIMIT: usize = 1000;
+
+static OPENAPI: &str = include_str!("../openapi.json");
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(create_task))
+        .route("/v1/tasks/{id}", get(get_task).delete(cancel_task))
+        .route("/v1/queues/{queue}", get(queue_stats))
+        .route("/v1/queues/{queue}/dead", get(list_dead))
+        .route("/v1/queues/{queue}/dead/redrive", post(redrive_dead))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().as_str().to_owned();
+    // The matched route template, never the raw path: ids must not become label values.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    let m = &state.metrics;
+    m.http_requests
+        .with_label_values(&[&method, &route, resp.status().as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[&method, &route])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn deadline<T>(
+    fut: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(REDIS_DEADLINE, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            tracing::warn!("redis call timed out");
+            Err(ApiError::unavailable())
+        }
+    }
+}
+
+fn json_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_header",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        )
+        .field("Idempotency-Key")
+    };
+    let s = v.to_str().map_err(|_| bad())?;
+    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(s.to_owned()))
+}
+
+/// Turns a serde error into the JSON field it is about ("body" when it is about the whole body).
+fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.inner();
+    let msg = inner.to_string();
+    // serde reports an unknown field at the parent's path; name the field itself
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let name = rest.split('`').next().unwrap_or("");
+        let field = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
+        return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_field", msg).field(field);
+    }
+    let field = if path == "." || path.is_empty() { "body".to_owned() } else { path };
+    if inner.is_syntax() || inner.is_eof() {
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", msg).field(field)
+    } else {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", msg).field(field)
+    }
+}
+
+async fn create_task(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("body must be at most {MAX_BODY_BYTES} bytes"),
+            )
+            .field("body")
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_body", rej.body_text()).field("body")
+        }
+    })?;
+    if !json_content_type(&headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/json",
+        )
+        .field("Content-Type"));
+    }
+    let idem = idempotency_key(&headers)?;
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let req: CreateTask = serde_path_to_error::deserialize(de).map_err(body_error)?;
+    let task = req
+        .validate(&state.config.default_queue, state.config.common.max_attempts)
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    let ttl = state.config.common.result_ttl;
+    let (id, outcome) = deadline(state.broker.enqueue(&task, idem.as_deref(), ttl)).await?;
+    let status = match outcome {
+        Enqueued::Created => {
+            state.metrics.enqueued.with_label_values(&[&task.queue]).inc();
+            register_queue(&state, &task.queue).await;
+            Status::Queued.as_str().to_owned()
+        }
+        Enqueued::Existing => {
+            let current = match TaskId::parse(&id) {
+                Ok(tid) => deadline(state.broker.get(&tid)).await?.map(|v| v.status),
+                Err(_) => None,
+            };
+            current.unwrap_or(Status::Queued).as_str().to_owned()
+        }
+    };
+    let location = format!("/v1/tasks/{id}");
+    let mut resp = (StatusCode::ACCEPTED, Json(json!({"id": id, "status": status}))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    if outcome == Enqueued::Existing {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// Adds the queue to the registry the metrics endpoint walks; once per queue per process.
+async fn register_queue(state: &AppState, queue: &str) {
+    let fresh = state
+        .known_queues
+        .lock()
+        .map(|mut s| s.insert(queue.to_owned()))
+        .unwrap_or(false);
+    if fresh {
+        if let Err(e) = state.broker.register_queue(queue).await {
+            tracing::warn!(error = %e, queue, "could not register queue; will retry");
+            if let Ok(mut s) = state.known_queues.lock() {
+                s.remove(queue);
+            }
+        }
+    }
+}
+
+fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
+    TaskId::parse(raw).map_err(|_| ApiError::not_found("task"))
+}
+
+async fn get_task(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&raw)?;
+    match deadline(state.broker.get(&id)).await? {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::not_found("task")),
+    }
+}
+
+async fn cancel_task(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&raw)?;
+    match deadline(state.broker.cancel(&id, state.config.common.result_ttl)).await? {
+        CancelOutcome::Cancelled => Ok(Json(json!({"id": raw, "status": "cancelled"})).into_response()),
+        CancelOutcome::NotFound => Err(ApiError::not_found("task")),
+        CancelOutcome::AlreadyFinished(s) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_finished",
+            format!("task already {}", s.as_str()),
+        )
+        .field("id")),
+    }
+}
+
+fn check_queue(queue: &str) -> Result<(), ApiError> {
+    validate_queue(queue).map_err(|e| ApiError::invalid("queue", e.to_string()))
+}
+
+async fn queue_stats(State(state): State<AppState>, Path(queue): Path<String>) -> Result<Response, ApiError> {
+    check_queue(&queue)?;
+    Ok(Json(deadline(state.broker.stats(&queue)).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+fn limit(q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>) -> Result<usize, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::invalid("limit", e.body_text()))?;
+    match q.limit {
+        None => Ok(100),
+        Some(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::invalid("limit", format!("must be between 1 and {MAX_LIST_LIMIT}"))),
+    }
+}
+
+async fn list_dead(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    check_queue(&queue)?;
+    let n = limit(q)?;
+    let tasks = deadline(state.broker.dead(&queue, n)).await?;
+    Ok(Json(json!({"queue": queue, "tasks": tasks})).into_response())
+}
+
+async fn redrive_dead(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    check_queue(&queue)?;
+    let n = limit(q)?;
+    let (redriven, dropped) = deadline(state.broker.redrive(&queue, n)).await?;
+    Ok(Json(json!({"queue": queue, "redriven": redriven, "dropped": dropped})).into_response())
+}
+
+async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let up = tokio::time::timeout(REDIS_DEADLINE, state.broker.redis().ping())
+        .await
+        .unwrap_or(false);
+    if up {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reason": "redis unreachable"})),
+        )
+            .into_response()
+    }
+}
+
+/// Refreshes the queue gauges from Redis, then renders. A scrape during an outage still answers,
+/// with the last known depths.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let refresh = async {
+        let queues = state.broker.known_queues().await?;
+        for q in queues.iter().filter(|q| validate_queue(q).is_ok()) {
+            let s = state.broker.stats(q).await?;
+            let g = &state.metrics.queue_depth;
+            g.with_label_values(&[q, "pending"]).set(s.pending as i64);
+            g.with_label_values(&[q, "inflight"]).set(s.inflight as i64);
+            g.with_label_values(&[q, "retrying"]).set(s.retrying as i64);
+            g.with_label_values(&[q, "dead"]).set(s.dead as i64);
+            let age = state.broker.oldest_pending_age(q).await?;
+            state.metrics.oldest_age.with_label_values(&[q]).set(age);
+        }
+        Ok::<_, redis::RedisError>(())
+    };
+    if let Ok(Err(e)) | Err(e) = tokio::time::timeout(REDIS_DEADLINE, refresh)
+        .await
+        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))
+    {
+        tracing::warn!(error = %e, "queue depth refresh failed");
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render(&state.metrics.registry),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn fallback() -> ApiError {
+    ApiError::not_found("route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}

@@ -1,0 +1,65 @@
+-- Reliable fetch: move up to N ids from pending into this worker's in-flight list and start them.
+-- KEYS[1] pending list, KEYS[2] this worker's in-flight list, KEYS[3] active zset, KEYS[4] dead zset
+-- ARGV[1] task key prefix, ARGV[2] N (ids to take from pending), ARGV[3] now ms, ARGV[4] worker id,
+-- ARGV[5] an id the worker already moved with BLMOVE, or '', ARGV[6] result TTL seconds
+-- Task keys are built from ARGV[1] .. id: they share the queue's hash tag, so they live in the
+-- same cluster slot as KEYS.
+-- Returns a flat array: id, attempts, payload, rate_limited for every task started.
+-- Ids whose task is finished or cancelled are dropped; ids with no record, and tasks whose
+-- attempts were used up by lost workers, are dead-lettered.
+local now = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[6])
+local out = {}
+
+local function bury(tkey, id, reason)
+  redis.call('HSET', tkey, 'status', 'failed', 'error', reason, 'finished_at', now)
+  redis.call('EXPIRE', tkey, ttl)
+  redis.call('ZADD', KEYS[4], now, id)
+end
+
+local function start(id)
+  local tkey = ARGV[1] .. id
+  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error')
+  local status = t[1]
+  if not status then
+    redis.call('LREM', KEYS[2], 1, id)
+    redis.call('ZREM', KEYS[3], id)
+    bury(tkey, id, 'poison: task record missing')
+    return
+  end
+  if status ~= 'queued' and status ~= 'retrying' and status ~= 'running' then
+    -- finished, failed or cancelled: a duplicate id or a cancelled task; never run it again
+    redis.call('LREM', KEYS[2], 1, id)
+    redis.call('ZREM', KEYS[3], id)
+    return
+  end
+  local attempts = tonumber(t[2]) or 0
+  local max = tonumber(t[3]) or 1
+  if attempts >= max then
+    -- only reachable for a task recovered from a lost worker: that run counted as an attempt
+    redis.call('LREM', KEYS[2], 1, id)
+    redis.call('ZREM', KEYS[3], id)
+    local last = t[6]
+    if not last or last == '' then last = 'worker lost while running the task' end
+    bury(tkey, id, 'attempts exhausted (' .. attempts .. ' of ' .. max .. '): ' .. last)
+    return
+  end
+  attempts = attempts + 1
+  redis.call('HSET', tkey, 'status', 'running', 'attempts', attempts, 'started_at', now, 'worker', ARGV[4])
+  redis.call('ZADD', KEYS[3], now, id)
+  out[#out + 1] = id
+  out[#out + 1] = attempts
+  out[#out + 1] = t[4] or ''
+  out[#out + 1] = tonumber(t[5]) or 0
+end
+
+if ARGV[5] ~= '' then
+  start(ARGV[5])
+end
+local n = tonumber(ARGV[2])
+for _ = 1, n do
+  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not id then break end
+  start(id)
+end
+return out

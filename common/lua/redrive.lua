@@ -1,0 +1,21 @@
+-- Put dead-lettered tasks back on the pending list as new attempts.
+-- KEYS[1] dead zset, KEYS[2] pending list
+-- ARGV[1] task key prefix, ARGV[2] most tasks to move
+-- Returns {redriven, dropped}; dropped ids had no record left (expired or never written).
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local moved, dropped = 0, 0
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local tkey = ARGV[1] .. id
+  if redis.call('EXISTS', tkey) == 1 and redis.call('HEXISTS', tkey, 'payload') == 1 then
+    redis.call('HSET', tkey, 'status', 'queued', 'attempts', 0, 'rate_limited', 0)
+    redis.call('HDEL', tkey, 'finished_at', 'started_at', 'result')
+    redis.call('PERSIST', tkey)
+    redis.call('LPUSH', KEYS[2], id)
+    moved = moved + 1
+  else
+    redis.call('DEL', tkey)
+    dropped = dropped + 1
+  end
+end
+return {moved, dropped}

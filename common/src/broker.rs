@@ -1,0 +1,532 @@
+//! The queue operations, each one Redis round trip (a Lua script or a pipeline).
+//! The state changes themselves live in `common/lua/*.lua`; see docs/architecture.md.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::{AsyncCommands, RedisResult, Script};
+
+use crate::keys::{Keys, TaskId};
+use crate::redis_conn::Redis;
+use crate::task::{NewTask, StartedTask, TaskView};
+use crate::time::now_ms;
+
+struct Scripts {
+    enqueue: Script,
+    fetch: Script,
+    complete: Script,
+    fail: Script,
+    promote: Script,
+    recover: Script,
+    cancel: Script,
+    redrive: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    enqueue: Script::new(include_str!("../lua/enqueue.lua")),
+    fetch: Script::new(include_str!("../lua/fetch.lua")),
+    complete: Script::new(include_str!("../lua/complete.lua")),
+    fail: Script::new(include_str!("../lua/fail.lua")),
+    promote: Script::new(include_str!("../lua/promote.lua")),
+    recover: Script::new(include_str!("../lua/recover.lua")),
+    cancel: Script::new(include_str!("../lua/cancel.lua")),
+    redrive: Script::new(include_str!("../lua/redrive.lua")),
+});
+
+/// Counts of one queue, as `GET /v1/queues/{queue}` shows them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct QueueStats {
+    pub queue: String,
+    /// The Redis list KEDA's redis scaler must watch; `pending` is its LLEN.
+    pub list_key: String,
+    /// The sorted set of running tasks; `inflight` is its ZCARD (KEDA's second trigger).
+    pub active_key: String,
+    pub pending: u64,
+    pub inflight: u64,
+    pub retrying: u64,
+    pub dead: u64,
+    pub workers: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Created,
+    /// The idempotency key had already created this task.
+    Existing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    Cancelled,
+    NotFound,
+    /// The task had already finished with this status.
+    AlreadyFinished(crate::task::Status),
+}
+
+/// How a failed run is recorded (see `fail.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    Transient,
+    RateLimited,
+    Permanent,
+    GiveBack,
+}
+
+impl FailMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::RateLimited => "rate_limited",
+            Self::Permanent => "permanent",
+            Self::GiveBack => "giveback",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadTask {
+    pub id: String,
+    pub died_at: String,
+    pub error: Option<String>,
+    pub attempts: u32,
+}
+
+/// Agent memory to append when a task succeeds.
+pub struct MemoryAppend<'a> {
+    pub agent_id: &'a str,
+    pub messages: Vec<String>,
+    pub keep: usize,
+    pub ttl: Duration,
+}
+
+/// The queue client shared by api and worker: a Redis handle and the key prefix.
+#[derive(Clone)]
+pub struct Broker {
+    redis: Redis,
+    prefix: String,
+}
+
+impl Broker {
+    pub fn new(redis: Redis, prefix: impl Into<String>) -> Self {
+        Self {
+            redis,
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn keys(&self, queue: &str) -> Keys {
+        Keys::new(&self.prefix, queue)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// Writes the record and pushes the id in one script. With an idempotency key, a second
+    /// call returns the first task's id and writes nothing.
+    pub async fn enqueue(
+        &self,
+        task: &NewTask,
+        idempotency_key: Option<&str>,
+        ttl: Duration,
+    ) -> RedisResult<(String, Enqueued)> {
+        let keys = self.keys(&task.queue);
+        let id = TaskId::generate(&task.queue)
+            .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "bad queue", e.to_string())))?;
+        let payload = serde_json::to_string(&task.payload).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Client, "payload", e.to_string()))
+        })?;
+        let mut inv = SCRIPTS.enqueue.prepare_invoke();
+        inv.key(keys.task(&id)).key(keys.pending());
+        if let Some(k) = idempotency_key {
+            inv.key(keys.idempotency(k));
+        }
+        inv.arg(id.to_string())
+            .arg(&task.queue)
+            .arg(now_ms())
+            .arg(task.max_attempts)
+            .arg(payload)
+            .arg(ttl.as_secs().max(1));
+        let mut conn = self.redis.conn().await?;
+        let (created, id): (i64, String) = inv.invoke_async(&mut conn).await?;
+        Ok((
+            id,
+            if created == 1 {
+                Enqueued::Created
+            } else {
+                Enqueued::Existing
+            },
+        ))
+    }
+
+    pub async fn get(&self, id: &TaskId) -> RedisResult<Option<TaskView>> {
+        let key = self.keys(id.queue()).task(id);
+        let mut conn = self.redis.conn().await?;
+        let h: HashMap<String, String> = conn.hgetall(key).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(TaskView::from_hash(id, &h)))
+    }
+
+    pub async fn cancel(&self, id: &TaskId, ttl: Duration) -> RedisResult<CancelOutcome> {
+        let keys = self.keys(id.queue());
+        let mut conn = self.redis.conn().await?;
+        let out: String = SCRIPTS
+            .cancel
+            .key(keys.task(id))
+            .key(keys.pending())
+            .key(keys.delayed())
+            .arg(id.to_string())
+            .arg(now_ms())
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match out.as_str() {
+            "cancelled" => CancelOutcome::Cancelled,
+            "missing" => CancelOutcome::NotFound,
+            other => match crate::task::Status::parse(other) {
+                Some(s) => CancelOutcome::AlreadyFinished(s),
+                None => CancelOutcome::NotFound,
+            },
+        })
+    }
+
+    pub async fn stats(&self, queue: &str) -> RedisResult<QueueStats> {
+        let keys = self.keys(queue);
+        let mut conn = self.redis.conn().await?;
+        let (pending, inflight, retrying, dead, workers): (u64, u64, u64, u64, u64) =
+            redis::pipe()
+                .llen(keys.pending())
+                .zcard(keys.active())
+                .zcard(keys.delayed())
+                .zcard(keys.dead())
+                .scard(keys.workers())
+                .query_async(&mut conn)
+                .await?;
+        Ok(QueueStats {
+            queue: queue.to_owned(),
+            list_key: keys.pending(),
+            active_key: keys.active(),
+            pending,
+            inflight,
+            retrying,
+            dead,
+            workers,
+        })
+    }
+
+    /// Age in seconds of the task at the head of the pending list (the next to run), 0 if empty.
+    pub async fn oldest_pending_age(&self, queue: &str) -> RedisResult<f64> {
+        let keys = self.keys(queue);
+        let mut conn = self.redis.conn().await?;
+        let head: Option<String> = conn.lindex(keys.pending(), -1).await?;
+        let Some(id) = head.and_then(|h| TaskId::parse(&h).ok()) else {
+            return Ok(0.0);
+        };
+        let created: Option<i64> = conn.hget(keys.task(&id), "created_at").await?;
+        Ok(created
+            .map(|c| ((now_ms() - c).max(0) as f64) / 1000.0)
+            .unwrap_or(0.0))
+    }
+
+    pub async fn dead(&self, queue: &str, limit: usize) -> RedisResult<Vec<DeadTask>> {
+        let keys = self.keys(queue);
+        let mut conn = self.redis.conn().await?;
+        let entries: Vec<(String, f64)> = conn
+            .zrevrange_withscores(keys.dead(), 0, limit.saturating_sub(1) as isize)
+            .await?;
+        let mut pipe = redis::pipe();
+        for (id, _) in &entries {
+            pipe.cmd("HMGET")
+                .arg(format!("{}{id}", keys.task_prefix()))
+                .arg("error")
+                .arg("attempts");
+        }
+        let fields: Vec<(Option<String>, Option<u32>)> = if entries.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        Ok(entries
+            .into_iter()
+            .zip(fields)
+            .map(|((id, score), (error, attempts))| DeadTask {
+                id,
+                died_at: crate::time::format_ms(score as i64),
+                error,
+                attempts: attempts.unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Moves up to `limit` dead tasks back to pending with fresh attempts.
+    /// Returns (redriven, dropped because their record was gone).
+    pub async fn redrive(&self, queue: &str, limit: usize) -> RedisResult<(u64, u64)> {
+        let keys = self.keys(queue);
+        let mut conn = self.redis.conn().await?;
+        SCRIPTS
+            .redrive
+            .key(keys.dead())
+            .key(keys.pending())
+            .arg(keys.task_prefix())
+            .arg(limit.max(1))
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    pub async fn register_queue(&self, queue: &str) -> RedisResult<()> {
+        let mut conn = self.redis.conn().await?;
+        conn.sadd(crate::keys::queues_registry(&self.prefix), queue)
+            .await
+    }
+
+    pub async fn known_queues(&self) -> RedisResult<Vec<String>> {
+        let mut conn = self.redis.conn().await?;
+        conn.smembers(crate::keys::queues_registry(&self.prefix))
+            .await
+    }
+
+    // ---- worker side ----
+
+    /// Blocks up to `timeout` for one pending id and moves it into the worker's in-flight list.
+    /// `blocking` must be a connection reserved for blocking commands.
+    pub async fn wait_for_task(
+        &self,
+        blocking: &Redis,
+        keys: &Keys,
+        worker_id: &str,
+        timeout: Duration,
+    ) -> RedisResult<Option<String>> {
+        let mut conn = blocking.conn().await?;
+        redis::cmd("BLMOVE")
+            .arg(keys.pending())
+            .arg(keys.inflight(worker_id))
+            .arg("RIGHT")
+            .arg("LEFT")
+            .arg(timeout.as_secs_f64())
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Takes up to `n` more pending tasks (plus `claimed`, already moved by [`Self::wait_for_task`])
+    /// and marks them running. The caller must hold a concurrency permit for each one it may get.
+    pub async fn fetch(
+        &self,
+        keys: &Keys,
+        worker_id: &str,
+        n: usize,
+        claimed: Option<&str>,
+        ttl: Duration,
+    ) -> RedisResult<Vec<StartedTask>> {
+        let mut conn = self.redis.conn().await?;
+        let flat: Vec<redis::Value> = SCRIPTS
+            .fetch
+            .key(keys.pending())
+            .key(keys.inflight(worker_id))
+            .key(keys.active())
+            .key(keys.dead())
+            .arg(keys.task_prefix())
+            .arg(n)
+            .arg(now_ms())
+            .arg(worker_id)
+            .arg(claimed.unwrap_or(""))
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        let mut out = Vec::with_capacity(flat.len() / 4);
+        for chunk in flat.chunks_exact(4) {
+            let id: String = redis::from_redis_value_ref(&chunk[0])?;
+            let attempt: u32 = redis::from_redis_value_ref(&chunk[1])?;
+            let payload: String = redis::from_redis_value_ref(&chunk[2])?;
+            let limited: u32 = redis::from_redis_value_ref(&chunk[3])?;
+            out.push(StartedTask::new(id, attempt, payload, limited));
+        }
+        Ok(out)
+    }
+
+    /// Records a success. Returns the script's verdict: "ok", or why the result was dropped.
+    pub async fn complete(
+        &self,
+        keys: &Keys,
+        worker_id: &str,
+        id: &TaskId,
+        result_json: &str,
+        ttl: Duration,
+        memory: Option<&MemoryAppend<'_>>,
+    ) -> RedisResult<String> {
+        let mut conn = self.redis.conn().await?;
+        let mut inv = SCRIPTS.complete.prepare_invoke();
+        inv.key(keys.task(id))
+            .key(keys.inflight(worker_id))
+            .key(keys.active());
+        if let Some(m) = memory {
+            inv.key(keys.memory(m.agent_id));
+        }
+        inv.arg(id.to_string())
+            .arg(now_ms())
+            .arg(result_json)
+            .arg(ttl.as_secs().max(1));
+        if let Some(m) = memory {
+            inv.arg(m.keep.max(1)).arg(m.ttl.as_secs().max(1));
+            for msg in &m.messages {
+                inv.arg(msg);
+            }
+        }
+        inv.invoke_async(&mut conn).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fail(
+        &self,
+        keys: &Keys,
+        worker_id: &str,
+        id: &TaskId,
+        mode: FailMode,
+        error: &str,
+        retry_in: Duration,
+        ttl: Duration,
+        max_rate_limited: u32,
+    ) -> RedisResult<String> {
+        let mut conn = self.redis.conn().await?;
+        let now = now_ms();
+        SCRIPTS
+            .fail
+            .key(keys.task(id))
+            .key(keys.inflight(worker_id))
+            .key(keys.active())
+            .key(keys.delayed())
+            .key(keys.dead())
+            .key(keys.pending())
+            .arg(id.to_string())
+            .arg(now)
+            .arg(mode.as_str())
+            .arg(error)
+            .arg(now + retry_in.as_millis() as i64)
+            .arg(ttl.as_secs().max(1))
+            .arg(max_rate_limited)
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// Dead-letters an id that is in the worker's in-flight list but cannot be run (a poison
+    /// payload), whatever its recorded state.
+    pub async fn bury_poison(
+        &self,
+        keys: &Keys,
+        worker_id: &str,
+        id_raw: &str,
+        reason: &str,
+        ttl: Duration,
+    ) -> RedisResult<()> {
+        let mut conn = self.redis.conn().await?;
+        let now = now_ms();
+        let task_key = format!("{}{id_raw}", keys.task_prefix());
+        redis::pipe()
+            .atomic()
+            .lrem(keys.inflight(worker_id), 1, id_raw)
+            .ignore()
+            .zrem(keys.active(), id_raw)
+            .ignore()
+            .hset_multiple(
+                &task_key,
+                &[
+                    ("status", "failed".to_owned()),
+                    ("error", reason.to_owned()),
+                    ("finished_at", now.to_string()),
+                ],
+            )
+            .ignore()
+            .expire(&task_key, ttl.as_secs().max(1) as i64)
+            .ignore()
+            .zadd(keys.dead(), id_raw, now)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+    }
+
+    /// Moves due retries to pending. Returns how many moved.
+    pub async fn promote_due(&self, keys: &Keys, limit: usize) -> RedisResult<u64> {
+        let mut conn = self.redis.conn().await?;
+        SCRIPTS
+            .promote
+            .key(keys.delayed())
+            .key(keys.pending())
+            .arg(now_ms())
+            .arg(limit.max(1))
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// Refreshes this worker's heartbeat and registration.
+    pub async fn heartbeat(&self, keys: &Keys, worker_id: &str, ttl: Duration) -> RedisResult<()> {
+        let mut conn = self.redis.conn().await?;
+        redis::pipe()
+            .set_ex(keys.heartbeat(worker_id), now_ms(), ttl.as_secs().max(1))
+            .ignore()
+            .sadd(keys.workers(), worker_id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+    }
+
+    /// Removes this worker's heartbeat and registration after a clean drain.
+    pub async fn deregister(&self, keys: &Keys, worker_id: &str) -> RedisResult<()> {
+        let mut conn = self.redis.conn().await?;
+        redis::pipe()
+            .del(keys.heartbeat(worker_id))
+            .ignore()
+            .srem(keys.workers(), worker_id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+    }
+
+    /// Ids still in this worker's in-flight list.
+    pub async fn inflight_ids(&self, keys: &Keys, worker_id: &str) -> RedisResult<Vec<String>> {
+        let mut conn = self.redis.conn().await?;
+        conn.lrange(keys.inflight(worker_id), 0, -1).await
+    }
+
+    /// Finds workers whose heartbeat expired and gives their in-flight tasks back to pending.
+    /// Returns (worker id, tasks recovered) for each worker recovered.
+    pub async fn recover_lost_workers(
+        &self,
+        keys: &Keys,
+        self_id: &str,
+    ) -> RedisResult<Vec<(String, u64)>> {
+        let mut conn = self.redis.conn().await?;
+        let workers: Vec<String> = conn.smembers(keys.workers()).await?;
+        let mut recovered = Vec::new();
+        for w in workers.into_iter().filter(|w| w != self_id) {
+            let n: i64 = SCRIPTS
+                .recover
+                .key(keys.heartbeat(&w))
+                .key(keys.inflight(&w))
+                .key(keys.pending())
+                .key(keys.workers())
+                .key(keys.active())
+                .arg(&w)
+                .invoke_async(&mut conn)
+                .await?;
+            if n >= 0 {
+                recovered.push((w, n as u64));
+            }
+        }
+        Ok(recovered)
+    }
+
+    /// The agent's recent messages (JSON strings), oldest first.
+    pub async fn memory(&self, keys: &Keys, agent_id: &str, keep: usize) -> RedisResult<Vec<String>> {
+        if keep == 0 {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.redis.conn().await?;
+        conn.lrange(keys.memory(agent_id), -(keep as isize), -1).await
+    }
+}

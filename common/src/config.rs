@@ -1,0 +1,426 @@
+//! Configuration from environment variables, read once at start.
+//!
+//! Every variable is parsed here; a bad value is a [`ConfigError`] naming the variable, and the
+//! binaries exit with code 64 (EX_USAGE). Config is read through [`Env`] so tests never touch the
+//! process environment.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::keys::validate_queue;
+use crate::task::MAX_ATTEMPTS_LIMIT;
+
+pub const ENV_REDIS_URL: &str = "REDIS_URL";
+pub const ENV_LISTEN: &str = "AGENTQ_LISTEN";
+pub const ENV_KEY_PREFIX: &str = "AGENTQ_KEY_PREFIX";
+pub const ENV_QUEUE: &str = "AGENTQ_QUEUE";
+pub const ENV_OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
+pub const ENV_OPENAI_API_KEY: &str = "OPENAI_API_KEY";
+pub const ENV_MODEL: &str = "AGENTQ_MODEL";
+pub const ENV_CONCURRENCY: &str = "WORKER_CONCURRENCY";
+pub const ENV_MAX_ATTEMPTS: &str = "AGENTQ_MAX_ATTEMPTS";
+pub const ENV_HEARTBEAT_SECS: &str = "AGENTQ_HEARTBEAT_SECS";
+pub const ENV_DRAIN_TIMEOUT_SECS: &str = "AGENTQ_DRAIN_TIMEOUT_SECS";
+pub const ENV_LLM_TIMEOUT_SECS: &str = "AGENTQ_LLM_TIMEOUT_SECS";
+pub const ENV_RESULT_TTL_SECS: &str = "AGENTQ_RESULT_TTL_SECS";
+pub const ENV_LOG_FORMAT: &str = "AGENTQ_LOG_FORMAT";
+pub const ENV_MAX_RATE_LIMITED: &str = "AGENTQ_MAX_RATE_LIMITED";
+pub const ENV_RETRY_BASE_MS: &str = "AGENTQ_RETRY_BASE_MS";
+pub const ENV_RETRY_MAX_MS: &str = "AGENTQ_RETRY_MAX_MS";
+pub const ENV_MEMORY_MESSAGES: &str = "AGENTQ_MEMORY_MESSAGES";
+pub const ENV_MEMORY_TTL_SECS: &str = "AGENTQ_MEMORY_TTL_SECS";
+pub const ENV_PRICES: &str = "AGENTQ_PRICES";
+pub const ENV_FETCH_BATCH: &str = "AGENTQ_FETCH_BATCH";
+
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_WORKER_LISTEN: &str = "0.0.0.0:9090";
+pub const DEFAULT_KEY_PREFIX: &str = "agentq";
+pub const DEFAULT_QUEUE: &str = "default";
+pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+pub const DEFAULT_MODEL: &str = "gpt-4o-mini";
+pub const DEFAULT_CONCURRENCY: usize = 16;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 30;
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 100;
+pub const DEFAULT_LLM_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_RESULT_TTL_SECS: u64 = 86_400;
+pub const DEFAULT_MAX_RATE_LIMITED: u32 = 20;
+pub const DEFAULT_RETRY_BASE_MS: u64 = 1_000;
+pub const DEFAULT_RETRY_MAX_MS: u64 = 300_000;
+pub const DEFAULT_MEMORY_MESSAGES: usize = 10;
+pub const DEFAULT_MEMORY_TTL_SECS: u64 = 3_600;
+pub const DEFAULT_FETCH_BATCH: usize = 32;
+
+/// Exit code for a bad configuration (EX_USAGE from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// A variable that is set to something unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+/// Where configuration comes from: the process environment, or a map in tests.
+pub trait Env {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+fn parse<T: FromStr>(env: &dyn Env, var: &'static str, default: T) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match env.get(var).filter(|v| !v.trim().is_empty()) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError {
+            var,
+            message: format!("{e} (got {v:?})"),
+        }),
+    }
+}
+
+fn ranged<T: FromStr + PartialOrd + std::fmt::Display + Copy>(
+    env: &dyn Env,
+    var: &'static str,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    let v = parse(env, var, default)?;
+    if v < min || v > max {
+        return Err(ConfigError {
+            var,
+            message: format!("must be between {min} and {max} (got {v})"),
+        });
+    }
+    Ok(v)
+}
+
+fn string(env: &dyn Env, var: &str, default: &str) -> String {
+    env.get(var)
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "json" => Ok(Self::Json),
+            "pretty" => Ok(Self::Pretty),
+            _ => Err("expected json or pretty".to_owned()),
+        }
+    }
+}
+
+/// Reads `AGENTQ_LOG_FORMAT` alone, so logging can start before the rest of the config is read.
+pub fn log_format(env: &dyn Env) -> Result<LogFormat, ConfigError> {
+    parse(env, ENV_LOG_FORMAT, LogFormat::Pretty)
+}
+
+/// Settings shared by the api and the worker.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    pub redis_url: SecretString,
+    pub listen: SocketAddr,
+    pub key_prefix: String,
+    pub result_ttl: Duration,
+    pub max_attempts: u32,
+    pub log_format: LogFormat,
+}
+
+impl CommonConfig {
+    fn from_env(env: &dyn Env, default_listen: &str) -> Result<Self, ConfigError> {
+        let redis_url = string(env, ENV_REDIS_URL, DEFAULT_REDIS_URL);
+        // Parse now so a typo fails at start; the message never repeats the URL (it may hold a password).
+        if let Err(e) = redis::Client::open(redis_url.as_str()) {
+            return Err(ConfigError {
+                var: ENV_REDIS_URL,
+                message: format!("not a redis:// or rediss:// URL ({})", e.category()),
+            });
+        }
+        let default_listen: SocketAddr = default_listen.parse().map_err(|_| ConfigError {
+            var: ENV_LISTEN,
+            message: "bad built-in default".to_owned(),
+        })?;
+        let key_prefix = string(env, ENV_KEY_PREFIX, DEFAULT_KEY_PREFIX);
+        if key_prefix.contains(['{', '}', ' ']) {
+            return Err(ConfigError {
+                var: ENV_KEY_PREFIX,
+                message: "must not contain braces or spaces".to_owned(),
+            });
+        }
+        Ok(Self {
+            redis_url: SecretString::from(redis_url),
+            listen: parse(env, ENV_LISTEN, default_listen)?,
+            key_prefix,
+            result_ttl: Duration::from_secs(ranged(
+                env,
+                ENV_RESULT_TTL_SECS,
+                DEFAULT_RESULT_TTL_SECS,
+                1,
+                365 * 86_400,
+            )?),
+            max_attempts: ranged(
+                env,
+                ENV_MAX_ATTEMPTS,
+                DEFAULT_MAX_ATTEMPTS,
+                1,
+                MAX_ATTEMPTS_LIMIT,
+            )?,
+            log_format: log_format(env)?,
+        })
+    }
+
+    /// The Redis address without credentials, for logs.
+    pub fn redis_display(&self) -> String {
+        redact_url(self.redis_url.expose_secret())
+    }
+}
+
+/// `scheme://host:port/db` with any user and password removed.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    let rest = rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest);
+    format!("{scheme}://{rest}")
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub common: CommonConfig,
+    pub default_queue: String,
+}
+
+impl ApiConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let common = CommonConfig::from_env(env, DEFAULT_API_LISTEN)?;
+        let default_queue = string(env, ENV_QUEUE, DEFAULT_QUEUE);
+        validate_queue(&default_queue).map_err(|e| ConfigError {
+            var: ENV_QUEUE,
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            common,
+            default_queue,
+        })
+    }
+}
+
+/// Dollars per million tokens, by model name.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+pub struct Price {
+    pub prompt: f64,
+    pub completion: f64,
+}
+
+/// A small built-in price table; `AGENTQ_PRICES` (JSON `{"model": {"prompt": P, "completion": C}}`)
+/// adds to or overrides it. Unknown models cost 0, which the cost alert would show as flat.
+pub fn default_prices() -> HashMap<String, Price> {
+    [
+        ("gpt-4o-mini", 0.15, 0.60),
+        ("gpt-4o", 2.50, 10.00),
+        ("gpt-4.1-mini", 0.40, 1.60),
+        ("gpt-4.1", 2.00, 8.00),
+        ("mock-gpt", 0.15, 0.60),
+    ]
+    .into_iter()
+    .map(|(m, p, c)| {
+        (
+            m.to_owned(),
+            Price {
+                prompt: p,
+                completion: c,
+            },
+        )
+    })
+    .collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub common: CommonConfig,
+    pub queue: String,
+    pub openai_base_url: String,
+    pub openai_api_key: SecretString,
+    pub model: String,
+    pub concurrency: usize,
+    pub heartbeat: Duration,
+    pub drain_timeout: Duration,
+    pub llm_timeout: Duration,
+    pub max_rate_limited: u32,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub memory_messages: usize,
+    pub memory_ttl: Duration,
+    pub prices: HashMap<String, Price>,
+    pub fetch_batch: usize,
+}
+
+impl WorkerConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let common = CommonConfig::from_env(env, DEFAULT_WORKER_LISTEN)?;
+        let queue = string(env, ENV_QUEUE, DEFAULT_QUEUE);
+        validate_queue(&queue).map_err(|e| ConfigError {
+            var: ENV_QUEUE,
+            message: e.to_string(),
+        })?;
+        let openai_base_url = string(env, ENV_OPENAI_BASE_URL, DEFAULT_OPENAI_BASE_URL);
+        if !(openai_base_url.starts_with("http://") || openai_base_url.starts_with("https://")) {
+            return Err(ConfigError {
+                var: ENV_OPENAI_BASE_URL,
+                message: "must start with http:// or https://".to_owned(),
+            });
+        }
+        let mut prices = default_prices();
+        if let Some(raw) = env.get(ENV_PRICES).filter(|v| !v.trim().is_empty()) {
+            let extra: HashMap<String, Price> =
+                serde_json::from_str(&raw).map_err(|e| ConfigError {
+                    var: ENV_PRICES,
+                    message: format!("expected {{\"model\": {{\"prompt\": 0.15, \"completion\": 0.6}}}}: {e}"),
+                })?;
+            prices.extend(extra);
+        }
+        let retry_base = ranged(env, ENV_RETRY_BASE_MS, DEFAULT_RETRY_BASE_MS, 1, 3_600_000)?;
+        let retry_max = ranged(env, ENV_RETRY_MAX_MS, DEFAULT_RETRY_MAX_MS, 1, 86_400_000)?;
+        if retry_max < retry_base {
+            return Err(ConfigError {
+                var: ENV_RETRY_MAX_MS,
+                message: format!("must be at least {ENV_RETRY_BASE_MS} ({retry_base})"),
+            });
+        }
+        Ok(Self {
+            common,
+            queue,
+            openai_base_url: openai_base_url.trim_end_matches('/').to_owned(),
+            openai_api_key: SecretString::from(string(env, ENV_OPENAI_API_KEY, "")),
+            model: string(env, ENV_MODEL, DEFAULT_MODEL),
+            concurrency: ranged(env, ENV_CONCURRENCY, DEFAULT_CONCURRENCY, 1, 100_000)?,
+            heartbeat: Duration::from_secs(ranged(
+                env,
+                ENV_HEARTBEAT_SECS,
+                DEFAULT_HEARTBEAT_SECS,
+                1,
+                3_600,
+            )?),
+            drain_timeout: Duration::from_secs(ranged(
+                env,
+                ENV_DRAIN_TIMEOUT_SECS,
+                DEFAULT_DRAIN_TIMEOUT_SECS,
+                0,
+                86_400,
+            )?),
+            llm_timeout: Duration::from_secs(ranged(
+                env,
+                ENV_LLM_TIMEOUT_SECS,
+                DEFAULT_LLM_TIMEOUT_SECS,
+                1,
+                3_600,
+            )?),
+            max_rate_limited: ranged(
+                env,
+                ENV_MAX_RATE_LIMITED,
+                DEFAULT_MAX_RATE_LIMITED,
+                1,
+                1_000_000,
+            )?,
+            retry_base: Duration::from_millis(retry_base),
+            retry_max: Duration::from_millis(retry_max),
+            memory_messages: ranged(env, ENV_MEMORY_MESSAGES, DEFAULT_MEMORY_MESSAGES, 0, 1_000)?,
+            memory_ttl: Duration::from_secs(ranged(
+                env,
+                ENV_MEMORY_TTL_SECS,
+                DEFAULT_MEMORY_TTL_SECS,
+                1,
+                365 * 86_400,
+            )?),
+            prices,
+            fetch_batch: ranged(env, ENV_FETCH_BATCH, DEFAULT_FETCH_BATCH, 1, 1_000)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = WorkerConfig::from_env(&env(&[])).expect("defaults are valid");
+        assert_eq!(c.queue, "default");
+        assert_eq!(c.concurrency, DEFAULT_CONCURRENCY);
+        assert_eq!(c.common.max_attempts, 5);
+        assert_eq!(c.heartbeat, Duration::from_secs(30));
+        assert_eq!(c.drain_timeout, Duration::from_secs(100));
+        assert_eq!(c.common.result_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.common.listen.to_string(), "0.0.0.0:9090");
+        let a = ApiConfig::from_env(&env(&[])).expect("defaults are valid");
+        assert_eq!(a.common.listen.to_string(), "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases = [
+            (ENV_CONCURRENCY, "lots"),
+            (ENV_CONCURRENCY, "0"),
+            (ENV_MAX_ATTEMPTS, "0"),
+            (ENV_HEARTBEAT_SECS, "-1"),
+            (ENV_LISTEN, "nowhere"),
+            (ENV_LOG_FORMAT, "xml"),
+            (ENV_QUEUE, "a b"),
+            (ENV_OPENAI_BASE_URL, "ftp://x"),
+            (ENV_PRICES, "{"),
+            (ENV_REDIS_URL, "mysql://x"),
+        ];
+        for (var, value) in cases {
+            let err = WorkerConfig::from_env(&env(&[(var, value)])).expect_err(var);
+            assert_eq!(err.var, var);
+        }
+    }
+
+    #[test]
+    fn secrets_stay_out_of_messages() {
+        let err = WorkerConfig::from_env(&env(&[(ENV_REDIS_URL, "mysql://u:hunter2@h")]))
+            .expect_err("bad scheme");
+        assert!(!err.to_string().contains("hunter2"));
+        assert_eq!(redact_url("rediss://user:hunter2@redis:6380/0"), "rediss://redis:6380/0");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        let c = WorkerConfig::from_env(&env(&[(ENV_OPENAI_API_KEY, "sk-hunter2")])).expect("valid");
+        assert!(!format!("{c:?}").contains("sk-hunter2"));
+    }
+}

@@ -1,0 +1,199 @@
+//! Every Redis key agentq uses is built here, and nowhere else.
+//!
+//! Layout: `<prefix>:{<queue>}:<name>`. The `{<queue>}` part is a Redis Cluster hash tag, so every
+//! key of one queue (its lists, sets and task records) hashes to the same slot and one Lua script
+//! may touch all of them. Task ids carry their queue (`<queue>.<uuid>`) so a task's key can be
+//! found from its id alone.
+
+use std::fmt;
+
+/// Longest queue name accepted; keeps keys and metric labels short.
+pub const MAX_QUEUE_LEN: usize = 64;
+
+/// Why a queue name or task id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("queue name must be 1 to 64 characters of [A-Za-z0-9_-]")]
+    BadQueue,
+    #[error("task id must look like <queue>.<uuid>")]
+    BadTaskId,
+}
+
+/// Checks a queue name: it lands in Redis keys, URLs and metric labels, so the alphabet is small.
+pub fn validate_queue(name: &str) -> Result<(), NameError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_QUEUE_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError::BadQueue)
+    }
+}
+
+/// A task id: `<queue>.<uuid v7>`. Time-ordered, unique, and it names its queue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TaskId {
+    queue: String,
+    uuid: uuid::Uuid,
+}
+
+impl TaskId {
+    pub fn generate(queue: &str) -> Result<Self, NameError> {
+        validate_queue(queue)?;
+        Ok(Self {
+            queue: queue.to_owned(),
+            uuid: uuid::Uuid::now_v7(),
+        })
+    }
+
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let (queue, uuid) = s.rsplit_once('.').ok_or(NameError::BadTaskId)?;
+        validate_queue(queue).map_err(|_| NameError::BadTaskId)?;
+        let uuid = uuid::Uuid::try_parse(uuid).map_err(|_| NameError::BadTaskId)?;
+        Ok(Self {
+            queue: queue.to_owned(),
+            uuid,
+        })
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.queue, self.uuid.hyphenated())
+    }
+}
+
+/// Key builder for one queue under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    base: String,
+}
+
+impl Keys {
+    /// `queue` must already be valid (see [`validate_queue`]).
+    pub fn new(prefix: &str, queue: &str) -> Self {
+        Self {
+            base: format!("{prefix}:{{{queue}}}"),
+        }
+    }
+
+    /// LIST of task ids waiting to run. Producers LPUSH, workers move from the right: FIFO.
+    /// This is the key KEDA's redis scaler watches (`listName`).
+    pub fn pending(&self) -> String {
+        format!("{}:pending", self.base)
+    }
+
+    /// ZSET of task ids being run (member id, score = start time in ms). Its ZCARD is the queue's
+    /// in-flight count, which KEDA's second trigger reads.
+    pub fn active(&self) -> String {
+        format!("{}:active", self.base)
+    }
+
+    /// ZSET of task ids waiting for a retry (score = due time in ms).
+    pub fn delayed(&self) -> String {
+        format!("{}:delayed", self.base)
+    }
+
+    /// ZSET of dead-lettered task ids (score = time of death in ms).
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.base)
+    }
+
+    /// SET of worker ids that registered on this queue (pruned when a dead worker is recovered).
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.base)
+    }
+
+    /// STRING with a TTL: present while the worker is alive.
+    pub fn heartbeat(&self, worker_id: &str) -> String {
+        format!("{}:worker:{worker_id}", self.base)
+    }
+
+    /// LIST of the task ids one worker has taken (its reliable-fetch in-flight list).
+    pub fn inflight(&self, worker_id: &str) -> String {
+        format!("{}:inflight:{worker_id}", self.base)
+    }
+
+    /// HASH with one task's record.
+    pub fn task(&self, id: &TaskId) -> String {
+        format!("{}{id}", self.task_prefix())
+    }
+
+    /// Scripts build task keys from ids they read off lists; they get this prefix to do it.
+    pub fn task_prefix(&self) -> String {
+        format!("{}:task:", self.base)
+    }
+
+    /// STRING mapping an `Idempotency-Key` to the task id it created.
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{}:idem:{key}", self.base)
+    }
+
+    /// LIST of an agent's recent messages (JSON), newest last.
+    pub fn memory(&self, agent_id: &str) -> String {
+        format!("{}:memory:{agent_id}", self.base)
+    }
+}
+
+/// SET of queue names that have seen a task, for the api's queue-depth gauges.
+/// Written with single commands only (it is not in any queue's slot).
+pub fn queues_registry(prefix: &str) -> String {
+    format!("{prefix}:queues")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn key_layout_is_stable() {
+        let k = Keys::new("agentq", "default");
+        assert_eq!(k.pending(), "agentq:{default}:pending");
+        assert_eq!(k.active(), "agentq:{default}:active");
+        assert_eq!(k.delayed(), "agentq:{default}:delayed");
+        assert_eq!(k.dead(), "agentq:{default}:dead");
+        assert_eq!(k.workers(), "agentq:{default}:workers");
+        assert_eq!(k.heartbeat("w1"), "agentq:{default}:worker:w1");
+        assert_eq!(k.inflight("w1"), "agentq:{default}:inflight:w1");
+        assert_eq!(k.memory("a"), "agentq:{default}:memory:a");
+        let id = TaskId::parse("default.0192f3a4-5b6c-7d8e-9f00-112233445566").expect("valid id");
+        assert_eq!(
+            k.task(&id),
+            "agentq:{default}:task:default.0192f3a4-5b6c-7d8e-9f00-112233445566"
+        );
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        assert!(validate_queue("").is_err());
+        assert!(validate_queue("a.b").is_err());
+        assert!(validate_queue("a}b").is_err());
+        assert!(validate_queue(&"x".repeat(65)).is_err());
+        assert!(TaskId::parse("nodot").is_err());
+        assert!(TaskId::parse("q.not-a-uuid").is_err());
+        assert!(TaskId::parse(".0192f3a4-5b6c-7d8e-9f00-112233445566").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn task_ids_round_trip(queue in "[A-Za-z0-9_-]{1,64}") {
+            let id = TaskId::generate(&queue).expect("valid queue");
+            let parsed = TaskId::parse(&id.to_string()).expect("own ids parse");
+            prop_assert_eq!(parsed.queue(), queue.as_str());
+            prop_assert_eq!(parsed, id);
+        }
+
+        #[test]
+        fn parse_never_panics(s in ".{0,100}") {
+            let _ = TaskId::parse(&s);
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Prometheus metrics. The names are a public interface (dashboards, alerts, KEDA triggers use
+//! them): extend, never rename. Labels never hold task ids, prompts or secrets.
+
+use prometheus::{
+    exponential_buckets, CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+fn registry() -> Registry {
+    let r = Registry::new();
+    #[cfg(target_os = "linux")]
+    {
+        // process_cpu_seconds_total, process_resident_memory_bytes, ... for dashboards and benches
+        let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+    }
+    r
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    // Names are fixed in this file, so registration only fails on a programming error caught by tests.
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(r, IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition"))
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    reg(
+        r,
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+            .expect("static metric definition"),
+    )
+}
+
+/// Seconds, from 1 ms to about 17 minutes.
+fn duration_buckets() -> Vec<f64> {
+    exponential_buckets(0.001, 2.0, 21).unwrap_or_default()
+}
+
+pub fn render(r: &Registry) -> String {
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&r.gather(), &mut buf) {
+        tracing::error!(error = %e, "metrics encoding failed");
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+#[derive(Clone)]
+pub struct ApiMetrics {
+    pub registry: Registry,
+    /// agentq_tasks_enqueued_total{queue}
+    pub enqueued: IntCounterVec,
+    /// agentq_queue_depth{queue,state}, state in pending|inflight|retrying|dead; refreshed per scrape
+    pub queue_depth: IntGaugeVec,
+    /// agentq_queue_oldest_age_seconds{queue}: age of the next task to run
+    pub oldest_age: GaugeVec,
+    /// agentq_http_requests_total{method,route,status}
+    pub http_requests: IntCounterVec,
+    /// agentq_http_request_duration_seconds{method,route}
+    pub http_duration: HistogramVec,
+}
+
+impl ApiMetrics {
+    pub fn new() -> Self {
+        let r = registry();
+        Self {
+            enqueued: counter_vec(&r, "agentq_tasks_enqueued_total", "Tasks accepted and queued.", &["queue"]),
+            queue_depth: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("agentq_queue_depth", "Tasks in each state of a queue, read from Redis at scrape time."),
+                    &["queue", "state"],
+                )
+                .expect("static metric definition"),
+            ),
+            oldest_age: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new("agentq_queue_oldest_age_seconds", "Age of the oldest pending task."),
+                    &["queue"],
+                )
+                .expect("static metric definition"),
+            ),
+            http_requests: counter_vec(
+                &r,
+                "agentq_http_requests_total",
+                "HTTP requests served.",
+                &["method", "route", "status"],
+            ),
+            http_duration: histogram_vec(
+                &r,
+                "agentq_http_request_duration_seconds",
+                "HTTP request latency.",
+                &["method", "route"],
+                exponential_buckets(0.0001, 2.0, 18).unwrap_or_default(),
+            ),
+            registry: r,
+        }
+    }
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub registry: Registry,
+    /// agentq_tasks_total{queue,status}: succeeded, failed, retried, rate_limited, cancelled,
+    /// given_back, duplicate
+    pub tasks: IntCounterVec,
+    /// agentq_task_duration_seconds{queue}: from start of a run to its result being recorded
+    pub task_duration: HistogramVec,
+    /// agentq_active_tasks: tasks this worker is running now
+    pub active: IntGauge,
+    /// agentq_llm_requests_total{model,outcome}: ok, rate_limited, server_error, client_error,
+    /// timeout, connection_error, bad_response
+    pub llm_requests: IntCounterVec,
+    /// agentq_llm_request_duration_seconds{model}
+    pub llm_duration: HistogramVec,
+    /// agentq_llm_tokens_total{model,direction}: prompt, completion
+    pub llm_tokens: IntCounterVec,
+    /// agentq_llm_cost_dollars_total{model}
+    pub llm_cost: CounterVec,
+    /// agentq_worker_draining: 1 from SIGTERM until exit
+    pub draining: IntGauge,
+    /// agentq_worker_concurrency: the permit count, for utilisation panels
+    pub concurrency: IntGauge,
+    /// agentq_queue_wait_seconds{queue}: from enqueue (or retry due time) to a worker starting it
+    pub queue_wait: HistogramVec,
+}
+
+impl WorkerMetrics {
+    pub fn new() -> Self {
+        let r = registry();
+        let gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("static metric definition"));
+        Self {
+            tasks: counter_vec(&r, "agentq_tasks_total", "Task runs by outcome.", &["queue", "status"]),
+            task_duration: histogram_vec(
+                &r,
+                "agentq_task_duration_seconds",
+                "Time from a run's start to its outcome.",
+                &["queue"],
+                duration_buckets(),
+            ),
+            active: gauge("agentq_active_tasks", "Tasks this worker is running."),
+            llm_requests: counter_vec(
+                &r,
+                "agentq_llm_requests_total",
+                "LLM calls by outcome.",
+                &["model", "outcome"],
+            ),
+            llm_duration: histogram_vec(
+                &r,
+                "agentq_llm_request_duration_seconds",
+                "LLM call latency.",
+                &["model"],
+                duration_buckets(),
+            ),
+            llm_tokens: counter_vec(&r, "agentq_llm_tokens_total", "LLM tokens used.", &["model", "direction"]),
+            llm_cost: reg(
+                &r,
+                CounterVec::new(
+                    Opts::new("agentq_llm_cost_dollars_total", "Estimated LLM spend from the price table."),
+                    &["model"],
+                )
+                .expect("static metric definition"),
+            ),
+            draining: gauge("agentq_worker_draining", "1 while the worker drains after SIGTERM."),
+            concurrency: gauge("agentq_worker_concurrency", "Tasks this worker may run at once."),
+            queue_wait: histogram_vec(
+                &r,
+                "agentq_queue_wait_seconds",
+                "Time a task waited in the queue before a worker started it.",
+                &["queue"],
+                exponential_buckets(0.0001, 2.0, 24).unwrap_or_default(),
+            ),
+            registry: r,
+        }
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_exported() {
+        let a = ApiMetrics::new();
+        a.enqueued.with_label_values(&["q"]).inc();
+        a.queue_depth.with_label_values(&["q", "pending"]).set(1);
+        let w = WorkerMetrics::new();
+        w.tasks.with_label_values(&["q", "succeeded"]).inc();
+        w.task_duration.with_label_values(&["q"]).observe(0.1);
+        w.llm_requests.with_label_values(&["m", "ok"]).inc();
+        w.llm_duration.with_label_values(&["m"]).observe(0.1);
+        w.llm_tokens.with_label_values(&["m", "prompt"]).inc();
+        w.llm_cost.with_label_values(&["m"]).inc_by(0.5);
+        let text = render(&a.registry) + &render(&w.registry);
+        for name in [
+            "agentq_tasks_enqueued_total",
+            "agentq_queue_depth",
+            "agentq_tasks_total",
+            "agentq_task_duration_seconds",
+            "agentq_active_tasks",
+            "agentq_llm_requests_total",
+            "agentq_llm_request_duration_seconds",
+            "agentq_llm_tokens_total",
+            "agentq_llm_cost_dollars_total",
+            "agentq_worker_draining",
+        ] {
+            assert!(text.contains(name), "{name} missing");
+        }
+    }
+}

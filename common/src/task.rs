@@ -1,0 +1,373 @@
+//! The task model: what a client submits, what is stored in Redis, and what the API shows.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::keys::{validate_queue, TaskId};
+use crate::time::{format_ms, now_ms};
+
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+pub const MAX_MESSAGES: usize = 1000;
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+pub const MAX_NAME_LEN: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+/// The body of `POST /v1/tasks`. Unknown fields are refused so typos do not pass silently.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTask {
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<Message>>,
+    pub model: Option<String>,
+    pub agent_id: Option<String>,
+    pub queue: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// A client mistake, naming the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What the worker needs to run a task; stored as JSON in the task hash's `payload` field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Payload {
+    pub messages: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// A validated submission, ready to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub queue: String,
+    pub max_attempts: u32,
+    pub payload: Payload,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'))
+}
+
+impl CreateTask {
+    /// Checks every field and builds the task. `default_queue` and `default_max_attempts` come
+    /// from configuration.
+    pub fn validate(
+        self,
+        default_queue: &str,
+        default_max_attempts: u32,
+    ) -> Result<NewTask, FieldError> {
+        let messages = match (self.prompt, self.messages) {
+            (Some(_), Some(_)) => {
+                return Err(FieldError::new(
+                    "prompt",
+                    "give either prompt or messages, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(FieldError::new(
+                    "prompt",
+                    "a prompt (string) or messages (array) is required",
+                ))
+            }
+            (Some(prompt), None) => {
+                if prompt.trim().is_empty() {
+                    return Err(FieldError::new("prompt", "must not be empty"));
+                }
+                vec![Message {
+                    role: Role::User,
+                    content: prompt,
+                }]
+            }
+            (None, Some(messages)) => {
+                if messages.is_empty() {
+                    return Err(FieldError::new("messages", "must hold at least one message"));
+                }
+                if messages.len() > MAX_MESSAGES {
+                    return Err(FieldError::new(
+                        "messages",
+                        format!("at most {MAX_MESSAGES} messages"),
+                    ));
+                }
+                if let Some(i) = messages.iter().position(|m| m.content.trim().is_empty()) {
+                    return Err(FieldError::new(
+                        &format!("messages[{i}].content"),
+                        "must not be empty",
+                    ));
+                }
+                if !messages.iter().any(|m| m.role == Role::User) {
+                    return Err(FieldError::new(
+                        "messages",
+                        "must hold at least one user message",
+                    ));
+                }
+                messages
+            }
+        };
+        if let Some(model) = &self.model {
+            if !valid_name(model) {
+                return Err(FieldError::new(
+                    "model",
+                    "must be 1 to 128 characters of [A-Za-z0-9_.:/-]",
+                ));
+            }
+        }
+        if let Some(agent) = &self.agent_id {
+            if !valid_name(agent) {
+                return Err(FieldError::new(
+                    "agent_id",
+                    "must be 1 to 128 characters of [A-Za-z0-9_.:/-]",
+                ));
+            }
+        }
+        let queue = self.queue.unwrap_or_else(|| default_queue.to_owned());
+        if validate_queue(&queue).is_err() {
+            return Err(FieldError::new(
+                "queue",
+                "must be 1 to 64 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        let max_attempts = self.max_attempts.unwrap_or(default_max_attempts);
+        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&max_attempts) {
+            return Err(FieldError::new(
+                "max_attempts",
+                format!("must be between 1 and {MAX_ATTEMPTS_LIMIT}"),
+            ));
+        }
+        if let Some(meta) = &self.metadata {
+            let size = serde_json::to_vec(meta).map(|v| v.len()).unwrap_or(usize::MAX);
+            if size > MAX_METADATA_BYTES {
+                return Err(FieldError::new(
+                    "metadata",
+                    format!("must serialize to at most {MAX_METADATA_BYTES} bytes"),
+                ));
+            }
+        }
+        Ok(NewTask {
+            queue,
+            max_attempts,
+            payload: Payload {
+                messages,
+                model: self.model,
+                agent_id: self.agent_id,
+                metadata: self.metadata,
+            },
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Queued,
+    Running,
+    Retrying,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "retrying" => Self::Retrying,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// A successful run's output, stored as JSON in the task hash's `result` field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub content: String,
+    pub model: String,
+    pub usage: Usage,
+}
+
+/// `GET /v1/tasks/{id}`: the task as clients see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: String,
+    pub queue: String,
+    pub status: Status,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub rate_limited: u32,
+    pub created_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub result: Option<TaskResult>,
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+impl TaskView {
+    /// Builds the view from the task hash (HGETALL). Fields that do not parse are shown as absent
+    /// rather than failing the read: a half-broken record must still be inspectable.
+    pub fn from_hash(id: &TaskId, h: &HashMap<String, String>) -> Self {
+        let num = |k: &str| h.get(k).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+        let ts = |k: &str| {
+            h.get(k)
+                .and_then(|v| v.parse::<i64>().ok())
+                .map(format_ms)
+        };
+        let payload: Option<Payload> = h.get("payload").and_then(|p| serde_json::from_str(p).ok());
+        Self {
+            id: id.to_string(),
+            queue: id.queue().to_owned(),
+            status: h
+                .get("status")
+                .and_then(|s| Status::parse(s))
+                .unwrap_or(Status::Failed),
+            attempts: num("attempts"),
+            max_attempts: num("max_attempts"),
+            rate_limited: num("rate_limited"),
+            created_at: ts("created_at"),
+            started_at: ts("started_at"),
+            finished_at: ts("finished_at"),
+            result: h.get("result").and_then(|r| serde_json::from_str(r).ok()),
+            error: h.get("error").filter(|e| !e.is_empty()).cloned(),
+            agent_id: payload.as_ref().and_then(|p| p.agent_id.clone()),
+            metadata: payload.and_then(|p| p.metadata),
+        }
+    }
+}
+
+/// A task the worker has started (one entry of `fetch.lua`'s reply).
+#[derive(Debug, Clone)]
+pub struct StartedTask {
+    pub id: String,
+    pub attempt: u32,
+    pub payload: String,
+    pub rate_limited: u32,
+    pub fetched_at_ms: i64,
+}
+
+impl StartedTask {
+    pub fn new(id: String, attempt: u32, payload: String, rate_limited: u32) -> Self {
+        Self {
+            id,
+            attempt,
+            payload,
+            rate_limited,
+            fetched_at_ms: now_ms(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(v: Value) -> Result<NewTask, FieldError> {
+        let c: CreateTask = serde_json::from_value(v).map_err(|e| FieldError::new("body", e.to_string()))?;
+        c.validate("default", 5)
+    }
+
+    #[test]
+    fn prompt_becomes_one_user_message() {
+        let t = create(serde_json::json!({"prompt": "hi"})).expect("valid");
+        assert_eq!(t.queue, "default");
+        assert_eq!(t.max_attempts, 5);
+        assert_eq!(t.payload.messages, vec![Message { role: Role::User, content: "hi".into() }]);
+    }
+
+    #[test]
+    fn each_mistake_names_its_field() {
+        let cases = [
+            (serde_json::json!({}), "prompt"),
+            (serde_json::json!({"prompt": "  "}), "prompt"),
+            (serde_json::json!({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}), "prompt"),
+            (serde_json::json!({"messages": []}), "messages"),
+            (serde_json::json!({"messages": [{"role": "user", "content": ""}]}), "messages[0].content"),
+            (serde_json::json!({"messages": [{"role": "system", "content": "x"}]}), "messages"),
+            (serde_json::json!({"prompt": "a", "queue": "no spaces"}), "queue"),
+            (serde_json::json!({"prompt": "a", "max_attempts": 0}), "max_attempts"),
+            (serde_json::json!({"prompt": "a", "max_attempts": 101}), "max_attempts"),
+            (serde_json::json!({"prompt": "a", "model": ""}), "model"),
+            (serde_json::json!({"prompt": "a", "agent_id": "a b"}), "agent_id"),
+        ];
+        for (body, field) in cases {
+            let err = create(body.clone()).expect_err(&body.to_string());
+            assert_eq!(err.field, field, "{body}");
+        }
+    }
+
+    #[test]
+    fn view_survives_a_broken_record() {
+        let id = TaskId::generate("default").expect("valid");
+        let mut h = HashMap::new();
+        h.insert("status".to_owned(), "succeeded".to_owned());
+        h.insert("result".to_owned(), "{not json".to_owned());
+        h.insert("attempts".to_owned(), "x".to_owned());
+        let v = TaskView::from_hash(&id, &h);
+        assert_eq!(v.status, Status::Succeeded);
+        assert_eq!(v.attempts, 0);
+        assert!(v.result.is_none());
+    }
+}
