@@ -4,7 +4,7 @@
 -- ARGV[5] an id the worker already moved with BLMOVE, or '', ARGV[6] result TTL seconds
 -- Task keys are built from ARGV[1] .. id: they share the queue's hash tag, so they live in the
 -- same cluster slot as KEYS.
--- Returns a flat array: id, attempts, payload, rate_limited for every task started.
+-- Returns a flat array: id, attempts, payload, rate_limited, created_at for every task started.
 -- Ids whose task is finished or cancelled are dropped; ids with no record, and tasks whose
 -- attempts were used up by lost workers, are dead-lettered.
 local now = tonumber(ARGV[3])
@@ -19,7 +19,7 @@ end
 
 local function start(id)
   local tkey = ARGV[1] .. id
-  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error')
+  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error', 'created_at')
   local status = t[1]
   if not status then
     redis.call('LREM', KEYS[2], 1, id)
@@ -51,6 +51,7 @@ local function start(id)
   out[#out + 1] = attempts
   out[#out + 1] = t[4] or ''
   out[#out + 1] = tonumber(t[5]) or 0
+  out[#out + 1] = tonumber(t[7]) or 0
 end
 
 if ARGV[5] ~= '' then

@@ -339,13 +339,14 @@ impl Broker {
             .arg(ttl.as_secs().max(1))
             .invoke_async(&mut conn)
             .await?;
-        let mut out = Vec::with_capacity(flat.len() / 4);
-        for chunk in flat.chunks_exact(4) {
+        let mut out = Vec::with_capacity(flat.len() / 5);
+        for chunk in flat.chunks_exact(5) {
             let id: String = redis::from_redis_value_ref(&chunk[0])?;
             let attempt: u32 = redis::from_redis_value_ref(&chunk[1])?;
             let payload: String = redis::from_redis_value_ref(&chunk[2])?;
             let limited: u32 = redis::from_redis_value_ref(&chunk[3])?;
-            out.push(StartedTask::new(id, attempt, payload, limited));
+            let created: i64 = redis::from_redis_value_ref(&chunk[4])?;
+            out.push(StartedTask::new(id, attempt, payload, limited, created));
         }
         Ok(out)
     }
@@ -482,6 +483,19 @@ impl Broker {
             .del(keys.heartbeat(worker_id))
             .ignore()
             .srem(keys.workers(), worker_id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+    }
+
+    /// Puts an id this worker moved but never started back at the head of pending.
+    pub async fn return_unstarted(&self, keys: &Keys, worker_id: &str, id: &str) -> RedisResult<()> {
+        let mut conn = self.redis.conn().await?;
+        redis::pipe()
+            .atomic()
+            .lrem(keys.inflight(worker_id), 1, id)
+            .ignore()
+            .rpush(keys.pending(), id)
             .ignore()
             .query_async::<()>(&mut conn)
             .await

@@ -305,16 +305,18 @@ pub struct StartedTask {
     pub attempt: u32,
     pub payload: String,
     pub rate_limited: u32,
+    pub created_at_ms: i64,
     pub fetched_at_ms: i64,
 }
 
 impl StartedTask {
-    pub fn new(id: String, attempt: u32, payload: String, rate_limited: u32) -> Self {
+    pub fn new(id: String, attempt: u32, payload: String, rate_limited: u32, created_at_ms: i64) -> Self {
         Self {
             id,
             attempt,
             payload,
             rate_limited,
+            created_at_ms,
             fetched_at_ms: now_ms(),
         }
     }
