@@ -110,16 +110,19 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// Turns a serde error into the JSON field it is about ("body" when it is about the whole body).
 fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    // serde_path_to_error already ends the path with an unknown field's name; "?" and "." mean
+    // the error is about the body as a whole (syntax, EOF, not an object).
     let path = e.path().to_string();
-    let inner = e.inner();
+    let field = if path == "." || path == "?" || path.is_empty() {
+        "body".to_owned()
+    } else {
+        path
+    };
+    let inner = e.into_inner();
     let msg = inner.to_string();
-    // serde reports an unknown field at the parent's path; name the field itself
-    if let Some(rest) = msg.strip_prefix("unknown field `") {
-        let name = rest.split('`').next().unwrap_or("");
-        let field = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
+    if msg.starts_with("unknown field `") {
         return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_field", msg).field(field);
     }
-    let field = if path == "." || path.is_empty() { "body".to_owned() } else { path };
     if inner.is_syntax() || inner.is_eof() {
         ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", msg).field(field)
     } else {
@@ -153,16 +156,27 @@ async fn create_task(
         .field("Content-Type"));
     }
     let idem = idempotency_key(&headers)?;
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    }
     let de = &mut serde_json::Deserializer::from_slice(&body);
     let req: CreateTask = serde_path_to_error::deserialize(de).map_err(body_error)?;
     let task = req
-        .validate(&state.config.default_queue, state.config.common.max_attempts)
+        .validate(
+            &state.config.default_queue,
+            state.config.common.max_attempts,
+        )
         .map_err(|e| ApiError::invalid(e.field, e.message))?;
     let ttl = state.config.common.result_ttl;
     let (id, outcome) = deadline(state.broker.enqueue(&task, idem.as_deref(), ttl)).await?;
     let status = match outcome {
         Enqueued::Created => {
-            state.metrics.enqueued.with_label_values(&[&task.queue]).inc();
+            state
+                .metrics
+                .enqueued
+                .with_label_values(&[&task.queue])
+                .inc();
             register_queue(&state, &task.queue).await;
             Status::Queued.as_str().to_owned()
         }
@@ -175,7 +189,11 @@ async fn create_task(
         }
     };
     let location = format!("/v1/tasks/{id}");
-    let mut resp = (StatusCode::ACCEPTED, Json(json!({"id": id, "status": status}))).into_response();
+    let mut resp = (
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "status": status})),
+    )
+        .into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -207,7 +225,10 @@ fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
     TaskId::parse(raw).map_err(|_| ApiError::not_found("task"))
 }
 
-async fn get_task(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Response, ApiError> {
+async fn get_task(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
     match deadline(state.broker.get(&id)).await? {
         Some(view) => Ok(Json(view).into_response()),
@@ -215,10 +236,15 @@ async fn get_task(State(state): State<AppState>, Path(raw): Path<String>) -> Res
     }
 }
 
-async fn cancel_task(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Response, ApiError> {
+async fn cancel_task(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
     match deadline(state.broker.cancel(&id, state.config.common.result_ttl)).await? {
-        CancelOutcome::Cancelled => Ok(Json(json!({"id": raw, "status": "cancelled"})).into_response()),
+        CancelOutcome::Cancelled => {
+            Ok(Json(json!({"id": raw, "status": "cancelled"})).into_response())
+        }
         CancelOutcome::NotFound => Err(ApiError::not_found("task")),
         CancelOutcome::AlreadyFinished(s) => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -233,7 +259,10 @@ fn check_queue(queue: &str) -> Result<(), ApiError> {
     validate_queue(queue).map_err(|e| ApiError::invalid("queue", e.to_string()))
 }
 
-async fn queue_stats(State(state): State<AppState>, Path(queue): Path<String>) -> Result<Response, ApiError> {
+async fn queue_stats(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+) -> Result<Response, ApiError> {
     check_queue(&queue)?;
     Ok(Json(deadline(state.broker.stats(&queue)).await?).into_response())
 }
@@ -244,12 +273,17 @@ struct LimitQuery {
     limit: Option<usize>,
 }
 
-fn limit(q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>) -> Result<usize, ApiError> {
+fn limit(
+    q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<usize, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::invalid("limit", e.body_text()))?;
     match q.limit {
         None => Ok(100),
         Some(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(n),
-        Some(_) => Err(ApiError::invalid("limit", format!("must be between 1 and {MAX_LIST_LIMIT}"))),
+        Some(_) => Err(ApiError::invalid(
+            "limit",
+            format!("must be between 1 and {MAX_LIST_LIMIT}"),
+        )),
     }
 }
 
@@ -333,5 +367,9 @@ async fn fallback() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }

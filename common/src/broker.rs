@@ -136,8 +136,9 @@ impl Broker {
         ttl: Duration,
     ) -> RedisResult<(String, Enqueued)> {
         let keys = self.keys(&task.queue);
-        let id = TaskId::generate(&task.queue)
-            .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "bad queue", e.to_string())))?;
+        let id = TaskId::generate(&task.queue).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Client, "bad queue", e.to_string()))
+        })?;
         let payload = serde_json::to_string(&task.payload).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::Client, "payload", e.to_string()))
         })?;
@@ -188,7 +189,7 @@ impl Broker {
             .invoke_async(&mut conn)
             .await?;
         Ok(match out.as_str() {
-            "cancelled" => CancelOutcome::Cancelled,
+            "ok" => CancelOutcome::Cancelled,
             "missing" => CancelOutcome::NotFound,
             other => match crate::task::Status::parse(other) {
                 Some(s) => CancelOutcome::AlreadyFinished(s),
@@ -200,15 +201,14 @@ impl Broker {
     pub async fn stats(&self, queue: &str) -> RedisResult<QueueStats> {
         let keys = self.keys(queue);
         let mut conn = self.redis.conn().await?;
-        let (pending, inflight, retrying, dead, workers): (u64, u64, u64, u64, u64) =
-            redis::pipe()
-                .llen(keys.pending())
-                .zcard(keys.active())
-                .zcard(keys.delayed())
-                .zcard(keys.dead())
-                .scard(keys.workers())
-                .query_async(&mut conn)
-                .await?;
+        let (pending, inflight, retrying, dead, workers): (u64, u64, u64, u64, u64) = redis::pipe()
+            .llen(keys.pending())
+            .zcard(keys.active())
+            .zcard(keys.delayed())
+            .zcard(keys.dead())
+            .scard(keys.workers())
+            .query_async(&mut conn)
+            .await?;
         Ok(QueueStats {
             queue: queue.to_owned(),
             list_key: keys.pending(),
@@ -489,7 +489,12 @@ impl Broker {
     }
 
     /// Puts an id this worker moved but never started back at the head of pending.
-    pub async fn return_unstarted(&self, keys: &Keys, worker_id: &str, id: &str) -> RedisResult<()> {
+    pub async fn return_unstarted(
+        &self,
+        keys: &Keys,
+        worker_id: &str,
+        id: &str,
+    ) -> RedisResult<()> {
         let mut conn = self.redis.conn().await?;
         redis::pipe()
             .atomic()
@@ -536,11 +541,17 @@ impl Broker {
     }
 
     /// The agent's recent messages (JSON strings), oldest first.
-    pub async fn memory(&self, keys: &Keys, agent_id: &str, keep: usize) -> RedisResult<Vec<String>> {
+    pub async fn memory(
+        &self,
+        keys: &Keys,
+        agent_id: &str,
+        keep: usize,
+    ) -> RedisResult<Vec<String>> {
         if keep == 0 {
             return Ok(Vec::new());
         }
         let mut conn = self.redis.conn().await?;
-        conn.lrange(keys.memory(agent_id), -(keep as isize), -1).await
+        conn.lrange(keys.memory(agent_id), -(keep as isize), -1)
+            .await
     }
 }

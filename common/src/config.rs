@@ -305,7 +305,9 @@ impl WorkerConfig {
             let extra: HashMap<String, Price> =
                 serde_json::from_str(&raw).map_err(|e| ConfigError {
                     var: ENV_PRICES,
-                    message: format!("expected {{\"model\": {{\"prompt\": 0.15, \"completion\": 0.6}}}}: {e}"),
+                    message: format!(
+                        "expected {{\"model\": {{\"prompt\": 0.15, \"completion\": 0.6}}}}: {e}"
+                    ),
                 })?;
             prices.extend(extra);
         }
@@ -418,8 +420,14 @@ mod tests {
         let err = WorkerConfig::from_env(&env(&[(ENV_REDIS_URL, "mysql://u:hunter2@h")]))
             .expect_err("bad scheme");
         assert!(!err.to_string().contains("hunter2"));
-        assert_eq!(redact_url("rediss://user:hunter2@redis:6380/0"), "rediss://redis:6380/0");
-        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redact_url("rediss://user:hunter2@redis:6380/0"),
+            "rediss://redis:6380/0"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
         let c = WorkerConfig::from_env(&env(&[(ENV_OPENAI_API_KEY, "sk-hunter2")])).expect("valid");
         assert!(!format!("{c:?}").contains("sk-hunter2"));
     }

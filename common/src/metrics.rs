@@ -11,7 +11,9 @@ fn registry() -> Registry {
     #[cfg(target_os = "linux")]
     {
         // process_cpu_seconds_total, process_resident_memory_bytes, ... for dashboards and benches
-        let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        let _ = r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
     }
     r
 }
@@ -25,10 +27,19 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> 
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    reg(r, IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition"))
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition"),
+    )
 }
 
-fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
     reg(
         r,
         HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
@@ -68,11 +79,19 @@ impl ApiMetrics {
     pub fn new() -> Self {
         let r = registry();
         Self {
-            enqueued: counter_vec(&r, "agentq_tasks_enqueued_total", "Tasks accepted and queued.", &["queue"]),
+            enqueued: counter_vec(
+                &r,
+                "agentq_tasks_enqueued_total",
+                "Tasks accepted and queued.",
+                &["queue"],
+            ),
             queue_depth: reg(
                 &r,
                 IntGaugeVec::new(
-                    Opts::new("agentq_queue_depth", "Tasks in each state of a queue, read from Redis at scrape time."),
+                    Opts::new(
+                        "agentq_queue_depth",
+                        "Tasks in each state of a queue, read from Redis at scrape time.",
+                    ),
                     &["queue", "state"],
                 )
                 .expect("static metric definition"),
@@ -80,7 +99,10 @@ impl ApiMetrics {
             oldest_age: reg(
                 &r,
                 GaugeVec::new(
-                    Opts::new("agentq_queue_oldest_age_seconds", "Age of the oldest pending task."),
+                    Opts::new(
+                        "agentq_queue_oldest_age_seconds",
+                        "Age of the oldest pending task.",
+                    ),
                     &["queue"],
                 )
                 .expect("static metric definition"),
@@ -139,9 +161,19 @@ pub struct WorkerMetrics {
 impl WorkerMetrics {
     pub fn new() -> Self {
         let r = registry();
-        let gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("static metric definition"));
+        let gauge = |name: &str, help: &str| {
+            reg(
+                &r,
+                IntGauge::new(name, help).expect("static metric definition"),
+            )
+        };
         Self {
-            tasks: counter_vec(&r, "agentq_tasks_total", "Task runs by outcome.", &["queue", "status"]),
+            tasks: counter_vec(
+                &r,
+                "agentq_tasks_total",
+                "Task runs by outcome.",
+                &["queue", "status"],
+            ),
             task_duration: histogram_vec(
                 &r,
                 "agentq_task_duration_seconds",
@@ -163,17 +195,31 @@ impl WorkerMetrics {
                 &["model"],
                 duration_buckets(),
             ),
-            llm_tokens: counter_vec(&r, "agentq_llm_tokens_total", "LLM tokens used.", &["model", "direction"]),
+            llm_tokens: counter_vec(
+                &r,
+                "agentq_llm_tokens_total",
+                "LLM tokens used.",
+                &["model", "direction"],
+            ),
             llm_cost: reg(
                 &r,
                 CounterVec::new(
-                    Opts::new("agentq_llm_cost_dollars_total", "Estimated LLM spend from the price table."),
+                    Opts::new(
+                        "agentq_llm_cost_dollars_total",
+                        "Estimated LLM spend from the price table.",
+                    ),
                     &["model"],
                 )
                 .expect("static metric definition"),
             ),
-            draining: gauge("agentq_worker_draining", "1 while the worker drains after SIGTERM."),
-            concurrency: gauge("agentq_worker_concurrency", "Tasks this worker may run at once."),
+            draining: gauge(
+                "agentq_worker_draining",
+                "1 while the worker drains after SIGTERM.",
+            ),
+            concurrency: gauge(
+                "agentq_worker_concurrency",
+                "Tasks this worker may run at once.",
+            ),
             queue_wait: histogram_vec(
                 &r,
                 "agentq_queue_wait_seconds",

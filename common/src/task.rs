@@ -117,7 +117,10 @@ impl CreateTask {
             }
             (None, Some(messages)) => {
                 if messages.is_empty() {
-                    return Err(FieldError::new("messages", "must hold at least one message"));
+                    return Err(FieldError::new(
+                        "messages",
+                        "must hold at least one message",
+                    ));
                 }
                 if messages.len() > MAX_MESSAGES {
                     return Err(FieldError::new(
@@ -171,7 +174,9 @@ impl CreateTask {
             ));
         }
         if let Some(meta) = &self.metadata {
-            let size = serde_json::to_vec(meta).map(|v| v.len()).unwrap_or(usize::MAX);
+            let size = serde_json::to_vec(meta)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
             if size > MAX_METADATA_BYTES {
                 return Err(FieldError::new(
                     "metadata",
@@ -271,11 +276,7 @@ impl TaskView {
     /// rather than failing the read: a half-broken record must still be inspectable.
     pub fn from_hash(id: &TaskId, h: &HashMap<String, String>) -> Self {
         let num = |k: &str| h.get(k).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
-        let ts = |k: &str| {
-            h.get(k)
-                .and_then(|v| v.parse::<i64>().ok())
-                .map(format_ms)
-        };
+        let ts = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok()).map(format_ms);
         let payload: Option<Payload> = h.get("payload").and_then(|p| serde_json::from_str(p).ok());
         Self {
             id: id.to_string(),
@@ -310,7 +311,13 @@ pub struct StartedTask {
 }
 
 impl StartedTask {
-    pub fn new(id: String, attempt: u32, payload: String, rate_limited: u32, created_at_ms: i64) -> Self {
+    pub fn new(
+        id: String,
+        attempt: u32,
+        payload: String,
+        rate_limited: u32,
+        created_at_ms: i64,
+    ) -> Self {
         Self {
             id,
             attempt,
@@ -327,7 +334,8 @@ mod tests {
     use super::*;
 
     fn create(v: Value) -> Result<NewTask, FieldError> {
-        let c: CreateTask = serde_json::from_value(v).map_err(|e| FieldError::new("body", e.to_string()))?;
+        let c: CreateTask =
+            serde_json::from_value(v).map_err(|e| FieldError::new("body", e.to_string()))?;
         c.validate("default", 5)
     }
 
@@ -336,7 +344,13 @@ mod tests {
         let t = create(serde_json::json!({"prompt": "hi"})).expect("valid");
         assert_eq!(t.queue, "default");
         assert_eq!(t.max_attempts, 5);
-        assert_eq!(t.payload.messages, vec![Message { role: Role::User, content: "hi".into() }]);
+        assert_eq!(
+            t.payload.messages,
+            vec![Message {
+                role: Role::User,
+                content: "hi".into()
+            }]
+        );
     }
 
     #[test]
@@ -344,15 +358,36 @@ mod tests {
         let cases = [
             (serde_json::json!({}), "prompt"),
             (serde_json::json!({"prompt": "  "}), "prompt"),
-            (serde_json::json!({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}), "prompt"),
+            (
+                serde_json::json!({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}),
+                "prompt",
+            ),
             (serde_json::json!({"messages": []}), "messages"),
-            (serde_json::json!({"messages": [{"role": "user", "content": ""}]}), "messages[0].content"),
-            (serde_json::json!({"messages": [{"role": "system", "content": "x"}]}), "messages"),
-            (serde_json::json!({"prompt": "a", "queue": "no spaces"}), "queue"),
-            (serde_json::json!({"prompt": "a", "max_attempts": 0}), "max_attempts"),
-            (serde_json::json!({"prompt": "a", "max_attempts": 101}), "max_attempts"),
+            (
+                serde_json::json!({"messages": [{"role": "user", "content": ""}]}),
+                "messages[0].content",
+            ),
+            (
+                serde_json::json!({"messages": [{"role": "system", "content": "x"}]}),
+                "messages",
+            ),
+            (
+                serde_json::json!({"prompt": "a", "queue": "no spaces"}),
+                "queue",
+            ),
+            (
+                serde_json::json!({"prompt": "a", "max_attempts": 0}),
+                "max_attempts",
+            ),
+            (
+                serde_json::json!({"prompt": "a", "max_attempts": 101}),
+                "max_attempts",
+            ),
             (serde_json::json!({"prompt": "a", "model": ""}), "model"),
-            (serde_json::json!({"prompt": "a", "agent_id": "a b"}), "agent_id"),
+            (
+                serde_json::json!({"prompt": "a", "agent_id": "a b"}),
+                "agent_id",
+            ),
         ];
         for (body, field) in cases {
             let err = create(body.clone()).expect_err(&body.to_string());

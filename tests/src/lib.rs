@@ -1,1 +1,430 @@
-//! Test harness shared by the end-to-end tests (see tests/tests/).
+//! Test harness for agentq's end-to-end tests: a private `redis-server` per test on a free port,
+//! the real `agentq-api` / `agentq-worker` binaries as child processes, and the mock LLM in-process.
+//!
+//! The binaries must be built first (`cargo build --bins`); `scripts/test.sh` does that.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+pub use agentq_mock_llm::{MockConfig, MockLlm};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Path of a workspace binary next to the test executable (target/<profile>/NAME).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first with `cargo build --bins`",
+        path.display()
+    );
+    path
+}
+
+/// Sends a signal with kill(1): the tests need SIGTERM and SIGKILL, and no unsafe code.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A child process killed on drop, its output kept in a log file for failure reports.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawn {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn sigterm(&self) {
+        signal(self.pid(), "TERM");
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} still running after {:?}\n{}",
+                    self.name,
+                    timeout,
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private redis-server. With `durable`, it writes an AOF with `appendfsync always`, so it can
+/// be stopped and started again on the same port and directory without losing acknowledged writes.
+pub struct RedisServer {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    durable: bool,
+    extra: Vec<String>,
+    proc: Option<Proc>,
+}
+
+impl RedisServer {
+    pub fn start() -> Result<Self> {
+        Self::start_with(false, &[])
+    }
+
+    pub fn start_with(durable: bool, extra: &[&str]) -> Result<Self> {
+        let mut r = Self {
+            port: free_port(),
+            dir: tempfile::tempdir()?,
+            durable,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            proc: None,
+        };
+        r.resume()?;
+        Ok(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and directory.
+    pub fn resume(&mut self) -> Result<()> {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--save")
+            .arg("");
+        if self.durable {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        cmd.args(&self.extra);
+        let name = format!("redis-{}", self.port);
+        self.proc = Some(Proc::spawn(&name, &mut cmd, self.dir.path())?);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("redis-server did not start on port {}", self.port)
+    }
+
+    /// Stops the server abruptly (SIGKILL), like a crashed or evicted Redis pod.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.sigkill();
+        }
+    }
+
+    pub fn ping(&self) -> bool {
+        self.client()
+            .and_then(|c| c.get_connection().map_err(anyhow::Error::from))
+            .and_then(|mut c| {
+                redis::cmd("PING")
+                    .query::<String>(&mut c)
+                    .map_err(anyhow::Error::from)
+            })
+            .is_ok()
+    }
+
+    pub fn client(&self) -> Result<redis::Client> {
+        Ok(redis::Client::open(self.url())?)
+    }
+
+    /// A synchronous connection for assertions and fault injection.
+    pub fn conn(&self) -> Result<redis::Connection> {
+        Ok(self.client()?.get_connection()?)
+    }
+
+    pub fn dbsize(&self) -> Result<u64> {
+        Ok(redis::cmd("DBSIZE").query(&mut self.conn()?)?)
+    }
+}
+
+/// Base environment for both binaries in tests: fast heartbeats and retries, pretty logs.
+pub fn base_env(redis_url: &str, llm_url: &str) -> HashMap<String, String> {
+    [
+        ("REDIS_URL", redis_url),
+        ("OPENAI_BASE_URL", llm_url),
+        ("OPENAI_API_KEY", "sk-test-secret"),
+        ("AGENTQ_MODEL", "mock-gpt"),
+        ("AGENTQ_HEARTBEAT_SECS", "2"),
+        ("AGENTQ_RETRY_BASE_MS", "50"),
+        ("AGENTQ_RETRY_MAX_MS", "500"),
+        ("AGENTQ_LLM_TIMEOUT_SECS", "5"),
+        ("AGENTQ_DRAIN_TIMEOUT_SECS", "10"),
+        ("AGENTQ_LOG_FORMAT", "pretty"),
+        ("RUST_LOG", "info"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Redis, the mock LLM, and handles to start the api and workers against them.
+pub struct Stack {
+    pub redis: RedisServer,
+    pub llm_url: String,
+    pub mock: MockLlm,
+    pub env: HashMap<String, String>,
+    pub logs: tempfile::TempDir,
+    pub api: Option<Proc>,
+    pub api_url: String,
+    pub http: reqwest::Client,
+    workers_started: usize,
+}
+
+impl Stack {
+    /// Starts Redis and the mock LLM (on the current tokio runtime, which must be multi-threaded).
+    pub async fn new(mock: MockConfig) -> Result<Self> {
+        Self::with_redis(RedisServer::start()?, mock).await
+    }
+
+    pub async fn with_redis(redis: RedisServer, mock: MockConfig) -> Result<Self> {
+        let (llm_url, mock) = agentq_mock_llm::spawn(mock).await?;
+        let env = base_env(&redis.url(), &llm_url);
+        Ok(Self {
+            redis,
+            llm_url,
+            mock,
+            env,
+            logs: tempfile::tempdir()?,
+            api: None,
+            api_url: String::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            workers_started: 0,
+        })
+    }
+
+    fn command(&self, binary: &str, listen: u16, extra: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(bin(binary));
+        cmd.env_clear();
+        if let Ok(path) = std::env::var("PATH") {
+            cmd.env("PATH", path);
+        }
+        cmd.envs(&self.env);
+        cmd.env("AGENTQ_LISTEN", format!("127.0.0.1:{listen}"));
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Starts the api and waits for its /healthz.
+    pub async fn start_api(&mut self, extra: &[(&str, &str)]) -> Result<()> {
+        let port = free_port();
+        let mut cmd = self.command("agentq-api", port, extra);
+        self.api = Some(Proc::spawn("api", &mut cmd, self.logs.path())?);
+        self.api_url = format!("http://127.0.0.1:{port}");
+        self.wait_http(&format!("{}/healthz", self.api_url)).await
+    }
+
+    /// Starts a worker and waits for its probe server.
+    pub async fn start_worker(&mut self, extra: &[(&str, &str)]) -> Result<Worker> {
+        let port = free_port();
+        self.workers_started += 1;
+        let name = format!("worker-{}", self.workers_started);
+        let mut cmd = self.command("agentq-worker", port, extra);
+        cmd.env("HOSTNAME", &name);
+        let proc = Proc::spawn(&name, &mut cmd, self.logs.path())?;
+        let probe = format!("http://127.0.0.1:{port}");
+        self.wait_http(&format!("{probe}/healthz")).await?;
+        Ok(Worker { proc, probe })
+    }
+
+    async fn wait_http(&self, url: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.http.get(url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("{url} never answered")
+    }
+
+    /// POSTs a task; returns (status, body).
+    pub async fn post(&self, body: &Value) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(format!("{}/v1/tasks", self.api_url))
+            .json(body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// POSTs `{"prompt": prompt}` and returns the new task's id.
+    pub async fn submit(&self, prompt: &str) -> Result<String> {
+        self.submit_json(&json!({ "prompt": prompt })).await
+    }
+
+    pub async fn submit_json(&self, body: &Value) -> Result<String> {
+        let (status, v) = self.post(body).await?;
+        if status != 202 {
+            bail!("POST /v1/tasks answered {status}: {v}");
+        }
+        v["id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("202 without an id")
+    }
+
+    pub async fn task(&self, id: &str) -> Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}/v1/tasks/{id}", self.api_url))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("GET task {id}: {}", r.status());
+        }
+        Ok(r.json().await?)
+    }
+
+    pub async fn get_json(&self, path: &str) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.api_url))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Polls until every task reaches a final status; returns their records in order.
+    pub async fn wait_final(&self, ids: &[String], timeout: Duration) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        let mut done: HashMap<String, Value> = HashMap::new();
+        loop {
+            for id in ids {
+                if done.contains_key(id) {
+                    continue;
+                }
+                if let Ok(t) = self.task(id).await {
+                    if matches!(
+                        t["status"].as_str(),
+                        Some("succeeded" | "failed" | "cancelled")
+                    ) {
+                        done.insert(id.clone(), t);
+                    }
+                }
+            }
+            if done.len() == ids.len() {
+                return Ok(ids.iter().filter_map(|i| done.remove(i)).collect());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} of {} tasks unfinished after {timeout:?}; api log:\n{}",
+                    ids.len() - done.len(),
+                    ids.len(),
+                    self.api.as_ref().map(Proc::tail).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls `GET /v1/tasks/{id}` until `pred` holds.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let t = self.task(id).await?;
+            if pred(&t) {
+                return Ok(t);
+            }
+            if Instant::now() > deadline {
+                bail!("task {id} never matched; last: {t}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn queue(&self, queue: &str) -> Result<Value> {
+        Ok(self.get_json(&format!("/v1/queues/{queue}")).await?.1)
+    }
+}
+
+/// A running worker process and its probe URL.
+pub struct Worker {
+    pub proc: Proc,
+    pub probe: String,
+}

@@ -121,7 +121,11 @@ pub async fn run(
     let _ = fetcher.await;
     tracker.close();
     let in_flight = tracker.len();
-    tracing::info!(in_flight, timeout_s = worker.cfg.drain_timeout.as_secs(), "draining");
+    tracing::info!(
+        in_flight,
+        timeout_s = worker.cfg.drain_timeout.as_secs(),
+        "draining"
+    );
     if tokio::time::timeout(worker.cfg.drain_timeout, tracker.wait())
         .await
         .is_err()
@@ -131,7 +135,10 @@ pub async fn run(
             "drain timeout reached; giving unfinished tasks back without counting the attempt"
         );
         hard_stop.cancel();
-        if tokio::time::timeout(GIVE_BACK_GRACE, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(GIVE_BACK_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("give-backs did not finish; heartbeat expiry will recover those tasks");
         }
     }
@@ -196,7 +203,12 @@ impl Worker {
         self.draining.load(Ordering::SeqCst)
     }
 
-    async fn fetch_loop(self: Arc<Self>, stop: CancellationToken, tracker: TaskTracker, hard: CancellationToken) {
+    async fn fetch_loop(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        tracker: TaskTracker,
+        hard: CancellationToken,
+    ) {
         let mut errors: u32 = 0;
         loop {
             // A permit first: the worker never takes a task it cannot start now.
@@ -212,11 +224,19 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            let fetched = match self.broker.fetch(&self.keys, &self.id, permits.len(), None, self.ttl()).await {
+            let fetched = match self
+                .broker
+                .fetch(&self.keys, &self.id, permits.len(), None, self.ttl())
+                .await
+            {
                 Ok(v) if v.is_empty() => {
                     permits.truncate(1);
                     // The blocking wait is never cancelled half-way, so an id it moved is never lost.
-                    match self.broker.wait_for_task(&self.blocking, &self.keys, &self.id, BLOCK).await {
+                    match self
+                        .broker
+                        .wait_for_task(&self.blocking, &self.keys, &self.id, BLOCK)
+                        .await
+                    {
                         Ok(None) => Ok(Vec::new()),
                         Ok(Some(id)) if stop.is_cancelled() => {
                             self.give_back_unstarted(&id).await;
@@ -224,7 +244,10 @@ impl Worker {
                         }
                         Ok(Some(id)) => {
                             self.hold(&id);
-                            let r = self.broker.fetch(&self.keys, &self.id, 0, Some(&id), self.ttl()).await;
+                            let r = self
+                                .broker
+                                .fetch(&self.keys, &self.id, 0, Some(&id), self.ttl())
+                                .await;
                             if r.is_err() {
                                 self.release(&id);
                             }
@@ -246,7 +269,11 @@ impl Worker {
                         tracing::warn!(error = %e, consecutive = errors, "fetch failed; retrying");
                     }
                     drop(permits);
-                    let wait = full_jitter(errors.min(6), Duration::from_millis(100), Duration::from_secs(3));
+                    let wait = full_jitter(
+                        errors.min(6),
+                        Duration::from_millis(100),
+                        Duration::from_secs(3),
+                    );
                     if !pause(wait, &stop).await {
                         break;
                     }
@@ -278,7 +305,10 @@ impl Worker {
         let queue = self.cfg.queue.as_str();
         if task.attempt == 1 && task.rate_limited == 0 && task.created_at_ms > 0 {
             let waited = (task.fetched_at_ms - task.created_at_ms).max(0) as f64 / 1000.0;
-            self.metrics.queue_wait.with_label_values(&[queue]).observe(waited);
+            self.metrics
+                .queue_wait
+                .with_label_values(&[queue])
+                .observe(waited);
         }
         let Ok(id) = TaskId::parse(&task.id) else {
             self.bury(&task.id, "poison: malformed task id").await;
@@ -287,7 +317,8 @@ impl Worker {
         let payload: Payload = match serde_json::from_str(&task.payload) {
             Ok(p) => p,
             Err(e) => {
-                self.bury(&task.id, &format!("poison: payload does not parse: {e}")).await;
+                self.bury(&task.id, &format!("poison: payload does not parse: {e}"))
+                    .await;
                 return;
             }
         };
@@ -295,16 +326,24 @@ impl Worker {
             self.bury(&task.id, "poison: payload has no messages").await;
             return;
         }
-        let model = payload.model.clone().unwrap_or_else(|| self.cfg.model.clone());
+        let model = payload
+            .model
+            .clone()
+            .unwrap_or_else(|| self.cfg.model.clone());
         let history = match &payload.agent_id {
-            Some(agent) => match self.broker.memory(&self.keys, agent, self.cfg.memory_messages).await {
+            Some(agent) => match self
+                .broker
+                .memory(&self.keys, agent, self.cfg.memory_messages)
+                .await
+            {
                 Ok(h) => h,
                 Err(e) => {
                     let failure = LlmFailure::Transient {
                         outcome: "memory",
                         message: format!("agent memory unavailable: {e}"),
                     };
-                    self.record_failure(&id, task.attempt, &failure, started).await;
+                    self.record_failure(&id, task.attempt, &failure, started)
+                        .await;
                     return;
                 }
             },
@@ -341,7 +380,14 @@ impl Worker {
                 let memory = memory.filter(|_| self.cfg.memory_messages > 0);
                 let verdict = self
                     .persist("complete", || {
-                        self.broker.complete(&self.keys, &self.id, &id, &result_json, self.ttl(), memory.as_ref())
+                        self.broker.complete(
+                            &self.keys,
+                            &self.id,
+                            &id,
+                            &result_json,
+                            self.ttl(),
+                            memory.as_ref(),
+                        )
                     })
                     .await;
                 let status = match verdict.as_str() {
@@ -356,11 +402,20 @@ impl Worker {
                     .observe(started.elapsed().as_secs_f64());
                 tracing::debug!(task.id = %id, attempt = task.attempt, status, "task finished");
             }
-            Err(failure) => self.record_failure(&id, task.attempt, &failure, started).await,
+            Err(failure) => {
+                self.record_failure(&id, task.attempt, &failure, started)
+                    .await
+            }
         }
     }
 
-    async fn record_failure(&self, id: &TaskId, attempt: u32, failure: &LlmFailure, started: Instant) {
+    async fn record_failure(
+        &self,
+        id: &TaskId,
+        attempt: u32,
+        failure: &LlmFailure,
+        started: Instant,
+    ) {
         let (mode, delay) = match failure {
             LlmFailure::Transient { .. } => (
                 FailMode::Transient,
@@ -368,7 +423,9 @@ impl Worker {
             ),
             LlmFailure::RateLimited { retry_after, .. } => (
                 FailMode::RateLimited,
-                retry_after.unwrap_or_else(|| full_jitter(attempt, self.cfg.retry_base, self.cfg.retry_max)),
+                retry_after.unwrap_or_else(|| {
+                    full_jitter(attempt, self.cfg.retry_base, self.cfg.retry_max)
+                }),
             ),
             LlmFailure::Permanent { .. } => (FailMode::Permanent, Duration::ZERO),
         };
@@ -413,7 +470,8 @@ impl Worker {
     async fn bury(&self, raw_id: &str, reason: &str) {
         tracing::warn!(task.id = raw_id, reason, "dead-lettering poison task");
         self.persist("bury", || {
-            self.broker.bury_poison(&self.keys, &self.id, raw_id, reason, self.ttl())
+            self.broker
+                .bury_poison(&self.keys, &self.id, raw_id, reason, self.ttl())
         })
         .await;
         self.metrics
@@ -450,8 +508,13 @@ impl Worker {
                     .inc();
                 tracing::info!(task.id = raw_id, attempt, "given back to the queue");
             }
-            Ok(Err(e)) => tracing::warn!(task.id = raw_id, error = %e, "give-back failed; heartbeat expiry will recover it"),
-            Err(_) => tracing::warn!(task.id = raw_id, "give-back timed out; heartbeat expiry will recover it"),
+            Ok(Err(e)) => {
+                tracing::warn!(task.id = raw_id, error = %e, "give-back failed; heartbeat expiry will recover it")
+            }
+            Err(_) => tracing::warn!(
+                task.id = raw_id,
+                "give-back timed out; heartbeat expiry will recover it"
+            ),
         }
     }
 
@@ -477,7 +540,12 @@ impl Worker {
                     if tries == 1 || tries % 20 == 0 {
                         tracing::warn!(op = what, tries, error = %e, "redis write failed; retrying");
                     }
-                    tokio::time::sleep(full_jitter(tries.min(6), Duration::from_millis(100), Duration::from_secs(3))).await;
+                    tokio::time::sleep(full_jitter(
+                        tries.min(6),
+                        Duration::from_millis(100),
+                        Duration::from_secs(3),
+                    ))
+                    .await;
                 }
             }
         }
@@ -502,7 +570,9 @@ impl Worker {
                     tracing::warn!(error = %e, "deregistration failed; the heartbeat will expire");
                 }
             }
-            _ => tracing::warn!("in-flight list not empty; leaving it for recovery by other workers"),
+            _ => {
+                tracing::warn!("in-flight list not empty; leaving it for recovery by other workers")
+            }
         }
     }
 
@@ -517,7 +587,11 @@ impl Worker {
             let now = Instant::now();
             if now >= next_beat {
                 next_beat = now + beat_every;
-                match self.broker.heartbeat(&self.keys, &self.id, self.cfg.heartbeat).await {
+                match self
+                    .broker
+                    .heartbeat(&self.keys, &self.id, self.cfg.heartbeat)
+                    .await
+                {
                     Ok(()) => self.sweep_orphans(&mut suspects).await,
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }

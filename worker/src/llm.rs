@@ -31,11 +31,20 @@ const MAX_ERROR_BODY: usize = 512;
 #[derive(Debug, Clone, PartialEq)]
 pub enum LlmFailure {
     /// Connection error, timeout, 408, 5xx: retry with backoff while attempts remain.
-    Transient { outcome: &'static str, message: String },
+    Transient {
+        outcome: &'static str,
+        message: String,
+    },
     /// 429: retry after `retry_after` (or backoff), without using up an attempt.
-    RateLimited { retry_after: Option<Duration>, message: String },
+    RateLimited {
+        retry_after: Option<Duration>,
+        message: String,
+    },
     /// Any other 4xx, or an answer that is not a chat completion: retrying cannot help.
-    Permanent { outcome: &'static str, message: String },
+    Permanent {
+        outcome: &'static str,
+        message: String,
+    },
 }
 
 impl LlmFailure {
@@ -121,7 +130,11 @@ fn classify(err: OpenAIError) -> LlmFailure {
 }
 
 fn classify_reqwest(e: &reqwest::Error) -> LlmFailure {
-    let outcome = if e.is_timeout() { "timeout" } else { "connection_error" };
+    let outcome = if e.is_timeout() {
+        "timeout"
+    } else {
+        "connection_error"
+    };
     // without_url: the URL may carry credentials in some proxies' setups; keep logs clean
     LlmFailure::Transient {
         outcome,
@@ -166,7 +179,10 @@ fn truncate(mut s: String, max: usize) -> String {
 }
 
 /// Sends the request; a non-2xx answer becomes an [`HttpFailure`] with its status and Retry-After.
-async fn send(http: reqwest::Client, factory: HttpRequestFactory) -> Result<reqwest::Response, OpenAIError> {
+async fn send(
+    http: reqwest::Client,
+    factory: HttpRequestFactory,
+) -> Result<reqwest::Response, OpenAIError> {
     let request = factory.build().await?;
     let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
     if response.status().is_success() {
@@ -208,7 +224,8 @@ impl Llm {
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
-        let service = tower::service_fn(move |factory: HttpRequestFactory| send(http.clone(), factory));
+        let service =
+            tower::service_fn(move |factory: HttpRequestFactory| send(http.clone(), factory));
         let config = OpenAIConfig::new()
             .with_api_base(base_url)
             .with_api_key(api_key.expose_secret());
@@ -228,44 +245,51 @@ impl Llm {
             ..Default::default()
         };
         let start = Instant::now();
-        let result = match tokio::time::timeout(self.timeout, self.client.chat().create(request)).await {
-            Ok(Ok(resp)) => {
-                let content = resp
-                    .choices
-                    .into_iter()
-                    .next()
-                    .and_then(|c| c.message.content);
-                match content {
-                    Some(content) => {
-                        let usage = resp.usage.map(|u| Usage {
-                            prompt_tokens: u.prompt_tokens,
-                            completion_tokens: u.completion_tokens,
-                        });
-                        Ok(TaskResult {
-                            content,
-                            model: if resp.model.is_empty() { model.to_owned() } else { resp.model },
-                            usage: usage.unwrap_or_default(),
-                        })
+        let result =
+            match tokio::time::timeout(self.timeout, self.client.chat().create(request)).await {
+                Ok(Ok(resp)) => {
+                    let content = resp
+                        .choices
+                        .into_iter()
+                        .next()
+                        .and_then(|c| c.message.content);
+                    match content {
+                        Some(content) => {
+                            let usage = resp.usage.map(|u| Usage {
+                                prompt_tokens: u.prompt_tokens,
+                                completion_tokens: u.completion_tokens,
+                            });
+                            Ok(TaskResult {
+                                content,
+                                model: if resp.model.is_empty() {
+                                    model.to_owned()
+                                } else {
+                                    resp.model
+                                },
+                                usage: usage.unwrap_or_default(),
+                            })
+                        }
+                        None => Err(LlmFailure::Permanent {
+                            outcome: "bad_response",
+                            message: "llm answer has no message content".to_owned(),
+                        }),
                     }
-                    None => Err(LlmFailure::Permanent {
-                        outcome: "bad_response",
-                        message: "llm answer has no message content".to_owned(),
-                    }),
                 }
-            }
-            Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(LlmFailure::Transient {
-                outcome: "timeout",
-                message: format!("llm call timed out after {}s", self.timeout.as_secs()),
-            }),
-        };
+                Ok(Err(e)) => Err(classify(e)),
+                Err(_) => Err(LlmFailure::Transient {
+                    outcome: "timeout",
+                    message: format!("llm call timed out after {}s", self.timeout.as_secs()),
+                }),
+            };
         self.record(model, start.elapsed(), &result);
         result
     }
 
     fn record(&self, model: &str, took: Duration, result: &Result<TaskResult, LlmFailure>) {
         let m = &self.metrics;
-        m.llm_duration.with_label_values(&[model]).observe(took.as_secs_f64());
+        m.llm_duration
+            .with_label_values(&[model])
+            .observe(took.as_secs_f64());
         match result {
             Ok(r) => {
                 m.llm_requests.with_label_values(&[model, "ok"]).inc();
@@ -282,7 +306,10 @@ impl Llm {
                     m.llm_cost.with_label_values(&[model]).inc_by(cost);
                 }
             }
-            Err(f) => m.llm_requests.with_label_values(&[model, f.outcome()]).inc(),
+            Err(f) => m
+                .llm_requests
+                .with_label_values(&[model, f.outcome()])
+                .inc(),
         }
     }
 }
@@ -297,10 +324,14 @@ fn to_openai(m: &Message) -> ChatCompletionRequestMessage {
             content: ChatCompletionRequestUserMessageContent::Text(m.content.clone()),
             name: None,
         }),
-        Role::Assistant => ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
-            content: Some(ChatCompletionRequestAssistantMessageContent::Text(m.content.clone())),
-            ..Default::default()
-        }),
+        Role::Assistant => {
+            ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
+                content: Some(ChatCompletionRequestAssistantMessageContent::Text(
+                    m.content.clone(),
+                )),
+                ..Default::default()
+            })
+        }
     }
 }
 
@@ -313,7 +344,10 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
         let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
@@ -321,7 +355,13 @@ mod tests {
 
     #[test]
     fn statuses_are_classified_once() {
-        let c = |s: u16| classify_status(StatusCode::from_u16(s).expect("valid status"), None, String::new());
+        let c = |s: u16| {
+            classify_status(
+                StatusCode::from_u16(s).expect("valid status"),
+                None,
+                String::new(),
+            )
+        };
         assert!(matches!(c(429), LlmFailure::RateLimited { .. }));
         for s in [408, 500, 502, 503, 504] {
             assert!(matches!(c(s), LlmFailure::Transient { .. }), "{s}");

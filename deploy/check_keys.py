@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Check that rendered agentq manifests agree with the code they deploy.
+
+Usage: check_keys.py [--keys-json JSON] RENDERED.yaml...
+
+For each rendered file:
+  * the KEDA ScaledObject's trigger named "pending" is a `redis` trigger whose listName is exactly the
+    pending LIST key the code uses, and the trigger named "inflight" reads exactly the code's active
+    ZSET key (KEDA's redis scaler runs ZCARD on a zset), for the AGENTQ_KEY_PREFIX / AGENTQ_QUEUE the
+    pods get from the rendered ConfigMap;
+  * every redis trigger uses only metadata keys KEDA's redis scaler knows, every value is a string,
+    and scalingModifiers.formula references exactly the trigger names;
+  * the worker's terminationGracePeriodSeconds is larger than its AGENTQ_DRAIN_TIMEOUT_SECS, as the
+    pod really sees it (container env first, then envFrom ConfigMaps);
+  * every agentq_* metric named in the PrometheusRule and the Grafana dashboard is one the code exports.
+
+The code's key names come from `cargo run -q -p agentq-common --example keys -- <prefix> <queue>`
+(JSON: {"pending": ..., "active": ..., ...}). If that example does not exist yet, or cargo is not
+installed, the documented layout `<prefix>:{<queue>}:<name>` is used and a WARN line says so.
+--keys-json (or AGENTQ_KEYS_JSON) gives the JSON directly, for a known prefix/queue pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+# Metadata keys the KEDA redis scaler (types redis, redis-cluster, redis-sentinel) reads
+# (pkg/scalers/redis_scaler.go, typed config); "<key>FromEnv" reads the value from the target's env.
+REDIS_SCALER_KEYS = {
+    "listName", "listLength", "activationListLength", "databaseIndex", "enableTLS", "unsafeSsl",
+    "address", "addresses", "host", "hosts", "port", "ports", "username", "password",
+    "sentinelUsername", "sentinelPassword", "sentinelMaster",
+}
+REDIS_SCALER_FROM_ENV = {
+    f"{k}FromEnv" for k in (
+        "address", "addresses", "host", "hosts", "port", "ports", "username", "password",
+        "sentinelUsername", "sentinelPassword", "sentinelMaster",
+    )
+}
+# Secrets must come through a TriggerAuthentication, never as literal metadata.
+FORBIDDEN_LITERAL = {"password", "sentinelPassword"}
+
+# Metrics the api and worker export (the documented interface). When common/src/metrics.rs is
+# present, the names registered there are the truth instead.
+DOCUMENTED_METRICS = {
+    "agentq_tasks_enqueued_total", "agentq_tasks_total", "agentq_task_duration_seconds",
+    "agentq_active_tasks", "agentq_queue_depth", "agentq_queue_oldest_age_seconds",
+    "agentq_llm_requests_total", "agentq_llm_request_duration_seconds", "agentq_llm_tokens_total",
+    "agentq_llm_cost_dollars_total", "agentq_worker_draining", "agentq_http_requests_total",
+    "agentq_http_request_duration_seconds",
+}
+METRIC_RE = re.compile(r"\bagentq_[a-z0-9_]+")
+
+_keys_cache: dict[tuple[str, str], dict] = {}
+
+
+def code_keys(prefix: str, queue: str, override: str | None, root: Path) -> tuple[dict, str]:
+    """Key names as the code builds them, and where they came from."""
+    if override:
+        return json.loads(override), "given JSON"
+    if (prefix, queue) in _keys_cache:
+        return _keys_cache[(prefix, queue)], "cargo example keys (cached)"
+    fallback = {n: f"{prefix}:{{{queue}}}:{n}" for n in ("pending", "active", "delayed", "dead")}
+    if shutil.which("cargo") is None:
+        return fallback, "WARN cargo not found: documented layout <prefix>:{<queue>}:<name>"
+    cmd = ["cargo", "run", "-q", "-p", "agentq-common", "--example", "keys", "--", prefix, queue]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        missing = ("no example target named" in proc.stderr
+                   or "package(s) `agentq-common` not found" in proc.stderr
+                   or "did not match any packages" in proc.stderr)
+        if missing:
+            return fallback, ("WARN `cargo run -p agentq-common --example keys` does not exist yet: "
+                              "documented layout <prefix>:{<queue>}:<name>")
+        raise SystemExit(f"check_keys: {' '.join(cmd)} failed:\n{proc.stderr}")
+    keys = json.loads(proc.stdout)
+    _keys_cache[(prefix, queue)] = keys
+    return keys, "cargo run -p agentq-common --example keys"
+
+
+def known_metrics(root: Path) -> tuple[set[str], str]:
+    """Metric names the code registers, or the documented list when the source is not there."""
+    src = root / "common" / "src" / "metrics.rs"
+    if src.is_file():
+        names = set(re.findall(r'"(agentq_[a-z0-9_]+)"', src.read_text()))
+        if names:
+            return names, str(src.relative_to(root))
+    return set(DOCUMENTED_METRICS), "the documented metric list"
+
+
+def docs_of(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def find(docs: list[dict], kind: str, name_suffix: str = "") -> list[dict]:
+    return [d for d in docs if d.get("kind") == kind
+            and d["metadata"]["name"].endswith(name_suffix)]
+
+
+def container_env(docs: list[dict], pod_spec: dict, container: dict) -> dict[str, str]:
+    """The env a container sees: envFrom ConfigMaps first, then env entries override."""
+    env: dict[str, str] = {}
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in find(docs, "ConfigMap")}
+    for src in container.get("envFrom", []):
+        ref = src.get("configMapRef")
+        if ref:
+            if ref["name"] not in configmaps:
+                raise AssertionError(f"envFrom ConfigMap {ref['name']} is not rendered")
+            env.update(configmaps[ref["name"]])
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "configMapKeyRef" in (e.get("valueFrom") or {}):
+            ref = e["valueFrom"]["configMapKeyRef"]
+            env[e["name"]] = configmaps[ref["name"]][ref["key"]]
+        else:
+            env[e["name"]] = "<from secret or field>"
+    return env
+
+
+def check_file(path: Path, override: str | None, root: Path) -> list[str]:
+    errors: list[str] = []
+    docs = docs_of(path)
+
+    def expect(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(f"{path.name}: {msg}")
+
+    workers = find(docs, "Deployment", "-worker")
+    expect(len(workers) == 1, f"expected one worker Deployment, found {len(workers)}")
+    if not workers:
+        return errors
+    worker = workers[0]
+    pod = worker["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "worker")
+    env = container_env(docs, pod, container)
+
+    # --- grace vs drain -------------------------------------------------------------------
+    drain = env.get("AGENTQ_DRAIN_TIMEOUT_SECS")
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    expect(drain is not None and drain.isdigit(), f"worker AGENTQ_DRAIN_TIMEOUT_SECS missing or not an integer: {drain!r}")
+    if drain is not None and drain.isdigit():
+        expect(int(grace) > int(drain),
+               f"worker terminationGracePeriodSeconds {grace} must exceed AGENTQ_DRAIN_TIMEOUT_SECS {drain}")
+        print(f"  grace: terminationGracePeriodSeconds {grace} > AGENTQ_DRAIN_TIMEOUT_SECS {drain}")
+
+    # --- KEDA triggers vs code keys ---------------------------------------------------------
+    scaled = find(docs, "ScaledObject")
+    if not scaled:
+        print(f"  keda: no ScaledObject in {path.name} (keda.enabled=false)")
+    for so in scaled:
+        spec = so["spec"]
+        expect(spec["scaleTargetRef"]["name"] == worker["metadata"]["name"],
+               f"ScaledObject targets {spec['scaleTargetRef']['name']}, not the worker Deployment")
+        prefix = env.get("AGENTQ_KEY_PREFIX", "agentq")
+        queue = env.get("AGENTQ_QUEUE", "default")
+        keys, source = code_keys(prefix, queue, override, root)
+        print(f"  keys for prefix={prefix} queue={queue} from {source}: "
+              f"pending={keys.get('pending')} active={keys.get('active')}")
+        triggers = {t.get("name"): t for t in spec["triggers"]}
+        for tname, code_key in (("pending", "pending"), ("inflight", "active")):
+            t = triggers.get(tname)
+            expect(t is not None, f"ScaledObject has no trigger named {tname!r}")
+            if t is None:
+                continue
+            expect(t["type"] == "redis", f"trigger {tname} has type {t['type']}, want redis")
+            want = keys.get(code_key)
+            got = t["metadata"].get("listName")
+            expect(want is not None, f"the code printed no {code_key!r} key")
+            expect(got == want, f"trigger {tname} listName {got!r} != code's {code_key} key {want!r}")
+            if got == want:
+                print(f"  trigger {tname}: listName {got} == code {code_key} key")
+        for t in spec["triggers"]:
+            md = t.get("metadata", {})
+            for k, v in md.items():
+                expect(isinstance(v, str), f"trigger {t.get('name')}: metadata {k} must be a string, got {v!r}")
+            if t["type"] in ("redis", "redis-cluster", "redis-sentinel"):
+                unknown = set(md) - REDIS_SCALER_KEYS - REDIS_SCALER_FROM_ENV
+                expect(not unknown, f"trigger {t.get('name')}: metadata keys unknown to KEDA's redis scaler: {sorted(unknown)}")
+                literal = set(md) & FORBIDDEN_LITERAL
+                expect(not literal, f"trigger {t.get('name')}: secret {sorted(literal)} given literally; use a TriggerAuthentication")
+                expect("listName" in md, f"trigger {t.get('name')}: listName is required")
+                has_addr = any(k in md for k in ("address", "addresses", "host", "hosts", "addressFromEnv", "hostFromEnv"))
+                expect(has_addr, f"trigger {t.get('name')}: no address/host")
+        mods = (spec.get("advanced") or {}).get("scalingModifiers")
+        expect(mods is not None, "ScaledObject has no advanced.scalingModifiers (pending + in-flight)")
+        if mods:
+            names = {t.get("name") for t in spec["triggers"]}
+            used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", mods["formula"]))
+            expect({"pending", "inflight"} <= used, f"formula {mods['formula']!r} must add pending and inflight")
+            expect(names <= used, f"triggers {sorted(names - used)} are not in the formula {mods['formula']!r}")
+            print(f"  formula: {mods['formula']} (target {mods.get('target')} per replica)")
+        for t in spec["triggers"]:
+            ref = (t.get("authenticationRef") or {}).get("name")
+            if ref:
+                expect(bool(find(docs, "TriggerAuthentication", ref)),
+                       f"trigger {t.get('name')} references TriggerAuthentication {ref}, which is not rendered")
+
+    # --- metric names in alerts and dashboard -----------------------------------------------
+    texts = []
+    for rule in find(docs, "PrometheusRule"):
+        for group in rule["spec"]["groups"]:
+            texts += [r["expr"] for r in group["rules"]]
+    for cm in find(docs, "ConfigMap", "-dashboard"):
+        for body in (cm.get("data") or {}).values():
+            dash = json.loads(body)  # must be valid JSON
+            texts.append(json.dumps(dash))
+    known, known_from = known_metrics(root)
+    used: set[str] = set()
+    for text in texts:
+        used |= set(METRIC_RE.findall(text))
+    for metric in sorted(used):
+        base = re.sub(r"_(bucket|sum|count)$", "", metric)
+        expect(metric in known or base in known, f"metric {metric} (alerts/dashboard) is not exported ({known_from})")
+    if used:
+        print(f"  metrics: {len(used)} names in alerts/dashboard, all in {known_from}")
+    return errors
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys-json", default=os.environ.get("AGENTQ_KEYS_JSON"))
+    parser.add_argument("rendered", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    root = Path(__file__).resolve().parent.parent
+    all_errors: list[str] = []
+    for path in args.rendered:
+        print(f"{path.name}:")
+        try:
+            all_errors += check_file(path, args.keys_json, root)
+        except (AssertionError, KeyError, StopIteration, json.JSONDecodeError) as exc:
+            all_errors.append(f"{path.name}: {type(exc).__name__}: {exc}")
+    for e in all_errors:
+        print(f"FAIL {e}")
+    print(f"check_keys: {len(args.rendered)} renders checked, {len(all_errors)} errors")
+    return 1 if all_errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,269 @@
+//! `agentq-mock-llm`: an OpenAI-compatible mock chat-completions server.
+//!
+//! Integration tests embed it in-process ([`spawn`], or [`serve`] on a
+//! listener of their own); load tests run the `agentq-mock-llm` binary. It
+//! answers `POST /v1/chat/completions` with `"echo: <last user message>"`,
+//! counts calls per prompt, and injects faults scripted by markers inside the
+//! last user message (`[[fail:CODE:N]]`, `[[fail:429:N:S]]`,
+//! `[[fail:429:N:date:S]]`, `[[hang]]`, `[[hang:N]]`, `[[drop]]`,
+//! `[[drop:N]]`, `[[sleep:MS]]`). Control endpoints under `/_mock/` expose
+//! the counters and change latency and error rate at runtime.
+//!
+//! The request path is built for throughput: no per-request logging, atomics
+//! for configuration and totals, and a sharded map for per-prompt counters so
+//! that worker threads rarely contend.
+
+mod api;
+mod markers;
+mod server;
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+pub use server::{serve, spawn};
+
+/// How many request bodies are kept when [`MockConfig::record`] is on.
+pub const RECORD_CAPACITY: usize = 1000;
+
+/// A power of two comfortably above the core counts this runs on, so two
+/// requests rarely wait for the same shard.
+const SHARDS: usize = 32;
+
+/// Per-prompt call counts for the prompts hashing to one shard.
+type Shard = Mutex<HashMap<Box<str>, u64>>;
+
+/// Startup configuration of a [`MockLlm`].
+#[derive(Debug, Clone, Default)]
+pub struct MockConfig {
+    /// Delay added to every chat completion call (including failing ones).
+    pub latency: Duration,
+    /// Fraction (`0.0..=1.0`) of chat completion calls answered with a 500.
+    pub error_rate: f64,
+    /// When set, `/v1/*` requires `Authorization: Bearer <key>` (else 401).
+    pub api_key: Option<String>,
+    /// Keep the last [`RECORD_CAPACITY`] chat request bodies.
+    pub record: bool,
+}
+
+/// Shared handle to one mock's state; clones observe the same counters.
+#[derive(Clone)]
+pub struct MockLlm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    latency_nanos: AtomicU64,
+    /// `f64::to_bits` of the error rate, so it can change without a lock.
+    error_rate_bits: AtomicU64,
+    /// The full expected header value, precomputed so the check is a memcmp.
+    expected_auth: Option<Box<[u8]>>,
+    record: bool,
+    total: AtomicU64,
+    /// Source of `chatcmpl-<n>` ids; never reset so ids stay unique.
+    next_id: AtomicU64,
+    shard_hasher: RandomState,
+    shards: Box<[Shard]>,
+    recorded: Mutex<VecDeque<serde_json::Value>>,
+}
+
+impl std::fmt::Debug for MockLlm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockLlm")
+            .field("latency", &self.latency())
+            .field("error_rate", &self.error_rate())
+            .field("api_key", &self.inner.expected_auth.is_some())
+            .field("record", &self.inner.record)
+            .field("total_calls", &self.total_calls())
+            .finish()
+    }
+}
+
+impl MockLlm {
+    /// Creates the shared state; serve it with [`MockLlm::router`] or [`serve`].
+    pub fn new(config: MockConfig) -> Self {
+        let expected_auth = config
+            .api_key
+            .as_deref()
+            .map(|key| format!("Bearer {key}").into_bytes().into_boxed_slice());
+        let inner = Inner {
+            latency_nanos: AtomicU64::new(duration_to_nanos(config.latency)),
+            error_rate_bits: AtomicU64::new(clamp_rate(config.error_rate).to_bits()),
+            expected_auth,
+            record: config.record,
+            total: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            shard_hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            recorded: Mutex::new(VecDeque::new()),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The full HTTP surface (`/v1/*`, `/healthz`, `/_mock/*`).
+    ///
+    /// `[[drop]]` can only close the connection without a response when the
+    /// router is run by [`serve`]/[`spawn`]; under another server (e.g.
+    /// `axum::serve`) the client instead gets response headers followed by a
+    /// body error.
+    pub fn router(&self) -> axum::Router {
+        api::router(self.clone())
+    }
+
+    /// Chat completion calls whose last user message content equals `prompt`.
+    pub fn calls(&self, prompt: &str) -> u64 {
+        self.shard(prompt).lock().get(prompt).copied().unwrap_or(0)
+    }
+
+    /// All chat completion calls that were authorised and well-formed.
+    pub fn total_calls(&self) -> u64 {
+        self.inner.total.load(Ordering::Relaxed)
+    }
+
+    /// Recorded request bodies, oldest first (empty unless `record`).
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.inner.recorded.lock().iter().cloned().collect()
+    }
+
+    pub fn set_latency(&self, d: Duration) {
+        self.inner
+            .latency_nanos
+            .store(duration_to_nanos(d), Ordering::Relaxed);
+    }
+
+    /// Values outside `0.0..=1.0` are clamped; NaN means 0.
+    pub fn set_error_rate(&self, r: f64) {
+        self.inner
+            .error_rate_bits
+            .store(clamp_rate(r).to_bits(), Ordering::Relaxed);
+    }
+
+    /// Clears call counters and recorded requests (not latency/error rate).
+    pub fn reset(&self) {
+        for shard in self.inner.shards.iter() {
+            shard.lock().clear();
+        }
+        self.inner.total.store(0, Ordering::Relaxed);
+        self.inner.recorded.lock().clear();
+    }
+
+    pub(crate) fn latency(&self) -> Duration {
+        Duration::from_nanos(self.inner.latency_nanos.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn error_rate(&self) -> f64 {
+        f64::from_bits(self.inner.error_rate_bits.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn expected_auth(&self) -> Option<&[u8]> {
+        self.inner.expected_auth.as_deref()
+    }
+
+    pub(crate) fn recording(&self) -> bool {
+        self.inner.record
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts one call for `prompt` and returns its 1-based call number.
+    pub(crate) fn count_call(&self, prompt: &str) -> u64 {
+        self.inner.total.fetch_add(1, Ordering::Relaxed);
+        let mut shard = self.shard(prompt).lock();
+        // Look up by &str first: repeated prompts are the hot path and must
+        // not allocate a key.
+        if let Some(count) = shard.get_mut(prompt) {
+            *count += 1;
+            *count
+        } else {
+            shard.insert(prompt.into(), 1);
+            1
+        }
+    }
+
+    pub(crate) fn record_request(&self, body: serde_json::Value) {
+        let mut recorded = self.inner.recorded.lock();
+        if recorded.len() >= RECORD_CAPACITY {
+            recorded.pop_front();
+        }
+        recorded.push_back(body);
+    }
+
+    /// Snapshot of all per-prompt counters.
+    pub(crate) fn calls_by_prompt(&self) -> Vec<(String, u64)> {
+        let mut all = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let shard = shard.lock();
+            all.extend(shard.iter().map(|(k, v)| (k.to_string(), *v)));
+        }
+        all
+    }
+
+    fn shard(&self, prompt: &str) -> &Shard {
+        let hash = self.inner.shard_hasher.hash_one(prompt);
+        // Truncation is fine: only the low bits pick the shard.
+        &self.inner.shards[(hash as usize) % SHARDS]
+    }
+}
+
+fn duration_to_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn clamp_rate(r: f64) -> f64 {
+    if r.is_nan() {
+        0.0
+    } else {
+        r.clamp(0.0, 1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_per_prompt_and_reset() {
+        let mock = MockLlm::new(MockConfig::default());
+        assert_eq!(mock.count_call("a"), 1);
+        assert_eq!(mock.count_call("a"), 2);
+        assert_eq!(mock.count_call("b"), 1);
+        assert_eq!(mock.calls("a"), 2);
+        assert_eq!(mock.calls("zzz"), 0);
+        assert_eq!(mock.total_calls(), 3);
+        mock.reset();
+        assert_eq!(mock.calls("a"), 0);
+        assert_eq!(mock.total_calls(), 0);
+    }
+
+    #[test]
+    fn recording_is_bounded() {
+        let mock = MockLlm::new(MockConfig {
+            record: true,
+            ..MockConfig::default()
+        });
+        for i in 0..(RECORD_CAPACITY + 5) {
+            mock.record_request(serde_json::json!(i));
+        }
+        let recorded = mock.requests();
+        assert_eq!(recorded.len(), RECORD_CAPACITY);
+        assert_eq!(recorded[0], serde_json::json!(5));
+    }
+
+    #[test]
+    fn error_rate_is_clamped() {
+        let mock = MockLlm::new(MockConfig::default());
+        mock.set_error_rate(3.0);
+        assert_eq!(mock.error_rate(), 1.0);
+        mock.set_error_rate(f64::NAN);
+        assert_eq!(mock.error_rate(), 0.0);
+    }
+}

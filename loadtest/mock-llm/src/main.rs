@@ -1,0 +1,198 @@
+//! `agentq-mock-llm` binary: runs the OpenAI-compatible mock chat-completions
+//! server from `agentq_mock_llm` for load tests and local development.
+//!
+//! Configuration comes from environment variables, each overridable by a flag:
+//! `MOCK_LLM_LISTEN` / `--listen` (default `127.0.0.1:8000`),
+//! `MOCK_LLM_LATENCY_MS` / `--latency-ms` (default 0),
+//! `MOCK_LLM_ERROR_RATE` / `--error-rate` (default 0),
+//! `MOCK_LLM_API_KEY` / `--api-key` (unset: no auth),
+//! `MOCK_LLM_RECORD` / `--record` (`1` to keep the last 1000 request bodies).
+//! Invalid configuration exits with code 64 (EX_USAGE).
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentq_mock_llm::{serve, MockConfig, MockLlm};
+use tokio::net::TcpListener;
+
+const EX_USAGE: u8 = 64;
+
+const USAGE: &str = "usage: agentq-mock-llm [--listen ADDR] [--latency-ms MS] [--error-rate R] \
+[--api-key KEY] [--record]
+env: MOCK_LLM_LISTEN, MOCK_LLM_LATENCY_MS, MOCK_LLM_ERROR_RATE, MOCK_LLM_API_KEY, MOCK_LLM_RECORD";
+
+struct Settings {
+    listen: SocketAddr,
+    config: MockConfig,
+}
+
+fn main() -> ExitCode {
+    let settings = match settings(std::env::args().skip(1)) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("agentq-mock-llm: {msg}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentq-mock-llm: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(settings))
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    let listener = match TcpListener::bind(settings.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("agentq-mock-llm: cannot listen on {}: {e}", settings.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("agentq-mock-llm: cannot read the bound address: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Registered before announcing readiness, so a supervisor that signals
+    // right after reading the line still gets a graceful stop.
+    let shutdown = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("agentq-mock-llm: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    // Scripts wait for this line; a failed write only means nobody listens.
+    let _ = writeln!(stdout, "agentq-mock-llm listening on http://{addr}/v1");
+    let _ = stdout.flush();
+    drop(stdout);
+
+    match serve(listener, MockLlm::new(settings.config), shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentq-mock-llm: server error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+/// `Ok(None)` means `--help` was asked for.
+fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, String> {
+    let env = |name: &str| std::env::var(name).ok();
+    let mut listen = env("MOCK_LLM_LISTEN").map(|v| ("MOCK_LLM_LISTEN", v));
+    let mut latency = env("MOCK_LLM_LATENCY_MS").map(|v| ("MOCK_LLM_LATENCY_MS", v));
+    let mut error_rate = env("MOCK_LLM_ERROR_RATE").map(|v| ("MOCK_LLM_ERROR_RATE", v));
+    let mut api_key = env("MOCK_LLM_API_KEY");
+    let mut record = env("MOCK_LLM_RECORD").map(|v| ("MOCK_LLM_RECORD", v));
+
+    let mut args = args;
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+            None => (arg.clone(), None),
+        };
+        let mut value = |name: &'static str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .map(|v| (name, v))
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--listen" => listen = Some(value("--listen")?),
+            "--latency-ms" => latency = Some(value("--latency-ms")?),
+            "--error-rate" => error_rate = Some(value("--error-rate")?),
+            "--api-key" => api_key = Some(value("--api-key")?.1),
+            "--record" => record = Some(("--record", inline.unwrap_or_else(|| "1".into()))),
+            _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
+        }
+    }
+
+    let listen = match listen {
+        None => SocketAddr::from(([127, 0, 0, 1], 8000)),
+        Some((name, v)) => parse_listen(&v).ok_or_else(|| {
+            format!("invalid {name}={v:?}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+        })?,
+    };
+    let latency = match latency {
+        None => Duration::ZERO,
+        Some((name, v)) => v.trim().parse().map(Duration::from_millis).map_err(|_| {
+            format!("invalid {name}={v:?}: expected a non-negative integer of milliseconds")
+        })?,
+    };
+    let error_rate = match error_rate {
+        None => 0.0,
+        Some((name, v)) => match v.trim().parse::<f64>() {
+            Ok(r) if (0.0..=1.0).contains(&r) => r,
+            _ => {
+                return Err(format!(
+                    "invalid {name}={v:?}: expected a number within 0.0..=1.0"
+                ))
+            }
+        },
+    };
+    let record = match record {
+        None => false,
+        Some((name, v)) => match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "" | "0" | "false" | "no" | "off" => false,
+            _ => return Err(format!("invalid {name}={v:?}: expected 1 or 0")),
+        },
+    };
+    // Compose files often pass an empty variable to mean "unset".
+    let api_key = api_key.filter(|k| !k.is_empty());
+
+    Ok(Some(Settings {
+        listen,
+        config: MockConfig {
+            latency,
+            error_rate,
+            api_key,
+            record,
+        },
+    }))
+}
+
+fn parse_listen(v: &str) -> Option<SocketAddr> {
+    let v = v.trim();
+    v.parse()
+        .ok()
+        .or_else(|| v.to_socket_addrs().ok().and_then(|mut addrs| addrs.next()))
+}

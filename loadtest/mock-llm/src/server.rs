@@ -1,0 +1,152 @@
+//! Accept loop: hyper HTTP/1.1 per connection, so `[[drop]]` can really close
+//! a connection without a response, which `axum::serve` cannot do.
+
+use std::future::Future;
+use std::io;
+use std::pin::pin;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::api::DropConnection;
+use crate::{MockConfig, MockLlm};
+
+/// After shutdown, in-flight requests get this long to finish; `[[hang]]`
+/// requests would otherwise hold the process for an hour.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Backoff when `accept` fails for a reason that is not the peer's fault
+/// (e.g. out of file descriptors), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+
+/// The error hyper gets from the service for `[[drop]]`: a service error makes
+/// hyper close the connection without writing a response.
+#[derive(Debug)]
+struct DroppedByScript;
+
+impl std::fmt::Display for DroppedByScript {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped by [[drop]] marker")
+    }
+}
+
+impl std::error::Error for DroppedByScript {}
+
+/// Binds nothing itself: serves on the given listener until `shutdown` resolves.
+///
+/// On shutdown it stops accepting, lets idle keep-alive connections close and
+/// gives in-flight requests up to two seconds before cutting them off.
+pub async fn serve(
+    listener: TcpListener,
+    mock: MockLlm,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let router = mock.router();
+    let mut http = http1::Builder::new();
+    // No header-read timeout: it needs a timer per request and would close
+    // idle pooled connections under clients that expect them to stay open.
+    http.keep_alive(true).header_read_timeout(None);
+
+    let graceful = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut shutdown = pin!(shutdown);
+
+    loop {
+        let stream = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) if is_per_connection_error(&e) => continue,
+                Err(_) => {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        // Best effort: without NODELAY small responses wait on Nagle, which
+        // only costs latency, never correctness.
+        let _ = stream.set_nodelay(true);
+        tracker.spawn(serve_connection(
+            stream,
+            router.clone(),
+            http.clone(),
+            graceful.clone(),
+            hard_stop.clone(),
+        ));
+    }
+
+    drop(listener);
+    graceful.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        hard_stop.cancel();
+        tracker.wait().await;
+    }
+    Ok(())
+}
+
+/// Convenience for tests: bind 127.0.0.1:0, spawn the server on the current
+/// runtime, return (base_url like "http://127.0.0.1:PORT/v1", handle).
+///
+/// The server runs until the runtime shuts down.
+pub async fn spawn(config: MockConfig) -> io::Result<(String, MockLlm)> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let addr = listener.local_addr()?;
+    let mock = MockLlm::new(config);
+    tokio::spawn(serve(listener, mock.clone(), std::future::pending()));
+    Ok((format!("http://{addr}/v1"), mock))
+}
+
+fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    http: http1::Builder,
+    graceful: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let router = router.clone();
+        async move {
+            let Ok(response) = router.oneshot(req).await;
+            if response.extensions().get::<DropConnection>().is_some() {
+                Err(DroppedByScript)
+            } else {
+                Ok(response)
+            }
+        }
+    });
+    let mut conn = pin!(http.serve_connection(TokioIo::new(stream), service));
+    // Connection errors (peer resets, [[drop]]) need no reporting: the
+    // connection is finished either way.
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = graceful.cancelled() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = conn => {}
+        () = hard_stop.cancelled() => {}
+    }
+}

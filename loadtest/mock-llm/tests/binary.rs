@@ -1,0 +1,128 @@
+//! Tests of the `agentq-mock-llm` binary: startup line, config errors, SIGTERM.
+
+// Panicking on unexpected test data is exactly what a test should do.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_agentq-mock-llm");
+
+fn command() -> Command {
+    let mut cmd = Command::new(BIN);
+    // Keep the developer's environment from leaking into the assertions.
+    for var in [
+        "MOCK_LLM_LISTEN",
+        "MOCK_LLM_LATENCY_MS",
+        "MOCK_LLM_ERROR_RATE",
+        "MOCK_LLM_API_KEY",
+        "MOCK_LLM_RECORD",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn wait_with_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("agentq-mock-llm did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
+#[tokio::test]
+async fn prints_listening_line_serves_and_stops_on_sigterm() {
+    let mut child = command()
+        .env("MOCK_LLM_LISTEN", "127.0.0.1:0")
+        .env("MOCK_LLM_API_KEY", "")
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+
+    let base = line
+        .strip_prefix("agentq-mock-llm listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .trim_end()
+        .to_owned();
+    assert!(
+        base.starts_with("http://127.0.0.1:") && base.ends_with("/v1"),
+        "{base}"
+    );
+    let port: u16 = base["http://127.0.0.1:".len()..base.len() - 3]
+        .parse()
+        .unwrap();
+    assert_ne!(port, 0, "the real bound port is printed");
+
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{base}/chat/completions"))
+        .json(&serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: hi");
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_with_timeout(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "stderr: {}", stderr_of(&mut child));
+
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "", "exactly one line on stdout");
+}
+
+#[test]
+fn bad_latency_exits_64_naming_the_variable() {
+    let mut child = command()
+        .env("MOCK_LLM_LISTEN", "127.0.0.1:0")
+        .env("MOCK_LLM_LATENCY_MS", "soon")
+        .spawn()
+        .unwrap();
+    let status = wait_with_timeout(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(64));
+    assert!(stderr_of(&mut child).contains("MOCK_LLM_LATENCY_MS"));
+}
+
+#[test]
+fn other_bad_values_exit_64_too() {
+    for (var, value) in [
+        ("MOCK_LLM_ERROR_RATE", "1.5"),
+        ("MOCK_LLM_LISTEN", "not an address"),
+        ("MOCK_LLM_RECORD", "maybe"),
+    ] {
+        let mut child = command().env(var, value).spawn().unwrap();
+        let status = wait_with_timeout(&mut child, Duration::from_secs(10));
+        assert_eq!(status.code(), Some(64), "{var}={value}");
+        assert!(stderr_of(&mut child).contains(var), "{var}");
+    }
+}
