@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Runs agentq end to end on this machine: installs redis-server if missing, builds, starts a private
+# Redis, the mock LLM, the API and a worker, sends sample tasks over HTTP, shows progress, prints the
+# results and figures, and shuts everything down. Usage: bash scripts/demo.sh
+# Point it at a real OpenAI-compatible API instead of the mock with
+#   OPENAI_BASE_URL=https://api.openai.com/v1 OPENAI_API_KEY=sk-... AGENTQ_MODEL=gpt-4o-mini bash scripts/demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_redis
+ensure_cmd curl curl
+echo "==> building (cargo build --bins)"
+cargo build --bins --quiet
+bin=target/debug
+
+run=$(mktemp -d "${TMPDIR:-/tmp}/agentq-demo.XXXXXX")
+pids=()
+cleanup() {
+  local code=$?
+  echo
+  echo "==> shutting down"
+  # the worker and api drain on SIGTERM; the rest just stop
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  [ "$code" = 0 ] || { echo "demo failed; logs in $run"; exit "$code"; }
+  rm -rf "$run"
+  echo "done."
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+redis_port=$(free_port); api_port=$(free_port); worker_port=$(free_port); llm_port=$(free_port)
+echo "==> redis-server on 127.0.0.1:$redis_port (private, nothing persisted)"
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$run" \
+  >"$run/redis.log" 2>&1 &
+pids+=($!)
+
+if [ -z "${OPENAI_BASE_URL:-}" ]; then
+  echo "==> mock LLM on 127.0.0.1:$llm_port (1 s latency, recording requests)"
+  MOCK_LLM_LISTEN=127.0.0.1:$llm_port MOCK_LLM_LATENCY_MS=1000 MOCK_LLM_RECORD=1 "$bin/agentq-mock-llm" >"$run/mock.log" 2>&1 &
+  pids+=($!)
+  export OPENAI_BASE_URL=http://127.0.0.1:$llm_port/v1 OPENAI_API_KEY=sk-demo AGENTQ_MODEL=${AGENTQ_MODEL:-mock-gpt}
+  wait_http "http://127.0.0.1:$llm_port/healthz"
+fi
+export REDIS_URL=redis://127.0.0.1:$redis_port AGENTQ_RETRY_BASE_MS=200 AGENTQ_RETRY_MAX_MS=2000 AGENTQ_HEARTBEAT_SECS=5
+
+echo "==> agentq-api on 127.0.0.1:$api_port, agentq-worker (concurrency 4) probes on 127.0.0.1:$worker_port"
+AGENTQ_LISTEN=127.0.0.1:$api_port "$bin/agentq-api" >"$run/api.log" 2>&1 &
+pids=("$!" "${pids[@]}")
+AGENTQ_LISTEN=127.0.0.1:$worker_port WORKER_CONCURRENCY=4 "$bin/agentq-worker" >"$run/worker.log" 2>&1 &
+pids=("$!" "${pids[@]}")
+api=http://127.0.0.1:$api_port
+wait_http "$api/readyz"
+wait_http "http://127.0.0.1:$worker_port/readyz"
+
+post() { curl -fsS -X POST "$api/v1/tasks" -H 'content-type: application/json' "$@"; }
+id_of() { python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'; }
+
+echo "==> sending sample tasks"
+ids=()
+for q in "Summarise the plot of Hamlet in one line" "Write a haiku about queues" \
+         "Name three uses of Redis" "Explain backoff with jitter" "Translate 'good morning' to French" \
+         "What is KEDA?" "Give a tip for on-call engineers" "Why do tasks need idempotency?"; do
+  ids+=("$(post -d "{\"prompt\": \"$q\"}" | id_of)")
+done
+ids+=("$(post -d '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}], "metadata": {"ticket": "T-1"}}' | id_of)")
+# agent memory: the second task sees the first exchange
+ids+=("$(post -d '{"prompt": "My favourite colour is teal", "agent_id": "demo-agent"}' | id_of)")
+# a flaky upstream when talking to the mock: two 503s, then success (retried with backoff)
+ids+=("$(post -d '{"prompt": "Flaky upstream [[fail:503:2]]"}' | id_of)")
+# a permanent error: one call, then the dead-letter set
+ids+=("$(post -d '{"prompt": "Bad request [[fail:400]]"}' | id_of)")
+# idempotency: the same key twice gives the same task
+a=$(post -H 'Idempotency-Key: demo-order-1' -d '{"prompt": "Charge order 1"}' | id_of)
+b=$(post -H 'Idempotency-Key: demo-order-1' -d '{"prompt": "Charge order 1"}' | id_of)
+echo "    Idempotency-Key demo-order-1 -> $a, again -> $b ($([ "$a" = "$b" ] && echo same task || echo DIFFERENT))"
+ids+=("$a")
+# a bad request is refused with a JSON error naming the field, and writes nothing
+echo "    bad request: $(curl -sS -X POST "$api/v1/tasks" -H 'content-type: application/json' -d '{"prompt": 42}')"
+sleep 0.5
+ids+=("$(post -d '{"prompt": "What is my favourite colour?", "agent_id": "demo-agent"}' | id_of)")
+
+echo "==> progress (GET /v1/queues/default and GET /v1/tasks/{id}, every 0.5 s)"
+python3 - "$api" "${ids[@]}" <<'PY'
+import json, sys, time, urllib.request
+api, ids = sys.argv[1], sys.argv[2:]
+get = lambda path: json.load(urllib.request.urlopen(api + path, timeout=5))
+for _ in range(240):
+    q = get("/v1/queues/default")
+    states = [get("/v1/tasks/" + i)["status"] for i in ids]
+    done = sum(s in ("succeeded", "failed", "cancelled") for s in states)
+    print("    pending=%d inflight=%d retrying=%d dead=%d workers=%d  finished %d/%d"
+          % (q["pending"], q["inflight"], q["retrying"], q["dead"], q["workers"], done, len(ids)), flush=True)
+    if done == len(ids):
+        break
+    time.sleep(0.5)
+PY
+
+echo "==> results (GET /v1/tasks/{id})"
+for id in "${ids[@]}"; do curl -fsS "$api/v1/tasks/$id"; echo; done | python3 -c '
+import json, sys
+for line in sys.stdin:
+    t = json.loads(line)
+    out = (t["result"] or {}).get("content") or t.get("error") or ""
+    print("  %-9s attempts=%d  %s" % (t["status"], t["attempts"], out[:90].replace("\n", " ")))'
+
+echo "==> dead letters (GET /v1/queues/default/dead)"
+curl -fsS "$api/v1/queues/default/dead" | python3 -c '
+import json,sys
+for t in json.load(sys.stdin)["tasks"]: print("  %s  %s" % (t["id"], (t["error"] or "")[:80]))'
+
+echo "==> figures (worker /metrics)"
+curl -fsS "http://127.0.0.1:$worker_port/metrics" | grep -E '^agentq_(tasks_total|llm_requests_total|llm_tokens_total|llm_cost_dollars_total)' | sed 's/^/  /'
+if curl -fsS "http://127.0.0.1:$llm_port/_mock/calls" >/dev/null 2>&1; then
+  echo "==> agent memory: what the LLM received for 'What is my favourite colour?'"
+  curl -fsS "http://127.0.0.1:$llm_port/_mock/requests" | python3 -c '
+import json,sys
+for r in json.load(sys.stdin):
+    if r["messages"][-1]["content"] == "What is my favourite colour?":
+        for m in r["messages"]: print("  %-9s %s" % (m["role"], m["content"]))'
+
+  echo "  mock LLM calls: $(curl -fsS "http://127.0.0.1:$llm_port/_mock/calls" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"])')"
+fi

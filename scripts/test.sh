@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every check agentq has, installing what is missing: formatting, clippy, unit and end-to-end
+# tests (real redis-server, real binaries, mock LLM), API fuzzing (schemathesis), the deploy checks,
+# the k6 smoke, the autoscaling replay and a benchmark smoke. Usage: bash scripts/test.sh
+# Each step runs even when an earlier one failed; the exit code is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_redis
+ensure_cmd curl curl
+command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+
+passed=0 failed=0 failures=()
+step() { # step NAME CMD...
+  local name=$1; shift
+  local t0=$SECONDS
+  echo
+  echo "==> $name"
+  if "$@"; then
+    passed=$((passed + 1))
+    echo "<== $name: ok ($((SECONDS - t0)) s)"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    echo "<== $name: FAILED ($((SECONDS - t0)) s)"
+  fi
+}
+
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --locked -- -D warnings
+step "build binaries" cargo build --workspace --bins --locked
+step "unit and end-to-end tests (nextest)" cargo nextest run --workspace --locked --no-fail-fast
+step "API fuzzing (schemathesis vs /openapi.json)" bash scripts/schemathesis.sh
+step "deploy checks (helm, CRDs, checkov, hadolint, KEDA keys)" bash deploy/check.sh
+step "k6 smoke (enqueue.js, e2e.js)" bash loadtest/smoke.sh
+step "autoscaling replay (compressed)" bash loadtest/autoscale/run.sh --ci
+step "benchmark smoke" bash loadtest/bench/run.sh --smoke
+
+echo
+if [ "$failed" -gt 0 ]; then
+  printf 'failed step: %s\n' "${failures[@]}"
+fi
+echo "steps: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
