@@ -265,7 +265,7 @@ impl Worker {
                 }
                 Err(e) => {
                     errors = errors.saturating_add(1);
-                    if errors == 1 || errors % 30 == 0 {
+                    if errors == 1 || errors.is_multiple_of(30) {
                         tracing::warn!(error = %e, consecutive = errors, "fetch failed; retrying");
                     }
                     drop(permits);
@@ -537,7 +537,7 @@ impl Worker {
                 Ok(v) => return v,
                 Err(e) => {
                     tries = tries.saturating_add(1);
-                    if tries == 1 || tries % 20 == 0 {
+                    if tries == 1 || tries.is_multiple_of(20) {
                         tracing::warn!(op = what, tries, error = %e, "redis write failed; retrying");
                     }
                     tokio::time::sleep(full_jitter(
