@@ -416,6 +416,21 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_password_urls_are_accepted() {
+        for url in [
+            "rediss://:pw@redis.example:6380/0",
+            "redis://user:pw@10.0.0.1:6379/2",
+        ] {
+            let c = ApiConfig::from_env(&env(&[(ENV_REDIS_URL, url)])).expect(url);
+            assert!(
+                !c.common.redis_display().contains("pw"),
+                "{}",
+                c.common.redis_display()
+            );
+        }
+    }
+
+    #[test]
     fn secrets_stay_out_of_messages() {
         let err = WorkerConfig::from_env(&env(&[(ENV_REDIS_URL, "mysql://u:hunter2@h")]))
             .expect_err("bad scheme");

@@ -103,6 +103,11 @@ impl Proc {
         }
     }
 
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -184,15 +189,23 @@ impl RedisServer {
         }
     }
 
+    /// The running server's pid (None while killed), e.g. to freeze it with SIGSTOP.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// True when the server answers, even if only to say it wants a password.
     pub fn ping(&self) -> bool {
-        self.client()
+        let Ok(mut c) = self
+            .client()
             .and_then(|c| c.get_connection().map_err(anyhow::Error::from))
-            .and_then(|mut c| {
-                redis::cmd("PING")
-                    .query::<String>(&mut c)
-                    .map_err(anyhow::Error::from)
-            })
-            .is_ok()
+        else {
+            return false;
+        };
+        match redis::cmd("PING").query::<String>(&mut c) {
+            Ok(_) => true,
+            Err(e) => e.code() == Some("NOAUTH"),
+        }
     }
 
     pub fn client(&self) -> Result<redis::Client> {
@@ -421,10 +434,83 @@ impl Stack {
     pub async fn queue(&self, queue: &str) -> Result<Value> {
         Ok(self.get_json(&format!("/v1/queues/{queue}")).await?.1)
     }
+
+    /// POSTs raw bytes to /v1/tasks with the given Content-Type (none when `None`) and extra
+    /// headers (raw bytes, so tests can send non-ASCII values); returns (status, JSON body).
+    pub async fn post_raw(
+        &self,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/tasks", self.api_url))
+            .body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        for (name, value) in headers {
+            req = req.header(*name, reqwest::header::HeaderValue::from_bytes(value)?);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `GET /v1/queues/{queue}/dead`: the dead-lettered tasks, newest first.
+    pub async fn dead(&self, queue: &str) -> Result<Vec<Value>> {
+        let (status, v) = self.get_json(&format!("/v1/queues/{queue}/dead")).await?;
+        if status != 200 {
+            bail!("GET dead list answered {status}: {v}");
+        }
+        Ok(v["tasks"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// `POST /v1/queues/{queue}/dead/redrive[?limit=N]`; returns (status, body).
+    pub async fn redrive(&self, queue: &str, limit: Option<usize>) -> Result<(u16, Value)> {
+        let mut url = format!("{}/v1/queues/{queue}/dead/redrive", self.api_url);
+        if let Some(n) = limit {
+            url.push_str(&format!("?limit={n}"));
+        }
+        let r = self.http.post(url).send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Every log line any process of this stack wrote so far (api, workers), for panic checks.
+    pub fn all_logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(dir) = std::fs::read_dir(self.logs.path()) {
+            for entry in dir.flatten() {
+                out.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
 }
 
 /// A running worker process and its probe URL.
 pub struct Worker {
     pub proc: Proc,
     pub probe: String,
+}
+
+impl Worker {
+    /// The worker's Prometheus text from its probe server.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.probe))
+            .await?
+            .text()
+            .await?)
+    }
+}
+
+/// The value of one series (`name{labels}` exactly as rendered) in Prometheus text; 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }

@@ -557,3 +557,137 @@ fn bad_configuration_exits_64_naming_the_variable() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_protected_tls_redis_works_and_the_password_stays_out_of_logs(
+) -> anyhow::Result<()> {
+    // a private CA and a server certificate it signed, as a real deployment has
+    let certs = tempfile::tempdir()?;
+    let p = |name: &str| certs.path().join(name).display().to_string();
+    let (ca_key, ca, key, csr, cert, ext) = (
+        p("ca.key"),
+        p("ca.pem"),
+        p("server.key"),
+        p("server.csr"),
+        p("server.pem"),
+        p("ext.cnf"),
+    );
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n")?;
+    let steps: [Vec<&str>; 3] = [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=agentq-test-ca",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+        ],
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &cert,
+            "-extfile",
+            &ext,
+        ],
+    ];
+    for args in steps {
+        let out = std::process::Command::new("openssl").args(&args).output()?;
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tls_port = agentq_tests::free_port().to_string();
+    let password = "s3cr3t-redis-pw";
+    let redis = agentq_tests::RedisServer::start_with(
+        false,
+        &[
+            "--requirepass",
+            password,
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ],
+    )?;
+    let mut s = Stack::with_redis(redis, MockConfig::default()).await?;
+    // rediss:// with the server's certificate trusted through the standard SSL_CERT_FILE variable
+    s.env.insert(
+        "REDIS_URL".into(),
+        format!("rediss://:{password}@127.0.0.1:{tls_port}/0"),
+    );
+    s.env.insert("SSL_CERT_FILE".into(), ca.clone());
+    s.start_api(&[]).await?;
+    let w = s.start_worker(&[]).await?;
+    assert_eq!(
+        s.get_json("/readyz").await?.0,
+        200,
+        "api must reach Redis over TLS"
+    );
+    let id = s.submit("over tls").await?;
+    let done = s.wait_final(&[id], Duration::from_secs(20)).await?;
+    assert_eq!(done[0]["status"], "succeeded");
+    // a wrong password is a 503, not a crash, and is not echoed either
+    let mut bad = Stack::with_redis(
+        agentq_tests::RedisServer::start_with(false, &["--requirepass", password])?,
+        MockConfig::default(),
+    )
+    .await?;
+    let port = bad.redis.port;
+    bad.env.insert(
+        "REDIS_URL".into(),
+        format!("redis://:wrong-pw-123@127.0.0.1:{port}/0"),
+    );
+    bad.start_api(&[]).await?;
+    assert_eq!(bad.post(&json!({"prompt": "x"})).await?.0, 503);
+    let logs = [
+        s.api.as_ref().map(|p| p.tail()),
+        Some(w.proc.tail()),
+        bad.api.as_ref().map(|p| p.tail()),
+    ];
+    for log in logs.into_iter().flatten() {
+        assert!(
+            !log.contains(password)
+                && !log.contains("wrong-pw-123")
+                && !log.contains("sk-test-secret"),
+            "secret in log:\n{log}"
+        );
+    }
+    Ok(())
+}

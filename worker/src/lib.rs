@@ -94,7 +94,7 @@ pub async fn run(
         queue = %worker.cfg.queue,
         concurrency = worker.cfg.concurrency,
         redis = %worker.cfg.common.redis_display(),
-        llm = %worker.cfg.openai_base_url,
+        llm = %agentq_common::config::redact_url(&worker.cfg.openai_base_url),
         listen = %listener.local_addr()?,
         "agentq-worker starting"
     );
@@ -248,7 +248,8 @@ impl Worker {
                                 .broker
                                 .fetch(&self.keys, &self.id, 0, Some(&id), self.ttl())
                                 .await;
-                            if r.is_err() {
+                            // a skipped id (finished, cancelled, poison) is no longer ours to hold
+                            if !matches!(&r, Ok(v) if v.iter().any(|t| t.id == id)) {
                                 self.release(&id);
                             }
                             r
