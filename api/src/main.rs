@@ -4,6 +4,11 @@
 use agentq_common::config::{self, ApiConfig, ProcessEnv, EXIT_CONFIG};
 use agentq_common::{shutdown, telemetry};
 
+/// mimalloc instead of glibc malloc: the request paths allocate a lot of small, short-lived
+/// buffers, and glibc's malloc/free showed up as ~15% of CPU in profiles (loadtest/bench).
+//TMP#[global_allocator]
+//TMPstatic GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let format = match config::log_format(&ProcessEnv) {

@@ -120,6 +120,15 @@ fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     };
     let inner = e.into_inner();
     let msg = inner.to_string();
+    // A repeated key is reported at the object's level; name the key itself.
+    let duplicate = msg
+        .strip_prefix("duplicate field `")
+        .and_then(|rest| rest.split('`').next());
+    let field = match duplicate {
+        Some(name) if field == "body" => name.to_owned(),
+        Some(name) => format!("{field}.{name}"),
+        None => field,
+    };
     if msg.starts_with("unknown field `") {
         return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_field", msg).field(field);
     }

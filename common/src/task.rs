@@ -37,8 +37,31 @@ pub struct CreateTask {
     pub model: Option<String>,
     pub agent_id: Option<String>,
     pub queue: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
     pub max_attempts: Option<u32>,
     pub metadata: Option<Map<String, Value>>,
+}
+
+/// A JSON number with no fractional part, as JSON Schema's `integer` (and the OpenAPI document)
+/// defines it: `3` and `3.0` are the same number. Out of range or fractional is an error.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(f))
+            .map(|f| f as u64)
+    });
+    whole
+        .and_then(|w| u32::try_from(w).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "expected a whole number between 0 and {}, got {n}",
+                u32::MAX
+            ))
+        })
 }
 
 /// A client mistake, naming the field at fault.
@@ -392,6 +415,22 @@ mod tests {
         for (body, field) in cases {
             let err = create(body.clone()).expect_err(&body.to_string());
             assert_eq!(err.field, field, "{body}");
+        }
+    }
+
+    #[test]
+    fn max_attempts_is_any_whole_json_number() {
+        let t = create(serde_json::json!({"prompt": "a", "max_attempts": 3.0})).expect("3.0 is 3");
+        assert_eq!(t.max_attempts, 3);
+        for bad in [
+            serde_json::json!(2.5),
+            serde_json::json!(-1),
+            serde_json::json!(4_294_967_296_u64),
+            serde_json::json!(1e300),
+            serde_json::json!("3"),
+        ] {
+            let body = serde_json::json!({"prompt": "a", "max_attempts": bad});
+            assert!(create(body.clone()).is_err(), "{body}");
         }
     }
 

@@ -142,9 +142,11 @@ pub async fn run(
             tracing::warn!("give-backs did not finish; heartbeat expiry will recover those tasks");
         }
     }
-    worker.release_leftovers().await;
+    // Maintenance stops first: a heartbeat after the deregistration would register the worker
+    // again, and an orphan sweep racing the release could push an id to pending twice.
     stop_maintenance.cancel();
     let _ = maintenance.await;
+    worker.release_leftovers().await;
     probe_stop.cancel();
     let _ = probe.await;
     tracing::info!("agentq-worker stopped");
