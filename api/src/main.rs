@@ -4,10 +4,12 @@
 use agentq_common::config::{self, ApiConfig, ProcessEnv, EXIT_CONFIG};
 use agentq_common::{shutdown, telemetry};
 
-/// mimalloc instead of glibc malloc: the request paths allocate a lot of small, short-lived
-/// buffers, and glibc's malloc/free showed up as ~15% of CPU in profiles (loadtest/bench).
-//TMP#[global_allocator]
-//TMPstatic GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// jemalloc instead of glibc malloc: the request paths allocate many small, short-lived buffers
+/// and glibc's malloc/free was ~15% of CPU in profiles. mimalloc was as fast but raised the
+/// worker's peak RSS at 1000 concurrent LLM calls from 46 to 68 MiB; jemalloc kept it at 46
+/// (loadtest/bench/README.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() {

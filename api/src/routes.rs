@@ -47,20 +47,18 @@ pub fn app(state: AppState) -> Router {
 
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().as_str().to_owned();
+    // Cheap clones (an enum and an Arc'd str), not String copies: this runs on every request.
+    let method = req.method().clone();
     // The matched route template, never the raw path: ids must not become label values.
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
     let resp = next.run(req).await;
     let m = &state.metrics;
     m.http_requests
-        .with_label_values(&[&method, &route, resp.status().as_str()])
+        .with_label_values(&[method.as_str(), route, resp.status().as_str()])
         .inc();
     m.http_duration
-        .with_label_values(&[&method, &route])
+        .with_label_values(&[method.as_str(), route])
         .observe(start.elapsed().as_secs_f64());
     resp
 }

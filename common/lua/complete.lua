@@ -3,7 +3,8 @@
 -- ARGV[1] id, ARGV[2] now ms, ARGV[3] result JSON, ARGV[4] result TTL seconds,
 -- ARGV[5] memory length cap, ARGV[6] memory TTL seconds, ARGV[7..] messages to append to memory
 -- Returns 'ok', or the state that made the result moot: 'duplicate', 'cancelled', 'failed', 'missing'.
-redis.call('LREM', KEYS[2], 1, ARGV[1])
+-- -1: search from the tail, where the oldest ids (the ones finishing now) sit; LMOVE adds at the head
+redis.call('LREM', KEYS[2], -1, ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end

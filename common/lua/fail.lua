@@ -10,7 +10,7 @@
 local id = ARGV[1]
 local now = tonumber(ARGV[2])
 local mode = ARGV[3]
-redis.call('LREM', KEYS[2], 1, id)
+redis.call('LREM', KEYS[2], -1, id) -- from the tail, where the oldest in-flight ids sit
 redis.call('ZREM', KEYS[3], id)
 local t = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'max_attempts', 'rate_limited')
 local status = t[1]

@@ -104,14 +104,15 @@ pub struct MemoryAppend<'a> {
 #[derive(Clone)]
 pub struct Broker {
     redis: Redis,
-    prefix: String,
+    /// Shared, so that cloning the broker (once per request in the api's state) does not allocate.
+    prefix: std::sync::Arc<str>,
 }
 
 impl Broker {
     pub fn new(redis: Redis, prefix: impl Into<String>) -> Self {
         Self {
             redis,
-            prefix: prefix.into(),
+            prefix: prefix.into().into(),
         }
     }
 
