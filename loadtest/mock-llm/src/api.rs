@@ -16,8 +16,9 @@ use axum::{Json, Router};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use crate::journal::JournalEntry;
 use crate::markers::{self, Fault, RetryAfter};
-use crate::MockLlm;
+use crate::{CallOutcome, MockLlm};
 
 /// Generous: prompts in agent workloads can carry long transcripts.
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -273,6 +274,29 @@ async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response
         .find(|m| m.role == "user")
         .map_or("", |m| &m.content.0);
     let call = mock.count_call(prompt);
+    // None unless the journal is on. If the client goes away, hyper drops this
+    // future and the entry's drop guard records the call as ended right then.
+    let mut entry = mock.journal_entry(prompt, call);
+    let response = answer(&mock, &request, prompt, call, entry.as_mut()).await;
+    if let Some(entry) = entry {
+        let outcome = if response.extensions().get::<DropConnection>().is_some() {
+            CallOutcome::Dropped
+        } else {
+            CallOutcome::Status(response.status().as_u16())
+        };
+        entry.finish(outcome);
+    }
+    response
+}
+
+/// The answer to call number `call` of `prompt`: scripted faults, latency, or the echo.
+async fn answer(
+    mock: &MockLlm,
+    request: &ChatRequest<'_>,
+    prompt: &str,
+    call: u64,
+    entry: Option<&mut JournalEntry>,
+) -> Response {
     let plan = match markers::plan(prompt, call) {
         Ok(plan) => plan,
         Err(msg) => return openai_error(StatusCode::BAD_REQUEST, msg),
@@ -285,6 +309,9 @@ async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response
 
     match plan.fault {
         Some(Fault::Hang) => {
+            if let Some(entry) = entry {
+                entry.hanging();
+            }
             tokio::time::sleep(HANG).await;
             return openai_error(StatusCode::GATEWAY_TIMEOUT, "mock: [[hang]] gave up");
         }

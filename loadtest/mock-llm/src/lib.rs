@@ -9,11 +9,19 @@
 //! `[[drop:N]]`, `[[sleep:MS]]`). Control endpoints under `/_mock/` expose
 //! the counters and change latency and error rate at runtime.
 //!
+//! With [`MockConfig::journal`] on, an in-process mock also keeps a bounded
+//! call journal ([`MockLlm::journal`]): every call's prompt, start and end
+//! [`Instant`](std::time::Instant)s and outcome (status, `[[drop]]`, or the
+//! client going away during a `[[hang]]` or before the answer). A call ends
+//! when its answer is ready or when the client disconnects, so tests can tell
+//! whether two calls of one prompt really ran at the same time.
+//!
 //! The request path is built for throughput: no per-request logging, atomics
 //! for configuration and totals, and a sharded map for per-prompt counters so
 //! that worker threads rarely contend.
 
 mod api;
+mod journal;
 mod markers;
 mod server;
 
@@ -26,10 +34,18 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+pub use journal::{CallOutcome, CallRecord};
 pub use server::{serve, spawn};
+
+use journal::{Journal, JournalEntry};
 
 /// How many request bodies are kept when [`MockConfig::record`] is on.
 pub const RECORD_CAPACITY: usize = 1000;
+
+/// How many finished calls the journal keeps when [`MockConfig::journal`] is
+/// on (about 40 MB at most); older ones are dropped and counted
+/// ([`MockLlm::journal_evicted`]).
+pub const JOURNAL_CAPACITY: usize = 200_000;
 
 /// A power of two comfortably above the core counts this runs on, so two
 /// requests rarely wait for the same shard.
@@ -49,6 +65,9 @@ pub struct MockConfig {
     pub api_key: Option<String>,
     /// Keep the last [`RECORD_CAPACITY`] chat request bodies.
     pub record: bool,
+    /// Keep a [`CallRecord`] of the last [`JOURNAL_CAPACITY`] calls. Off, it
+    /// costs one branch per call, so benchmarks leave it off.
+    pub journal: bool,
 }
 
 /// Shared handle to one mock's state; clones observe the same counters.
@@ -70,6 +89,7 @@ struct Inner {
     shard_hasher: RandomState,
     shards: Box<[Shard]>,
     recorded: Mutex<VecDeque<serde_json::Value>>,
+    journal: Option<Journal>,
 }
 
 impl std::fmt::Debug for MockLlm {
@@ -79,6 +99,7 @@ impl std::fmt::Debug for MockLlm {
             .field("error_rate", &self.error_rate())
             .field("api_key", &self.inner.expected_auth.is_some())
             .field("record", &self.inner.record)
+            .field("journal", &self.inner.journal.is_some())
             .field("total_calls", &self.total_calls())
             .finish()
     }
@@ -101,6 +122,7 @@ impl MockLlm {
             shard_hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             recorded: Mutex::new(VecDeque::new()),
+            journal: config.journal.then(|| Journal::new(JOURNAL_CAPACITY)),
         };
         Self {
             inner: Arc::new(inner),
@@ -132,6 +154,26 @@ impl MockLlm {
         self.inner.recorded.lock().iter().cloned().collect()
     }
 
+    /// Finished calls, oldest first (empty unless `journal`). A call still in
+    /// progress appears once it ends; [`MockLlm::journal_open`] counts those.
+    pub fn journal(&self) -> Vec<CallRecord> {
+        self.inner
+            .journal
+            .as_ref()
+            .map(Journal::records)
+            .unwrap_or_default()
+    }
+
+    /// Calls started whose end is not in the journal yet.
+    pub fn journal_open(&self) -> u64 {
+        self.inner.journal.as_ref().map_or(0, Journal::open)
+    }
+
+    /// Records the journal dropped because it was full (0 means it is complete).
+    pub fn journal_evicted(&self) -> u64 {
+        self.inner.journal.as_ref().map_or(0, Journal::evicted)
+    }
+
     pub fn set_latency(&self, d: Duration) {
         self.inner
             .latency_nanos
@@ -145,13 +187,17 @@ impl MockLlm {
             .store(clamp_rate(r).to_bits(), Ordering::Relaxed);
     }
 
-    /// Clears call counters and recorded requests (not latency/error rate).
+    /// Clears call counters, recorded requests and the journal (not
+    /// latency/error rate; calls in progress are journaled when they end).
     pub fn reset(&self) {
         for shard in self.inner.shards.iter() {
             shard.lock().clear();
         }
         self.inner.total.store(0, Ordering::Relaxed);
         self.inner.recorded.lock().clear();
+        if let Some(journal) = &self.inner.journal {
+            journal.clear();
+        }
     }
 
     pub(crate) fn latency(&self) -> Duration {
@@ -187,6 +233,17 @@ impl MockLlm {
             shard.insert(prompt.into(), 1);
             1
         }
+    }
+
+    /// Starts the journal entry of a call (None when the journal is off, so
+    /// the hot path allocates nothing).
+    pub(crate) fn journal_entry(&self, prompt: &str, call: u64) -> Option<JournalEntry> {
+        let journal = self.inner.journal.as_ref()?;
+        Some(JournalEntry::begin(self.clone(), journal, prompt, call))
+    }
+
+    pub(crate) fn journal_state(&self) -> Option<&Journal> {
+        self.inner.journal.as_ref()
     }
 
     pub(crate) fn record_request(&self, body: serde_json::Value) {

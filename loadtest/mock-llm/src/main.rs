@@ -186,6 +186,8 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
             error_rate,
             api_key,
             record,
+            // The journal is read in-process (`MockLlm::journal`); the binary has no use for it.
+            journal: false,
         },
     }))
 }

@@ -556,3 +556,115 @@ async fn recording_keeps_request_bodies_in_order() {
     chat(&client, &base, "first").await;
     assert!(plain.requests().is_empty());
 }
+
+/// Polls until every journaled call has ended (a client going away is seen by
+/// the server a moment later).
+async fn journal_settled(mock: &MockLlm) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.journal_open() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} calls never ended",
+            mock.journal_open()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn journal_records_when_each_call_ended_and_how() {
+    use agentq_mock_llm::CallOutcome;
+    let (base, _, mock) = start(MockConfig {
+        journal: true,
+        ..MockConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(chat(&client, &base, "plain").await.status(), StatusCode::OK);
+    let flaky = "flaky [[fail:503:1]]";
+    assert_eq!(
+        chat(&client, &base, flaky).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(chat(&client, &base, flaky).await.status(), StatusCode::OK);
+    let dropped = client
+        .post(format!("{base}/chat/completions"))
+        .json(&chat_body("dropped [[drop]]"))
+        .send()
+        .await;
+    assert!(dropped.is_err(), "[[drop]] closes the connection");
+
+    // Clients that give up: the call ends when they do, not when the mock would have answered.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    for prompt in ["hangs [[hang]]", "slow [[sleep:5000]]"] {
+        let r = impatient
+            .post(format!("{base}/chat/completions"))
+            .json(&chat_body(prompt))
+            .send()
+            .await;
+        assert!(r.is_err(), "{prompt}: the client timed out");
+    }
+
+    // A client process that dies mid-call: its socket closes without a word.
+    let killed = "killed client [[hang]]";
+    let body = serde_json::to_vec(&chat_body(killed)).unwrap();
+    let addr = base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &body)
+        .await
+        .unwrap();
+    while mock.calls(killed) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let closed_at = Instant::now();
+    drop(stream);
+    journal_settled(&mock).await;
+
+    let journal = mock.journal();
+    let find = |prompt: &str, call: u64| {
+        journal
+            .iter()
+            .find(|r| r.prompt == prompt && r.call == call)
+            .unwrap_or_else(|| panic!("{prompt} call {call} not journaled: {journal:?}"))
+            .clone()
+    };
+    assert_eq!(journal.len(), 7, "{journal:?}");
+    assert_eq!(find("plain", 1).outcome, CallOutcome::Status(200));
+    assert_eq!(find(flaky, 1).outcome, CallOutcome::Status(503));
+    assert_eq!(find(flaky, 2).outcome, CallOutcome::Status(200));
+    assert!(find(flaky, 1).end <= find(flaky, 2).start);
+    assert!(!find(flaky, 1).overlaps(&find(flaky, 2)));
+    assert_eq!(find("dropped [[drop]]", 1).outcome, CallOutcome::Dropped);
+    let hang = find("hangs [[hang]]", 1);
+    assert_eq!(hang.outcome, CallOutcome::Hung);
+    let slow = find("slow [[sleep:5000]]", 1);
+    assert_eq!(slow.outcome, CallOutcome::Cancelled);
+    for r in [&hang, &slow] {
+        let took = r.end - r.start;
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+            "{r:?} ended when the client gave up: {took:?}"
+        );
+    }
+    let k = find(killed, 1);
+    assert_eq!(k.outcome, CallOutcome::Hung);
+    assert!(k.end >= closed_at && k.end - closed_at < Duration::from_secs(1));
+    assert_eq!(mock.journal_evicted(), 0);
+
+    mock.reset();
+    assert!(mock.journal().is_empty());
+}
