@@ -27,7 +27,8 @@ pub struct AppState {
     pub broker: Broker,
     pub config: Arc<ApiConfig>,
     pub metrics: ApiMetrics,
-    /// Queues this process has registered in Redis, so the registry write happens once per queue.
+    /// Declared queues this process has registered in Redis, so the registry write happens once
+    /// per queue (only declared queues ever get here, so it stays small).
     pub known_queues: Arc<Mutex<HashSet<String>>>,
 }
 

@@ -175,6 +175,9 @@ async fn create_task(
             state.config.common.max_attempts,
         )
         .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    if !state.config.declares(&task.queue) {
+        return Err(undeclared(&task.queue));
+    }
     let ttl = state.config.common.result_ttl;
     let (id, outcome) = deadline(state.broker.enqueue(&task, idem.as_deref(), ttl)).await?;
     let status = match outcome {
@@ -211,7 +214,7 @@ async fn create_task(
     Ok(resp)
 }
 
-/// Adds the queue to the registry the metrics endpoint walks; once per queue per process.
+/// Adds a declared queue to the `agentq:queues` set on its first task; once per queue per process.
 async fn register_queue(state: &AppState, queue: &str) {
     let fresh = state
         .known_queues
@@ -226,6 +229,15 @@ async fn register_queue(state: &AppState, queue: &str) {
             }
         }
     }
+}
+
+/// A queue nobody declared: refused, so clients cannot create keys and gauges without bound, or
+/// park tasks on a queue no worker serves.
+fn undeclared(queue: &str) -> ApiError {
+    ApiError::invalid(
+        "queue",
+        format!("queue {queue:?} is not declared (AGENTQ_QUEUES lists the queues this api serves)"),
+    )
 }
 
 fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
@@ -262,15 +274,20 @@ async fn cancel_task(
     }
 }
 
-fn check_queue(queue: &str) -> Result<(), ApiError> {
-    validate_queue(queue).map_err(|e| ApiError::invalid("queue", e.to_string()))
+fn check_queue(state: &AppState, queue: &str) -> Result<(), ApiError> {
+    validate_queue(queue).map_err(|e| ApiError::invalid("queue", e.to_string()))?;
+    if state.config.declares(queue) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found("queue"))
+    }
 }
 
 async fn queue_stats(
     State(state): State<AppState>,
     Path(queue): Path<String>,
 ) -> Result<Response, ApiError> {
-    check_queue(&queue)?;
+    check_queue(&state, &queue)?;
     Ok(Json(deadline(state.broker.stats(&queue)).await?).into_response())
 }
 
@@ -299,7 +316,7 @@ async fn list_dead(
     Path(queue): Path<String>,
     q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    check_queue(&queue)?;
+    check_queue(&state, &queue)?;
     let n = limit(q)?;
     let tasks = deadline(state.broker.dead(&queue, n)).await?;
     Ok(Json(json!({"queue": queue, "tasks": tasks})).into_response())
@@ -310,7 +327,7 @@ async fn redrive_dead(
     Path(queue): Path<String>,
     q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    check_queue(&queue)?;
+    check_queue(&state, &queue)?;
     let n = limit(q)?;
     let (redriven, dropped) = deadline(state.broker.redrive(&queue, n)).await?;
     Ok(Json(json!({"queue": queue, "redriven": redriven, "dropped": dropped})).into_response())
@@ -339,8 +356,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// with the last known depths.
 async fn metrics(State(state): State<AppState>) -> Response {
     let refresh = async {
-        let queues = state.broker.known_queues().await?;
-        for q in queues.iter().filter(|q| validate_queue(q).is_ok()) {
+        for q in &state.config.queues {
             let s = state.broker.stats(q).await?;
             let g = &state.metrics.queue_depth;
             g.with_label_values(&[q, "pending"]).set(s.pending as i64);

@@ -1,13 +1,20 @@
--- Cancel a task that has not finished. A running task's worker sees 'cancelled' when it reports
--- and drops its result; a queued or retrying one is taken off the lists now.
--- KEYS[1] task hash, KEYS[2] pending list, KEYS[3] delayed zset
--- ARGV[1] id, ARGV[2] now ms, ARGV[3] result TTL seconds
+-- Cancel a task that has not finished. It is taken off every list now, including its running
+-- owner's in-flight list; the run's token is cleared, so the owner's report writes nothing.
+-- KEYS[1] task hash, KEYS[2] pending list, KEYS[3] delayed zset, KEYS[4] active zset
+-- ARGV[1] id, ARGV[2] now ms, ARGV[3] result TTL seconds, ARGV[4] in-flight list key prefix
+-- (the owner's list is ARGV[4] .. worker; same hash tag, so the same slot)
 -- Returns 'ok' when cancelled now, 'missing', or the final status the task already had.
-local status = redis.call('HGET', KEYS[1], 'status')
+local t = redis.call('HMGET', KEYS[1], 'status', 'worker')
+local status = t[1]
 if not status then return 'missing' end
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'token')
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if status == 'running' and t[2] then
+  redis.call('LREM', ARGV[4] .. t[2], 0, ARGV[1])
+end
 return 'ok'

@@ -1,56 +1,79 @@
--- A run did not succeed: retry later, dead-letter, or give the task back.
+-- A run did not succeed: retry later, dead-letter, or give the task back; only if that run still
+-- owns the task.
 -- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] delayed zset,
 -- KEYS[5] dead zset, KEYS[6] pending list
--- ARGV[1] id, ARGV[2] now ms, ARGV[3] mode, ARGV[4] error text, ARGV[5] retry at (ms),
--- ARGV[6] result TTL seconds, ARGV[7] rate-limit cap
+-- ARGV[1] id, ARGV[2] run token, ARGV[3] now ms, ARGV[4] mode, ARGV[5] error text,
+-- ARGV[6] retry delay (ms), ARGV[7] result TTL seconds, ARGV[8] rate-limit cap
 -- Modes: 'transient' retry while attempts remain; 'rate_limited' retry without using an attempt,
 -- up to the rate-limit cap; 'permanent' dead-letter now; 'giveback' back to the head of pending
 -- without counting the attempt (drain deadline).
--- Returns the new status ('retrying', 'failed', 'queued') or the final state that was already there.
+-- Returns the new status ('retrying', 'failed', 'queued'); or, writing nothing: the verdict this run
+-- already got (a resend after a lost reply), the final status, 'missing', or 'stale'.
 local id = ARGV[1]
-local now = tonumber(ARGV[2])
-local mode = ARGV[3]
-redis.call('LREM', KEYS[2], -1, id) -- from the tail, where the oldest in-flight ids sit
-redis.call('ZREM', KEYS[3], id)
-local t = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'max_attempts', 'rate_limited')
+local token = ARGV[2]
+local now = tonumber(ARGV[3])
+local mode = ARGV[4]
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'attempts', 'max_attempts', 'rate_limited')
 local status = t[1]
-if not status then return 'missing' end
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
-local attempts = tonumber(t[2]) or 0
-local max = tonumber(t[3]) or 1
-local limited = tonumber(t[4]) or 0
+if not status then
+  redis.call('LREM', KEYS[2], -1, id)
+  return 'missing'
+end
+if t[2] ~= token then
+  local prefix = token .. '|'
+  if t[3] and string.sub(t[3], 1, #prefix) == prefix then return string.sub(t[3], #prefix + 1) end
+  if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
+  redis.call('HINCRBY', KEYS[1], 'fenced', 1)
+  return 'stale'
+end
+if redis.call('LREM', KEYS[2], -1, id) == 0 then -- from the tail, where the oldest in-flight ids sit
+  redis.call('HINCRBY', KEYS[1], 'fenced', 1)
+  return 'stale'
+end
+redis.call('ZREM', KEYS[3], id)
+redis.call('HDEL', KEYS[1], 'token')
+local attempts = tonumber(t[4]) or 0
+local max = tonumber(t[5]) or 1
+local limited = tonumber(t[6]) or 0
+local ttl = tonumber(ARGV[7])
+
+local function done(verdict)
+  redis.call('HSET', KEYS[1], 'reported', token .. '|' .. verdict)
+  return verdict
+end
 
 local function bury(reason)
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', reason, 'finished_at', now)
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+  redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('ZADD', KEYS[5], now, id)
   -- dead entries are kept as long as finished task records, so the set does not grow forever
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[6]) * 1000)
-  return 'failed'
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl * 1000)
+  return done('failed')
 end
 
 local function later()
-  redis.call('HSET', KEYS[1], 'status', 'retrying', 'error', ARGV[4])
-  redis.call('ZADD', KEYS[4], tonumber(ARGV[5]), id)
-  return 'retrying'
+  redis.call('HSET', KEYS[1], 'status', 'retrying', 'error', ARGV[5])
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), id)
+  return done('retrying')
 end
 
 if mode == 'giveback' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
+  redis.call('HINCRBY', KEYS[1], 'given_back', 1)
   redis.call('RPUSH', KEYS[6], id)
-  return 'queued'
+  return done('queued')
 elseif mode == 'permanent' then
-  return bury(ARGV[4])
+  return bury(ARGV[5])
 elseif mode == 'rate_limited' then
   limited = limited + 1
   redis.call('HSET', KEYS[1], 'attempts', math.max(attempts - 1, 0), 'rate_limited', limited)
-  if limited >= tonumber(ARGV[7]) then
-    return bury('rate limited ' .. limited .. ' times: ' .. ARGV[4])
+  if limited >= tonumber(ARGV[8]) then
+    return bury('rate limited ' .. limited .. ' times: ' .. ARGV[5])
   end
   return later()
 else
   if attempts >= max then
-    return bury(ARGV[4])
+    return bury(ARGV[5])
   end
   return later()
 end

@@ -1,20 +1,31 @@
--- Reliable fetch: move up to N ids from pending into this worker's in-flight list and start them.
--- KEYS[1] pending list, KEYS[2] this worker's in-flight list, KEYS[3] active zset, KEYS[4] dead zset
+-- Reliable fetch: move up to N ids from pending into this worker's in-flight list and start a run
+-- of each, minting the run's fencing token.
+-- KEYS[1] pending list, KEYS[2] this worker's in-flight list, KEYS[3] active zset, KEYS[4] dead zset,
+-- KEYS[5] workers set, KEYS[6] this worker's heartbeat key
 -- ARGV[1] task key prefix, ARGV[2] N (ids to take from pending), ARGV[3] now ms, ARGV[4] worker id,
--- ARGV[5] an id the worker already moved with BLMOVE, or '', ARGV[6] result TTL seconds
+-- ARGV[5] an id the worker already moved with BLMOVE, or '', ARGV[6] result TTL seconds,
+-- ARGV[7] heartbeat TTL seconds
 -- Task keys are built from ARGV[1] .. id: they share the queue's hash tag, so they live in the
 -- same cluster slot as KEYS.
--- Returns a flat array: id, attempts, payload, rate_limited, created_at for every task started.
--- Ids whose task is finished or cancelled are dropped; ids with no record, and tasks whose
--- attempts were used up by lost workers, are dead-lettered.
+-- Returns a flat array: id, attempts, payload, rate_limited, created_at, token for every run started.
+-- Ids whose task is finished or cancelled are dropped, and so is a copy of an id another run owns
+-- (status running): a task is never started while a run still holds its token. Ids with no record,
+-- and tasks whose attempts were used up by lost workers, are dead-lettered.
 local now = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[6])
 local out = {}
 
+-- A worker that takes work is alive and registered, in the same step: a worker killed right after
+-- its first fetch (before any heartbeat) is still found and recovered by the others.
+redis.call('SADD', KEYS[5], ARGV[4])
+redis.call('SET', KEYS[6], now, 'EX', tonumber(ARGV[7]))
+
 local function bury(tkey, id, reason)
   redis.call('HSET', tkey, 'status', 'failed', 'error', reason, 'finished_at', now)
+  redis.call('HDEL', tkey, 'token')
   redis.call('EXPIRE', tkey, ttl)
   redis.call('ZADD', KEYS[4], now, id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
 end
 
 local function start(id)
@@ -23,14 +34,13 @@ local function start(id)
   local status = t[1]
   if not status then
     redis.call('LREM', KEYS[2], 1, id)
-    redis.call('ZREM', KEYS[3], id)
     bury(tkey, id, 'poison: task record missing')
     return
   end
-  if status ~= 'queued' and status ~= 'retrying' and status ~= 'running' then
-    -- finished, failed or cancelled: a duplicate id or a cancelled task; never run it again
+  if status ~= 'queued' and status ~= 'retrying' then
+    -- finished or cancelled: never run again; running: another run owns it, and this copy is a
+    -- duplicate (its owner's own copy stays in the owner's in-flight list)
     redis.call('LREM', KEYS[2], 1, id)
-    redis.call('ZREM', KEYS[3], id)
     return
   end
   local attempts = tonumber(t[2]) or 0
@@ -38,20 +48,22 @@ local function start(id)
   if attempts >= max then
     -- only reachable for a task recovered from a lost worker: that run counted as an attempt
     redis.call('LREM', KEYS[2], 1, id)
-    redis.call('ZREM', KEYS[3], id)
     local last = t[6]
     if not last or last == '' then last = 'worker lost while running the task' end
     bury(tkey, id, 'attempts exhausted (' .. attempts .. ' of ' .. max .. '): ' .. last)
     return
   end
   attempts = attempts + 1
-  redis.call('HSET', tkey, 'status', 'running', 'attempts', attempts, 'started_at', now, 'worker', ARGV[4])
+  local token = redis.call('HINCRBY', tkey, 'runs', 1)
+  redis.call('HSET', tkey, 'status', 'running', 'attempts', attempts, 'started_at', now,
+    'worker', ARGV[4], 'token', token)
   redis.call('ZADD', KEYS[3], now, id)
   out[#out + 1] = id
   out[#out + 1] = attempts
   out[#out + 1] = t[4] or ''
   out[#out + 1] = tonumber(t[5]) or 0
   out[#out + 1] = tonumber(t[7]) or 0
+  out[#out + 1] = tostring(token)
 end
 
 if ARGV[5] ~= '' then

@@ -1,16 +1,32 @@
 -- Give a lost worker's in-flight tasks back to the head of pending, if its heartbeat is gone.
--- Their run already counted as an attempt (fetch counts at start).
+-- Its runs are fenced out: their token is cleared, so a late report from that worker (stalled, not
+-- dead) is refused. A lost run already counted as an attempt (fetch counts at start) and stays counted.
 -- KEYS[1] heartbeat key of the lost worker, KEYS[2] its in-flight list, KEYS[3] pending list,
 -- KEYS[4] workers set, KEYS[5] active zset
--- ARGV[1] the lost worker's id
--- Returns the number of tasks recovered, or -1 when the worker is alive after all.
+-- ARGV[1] the lost worker's id, ARGV[2] task key prefix
+-- Returns the number of ids given back to pending, or -1 when the worker is alive after all.
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local n = 0
-while true do
-  local id = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')
-  if not id then break end
-  redis.call('ZREM', KEYS[5], id)
-  n = n + 1
+local ids = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2])
+-- oldest first (the tail), so they keep their order at the head of pending
+for i = #ids, 1, -1 do
+  local id = ids[i]
+  local tkey = ARGV[2] .. id
+  local t = redis.call('HMGET', tkey, 'status', 'worker')
+  local status = t[1]
+  if status == 'running' and t[2] == ARGV[1] then
+    redis.call('HSET', tkey, 'status', 'queued')
+    redis.call('HDEL', tkey, 'token')
+    redis.call('HINCRBY', tkey, 'recovered', 1)
+    redis.call('ZREM', KEYS[5], id)
+    redis.call('RPUSH', KEYS[3], id)
+    n = n + 1
+  elseif not status or status == 'queued' or status == 'retrying' then
+    redis.call('RPUSH', KEYS[3], id)
+    n = n + 1
+  end
+  -- finished, cancelled, or a duplicate copy of another worker's run: dropped
 end
 redis.call('SREM', KEYS[4], ARGV[1])
 return n

@@ -9,7 +9,7 @@ for _, id in ipairs(ids) do
   local tkey = ARGV[1] .. id
   if redis.call('EXISTS', tkey) == 1 and redis.call('HEXISTS', tkey, 'payload') == 1 then
     redis.call('HSET', tkey, 'status', 'queued', 'attempts', 0, 'rate_limited', 0)
-    redis.call('HDEL', tkey, 'finished_at', 'started_at', 'result')
+    redis.call('HDEL', tkey, 'finished_at', 'started_at', 'result', 'token')
     redis.call('PERSIST', tkey)
     redis.call('LPUSH', KEYS[2], id)
     moved = moved + 1

@@ -21,6 +21,7 @@ struct Scripts {
     recover: Script,
     cancel: Script,
     redrive: Script,
+    give_back: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -32,6 +33,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     recover: Script::new(include_str!("../lua/recover.lua")),
     cancel: Script::new(include_str!("../lua/cancel.lua")),
     redrive: Script::new(include_str!("../lua/redrive.lua")),
+    give_back: Script::new(include_str!("../lua/return.lua")),
 });
 
 /// Counts of one queue, as `GET /v1/queues/{queue}` shows them.
@@ -184,9 +186,11 @@ impl Broker {
             .key(keys.task(id))
             .key(keys.pending())
             .key(keys.delayed())
+            .key(keys.active())
             .arg(id.to_string())
             .arg(now_ms())
             .arg(ttl.as_secs().max(1))
+            .arg(keys.inflight_prefix())
             .invoke_async(&mut conn)
             .await?;
         Ok(match out.as_str() {
@@ -281,6 +285,7 @@ impl Broker {
             .await
     }
 
+    /// Adds a declared queue to the registry set (`agentq:queues`).
     pub async fn register_queue(&self, queue: &str) -> RedisResult<()> {
         let mut conn = self.redis.conn().await?;
         conn.sadd(crate::keys::queues_registry(&self.prefix), queue)
@@ -317,6 +322,10 @@ impl Broker {
 
     /// Takes up to `n` more pending tasks (plus `claimed`, already moved by [`Self::wait_for_task`])
     /// and marks them running. The caller must hold a concurrency permit for each one it may get.
+    ///
+    /// The same script registers the worker (`workers` and its heartbeat key), so a worker that
+    /// holds tasks is always one that recovery can find.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fetch(
         &self,
         keys: &Keys,
@@ -324,6 +333,7 @@ impl Broker {
         n: usize,
         claimed: Option<&str>,
         ttl: Duration,
+        heartbeat: Duration,
     ) -> RedisResult<Vec<StartedTask>> {
         let mut conn = self.redis.conn().await?;
         let flat: Vec<redis::Value> = SCRIPTS
@@ -332,45 +342,55 @@ impl Broker {
             .key(keys.inflight(worker_id))
             .key(keys.active())
             .key(keys.dead())
+            .key(keys.workers())
+            .key(keys.heartbeat(worker_id))
             .arg(keys.task_prefix())
             .arg(n)
             .arg(now_ms())
             .arg(worker_id)
             .arg(claimed.unwrap_or(""))
             .arg(ttl.as_secs().max(1))
+            .arg(heartbeat.as_secs().max(1))
             .invoke_async(&mut conn)
             .await?;
-        let mut out = Vec::with_capacity(flat.len() / 5);
-        for chunk in flat.chunks_exact(5) {
+        let mut out = Vec::with_capacity(flat.len() / 6);
+        for chunk in flat.chunks_exact(6) {
             let id: String = redis::from_redis_value_ref(&chunk[0])?;
             let attempt: u32 = redis::from_redis_value_ref(&chunk[1])?;
             let payload: String = redis::from_redis_value_ref(&chunk[2])?;
             let limited: u32 = redis::from_redis_value_ref(&chunk[3])?;
             let created: i64 = redis::from_redis_value_ref(&chunk[4])?;
-            out.push(StartedTask::new(id, attempt, payload, limited, created));
+            let token: String = redis::from_redis_value_ref(&chunk[5])?;
+            out.push(StartedTask::new(
+                id, token, attempt, payload, limited, created,
+            ));
         }
         Ok(out)
     }
 
-    /// Records a success. Returns the script's verdict: "ok", or why the result was dropped.
+    /// Records a success, fenced by the run's token. Returns the script's verdict: "ok", or why the
+    /// result was dropped ("stale", "cancelled", ...; see `complete.lua`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn complete(
         &self,
         keys: &Keys,
         worker_id: &str,
-        id: &TaskId,
+        id: &str,
+        token: &str,
         result_json: &str,
         ttl: Duration,
         memory: Option<&MemoryAppend<'_>>,
     ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
         let mut inv = SCRIPTS.complete.prepare_invoke();
-        inv.key(keys.task(id))
+        inv.key(keys.task_raw(id))
             .key(keys.inflight(worker_id))
             .key(keys.active());
         if let Some(m) = memory {
             inv.key(keys.memory(m.agent_id));
         }
-        inv.arg(id.to_string())
+        inv.arg(id)
+            .arg(token)
             .arg(now_ms())
             .arg(result_json)
             .arg(ttl.as_secs().max(1));
@@ -383,12 +403,15 @@ impl Broker {
         inv.invoke_async(&mut conn).await
     }
 
+    /// Records a failed run (or gives it back), fenced by the run's token. `id` is the raw id from
+    /// the in-flight list: a malformed one is still dead-lettered as poison.
     #[allow(clippy::too_many_arguments)]
     pub async fn fail(
         &self,
         keys: &Keys,
         worker_id: &str,
-        id: &TaskId,
+        id: &str,
+        token: &str,
         mode: FailMode,
         error: &str,
         retry_in: Duration,
@@ -396,59 +419,24 @@ impl Broker {
         max_rate_limited: u32,
     ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
-        let now = now_ms();
         SCRIPTS
             .fail
-            .key(keys.task(id))
+            .key(keys.task_raw(id))
             .key(keys.inflight(worker_id))
             .key(keys.active())
             .key(keys.delayed())
             .key(keys.dead())
             .key(keys.pending())
-            .arg(id.to_string())
-            .arg(now)
+            .arg(id)
+            .arg(token)
+            .arg(now_ms())
             .arg(mode.as_str())
             .arg(error)
-            .arg(now + retry_in.as_millis() as i64)
+            // saturating: the caller clamps delays, but a u128 must never wrap into the past
+            .arg(u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX))
             .arg(ttl.as_secs().max(1))
             .arg(max_rate_limited)
             .invoke_async(&mut conn)
-            .await
-    }
-
-    /// Dead-letters an id that is in the worker's in-flight list but cannot be run (a poison
-    /// payload), whatever its recorded state.
-    pub async fn bury_poison(
-        &self,
-        keys: &Keys,
-        worker_id: &str,
-        id_raw: &str,
-        reason: &str,
-        ttl: Duration,
-    ) -> RedisResult<()> {
-        let mut conn = self.redis.conn().await?;
-        let now = now_ms();
-        let task_key = format!("{}{id_raw}", keys.task_prefix());
-        redis::pipe()
-            .atomic()
-            .lrem(keys.inflight(worker_id), 1, id_raw)
-            .ignore()
-            .zrem(keys.active(), id_raw)
-            .ignore()
-            .hset_multiple(
-                &task_key,
-                &[
-                    ("status", "failed".to_owned()),
-                    ("error", reason.to_owned()),
-                    ("finished_at", now.to_string()),
-                ],
-            )
-            .ignore()
-            .expire(&task_key, ttl.as_secs().max(1) as i64)
-            .ignore()
-            .zadd(keys.dead(), id_raw, now)
-            .ignore()
-            .query_async::<()>(&mut conn)
             .await
     }
 
@@ -489,21 +477,28 @@ impl Broker {
             .await
     }
 
-    /// Puts an id this worker moved but never started back at the head of pending.
+    /// Puts an id this worker moved but never ran back at the head of pending (`return.lua`):
+    /// only if it really was in the worker's in-flight list, and, for a running task, only if the
+    /// run is this worker's (`token`, or any of its runs when `None`: a fetch whose reply was lost).
+    /// Returns "queued", "dropped" or "absent".
     pub async fn return_unstarted(
         &self,
         keys: &Keys,
         worker_id: &str,
         id: &str,
-    ) -> RedisResult<()> {
+        token: Option<&str>,
+    ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
-        redis::pipe()
-            .atomic()
-            .lrem(keys.inflight(worker_id), 1, id)
-            .ignore()
-            .rpush(keys.pending(), id)
-            .ignore()
-            .query_async::<()>(&mut conn)
+        SCRIPTS
+            .give_back
+            .key(keys.task_raw(id))
+            .key(keys.inflight(worker_id))
+            .key(keys.pending())
+            .key(keys.active())
+            .arg(id)
+            .arg(worker_id)
+            .arg(token.unwrap_or(""))
+            .invoke_async(&mut conn)
             .await
     }
 
@@ -532,6 +527,7 @@ impl Broker {
                 .key(keys.workers())
                 .key(keys.active())
                 .arg(&w)
+                .arg(keys.task_prefix())
                 .invoke_async(&mut conn)
                 .await?;
             if n >= 0 {

@@ -35,6 +35,8 @@ pub const ENV_MEMORY_MESSAGES: &str = "AGENTQ_MEMORY_MESSAGES";
 pub const ENV_MEMORY_TTL_SECS: &str = "AGENTQ_MEMORY_TTL_SECS";
 pub const ENV_PRICES: &str = "AGENTQ_PRICES";
 pub const ENV_FETCH_BATCH: &str = "AGENTQ_FETCH_BATCH";
+pub const ENV_QUEUES: &str = "AGENTQ_QUEUES";
+pub const ENV_MAX_RESPONSE_BYTES: &str = "AGENTQ_MAX_RESPONSE_BYTES";
 
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8080";
@@ -55,6 +57,9 @@ pub const DEFAULT_RETRY_MAX_MS: u64 = 300_000;
 pub const DEFAULT_MEMORY_MESSAGES: usize = 10;
 pub const DEFAULT_MEMORY_TTL_SECS: u64 = 3_600;
 pub const DEFAULT_FETCH_BATCH: usize = 32;
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+/// Most queues the api accepts in `AGENTQ_QUEUES`: every queue costs gauges and a scrape's reads.
+pub const MAX_QUEUES: usize = 256;
 
 /// Exit code for a bad configuration (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -218,6 +223,9 @@ pub fn redact_url(url: &str) -> String {
 pub struct ApiConfig {
     pub common: CommonConfig,
     pub default_queue: String,
+    /// The declared queues (`AGENTQ_QUEUES`, plus the default queue), sorted. Tasks may name only
+    /// these: a client must not be able to create queues (keys, gauges) nobody serves.
+    pub queues: Vec<String>,
 }
 
 impl ApiConfig {
@@ -228,10 +236,37 @@ impl ApiConfig {
             var: ENV_QUEUE,
             message: e.to_string(),
         })?;
+        let mut queues = vec![default_queue.clone()];
+        for q in string(env, ENV_QUEUES, DEFAULT_QUEUE).split(',') {
+            let q = q.trim();
+            if q.is_empty() {
+                continue;
+            }
+            validate_queue(q).map_err(|e| ConfigError {
+                var: ENV_QUEUES,
+                message: format!("{q:?}: {e}"),
+            })?;
+            queues.push(q.to_owned());
+        }
+        queues.sort();
+        queues.dedup();
+        if queues.len() > MAX_QUEUES {
+            return Err(ConfigError {
+                var: ENV_QUEUES,
+                message: format!("at most {MAX_QUEUES} queues"),
+            });
+        }
         Ok(Self {
             common,
             default_queue,
+            queues,
         })
+    }
+
+    pub fn declares(&self, queue: &str) -> bool {
+        self.queues
+            .binary_search_by(|q| q.as_str().cmp(queue))
+            .is_ok()
     }
 }
 
@@ -283,6 +318,8 @@ pub struct WorkerConfig {
     pub memory_ttl: Duration,
     pub prices: HashMap<String, Price>,
     pub fetch_batch: usize,
+    /// Largest LLM response body read; a bigger one fails the attempt as permanent.
+    pub max_response_bytes: usize,
 }
 
 impl WorkerConfig {
@@ -366,6 +403,13 @@ impl WorkerConfig {
             )?),
             prices,
             fetch_batch: ranged(env, ENV_FETCH_BATCH, DEFAULT_FETCH_BATCH, 1, 1_000)?,
+            max_response_bytes: ranged(
+                env,
+                ENV_MAX_RESPONSE_BYTES,
+                DEFAULT_MAX_RESPONSE_BYTES,
+                1024,
+                1 << 30,
+            )?,
         })
     }
 }
@@ -393,6 +437,22 @@ mod tests {
         assert_eq!(c.common.listen.to_string(), "0.0.0.0:9090");
         let a = ApiConfig::from_env(&env(&[])).expect("defaults are valid");
         assert_eq!(a.common.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(a.queues, vec!["default".to_owned()]);
+        assert_eq!(c.max_response_bytes, 8 * 1024 * 1024);
+    }
+
+    #[test]
+    fn declared_queues_include_the_default_queue() {
+        let a = ApiConfig::from_env(&env(&[(ENV_QUEUES, " emails, ,reports,emails")]))
+            .expect("valid list");
+        assert_eq!(a.queues, vec!["default", "emails", "reports"]);
+        assert!(a.declares("reports") && a.declares("default") && !a.declares("other"));
+        let err = ApiConfig::from_env(&env(&[(ENV_QUEUES, "ok,not ok")])).expect_err("bad name");
+        assert_eq!(err.var, ENV_QUEUES);
+        let many: Vec<String> = (0..300).map(|i| format!("q{i}")).collect();
+        let err =
+            ApiConfig::from_env(&env(&[(ENV_QUEUES, &many.join(","))])).expect_err("too many");
+        assert_eq!(err.var, ENV_QUEUES);
     }
 
     #[test]
@@ -407,6 +467,7 @@ mod tests {
             (ENV_QUEUE, "a b"),
             (ENV_OPENAI_BASE_URL, "ftp://x"),
             (ENV_PRICES, "{"),
+            (ENV_MAX_RESPONSE_BYTES, "10"),
             (ENV_REDIS_URL, "mysql://x"),
         ];
         for (var, value) in cases {

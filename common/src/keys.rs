@@ -121,9 +121,22 @@ impl Keys {
         format!("{}:inflight:{worker_id}", self.base)
     }
 
+    /// `inflight(w)` without the worker id: scripts that must reach a run's owner (cancel) append
+    /// the `worker` field of the record.
+    pub fn inflight_prefix(&self) -> String {
+        format!("{}:inflight:", self.base)
+    }
+
     /// HASH with one task's record.
     pub fn task(&self, id: &TaskId) -> String {
         format!("{}{id}", self.task_prefix())
+    }
+
+    /// The record key of an id as read off one of this queue's lists, valid or not (a malformed
+    /// id is still dead-lettered through its key). The key starts with this queue's hash tag, so
+    /// it is in the queue's slot whatever the id holds.
+    pub fn task_raw(&self, id: &str) -> String {
+        format!("{}:task:{id}", self.base)
     }
 
     /// Scripts build task keys from ids they read off lists; they get this prefix to do it.

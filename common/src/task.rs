@@ -326,6 +326,9 @@ impl TaskView {
 #[derive(Debug, Clone)]
 pub struct StartedTask {
     pub id: String,
+    /// The run's fencing token, minted by `fetch.lua`: every write this run makes carries it, and
+    /// Redis refuses it once the run no longer owns the task (recovered, cancelled, reported).
+    pub token: String,
     pub attempt: u32,
     pub payload: String,
     pub rate_limited: u32,
@@ -336,6 +339,7 @@ pub struct StartedTask {
 impl StartedTask {
     pub fn new(
         id: String,
+        token: String,
         attempt: u32,
         payload: String,
         rate_limited: u32,
@@ -343,6 +347,7 @@ impl StartedTask {
     ) -> Self {
         Self {
             id,
+            token,
             attempt,
             payload,
             rate_limited,

@@ -228,7 +228,8 @@ async fn transient_llm_errors_then_success_count_every_attempt() -> anyhow::Resu
 async fn rate_limited_calls_wait_for_retry_after_in_seconds_and_as_a_date() -> anyhow::Result<()> {
     let mut s = Stack::new(MockConfig::default()).await?;
     s.start_api(&[]).await?;
-    let _w = s.start_worker(&[]).await?;
+    // Retry-After is capped by AGENTQ_RETRY_MAX_MS (500 ms in the base env): allow the 2 s here.
+    let _w = s.start_worker(&[("AGENTQ_RETRY_MAX_MS", "10000")]).await?;
     let secs = "retry-after seconds [[fail:429:1:2]]";
     let date = "retry-after date [[fail:429:1:date:2]]";
     let a = s.submit(secs).await?;

@@ -73,16 +73,21 @@ struct HttpFailure {
     body: String,
 }
 
-/// `Retry-After` is either delta-seconds or an HTTP date (RFC 9110 §10.2.3).
+/// `Retry-After` is either delta-seconds or an HTTP date (RFC 9110 §10.2.3); a decimal number of
+/// seconds is tolerated. Arithmetic is checked: a number too big for a `Duration` saturates (the
+/// caller clamps every wait to `AGENTQ_RETRY_MAX_MS`); negative, NaN, infinite or unparsable
+/// values are garbage and count as no header at all.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // all digits: only overflow can fail, and that means "very long"
+        return Some(v.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));
     }
     if let Ok(secs) = v.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Some(Duration::from_secs_f64(secs));
+        if !secs.is_finite() || secs < 0.0 {
+            return None;
         }
+        return Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
     }
     let when = httpdate::parse_http_date(v).ok()?;
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
@@ -114,7 +119,13 @@ fn classify(err: OpenAIError) -> LlmFailure {
     match err {
         OpenAIError::Boxed(b) => match b.downcast::<HttpFailure>() {
             Ok(h) => classify_status(h.status, h.retry_after, h.body),
-            Err(other) => classify_reqwest_like(other.to_string(), other.as_ref()),
+            Err(other) => match other.downcast::<TooLarge>() {
+                Ok(t) => LlmFailure::Permanent {
+                    outcome: "too_large",
+                    message: t.to_string(),
+                },
+                Err(other) => classify_reqwest_like(other.to_string(), other.as_ref()),
+            },
         },
         OpenAIError::Reqwest(e) => classify_reqwest(&e),
         OpenAIError::ApiError(a) => classify_status(a.status_code, None, a.api_error.message),
@@ -178,23 +189,73 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
+/// A response body over `AGENTQ_MAX_RESPONSE_BYTES`: the attempt fails as permanent (the same
+/// request would get the same answer) and the body is never held whole.
+#[derive(Debug, thiserror::Error)]
+#[error("llm response body exceeds AGENTQ_MAX_RESPONSE_BYTES ({limit} bytes)")]
+struct TooLarge {
+    limit: usize,
+}
+
+/// Reads at most `limit` bytes of a body. `Ok(None)` when there was more (the rest is not read;
+/// the connection is dropped with the response).
+async fn read_capped(
+    response: &mut reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
 /// Sends the request; a non-2xx answer becomes an [`HttpFailure`] with its status and Retry-After.
+/// Bodies are read with a bound: a success up to `limit`, an error only as far as the task's error
+/// field keeps it.
 async fn send(
     http: reqwest::Client,
     factory: HttpRequestFactory,
+    limit: usize,
 ) -> Result<reqwest::Response, OpenAIError> {
     let request = factory.build().await?;
-    let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
-    if response.status().is_success() {
-        return Ok(response);
-    }
+    let mut response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
     let status = response.status();
+    if status.is_success() {
+        let Some(body) = read_capped(&mut response, limit)
+            .await
+            .map_err(OpenAIError::Reqwest)?
+        else {
+            return Err(OpenAIError::Boxed(Box::new(TooLarge { limit })));
+        };
+        // Hand async-openai an already-read response: it parses the bytes we bounded.
+        let mut rebuilt = http::Response::new(body);
+        *rebuilt.status_mut() = status;
+        *rebuilt.headers_mut() = std::mem::take(response.headers_mut());
+        return Ok(reqwest::Response::from(rebuilt));
+    }
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let body = response.text().await.unwrap_or_default();
+    let mut head = Vec::new();
+    // Only the start of an error body is kept; stop reading once there is enough of it.
+    while head.len() <= MAX_ERROR_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                head.extend_from_slice(&chunk[..chunk.len().min(MAX_ERROR_BODY + 1)])
+            }
+            _ => break,
+        }
+    }
+    let body = String::from_utf8_lossy(&head).into_owned();
     Err(OpenAIError::Boxed(Box::new(HttpFailure {
         status,
         retry_after,
@@ -208,6 +269,8 @@ pub struct Llm {
     timeout: Duration,
     metrics: WorkerMetrics,
     prices: std::sync::Arc<HashMap<String, Price>>,
+    /// The configured model: with the price table's models, the only `model` label values.
+    default_model: std::sync::Arc<str>,
 }
 
 impl Llm {
@@ -217,6 +280,8 @@ impl Llm {
         timeout: Duration,
         metrics: WorkerMetrics,
         prices: HashMap<String, Price>,
+        default_model: &str,
+        max_response_bytes: usize,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -224,8 +289,9 @@ impl Llm {
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
-        let service =
-            tower::service_fn(move |factory: HttpRequestFactory| send(http.clone(), factory));
+        let service = tower::service_fn(move |factory: HttpRequestFactory| {
+            send(http.clone(), factory, max_response_bytes)
+        });
         let config = OpenAIConfig::new()
             .with_api_base(base_url)
             .with_api_key(api_key.expose_secret());
@@ -234,7 +300,18 @@ impl Llm {
             timeout,
             metrics,
             prices: std::sync::Arc::new(prices),
+            default_model: default_model.into(),
         })
+    }
+
+    /// The `model` label for a task's model: a client names models freely, so any model the
+    /// operator did not configure is counted as `other` (label values must stay few).
+    fn label<'a>(&self, model: &'a str) -> &'a str {
+        if model == &*self.default_model || self.prices.contains_key(model) {
+            model
+        } else {
+            "other"
+        }
     }
 
     /// One chat completion: exactly one HTTP request, bounded by the LLM timeout.
@@ -287,6 +364,8 @@ impl Llm {
 
     fn record(&self, model: &str, took: Duration, result: &Result<TaskResult, LlmFailure>) {
         let m = &self.metrics;
+        let price = self.prices.get(model);
+        let model = self.label(model);
         m.llm_duration
             .with_label_values(&[model])
             .observe(took.as_secs_f64());
@@ -299,7 +378,7 @@ impl Llm {
                 m.llm_tokens
                     .with_label_values(&[model, "completion"])
                     .inc_by(u64::from(r.usage.completion_tokens));
-                if let Some(p) = self.prices.get(model) {
+                if let Some(p) = price {
                     let cost = (f64::from(r.usage.prompt_tokens) * p.prompt
                         + f64::from(r.usage.completion_tokens) * p.completion)
                         / 1_000_000.0;
@@ -351,6 +430,24 @@ mod tests {
         let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn retry_after_never_panics_or_overflows() {
+        let now = SystemTime::now();
+        let huge = parse_retry_after("1e20", now).expect("a number");
+        assert!(huge >= Duration::from_secs(u64::from(u32::MAX)));
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(Duration::MAX)
+        );
+        assert_eq!(
+            parse_retry_after("1.5", now),
+            Some(Duration::from_millis(1500))
+        );
+        for garbage in ["-1", "NaN", "inf", "-inf", "", "1e", "0x10", "Tue, 99 Foo"] {
+            assert_eq!(parse_retry_after(garbage, now), None, "{garbage}");
+        }
     }
 
     #[test]
