@@ -66,7 +66,9 @@ local function start(id)
   out[#out + 1] = tostring(token)
 end
 
-if ARGV[5] ~= '' then
+-- The id a blocking wait moved: only if it is still in this worker's list. A worker that was
+-- stopped past its heartbeat gets the wait's reply late, after recovery took the id away.
+if ARGV[5] ~= '' and redis.call('LPOS', KEYS[2], ARGV[5]) then
   start(ARGV[5])
 end
 local n = tonumber(ARGV[2])

@@ -90,10 +90,11 @@ impl Worker {
                 .with_label_values(&[self.cfg.queue.as_str()])
                 .observe(waited);
         }
+        // biased, the run first: an answer that arrives with the hard stop is kept, not given back
         let outcome = tokio::select! {
             biased;
-            _ = hard.cancelled() => Outcome::GiveBack,
             o = self.execute(&task) => o,
+            _ = hard.cancelled() => Outcome::GiveBack,
         };
         self.report(&task.id, &task.token, task.attempt, outcome, started, hard)
             .await;
