@@ -30,6 +30,8 @@ pub struct AppState {
     /// Declared queues this process has registered in Redis, so the registry write happens once
     /// per queue (only declared queues ever get here, so it stays small).
     pub known_queues: Arc<Mutex<HashSet<String>>>,
+    /// `/openapi.json` with this deployment's declared queues, rendered once.
+    pub openapi: Arc<str>,
 }
 
 impl AppState {
@@ -37,6 +39,7 @@ impl AppState {
         let redis = Redis::open(&config.common.redis_url)?;
         let broker = Broker::new(redis, config.common.key_prefix.clone());
         Ok(Self {
+            openapi: routes::openapi_for(&config.queues).into(),
             broker,
             config: Arc::new(config),
             metrics: ApiMetrics::new(),

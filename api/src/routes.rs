@@ -27,6 +27,36 @@ const MAX_LIST_LIMIT: usize = 1000;
 
 static OPENAPI: &str = include_str!("../openapi.json");
 
+/// The OpenAPI document as this deployment serves it: `queue` (path parameters and the task body)
+/// becomes an enum of the declared queues, so a client (or a fuzzer) generating "valid" requests
+/// from it only names queues the api accepts.
+pub fn openapi_for(queues: &[String]) -> String {
+    let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(OPENAPI) else {
+        return OPENAPI.to_owned();
+    };
+    let names: Vec<serde_json::Value> = queues.iter().map(|q| json!(q)).collect();
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for op in paths.values_mut().filter_map(|p| p.as_object_mut()) {
+            for method in op.values_mut() {
+                let Some(params) = method.get_mut("parameters").and_then(|p| p.as_array_mut())
+                else {
+                    continue;
+                };
+                for param in params.iter_mut().filter(|p| p["name"] == "queue") {
+                    param["schema"]["enum"] = json!(names);
+                }
+            }
+        }
+    }
+    let body_queue = &mut doc["components"]["schemas"]["CreateTask"]["properties"]["queue"];
+    if body_queue.is_object() {
+        let mut with_null = names.clone();
+        with_null.push(serde_json::Value::Null);
+        body_queue["enum"] = json!(with_null);
+    }
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| OPENAPI.to_owned())
+}
+
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/tasks", post(create_task))
@@ -381,8 +411,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+async fn openapi(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.to_string(),
+    )
+        .into_response()
 }
 
 async fn fallback() -> ApiError {

@@ -520,6 +520,15 @@ async fn probes_and_metrics_answer() -> anyhow::Result<()> {
             "{path} missing from openapi.json"
         );
     }
+    // the served document names this deployment's declared queues (AGENTQ_QUEUES, default "default")
+    assert_eq!(
+        spec["components"]["schemas"]["CreateTask"]["properties"]["queue"]["enum"],
+        serde_json::json!(["default", null])
+    );
+    assert_eq!(
+        spec["paths"]["/v1/queues/{queue}"]["get"]["parameters"][0]["schema"]["enum"],
+        serde_json::json!(["default"])
+    );
     Ok(())
 }
 
