@@ -237,7 +237,8 @@ impl ApiConfig {
             message: e.to_string(),
         })?;
         let mut queues = vec![default_queue.clone()];
-        for q in string(env, ENV_QUEUES, DEFAULT_QUEUE).split(',') {
+        // Unset, the api accepts just its default queue: the one its release's workers serve.
+        for q in string(env, ENV_QUEUES, &default_queue).split(',') {
             let q = q.trim();
             if q.is_empty() {
                 continue;
@@ -447,6 +448,8 @@ mod tests {
             .expect("valid list");
         assert_eq!(a.queues, vec!["default", "emails", "reports"]);
         assert!(a.declares("reports") && a.declares("default") && !a.declares("other"));
+        let a = ApiConfig::from_env(&env(&[(ENV_QUEUE, "emails")])).expect("valid");
+        assert_eq!(a.queues, vec!["emails"]);
         let err = ApiConfig::from_env(&env(&[(ENV_QUEUES, "ok,not ok")])).expect_err("bad name");
         assert_eq!(err.var, ENV_QUEUES);
         let many: Vec<String> = (0..300).map(|i| format!("q{i}")).collect();
