@@ -514,3 +514,38 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .find_map(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+// ---- Chaos helpers (tests/tests/chaos.rs): freezing, thawing and polling processes ----
+
+impl Proc {
+    /// SIGSTOP: the process stops with its sockets open and its timers frozen, like a long GC
+    /// pause or a paused VM; peers see silence, not a disconnect.
+    pub fn freeze(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    /// SIGCONT after [`Proc::freeze`].
+    pub fn thaw(&self) {
+        signal(self.pid(), "CONT");
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl RedisServer {
+    /// SIGSTOP: clients stay connected and get no answer until [`RedisServer::thaw`].
+    pub fn freeze(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "STOP");
+        }
+    }
+
+    pub fn thaw(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "CONT");
+        }
+    }
+}
