@@ -16,9 +16,13 @@ local ttl = tonumber(ARGV[6])
 local out = {}
 
 -- A worker that takes work is alive and registered, in the same step: a worker killed right after
--- its first fetch (before any heartbeat) is still found and recovered by the others.
-redis.call('SADD', KEYS[5], ARGV[4])
-redis.call('SET', KEYS[6], now, 'EX', tonumber(ARGV[7]))
+-- its first fetch (before any heartbeat), or recovered while stalled, is still found and recovered
+-- by the others. While its heartbeat key exists it is registered already (the heartbeat writes
+-- both, and recovery needs the key gone), so the common case costs one EXISTS.
+if redis.call('EXISTS', KEYS[6]) == 0 then
+  redis.call('SADD', KEYS[5], ARGV[4])
+  redis.call('SET', KEYS[6], now, 'EX', tonumber(ARGV[7]))
+end
 
 local function bury(tkey, id, reason)
   redis.call('HSET', tkey, 'status', 'failed', 'error', reason, 'finished_at', now)
