@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use agentq_common::broker::{CancelOutcome, Enqueued};
 use agentq_common::keys::{validate_queue, TaskId};
 use agentq_common::metrics::render;
+use agentq_common::queue::{CancelOutcome, Enqueued};
 use agentq_common::task::{CreateTask, Status};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

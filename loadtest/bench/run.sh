@@ -235,7 +235,7 @@ phase_enqueue() {
 phase_drain() { # NAME RUN N CONCURRENCY MOCK_PORT MOCK_PID
   local name=$1 i=$2 n=$3 conc=$4 mport=$5 mpid=$6 m0 r0 w1 m1 r1 rec hwm la loadj
   reset_redis
-  loadj=$($B load "$RPORT" "$n" "$ROOT/common/lua/enqueue.lua")
+  loadj=$($B load "$RPORT" "$n" "$ROOT/common/src/queue/enqueue.lua")
   la=$(loadavg)
   m0=$(cpu_s "$mpid"); r0=$(cpu_s "$REDIS_PID")
   start_worker "$conc" "$mport"

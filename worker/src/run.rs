@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use agentq_common::backoff::full_jitter;
-use agentq_common::broker::{FailMode, MemoryAppend};
+use agentq_common::queue::{FailMode, MemoryAppend};
 use agentq_common::task::{Message, Payload, Role, StartedTask};
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;

@@ -1,5 +1,6 @@
 //! The queue operations, each one Redis round trip (a Lua script or a pipeline).
-//! The state changes themselves live in `common/lua/*.lua`; see docs/architecture.md.
+//! The state changes themselves live in the Lua scripts beside this file
+//! (`common/src/queue/*.lua`); see docs/architecture.md.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -25,15 +26,15 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    enqueue: Script::new(include_str!("../lua/enqueue.lua")),
-    fetch: Script::new(include_str!("../lua/fetch.lua")),
-    complete: Script::new(include_str!("../lua/complete.lua")),
-    fail: Script::new(include_str!("../lua/fail.lua")),
-    promote: Script::new(include_str!("../lua/promote.lua")),
-    recover: Script::new(include_str!("../lua/recover.lua")),
-    cancel: Script::new(include_str!("../lua/cancel.lua")),
-    redrive: Script::new(include_str!("../lua/redrive.lua")),
-    give_back: Script::new(include_str!("../lua/return.lua")),
+    enqueue: Script::new(include_str!("enqueue.lua")),
+    fetch: Script::new(include_str!("fetch.lua")),
+    complete: Script::new(include_str!("complete.lua")),
+    fail: Script::new(include_str!("fail.lua")),
+    promote: Script::new(include_str!("promote.lua")),
+    recover: Script::new(include_str!("recover.lua")),
+    cancel: Script::new(include_str!("cancel.lua")),
+    redrive: Script::new(include_str!("redrive.lua")),
+    give_back: Script::new(include_str!("return.lua")),
 });
 
 /// Counts of one queue, as `GET /v1/queues/{queue}` shows them.
