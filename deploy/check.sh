@@ -193,11 +193,7 @@ negative_values() {
 }
 
 validate_crs() {
-    local f rc=0
-    for f in "$OUT"/rendered/*.yaml; do
-        python "$ROOT/deploy/validate_crs.py" --core-out "$OUT/core-$(basename "$f")" "$f" || rc=1
-    done
-    return $rc
+    python "$ROOT/deploy/validate_crs.py" --core-out-dir "$OUT" "$OUT"/rendered/*.yaml
 }
 
 # A validator that accepts everything would pass the step above: broken copies of the rendered

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Validate the custom resources of rendered Helm output against their CRD schemas, offline.
 
-Usage: validate_crs.py [--core-out FILE] RENDERED.yaml...
+Usage: validate_crs.py [--core-out-dir DIR] RENDERED.yaml...
        validate_crs.py --self-test RENDERED.yaml
 
 The schemas come from PyPI packages that deploy/check.sh pins and installs into .venv: the
@@ -18,8 +18,8 @@ server sees it, as JSON, with
   * field names only as the CRD spells them (camelCase), never the models' Python names.
 Free-form maps (trigger `metadata`, labels) stay open, as the API server treats them.
 
-Documents of other kinds are core resources: with --core-out they are written to FILE for
-kubernetes-validate. A document with a custom-looking apiVersion (a dotted group) but no model is an
+Documents of other kinds are core resources: with --core-out-dir, those of RENDERED.yaml are
+written to DIR/core-RENDERED.yaml for kubernetes-validate. A document with a custom-looking apiVersion (a dotted group) but no model is an
 error, so a new custom kind cannot slip through unvalidated.
 
 --self-test proves the validator is strict: every custom resource in the file must pass, then a
@@ -43,12 +43,13 @@ from typing import Callable
 import pydantic
 import yaml
 
-# The model modules, one per API group version the chart may render.
-MODEL_MODULES = (
-    "cloudcoil.models.keda.v1alpha1",
-    "cloudcoil.models.prometheus_operator.v1",
-    "cloudcoil.models.prometheus_operator.v1alpha1",
-)
+# The model module of each custom apiVersion the chart may render (imported only when used: the
+# prometheus-operator ones are several MB of Python each).
+MODEL_MODULES = {
+    "keda.sh/v1alpha1": "cloudcoil.models.keda.v1alpha1",
+    "monitoring.coreos.com/v1": "cloudcoil.models.prometheus_operator.v1",
+    "monitoring.coreos.com/v1alpha1": "cloudcoil.models.prometheus_operator.v1alpha1",
+}
 MODEL_PACKAGES = ("cloudcoil.models.keda", "cloudcoil.models.prometheus_operator")
 
 # apiVersion groups served by Kubernetes itself (validated by kubernetes-validate instead).
@@ -60,10 +61,11 @@ CORE_GROUPS = {
 }
 
 
-def load_models() -> dict[tuple[str, str], type[pydantic.BaseModel]]:
-    """Map (apiVersion, kind) to the model class of every top-level resource in MODEL_MODULES."""
+def load_models(api_versions: set[str]) -> dict[tuple[str, str], type[pydantic.BaseModel]]:
+    """Map (apiVersion, kind) to the model class of every top-level resource of the modules that
+    serve the given apiVersions."""
     models: dict[tuple[str, str], type[pydantic.BaseModel]] = {}
-    for name in MODEL_MODULES:
+    for name in sorted({MODEL_MODULES[v] for v in api_versions if v in MODEL_MODULES}):
         module = import_module(name)
         for cls in vars(module).values():
             if not (isinstance(cls, type) and issubclass(cls, pydantic.BaseModel)):
@@ -99,13 +101,15 @@ def documents(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def validate(paths: list[Path], core_out: Path | None) -> int:
-    models = load_models()
-    core_docs: list[dict] = []
+def validate(paths: list[Path], core_out_dir: Path | None) -> int:
+    rendered = {path: documents(path) for path in paths}
+    models = load_models({d.get("apiVersion", "") for docs in rendered.values() for d in docs})
     failures = 0
     checked = 0
-    for path in paths:
-        for doc in documents(path):
+    passed_on = 0
+    for path, docs in rendered.items():
+        core_docs: list[dict] = []
+        for doc in docs:
             api_version, kind = doc.get("apiVersion", ""), doc.get("kind", "")
             name = (doc.get("metadata") or {}).get("name", "?")
             where = f"{path.name}: {kind}/{name}"
@@ -124,11 +128,12 @@ def validate(paths: list[Path], core_out: Path | None) -> int:
             failures += len(errors)
             if not errors:
                 print(f"ok   {where} ({api_version})")
+        if core_out_dir:
+            (core_out_dir / f"core-{path.name}").write_text(yaml.safe_dump_all(core_docs, sort_keys=False))
+        passed_on += len(core_docs)
 
-    if core_out:
-        core_out.write_text(yaml.safe_dump_all(core_docs, sort_keys=False))
-    print(f"validate_crs: {checked} custom resources checked against {versions()}: {failures} errors, "
-          f"{len(core_docs)} core documents passed on")
+    print(f"validate_crs: {checked} custom resources in {len(paths)} files checked against {versions()}: "
+          f"{failures} errors, {passed_on} core documents passed on")
     return 1 if failures else 0
 
 
@@ -197,8 +202,9 @@ BROKEN: dict[str, list[tuple[str, Callable[[dict], None]]]] = {
 
 
 def self_test(path: Path) -> int:
-    models = load_models()
-    docs = [d for d in documents(path) if (d.get("apiVersion"), d.get("kind")) in models]
+    docs = documents(path)
+    models = load_models({d.get("apiVersion", "") for d in docs})
+    docs = [d for d in docs if (d.get("apiVersion"), d.get("kind")) in models]
     failures = 0
     covered = set()
     for doc in docs:
@@ -237,13 +243,13 @@ def self_test(path: Path) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--core-out", type=Path, help="write the non-custom documents here")
+    parser.add_argument("--core-out-dir", type=Path, help="write the non-custom documents of X.yaml to DIR/core-X.yaml")
     parser.add_argument("--self-test", action="store_true", help="prove that broken copies are rejected")
     parser.add_argument("rendered", nargs="+", type=Path)
     args = parser.parse_args(argv)
     if args.self_test:
         return max(self_test(p) for p in args.rendered)
-    return validate(args.rendered, args.core_out)
+    return validate(args.rendered, args.core_out_dir)
 
 
 if __name__ == "__main__":
