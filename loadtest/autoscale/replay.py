@@ -688,7 +688,8 @@ class Fleet:
             AGENTQ_LOG_FORMAT="json",
             AGENTQ_DRAIN_TIMEOUT_SECS=str(s.drain_timeout),
         )
-        self.env.pop("REDIS_PASSWORD", None)
+        for k in ("REDIS_PASSWORD", "REDIS_PASSWORD_URLENCODED"):  # the chart's name, and an older one
+            self.env.pop(k, None)
 
     def t(self, now: float) -> float:
         return now - self.t0
