@@ -12,7 +12,7 @@ ensure_redis
 ensure_cmd curl curl
 bin=${CARGO_TARGET_DIR:-target}/debug
 if [ ! -x "$bin/agentq-api" ]; then
-  echo "==> first build: cargo compiles about 200 crates, which takes several minutes (about 8 on a"
+  echo "==> first build: cargo compiles about 200 crates, which takes several minutes (8-10 on a"
   echo "    2-core machine); later runs reuse it and start in seconds. Cargo's progress follows."
 fi
 echo "==> building (cargo build --bins)"
