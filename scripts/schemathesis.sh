@@ -51,7 +51,7 @@ fi
 command -v redis-server >/dev/null || { log "redis-server not found (apt-get install redis-server)"; exit 1; }
 
 log "building binaries"
-(cd "$ROOT" && cargo build --bins --quiet)
+(cd "$ROOT" && cargo build --bins)
 API_BIN="$ROOT/target/debug/agentq-api"
 
 # ---- services ----

@@ -7,6 +7,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
+echo "==> agentq test suite. A first run compiles the workspace several times (clippy, debug"
+echo "    binaries, tests, release binaries for the benchmark smoke) and installs its tools into"
+echo "    .venv and .tools: expect about 30 minutes on a 2-core machine, most of it cargo, whose"
+echo "    progress is shown. Later runs reuse the builds."
 ensure_redis
 ensure_cmd curl curl
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
@@ -33,6 +37,7 @@ step "build binaries" cargo build --workspace --bins --locked
 step "unit and end-to-end tests (nextest)" cargo nextest run --workspace --locked --no-fail-fast
 step "API fuzzing (schemathesis vs /openapi.json)" bash scripts/schemathesis.sh
 step "deploy checks (helm, CRDs, checkov, hadolint, KEDA keys)" bash deploy/check.sh
+step "deploy checks from a copy with nothing beside it (no ../shared)" bash scripts/fresh-copy-check.sh
 step "k6 smoke (enqueue.js, e2e.js)" bash loadtest/smoke.sh
 step "autoscaling replay (compressed)" bash loadtest/autoscale/run.sh --ci
 step "benchmark smoke" bash loadtest/bench/run.sh --smoke

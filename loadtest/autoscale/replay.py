@@ -12,8 +12,8 @@ scale-down stabilization when no behavior is set), and in between what the Repli
 kubelet do: start worker processes, or pick victims (not ready first, then most recently ready,
 then newest) and SIGTERM them, SIGKILL at terminationGracePeriodSeconds.
 
-Rules as in /work/shared/KEDA-HPA.md (kedacore/keda pkg/scaling/executor, kubernetes
-pkg/controller/podautoscaler). All chart durations are divided by --time-scale so a run fits in
+Rules as in KEDA's pkg/scaling/executor and the HPA controller (kubernetes
+pkg/controller/podautoscaler); the chart README's "The math" section sums them up. All chart durations are divided by --time-scale so a run fits in
 CI; single windows can be overridden in real seconds.
 
 While the load command given after `--` runs (k6 spike.js) and until the fleet has settled, it
@@ -21,7 +21,7 @@ samples the queue and the fleet into a CSV, then draws a PNG and checks: backlog
 replicas rose above the floor and came back to it, every stopped worker exited 0 (no SIGKILL).
 Exit 0 when all hold, 1 otherwise, 2 on a usage or set-up error.
 
-Python 3.11 stdlib + PyYAML; matplotlib for the chart.
+Python 3.11 with PyYAML and redis (the redis-py client, pinned by run.sh); matplotlib for the chart.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 import yaml
 
 # Kubernetes controller defaults (kube-controller-manager flags).
@@ -64,74 +65,6 @@ return redis.call(cmd[listType], listName)
 
 def log(msg: str) -> None:
     print(f"[replay {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# A tiny RESP client (one connection, blocking, enough for LLEN/ZCARD/EVAL/SCAN).
-
-
-class RedisError(Exception):
-    pass
-
-
-class Redis:
-    def __init__(self, url: str):
-        m = re.match(r"redis://(?:[^@/]*@)?([^:/]+)(?::(\d+))?(?:/(\d+))?", url)
-        if not m:
-            raise ValueError(f"unsupported REDIS_URL {url!r}")
-        self.addr = (m.group(1), int(m.group(2) or 6379))
-        self.db = int(m.group(3) or 0)
-        self.sock = None
-        self.buf = None
-
-    def _connect(self) -> None:
-        self.sock = socket.create_connection(self.addr, timeout=5)
-        self.buf = self.sock.makefile("rb")
-        if self.db:
-            self.cmd("SELECT", self.db)
-
-    def cmd(self, *args):
-        if self.sock is None:
-            self._connect()
-        out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            b = a if isinstance(a, bytes) else str(a).encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        try:
-            self.sock.sendall(b"".join(out))
-            return self._read()
-        except OSError:
-            self.close()
-            raise
-
-    def _read(self):
-        line = self.buf.readline()
-        if not line:
-            raise OSError("redis closed the connection")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RedisError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            data = self.buf.read(n + 2)[:-2]
-            return data.decode(errors="replace")
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._read() for _ in range(n)]
-        raise RedisError(f"bad reply {line!r}")
-
-    def close(self) -> None:
-        try:
-            if self.sock:
-                self.sock.close()
-        finally:
-            self.sock = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,7 +688,8 @@ class Fleet:
             AGENTQ_LOG_FORMAT="json",
             AGENTQ_DRAIN_TIMEOUT_SECS=str(s.drain_timeout),
         )
-        self.env.pop("REDIS_PASSWORD", None)
+        for k in ("REDIS_PASSWORD", "REDIS_PASSWORD_URLENCODED"):  # the chart's name, and an older one
+            self.env.pop(k, None)
 
     def t(self, now: float) -> float:
         return now - self.t0
@@ -975,7 +909,11 @@ def main() -> int:
     rnd = random.Random(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    redis = Redis(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
+    # decode_responses: replies as str, as the queue figures are printed and written to the CSV.
+    rdb = redis.Redis.from_url(
+        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"),
+        decode_responses=True, socket_timeout=5, socket_connect_timeout=5,
+    )
     prefix = s.worker_env.get("AGENTQ_KEY_PREFIX", "agentq")
     queue = s.worker_env.get("AGENTQ_QUEUE", "default")
     base = f"{prefix}:{{{queue}}}"
@@ -985,7 +923,7 @@ def main() -> int:
             log(f"WARNING: trigger key {k} is not under {base}: the workers never write it")
 
     def metric_values() -> dict[str, float]:
-        return {t.name: float(redis.cmd("EVAL", KEDA_LENGTH_SCRIPT, 1, t.key)) if t.key else 0.0 for t in s.triggers}
+        return {t.name: float(rdb.eval(KEDA_LENGTH_SCRIPT, 1, t.key)) if t.key else 0.0 for t in s.triggers}
 
     def composite_of(values: dict[str, float]) -> float | None:
         if not s.formula:
@@ -1091,10 +1029,10 @@ def main() -> int:
                 last_desc = desc
             if now >= next_sample:
                 next_sample += args.sample
-                p = redis.cmd("LLEN", f"{base}:pending")
-                f = redis.cmd("ZCARD", f"{base}:active")
-                r = redis.cmd("ZCARD", f"{base}:delayed")
-                d = redis.cmd("ZCARD", f"{base}:dead")
+                p = rdb.llen(f"{base}:pending")
+                f = rdb.zcard(f"{base}:active")
+                r = rdb.zcard(f"{base}:delayed")
+                d = rdb.zcard(f"{base}:dead")
                 enq = scrape_counter(f"{args.api_url}/metrics", "agentq_tasks_enqueued_total", f'queue="{queue}"')
                 enq = enq if enq is not None else (history[-1][1] if history else 0.0)
                 done = max(0.0, enq - p - f - r)

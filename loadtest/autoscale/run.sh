@@ -72,7 +72,7 @@ else
 fi
 
 START=$SECONDS
-lt_ensure_venv PyYAML matplotlib==3.11.2
+lt_ensure_venv PyYAML matplotlib==3.11.2 "$LT_REDIS_PY"
 lt_ensure_redis
 lt_ensure_helm
 lt_bins "$PROFILE"

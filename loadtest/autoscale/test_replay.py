@@ -1,7 +1,9 @@
-"""Unit tests of the scaling rules in replay.py (python3 -m unittest loadtest/autoscale/test_replay.py).
+"""Unit tests of the scaling rules in replay.py (autoscale/run.sh runs them; by hand:
+cd loadtest/autoscale && ../../.venv/bin/python -m unittest test_replay).
 
-Expected numbers are worked out by hand from the KEDA and Kubernetes rules in
-/work/shared/KEDA-HPA.md; the chart README's own example (132 tasks, target 16 -> 9) is one.
+Expected numbers are worked out by hand from KEDA's scaling executor and the HPA controller's rules
+(summed up in the chart README's "The math"); the README's own example (132 tasks, target 16 -> 9)
+is one.
 """
 
 import unittest

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Helpers for loadtest/bench/run.sh: a tiny Redis client, the task loader, the paced client,
-parsers for wrk / redis-benchmark / Prometheus output, and the report. Standard library only.
+"""Helpers for loadtest/bench/run.sh: the task loader, the paced client, parsers for wrk /
+redis-benchmark / Prometheus output, and the report. Standard library plus the redis-py client
+(`redis`, pinned and installed into .venv by run.sh); it is imported only by the subcommands that
+talk to Redis, so the parsers and `freeport` start as fast as before.
 
 Each subcommand prints one JSON object (or the report table) on stdout.
 """
@@ -24,64 +26,11 @@ TASK_PREFIX = f"{BASE}:task:"
 PROMPT = "hello from the bench"
 
 
-class RedisError(Exception):
-    pass
+def connect(port):
+    """A client of the bench's private redis-server (replies decoded to str; TCP_NODELAY is redis-py's default)."""
+    import redis
 
-
-class Redis:
-    """Just enough RESP2 for pipelined EVALSHA and a few reads."""
-
-    def __init__(self, port, host="127.0.0.1"):
-        self.sock = socket.create_connection((host, int(port)))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.f = self.sock.makefile("rb")
-
-    @staticmethod
-    def encode(args):
-        out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            if not isinstance(a, bytes):
-                a = str(a).encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-        return b"".join(out)
-
-    def read(self):
-        line = self.f.readline()
-        if not line:
-            raise RedisError("connection closed")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            return RedisError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            return self.f.read(n + 2)[:-2].decode()
-        if kind == b"*":
-            n = int(rest)
-            if n < 0:
-                return None
-            return [self.read() for _ in range(n)]
-        raise RedisError(f"bad reply {line!r}")
-
-    def cmd(self, *args):
-        self.sock.sendall(self.encode(args))
-        r = self.read()
-        if isinstance(r, RedisError):
-            raise r
-        return r
-
-    def pipeline(self, cmds):
-        self.sock.sendall(b"".join(self.encode(c) for c in cmds))
-        out = [self.read() for _ in cmds]
-        for r in out:
-            if isinstance(r, RedisError):
-                raise r
-        return out
+    return redis.Redis(host="127.0.0.1", port=int(port), decode_responses=True)
 
 
 def uuid7():
@@ -96,24 +45,26 @@ def load(port, n, script_path):
     """Enqueues n tasks with the API's own enqueue.lua and the same arguments the API passes
     (id `default.<uuid v7>`, created_at ms, max_attempts 5, the serde payload, TTL 86400)."""
     n = int(n)
-    r = Redis(port)
+    r = connect(port)
     with open(script_path, "rb") as fh:
-        sha = r.cmd("SCRIPT", "LOAD", fh.read())
+        sha = r.script_load(fh.read())
     payload = json.dumps({"messages": [{"role": "user", "content": PROMPT}]}, separators=(",", ":"))
     start = time.monotonic()
     chunk = 1000
     done = 0
     while done < n:
-        cmds = []
-        for _ in range(min(chunk, n - done)):
+        # One round trip per chunk, no MULTI/EXEC; execute() raises the first error reply.
+        pipe = r.pipeline(transaction=False)
+        size = min(chunk, n - done)
+        for _ in range(size):
             tid = f"{QUEUE}.{uuid7()}"
             now = time.time_ns() // 1_000_000
-            cmds.append(("EVALSHA", sha, 2, TASK_PREFIX + tid, PENDING, tid, QUEUE, now, 5, payload, 86400))
-        r.pipeline(cmds)
-        done += len(cmds)
-    r.cmd("SADD", f"{PREFIX}:queues", QUEUE)
+            pipe.evalsha(sha, 2, TASK_PREFIX + tid, PENDING, tid, QUEUE, now, 5, payload, 86400)
+        pipe.execute()
+        done += size
+    r.sadd(f"{PREFIX}:queues", QUEUE)
     took = time.monotonic() - start
-    return {"loaded": n, "pending": r.cmd("LLEN", PENDING), "seconds": round(took, 3)}
+    return {"loaded": n, "pending": r.llen(PENDING), "seconds": round(took, 3)}
 
 
 RECORDS_LUA = """
@@ -136,7 +87,7 @@ return {#ks, ok, failed, other, first or 0, last or 0, waits}
 
 
 def records(r, with_waits=False):
-    n, ok, failed, other, first, last, waits = r.cmd("EVAL", RECORDS_LUA, 0, TASK_PREFIX, "1" if with_waits else "0")
+    n, ok, failed, other, first, last, waits = r.eval(RECORDS_LUA, 0, TASK_PREFIX, "1" if with_waits else "0")
     return {"tasks": n, "succeeded": ok, "failed": failed, "unfinished": other,
             "first_start_ms": first, "last_finish_ms": last, "waits_ms": waits}
 
@@ -144,10 +95,10 @@ def records(r, with_waits=False):
 def wait_done(port, n, timeout):
     """Polls LLEN pending and ZCARD active (what GET /v1/queues/default reports) every 50 ms until
     both are 0 and n task records are final; returns the records' summary."""
-    r = Redis(port)
+    r = connect(port)
     deadline = time.monotonic() + float(timeout)
     while True:
-        pending, active = r.pipeline([("LLEN", PENDING), ("ZCARD", ACTIVE)])
+        pending, active = r.pipeline(transaction=False).llen(PENDING).zcard(ACTIVE).execute()
         if pending == 0 and active == 0:
             rec = records(r)
             if rec["succeeded"] + rec["failed"] >= int(n):
@@ -172,7 +123,7 @@ def quantile(sorted_vals, q):
 
 
 def waits(port):
-    r = Redis(port)
+    r = connect(port)
     rec = records(r, with_waits=True)
     w = sorted(int(x) for x in rec["waits_ms"])
     return {"tasks": rec["tasks"], "succeeded": rec["succeeded"], "samples": len(w),

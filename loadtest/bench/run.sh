@@ -50,7 +50,14 @@ fi
 WRK_CONNS=64; WRK_THREADS=2; RB_CLIENTS=50
 DRAIN_CONC=64; FAN_CONC=1000; FAN_LATENCY_MS=2000
 BIN=${AGENTQ_BENCH_BIN_DIR:-$ROOT/target/release}
-PY=${PYTHON:-python3}
+# shellcheck source=loadtest/lib.sh
+source "$ROOT/loadtest/lib.sh"
+LT_NAME=bench
+if [[ -n ${PYTHON:-} ]]; then
+  PY=$PYTHON # must have the redis package ($LT_REDIS_PY)
+else
+  lt_ensure_pip "$LT_REDIS_PY" # .venv at the repo root, shared with deploy/ and the other load tests
+fi
 B="$PY $HERE/bench.py"
 T_START=$(date +%s)
 # 1000 concurrent LLM calls need ~2000 sockets between the worker and the mock
@@ -72,11 +79,11 @@ if [[ ${#need_apt[@]} -gt 0 ]]; then
     echo "run.sh: missing ${need_apt[*]} (apt-get install -y ${need_apt[*]})" >&2; exit 69
   fi
 fi
-command -v "$PY" >/dev/null || { echo "run.sh: python3 is needed" >&2; exit 69; }
+command -v "$PY" >/dev/null || { echo "run.sh: $PY not found" >&2; exit 69; }
 
 if [[ $BUILD -eq 1 ]]; then
-  log "cargo build --release --bins"
-  (cd "$ROOT" && cargo build --release --bins --quiet)
+  log "cargo build --release --bins (a first release build takes several minutes; cargo's progress follows)"
+  (cd "$ROOT" && cargo build --release --bins)
 fi
 for b in agentq-api agentq-worker agentq-mock-llm; do
   [[ -x $BIN/$b ]] || { echo "run.sh: $BIN/$b missing (build first or drop --no-build)" >&2; exit 66; }

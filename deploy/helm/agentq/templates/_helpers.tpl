@@ -153,29 +153,54 @@ Cluster hash tag, so every key of one queue lives in one slot.
 {{- end }}
 
 {{/*
-REDIS_URL as the pod builds it: the password is interpolated by the kubelet from the REDIS_PASSWORD
-env var defined before it ($(VAR) syntax), so it never appears in a ConfigMap or in the manifest.
+Key of the same Secret that holds the password percent-encoded for REDIS_URL. The chart's own Secret
+carries it as <passwordKey>-urlencoded; an existing Secret names it with
+existingSecretUrlEncodedPasswordKey, or falls back to the plain key (then the password must be URL-safe).
+*/}}
+{{- define "agentq.redis.urlSecretKey" -}}
+{{- if and .Values.redis.enabled (not .Values.redis.auth.existingSecret) }}
+{{- printf "%s-urlencoded" .Values.redis.auth.existingSecretPasswordKey }}
+{{- else if .Values.redis.enabled }}
+{{- default .Values.redis.auth.existingSecretPasswordKey .Values.redis.auth.existingSecretUrlEncodedPasswordKey }}
+{{- else }}
+{{- default .Values.externalRedis.existingSecretPasswordKey .Values.externalRedis.existingSecretUrlEncodedPasswordKey }}
+{{- end }}
+{{- end }}
+
+{{/*
+Percent-encoding of a string for the userinfo of a URL: every byte but A-Z a-z 0-9 - . _ ~ becomes
+%XX. urlquery is Go's url.QueryEscape, which writes a space as "+"; a literal "+" comes out as %2B,
+so every "+" left is a space.
+*/}}
+{{- define "agentq.urlencode" -}}
+{{- urlquery . | replace "+" "%20" }}
+{{- end }}
+
+{{/*
+REDIS_URL as the pod builds it: the kubelet substitutes $(REDIS_PASSWORD_URLENCODED), an env var
+defined before it from the Secret's percent-encoded key, so the password never appears in a
+ConfigMap or in the manifest, and characters such as @ : / % # ? in it cannot break the URL.
 */}}
 {{- define "agentq.redis.url" -}}
 {{- $scheme := ternary "rediss" "redis" (eq (include "agentq.redis.tls" .) "true") }}
 {{- $user := include "agentq.redis.username" . }}
 {{- $auth := "" }}
 {{- if include "agentq.redis.secretName" . }}
-{{- $auth = printf "%s:$(REDIS_PASSWORD)@" $user }}
+{{- $auth = printf "%s:$(REDIS_PASSWORD_URLENCODED)@" $user }}
 {{- else if $user }}
 {{- $auth = printf "%s@" $user }}
 {{- end }}
 {{- printf "%s://%s%s/%s" $scheme $auth (include "agentq.redis.address" .) (include "agentq.redis.database" .) }}
 {{- end }}
 
-{{/* Env entries both api and worker need: Redis password + URL, and the LLM key (worker only). */}}
+{{/* Env entries both api and worker need: the percent-encoded Redis password, then REDIS_URL. */}}
 {{- define "agentq.redis.env" -}}
 {{- if include "agentq.redis.secretName" . }}
-- name: REDIS_PASSWORD
+- name: REDIS_PASSWORD_URLENCODED
   valueFrom:
     secretKeyRef:
       name: {{ include "agentq.redis.secretName" . }}
-      key: {{ include "agentq.redis.secretKey" . }}
+      key: {{ include "agentq.redis.urlSecretKey" . }}
 {{- end }}
 - name: REDIS_URL
   value: {{ include "agentq.redis.url" . | quote }}
@@ -214,7 +239,7 @@ checkov.io/skip{{ $n }}: "CKV_K8S_43=image is pinned by tag; its digest is only 
 {{- end }}
 {{- if .secretEnv }}
 {{- $n = add1 $n }}
-checkov.io/skip{{ $n }}: "CKV_K8S_35=agentq reads its settings only from environment variables (REDIS_URL embeds the password via $(REDIS_PASSWORD)); the secret is referenced with secretKeyRef, never inlined"
+checkov.io/skip{{ $n }}: "CKV_K8S_35=agentq reads its settings only from environment variables (REDIS_URL embeds the password via $(REDIS_PASSWORD_URLENCODED)); the secret is referenced with secretKeyRef, never inlined"
 {{- end }}
 {{- end }}
 
