@@ -204,18 +204,13 @@ impl Worker {
                         )
                     })
                     .await;
-                let Some(verdict) = verdict else {
-                    self.abandon(id, token);
-                    return;
-                };
-                let status = match verdict.as_str() {
+                let status = |v: &str| match v {
                     "ok" => "succeeded",
                     "cancelled" => "cancelled",
                     "stale" => "fenced",
                     _ => "duplicate",
                 };
-                self.count(status, started);
-                tracing::debug!(task.id = %id, attempt, verdict = %verdict, status, "task finished");
+                self.finish(id, token, attempt, verdict, status, started);
                 return;
             }
             Outcome::Failure(f) => {
@@ -248,11 +243,7 @@ impl Worker {
                 )
             })
             .await;
-        let Some(verdict) = verdict else {
-            self.abandon(id, token);
-            return;
-        };
-        let status = match (verdict.as_str(), mode) {
+        let status = |v: &str| match (v, mode) {
             ("retrying", FailMode::RateLimited) => "rate_limited",
             ("retrying", _) => "retried",
             ("queued", FailMode::GiveBack) => "given_back",
@@ -261,8 +252,10 @@ impl Worker {
             ("stale", _) => "fenced",
             _ => "duplicate",
         };
-        self.count(status, started);
-        tracing::debug!(task.id = %id, attempt, verdict = %verdict, status, "task finished");
+        let Some(verdict) = self.finish(id, token, attempt, verdict, status, started) else {
+            return;
+        };
+        let status = status(&verdict);
         if mode == FailMode::GiveBack {
             tracing::info!(task.id = %id, attempt, verdict = %verdict, "given back to the queue");
         } else {
@@ -292,6 +285,27 @@ impl Worker {
             ),
             LlmFailure::Permanent { .. } => (FailMode::Permanent, Duration::ZERO),
         }
+    }
+
+    /// Counts and logs a report's verdict (`None`: the report never landed, so the run is
+    /// abandoned to the give-back at exit). Returns the verdict for further logging.
+    fn finish(
+        &self,
+        id: &str,
+        token: &str,
+        attempt: u32,
+        verdict: Option<String>,
+        status: impl Fn(&str) -> &'static str,
+        started: Instant,
+    ) -> Option<String> {
+        let Some(verdict) = verdict else {
+            self.abandon(id, token);
+            return None;
+        };
+        let status = status(&verdict);
+        self.count(status, started);
+        tracing::debug!(task.id = %id, attempt, verdict = %verdict, status, "task finished");
+        Some(verdict)
     }
 
     fn count(&self, status: &str, started: Instant) {

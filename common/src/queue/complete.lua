@@ -4,26 +4,10 @@
 -- ARGV[6] memory length cap, ARGV[7] memory TTL seconds, ARGV[8..] messages to append to memory
 -- Returns 'ok'; or, writing nothing: the verdict this run already got (a resend after a lost reply),
 -- the final status ('succeeded', 'failed', 'cancelled'), 'missing', or 'stale' (another run owns it).
-local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported')
-local status = t[1]
-if not status then
-  redis.call('LREM', KEYS[2], -1, ARGV[1])
-  return 'missing'
-end
 local token = ARGV[2]
-if t[2] ~= token then
-  local prefix = token .. '|'
-  if t[3] and string.sub(t[3], 1, #prefix) == prefix then return string.sub(t[3], #prefix + 1) end
-  if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
-  redis.call('HINCRBY', KEYS[1], 'fenced', 1)
-  return 'stale'
-end
--- -1: search from the tail, where the oldest ids (the ones finishing now) sit; LMOVE adds at the head
-if redis.call('LREM', KEYS[2], -1, ARGV[1]) == 0 then
-  -- the token matches but the id is not in this worker's list: not this run's to write
-  redis.call('HINCRBY', KEYS[1], 'fenced', 1)
-  return 'stale'
-end
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported')
+local refused = fence(KEYS[1], KEYS[2], ARGV[1], token, t[1], t[2], t[3])
+if refused then return refused end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'succeeded', 'result', ARGV[4], 'finished_at', ARGV[3],
   'reported', token .. '|ok')

@@ -14,22 +14,8 @@ local token = ARGV[2]
 local now = tonumber(ARGV[3])
 local mode = ARGV[4]
 local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'attempts', 'max_attempts', 'rate_limited')
-local status = t[1]
-if not status then
-  redis.call('LREM', KEYS[2], -1, id)
-  return 'missing'
-end
-if t[2] ~= token then
-  local prefix = token .. '|'
-  if t[3] and string.sub(t[3], 1, #prefix) == prefix then return string.sub(t[3], #prefix + 1) end
-  if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
-  redis.call('HINCRBY', KEYS[1], 'fenced', 1)
-  return 'stale'
-end
-if redis.call('LREM', KEYS[2], -1, id) == 0 then -- from the tail, where the oldest in-flight ids sit
-  redis.call('HINCRBY', KEYS[1], 'fenced', 1)
-  return 'stale'
-end
+local refused = fence(KEYS[1], KEYS[2], id, token, t[1], t[2], t[3])
+if refused then return refused end
 redis.call('ZREM', KEYS[3], id)
 redis.call('HDEL', KEYS[1], 'token')
 local attempts = tonumber(t[4]) or 0

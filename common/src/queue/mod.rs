@@ -28,8 +28,12 @@ struct Scripts {
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     enqueue: Script::new(include_str!("enqueue.lua")),
     fetch: Script::new(include_str!("fetch.lua")),
-    complete: Script::new(include_str!("complete.lua")),
-    fail: Script::new(include_str!("fail.lua")),
+    // Both reports share the ownership check of fence.lua (a Redis script cannot import another).
+    complete: Script::new(concat!(
+        include_str!("fence.lua"),
+        include_str!("complete.lua")
+    )),
+    fail: Script::new(concat!(include_str!("fence.lua"), include_str!("fail.lua"))),
     promote: Script::new(include_str!("promote.lua")),
     recover: Script::new(include_str!("recover.lua")),
     cancel: Script::new(include_str!("cancel.lua")),
