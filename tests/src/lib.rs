@@ -549,3 +549,47 @@ impl RedisServer {
         }
     }
 }
+
+// ---- helpers shared by the end-to-end test files ----
+
+/// Key of a task record in the default queue under the default prefix.
+pub fn task_key(id: &str) -> String {
+    format!("agentq:{{default}}:task:{id}")
+}
+
+/// The worker's `agentq_llm_requests_total` series for one model and outcome.
+pub fn llm_series(model: &str, outcome: &str) -> String {
+    format!("agentq_llm_requests_total{{model=\"{model}\",outcome=\"{outcome}\"}}")
+}
+
+/// POSTs `{"prompt", "max_attempts"}` and returns the new task's id.
+pub async fn submit_max(s: &Stack, prompt: &str, max_attempts: u32) -> Result<String> {
+    s.submit_json(&json!({"prompt": prompt, "max_attempts": max_attempts}))
+        .await
+}
+
+/// Fails the test when any process of the stack panicked, quoting the lines.
+pub fn assert_no_panic(s: &Stack) {
+    let logs = s.all_logs();
+    let panics: Vec<&str> = logs.lines().filter(|l| l.contains("panicked")).collect();
+    assert!(
+        panics.is_empty(),
+        "a process panicked:\n{}",
+        panics.join("\n")
+    );
+}
+
+/// The last lines of every process log of the stack, to explain a failed wait.
+pub fn log_tails(s: &Stack) -> String {
+    let mut out = String::new();
+    if let Ok(dir) = std::fs::read_dir(s.logs.path()) {
+        for entry in dir.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {}\n", entry.file_name().to_string_lossy()));
+            out.push_str(&lines[lines.len().saturating_sub(30)..].join("\n"));
+            out.push('\n');
+        }
+    }
+    out
+}

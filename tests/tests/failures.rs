@@ -6,29 +6,18 @@
 use std::time::{Duration, Instant};
 
 use agentq_common::keys::TaskId;
-use agentq_tests::{metric, signal, MockConfig, MockLlm, RedisServer, Stack, Worker};
+use agentq_tests::{
+    assert_no_panic, llm_series, log_tails, metric, signal, submit_max, task_key, MockConfig,
+    MockLlm, RedisServer, Stack, Worker,
+};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 const PENDING: &str = "agentq:{default}:pending";
 const WORKERS: &str = "agentq:{default}:workers";
 
-fn task_key(id: &str) -> String {
-    format!("agentq:{{default}}:task:{id}")
-}
-
 fn series(status: &str) -> String {
     format!("agentq_tasks_total{{queue=\"default\",status=\"{status}\"}}")
-}
-
-fn llm_series(outcome: &str) -> String {
-    format!("agentq_llm_requests_total{{model=\"mock-gpt\",outcome=\"{outcome}\"}}")
-}
-
-/// Submits `{"prompt": p, "max_attempts": n}`.
-async fn submit_max(s: &Stack, prompt: &str, max_attempts: u32) -> anyhow::Result<String> {
-    s.submit_json(&json!({"prompt": prompt, "max_attempts": max_attempts}))
-        .await
 }
 
 /// The entry for `id` in a dead list.
@@ -96,33 +85,6 @@ async fn submit_when_available(s: &Stack, prompt: &str) -> anyhow::Result<String
     }
 }
 
-/// The last lines of every process log of the stack, to explain a failed wait.
-fn log_tails(s: &Stack) -> String {
-    let mut out = String::new();
-    if let Ok(dir) = std::fs::read_dir(s.logs.path()) {
-        for entry in dir.flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- {}\n", entry.file_name().to_string_lossy()));
-            out.push_str(&lines[lines.len().saturating_sub(30)..].join("\n"));
-            out.push('\n');
-        }
-    }
-    out
-}
-
-fn assert_no_panic(s: &Stack) {
-    let logs = s.all_logs();
-    assert!(
-        !logs.contains("panicked"),
-        "a process panicked:\n{}",
-        logs.lines()
-            .filter(|l| l.contains("panicked"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-}
-
 // ---- 1. transient LLM errors ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,9 +128,17 @@ async fn transient_llm_errors_are_retried_up_to_max_attempts_then_dead_lettered(
     }
     assert_eq!(dead.len(), cases.len());
     let m = w.metrics().await?;
-    assert_eq!(metric(&m, &llm_series("server_error")), 9.0, "{m}");
-    assert_eq!(metric(&m, &llm_series("timeout")), 2.0, "{m}");
-    assert_eq!(metric(&m, &llm_series("connection_error")), 3.0, "{m}");
+    assert_eq!(
+        metric(&m, &llm_series("mock-gpt", "server_error")),
+        9.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, &llm_series("mock-gpt", "timeout")), 2.0, "{m}");
+    assert_eq!(
+        metric(&m, &llm_series("mock-gpt", "connection_error")),
+        3.0,
+        "{m}"
+    );
     assert_eq!(
         metric(&m, &series("retried")),
         9.0,
@@ -377,7 +347,11 @@ async fn permanent_llm_errors_fail_at_once_after_one_call() -> anyhow::Result<()
     }
     let m = w.metrics().await?;
     assert_eq!(metric(&m, &series("retried")), 0.0, "{m}");
-    assert_eq!(metric(&m, &llm_series("client_error")), 5.0, "{m}");
+    assert_eq!(
+        metric(&m, &llm_series("mock-gpt", "client_error")),
+        5.0,
+        "{m}"
+    );
     Ok(())
 }
 

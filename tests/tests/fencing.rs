@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use agentq_common::keys::TaskId;
 use agentq_common::time::now_ms;
-use agentq_tests::{metric, signal, MockConfig, MockLlm, Stack, Worker};
+use agentq_tests::{
+    assert_no_panic, llm_series, log_tails, metric, signal, submit_max, task_key, MockConfig,
+    MockLlm, Stack, Worker,
+};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,20 +34,12 @@ const JSON_LOGS: [(&str, &str); 2] = [
     ("RUST_LOG", "info,agentq_worker=debug"),
 ];
 
-fn task_key(id: &str) -> String {
-    format!("{TASK_PREFIX}{id}")
-}
-
 fn inflight_key(worker: &str) -> String {
     format!("{INFLIGHT_PREFIX}{worker}")
 }
 
 fn heartbeat_key(worker: &str) -> String {
     format!("agentq:{{default}}:worker:{worker}")
-}
-
-fn llm_series(model: &str, outcome: &str) -> String {
-    format!("agentq_llm_requests_total{{model=\"{model}\",outcome=\"{outcome}\"}}")
 }
 
 fn with<'a>(a: &[(&'a str, &'a str)], b: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
@@ -208,31 +203,6 @@ fn verdicts(w: &Worker, id: &str) -> Vec<String> {
         .collect()
 }
 
-fn assert_no_panic(s: &Stack) {
-    let logs = s.all_logs();
-    let panics: Vec<&str> = logs.lines().filter(|l| l.contains("panicked")).collect();
-    assert!(
-        panics.is_empty(),
-        "a process panicked:\n{}",
-        panics.join("\n")
-    );
-}
-
-/// The last lines of every process log of the stack, to explain a failed wait.
-fn log_tails(s: &Stack) -> String {
-    let mut out = String::new();
-    if let Ok(dir) = std::fs::read_dir(s.logs.path()) {
-        for entry in dir.flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- {}\n", entry.file_name().to_string_lossy()));
-            out.push_str(&lines[lines.len().saturating_sub(30)..].join("\n"));
-            out.push('\n');
-        }
-    }
-    out
-}
-
 // ---- waiting ----
 
 /// Polls `cond` every `every` until it holds; errors from `cond` count as "not yet".
@@ -312,11 +282,6 @@ async fn worker_metric_lines(w: &Worker) -> Result<usize> {
         .lines()
         .filter(|l| !l.starts_with('#'))
         .count())
-}
-
-async fn submit_max(s: &Stack, prompt: &str, max_attempts: u32) -> Result<String> {
-    s.submit_json(&json!({"prompt": prompt, "max_attempts": max_attempts}))
-        .await
 }
 
 /// Runs one task through a 500 and a success, so fail.lua and complete.lua are in Redis's script
