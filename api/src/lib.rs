@@ -31,7 +31,7 @@ pub struct AppState {
     /// per queue (only declared queues ever get here, so it stays small).
     pub known_queues: Arc<Mutex<HashSet<String>>>,
     /// `/openapi.json` with this deployment's declared queues, rendered once.
-    pub openapi: Arc<str>,
+    pub openapi: axum::body::Bytes,
 }
 
 impl AppState {

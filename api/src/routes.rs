@@ -414,7 +414,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn openapi(State(state): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        state.openapi.to_string(),
+        state.openapi.clone(),
     )
         .into_response()
 }

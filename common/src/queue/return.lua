@@ -7,7 +7,7 @@
 -- (finished, cancelled, or another run's), 'absent' when the id was not in the list (nothing done).
 local id = ARGV[1]
 if redis.call('LREM', KEYS[2], -1, id) == 0 then return 'absent' end
-local t = redis.call('HMGET', KEYS[1], 'status', 'worker', 'token')
+local t = redis.call('HMGET', KEYS[1], 'status', 'worker', 'token', 'attempts')
 local status = t[1]
 if not status then
   -- no record: fetch dead-letters it as poison
@@ -22,7 +22,7 @@ if status ~= 'running' or t[2] ~= ARGV[2] or (ARGV[3] ~= '' and t[3] ~= ARGV[3])
   return 'dropped'
 end
 -- this worker's run, never started on the LLM: the attempt is not counted
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0
+local attempts = tonumber(t[4]) or 0
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
 redis.call('HDEL', KEYS[1], 'token')
 redis.call('ZREM', KEYS[4], id)
