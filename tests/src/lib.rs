@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+pub mod aimock;
+pub mod litellm;
+
 pub use agentq_mock_llm::{MockConfig, MockLlm};
 
 /// A port nobody listens on right now.
