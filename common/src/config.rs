@@ -37,6 +37,8 @@ pub const ENV_PRICES: &str = "AGENTQ_PRICES";
 pub const ENV_FETCH_BATCH: &str = "AGENTQ_FETCH_BATCH";
 pub const ENV_QUEUES: &str = "AGENTQ_QUEUES";
 pub const ENV_MAX_RESPONSE_BYTES: &str = "AGENTQ_MAX_RESPONSE_BYTES";
+pub const ENV_MAX_TOKENS: &str = "AGENTQ_MAX_TOKENS";
+pub const ENV_MAX_TOKENS_PARAM: &str = "AGENTQ_MAX_TOKENS_PARAM";
 
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8080";
@@ -58,6 +60,9 @@ pub const DEFAULT_MEMORY_MESSAGES: usize = 10;
 pub const DEFAULT_MEMORY_TTL_SECS: u64 = 3_600;
 pub const DEFAULT_FETCH_BATCH: usize = 32;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+/// Output cap sent with every call: bounds what a call can cost, and keeps a server from
+/// generating long after the worker gave up on the call (llama.cpp does not stop on disconnect).
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// Most queues the api accepts in `AGENTQ_QUEUES`: every queue costs gauges and a scrape's reads.
 pub const MAX_QUEUES: usize = 256;
 
@@ -301,6 +306,15 @@ pub fn default_prices() -> HashMap<String, Price> {
     .collect()
 }
 
+/// The request field that carries the output cap. `max_tokens` is what every OpenAI-compatible
+/// server understands (llama.cpp, vLLM, Ollama, LiteLLM); OpenAI's reasoning models refuse it
+/// and want `max_completion_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxTokensParam {
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub common: CommonConfig,
@@ -321,6 +335,9 @@ pub struct WorkerConfig {
     pub fetch_batch: usize,
     /// Largest LLM response body read; a bigger one fails the attempt as permanent.
     pub max_response_bytes: usize,
+    /// `AGENTQ_MAX_TOKENS`: output cap sent with every call; 0 sends none.
+    pub max_tokens: u32,
+    pub max_tokens_param: MaxTokensParam,
 }
 
 impl WorkerConfig {
@@ -357,6 +374,16 @@ impl WorkerConfig {
                 message: format!("must be at least {ENV_RETRY_BASE_MS} ({retry_base})"),
             });
         }
+        let max_tokens_param = match string(env, ENV_MAX_TOKENS_PARAM, "max_tokens").trim() {
+            "max_tokens" => MaxTokensParam::MaxTokens,
+            "max_completion_tokens" => MaxTokensParam::MaxCompletionTokens,
+            _ => {
+                return Err(ConfigError {
+                    var: ENV_MAX_TOKENS_PARAM,
+                    message: "must be max_tokens or max_completion_tokens".to_owned(),
+                })
+            }
+        };
         Ok(Self {
             common,
             queue,
@@ -411,6 +438,8 @@ impl WorkerConfig {
                 1024,
                 1 << 30,
             )?,
+            max_tokens: ranged(env, ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS, 0, 10_000_000)?,
+            max_tokens_param,
         })
     }
 }
@@ -440,6 +469,28 @@ mod tests {
         assert_eq!(a.common.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(a.queues, vec!["default".to_owned()]);
         assert_eq!(c.max_response_bytes, 8 * 1024 * 1024);
+        assert_eq!(
+            (c.max_tokens, c.max_tokens_param),
+            (4096, MaxTokensParam::MaxTokens)
+        );
+    }
+
+    #[test]
+    fn output_cap_and_its_parameter_name() {
+        let c = WorkerConfig::from_env(&env(&[
+            (ENV_MAX_TOKENS, "0"),
+            (ENV_MAX_TOKENS_PARAM, "max_completion_tokens"),
+        ]))
+        .expect("valid");
+        assert_eq!(
+            (c.max_tokens, c.max_tokens_param),
+            (0, MaxTokensParam::MaxCompletionTokens)
+        );
+        let err = WorkerConfig::from_env(&env(&[(ENV_MAX_TOKENS_PARAM, "tokens")]))
+            .expect_err("unknown name");
+        assert_eq!(err.var, ENV_MAX_TOKENS_PARAM);
+        let err = WorkerConfig::from_env(&env(&[(ENV_MAX_TOKENS, "-1")])).expect_err("negative");
+        assert_eq!(err.var, ENV_MAX_TOKENS);
     }
 
     #[test]

@@ -260,18 +260,40 @@ impl Status {
     }
 }
 
+/// Token usage as the server reported it. Fields added after the first release are optional on
+/// read, so records written by an older worker still parse.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// The server's total, or prompt + completion when it sent none.
+    #[serde(default)]
+    pub total_tokens: u32,
+    /// Prompt tokens served from the provider's cache (`prompt_tokens_details.cached_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u32>,
+    /// Completion tokens spent on hidden reasoning (`completion_tokens_details.reasoning_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<u32>,
 }
 
 /// A successful run's output, stored as JSON in the task hash's `result` field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskResult {
+    /// The reply's text; empty when the model answered only with tool calls or a refusal.
     pub content: String,
     pub model: String,
     pub usage: Usage,
+    /// Why generation stopped, verbatim (`stop`, `length`, `tool_calls`, `content_filter`, or
+    /// whatever the server says: unknown values are kept, not rejected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// The model's refusal text (OpenAI's `message.refusal`), kept instead of failing the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    /// The tool calls the model asked for, exactly as the server sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
 }
 
 /// `GET /v1/tasks/{id}`: the task as clients see it.

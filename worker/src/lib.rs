@@ -36,7 +36,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use llm::{parse_retry_after, Llm, LlmFailure};
+pub use llm::{parse_go_duration, parse_retry_after, Llm, LlmFailure, LlmSettings};
 
 /// How long one blocking wait for work lasts; also the longest a drain waits for the fetch loop.
 const BLOCK: Duration = Duration::from_secs(1);
@@ -86,13 +86,17 @@ pub async fn run(
     // Its own connection: a heartbeat never queues behind a slow script or a big reply.
     let beat_conn = Redis::open(&config.common.redis_url)?;
     let llm = Llm::new(
-        &config.openai_base_url,
-        &config.openai_api_key,
-        config.llm_timeout,
+        LlmSettings {
+            base_url: &config.openai_base_url,
+            api_key: &config.openai_api_key,
+            timeout: config.llm_timeout,
+            prices: config.prices.clone(),
+            default_model: &config.model,
+            max_response_bytes: config.max_response_bytes,
+            max_tokens: config.max_tokens,
+            max_tokens_param: config.max_tokens_param,
+        },
         metrics.clone(),
-        config.prices.clone(),
-        &config.model,
-        config.max_response_bytes,
     )?;
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let id = format!("{}-{}", sanitize(&host), uuid::Uuid::new_v4().simple());

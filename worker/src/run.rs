@@ -6,7 +6,7 @@
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use agentq_common::backoff::full_jitter;
+use agentq_common::backoff;
 use agentq_common::queue::{FailMode, MemoryAppend};
 use agentq_common::task::{Message, Payload, Role, StartedTask};
 use futures::FutureExt;
@@ -57,6 +57,7 @@ impl Worker {
         let id = task.id.clone();
         let token = task.token.clone();
         let attempt = task.attempt;
+        let rate_limited = task.rate_limited;
         let started = Instant::now();
         if let Err(p) = AssertUnwindSafe(self.run(task, hard)).catch_unwind().await {
             let message = format!(
@@ -71,7 +72,7 @@ impl Worker {
             self.report(
                 &id,
                 &token,
-                attempt,
+                (attempt, rate_limited),
                 Outcome::Failure(failure),
                 started,
                 hard,
@@ -96,8 +97,15 @@ impl Worker {
             o = self.execute(&task) => o,
             _ = hard.cancelled() => Outcome::GiveBack,
         };
-        self.report(&task.id, &task.token, task.attempt, outcome, started, hard)
-            .await;
+        self.report(
+            &task.id,
+            &task.token,
+            (task.attempt, task.rate_limited),
+            outcome,
+            started,
+            hard,
+        )
+        .await;
     }
 
     async fn execute(&self, task: &StartedTask) -> Outcome {
@@ -167,15 +175,17 @@ impl Worker {
 
     /// Writes the outcome with the run's token. A resend after a lost reply gets the first
     /// verdict back (the scripts remember it), so metrics count each real event once.
+    /// `counts` is the run's attempt number and the task's 429s before this run.
     async fn report(
         &self,
         id: &str,
         token: &str,
-        attempt: u32,
+        counts: (u32, u32),
         outcome: Outcome,
         started: Instant,
         hard: &CancellationToken,
     ) {
+        let attempt = counts.0;
         let (mode, delay, error, what) = match &outcome {
             Outcome::Success {
                 result_json,
@@ -214,7 +224,7 @@ impl Worker {
                 return;
             }
             Outcome::Failure(f) => {
-                let (mode, delay) = self.retry_plan(f, attempt);
+                let (mode, delay) = self.retry_plan(f, counts);
                 (mode, delay, f.message().to_owned(), f.outcome())
             }
             Outcome::Poison(reason) => {
@@ -272,16 +282,23 @@ impl Worker {
     }
 
     /// Mode and delay for a failed run. Every delay is capped by `AGENTQ_RETRY_MAX_MS`, including
-    /// a server's `Retry-After`, so no answer can park a task for longer than the operator allows.
-    fn retry_plan(&self, f: &LlmFailure, attempt: u32) -> (FailMode, Duration) {
-        let backoff = || full_jitter(attempt, self.cfg.retry_base, self.cfg.retry_max);
+    /// a server's rate-limit hint, so no answer can park a task for longer than the operator
+    /// allows. A 429 backs off on the task's own count of 429s (the attempt number does not move
+    /// for them), so a limit that lasts is met with growing waits, not a burst.
+    fn retry_plan(
+        &self,
+        f: &LlmFailure,
+        (attempt, rate_limited): (u32, u32),
+    ) -> (FailMode, Duration) {
+        let (base, max) = (self.cfg.retry_base, self.cfg.retry_max);
         match f {
-            LlmFailure::Transient { .. } => (FailMode::Transient, backoff()),
+            LlmFailure::Transient { .. } => (
+                FailMode::Transient,
+                backoff::full_jitter(attempt, base, max),
+            ),
             LlmFailure::RateLimited { retry_after, .. } => (
                 FailMode::RateLimited,
-                retry_after
-                    .map(|d| d.min(self.cfg.retry_max))
-                    .unwrap_or_else(backoff),
+                backoff::rate_limited(*retry_after, rate_limited.saturating_add(1), base, max),
             ),
             LlmFailure::Permanent { .. } => (FailMode::Permanent, Duration::ZERO),
         }

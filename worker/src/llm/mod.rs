@@ -1,0 +1,419 @@
+//! The LLM call: one chat completion, classified once into success, transient, rate-limited or
+//! permanent.
+//!
+//! The request is built with async-openai's request types (typed messages, serialized by serde),
+//! and sent with our own reqwest client, so that (a) no retry happens below us (one attempt = one
+//! HTTP call, visible in the task's `attempts`), (b) a non-2xx answer keeps its status and its
+//! rate-limit headers, and (c) the reply is read tolerantly ([`wire`]) instead of by
+//! async-openai's strict response type, which fails on fields real servers send (see
+//! docs/architecture.md, "The LLM wire").
+
+mod ratelimit;
+mod wire;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use agentq_common::config::{MaxTokensParam, Price};
+use agentq_common::metrics::WorkerMetrics;
+use agentq_common::task::{Message, Role, TaskResult, Usage};
+use async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent,
+    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
+    ChatCompletionRequestUserMessageContent, CreateChatCompletionRequest,
+};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+
+pub use ratelimit::{parse_go_duration, parse_retry_after};
+
+/// Most bytes of an error body kept for the task's `error` field.
+const MAX_ERROR_BODY: usize = 512;
+
+/// Why a call did not produce a result, and what to do about it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LlmFailure {
+    /// Connection error, timeout, 408, 5xx, an error object in a 200: retry with backoff while
+    /// attempts remain.
+    Transient {
+        outcome: &'static str,
+        message: String,
+    },
+    /// 429: retry after the server's hint (or a growing backoff), without using up an attempt.
+    RateLimited {
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    /// Any other 4xx, or an answer that is not a usable chat completion: retrying cannot help.
+    Permanent {
+        outcome: &'static str,
+        message: String,
+    },
+}
+
+impl LlmFailure {
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Transient { outcome, .. } | Self::Permanent { outcome, .. } => outcome,
+            Self::RateLimited { .. } => "rate_limited",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Transient { message, .. }
+            | Self::Permanent { message, .. }
+            | Self::RateLimited { message, .. } => message,
+        }
+    }
+}
+
+fn classify_status(status: StatusCode, retry_after: Option<Duration>, body: String) -> LlmFailure {
+    let message = format!("llm answered {}: {}", status.as_u16(), body);
+    match status.as_u16() {
+        429 => LlmFailure::RateLimited {
+            retry_after,
+            message,
+        },
+        408 => LlmFailure::Transient {
+            outcome: "timeout",
+            message,
+        },
+        500..=599 => LlmFailure::Transient {
+            outcome: "server_error",
+            message,
+        },
+        _ => LlmFailure::Permanent {
+            outcome: "client_error",
+            message,
+        },
+    }
+}
+
+fn classify_reqwest(e: &reqwest::Error) -> LlmFailure {
+    let outcome = if e.is_timeout() {
+        "timeout"
+    } else {
+        "connection_error"
+    };
+    LlmFailure::Transient {
+        outcome,
+        message: format!("llm request failed: {}", strip_url(e)),
+    }
+}
+
+/// The error's text without its URL: some setups put credentials in the base URL, and the task's
+/// `error` field and the logs must never show them.
+fn strip_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(url.as_str(), "<llm endpoint>");
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// Reads at most `limit` bytes of a body. `Ok(None)` when there was more (the rest is not read;
+/// the connection is dropped with the response).
+async fn read_capped(
+    response: &mut reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// The start of an error body, as far as the task's error field keeps it: a huge error page is
+/// never read whole.
+async fn error_head(response: &mut reqwest::Response) -> String {
+    let mut head = Vec::new();
+    while head.len() <= MAX_ERROR_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                head.extend_from_slice(&chunk[..chunk.len().min(MAX_ERROR_BODY + 1)])
+            }
+            _ => break,
+        }
+    }
+    truncate(String::from_utf8_lossy(&head).into_owned(), MAX_ERROR_BODY)
+}
+
+#[derive(Clone)]
+pub struct Llm {
+    http: reqwest::Client,
+    /// `<OPENAI_BASE_URL>/chat/completions`, built once.
+    url: std::sync::Arc<str>,
+    /// `Bearer <key>`, marked sensitive; `None` when no key is configured: then no
+    /// `Authorization` header is sent at all (an empty bearer is a malformed key to LiteLLM).
+    auth: Option<HeaderValue>,
+    timeout: Duration,
+    max_tokens: Option<(MaxTokensParam, u32)>,
+    max_response_bytes: usize,
+    metrics: WorkerMetrics,
+    prices: std::sync::Arc<HashMap<String, Price>>,
+    /// The configured model: with the price table's models, the only `model` label values.
+    default_model: std::sync::Arc<str>,
+}
+
+/// How the worker talks to the LLM, from its configuration.
+pub struct LlmSettings<'a> {
+    pub base_url: &'a str,
+    pub api_key: &'a SecretString,
+    pub timeout: Duration,
+    pub prices: HashMap<String, Price>,
+    pub default_model: &'a str,
+    pub max_response_bytes: usize,
+    /// The output cap sent with every call (`AGENTQ_MAX_TOKENS`; 0 = none) and its parameter name.
+    pub max_tokens: u32,
+    pub max_tokens_param: MaxTokensParam,
+}
+
+impl Llm {
+    pub fn new(s: LlmSettings<'_>, metrics: WorkerMetrics) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(s.timeout)
+            .connect_timeout(s.timeout.min(Duration::from_secs(10)))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()?;
+        let key = s.api_key.expose_secret();
+        let auth = if key.is_empty() {
+            None
+        } else {
+            let mut v = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| anyhow::anyhow!("OPENAI_API_KEY is not a valid header value"))?;
+            v.set_sensitive(true);
+            Some(v)
+        };
+        Ok(Self {
+            http,
+            url: format!("{}/chat/completions", s.base_url.trim_end_matches('/')).into(),
+            auth,
+            timeout: s.timeout,
+            max_tokens: (s.max_tokens > 0).then_some((s.max_tokens_param, s.max_tokens)),
+            max_response_bytes: s.max_response_bytes,
+            metrics,
+            prices: std::sync::Arc::new(s.prices),
+            default_model: s.default_model.into(),
+        })
+    }
+
+    /// The `model` label for a task's model: a client names models freely, so any model the
+    /// operator did not configure is counted as `other` (label values must stay few).
+    fn label<'a>(&self, model: &'a str) -> &'a str {
+        if model == &*self.default_model || self.prices.contains_key(model) {
+            model
+        } else {
+            "other"
+        }
+    }
+
+    fn body(&self, model: &str, messages: &[Message]) -> Result<Vec<u8>, serde_json::Error> {
+        #[allow(deprecated)] // `max_tokens`: deprecated by OpenAI, still the widely served name
+        let request = CreateChatCompletionRequest {
+            model: model.to_owned(),
+            messages: messages.iter().map(to_openai).collect(),
+            max_tokens: self
+                .max_tokens
+                .filter(|(p, _)| *p == MaxTokensParam::MaxTokens)
+                .map(|(_, n)| n),
+            max_completion_tokens: self
+                .max_tokens
+                .filter(|(p, _)| *p == MaxTokensParam::MaxCompletionTokens)
+                .map(|(_, n)| n),
+            ..Default::default()
+        };
+        serde_json::to_vec(&request)
+    }
+
+    /// One chat completion: exactly one HTTP request, bounded by the LLM timeout.
+    pub async fn chat(&self, model: &str, messages: &[Message]) -> Result<TaskResult, LlmFailure> {
+        let start = Instant::now();
+        let (usage, result) =
+            match tokio::time::timeout(self.timeout, self.call(model, messages)).await {
+                Ok(r) => r,
+                Err(_) => (
+                    None,
+                    Err(LlmFailure::Transient {
+                        outcome: "timeout",
+                        message: format!("llm call timed out after {}s", self.timeout.as_secs()),
+                    }),
+                ),
+            };
+        self.record(model, start.elapsed(), usage.as_ref(), &result);
+        result
+    }
+
+    async fn call(
+        &self,
+        model: &str,
+        messages: &[Message],
+    ) -> (Option<Usage>, Result<TaskResult, LlmFailure>) {
+        let body = match self.body(model, messages) {
+            Ok(b) => b,
+            Err(e) => {
+                return (
+                    None,
+                    Err(LlmFailure::Permanent {
+                        outcome: "client_error",
+                        message: format!("request does not serialize: {e}"),
+                    }),
+                )
+            }
+        };
+        let mut request = self
+            .http
+            .post(&*self.url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(auth) = &self.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return (None, Err(classify_reqwest(&e))),
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let hint = ratelimit::read(response.headers(), SystemTime::now());
+            if let Some(h) = hint.filter(|_| status == StatusCode::TOO_MANY_REQUESTS) {
+                tracing::debug!(
+                    wait_ms = h.wait.as_millis() as u64,
+                    source = h.source,
+                    "rate-limit hint"
+                );
+            }
+            let body = error_head(&mut response).await;
+            return (
+                None,
+                Err(classify_status(status, hint.map(|h| h.wait), body)),
+            );
+        }
+        let body = match read_capped(&mut response, self.max_response_bytes).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                return (
+                    None,
+                    Err(LlmFailure::Permanent {
+                        outcome: "too_large",
+                        message: format!(
+                            "llm response body exceeds AGENTQ_MAX_RESPONSE_BYTES ({} bytes)",
+                            self.max_response_bytes
+                        ),
+                    }),
+                )
+            }
+            Err(e) => return (None, Err(classify_reqwest(&e))),
+        };
+        let parsed = wire::parse(&body, model);
+        (parsed.usage, parsed.result)
+    }
+
+    /// Counts the call, and the tokens of every reply that reported usage: a reply refused after
+    /// parsing (empty, an error object) was still paid for.
+    fn record(
+        &self,
+        model: &str,
+        took: Duration,
+        usage: Option<&Usage>,
+        result: &Result<TaskResult, LlmFailure>,
+    ) {
+        let m = &self.metrics;
+        let price = self.prices.get(model);
+        let model = self.label(model);
+        m.llm_duration
+            .with_label_values(&[model])
+            .observe(took.as_secs_f64());
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(f) => f.outcome(),
+        };
+        m.llm_requests.with_label_values(&[model, outcome]).inc();
+        if let Some(u) = usage {
+            m.llm_tokens
+                .with_label_values(&[model, "prompt"])
+                .inc_by(u64::from(u.prompt_tokens));
+            m.llm_tokens
+                .with_label_values(&[model, "completion"])
+                .inc_by(u64::from(u.completion_tokens));
+            if let Some(p) = price {
+                let cost = (f64::from(u.prompt_tokens) * p.prompt
+                    + f64::from(u.completion_tokens) * p.completion)
+                    / 1_000_000.0;
+                m.llm_cost.with_label_values(&[model]).inc_by(cost);
+            }
+        }
+    }
+}
+
+fn to_openai(m: &Message) -> ChatCompletionRequestMessage {
+    match m.role {
+        Role::System => ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
+            content: ChatCompletionRequestSystemMessageContent::Text(m.content.clone()),
+            name: None,
+        }),
+        Role::User => ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
+            content: ChatCompletionRequestUserMessageContent::Text(m.content.clone()),
+            name: None,
+        }),
+        Role::Assistant => {
+            ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
+                content: Some(ChatCompletionRequestAssistantMessageContent::Text(
+                    m.content.clone(),
+                )),
+                ..Default::default()
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified_once() {
+        let c = |s: u16| {
+            classify_status(
+                StatusCode::from_u16(s).expect("valid status"),
+                None,
+                String::new(),
+            )
+        };
+        assert!(matches!(c(429), LlmFailure::RateLimited { .. }));
+        for s in [408, 500, 502, 503, 504] {
+            assert!(matches!(c(s), LlmFailure::Transient { .. }), "{s}");
+        }
+        for s in [400, 401, 403, 404, 422] {
+            assert!(matches!(c(s), LlmFailure::Permanent { .. }), "{s}");
+        }
+    }
+}
