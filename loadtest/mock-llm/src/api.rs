@@ -17,8 +17,8 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::journal::JournalEntry;
-use crate::markers::{self, Fault, RetryAfter};
-use crate::{CallOutcome, MockLlm};
+use crate::markers::{self, Fault, Hint, Reply};
+use crate::{CallOutcome, MockLlm, RequestRecord};
 
 /// Generous: prompts in agent workloads can carry long transcripts.
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -42,6 +42,7 @@ pub(crate) fn router(mock: MockLlm) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/_mock/calls", get(calls))
         .route("/_mock/requests", get(requests))
+        .route("/_mock/request_records", get(request_records))
         .route("/_mock/config", get(get_config).post(set_config))
         .route("/_mock/reset", post(reset))
         .fallback(not_found)
@@ -52,8 +53,41 @@ pub(crate) fn router(mock: MockLlm) -> Router {
 // ---------------------------------------------------------------------------
 // Errors
 
-/// OpenAI's error envelope, so SDK clients surface our failures as API errors.
+/// OpenAI's error envelope with the `type` and `code` OpenAI uses for
+/// `status` ([`error_kind`]), so SDK clients surface our failures as API
+/// errors and tests see what a real server sends.
 pub(crate) fn openai_error(status: StatusCode, message: impl Into<String>) -> Response {
+    let (kind, code) = error_kind(status);
+    error_response(status, message.into(), kind, code, None)
+}
+
+/// `type` and `code` of an error answered with `status`, after what OpenAI
+/// sends: `invalid_api_key` on 401, a region block on 403, `model_not_found`
+/// on 404, `rate_limit_exceeded` (type `requests`, as for a requests-per-minute
+/// limit) on 429, `server_error` with no code on 5xx, and
+/// `invalid_request_error` with no code on other 4xx.
+pub(crate) fn error_kind(status: StatusCode) -> (&'static str, Option<&'static str>) {
+    match status.as_u16() {
+        401 => ("invalid_request_error", Some("invalid_api_key")),
+        403 => (
+            "request_forbidden",
+            Some("unsupported_country_region_territory"),
+        ),
+        404 => ("invalid_request_error", Some("model_not_found")),
+        408 => ("server_error", Some("timeout")),
+        429 => ("requests", Some("rate_limit_exceeded")),
+        500..=599 => ("server_error", None),
+        _ => ("invalid_request_error", None),
+    }
+}
+
+fn error_response(
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<&'static str>,
+) -> Response {
     #[derive(Serialize)]
     struct Envelope {
         error: ErrorBody,
@@ -63,31 +97,32 @@ pub(crate) fn openai_error(status: StatusCode, message: impl Into<String>) -> Re
         message: String,
         #[serde(rename = "type")]
         kind: &'static str,
-        param: Option<()>,
-        code: Option<()>,
+        param: Option<&'static str>,
+        code: Option<&'static str>,
     }
-    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
-        "rate_limit_error"
-    } else if status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
-    };
     let body = Envelope {
         error: ErrorBody {
-            message: message.into(),
+            message,
             kind,
-            param: None,
-            code: None,
+            param,
+            code,
         },
     };
     (status, Json(body)).into_response()
 }
 
 async fn not_found(req: Request) -> Response {
-    openai_error(
+    // OpenAI: "Invalid URL (POST /v1/nope)", with no code.
+    error_response(
         StatusCode::NOT_FOUND,
-        format!("mock: no route for {} {}", req.method(), req.uri().path()),
+        format!(
+            "Invalid URL ({} {}) (mock: no such route)",
+            req.method(),
+            req.uri().path()
+        ),
+        "invalid_request_error",
+        None,
+        None,
     )
 }
 
@@ -111,9 +146,13 @@ fn auth_denial(mock: &MockLlm, headers: &HeaderMap) -> Option<Response> {
             StatusCode::UNAUTHORIZED,
             "Incorrect API key provided.",
         )),
-        None => Some(openai_error(
+        // OpenAI sends no code when the header is missing altogether.
+        None => Some(error_response(
             StatusCode::UNAUTHORIZED,
-            "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
+            "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.".into(),
+            "invalid_request_error",
+            None,
+            None,
         )),
     }
 }
@@ -233,10 +272,12 @@ fn words(s: &str) -> u64 {
 }
 
 async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response {
-    if let Some(denied) = auth_denial(&mock, req.headers()) {
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    if let Some(denied) = auth_denial(&mock, &headers) {
         return denied;
     }
-    let body = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(e) => {
             return openai_error(
@@ -255,16 +296,13 @@ async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response
         }
     };
     if request.messages.is_empty() {
-        return openai_error(
+        return error_response(
             StatusCode::BAD_REQUEST,
-            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.".into(),
+            "invalid_request_error",
+            Some("empty_array"),
+            Some("messages"),
         );
-    }
-    if mock.recording() {
-        // Parsed a second time only when recording, to keep the hot path lean.
-        if let Ok(value) = serde_json::from_slice(&body) {
-            mock.record_request(value);
-        }
     }
 
     let prompt: &str = request
@@ -274,6 +312,9 @@ async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response
         .find(|m| m.role == "user")
         .map_or("", |m| &m.content.0);
     let call = mock.count_call(prompt);
+    if mock.recording() {
+        record(&mock, &headers, &body, prompt, call);
+    }
     // None unless the journal is on. If the client goes away, hyper drops this
     // future and the entry's drop guard records the call as ended right then.
     let mut entry = mock.journal_entry(prompt, call);
@@ -287,6 +328,27 @@ async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response
         entry.finish(outcome);
     }
     response
+}
+
+/// Keeps what the client sent with call `call` of `prompt`. The body is parsed
+/// a second time only when recording, to keep the hot path lean.
+fn record(mock: &MockLlm, headers: &HeaderMap, body: &[u8], prompt: &str, call: u64) {
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return;
+    };
+    let authorization = headers
+        .get(AUTHORIZATION)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    mock.record_request(RequestRecord {
+        prompt: prompt.to_owned(),
+        call,
+        authorization,
+        max_tokens: body.get("max_tokens").and_then(serde_json::Value::as_u64),
+        max_completion_tokens: body
+            .get("max_completion_tokens")
+            .and_then(serde_json::Value::as_u64),
+        body,
+    });
 }
 
 /// The answer to call number `call` of `prompt`: scripted faults, latency, or the echo.
@@ -316,10 +378,7 @@ async fn answer(
             return openai_error(StatusCode::GATEWAY_TIMEOUT, "mock: [[hang]] gave up");
         }
         Some(Fault::Drop) => return drop_connection(),
-        Some(Fault::Fail {
-            status,
-            retry_after,
-        }) => return scripted_failure(status, retry_after, call),
+        Some(Fault::Fail { status, hints }) => return scripted_failure(status, &hints, call),
         None => {}
     }
 
@@ -339,9 +398,17 @@ async fn answer(
         .sum::<u64>()
         .max(1);
     let completion_tokens = words(&reply);
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let created = unix_now();
+    if let Some(shape) = plan.reply {
+        let echo = Echo {
+            reply: &reply,
+            model: request.model.as_deref().unwrap_or(DEFAULT_MODEL),
+            created,
+            prompt_tokens,
+            completion_tokens,
+        };
+        return shaped_reply(mock, shape, &echo);
+    }
     let completion = Completion {
         id: format!("chatcmpl-{}", mock.next_id()),
         object: "chat.completion",
@@ -365,35 +432,231 @@ async fn answer(
     Json(completion).into_response()
 }
 
-fn scripted_failure(status: u16, retry_after: Option<RetryAfter>, call: u64) -> Response {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = openai_error(
-        status,
-        format!("mock: scripted failure {} on call {call}", status.as_u16()),
-    );
-    let header = match retry_after {
-        None => None,
-        Some(RetryAfter::Seconds(s)) => Some(HeaderValue::from(s)),
-        Some(RetryAfter::DateIn(s)) => {
-            // HTTP-dates have whole-second resolution; round up so the date
-            // is never earlier than S seconds from now.
-            let now = SystemTime::now();
-            let subsec = now.duration_since(UNIX_EPOCH).map_or(Duration::ZERO, |d| {
-                Duration::from_nanos(d.subsec_nanos().into())
-            });
-            let round_up = if subsec.is_zero() {
-                Duration::ZERO
-            } else {
-                Duration::from_secs(1) - subsec
-            };
-            let at = now + Duration::from_secs(s) + round_up;
-            HeaderValue::from_str(&httpdate::fmt_http_date(at)).ok()
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What every reply shape is built from: the echo and its usage.
+struct Echo<'a> {
+    reply: &'a str,
+    model: &'a str,
+    created: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+const TOOL_NAME: &str = "get_weather";
+const TOOL_ARGUMENTS: &str = r#"{"city":"Paris"}"#;
+const REFUSAL: &str = "I can't help with that.";
+const CACHED_TOKENS: u64 = 3;
+const REASONING_TOKENS: u64 = 2;
+
+/// A 200 in the shape `[[reply:KIND]]` asked for. Built with `json!`: only
+/// prompts with markers get here, so the plain echo keeps its typed fast path.
+fn shaped_reply(mock: &MockLlm, shape: Reply, echo: &Echo<'_>) -> Response {
+    use serde_json::{json, Value};
+    let id = mock.next_id();
+    let usage = json!({
+        "prompt_tokens": echo.prompt_tokens,
+        "completion_tokens": echo.completion_tokens,
+        "total_tokens": echo.prompt_tokens + echo.completion_tokens,
+    });
+    let completion = |message: Value, finish_reason: &str, usage: Option<Value>| {
+        let mut body = json!({
+            "id": format!("chatcmpl-{id}"),
+            "object": "chat.completion",
+            "created": echo.created,
+            "model": echo.model,
+            "choices": [{
+                "index": 0,
+                "message": message,
+                "finish_reason": finish_reason,
+                "logprobs": null,
+            }],
+        });
+        if let (Some(usage), Some(obj)) = (usage, body.as_object_mut()) {
+            obj.insert("usage".into(), usage);
         }
+        body
     };
-    if let Some(value) = header {
-        response.headers_mut().insert(RETRY_AFTER, value);
+    let body = match shape {
+        Reply::ToolCalls => completion(
+            json!({
+                "role": "assistant",
+                "content": null,
+                "tool_calls": [{
+                    "id": format!("call_mock_{id}"),
+                    "type": "function",
+                    "function": {"name": TOOL_NAME, "arguments": TOOL_ARGUMENTS},
+                }],
+            }),
+            "tool_calls",
+            Some(usage),
+        ),
+        Reply::Refusal => completion(
+            json!({"role": "assistant", "content": null, "refusal": REFUSAL}),
+            "stop",
+            Some(usage),
+        ),
+        Reply::Empty => completion(
+            json!({"role": "assistant", "content": null}),
+            "length",
+            Some(usage),
+        ),
+        Reply::Groq => {
+            let mut body = completion(
+                json!({"role": "assistant", "content": echo.reply}),
+                "stop",
+                Some(json!({
+                    "queue_time": 0.017_283_5,
+                    "prompt_tokens": echo.prompt_tokens,
+                    "prompt_time": 0.000_412,
+                    "completion_tokens": echo.completion_tokens,
+                    "completion_time": 0.002_1,
+                    "total_tokens": echo.prompt_tokens + echo.completion_tokens,
+                    "total_time": 0.002_512,
+                })),
+            );
+            if let Some(obj) = body.as_object_mut() {
+                obj.insert("system_fingerprint".into(), json!("fp_mock_groq"));
+                obj.insert("x_groq".into(), json!({"id": format!("req_mock_{id}")}));
+                obj.insert("service_tier".into(), json!("on_demand"));
+            }
+            body
+        }
+        Reply::Sparse => json!({
+            "object": "chat.completion",
+            "model": null,
+            "choices": [{
+                "message": {"role": "assistant", "content": echo.reply},
+                "finish_reason": "eos_token",
+            }],
+            "usage": {
+                "prompt_tokens": echo.prompt_tokens,
+                "completion_tokens": echo.completion_tokens,
+            },
+        }),
+        Reply::NoUsage => completion(
+            json!({"role": "assistant", "content": echo.reply}),
+            "stop",
+            None,
+        ),
+        Reply::Error200 => json!({"error": {
+            "message": "upstream overloaded",
+            "type": "server_error",
+            "code": "overloaded",
+        }}),
+        Reply::Error200Rate => json!({"error": {
+            "message": "Rate limit reached",
+            "type": "rate_limit_error",
+            "code": 429,
+        }}),
+        Reply::Cached => completion(
+            json!({"role": "assistant", "content": echo.reply}),
+            "stop",
+            Some(json!({
+                "prompt_tokens": echo.prompt_tokens,
+                "completion_tokens": echo.completion_tokens,
+                "total_tokens": echo.prompt_tokens + echo.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": CACHED_TOKENS, "audio_tokens": 0},
+                "completion_tokens_details": {
+                    "reasoning_tokens": REASONING_TOKENS,
+                    "audio_tokens": 0,
+                    "accepted_prediction_tokens": 0,
+                    "rejected_prediction_tokens": 0,
+                },
+            })),
+        ),
+        Reply::Parts => completion(
+            json!({"role": "assistant", "content": [{"type": "text", "text": echo.reply}]}),
+            "stop",
+            Some(usage),
+        ),
+    };
+    Json(body).into_response()
+}
+
+fn scripted_failure(status: u16, hints: &[Hint<'_>], call: u64) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let message = if status == StatusCode::TOO_MANY_REQUESTS {
+        format!("Rate limit reached for requests (mock: scripted failure 429 on call {call})")
+    } else {
+        format!("mock: scripted failure {} on call {call}", status.as_u16())
+    };
+    let mut response = openai_error(status, message);
+    let headers = response.headers_mut();
+    for hint in hints {
+        // Values were validated as header-safe when the marker was parsed, so
+        // `from_str` cannot fail; a hint that somehow did is simply left out.
+        let text = |v: &str| HeaderValue::from_str(v).ok();
+        let zero = HeaderValue::from_static("0");
+        let (name, value) = match *hint {
+            Hint::Seconds(s) => (RETRY_AFTER.as_str(), Some(HeaderValue::from(s))),
+            Hint::DateIn(s) => (
+                RETRY_AFTER.as_str(),
+                HeaderValue::from_str(&httpdate::fmt_http_date(whole_seconds_from_now(s))).ok(),
+            ),
+            Hint::Raw(v) => (RETRY_AFTER.as_str(), text(v)),
+            Hint::Ms(v) => ("retry-after-ms", text(v)),
+            Hint::LiteLlm(v) => ("llm_provider-retry-after", text(v)),
+            Hint::ResetRequests(v) => {
+                headers.insert("x-ratelimit-remaining-requests", zero);
+                ("x-ratelimit-reset-requests", text(v))
+            }
+            Hint::ResetTokens(v) => {
+                headers.insert("x-ratelimit-remaining-tokens", zero);
+                ("x-ratelimit-reset-tokens", text(v))
+            }
+            Hint::Anthropic(s) => (
+                "anthropic-ratelimit-requests-reset",
+                HeaderValue::from_str(&rfc3339(whole_seconds_from_now(s))).ok(),
+            ),
+        };
+        if let Some(value) = value {
+            headers.insert(name, value);
+        }
     }
     response
+}
+
+/// `S` seconds from now, rounded up to a whole second: dates in headers have
+/// whole-second resolution and must never be earlier than S seconds from now.
+fn whole_seconds_from_now(s: u64) -> SystemTime {
+    let now = SystemTime::now();
+    let subsec = now.duration_since(UNIX_EPOCH).map_or(Duration::ZERO, |d| {
+        Duration::from_nanos(d.subsec_nanos().into())
+    });
+    let round_up = if subsec.is_zero() {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(1) - subsec
+    };
+    now + Duration::from_secs(s) + round_up
+}
+
+/// `2026-03-01T12:00:05Z` (RFC 3339, UTC, whole seconds), as Anthropic's
+/// `anthropic-ratelimit-*-reset` headers carry it.
+fn rfc3339(at: SystemTime) -> String {
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (>= 0).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// A response [`crate::serve`] turns into a closed connection. Under any
@@ -448,6 +711,10 @@ async fn calls(State(mock): State<MockLlm>, Query(query): Query<CallsQuery>) -> 
 
 async fn requests(State(mock): State<MockLlm>) -> Response {
     Json(mock.requests()).into_response()
+}
+
+async fn request_records(State(mock): State<MockLlm>) -> Response {
+    Json(mock.request_records()).into_response()
 }
 
 #[derive(Deserialize)]

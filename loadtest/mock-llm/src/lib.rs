@@ -3,11 +3,88 @@
 //! Integration tests embed it in-process ([`spawn`], or [`serve`] on a
 //! listener of their own); load tests run the `agentq-mock-llm` binary. It
 //! answers `POST /v1/chat/completions` with `"echo: <last user message>"`,
-//! counts calls per prompt, and injects faults scripted by markers inside the
-//! last user message (`[[fail:CODE:N]]`, `[[fail:429:N:S]]`,
-//! `[[fail:429:N:date:S]]`, `[[hang]]`, `[[hang:N]]`, `[[drop]]`,
-//! `[[drop:N]]`, `[[sleep:MS]]`). Control endpoints under `/_mock/` expose
-//! the counters and change latency and error rate at runtime.
+//! counts calls per prompt, and injects faults and odd replies scripted by
+//! markers inside the last user message. Control endpoints under `/_mock/`
+//! expose the counters and change latency and error rate at runtime.
+//!
+//! # Markers
+//!
+//! `N` is a call window: the marker applies to the first `N` calls of the
+//! prompt (1-based), or to every call when it is `*` or left out. Among
+//! `fail`/`hang`/`drop` markers the first whose window covers the call
+//! decides the fault; among `reply` markers, likewise the shape of a 200.
+//! A malformed marker (unknown `fail` header form, bad number, unknown reply
+//! kind) is answered with a 400 instead of being ignored; a `[[…]]` whose
+//! text up to the first `:` is not `fail`, `hang`, `drop`, `sleep` or `reply`
+//! is ordinary prompt content.
+//!
+//! - `[[fail:CODE]]`, `[[fail:CODE:N]]`: answer HTTP `CODE` (400–599) with an
+//!   OpenAI error body (below). After `N`, any of these header forms may
+//!   follow, each at most once per header (`raw` last, as it takes the rest
+//!   of the marker verbatim, colons included):
+//!   - `:S`: `Retry-After: S` (integer seconds), e.g. `[[fail:429:2:7]]`
+//!   - `:date:S`: `Retry-After: <HTTP-date S seconds from now, rounded up>`
+//!   - `:raw:VALUE`: `Retry-After: VALUE` exactly (`0`, `1e+300`, `-5`,
+//!     `soon`, a past HTTP-date; printable ASCII)
+//!   - `:ms:MS`: `retry-after-ms: MS` (`250`, `1.5`)
+//!   - `:reset:DUR`: `x-ratelimit-reset-requests: DUR` and
+//!     `x-ratelimit-remaining-requests: 0` (`DUR` a Go duration: `1s`,
+//!     `6m0s`, `250ms`, `1.5s`)
+//!   - `:reset_tokens:DUR`: the same with `x-ratelimit-*-tokens`
+//!   - `:litellm:S`: `llm_provider-retry-after: S` (LiteLLM's header; `2`, `1.5`)
+//!   - `:anthropic:S`: `anthropic-ratelimit-requests-reset: <RFC 3339 UTC time
+//!     S seconds from now, rounded up>`
+//!
+//!   e.g. `[[fail:429:3:ms:250]]`, `[[fail:429:*:reset:6m0s]]`,
+//!   `[[fail:429:1:litellm:2]]`, `[[fail:429:1:raw:1e+300]]`,
+//!   `[[fail:429:1:ms:100:raw:0]]`.
+//! - `[[hang]]`, `[[hang:N]]`: never answer (for an hour).
+//! - `[[drop]]`, `[[drop:N]]`: close the connection without an answer.
+//! - `[[sleep:MS]]`: add `MS` ms of latency (sleep markers add up).
+//! - `[[reply:KIND]]`, `[[reply:KIND:N]]`: a successful call (HTTP 200) gets
+//!   this shape instead of the plain echo. `usage` is always the echo's
+//!   (prompt words, reply words) where there is one:
+//!   - `tool_calls`: `content: null`, one call `{"id":"call_mock_<n>",
+//!     "type":"function","function":{"name":"get_weather",
+//!     "arguments":"{"city":"Paris"}"}}`, `finish_reason: "tool_calls"`
+//!   - `refusal`: `content: null`, `refusal: "I can't help with that."`,
+//!     `finish_reason: "stop"`
+//!   - `empty`: `content: null` and nothing else, `finish_reason: "length"`
+//!   - `groq`: the echo plus Groq's `service_tier: "on_demand"`,
+//!     `x_groq: {"id"}`, `system_fingerprint` and float `queue_time`,
+//!     `prompt_time`, `completion_time`, `total_time` in `usage`
+//!   - `sparse`: no `id`, `created`, `choices[].index` or
+//!     `usage.total_tokens`; `model: null`; `finish_reason: "eos_token"`
+//!   - `no_usage`: the echo without a `usage` object
+//!   - `error200`: body `{"error":{"message":"upstream overloaded",
+//!     "type":"server_error","code":"overloaded"}}`
+//!   - `error200_rate`: body `{"error":{"message":"Rate limit reached",
+//!     "type":"rate_limit_error","code":429}}` (a numeric code)
+//!   - `cached`: the echo with `usage.prompt_tokens_details.cached_tokens: 3`
+//!     and `usage.completion_tokens_details.reasoning_tokens: 2`
+//!   - `parts`: `content: [{"type":"text","text":"echo: …"}]`
+//!
+//! Markers combine: `[[fail:500:1]][[fail:429:2:ms:50]][[reply:tool_calls:3]]`
+//! is a 500, then a 429, then a tool call, then plain echoes.
+//!
+//! # Errors
+//!
+//! Every error is OpenAI's envelope `{"error":{"message","type","param","code"}}`
+//! with OpenAI's type and code for the status: 401 `invalid_request_error` /
+//! `invalid_api_key` (no code when the header is missing), 403
+//! `request_forbidden` / `unsupported_country_region_territory`, 404
+//! `invalid_request_error` / `model_not_found` (no code for an unknown
+//! route), 408 `server_error` / `timeout`, 429 `requests` /
+//! `rate_limit_exceeded`, 5xx `server_error` with no code, other 4xx
+//! `invalid_request_error` with no code.
+//!
+//! # Observing requests
+//!
+//! With [`MockConfig::record`] on, the mock keeps each request's body and
+//! what tests check about the wire ([`RequestRecord`]: `Authorization`
+//! header or its absence, `max_tokens`, `max_completion_tokens`), through
+//! [`MockLlm::request_records`] or `GET /_mock/request_records` (bodies alone:
+//! [`MockLlm::requests`], `GET /_mock/requests`).
 //!
 //! With [`MockConfig::journal`] on, an in-process mock also keeps a bounded
 //! call journal ([`MockLlm::journal`]): every call's prompt, start and end
@@ -17,8 +94,9 @@
 //! whether two calls of one prompt really ran at the same time.
 //!
 //! The request path is built for throughput: no per-request logging, atomics
-//! for configuration and totals, and a sharded map for per-prompt counters so
-//! that worker threads rarely contend.
+//! for configuration and totals, a sharded map for per-prompt counters so
+//! that worker threads rarely contend, and a marker-free prompt costs one
+//! `contains("[[")`; recording and the journal cost one branch each when off.
 
 mod api;
 mod journal;
@@ -54,6 +132,31 @@ const SHARDS: usize = 32;
 /// Per-prompt call counts for the prompts hashing to one shard.
 type Shard = Mutex<HashMap<Box<str>, u64>>;
 
+/// One chat completion request as the mock received it, kept when
+/// [`MockConfig::record`] is on ([`MockLlm::request_records`], or
+/// `GET /_mock/request_records` as a JSON array of these fields).
+///
+/// Only well-formed, authorised requests are recorded (a request the
+/// configured [`MockConfig::api_key`] turned away with a 401 is not).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RequestRecord {
+    /// The last user message's content (what per-prompt counters key on).
+    pub prompt: String,
+    /// This call's 1-based number among the calls of `prompt`.
+    pub call: u64,
+    /// The `Authorization` header's value (lossy UTF-8; `"Bearer"` for an
+    /// empty key, as HTTP drops trailing spaces), or `None` when the request
+    /// had no such header at all.
+    pub authorization: Option<String>,
+    /// The body's `max_tokens`, if it is a non-negative integer (see `body`
+    /// for anything else).
+    pub max_tokens: Option<u64>,
+    /// The body's `max_completion_tokens`, if it is a non-negative integer.
+    pub max_completion_tokens: Option<u64>,
+    /// The whole request body.
+    pub body: serde_json::Value,
+}
+
 /// Startup configuration of a [`MockLlm`].
 #[derive(Debug, Clone, Default)]
 pub struct MockConfig {
@@ -63,7 +166,8 @@ pub struct MockConfig {
     pub error_rate: f64,
     /// When set, `/v1/*` requires `Authorization: Bearer <key>` (else 401).
     pub api_key: Option<String>,
-    /// Keep the last [`RECORD_CAPACITY`] chat request bodies.
+    /// Keep the last [`RECORD_CAPACITY`] chat requests ([`MockLlm::requests`],
+    /// [`MockLlm::request_records`]). Off, it costs one branch per call.
     pub record: bool,
     /// Keep a [`CallRecord`] of the last [`JOURNAL_CAPACITY`] calls. Off, it
     /// costs one branch per call, so benchmarks leave it off.
@@ -88,7 +192,7 @@ struct Inner {
     next_id: AtomicU64,
     shard_hasher: RandomState,
     shards: Box<[Shard]>,
-    recorded: Mutex<VecDeque<serde_json::Value>>,
+    recorded: Mutex<VecDeque<RequestRecord>>,
     journal: Option<Journal>,
 }
 
@@ -151,6 +255,17 @@ impl MockLlm {
 
     /// Recorded request bodies, oldest first (empty unless `record`).
     pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.inner
+            .recorded
+            .lock()
+            .iter()
+            .map(|r| r.body.clone())
+            .collect()
+    }
+
+    /// Recorded requests with what the client sent besides the messages
+    /// (`Authorization`, `max_tokens`), oldest first (empty unless `record`).
+    pub fn request_records(&self) -> Vec<RequestRecord> {
         self.inner.recorded.lock().iter().cloned().collect()
     }
 
@@ -246,12 +361,12 @@ impl MockLlm {
         self.inner.journal.as_ref()
     }
 
-    pub(crate) fn record_request(&self, body: serde_json::Value) {
+    pub(crate) fn record_request(&self, record: RequestRecord) {
         let mut recorded = self.inner.recorded.lock();
         if recorded.len() >= RECORD_CAPACITY {
             recorded.pop_front();
         }
-        recorded.push_back(body);
+        recorded.push_back(record);
     }
 
     /// Snapshot of all per-prompt counters.
@@ -308,11 +423,19 @@ mod tests {
             ..MockConfig::default()
         });
         for i in 0..(RECORD_CAPACITY + 5) {
-            mock.record_request(serde_json::json!(i));
+            mock.record_request(RequestRecord {
+                prompt: "p".into(),
+                call: i as u64 + 1,
+                authorization: None,
+                max_tokens: None,
+                max_completion_tokens: None,
+                body: serde_json::json!(i),
+            });
         }
         let recorded = mock.requests();
         assert_eq!(recorded.len(), RECORD_CAPACITY);
         assert_eq!(recorded[0], serde_json::json!(5));
+        assert_eq!(mock.request_records()[0].call, 6);
     }
 
     #[test]
