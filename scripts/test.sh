@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check agentq has, installing what is missing: formatting, clippy, unit and end-to-end
-# tests (real redis-server, real binaries, mock LLM), API fuzzing (schemathesis), the deploy checks,
-# the k6 smoke, the autoscaling replay and a benchmark smoke. Usage: bash scripts/test.sh
+# tests (real redis-server, real binaries, the mock LLM, and the third-party LiteLLM proxy and aimock
+# as LLM servers), API fuzzing (schemathesis), the deploy checks, the k6 smoke, the autoscaling replay
+# and a benchmark smoke. Usage: bash scripts/test.sh
 # Each step runs even when an earlier one failed; the exit code is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,8 @@ step() { # step NAME CMD...
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build binaries" cargo build --workspace --bins --locked
+step "third-party LLM servers for the wire tests (LiteLLM proxy, aimock)" \
+  bash -c 'bash tests/peers/litellm/install.sh && bash tests/peers/aimock/install.sh'
 step "unit and end-to-end tests (nextest)" cargo nextest run --workspace --locked --no-fail-fast
 step "API fuzzing (schemathesis vs /openapi.json)" bash scripts/schemathesis.sh
 step "deploy checks (helm, CRDs, checkov, hadolint, KEDA keys)" bash deploy/check.sh
