@@ -107,13 +107,16 @@ pub struct Call {
     pub matched: bool,
     /// The request body as received.
     pub body: Value,
-    /// The request headers (lower-case names).
+    /// The request headers (lower-case names); aimock's journal replaces the value of credential
+    /// headers (`authorization`, `x-api-key`, ...) with `[REDACTED]`.
     pub headers: Value,
 }
 
 /// A running aimock server, killed on drop.
 pub struct Aimock {
     pub url: String,
+    /// The inbound key aimock was told to require (`AIMOCK_API_KEYS`), sent on journal reads.
+    api_key: Option<String>,
     proc: Proc,
     _dir: tempfile::TempDir,
     http: reqwest::Client,
@@ -121,8 +124,18 @@ pub struct Aimock {
 
 impl Aimock {
     /// Writes `fixtures` to a temp dir and starts aimock on them; its log goes to
-    /// `log_dir/aimock.log` (pass the stack's log dir so `log_tails` shows it).
+    /// `log_dir/aimock-<port>.log` (pass the stack's log dir so `log_tails` shows it).
     pub async fn start(fixtures: &[Value], log_dir: &Path) -> Result<Self> {
+        Self::start_with(fixtures, log_dir, None).await
+    }
+
+    /// Like [`Aimock::start`]; with `api_key`, aimock answers 401 to any call whose credential
+    /// (`Authorization: Bearer ...`) is missing or is not exactly that key.
+    pub async fn start_with(
+        fixtures: &[Value],
+        log_dir: &Path,
+        api_key: Option<&str>,
+    ) -> Result<Self> {
         let cli = cli()?;
         check_prompts_distinct(fixtures)?;
         let dir = tempfile::tempdir()?;
@@ -139,7 +152,10 @@ impl Aimock {
             .arg(&file)
             .args(["--validate-on-load", "--log-level", "info"])
             .args(["--journal-max", "0"]);
-        let mut proc = Proc::spawn("aimock", &mut cmd, log_dir)?;
+        if let Some(key) = api_key {
+            cmd.env("AIMOCK_API_KEYS", key);
+        }
+        let mut proc = Proc::spawn(&format!("aimock-{port}"), &mut cmd, log_dir)?;
         let url = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -164,6 +180,7 @@ impl Aimock {
         }
         Ok(Self {
             url,
+            api_key: api_key.map(str::to_owned),
             proc,
             _dir: dir,
             http,
@@ -182,14 +199,14 @@ impl Aimock {
 
     /// Every chat-completions call so far, oldest first.
     pub async fn calls(&self) -> Result<Vec<Call>> {
-        let r = self
-            .http
-            .get(format!(
-                "{}/__aimock/journal?path=/v1/chat/completions",
-                self.url
-            ))
-            .send()
-            .await?;
+        let mut req = self.http.get(format!(
+            "{}/__aimock/journal?path=/v1/chat/completions",
+            self.url
+        ));
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        let r = req.send().await?;
         if !r.status().is_success() {
             bail!("GET /__aimock/journal: {}", r.status());
         }
