@@ -8,8 +8,8 @@
 # and shuts everything down. Exits non-zero if any task did not succeed (logs are then kept).
 # Usage: bash scripts/real-model.sh
 # Optional knobs: AGENTQ_MAX_TOKENS (default 128), AGENTQ_LLM_TIMEOUT_SECS (default 180),
-# WORKER_CONCURRENCY (default 2), REAL_MODEL_THREADS (llama.cpp threads, default 1: a 135M model is
-# fast on one core, and llama.cpp's OpenMP threads spin badly when other processes share the cores).
+# WORKER_CONCURRENCY (default 1: llama-cpp-python serves one request at a time), REAL_MODEL_THREADS
+# (llama.cpp threads, default 1: a 135M model is fast on one core, and llama.cpp's OpenMP threads spin badly when other processes share the cores).
 # Not part of scripts/test.sh (CI): the first run compiles llama.cpp, and a 135M model's answers are
 # not deterministic enough to assert on; the wire-format peers CI does test are in tests/peers.
 set -euo pipefail
@@ -118,7 +118,7 @@ export REDIS_URL=redis://127.0.0.1:$redis_port AGENTQ_RETRY_BASE_MS=500 AGENTQ_R
 # timeout is generous because llama-cpp-python serves one request at a time and the rest wait in line.
 export OPENAI_BASE_URL=http://127.0.0.1:$llm_port/v1 OPENAI_API_KEY="" AGENTQ_MODEL=$model \
   AGENTQ_MAX_TOKENS=${AGENTQ_MAX_TOKENS:-128} AGENTQ_LLM_TIMEOUT_SECS=${AGENTQ_LLM_TIMEOUT_SECS:-180}
-concurrency=${WORKER_CONCURRENCY:-2}
+concurrency=${WORKER_CONCURRENCY:-1}
 
 echo "==> agentq-api on 127.0.0.1:$api_port, agentq-worker (concurrency $concurrency) probes on 127.0.0.1:$worker_port"
 echo "    OPENAI_BASE_URL=$OPENAI_BASE_URL OPENAI_API_KEY='' AGENTQ_MODEL=$AGENTQ_MODEL"

@@ -198,8 +198,9 @@ pub struct LlmSettings<'a> {
 
 impl Llm {
     pub fn new(s: LlmSettings<'_>, metrics: WorkerMetrics) -> anyhow::Result<Self> {
+        // No total timeout here: `chat` bounds the whole call (send and body) with one timer, so
+        // a timed-out attempt always reads the same "timed out after" error.
         let http = reqwest::Client::builder()
-            .timeout(s.timeout)
             .connect_timeout(s.timeout.min(Duration::from_secs(10)))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
