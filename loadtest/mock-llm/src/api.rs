@@ -765,3 +765,30 @@ async fn reset(State(mock): State<MockLlm>) -> StatusCode {
     mock.reset();
     StatusCode::NO_CONTENT
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        let at = |secs: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_868_801), "2000-03-01T00:00:01Z");
+        assert_eq!(at(1_709_208_000), "2024-02-29T12:00:00Z");
+        assert_eq!(at(1_735_689_599), "2024-12-31T23:59:59Z");
+        assert_eq!(at(4_102_444_800), "2100-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn error_kinds_per_status() {
+        let kind = |s: u16| error_kind(StatusCode::from_u16(s).expect("valid status"));
+        assert_eq!(kind(429), ("requests", Some("rate_limit_exceeded")));
+        assert_eq!(
+            kind(401),
+            ("invalid_request_error", Some("invalid_api_key"))
+        );
+        assert_eq!(kind(418), ("invalid_request_error", None));
+        assert_eq!(kind(529), ("server_error", None));
+    }
+}

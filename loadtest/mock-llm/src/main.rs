@@ -6,7 +6,9 @@
 //! `MOCK_LLM_LATENCY_MS` / `--latency-ms` (default 0),
 //! `MOCK_LLM_ERROR_RATE` / `--error-rate` (default 0),
 //! `MOCK_LLM_API_KEY` / `--api-key` (unset: no auth),
-//! `MOCK_LLM_RECORD` / `--record` (`1` to keep the last 1000 request bodies).
+//! `MOCK_LLM_RECORD` / `--record` (`1` to keep the last 1000 requests, served
+//! at `/_mock/requests` and, with `Authorization` and `max_tokens`, at
+//! `/_mock/request_records`).
 //! Invalid configuration exits with code 64 (EX_USAGE).
 
 use std::io::Write;
