@@ -69,6 +69,15 @@ struct WireMessage {
     refusal: Option<String>,
     #[serde(default, deserialize_with = "lenient")]
     tool_calls: Option<Vec<Value>>,
+    /// Where LiteLLM moves fields it does not model, `refusal` among them.
+    #[serde(default, deserialize_with = "lenient")]
+    provider_specific_fields: Option<ProviderFields>,
+}
+
+#[derive(Deserialize)]
+struct ProviderFields {
+    #[serde(default, deserialize_with = "lenient")]
+    refusal: Option<String>,
 }
 
 /// Message content: a string, or (as some servers send) an array of content parts.
@@ -179,7 +188,9 @@ pub fn parse(body: &[u8], model: &str) -> Parsed {
     let (content, refusal, tool_calls) = match choice.message {
         Some(m) => (
             m.content.map(Content::into_text).filter(|c| !c.is_empty()),
-            m.refusal.filter(|r| !r.is_empty()),
+            m.refusal
+                .or_else(|| m.provider_specific_fields.and_then(|p| p.refusal))
+                .filter(|r| !r.is_empty()),
             m.tool_calls.filter(|t| !t.is_empty()),
         ),
         None => (None, None, None),
@@ -390,6 +401,12 @@ mod tests {
         );
         assert_eq!(r.refusal.as_deref(), Some("I can't help with that."));
         assert_eq!(r.content, "");
+        // LiteLLM relays a refusal under provider_specific_fields
+        let r = ok(
+            json!({"choices": [{"message": {"content": null, "refusal": null,
+            "provider_specific_fields": {"refusal": "No."}}, "finish_reason": "stop"}]}),
+        );
+        assert_eq!(r.refusal.as_deref(), Some("No."));
     }
 
     #[test]
