@@ -543,15 +543,16 @@ async fn c_tool_calls_missing_usage_and_groq_bodies_complete_with_their_fields(
     );
 
     // What LiteLLM makes of each shape: Groq's extras dropped by the worker; the sparse body's
-    // "eos_token" becomes "stop" and its missing total_tokens becomes 0 (LiteLLM's, not a sum);
-    // usage details kept; a body without usage gets LiteLLM's zeros.
+    // "eos_token" becomes "stop" and its missing total_tokens becomes 0 (LiteLLM's, not a sum),
+    // which the worker reads as absent and sums; usage details kept; a body without usage gets
+    // LiteLLM's zeros.
     let mut tokens_sent = (p, c);
     for prompt in &relayed_ok {
         let t = done.next().context("record")?;
         let (p, c) = echo_usage(prompt);
         let usage = match *prompt {
             x if x.contains("sparse") => {
-                json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": 0})
+                json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
             }
             x if x.contains("cached") => json!({"prompt_tokens": p, "completion_tokens": c,
                 "total_tokens": p + c, "cached_tokens": 3, "reasoning_tokens": 2}),

@@ -133,8 +133,11 @@ impl From<WireUsage> for Usage {
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
+            // A total of 0 beside non-zero parts is a proxy's placeholder (LiteLLM writes 0 when
+            // the upstream sent no total), not a count: read it as absent.
             total_tokens: u
                 .total_tokens
+                .filter(|t| *t > 0 || (prompt == 0 && completion == 0))
                 .unwrap_or_else(|| prompt.saturating_add(completion)),
             cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
             reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens),
@@ -348,6 +351,9 @@ mod tests {
         assert_eq!(r.model, "asked");
         assert_eq!(r.finish_reason.as_deref(), Some("eos_token"));
         assert_eq!(r.usage.total_tokens, 7);
+        let r = ok(json!({"choices": [{"message": {"content": "x"}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 0}}));
+        assert_eq!(r.usage.total_tokens, 7, "LiteLLM's placeholder 0 is summed");
         let r = ok(json!({"choices": [{"message": {"content": "x"}, "finish_reason": ""}]}));
         assert_eq!(r.finish_reason.as_deref(), Some(""));
         assert_eq!(r.usage, Usage::default());
