@@ -24,13 +24,7 @@ cleanup() {
   local code=$?
   echo
   echo "==> shutting down"
-  # One at a time, in order (worker, api, then the LLM and Redis): the worker drains on SIGTERM
-  # and still needs Redis to record its last results and give back the rest.
-  for pid in "${pids[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
+  stop_in_order "${pids[@]}"
   [ "$code" = 0 ] || { echo "demo failed; logs in $run"; exit "$code"; }
   rm -rf "$run"
   echo "done."

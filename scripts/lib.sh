@@ -31,3 +31,15 @@ wait_http() { # wait_http URL [seconds]
     sleep 0.1
   done
 }
+
+# stop_in_order PID... : SIGTERM each in turn, up to 10 s to exit, then SIGKILL. One at a time and
+# in the order given (worker, api, then the LLM and Redis), so a draining worker still has Redis to
+# record its last results and give back the rest.
+stop_in_order() {
+  local pid
+  for pid in "$@"; do
+    kill -TERM "$pid" 2>/dev/null || continue
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+}

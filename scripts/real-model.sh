@@ -31,12 +31,7 @@ cleanup() {
   local code=$?
   echo
   echo "==> shutting down"
-  # one at a time, in order: the worker and api drain on SIGTERM while Redis and the model still answer
-  for pid in "${pids[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || continue
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
+  stop_in_order "${pids[@]}"
   [ "$code" = 0 ] || { echo "real-model run failed; logs in $run"; exit "$code"; }
   rm -rf "$run"
   echo "done."
