@@ -3,8 +3,9 @@
 #
 # Installs its tools into the gitignored .tools/bin and .venv at the repo root when they are missing
 # (and reuses them when present), then lints, renders and validates the Helm chart, scans the rendered
-# manifests with checkov, lints the Dockerfile with hadolint, and checks that the chart's KEDA triggers
-# use the exact Redis keys the code uses. Prints a summary; exits non-zero if any step failed.
+# manifests with checkov, lints the Dockerfile with hadolint, checks that the chart's KEDA triggers
+# use the exact Redis keys the code uses, and checks the AGENTQ_UPSTREAMS wiring. Prints a summary;
+# exits non-zero if any step failed.
 # It needs nothing but the repository and the package registries (PyPI): the KEDA and
 # prometheus-operator schemas come from pinned PyPI packages, not from CRD files beside the repo.
 #
@@ -165,9 +166,23 @@ render_all() {
     return $rc
 }
 
+# One valid upstream; the upstream cases below each break one thing of it.
+UP0="upstreams.config.upstreams[0]"
+UP1="upstreams.config.upstreams[1]"
+UPSTREAM_OK="--set $UP0.name=a --set $UP0.base_url=https://llm.example/v1 --set $UP0.models[0]=gpt-4o-mini"
+
 # The schema must reject bad values, not only accept good ones.
 negative_values() {
     local rc=0 args
+    local -    # the [0] of the upstream cases is no glob
+    set -f
+    # shellcheck disable=SC2086
+    if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" $UPSTREAM_OK > /dev/null; then
+        echo "ok   accepted: $UPSTREAM_OK (the base of the upstream cases)"
+    else
+        echo "FAIL the base of the upstream cases is rejected: $UPSTREAM_OK"
+        rc=1
+    fi
     local -a cases=(
         "--set redis.appendfsync=no"
         "--set redis.enabled=false"
@@ -179,6 +194,17 @@ negative_values() {
         "--set api.preStopSleepSeconds=30 --set api.terminationGracePeriodSeconds=30"
         "--set-string redis.auth.password=with\"quote"
         "--set redis.auth.existingSecret=mine --set redis.auth.existingSecretUrlEncodedPasswordKey=not/a/key"
+        "$UPSTREAM_OK --set $UP0.api_key=sk-live-a-key-in-values"
+        "$UPSTREAM_OK --set $UP0.api_key=env:NOT_GIVEN_TO_THE_PODS"
+        "$UPSTREAM_OK --set $UP0.name=no.dots"
+        "$UPSTREAM_OK --set $UP0.limits.rpm=0"
+        "$UPSTREAM_OK --set $UP0.limits.requests_per_minute=5"
+        "$UPSTREAM_OK --set $UP0.base_url=llm.example"
+        "$UPSTREAM_OK --set $UP0.model_limits.gpt-4o.tpm=100"
+        "$UPSTREAM_OK --set $UP1.name=a --set $UP1.base_url=https://b.example/v1 --set $UP1.models[0]=m2"
+        "$UPSTREAM_OK --set $UP1.name=b --set $UP1.base_url=https://b.example/v1 --set $UP1.models[0]=gpt-4o-mini"
+        "$UPSTREAM_OK --set llm.model=not-served"
+        "--set upstreams.secretEnv[0].name=REDIS_URL --set upstreams.secretEnv[0].secretName=s --set upstreams.secretEnv[0].key=k"
     )
     for args in "${cases[@]}"; do
         # shellcheck disable=SC2086
@@ -267,6 +293,35 @@ redis_password_url() {
     return $rc
 }
 
+# AGENTQ_UPSTREAMS in api and worker exactly when upstreams.config is set, the file mounted where it
+# points and equal to the values, key variables from Secrets in both pods, no key in any ConfigMap,
+# and the pods' checksum changing with the file (all-on rendered again with one limit changed).
+upstreams_wiring() {
+    local name rc=0 f
+    local -a files
+    "$VENV/bin/python" - "$CHART/ci/all-on-values.yaml" "$OUT/upstreams-changed.yaml" <<'PY'
+import sys, yaml
+values = yaml.safe_load(open(sys.argv[1]))
+values["upstreams"]["config"]["upstreams"][0].setdefault("limits", {})["rpm"] = 499
+yaml.safe_dump({"upstreams": {"config": values["upstreams"]["config"]}}, open(sys.argv[2], "w"))
+PY
+    helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" -f "$CHART/ci/all-on-values.yaml" \
+        -f "$OUT/upstreams-changed.yaml" > "$OUT/all-on-upstreams-changed.yaml" || return 1
+    for name in "${SET_NAMES[@]}"; do
+        files=()
+        for f in ${VALUE_SETS[$name]}; do
+            [[ "$f" == -f ]] || files+=("$f")
+        done
+        if [[ "$name" == all-on ]]; then
+            python "$ROOT/deploy/check_upstreams.py" --rolled "$OUT/all-on-upstreams-changed.yaml" \
+                "$OUT/rendered/$name.yaml" "${files[@]}" || rc=1
+        else
+            python "$ROOT/deploy/check_upstreams.py" "$OUT/rendered/$name.yaml" "${files[@]}" || rc=1
+        fi
+    done
+    return $rc
+}
+
 step "helm lint --strict (default, all-on, external-redis, dev, prod)" lint_all
 step "helm template (kube $KUBE_VERSION, KEDA + prometheus-operator APIs)" render_all
 step "values.schema.json and template guards reject bad values" negative_values
@@ -277,6 +332,7 @@ step "checkov on rendered manifests" run_checkov
 step "hadolint deploy/Dockerfile" run_hadolint
 step "KEDA keys, trigger metadata, grace vs drain and preStop, REDIS_URL, metric names" check_keys
 step "Redis password with URL-special characters survives REDIS_URL" redis_password_url
+step "upstreams: AGENTQ_UPSTREAMS, mount, key variables and checksum in api and worker; no key in a ConfigMap" upstreams_wiring
 
 printf '\n==================== deploy/check.sh summary ====================\n'
 printf '%s\n' "${RESULTS[@]}"

@@ -8,6 +8,8 @@ For each rendered file:
     pending LIST key the code uses, and the trigger named "inflight" reads exactly the code's active
     ZSET key (KEDA's redis scaler runs ZCARD on a zset), for the AGENTQ_KEY_PREFIX / AGENTQ_QUEUE the
     pods get from the rendered ConfigMap;
+  * no trigger reads the delayed or throttled ZSET: work that cannot run yet stays out of the replica
+    count (it is promoted into pending when due);
   * every redis trigger uses only metadata keys KEDA's redis scaler knows, every value is a string,
     and scalingModifiers.formula references exactly the trigger names;
   * the worker's terminationGracePeriodSeconds is larger than its AGENTQ_DRAIN_TIMEOUT_SECS, as the
@@ -76,7 +78,7 @@ def code_keys(prefix: str, queue: str, override: str | None, root: Path) -> tupl
         return json.loads(override), "given JSON"
     if (prefix, queue) in _keys_cache:
         return _keys_cache[(prefix, queue)], "cargo example keys (cached)"
-    fallback = {n: f"{prefix}:{{{queue}}}:{n}" for n in ("pending", "active", "delayed", "dead")}
+    fallback = {n: f"{prefix}:{{{queue}}}:{n}" for n in ("pending", "active", "delayed", "throttled", "dead")}
     if shutil.which("cargo") is None:
         return fallback, "WARN cargo not found: documented layout <prefix>:{<queue>}:<name>"
     cmd = ["cargo", "run", "-q", "-p", "agentq-common", "--example", "keys", "--", prefix, queue]
@@ -278,6 +280,15 @@ def check_file(path: Path, override: str | None, root: Path, redis_password: str
             expect(got == want, f"trigger {tname} listName {got!r} != code's {code_key} key {want!r}")
             if got == want:
                 print(f"  trigger {tname}: listName {got} == code {code_key} key")
+        # Work that cannot run now stays out of the replica count: retrying tasks (delayed) and tasks
+        # the flow limiter parked (throttled) are promoted into pending when due, by the workers and
+        # by the api, so KEDA wakes a fleet at zero then and not earlier.
+        waiting = {n: keys.get(n, f"{prefix}:{{{queue}}}:{n}") for n in ("delayed", "throttled")}
+        for t in spec["triggers"]:
+            for n, key in waiting.items():
+                expect((t.get("metadata") or {}).get("listName") != key,
+                       f"trigger {t.get('name')} reads the {n} key {key}: it must stay outside the scaling formula")
+        print(f"  outside the formula: {', '.join(f'{n}={k}' for n, k in waiting.items())}")
         for t in spec["triggers"]:
             md = t.get("metadata", {})
             for k, v in md.items():

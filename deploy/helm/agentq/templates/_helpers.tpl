@@ -210,6 +210,110 @@ ConfigMap or in the manifest, and characters such as @ : / % # ? in it cannot br
 {{- default (printf "%s-llm" (include "agentq.fullname" .)) .Values.llm.existingSecret }}
 {{- end }}
 
+{{/* ---------------------------------------------------------------- upstreams ---- */}}
+
+{{/* "true" when upstreams.config lists upstreams (AGENTQ_UPSTREAMS is set), else empty. */}}
+{{- define "agentq.upstreams.enabled" -}}
+{{- if (.Values.upstreams.config).upstreams }}true{{ end }}
+{{- end }}
+
+{{- define "agentq.upstreams.configMapName" -}}
+{{- printf "%s-upstreams" (include "agentq.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The path AGENTQ_UPSTREAMS points at: the ConfigMap key mounted into api and worker. */}}
+{{- define "agentq.upstreams.path" -}}
+{{- printf "%s/upstreams.yaml" .Values.upstreams.mountPath }}
+{{- end }}
+
+{{/* "true" when an upstream reads its key from OPENAI_API_KEY (then the api gets that variable too). */}}
+{{- define "agentq.upstreams.usesOpenaiKey" -}}
+{{- range (.Values.upstreams.config).upstreams }}{{ if eq (default "" .api_key) "env:OPENAI_API_KEY" }}true{{ end }}{{ end }}
+{{- end }}
+
+{{/*
+What values.schema.json cannot say: upstream names unique, a model served by one upstream only,
+model_limits only for a model that upstream serves, AGENTQ_MODEL (llm.model) served, every
+"api_key: env:VAR" variable given to the pods, and upstreams.secretEnv names unique and not
+shadowing a setting the chart sets itself.
+*/}}
+{{- define "agentq.upstreams.check" -}}
+{{- $reserved := list "OPENAI_API_KEY" "OPENAI_BASE_URL" "REDIS_URL" "REDIS_PASSWORD_URLENCODED" "WORKER_CONCURRENCY" }}
+{{- $provided := dict "OPENAI_API_KEY" "llm.apiKey / llm.existingSecret" }}
+{{- range .Values.upstreams.secretEnv }}
+{{- if or (has .name $reserved) (hasPrefix "AGENTQ_" .name) }}
+{{- fail (printf "upstreams.secretEnv: %s is set by the chart itself; name the key's variable differently (and use it as api_key: env:<name>)" .name) }}
+{{- end }}
+{{- if hasKey $provided .name }}
+{{- fail (printf "upstreams.secretEnv: %s is listed twice" .name) }}
+{{- end }}
+{{- $_ := set $provided .name (printf "upstreams.secretEnv (Secret %s, key %s)" .secretName .key) }}
+{{- end }}
+{{- $extra := dict }}
+{{- range .Values.api.extraEnv }}{{ $_ := set $extra .name "api" }}{{ end }}
+{{- $names := dict }}
+{{- $models := dict }}
+{{- range $u := (.Values.upstreams.config).upstreams }}
+{{- if hasKey $names $u.name }}
+{{- fail (printf "upstreams.config: the upstream name %q is used twice" $u.name) }}
+{{- end }}
+{{- $_ := set $names $u.name true }}
+{{- range $m := $u.models }}
+{{- if hasKey $models $m }}
+{{- fail (printf "upstreams.config: model %q is served by both %q and %q; a model belongs to exactly one upstream" $m (get $models $m) $u.name) }}
+{{- end }}
+{{- $_ := set $models $m $u.name }}
+{{- end }}
+{{- range $m, $_ := $u.model_limits }}
+{{- if not (has $m $u.models) }}
+{{- fail (printf "upstreams.config: upstream %q has model_limits for %q, which is not in its models %v" $u.name $m $u.models) }}
+{{- end }}
+{{- end }}
+{{- with $u.api_key }}
+{{- $var := trimPrefix "env:" . }}
+{{- $inExtra := false }}
+{{- range $.Values.worker.extraEnv }}{{ if and (eq .name $var) (hasKey $extra $var) }}{{ $inExtra = true }}{{ end }}{{ end }}
+{{- if not (or (hasKey $provided $var) $inExtra $.Values.upstreams.existingSecret) }}
+{{- fail (printf "upstreams.config: upstream %q reads its key from env %s, which no pod gets: add {name: %s, secretName: <secret>, key: <key>} to upstreams.secretEnv, or set upstreams.existingSecret to a Secret with a key %s" $u.name $var $var $var) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and $models (not (hasKey $models .Values.llm.model)) }}
+{{- fail (printf "llm.model %q (AGENTQ_MODEL, the model of tasks that name none) is not served by any upstream in upstreams.config; set it to one of %v" .Values.llm.model (keys $models | sortAlpha)) }}
+{{- end }}
+{{- end }}
+
+{{/* envFrom entry of upstreams.existingSecret (every key an env variable), for api and worker. */}}
+{{- define "agentq.upstreams.envFrom" -}}
+{{- with .Values.upstreams.existingSecret }}
+- secretRef:
+    name: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Env entries of the upstreams' API keys: upstreams.secretEnv, for api and worker, and for the api
+OPENAI_API_KEY when an upstream names it (the worker always has it). Call with
+(dict "ctx" $ "component" "api"|"worker").
+*/}}
+{{- define "agentq.upstreams.env" -}}
+{{- $ctx := .ctx }}
+{{- if and (eq .component "api") (include "agentq.upstreams.usesOpenaiKey" $ctx) }}
+- name: OPENAI_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "agentq.llm.secretName" $ctx }}
+      key: {{ $ctx.Values.llm.existingSecretKey }}
+{{- end }}
+{{- range $ctx.Values.upstreams.secretEnv }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secretName }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
+
 {{/* ---------------------------------------------------------------- worker timing ---- */}}
 
 {{/*
