@@ -6,7 +6,9 @@
 //! gets a 503 within a few seconds (never a 500 or a hang); nothing here retries on its own.
 
 pub mod error;
+mod promote;
 mod routes;
+mod upstreams;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -25,6 +27,8 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub broker: Broker,
+    /// Reads the flow limiter's state for `GET /v1/upstreams`.
+    pub limiter: agentq_common::flow::Limiter,
     pub config: Arc<ApiConfig>,
     pub metrics: ApiMetrics,
     /// Declared queues this process has registered in Redis, so the registry write happens once
@@ -37,8 +41,10 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: ApiConfig) -> anyhow::Result<Self> {
         let redis = Redis::open(&config.common.redis_url)?;
+        let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix);
         let broker = Broker::new(redis, config.common.key_prefix.clone());
         Ok(Self {
+            limiter,
             openapi: routes::openapi_for(&config.queues).into(),
             broker,
             config: Arc::new(config),
@@ -61,9 +67,13 @@ pub async fn run(
         prefix = %state.config.common.key_prefix,
         "agentq-api serving"
     );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let promoter = tokio::spawn(promote::run(state.clone(), stop.clone()));
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await?;
+    stop.cancel();
+    let _ = promoter.await;
     tracing::info!("agentq-api stopped");
     Ok(())
 }

@@ -64,6 +64,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/queues/{queue}", get(queue_stats))
         .route("/v1/queues/{queue}/dead", get(list_dead))
         .route("/v1/queues/{queue}/dead/redrive", post(redrive_dead))
+        .route("/v1/upstreams", get(crate::upstreams::list))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -93,7 +94,7 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
-async fn deadline<T>(
+pub(crate) async fn deadline<T>(
     fut: impl std::future::Future<Output = Result<T, redis::RedisError>>,
 ) -> Result<T, ApiError> {
     match tokio::time::timeout(REDIS_DEADLINE, fut).await {
@@ -204,6 +205,8 @@ async fn create_task(
             &state.config.default_queue,
             state.config.common.max_attempts,
         )
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    task.check_models(&state.config.upstreams)
         .map_err(|e| ApiError::invalid(e.field, e.message))?;
     if !state.config.declares(&task.queue) {
         return Err(undeclared(&task.queue));
@@ -392,6 +395,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
             g.with_label_values(&[q, "pending"]).set(s.pending as i64);
             g.with_label_values(&[q, "inflight"]).set(s.inflight as i64);
             g.with_label_values(&[q, "retrying"]).set(s.retrying as i64);
+            g.with_label_values(&[q, "throttled"])
+                .set(s.throttled as i64);
             g.with_label_values(&[q, "dead"]).set(s.dead as i64);
             let age = state.broker.oldest_pending_age(q).await?;
             state.metrics.oldest_age.with_label_values(&[q]).set(age);

@@ -16,6 +16,7 @@ fn main() {
         "pending": k.pending(),
         "active": k.active(),
         "delayed": k.delayed(),
+        "throttled": k.throttled(),
         "dead": k.dead(),
         "workers": k.workers(),
         "task_prefix": k.task_prefix(),

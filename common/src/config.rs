@@ -39,6 +39,9 @@ pub const ENV_QUEUES: &str = "AGENTQ_QUEUES";
 pub const ENV_MAX_RESPONSE_BYTES: &str = "AGENTQ_MAX_RESPONSE_BYTES";
 pub const ENV_MAX_TOKENS: &str = "AGENTQ_MAX_TOKENS";
 pub const ENV_MAX_TOKENS_PARAM: &str = "AGENTQ_MAX_TOKENS_PARAM";
+pub const ENV_LIMITER_OUTPUT_TOKENS: &str = "AGENTQ_LIMITER_OUTPUT_TOKENS";
+/// Output tokens the limiter reserves for a call that sends no output cap (`AGENTQ_MAX_TOKENS=0`).
+pub const DEFAULT_LIMITER_OUTPUT_TOKENS: u32 = 1024;
 
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8080";
@@ -231,6 +234,8 @@ pub struct ApiConfig {
     /// The declared queues (`AGENTQ_QUEUES`, plus the default queue), sorted. Tasks may name only
     /// these: a client must not be able to create queues (keys, gauges) nobody serves.
     pub queues: Vec<String>,
+    /// Which models exist (`AGENTQ_UPSTREAMS`); the api refuses a model nobody serves.
+    pub upstreams: std::sync::Arc<crate::flow::Upstreams>,
 }
 
 impl ApiConfig {
@@ -262,10 +267,19 @@ impl ApiConfig {
                 message: format!("at most {MAX_QUEUES} queues"),
             });
         }
+        let upstreams = crate::flow::Upstreams::from_env(
+            env,
+            &string(env, ENV_OPENAI_BASE_URL, DEFAULT_OPENAI_BASE_URL),
+            SecretString::from(String::new()),
+            env.get(ENV_MODEL).as_deref(),
+            &string(env, ENV_MODEL, DEFAULT_MODEL),
+            false,
+        )?;
         Ok(Self {
             common,
             default_queue,
             queues,
+            upstreams: std::sync::Arc::new(upstreams),
         })
     }
 
@@ -338,6 +352,10 @@ pub struct WorkerConfig {
     /// `AGENTQ_MAX_TOKENS`: output cap sent with every call; 0 sends none.
     pub max_tokens: u32,
     pub max_tokens_param: MaxTokensParam,
+    /// `AGENTQ_UPSTREAMS`, or the implicit upstream from `OPENAI_BASE_URL` / `OPENAI_API_KEY`.
+    pub upstreams: std::sync::Arc<crate::flow::Upstreams>,
+    /// `AGENTQ_LIMITER_OUTPUT_TOKENS`: output tokens reserved when no output cap is sent.
+    pub limiter_output_tokens: u32,
 }
 
 impl WorkerConfig {
@@ -384,12 +402,29 @@ impl WorkerConfig {
                 })
             }
         };
+        let openai_api_key = SecretString::from(string(env, ENV_OPENAI_API_KEY, ""));
+        let upstreams = crate::flow::Upstreams::from_env(
+            env,
+            &openai_base_url,
+            openai_api_key.clone(),
+            env.get(ENV_MODEL).as_deref(),
+            &string(env, ENV_MODEL, DEFAULT_MODEL),
+            true,
+        )?;
         Ok(Self {
             common,
             queue,
             openai_base_url: openai_base_url.trim_end_matches('/').to_owned(),
-            openai_api_key: SecretString::from(string(env, ENV_OPENAI_API_KEY, "")),
-            model: string(env, ENV_MODEL, DEFAULT_MODEL),
+            openai_api_key,
+            model: upstreams.default_model.clone(),
+            upstreams: std::sync::Arc::new(upstreams),
+            limiter_output_tokens: ranged(
+                env,
+                ENV_LIMITER_OUTPUT_TOKENS,
+                DEFAULT_LIMITER_OUTPUT_TOKENS,
+                1,
+                10_000_000,
+            )?,
             concurrency: ranged(env, ENV_CONCURRENCY, DEFAULT_CONCURRENCY, 1, 100_000)?,
             heartbeat: Duration::from_secs(ranged(
                 env,

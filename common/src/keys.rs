@@ -149,6 +149,12 @@ impl Keys {
         format!("{}:idem:{key}", self.base)
     }
 
+    /// ZSET of task ids the flow limiter parked (score = when the limit allows them, in ms):
+    /// outside `pending`, so the workers and KEDA see only work that can run now.
+    pub fn throttled(&self) -> String {
+        format!("{}:throttled", self.base)
+    }
+
     /// LIST of an agent's recent messages (JSON), newest last.
     pub fn memory(&self, agent_id: &str) -> String {
         format!("{}:memory:{agent_id}", self.base)
@@ -159,6 +165,23 @@ impl Keys {
 /// Written with single commands only (it is not in any queue's slot).
 pub fn queues_registry(prefix: &str) -> String {
     format!("{prefix}:queues")
+}
+
+/// HASH with the flow limiter's state for a whole upstream (sliding-minute buckets and sums).
+/// The `{<upstream>}` hash tag puts every limiter key of one upstream in one cluster slot.
+pub fn limiter_upstream(prefix: &str, upstream: &str) -> String {
+    format!("{prefix}:limiter:{{{upstream}}}")
+}
+
+/// HASH with the flow limiter's state for one model on an upstream: its window, the fleet-wide
+/// block after a 429 (`blocked_until`) and limits learned from the upstream's headers.
+pub fn limiter_model(prefix: &str, upstream: &str, model: &str) -> String {
+    format!("{prefix}:limiter:{{{upstream}}}:model:{model}")
+}
+
+/// ZSET of concurrency leases of a limiter scope (member = lease id, score = expiry in ms).
+pub fn limiter_leases(scope_key: &str) -> String {
+    format!("{scope_key}:leases")
 }
 
 #[cfg(test)]
@@ -177,6 +200,19 @@ mod tests {
         assert_eq!(k.heartbeat("w1"), "agentq:{default}:worker:w1");
         assert_eq!(k.inflight("w1"), "agentq:{default}:inflight:w1");
         assert_eq!(k.memory("a"), "agentq:{default}:memory:a");
+        assert_eq!(k.throttled(), "agentq:{default}:throttled");
+        assert_eq!(
+            limiter_upstream("agentq", "openai"),
+            "agentq:limiter:{openai}"
+        );
+        assert_eq!(
+            limiter_model("agentq", "openai", "gpt-4o"),
+            "agentq:limiter:{openai}:model:gpt-4o"
+        );
+        assert_eq!(
+            limiter_leases("agentq:limiter:{openai}"),
+            "agentq:limiter:{openai}:leases"
+        );
         let id = TaskId::parse("default.0192f3a4-5b6c-7d8e-9f00-112233445566").expect("valid id");
         assert_eq!(
             k.task(&id),

@@ -3,6 +3,7 @@
 //! - [`keys`]: every Redis key name, built in one place (hash-tagged per queue).
 //! - [`queue`]: the queue operations (the broker); each is one Lua script (beside it in
 //!   `src/queue/`) or one pipeline.
+//! - [`flow`]: upstreams (which server serves a model) and the fleet-wide rate limiter.
 //! - [`task`]: what clients submit, what Redis stores, what the API shows.
 //! - [`config`]: environment variables, parsed once; bad values exit 64.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`backoff`]: shared plumbing.
@@ -11,6 +12,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod flow;
 pub mod keys;
 pub mod metrics;
 pub mod queue;

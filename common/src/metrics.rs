@@ -65,7 +65,7 @@ pub struct ApiMetrics {
     pub registry: Registry,
     /// agentq_tasks_enqueued_total{queue}
     pub enqueued: IntCounterVec,
-    /// agentq_queue_depth{queue,state}, state in pending|inflight|retrying|dead; refreshed per scrape
+    /// agentq_queue_depth{queue,state}, state in pending|inflight|retrying|throttled|dead; refreshed per scrape
     pub queue_depth: IntGaugeVec,
     /// agentq_queue_oldest_age_seconds{queue}: age of the next task to run
     pub oldest_age: GaugeVec,
@@ -156,6 +156,20 @@ pub struct WorkerMetrics {
     pub concurrency: IntGauge,
     /// agentq_queue_wait_seconds{queue}: from enqueue (or retry due time) to a worker starting it
     pub queue_wait: HistogramVec,
+    /// agentq_limiter_admitted_total{upstream,model}: calls the fleet-wide limiter let through
+    pub limiter_admitted: IntCounterVec,
+    /// agentq_limiter_throttled_total{upstream,model,reason}: calls it held back (rpm, tpm,
+    /// concurrency, blocked, too_large)
+    pub limiter_throttled: IntCounterVec,
+    /// agentq_limiter_tokens_reserved_total{upstream,model}: tokens reserved before calls
+    pub limiter_tokens_reserved: IntCounterVec,
+    /// agentq_limiter_tokens_used_total{upstream,model}: tokens the reservations settled to
+    pub limiter_tokens_used: IntCounterVec,
+    /// agentq_limiter_blocked_seconds_total{upstream,model}: fleet-wide block this worker set
+    /// after 429s
+    pub limiter_blocked_seconds: CounterVec,
+    /// agentq_limiter_fallbacks_total{upstream,model}: runs that moved on from this model
+    pub limiter_fallbacks: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -227,6 +241,47 @@ impl WorkerMetrics {
                 &["queue"],
                 exponential_buckets(0.0001, 2.0, 24).unwrap_or_default(),
             ),
+            limiter_admitted: counter_vec(
+                &r,
+                "agentq_limiter_admitted_total",
+                "LLM calls the fleet-wide limiter admitted.",
+                &["upstream", "model"],
+            ),
+            limiter_throttled: counter_vec(
+                &r,
+                "agentq_limiter_throttled_total",
+                "LLM calls the fleet-wide limiter held back, by the limit that did it.",
+                &["upstream", "model", "reason"],
+            ),
+            limiter_tokens_reserved: counter_vec(
+                &r,
+                "agentq_limiter_tokens_reserved_total",
+                "Tokens reserved before LLM calls (estimated prompt + output cap).",
+                &["upstream", "model"],
+            ),
+            limiter_tokens_used: counter_vec(
+                &r,
+                "agentq_limiter_tokens_used_total",
+                "Tokens the reservations settled to after the calls.",
+                &["upstream", "model"],
+            ),
+            limiter_blocked_seconds: reg(
+                &r,
+                CounterVec::new(
+                    Opts::new(
+                        "agentq_limiter_blocked_seconds_total",
+                        "Seconds of fleet-wide block this worker set after an upstream's 429s.",
+                    ),
+                    &["upstream", "model"],
+                )
+                .expect("static metric definition"),
+            ),
+            limiter_fallbacks: counter_vec(
+                &r,
+                "agentq_limiter_fallbacks_total",
+                "Runs that moved on from this upstream and model to a fallback model.",
+                &["upstream", "model"],
+            ),
             registry: r,
         }
     }
@@ -254,6 +309,18 @@ mod tests {
         w.llm_duration.with_label_values(&["m"]).observe(0.1);
         w.llm_tokens.with_label_values(&["m", "prompt"]).inc();
         w.llm_cost.with_label_values(&["m"]).inc_by(0.5);
+        w.limiter_admitted.with_label_values(&["u", "m"]).inc();
+        w.limiter_throttled
+            .with_label_values(&["u", "m", "rpm"])
+            .inc();
+        w.limiter_tokens_reserved
+            .with_label_values(&["u", "m"])
+            .inc();
+        w.limiter_tokens_used.with_label_values(&["u", "m"]).inc();
+        w.limiter_blocked_seconds
+            .with_label_values(&["u", "m"])
+            .inc();
+        w.limiter_fallbacks.with_label_values(&["u", "m"]).inc();
         let text = render(&a.registry) + &render(&w.registry);
         for name in [
             "agentq_tasks_enqueued_total",
@@ -266,6 +333,12 @@ mod tests {
             "agentq_llm_tokens_total",
             "agentq_llm_cost_dollars_total",
             "agentq_worker_draining",
+            "agentq_limiter_admitted_total",
+            "agentq_limiter_throttled_total",
+            "agentq_limiter_tokens_reserved_total",
+            "agentq_limiter_tokens_used_total",
+            "agentq_limiter_blocked_seconds_total",
+            "agentq_limiter_fallbacks_total",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

@@ -12,6 +12,8 @@ pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
 pub const MAX_MESSAGES: usize = 1000;
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 pub const MAX_NAME_LEN: usize = 128;
+/// Most models a task may fall back to after its own.
+pub const MAX_FALLBACK_MODELS: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -35,6 +37,8 @@ pub struct CreateTask {
     pub prompt: Option<String>,
     pub messages: Option<Vec<Message>>,
     pub model: Option<String>,
+    /// Models to try, in order, when the model's upstream is blocked, over its limits or failing.
+    pub fallback_models: Option<Vec<String>>,
     pub agent_id: Option<String>,
     pub queue: Option<String>,
     #[serde(default, deserialize_with = "whole_number")]
@@ -87,10 +91,36 @@ pub struct Payload {
     pub messages: Vec<Message>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_models: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Map<String, Value>>,
+}
+
+impl NewTask {
+    /// Checks that every model the task names is served (`AGENTQ_UPSTREAMS`); the implicit
+    /// upstream serves any. A task that could never run is refused now, not dead-lettered later.
+    pub fn check_models(&self, upstreams: &crate::flow::Upstreams) -> Result<(), FieldError> {
+        if let Some(m) = &self.payload.model {
+            if !upstreams.serves(m) {
+                return Err(FieldError::new(
+                    "model",
+                    format!("{m:?} is not served by any upstream (see GET /v1/upstreams)"),
+                ));
+            }
+        }
+        for (i, m) in self.payload.fallback_models.iter().enumerate() {
+            if !upstreams.serves(m) {
+                return Err(FieldError::new(
+                    &format!("fallback_models[{i}]"),
+                    format!("{m:?} is not served by any upstream (see GET /v1/upstreams)"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A validated submission, ready to enqueue.
@@ -101,7 +131,8 @@ pub struct NewTask {
     pub payload: Payload,
 }
 
-fn valid_name(s: &str) -> bool {
+/// A model or agent name: it lands in Redis keys and (for configured models) metric labels.
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NAME_LEN
         && s.bytes()
@@ -174,6 +205,28 @@ impl CreateTask {
                 ));
             }
         }
+        let fallback_models = self.fallback_models.unwrap_or_default();
+        if fallback_models.len() > MAX_FALLBACK_MODELS {
+            return Err(FieldError::new(
+                "fallback_models",
+                format!("at most {MAX_FALLBACK_MODELS} models"),
+            ));
+        }
+        for (i, m) in fallback_models.iter().enumerate() {
+            let field = format!("fallback_models[{i}]");
+            if !valid_name(m) {
+                return Err(FieldError::new(
+                    &field,
+                    "must be 1 to 128 characters of [A-Za-z0-9_.:/-]",
+                ));
+            }
+            if self.model.as_deref() == Some(m.as_str()) || fallback_models[..i].contains(m) {
+                return Err(FieldError::new(
+                    &field,
+                    format!("{m:?} is already in the list of models to try"),
+                ));
+            }
+        }
         if let Some(agent) = &self.agent_id {
             if !valid_name(agent) {
                 return Err(FieldError::new(
@@ -213,6 +266,7 @@ impl CreateTask {
             payload: Payload {
                 messages,
                 model: self.model,
+                fallback_models,
                 agent_id: self.agent_id,
                 metadata: self.metadata,
             },
@@ -294,6 +348,22 @@ pub struct TaskResult {
     /// The tool calls the model asked for, exactly as the server sent them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<serde_json::Value>,
+    /// The upstream that answered (`AGENTQ_UPSTREAMS` name; `default` for the implicit one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Models tried before the one that answered, and why each was passed over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<Fallback>,
+}
+
+/// A model a run moved on from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fallback {
+    pub model: String,
+    pub upstream: String,
+    /// `blocked`, `rpm`, `tpm`, `concurrency`, `too_large`, `rate_limited`, or the failed call's
+    /// outcome (`server_error`, `timeout`, `connection_error`, ...).
+    pub reason: String,
 }
 
 /// `GET /v1/tasks/{id}`: the task as clients see it.
@@ -305,6 +375,9 @@ pub struct TaskView {
     pub attempts: u32,
     pub max_attempts: u32,
     pub rate_limited: u32,
+    /// How many times the flow limiter parked the task until its turn (never counts an attempt).
+    #[serde(default)]
+    pub throttled: u32,
     pub created_at: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -333,6 +406,7 @@ impl TaskView {
             attempts: num("attempts"),
             max_attempts: num("max_attempts"),
             rate_limited: num("rate_limited"),
+            throttled: num("throttled"),
             created_at: ts("created_at"),
             started_at: ts("started_at"),
             finished_at: ts("finished_at"),

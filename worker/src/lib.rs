@@ -13,6 +13,7 @@
 //! works, because a result already paid for must not be dropped. SIGTERM drains: no new fetches,
 //! in-flight tasks get `AGENTQ_DRAIN_TIMEOUT_SECS`, the rest are given back uncounted, exit 0.
 
+mod flow;
 mod llm;
 mod maintenance;
 mod probe;
@@ -49,7 +50,13 @@ struct Worker {
     keys: Keys,
     broker: Broker,
     blocking: Redis,
-    llm: Llm,
+    /// One LLM client per upstream, by upstream name.
+    llms: HashMap<String, Llm>,
+    /// The fleet-wide flow limiter (`common/src/flow`).
+    limiter: agentq_common::flow::Limiter,
+    /// Limits this process already told the limiter it learned, by (upstream, model): a reply's
+    /// headers repeat them, Redis needs to hear each change once.
+    learned: Mutex<HashMap<(String, String), (u64, u64)>>,
     metrics: WorkerMetrics,
     permits: Arc<Semaphore>,
     draining: AtomicBool,
@@ -85,19 +92,34 @@ pub async fn run(
     )?;
     // Its own connection: a heartbeat never queues behind a slow script or a big reply.
     let beat_conn = Redis::open(&config.common.redis_url)?;
-    let llm = Llm::new(
-        LlmSettings {
-            base_url: &config.openai_base_url,
-            api_key: &config.openai_api_key,
-            timeout: config.llm_timeout,
-            prices: config.prices.clone(),
-            default_model: &config.model,
-            max_response_bytes: config.max_response_bytes,
-            max_tokens: config.max_tokens,
-            max_tokens_param: config.max_tokens_param,
-        },
-        metrics.clone(),
-    )?;
+    let known_models: std::collections::HashSet<String> = config
+        .upstreams
+        .list
+        .iter()
+        .flat_map(|u| u.models.iter().cloned())
+        .collect();
+    let known_models = Arc::new(known_models);
+    let mut llms = HashMap::new();
+    for u in &config.upstreams.list {
+        let llm = Llm::new(
+            LlmSettings {
+                base_url: &u.base_url,
+                api_key: &u.api_key,
+                timeout: config.llm_timeout,
+                prices: config.prices.clone(),
+                default_model: &config.model,
+                max_response_bytes: config.max_response_bytes,
+                max_tokens: config.max_tokens,
+                max_tokens_param: config.max_tokens_param,
+                known_models: known_models.clone(),
+            },
+            metrics.clone(),
+        )?;
+        llms.insert(u.name.clone(), llm);
+    }
+    // Building the tokenizers takes a quarter of a second: not on the first task's clock.
+    tokio::task::spawn_blocking(llm::tokens::warm_up);
+    let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix);
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let id = format!("{}-{}", sanitize(&host), uuid::Uuid::new_v4().simple());
     metrics.concurrency.set(config.concurrency as i64);
@@ -105,7 +127,9 @@ pub async fn run(
         keys: Keys::new(&config.common.key_prefix, &config.queue),
         broker: Broker::new(redis, config.common.key_prefix.clone()),
         blocking,
-        llm,
+        llms,
+        limiter,
+        learned: Mutex::new(HashMap::new()),
         metrics,
         permits: Arc::new(Semaphore::new(config.concurrency)),
         draining: AtomicBool::new(false),
@@ -122,7 +146,14 @@ pub async fn run(
         queue = %worker.cfg.queue,
         concurrency = worker.cfg.concurrency,
         redis = %worker.cfg.common.redis_display(),
-        llm = %agentq_common::config::redact_url(&worker.cfg.openai_base_url),
+        upstreams = %worker
+            .cfg
+            .upstreams
+            .list
+            .iter()
+            .map(|u| format!("{}={}", u.name, agentq_common::config::redact_url(&u.base_url)))
+            .collect::<Vec<_>>()
+            .join(","),
         listen = %listener.local_addr()?,
         "agentq-worker starting"
     );

@@ -26,6 +26,9 @@ enum Outcome {
     Poison(String),
     /// The drain deadline cut the run short: back to pending, attempt uncounted.
     GiveBack,
+    /// The flow limiter could not admit a call on any of the task's models: park the task until
+    /// this time (ms), attempt uncounted.
+    Throttled(i64),
 }
 
 /// Keeps `agentq_active_tasks` true even when a run is dropped or panics.
@@ -119,10 +122,14 @@ impl Worker {
         if payload.messages.is_empty() {
             return Outcome::Poison("poison: payload has no messages".to_owned());
         }
-        let model = payload
-            .model
-            .clone()
-            .unwrap_or_else(|| self.cfg.model.clone());
+        let mut models = Vec::with_capacity(1 + payload.fallback_models.len());
+        models.push(
+            payload
+                .model
+                .clone()
+                .unwrap_or_else(|| self.cfg.model.clone()),
+        );
+        models.extend(payload.fallback_models.iter().cloned());
         let history = match &payload.agent_id {
             Some(agent) => match self
                 .broker
@@ -145,8 +152,9 @@ impl Worker {
             .collect();
         messages.extend(payload.messages.iter().cloned());
 
-        match self.llm.chat(&model, &messages).await {
-            Ok(result) => {
+        match self.call_with_flow(task, &models, &messages).await {
+            crate::flow::Flow::Throttled(at) => Outcome::Throttled(at),
+            crate::flow::Flow::Answered(result) => {
                 let result_json = serde_json::to_string(&result).unwrap_or_default();
                 let mut exchange = Vec::new();
                 if payload.agent_id.is_some() && self.cfg.memory_messages > 0 {
@@ -169,7 +177,7 @@ impl Worker {
                     exchange,
                 }
             }
-            Err(failure) => Outcome::Failure(failure),
+            crate::flow::Flow::Failed(failure) => Outcome::Failure(failure),
         }
     }
 
@@ -237,6 +245,30 @@ impl Worker {
                 )
             }
             Outcome::GiveBack => (FailMode::GiveBack, Duration::ZERO, String::new(), "drain"),
+            Outcome::Throttled(at) => {
+                let at = *at;
+                let verdict = self
+                    .persist("park", hard, || {
+                        self.broker
+                            .park(&self.keys, &self.id, id, token, at, self.ttl())
+                    })
+                    .await;
+                let status = |v: &str| match v {
+                    "queued" => "throttled",
+                    "cancelled" => "cancelled",
+                    "stale" => "fenced",
+                    _ => "duplicate",
+                };
+                if let Some(v) = self.finish(id, token, attempt, verdict, status, started) {
+                    tracing::debug!(
+                        task.id = %id,
+                        verdict = %v,
+                        wait_ms = (at - agentq_common::time::now_ms()).max(0),
+                        "parked until the flow limiter allows the call"
+                    );
+                }
+                return;
+            }
         };
         let verdict = self
             .persist("fail", hard, || {

@@ -1,12 +1,14 @@
 -- A run did not succeed: retry later, dead-letter, or give the task back; only if that run still
 -- owns the task.
 -- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] delayed zset,
--- KEYS[5] dead zset, KEYS[6] pending list
+-- KEYS[5] dead zset, KEYS[6] pending list, KEYS[7] throttled zset
 -- ARGV[1] id, ARGV[2] run token, ARGV[3] now ms, ARGV[4] mode, ARGV[5] error text,
 -- ARGV[6] retry delay (ms), ARGV[7] result TTL seconds, ARGV[8] rate-limit cap
 -- Modes: 'transient' retry while attempts remain; 'rate_limited' retry without using an attempt,
 -- up to the rate-limit cap; 'permanent' dead-letter now; 'giveback' back to the head of pending
--- without counting the attempt (drain deadline).
+-- without counting the attempt (drain deadline); 'throttled' the flow limiter could not admit the
+-- call: back to 'queued' without counting the attempt, parked in the throttled set until ARGV[6]
+-- (an absolute time in ms for this mode), never buried.
 -- Returns the new status ('retrying', 'failed', 'queued'); or, writing nothing: the verdict this run
 -- already got (a resend after a lost reply), the final status, 'missing', or 'stale'.
 local id = ARGV[1]
@@ -43,7 +45,12 @@ local function later()
   return done('retrying')
 end
 
-if mode == 'giveback' then
+if mode == 'throttled' then
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
+  redis.call('HINCRBY', KEYS[1], 'throttled', 1)
+  redis.call('ZADD', KEYS[7], tonumber(ARGV[6]), id)
+  return done('queued')
+elseif mode == 'giveback' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
   redis.call('HINCRBY', KEYS[1], 'given_back', 1)
   redis.call('RPUSH', KEYS[6], id)

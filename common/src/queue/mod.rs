@@ -52,6 +52,8 @@ pub struct QueueStats {
     pub pending: u64,
     pub inflight: u64,
     pub retrying: u64,
+    /// Tasks the flow limiter parked until their turn (`throttled` ZSET), outside `pending`.
+    pub throttled: u64,
     pub dead: u64,
     pub workers: u64,
 }
@@ -78,6 +80,8 @@ pub enum FailMode {
     RateLimited,
     Permanent,
     GiveBack,
+    /// The flow limiter could not admit the call: park until the given time (attempt uncounted).
+    Throttled,
 }
 
 impl FailMode {
@@ -87,6 +91,7 @@ impl FailMode {
             Self::RateLimited => "rate_limited",
             Self::Permanent => "permanent",
             Self::GiveBack => "giveback",
+            Self::Throttled => "throttled",
         }
     }
 }
@@ -192,6 +197,7 @@ impl Broker {
             .key(keys.pending())
             .key(keys.delayed())
             .key(keys.active())
+            .key(keys.throttled())
             .arg(id.to_string())
             .arg(now_ms())
             .arg(ttl.as_secs().max(1))
@@ -211,10 +217,18 @@ impl Broker {
     pub async fn stats(&self, queue: &str) -> RedisResult<QueueStats> {
         let keys = self.keys(queue);
         let mut conn = self.redis.conn().await?;
-        let (pending, inflight, retrying, dead, workers): (u64, u64, u64, u64, u64) = redis::pipe()
+        let (pending, inflight, retrying, throttled, dead, workers): (
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+        ) = redis::pipe()
             .llen(keys.pending())
             .zcard(keys.active())
             .zcard(keys.delayed())
+            .zcard(keys.throttled())
             .zcard(keys.dead())
             .scard(keys.workers())
             .query_async(&mut conn)
@@ -226,6 +240,7 @@ impl Broker {
             pending,
             inflight,
             retrying,
+            throttled,
             dead,
             workers,
         })
@@ -432,6 +447,7 @@ impl Broker {
             .key(keys.delayed())
             .key(keys.dead())
             .key(keys.pending())
+            .key(keys.throttled())
             .arg(id)
             .arg(token)
             .arg(now_ms())
@@ -445,13 +461,48 @@ impl Broker {
             .await
     }
 
-    /// Moves due retries to pending. Returns how many moved.
+    /// Parks a run the flow limiter could not admit (`fail.lua` mode `throttled`), fenced by the
+    /// run's token: the task goes back to `queued`, attempt uncounted, into the throttled set
+    /// until `eligible_at_ms`. Returns the verdict like [`Self::fail`].
+    pub async fn park(
+        &self,
+        keys: &Keys,
+        worker_id: &str,
+        id: &str,
+        token: &str,
+        eligible_at_ms: i64,
+        ttl: Duration,
+    ) -> RedisResult<String> {
+        let mut conn = self.redis.conn().await?;
+        SCRIPTS
+            .fail
+            .key(keys.task_raw(id))
+            .key(keys.inflight(worker_id))
+            .key(keys.active())
+            .key(keys.delayed())
+            .key(keys.dead())
+            .key(keys.pending())
+            .key(keys.throttled())
+            .arg(id)
+            .arg(token)
+            .arg(now_ms())
+            .arg(FailMode::Throttled.as_str())
+            .arg("")
+            .arg(eligible_at_ms.max(0))
+            .arg(ttl.as_secs().max(1))
+            .arg(1)
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// Moves due retries and parked tasks whose turn came to pending. Returns how many moved.
     pub async fn promote_due(&self, keys: &Keys, limit: usize) -> RedisResult<u64> {
         let mut conn = self.redis.conn().await?;
         SCRIPTS
             .promote
             .key(keys.delayed())
             .key(keys.pending())
+            .key(keys.throttled())
             .arg(now_ms())
             .arg(limit.max(1))
             .invoke_async(&mut conn)

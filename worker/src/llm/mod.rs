@@ -9,6 +9,7 @@
 //! docs/architecture.md, "The LLM wire").
 
 mod ratelimit;
+pub mod tokens;
 mod wire;
 
 use std::collections::HashMap;
@@ -27,7 +28,21 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 
-pub use ratelimit::{parse_go_duration, parse_retry_after};
+pub use ratelimit::{parse_go_duration, parse_retry_after, Reported};
+
+/// One call's full account, for the flow limiter as well as the run.
+#[derive(Debug)]
+pub struct Call {
+    pub result: Result<TaskResult, LlmFailure>,
+    /// The usage the reply reported, even for a reply refused after parsing.
+    pub usage: Option<Usage>,
+    /// What the reply's headers said about the upstream's limits.
+    pub reported: Reported,
+    /// False when the request never got an answer with a status (refused connection, DNS):
+    /// the upstream cannot have counted it.
+    pub reached: bool,
+    pub latency: Duration,
+}
 
 /// Most bytes of an error body kept for the task's `error` field.
 const MAX_ERROR_BODY: usize = 512;
@@ -179,8 +194,10 @@ pub struct Llm {
     max_response_bytes: usize,
     metrics: WorkerMetrics,
     prices: std::sync::Arc<HashMap<String, Price>>,
-    /// The configured model: with the price table's models, the only `model` label values.
+    /// The configured model: with the price table's models and the models of
+    /// `AGENTQ_UPSTREAMS`, the only `model` label values.
     default_model: std::sync::Arc<str>,
+    known_models: std::sync::Arc<std::collections::HashSet<String>>,
 }
 
 /// How the worker talks to the LLM, from its configuration.
@@ -194,6 +211,8 @@ pub struct LlmSettings<'a> {
     /// The output cap sent with every call (`AGENTQ_MAX_TOKENS`; 0 = none) and its parameter name.
     pub max_tokens: u32,
     pub max_tokens_param: MaxTokensParam,
+    /// Models named in `AGENTQ_UPSTREAMS` (bounded by the file, so fine as label values).
+    pub known_models: std::sync::Arc<std::collections::HashSet<String>>,
 }
 
 impl Llm {
@@ -224,13 +243,17 @@ impl Llm {
             metrics,
             prices: std::sync::Arc::new(s.prices),
             default_model: s.default_model.into(),
+            known_models: s.known_models,
         })
     }
 
     /// The `model` label for a task's model: a client names models freely, so any model the
     /// operator did not configure is counted as `other` (label values must stay few).
-    fn label<'a>(&self, model: &'a str) -> &'a str {
-        if model == &*self.default_model || self.prices.contains_key(model) {
+    pub fn label<'a>(&self, model: &'a str) -> &'a str {
+        if model == &*self.default_model
+            || self.prices.contains_key(model)
+            || self.known_models.contains(model)
+        {
             model
         } else {
             "other"
@@ -256,27 +279,47 @@ impl Llm {
     }
 
     /// One chat completion: exactly one HTTP request, bounded by the LLM timeout.
-    pub async fn chat(&self, model: &str, messages: &[Message]) -> Result<TaskResult, LlmFailure> {
+    pub async fn chat(&self, model: &str, messages: &[Message]) -> Call {
         let start = Instant::now();
-        let (usage, result) =
-            match tokio::time::timeout(self.timeout, self.call(model, messages)).await {
-                Ok(r) => r,
-                Err(_) => (
+        let mut reported = Reported::default();
+        let mut reached = false;
+        let mut timed_out = false;
+        let (usage, result) = match tokio::time::timeout(
+            self.timeout,
+            self.call(model, messages, &mut reported, &mut reached),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                timed_out = true;
+                (
                     None,
                     Err(LlmFailure::Transient {
                         outcome: "timeout",
                         message: format!("llm call timed out after {}s", self.timeout.as_secs()),
                     }),
-                ),
-            };
-        self.record(model, start.elapsed(), usage.as_ref(), &result);
-        result
+                )
+            }
+        };
+        let latency = start.elapsed();
+        self.record(model, latency, usage.as_ref(), &result);
+        Call {
+            result,
+            usage,
+            reported,
+            // a call that timed out may have reached the upstream while we waited
+            reached: reached || timed_out,
+            latency,
+        }
     }
 
     async fn call(
         &self,
         model: &str,
         messages: &[Message],
+        reported: &mut Reported,
+        reached: &mut bool,
     ) -> (Option<Usage>, Result<TaskResult, LlmFailure>) {
         let body = match self.body(model, messages) {
             Ok(b) => b,
@@ -300,9 +343,16 @@ impl Llm {
         }
         let mut response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return (None, Err(classify_reqwest(&e))),
+            Err(e) => {
+                // Refused or unresolvable: the request never reached the upstream. Anything
+                // later (a reset mid-request, a timeout) may have been counted there.
+                *reached = !(e.is_connect() || e.is_builder());
+                return (None, Err(classify_reqwest(&e)));
+            }
         };
+        *reached = true;
         let status = response.status();
+        *reported = ratelimit::reported(response.headers(), SystemTime::now());
         if !status.is_success() {
             let hint = ratelimit::read(response.headers(), SystemTime::now());
             if let Some(h) = hint.filter(|_| status == StatusCode::TOO_MANY_REQUESTS) {

@@ -60,6 +60,55 @@ pub fn read(headers: &HeaderMap, now: SystemTime) -> Option<Hint> {
     None
 }
 
+/// What an upstream's headers say about its limits, on any reply (OpenAI sends them on every
+/// one): the per-minute limits it enforces, and, when a limit has nothing left, how long until
+/// it resets. The flow limiter learns a limit lower than the configured one, and blocks the
+/// model for the whole fleet until an exhausted limit resets, before any 429.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reported {
+    pub limit_requests: Option<u64>,
+    pub limit_tokens: Option<u64>,
+    pub exhausted_for: Option<Duration>,
+}
+
+pub fn reported(headers: &HeaderMap, now: SystemTime) -> Reported {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let number = |name: &str| {
+        text(name)
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|n| *n > 0)
+    };
+    let mut exhausted: Option<Duration> = None;
+    let mut note = |d: Option<Duration>| {
+        if let Some(d) = d.filter(|d| !d.is_zero()) {
+            exhausted = Some(exhausted.map_or(d, |e| e.max(d)));
+        }
+    };
+    for kind in ["requests", "tokens"] {
+        if text(&format!("x-ratelimit-remaining-{kind}")) == Some("0") {
+            note(text(&format!("x-ratelimit-reset-{kind}")).and_then(parse_go_duration));
+        }
+        if text(&format!("anthropic-ratelimit-{kind}-remaining")) == Some("0") {
+            note(
+                text(&format!("anthropic-ratelimit-{kind}-reset"))
+                    .and_then(|v| parse_instant(v, now)),
+            );
+        }
+    }
+    Reported {
+        limit_requests: number("x-ratelimit-limit-requests")
+            .or_else(|| number("anthropic-ratelimit-requests-limit")),
+        limit_tokens: number("x-ratelimit-limit-tokens")
+            .or_else(|| number("anthropic-ratelimit-tokens-limit")),
+        exhausted_for: exhausted,
+    }
+}
+
 /// Of several limits' reset times, the one that matters: the longest among the limits reported
 /// exhausted (`remaining` 0), or, when none says so, the longest of all (the 429 says something
 /// ran out, and waiting for the shorter one would likely just meet a second 429).
@@ -164,6 +213,37 @@ fn parse_instant(value: &str, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reported_limits_and_exhaustion_are_read_from_any_reply() {
+        let now = SystemTime::now();
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-limit-requests", "500".parse().expect("header"));
+        h.insert("x-ratelimit-limit-tokens", "30000".parse().expect("header"));
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            "12".parse().expect("header"),
+        );
+        h.insert(
+            "x-ratelimit-reset-requests",
+            "1.5s".parse().expect("header"),
+        );
+        h.insert("x-ratelimit-remaining-tokens", "0".parse().expect("header"));
+        h.insert("x-ratelimit-reset-tokens", "6m0s".parse().expect("header"));
+        let r = reported(&h, now);
+        assert_eq!(r.limit_requests, Some(500));
+        assert_eq!(r.limit_tokens, Some(30000));
+        assert_eq!(r.exhausted_for, Some(Duration::from_secs(360)));
+        let mut g = HeaderMap::new();
+        g.insert("x-ratelimit-limit-requests", "0".parse().expect("header"));
+        g.insert("x-ratelimit-limit-tokens", "lots".parse().expect("header"));
+        g.insert(
+            "x-ratelimit-remaining-requests",
+            "0".parse().expect("header"),
+        );
+        g.insert("x-ratelimit-reset-requests", "-1s".parse().expect("header"));
+        assert_eq!(reported(&g, now), Reported::default());
+    }
     use http::HeaderValue;
 
     fn at() -> SystemTime {

@@ -220,6 +220,8 @@ pub fn parse(body: &[u8], model: &str) -> Parsed {
         finish_reason,
         refusal,
         tool_calls: tool_calls.map(Value::Array),
+        upstream: None,
+        fallbacks: Vec::new(),
     };
     Parsed {
         usage,

@@ -1,0 +1,412 @@
+//! The fleet-wide limiter: every worker reserves a call in Redis before making it, so the limits
+//! of an upstream hold however many workers run. One atomic script per step, beside this file:
+//! `reserve.lua` (admit, or say when), `reconcile.lua` (settle to the usage reported, refund
+//! what a failed call did not use, end the concurrency lease) and `learn.lua` (a 429's block,
+//! and limits the upstream's headers report). See docs/architecture.md, "Flow control".
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::{RedisResult, Script};
+use serde::Serialize;
+
+use super::upstreams::{Limits, Route, Upstream, Upstreams};
+use crate::keys;
+use crate::redis_conn::Redis;
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
+static RECONCILE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reconcile.lua")));
+static LEARN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("learn.lua")));
+
+/// State kept for models of the implicit upstream (any model name a task gives) expires when
+/// unused, so names clients make up cannot pile up keys; configured scopes keep theirs.
+const IMPLICIT_STATE_TTL: Duration = Duration::from_secs(3600);
+
+/// Why a call was not admitted now (the `reason` label of `agentq_limiter_throttled_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Rpm,
+    Tpm,
+    Concurrency,
+    Blocked,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rpm => "rpm",
+            Self::Tpm => "tpm",
+            Self::Concurrency => "concurrency",
+            Self::Blocked => "blocked",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "rpm" => Self::Rpm,
+            "tpm" => Self::Tpm,
+            "concurrency" => Self::Concurrency,
+            _ => Self::Blocked,
+        }
+    }
+}
+
+/// An admitted call's hold on the limits, to settle with [`Limiter::reconcile`].
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    keys: Vec<String>,
+    sec: i64,
+    pub tokens: u64,
+    lease: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum Admission {
+    Admitted(Reservation),
+    /// Not now: come back at `eligible_at_ms` (Redis clock, ms since the epoch).
+    Wait {
+        eligible_at_ms: i64,
+        reason: Refusal,
+        limit: u64,
+    },
+    /// The call alone needs more tokens than the scope's whole minute allows.
+    TooLarge {
+        tpm: u64,
+    },
+}
+
+/// How a call ended, for [`Limiter::reconcile`].
+#[derive(Debug, Clone, Copy)]
+pub struct Settlement {
+    /// Tokens the upstream reported (prompt + completion); `None`: it reported none, so the
+    /// reservation stands if the call reached it, or is refunded if not.
+    pub used_tokens: Option<u64>,
+    /// True when the request never counted upstream (a 429, a refused connection): the request
+    /// and its tokens are handed back.
+    pub not_served: bool,
+    pub latency: Duration,
+}
+
+#[derive(Clone)]
+pub struct Limiter {
+    redis: Redis,
+    prefix: std::sync::Arc<str>,
+}
+
+fn scope_args(l: &Limits) -> [u64; 3] {
+    [
+        l.rpm.unwrap_or(0),
+        l.tpm.unwrap_or(0),
+        l.concurrency.unwrap_or(0),
+    ]
+}
+
+impl Limiter {
+    pub fn new(redis: Redis, prefix: &str) -> Self {
+        Self {
+            redis,
+            prefix: prefix.into(),
+        }
+    }
+
+    fn state_ttl(&self, route: &Route<'_>, implicit: bool) -> u64 {
+        if implicit && route.model_limits.is_empty() {
+            IMPLICIT_STATE_TTL.as_millis() as u64
+        } else {
+            0
+        }
+    }
+
+    /// The keys a call on `route` touches: the model scope always (blocks and learned limits
+    /// live there), the upstream scope when the upstream has limits of its own.
+    fn keys(&self, route: &Route<'_>) -> Vec<String> {
+        let model = keys::limiter_model(&self.prefix, &route.upstream.name, route.model);
+        let mut k = vec![keys::limiter_leases(&model), model];
+        k.swap(0, 1);
+        if !route.upstream.limits.is_empty() {
+            let up = keys::limiter_upstream(&self.prefix, &route.upstream.name);
+            k.push(up.clone());
+            k.push(keys::limiter_leases(&up));
+        }
+        k
+    }
+
+    /// Reserves one call of `tokens` (estimated prompt + output cap) on `route`. `lease_id`
+    /// names the concurrency lease (unique per call); `lease` is how long it may be held at most
+    /// (a crashed worker's lease ends by itself). `park`: the task will wait for this route if
+    /// refused, so it takes a turn in the route's line.
+    pub async fn reserve(
+        &self,
+        route: &Route<'_>,
+        implicit: bool,
+        tokens: u64,
+        lease_id: &str,
+        lease: Duration,
+        park: bool,
+    ) -> RedisResult<Admission> {
+        let keys = self.keys(route);
+        let mut inv = RESERVE.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(tokens.max(1))
+            .arg(lease_id)
+            .arg(lease.as_millis() as u64)
+            .arg(u8::from(park))
+            .arg(self.state_ttl(route, implicit));
+        for v in scope_args(&route.model_limits) {
+            inv.arg(v);
+        }
+        if keys.len() > 2 {
+            for v in scope_args(&route.upstream.limits) {
+                inv.arg(v);
+            }
+        }
+        let mut conn = self.redis.conn().await?;
+        let out: Vec<redis::Value> = inv.invoke_async(&mut conn).await?;
+        let int = |i: usize| -> RedisResult<i64> {
+            match out.get(i) {
+                Some(v) => Ok(redis::from_redis_value_ref(v)?),
+                None => Err(redis::RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "reserve.lua: short reply",
+                ))),
+            }
+        };
+        Ok(match int(0)? {
+            1 => Admission::Admitted(Reservation {
+                keys,
+                sec: int(1)?,
+                tokens: tokens.max(1),
+                lease: lease_id.to_owned(),
+            }),
+            2 => Admission::TooLarge {
+                tpm: int(1)?.max(0) as u64,
+            },
+            _ => {
+                let reason: String = match out.get(2) {
+                    Some(v) => redis::from_redis_value_ref(v)?,
+                    None => String::new(),
+                };
+                Admission::Wait {
+                    eligible_at_ms: int(1)?,
+                    reason: Refusal::parse(&reason),
+                    limit: int(3).unwrap_or(0).max(0) as u64,
+                }
+            }
+        })
+    }
+
+    /// Settles a reservation: tokens become what was used (unused ones return to the window),
+    /// a request the upstream never counted is handed back, the lease ends.
+    pub async fn reconcile(&self, r: &Reservation, s: Settlement) -> RedisResult<()> {
+        let used = match (s.used_tokens, s.not_served) {
+            (Some(u), _) => u,
+            (None, true) => 0,
+            (None, false) => r.tokens,
+        };
+        let mut inv = RECONCILE.prepare_invoke();
+        for k in &r.keys {
+            inv.key(k);
+        }
+        inv.arg(r.sec)
+            .arg(r.tokens)
+            .arg(used)
+            .arg(&r.lease)
+            .arg(s.latency.as_millis() as u64)
+            .arg(u8::from(s.not_served));
+        let mut conn = self.redis.conn().await?;
+        let _: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Records what the upstream said: block `route` for the whole fleet until `blocked_until_ms`
+    /// (0: no block), and limits lower than configured (0: none). Returns the block in force.
+    pub async fn learn(
+        &self,
+        route: &Route<'_>,
+        implicit: bool,
+        blocked_until_ms: i64,
+        rpm: u64,
+        tpm: u64,
+    ) -> RedisResult<i64> {
+        let key = keys::limiter_model(&self.prefix, &route.upstream.name, route.model);
+        let mut conn = self.redis.conn().await?;
+        LEARN
+            .key(key)
+            .arg(blocked_until_ms.max(0))
+            .arg(rpm)
+            .arg(tpm)
+            .arg(self.state_ttl(route, implicit))
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// What `GET /v1/upstreams` shows: limits, the current minute's use, leases held and blocks.
+    pub async fn snapshot(&self, upstreams: &Upstreams) -> RedisResult<Vec<UpstreamState>> {
+        let mut conn = self.redis.conn().await?;
+        let (secs, _): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms = secs * 1000;
+        let mut out = Vec::with_capacity(upstreams.list.len());
+        for u in &upstreams.list {
+            let up_key = keys::limiter_upstream(&self.prefix, &u.name);
+            let (usage, _) = scope_state(&mut conn, &up_key, secs, now_ms).await?;
+            let mut models: Vec<String> = u.models.clone();
+            if upstreams.implicit {
+                models = implicit_models(&mut conn, &self.prefix, u, upstreams).await?;
+            }
+            let mut model_states = Vec::with_capacity(models.len());
+            for m in models {
+                let key = keys::limiter_model(&self.prefix, &u.name, &m);
+                let (usage, extra) = scope_state(&mut conn, &key, secs, now_ms).await?;
+                model_states.push(ModelState {
+                    limits: u.limits_for(&m),
+                    model: m,
+                    learned: extra.learned,
+                    usage,
+                    blocked_until: extra.blocked_until,
+                });
+            }
+            out.push(UpstreamState {
+                name: u.name.clone(),
+                implicit: upstreams.implicit,
+                base_url: crate::config::redact_url(&u.base_url),
+                models: u.models.clone(),
+                limits: u.limits,
+                usage,
+                model_states,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Models of the implicit upstream worth showing: the default one and any with limiter state
+/// (found by a bounded SCAN; this is an operator's endpoint, not a hot path).
+async fn implicit_models(
+    conn: &mut redis::aio::ConnectionManager,
+    prefix: &str,
+    u: &Upstream,
+    upstreams: &Upstreams,
+) -> RedisResult<Vec<String>> {
+    let base = keys::limiter_model(prefix, &u.name, "");
+    let mut models = vec![upstreams.default_model.clone()];
+    let mut cursor: u64 = 0;
+    for _ in 0..100 {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{base}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        for k in found {
+            if let Some(m) = k.strip_prefix(&base) {
+                if !m.ends_with(":leases") && !models.iter().any(|x| x == m) && models.len() < 100 {
+                    models.push(m.to_owned());
+                }
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    Ok(models)
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Requests counted in the current sliding minute.
+    pub requests: u64,
+    /// Tokens counted in the current sliding minute (reserved, or settled to what was used).
+    pub tokens: u64,
+    /// Concurrency leases held now.
+    pub concurrency: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Learned {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+}
+
+#[derive(Default)]
+struct Extra {
+    learned: Learned,
+    blocked_until: Option<String>,
+}
+
+async fn scope_state(
+    conn: &mut redis::aio::ConnectionManager,
+    key: &str,
+    sec: i64,
+    now_ms: i64,
+) -> RedisResult<(Usage, Extra)> {
+    let (h, leases): (std::collections::HashMap<String, String>, u64) = redis::pipe()
+        .hgetall(key)
+        .zcount(keys::limiter_leases(key), now_ms, "+inf")
+        .query_async(conn)
+        .await?;
+    let mut usage = Usage {
+        concurrency: leases,
+        ..Usage::default()
+    };
+    for (f, v) in &h {
+        let Some((kind, b)) = f.split_once(':') else {
+            continue;
+        };
+        let (Ok(b), Ok(v)) = (b.parse::<i64>(), v.parse::<u64>()) else {
+            continue;
+        };
+        // the same span reserve.lua counts: buckets opened in the last 61 s
+        if b > sec - 61 && b <= sec {
+            match kind {
+                "r" => usage.requests += v,
+                "t" => usage.tokens += v,
+                _ => {}
+            }
+        }
+    }
+    let num = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok());
+    let fresh = num("learned_at").is_some_and(|at| now_ms - at < 3_600_000);
+    let learned = Learned {
+        rpm: num("learned_rpm")
+            .filter(|_| fresh)
+            .map(|v| v.max(0) as u64),
+        tpm: num("learned_tpm")
+            .filter(|_| fresh)
+            .map(|v| v.max(0) as u64),
+    };
+    let blocked_until = num("blocked_until")
+        .filter(|b| *b > now_ms)
+        .map(crate::time::format_ms);
+    Ok((
+        usage,
+        Extra {
+            learned,
+            blocked_until,
+        },
+    ))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelState {
+    pub model: String,
+    pub limits: Limits,
+    pub learned: Learned,
+    pub usage: Usage,
+    pub blocked_until: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamState {
+    pub name: String,
+    pub implicit: bool,
+    pub base_url: String,
+    pub models: Vec<String>,
+    pub limits: Limits,
+    pub usage: Usage,
+    pub model_states: Vec<ModelState>,
+}

@@ -1,0 +1,286 @@
+//! A run's model call under flow control: for the task's model, then each of its
+//! `fallback_models`, route to the upstream that serves it, reserve the call with the fleet-wide
+//! limiter, call, and settle the reservation to what the upstream reported. What the upstream
+//! says about its limits (a 429's reset, a limit lower than configured, a limit with nothing
+//! left) is shared with the whole fleet through the limiter. See docs/architecture.md, "Flow
+//! control".
+
+use std::time::Duration;
+
+use agentq_common::backoff;
+use agentq_common::flow::{Admission, Reservation, Route, Settlement};
+use agentq_common::task::{Fallback, Message, StartedTask, TaskResult};
+use agentq_common::time::now_ms;
+
+use crate::llm::{tokens, Call};
+use crate::{LlmFailure, Worker};
+
+/// What the flow step ended with.
+pub(crate) enum Flow {
+    Answered(TaskResult),
+    Failed(LlmFailure),
+    /// No model could be called now: park the task until this time (ms since the epoch).
+    Throttled(i64),
+}
+
+/// How long past the LLM timeout a concurrency lease may outlive its call: a worker killed
+/// mid-call holds its slot no longer than this.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+impl Worker {
+    pub(crate) async fn call_with_flow(
+        &self,
+        task: &StartedTask,
+        models: &[String],
+        messages: &[Message],
+    ) -> Flow {
+        let implicit = self.cfg.upstreams.implicit;
+        let output = if self.cfg.max_tokens > 0 {
+            self.cfg.max_tokens
+        } else {
+            self.cfg.limiter_output_tokens
+        };
+        let mut fallbacks: Vec<Fallback> = Vec::new();
+        let mut eligible: Option<i64> = None;
+        let mut failure: Option<LlmFailure> = None;
+        for (i, model) in models.iter().enumerate() {
+            let last = i + 1 == models.len();
+            let Some(route) = self.cfg.upstreams.route(model) else {
+                // the file changed since the task was accepted
+                let message = format!("model {model:?} is not served by any upstream");
+                fallbacks.push(skipped(model, "", "unrouted"));
+                failure.get_or_insert(LlmFailure::Permanent {
+                    outcome: "client_error",
+                    message,
+                });
+                continue;
+            };
+            let Some(llm) = self.llms.get(&route.upstream.name) else {
+                continue;
+            };
+            let (up, label) = (route.upstream.name.as_str(), llm.label(model));
+            let estimate = tokens::prompt_tokens(model, messages) + u64::from(output);
+            let lease = format!("{}:{}:{i}", task.id, task.token);
+            let admission = self
+                .limiter
+                .reserve(
+                    &route,
+                    implicit,
+                    estimate,
+                    &lease,
+                    self.cfg.llm_timeout + LEASE_MARGIN,
+                    last,
+                )
+                .await;
+            let reservation = match admission {
+                Ok(Admission::Admitted(r)) => r,
+                Ok(Admission::Wait {
+                    eligible_at_ms,
+                    reason,
+                    ..
+                }) => {
+                    self.metrics
+                        .limiter_throttled
+                        .with_label_values(&[up, label, reason.as_str()])
+                        .inc();
+                    eligible = Some(eligible.map_or(eligible_at_ms, |e| e.min(eligible_at_ms)));
+                    fallbacks.push(skipped(model, up, reason.as_str()));
+                    continue;
+                }
+                Ok(Admission::TooLarge { tpm }) => {
+                    self.metrics
+                        .limiter_throttled
+                        .with_label_values(&[up, label, "too_large"])
+                        .inc();
+                    fallbacks.push(skipped(model, up, "too_large"));
+                    failure.get_or_insert(LlmFailure::Permanent {
+                        outcome: "too_large",
+                        message: format!(
+                            "the call needs about {estimate} tokens (prompt + output cap), more than the {tpm} tokens per minute {up}/{model} allows"
+                        ),
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    // Redis is away: not the task's fault, so no attempt is used; the park is
+                    // written once Redis answers again.
+                    tracing::warn!(error = %e, "flow limiter unavailable; parking the task");
+                    eligible = Some(now_ms() + 1000);
+                    continue;
+                }
+            };
+            self.metrics
+                .limiter_admitted
+                .with_label_values(&[up, label])
+                .inc();
+            self.metrics
+                .limiter_tokens_reserved
+                .with_label_values(&[up, label])
+                .inc_by(reservation.tokens);
+            let call = llm.chat(model, messages).await;
+            self.settle(&route, label, &reservation, &call, task).await;
+            match call.result {
+                Ok(mut result) => {
+                    result.upstream = Some(up.to_owned());
+                    for f in &fallbacks {
+                        if !f.upstream.is_empty() {
+                            self.metrics
+                                .limiter_fallbacks
+                                .with_label_values(&[&f.upstream, self.label_any(&f.model)])
+                                .inc();
+                        }
+                    }
+                    result.fallbacks = fallbacks;
+                    return Flow::Answered(result);
+                }
+                Err(f @ LlmFailure::Permanent { .. }) => return Flow::Failed(f),
+                Err(f) => {
+                    fallbacks.push(skipped(model, up, f.outcome()));
+                    // a transient failure outranks a 429 (it uses an attempt), which outranks
+                    // what the limiter said (a 429 is the upstream's own word)
+                    let replace = matches!(
+                        (&failure, &f),
+                        (None | Some(LlmFailure::Permanent { .. }), _)
+                            | (
+                                Some(LlmFailure::RateLimited { .. }),
+                                LlmFailure::Transient { .. }
+                            )
+                    );
+                    if replace {
+                        failure = Some(f);
+                    }
+                }
+            }
+        }
+        match failure {
+            Some(f @ (LlmFailure::Transient { .. } | LlmFailure::RateLimited { .. })) => {
+                Flow::Failed(f)
+            }
+            other => match (eligible, other) {
+                (Some(at), _) => Flow::Throttled(at),
+                (None, Some(f)) => Flow::Failed(f),
+                (None, None) => Flow::Failed(LlmFailure::Permanent {
+                    outcome: "client_error",
+                    message: "no upstream serves the task's models".to_owned(),
+                }),
+            },
+        }
+    }
+
+    fn label_any<'a>(&self, model: &'a str) -> &'a str {
+        self.llms
+            .values()
+            .next()
+            .map_or("other", |l| l.label(model))
+    }
+
+    /// Settles the reservation to the reported usage, and shares what the upstream said about
+    /// its limits: a 429 blocks the model for the whole fleet until its reset (or the backoff
+    /// this task will wait), a limit with nothing left blocks it until that limit resets, and a
+    /// limit lower than configured is learned. Limiter errors are logged, never fatal: a lost
+    /// settlement leaves the window conservative for at most a minute, and the lease expires.
+    async fn settle(
+        &self,
+        route: &Route<'_>,
+        label: &str,
+        reservation: &Reservation,
+        call: &Call,
+        task: &StartedTask,
+    ) {
+        let up = route.upstream.name.as_str();
+        let rate_limited = matches!(call.result, Err(LlmFailure::RateLimited { .. }));
+        let used = call
+            .usage
+            .map(|u| u64::from(u.prompt_tokens) + u64::from(u.completion_tokens));
+        let settlement = Settlement {
+            used_tokens: used,
+            // a 429 was not served, and the provider does not count its tokens
+            not_served: rate_limited || !call.reached,
+            latency: call.latency,
+        };
+        let settled = match (used, settlement.not_served) {
+            (Some(u), _) => u,
+            (None, true) => 0,
+            (None, false) => reservation.tokens,
+        };
+        self.metrics
+            .limiter_tokens_used
+            .with_label_values(&[up, label])
+            .inc_by(settled);
+        if let Err(e) = self.limiter.reconcile(reservation, settlement).await {
+            tracing::warn!(error = %e, "could not settle a flow reservation; it ages out");
+        }
+        let mut block_for = call.reported.exhausted_for;
+        if let Err(LlmFailure::RateLimited { retry_after, .. }) = &call.result {
+            let wait = backoff::rate_limited(
+                *retry_after,
+                task.rate_limited.saturating_add(1),
+                self.cfg.retry_base,
+                self.cfg.retry_max,
+            );
+            block_for = Some(block_for.map_or(wait, |b| b.max(wait)));
+        }
+        let block_for = block_for.map(|d| d.min(self.cfg.retry_max));
+        let configured = route.model_limits;
+        let lower = |reported: Option<u64>, conf: Option<u64>| match (reported, conf) {
+            (Some(r), Some(c)) if r < c => r,
+            (Some(r), None) => r,
+            _ => 0,
+        };
+        let learned = (
+            lower(call.reported.limit_requests, configured.rpm),
+            lower(call.reported.limit_tokens, configured.tpm),
+        );
+        let key = (up.to_owned(), route.model.to_owned());
+        let news = learned != (0, 0)
+            && self
+                .learned
+                .lock()
+                .map(|mut m| m.insert(key.clone(), learned) != Some(learned))
+                .unwrap_or(true);
+        if block_for.is_none() && !news {
+            return;
+        }
+        let until = block_for.map_or(0, |d| now_ms() + d.as_millis() as i64);
+        match self
+            .limiter
+            .learn(
+                route,
+                self.cfg.upstreams.implicit,
+                until,
+                learned.0,
+                learned.1,
+            )
+            .await
+        {
+            Ok(_) => {
+                if let Some(d) = block_for {
+                    self.metrics
+                        .limiter_blocked_seconds
+                        .with_label_values(&[up, label])
+                        .inc_by(d.as_secs_f64());
+                    tracing::info!(
+                        upstream = up,
+                        model = route.model,
+                        block_ms = d.as_millis() as u64,
+                        "upstream says its limit is reached; blocking it for the whole fleet"
+                    );
+                }
+            }
+            Err(e) => {
+                if let Ok(mut m) = self.learned.lock() {
+                    m.remove(&key);
+                }
+                tracing::warn!(error = %e, "could not share the upstream's limits with the fleet");
+            }
+        }
+    }
+}
+
+fn skipped(model: &str, upstream: &str, reason: &str) -> Fallback {
+    Fallback {
+        model: model.to_owned(),
+        upstream: upstream.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
