@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State};
@@ -17,7 +17,8 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::journal::JournalEntry;
-use crate::markers::{self, Fault, Hint, Reply};
+use crate::markers::{self, Fault, Hint, Plan, Reply};
+use crate::quota::{self, Limits, Rejected, Rejection};
 use crate::{CallOutcome, MockLlm, RequestRecord};
 
 /// Generous: prompts in agent workloads can carry long transcripts.
@@ -45,6 +46,8 @@ pub(crate) fn router(mock: MockLlm) -> Router {
         .route("/_mock/request_records", get(request_records))
         .route("/_mock/config", get(get_config).post(set_config))
         .route("/_mock/reset", post(reset))
+        .route("/_mock/quota", get(get_quota))
+        .route("/_mock/block", post(block))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(mock)
@@ -271,6 +274,20 @@ fn words(s: &str) -> u64 {
     s.split_whitespace().count() as u64
 }
 
+/// `(prompt_tokens, completion_tokens)` of the echo: words of every message,
+/// at least 1, and words of `"echo: <prompt>"`. The quota counts exactly
+/// these, so its arithmetic matches the `usage` the client reads.
+fn echo_usage(request: &ChatRequest<'_>, prompt: &str) -> (u64, u64) {
+    let prompt_tokens = request
+        .messages
+        .iter()
+        .map(|m| words(&m.content.0))
+        .sum::<u64>()
+        .max(1);
+    // "echo:" is one more word than the prompt.
+    (prompt_tokens, 1 + words(prompt))
+}
+
 async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
@@ -315,10 +332,25 @@ async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response
     if mock.recording() {
         record(&mock, &headers, &body, prompt, call);
     }
+    let arrived = Instant::now();
+    let gate = gate(&mock, &request, prompt, call, arrived);
+    let rejected = match &gate {
+        Gate::Now(_, rejected) => *rejected,
+        Gate::Serve(..) => None,
+    };
     // None unless the journal is on. If the client goes away, hyper drops this
     // future and the entry's drop guard records the call as ended right then.
-    let mut entry = mock.journal_entry(prompt, call);
-    let response = answer(&mock, &request, prompt, call, entry.as_mut()).await;
+    let mut entry = mock.journal_entry(prompt, call, arrived, rejected);
+    let response = match gate {
+        Gate::Now(response, _) => response,
+        Gate::Serve(plan, limits) => {
+            let mut response = answer(&mock, &request, prompt, call, plan, entry.as_mut()).await;
+            if let Some(limits) = limits {
+                limits.apply(response.headers_mut());
+            }
+            response
+        }
+    };
     if let Some(entry) = entry {
         let outcome = if response.extensions().get::<DropConnection>().is_some() {
             CallOutcome::Dropped
@@ -351,19 +383,130 @@ fn record(mock: &MockLlm, headers: &HeaderMap, body: &[u8], prompt: &str, call: 
     });
 }
 
-/// The answer to call number `call` of `prompt`: scripted faults, latency, or the echo.
+/// What to do with a call, decided at its arrival.
+enum Gate<'a> {
+    /// Answer at once, with no latency: a storm or quota 429 (a provider
+    /// refuses those without running the model) or a malformed marker's 400.
+    Now(Response, Option<Rejection>),
+    /// Serve it per its markers; with quota mode on, the answer carries these
+    /// `x-ratelimit-*` headers.
+    Serve(Plan<'a>, Option<Limits>),
+}
+
+/// The order: a storm refuses everything; then markers, since a test that
+/// scripts a fault (`fail`, `hang`, `drop`) must get it whatever the quota
+/// says, and such a call is neither checked nor counted by the quota (it
+/// reports no usage); then the quota, for calls that would be served.
+fn gate<'a>(
+    mock: &MockLlm,
+    request: &ChatRequest<'_>,
+    prompt: &'a str,
+    call: u64,
+    now: Instant,
+) -> Gate<'a> {
+    if let Some(left) = mock.block_left(now) {
+        mock.count_blocked();
+        return Gate::Now(storm_response(left), Some(Rejection::Blocked));
+    }
+    let plan = match markers::plan(prompt, call) {
+        Ok(plan) => plan,
+        Err(msg) => return Gate::Now(openai_error(StatusCode::BAD_REQUEST, msg), None),
+    };
+    if plan.fault.is_some() {
+        return Gate::Serve(plan, None);
+    }
+    let tokens = || {
+        let (prompt_tokens, completion_tokens) = echo_usage(request, prompt);
+        prompt_tokens + completion_tokens
+    };
+    match mock.admit(now, tokens) {
+        None => Gate::Serve(plan, None),
+        Some(verdict) => match verdict.rejected {
+            None => Gate::Serve(plan, Some(verdict.limits)),
+            Some(rejected) => {
+                let model = request.model.as_deref().unwrap_or(DEFAULT_MODEL);
+                let mut response = quota_response(&rejected, model);
+                verdict.limits.apply(response.headers_mut());
+                Gate::Now(response, Some(rejected.kind))
+            }
+        },
+    }
+}
+
+/// OpenAI's 429 for a rate limit, message included (clients and humans read
+/// the wait from it): "Rate limit reached for gpt-4o in organization org-…
+/// on requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again
+/// in 20s. …", or "Request too large …" for a request over the whole TPM.
+fn quota_response(rejected: &Rejected, model: &str) -> Response {
+    let (kind, unit) = match rejected.kind {
+        Rejection::Tpm => ("tokens", "tokens per min (TPM)"),
+        Rejection::Rpm | Rejection::Blocked => ("requests", "requests per min (RPM)"),
+    };
+    let message = if rejected.too_large {
+        format!(
+            "Request too large for {model} in organization org-mock on {unit}: Limit {}, \
+             Requested {}. The input or output tokens must be reduced in order to run \
+             successfully. Visit https://platform.openai.com/account/rate-limits to learn more.",
+            rejected.limit, rejected.requested
+        )
+    } else {
+        format!(
+            "Rate limit reached for {model} in organization org-mock on {unit}: Limit {}, \
+             Used {}, Requested {}. Please try again in {}. Visit \
+             https://platform.openai.com/account/rate-limits to learn more.",
+            rejected.limit,
+            rejected.used,
+            rejected.requested,
+            quota::go_duration(rejected.wait)
+        )
+    };
+    error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        message,
+        kind,
+        Some("rate_limit_exceeded"),
+        None,
+    )
+}
+
+/// The 429 of a `block_for` storm, with `left` of it to go.
+fn storm_response(left: Duration) -> Response {
+    let reset = quota::go_duration(left);
+    let mut response = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "Rate limit reached for requests (mock: 429 storm, {reset} left). \
+             Please try again in {reset}."
+        ),
+        "requests",
+        Some("rate_limit_exceeded"),
+        None,
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        "x-ratelimit-remaining-requests",
+        HeaderValue::from_static("0"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&reset) {
+        headers.insert("x-ratelimit-reset-requests", v);
+    }
+    headers.insert(
+        RETRY_AFTER,
+        HeaderValue::from(quota::retry_after_secs(left)),
+    );
+    response
+}
+
+/// The answer to call number `call` of `prompt` per its `plan`: scripted
+/// faults, latency, or the echo.
 async fn answer(
     mock: &MockLlm,
     request: &ChatRequest<'_>,
     prompt: &str,
     call: u64,
+    plan: Plan<'_>,
     entry: Option<&mut JournalEntry>,
 ) -> Response {
-    let plan = match markers::plan(prompt, call) {
-        Ok(plan) => plan,
-        Err(msg) => return openai_error(StatusCode::BAD_REQUEST, msg),
-    };
-
     let delay = mock.latency().saturating_add(plan.extra_latency);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -391,13 +534,7 @@ async fn answer(
     }
 
     let reply = format!("echo: {prompt}");
-    let prompt_tokens = request
-        .messages
-        .iter()
-        .map(|m| words(&m.content.0))
-        .sum::<u64>()
-        .max(1);
-    let completion_tokens = words(&reply);
+    let (prompt_tokens, completion_tokens) = echo_usage(request, prompt);
     let created = unix_now();
     if let Some(shape) = plan.reply {
         let echo = Echo {
@@ -703,8 +840,13 @@ async fn calls(State(mock): State<MockLlm>, Query(query): Query<CallsQuery>) -> 
         None => {
             // Sorted so scripts and humans get a stable listing.
             let by_prompt: BTreeMap<String, u64> = mock.calls_by_prompt().into_iter().collect();
-            Json(serde_json::json!({ "total": mock.total_calls(), "by_prompt": by_prompt }))
-                .into_response()
+            Json(serde_json::json!({
+                "total": mock.total_calls(),
+                "by_prompt": by_prompt,
+                "quota_rejections": mock.quota_rejections(),
+                "blocked_rejections": mock.blocked_rejections(),
+            }))
+            .into_response()
         }
     }
 }
@@ -722,12 +864,29 @@ async fn request_records(State(mock): State<MockLlm>) -> Response {
 struct ConfigUpdate {
     latency_ms: Option<u64>,
     error_rate: Option<f64>,
+    /// Absent: unchanged; `null` or 0: no limit; N: the new limit.
+    #[serde(default, deserialize_with = "present")]
+    rpm: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    tpm: Option<Option<u64>>,
+}
+
+/// Tells a field sent as `null` (`Some(None)`) from one left out (`None`,
+/// through `#[serde(default)]`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 fn current_config(mock: &MockLlm) -> Response {
     let latency_ms = u64::try_from(mock.latency().as_millis()).unwrap_or(u64::MAX);
-    Json(serde_json::json!({ "latency_ms": latency_ms, "error_rate": mock.error_rate() }))
-        .into_response()
+    let quota = mock.quota_status();
+    Json(serde_json::json!({
+        "latency_ms": latency_ms,
+        "error_rate": mock.error_rate(),
+        "rpm": quota.rpm,
+        "tpm": quota.tpm,
+    }))
+    .into_response()
 }
 
 async fn get_config(State(mock): State<MockLlm>) -> Response {
@@ -740,7 +899,10 @@ async fn set_config(State(mock): State<MockLlm>, body: Bytes) -> Response {
         Err(e) => {
             return openai_error(
                 StatusCode::BAD_REQUEST,
-                format!("expected {{\"latency_ms\": u64, \"error_rate\": 0.0..=1.0}}: {e}"),
+                format!(
+                    "expected {{\"latency_ms\": u64, \"error_rate\": 0.0..=1.0, \
+                     \"rpm\": u64 | null, \"tpm\": u64 | null}}: {e}"
+                ),
             )
         }
     };
@@ -758,7 +920,55 @@ async fn set_config(State(mock): State<MockLlm>, body: Bytes) -> Response {
     if let Some(rate) = update.error_rate {
         mock.set_error_rate(rate);
     }
+    if update.rpm.is_some() || update.tpm.is_some() {
+        let current = mock.quota_status();
+        mock.set_quota(
+            update.rpm.unwrap_or(current.rpm),
+            update.tpm.unwrap_or(current.tpm),
+        );
+    }
     current_config(&mock)
+}
+
+fn quota_json(mock: &MockLlm) -> Response {
+    let status = mock.quota_status();
+    let block_ms = u64::try_from(mock.block_remaining().as_millis()).unwrap_or(u64::MAX);
+    Json(serde_json::json!({
+        "rpm": status.rpm,
+        "tpm": status.tpm,
+        "requests": status.requests,
+        "tokens": status.tokens,
+        "quota_rejections": mock.quota_rejections(),
+        "blocked_rejections": mock.blocked_rejections(),
+        "block_remaining_ms": block_ms,
+    }))
+    .into_response()
+}
+
+async fn get_quota(State(mock): State<MockLlm>) -> Response {
+    quota_json(&mock)
+}
+
+#[derive(Deserialize)]
+struct BlockQuery {
+    ms: Option<String>,
+}
+
+/// `POST /_mock/block?ms=N`: [`MockLlm::block_for`] for out-of-process users
+/// (`ms=0` ends a storm); answers like `GET /_mock/quota`.
+async fn block(State(mock): State<MockLlm>, Query(query): Query<BlockQuery>) -> Response {
+    let Some(ms) = query
+        .ms
+        .as_deref()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "expected ?ms=N, N a non-negative integer of milliseconds",
+        );
+    };
+    mock.block_for(Duration::from_millis(ms));
+    quota_json(&mock)
 }
 
 async fn reset(State(mock): State<MockLlm>) -> StatusCode {

@@ -7,13 +7,19 @@
 //! drop guard, when hyper drops the handler because the client went away
 //! (disconnect, client timeout, killed process). So a call whose client died
 //! ends when the client died, not when a `[[hang]]` would have given up.
+//!
+//! Each call's arrival is also kept at once, as a [`CallArrival`], so a test
+//! can see calls still in progress and tell a quota or storm 429 from a
+//! scripted one ([`CallRecord`] and [`CallOutcome`] stay as they are: other
+//! crates build and match them exhaustively).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use parking_lot::Mutex;
 
+use crate::quota::Rejection;
 use crate::MockLlm;
 
 /// How a journaled call ended.
@@ -38,7 +44,8 @@ pub struct CallRecord {
     pub prompt: String,
     /// This call's 1-based number among the calls of `prompt`.
     pub call: u64,
-    /// When the request was parsed and counted.
+    /// When the request arrived: parsed, counted and checked against the
+    /// quota (the same instant as its [`CallArrival::start`]).
     pub start: Instant,
     /// When the answer was ready, or when the client went away.
     pub end: Instant,
@@ -52,10 +59,30 @@ impl CallRecord {
     }
 }
 
+/// One chat completion call as it arrived, kept by the journal the moment it
+/// arrives ([`MockLlm::arrivals`]), so calls still in progress are included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallArrival {
+    /// The last user message's content.
+    pub prompt: String,
+    /// This call's 1-based number among the calls of `prompt`.
+    pub call: u64,
+    /// Equal to the [`CallRecord::start`] of the same call once it ends.
+    pub start: Instant,
+    /// Wall-clock time of the arrival, to compare with times from other
+    /// processes (e.g. a `blocked_until` in milliseconds since the epoch).
+    pub at: SystemTime,
+    /// `Some` when the call was answered 429 by the quota or a storm without
+    /// being served (its [`CallRecord`] then says `Status(429)`).
+    pub rejected: Option<Rejection>,
+}
+
 /// Finished calls, oldest first, bounded.
 pub(crate) struct Journal {
     capacity: usize,
     records: Mutex<VecDeque<CallRecord>>,
+    /// Every call at its arrival, oldest first, bounded like `records`.
+    arrivals: Mutex<VecDeque<CallArrival>>,
     /// Records pushed out by newer ones once `capacity` was reached, so a test
     /// can tell a complete journal from a truncated one.
     evicted: AtomicU64,
@@ -68,6 +95,7 @@ impl Journal {
         Self {
             capacity,
             records: Mutex::new(VecDeque::new()),
+            arrivals: Mutex::new(VecDeque::new()),
             evicted: AtomicU64::new(0),
             open: AtomicU64::new(0),
         }
@@ -82,6 +110,18 @@ impl Journal {
         records.push_back(record);
     }
 
+    fn arrive(&self, arrival: CallArrival) {
+        let mut arrivals = self.arrivals.lock();
+        if arrivals.len() >= self.capacity {
+            arrivals.pop_front();
+        }
+        arrivals.push_back(arrival);
+    }
+
+    pub(crate) fn arrivals(&self) -> Vec<CallArrival> {
+        self.arrivals.lock().iter().cloned().collect()
+    }
+
     pub(crate) fn records(&self) -> Vec<CallRecord> {
         self.records.lock().iter().cloned().collect()
     }
@@ -94,9 +134,11 @@ impl Journal {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Forgets finished calls; calls in progress are still recorded when they end.
+    /// Forgets finished calls and arrivals; calls in progress are still
+    /// recorded when they end.
     pub(crate) fn clear(&self) {
         self.records.lock().clear();
+        self.arrivals.lock().clear();
         self.evicted.store(0, Ordering::Relaxed);
     }
 }
@@ -113,13 +155,27 @@ pub(crate) struct JournalEntry {
 }
 
 impl JournalEntry {
-    pub(crate) fn begin(mock: MockLlm, journal: &Journal, prompt: &str, call: u64) -> Self {
+    pub(crate) fn begin(
+        mock: MockLlm,
+        journal: &Journal,
+        prompt: &str,
+        call: u64,
+        start: Instant,
+        rejected: Option<Rejection>,
+    ) -> Self {
         journal.open.fetch_add(1, Ordering::Relaxed);
+        journal.arrive(CallArrival {
+            prompt: prompt.to_owned(),
+            call,
+            start,
+            at: SystemTime::now(),
+            rejected,
+        });
         Self {
             mock,
             prompt: prompt.to_owned(),
             call,
-            start: Instant::now(),
+            start,
             hanging: false,
             outcome: None,
         }
@@ -171,9 +227,15 @@ mod tests {
     #[test]
     fn finished_and_abandoned_calls_are_recorded_with_their_outcome() {
         let mock = journaled();
-        let a = mock.journal_entry("a", 1).expect("journal on");
-        let mut b = mock.journal_entry("b", 1).expect("journal on");
-        let c = mock.journal_entry("c", 1).expect("journal on");
+        let a = mock
+            .journal_entry("a", 1, Instant::now(), None)
+            .expect("journal on");
+        let mut b = mock
+            .journal_entry("b", 1, Instant::now(), None)
+            .expect("journal on");
+        let c = mock
+            .journal_entry("c", 1, Instant::now(), None)
+            .expect("journal on");
         assert_eq!(mock.journal_open(), 3);
         b.hanging();
         a.finish(CallOutcome::Status(200));
@@ -194,12 +256,34 @@ mod tests {
             ]
         );
         assert!(records.iter().all(|r| r.start <= r.end && r.call == 1));
+        // Arrivals were kept at once, in arrival order, with the same start.
+        let arrivals = mock.arrivals();
+        let prompts: Vec<&str> = arrivals.iter().map(|a| a.prompt.as_str()).collect();
+        assert_eq!(prompts, ["a", "b", "c"]);
+        for arrival in &arrivals {
+            let record = records.iter().find(|r| r.prompt == arrival.prompt);
+            assert_eq!(record.map(|r| r.start), Some(arrival.start));
+        }
+        assert_eq!(mock.call_times().len(), 3);
+    }
+
+    #[test]
+    fn arrivals_include_calls_in_progress_and_why_they_were_refused() {
+        let mock = journaled();
+        let open = mock.journal_entry("a", 1, Instant::now(), Some(Rejection::Blocked));
+        assert!(mock.journal().is_empty());
+        let arrivals = mock.arrivals();
+        assert_eq!(arrivals.len(), 1);
+        assert_eq!(arrivals[0].rejected, Some(Rejection::Blocked));
+        drop(open);
+        mock.reset();
+        assert!(mock.arrivals().is_empty());
     }
 
     #[test]
     fn off_means_no_entries() {
         let mock = MockLlm::new(MockConfig::default());
-        assert!(mock.journal_entry("a", 1).is_none());
+        assert!(mock.journal_entry("a", 1, Instant::now(), None).is_none());
         assert!(mock.journal().is_empty());
         assert_eq!(mock.journal_open(), 0);
     }
@@ -209,7 +293,7 @@ mod tests {
         let mock = journaled();
         let total = crate::JOURNAL_CAPACITY + 3;
         for i in 0..total {
-            if let Some(e) = mock.journal_entry("p", i as u64 + 1) {
+            if let Some(e) = mock.journal_entry("p", i as u64 + 1, Instant::now(), None) {
                 e.finish(CallOutcome::Status(200));
             }
         }

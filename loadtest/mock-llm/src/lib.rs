@@ -78,6 +78,52 @@
 //! `rate_limit_exceeded`, 5xx `server_error` with no code, other 4xx
 //! `invalid_request_error` with no code.
 //!
+//! # Quota mode
+//!
+//! With [`MockConfig::rpm`] and/or [`MockConfig::tpm`] set (binary: `--rpm`,
+//! `--tpm`; at runtime [`MockLlm::set_quota`] or `POST /_mock/config` with
+//! `{"rpm": N, "tpm": N}`, `null` or 0 for none), the mock enforces requests
+//! and tokens per minute over an exact sliding 60 s window: a call admitted at
+//! `t` counts until `t + 60 s`. A call's tokens are the `prompt_tokens +
+//! completion_tokens` of the echo's `usage` (also for `[[reply:…]]` shapes,
+//! including those that report no usage), counted at its arrival. A call that
+//! would make the last minute hold more than `rpm` calls or `tpm` tokens is
+//! answered at once (no latency) with OpenAI's 429: body
+//! `{"error":{"message":"Rate limit reached for <model> in organization
+//! org-mock on requests per min (RPM): Limit 3, Used 3, Requested 1. Please
+//! try again in 20s. …","type":"requests","param":null,"code":"rate_limit_exceeded"}}`
+//! (`tokens` per min (TPM) and type `tokens` for the token limit, which is
+//! reported when only it is broken; a call larger than the whole `tpm` gets
+//! OpenAI's "Request too large …" message). A rejected call is not counted
+//! in the window (so "admitted in any minute ≤ limit" holds exactly) but is
+//! counted by [`MockLlm::quota_rejections`].
+//!
+//! Every answer to an admitted call (200s, and `error_rate` 500s) and every
+//! quota 429 carries, per configured limit, `x-ratelimit-limit-requests`,
+//! `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests` and the
+//! same with `-tokens`. Remaining is after this call when admitted, without
+//! it when rejected. Reset is a Go duration as OpenAI sends it (`20ms`,
+//! `1.5s`, `6m0s`, rounded up to the millisecond), measured from the call's
+//! arrival: on a 429 for that limit, the time until enough of the oldest
+//! calls leave the window for this call to fit (for rpm usually the oldest
+//! one); otherwise the time until the oldest call leaves, i.e. until
+//! `remaining` next grows. `0s` when the window is empty.
+//!
+//! The order of checks: a [`MockLlm::block_for`] storm first (every call is
+//! a 429, markers or not); then markers: a call whose markers script a fault
+//! (`fail`, `hang`, `drop`) gets exactly that, unchecked and uncounted by the
+//! quota, so scripted tests behave the same in quota mode, and a malformed
+//! marker is still a 400; then the quota.
+//!
+//! A storm ([`MockLlm::block_for`], or `POST /_mock/block?ms=N` from another
+//! process) answers every chat call 429 (no latency) with
+//! `x-ratelimit-remaining-requests: 0`, `x-ratelimit-reset-requests: <time
+//! left>` and `retry-after: <whole seconds left, rounded up>` until it ends.
+//! Its calls are counted by [`MockLlm::blocked_rejections`], not by the quota.
+//! `GET /_mock/quota` shows limits, the window's requests and tokens, both
+//! rejection counters and `block_remaining_ms`; `GET /_mock/calls` also
+//! lists the counters.
+//!
 //! # Observing requests
 //!
 //! With [`MockConfig::record`] on, the mock keeps each request's body and
@@ -88,10 +134,15 @@
 //!
 //! With [`MockConfig::journal`] on, an in-process mock also keeps a bounded
 //! call journal ([`MockLlm::journal`]): every call's prompt, start and end
-//! [`Instant`](std::time::Instant)s and outcome (status, `[[drop]]`, or the
+//! [`Instant`]s and outcome (status, `[[drop]]`, or the
 //! client going away during a `[[hang]]` or before the answer). A call ends
 //! when its answer is ready or when the client disconnects, so tests can tell
-//! whether two calls of one prompt really ran at the same time.
+//! whether two calls of one prompt really ran at the same time. The journal
+//! also keeps every call at its arrival, in progress or not
+//! ([`MockLlm::arrivals`], [`CallArrival`]: start `Instant`, wall-clock
+//! `SystemTime`, and whether the quota or a storm refused it, which a
+//! [`CallRecord`] shows only as `Status(429)`), and [`MockLlm::call_times`]
+//! for "no call arrived between a and b".
 //!
 //! The request path is built for throughput: no per-request logging, atomics
 //! for configuration and totals, a sharded map for per-prompt counters so
@@ -101,21 +152,24 @@
 mod api;
 mod journal;
 mod markers;
+mod quota;
 mod server;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
-pub use journal::{CallOutcome, CallRecord};
+pub use journal::{CallArrival, CallOutcome, CallRecord};
+pub use quota::{QuotaStatus, Rejection};
 pub use server::{serve, spawn};
 
 use journal::{Journal, JournalEntry};
+use quota::{Quota, Verdict};
 
 /// How many request bodies are kept when [`MockConfig::record`] is on.
 pub const RECORD_CAPACITY: usize = 1000;
@@ -160,7 +214,8 @@ pub struct RequestRecord {
 /// Startup configuration of a [`MockLlm`].
 #[derive(Debug, Clone, Default)]
 pub struct MockConfig {
-    /// Delay added to every chat completion call (including failing ones).
+    /// Delay added to every chat completion call (including failing ones,
+    /// except quota and storm 429s, which are answered at once).
     pub latency: Duration,
     /// Fraction (`0.0..=1.0`) of chat completion calls answered with a 500.
     pub error_rate: f64,
@@ -172,6 +227,12 @@ pub struct MockConfig {
     /// Keep a [`CallRecord`] of the last [`JOURNAL_CAPACITY`] calls. Off, it
     /// costs one branch per call, so benchmarks leave it off.
     pub journal: bool,
+    /// Quota mode: admit at most this many requests in any 60 s (see
+    /// "Quota mode" above). `None` or `Some(0)`: no limit.
+    pub rpm: Option<u64>,
+    /// Quota mode: admit at most this many tokens (prompt + completion of the
+    /// reply's `usage`) in any 60 s. `None` or `Some(0)`: no limit.
+    pub tpm: Option<u64>,
 }
 
 /// Shared handle to one mock's state; clones observe the same counters.
@@ -194,6 +255,15 @@ struct Inner {
     shards: Box<[Shard]>,
     recorded: Mutex<VecDeque<RequestRecord>>,
     journal: Option<Journal>,
+    /// Whether an rpm or tpm is set, so quota-free calls skip the lock.
+    quota_on: AtomicBool,
+    quota: Mutex<Quota>,
+    quota_rejections: AtomicU64,
+    blocked_rejections: AtomicU64,
+    /// Origin of `blocked_until_nanos` (an `Instant` cannot live in an atomic).
+    epoch: Instant,
+    /// End of the `block_for` storm in nanoseconds since `epoch`; 0: none.
+    blocked_until_nanos: AtomicU64,
 }
 
 impl std::fmt::Debug for MockLlm {
@@ -205,6 +275,8 @@ impl std::fmt::Debug for MockLlm {
             .field("record", &self.inner.record)
             .field("journal", &self.inner.journal.is_some())
             .field("total_calls", &self.total_calls())
+            .field("quota", &self.quota_status())
+            .field("block_remaining", &self.block_remaining())
             .finish()
     }
 }
@@ -227,10 +299,18 @@ impl MockLlm {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             recorded: Mutex::new(VecDeque::new()),
             journal: config.journal.then(|| Journal::new(JOURNAL_CAPACITY)),
+            quota_on: AtomicBool::new(false),
+            quota: Mutex::new(Quota::default()),
+            quota_rejections: AtomicU64::new(0),
+            blocked_rejections: AtomicU64::new(0),
+            epoch: Instant::now(),
+            blocked_until_nanos: AtomicU64::new(0),
         };
-        Self {
+        let mock = Self {
             inner: Arc::new(inner),
-        }
+        };
+        mock.set_quota(config.rpm, config.tpm);
+        mock
     }
 
     /// The full HTTP surface (`/v1/*`, `/healthz`, `/_mock/*`).
@@ -302,8 +382,77 @@ impl MockLlm {
             .store(clamp_rate(r).to_bits(), Ordering::Relaxed);
     }
 
-    /// Clears call counters, recorded requests and the journal (not
-    /// latency/error rate; calls in progress are journaled when they end).
+    /// Sets the quota at runtime (`None` or `Some(0)`: no limit; both: quota
+    /// mode off). Requests admitted in the last 60 s keep counting against the
+    /// new limits; requests served while quota mode was off were not counted.
+    pub fn set_quota(&self, rpm: Option<u64>, tpm: Option<u64>) {
+        let mut quota = self.inner.quota.lock();
+        quota.set(rpm, tpm);
+        self.inner
+            .quota_on
+            .store(quota.enabled(), Ordering::Relaxed);
+    }
+
+    /// The limits and what the current 60 s window holds.
+    pub fn quota_status(&self) -> QuotaStatus {
+        self.inner.quota.lock().status(Instant::now())
+    }
+
+    /// Calls the quota answered 429 (over rpm or tpm). Storm 429s are counted
+    /// apart, by [`MockLlm::blocked_rejections`].
+    pub fn quota_rejections(&self) -> u64 {
+        self.inner.quota_rejections.load(Ordering::Relaxed)
+    }
+
+    /// Calls answered 429 by a [`MockLlm::block_for`] storm.
+    pub fn blocked_rejections(&self) -> u64 {
+        self.inner.blocked_rejections.load(Ordering::Relaxed)
+    }
+
+    /// A 429 storm: for `d` from now every chat completion call is answered
+    /// 429 with `x-ratelimit-remaining-requests: 0`,
+    /// `x-ratelimit-reset-requests: <time left>` and `retry-after: <whole
+    /// seconds left, rounded up>`, quota or not. Replaces a storm in
+    /// progress; `Duration::ZERO` ends it.
+    pub fn block_for(&self, d: Duration) {
+        let until = if d.is_zero() {
+            0
+        } else {
+            // At least 1 so a storm never reads as "none"; saturating so a
+            // huge `d` means "for as long as this process runs".
+            duration_to_nanos(self.inner.epoch.elapsed().saturating_add(d)).max(1)
+        };
+        self.inner
+            .blocked_until_nanos
+            .store(until, Ordering::Relaxed);
+    }
+
+    /// Time left in the current [`MockLlm::block_for`] storm (zero when none).
+    pub fn block_remaining(&self) -> Duration {
+        self.block_left(Instant::now()).unwrap_or(Duration::ZERO)
+    }
+
+    /// Every journaled call at its arrival, oldest first, including calls
+    /// still in progress (empty unless `journal`).
+    pub fn arrivals(&self) -> Vec<CallArrival> {
+        self.inner
+            .journal
+            .as_ref()
+            .map(Journal::arrivals)
+            .unwrap_or_default()
+    }
+
+    /// Wall-clock arrival time of every journaled call, oldest first,
+    /// including calls still in progress and calls answered 429 (empty unless
+    /// `journal`): for "no call arrived between a and b".
+    pub fn call_times(&self) -> Vec<SystemTime> {
+        self.arrivals().into_iter().map(|a| a.at).collect()
+    }
+
+    /// Clears call counters, recorded requests, the journal, the quota's
+    /// window and rejection counters, and ends a storm (not latency, error
+    /// rate or the quota's limits; calls in progress are journaled when they
+    /// end).
     pub fn reset(&self) {
         for shard in self.inner.shards.iter() {
             shard.lock().clear();
@@ -313,6 +462,10 @@ impl MockLlm {
         if let Some(journal) = &self.inner.journal {
             journal.clear();
         }
+        self.inner.quota.lock().clear();
+        self.inner.quota_rejections.store(0, Ordering::Relaxed);
+        self.inner.blocked_rejections.store(0, Ordering::Relaxed);
+        self.block_for(Duration::ZERO);
     }
 
     pub(crate) fn latency(&self) -> Duration {
@@ -350,11 +503,54 @@ impl MockLlm {
         }
     }
 
-    /// Starts the journal entry of a call (None when the journal is off, so
-    /// the hot path allocates nothing).
-    pub(crate) fn journal_entry(&self, prompt: &str, call: u64) -> Option<JournalEntry> {
+    /// Starts the journal entry of a call that arrived at `start` (None when
+    /// the journal is off, so the hot path allocates nothing).
+    pub(crate) fn journal_entry(
+        &self,
+        prompt: &str,
+        call: u64,
+        start: Instant,
+        rejected: Option<Rejection>,
+    ) -> Option<JournalEntry> {
         let journal = self.inner.journal.as_ref()?;
-        Some(JournalEntry::begin(self.clone(), journal, prompt, call))
+        Some(JournalEntry::begin(
+            self.clone(),
+            journal,
+            prompt,
+            call,
+            start,
+            rejected,
+        ))
+    }
+
+    /// Time left in the storm at `now`, if one is on.
+    pub(crate) fn block_left(&self, now: Instant) -> Option<Duration> {
+        let until = self.inner.blocked_until_nanos.load(Ordering::Relaxed);
+        if until == 0 {
+            return None;
+        }
+        let now = duration_to_nanos(now.saturating_duration_since(self.inner.epoch));
+        (now < until).then(|| Duration::from_nanos(until - now))
+    }
+
+    pub(crate) fn count_blocked(&self) {
+        self.inner
+            .blocked_rejections
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The quota's verdict on a request of `tokens()` tokens arriving at
+    /// `now`; `None` when quota mode is off (one atomic load, no token count).
+    pub(crate) fn admit(&self, now: Instant, tokens: impl FnOnce() -> u64) -> Option<Verdict> {
+        if !self.inner.quota_on.load(Ordering::Relaxed) {
+            return None;
+        }
+        let tokens = tokens();
+        let verdict = self.inner.quota.lock().admit(now, tokens);
+        if verdict.rejected.is_some() {
+            self.inner.quota_rejections.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(verdict)
     }
 
     pub(crate) fn journal_state(&self) -> Option<&Journal> {
@@ -436,6 +632,39 @@ mod tests {
         assert_eq!(recorded.len(), RECORD_CAPACITY);
         assert_eq!(recorded[0], serde_json::json!(5));
         assert_eq!(mock.request_records()[0].call, 6);
+    }
+
+    #[test]
+    fn a_storm_ends_on_time_on_zero_or_on_reset() {
+        let mock = MockLlm::new(MockConfig::default());
+        assert_eq!(mock.block_remaining(), Duration::ZERO);
+        let now = Instant::now();
+        mock.block_for(Duration::from_secs(10));
+        let left = mock.block_left(now).expect("blocked");
+        // Measured from just before the call: at least the full 10 s.
+        assert!(left >= Duration::from_secs(10) && left < Duration::from_secs(11));
+        assert_eq!(mock.block_left(now + Duration::from_secs(11)), None);
+        mock.block_for(Duration::ZERO);
+        assert_eq!(mock.block_left(now), None);
+        mock.block_for(Duration::MAX);
+        assert!(mock.block_remaining() > Duration::from_secs(1 << 30));
+        mock.reset();
+        assert_eq!(mock.block_remaining(), Duration::ZERO);
+    }
+
+    #[test]
+    fn config_sets_the_quota_and_zero_means_none() {
+        let mock = MockLlm::new(MockConfig {
+            rpm: Some(5),
+            tpm: Some(0),
+            ..MockConfig::default()
+        });
+        let status = mock.quota_status();
+        assert_eq!((status.rpm, status.tpm), (Some(5), None));
+        mock.set_quota(None, None);
+        assert!(mock
+            .admit(Instant::now(), || unreachable!("off: no token count"))
+            .is_none());
     }
 
     #[test]

@@ -8,7 +8,11 @@
 //! `MOCK_LLM_API_KEY` / `--api-key` (unset: no auth),
 //! `MOCK_LLM_RECORD` / `--record` (`1` to keep the last 1000 requests, served
 //! at `/_mock/requests` and, with `Authorization` and `max_tokens`, at
-//! `/_mock/request_records`).
+//! `/_mock/request_records`),
+//! `MOCK_LLM_RPM` (or `MOCK_RPM`) / `--rpm` and `MOCK_LLM_TPM` (or `MOCK_TPM`)
+//! / `--tpm`: quota mode, requests and tokens per sliding minute (unset, empty
+//! or 0: no limit; change at runtime with `POST /_mock/config`, watch with
+//! `GET /_mock/quota`, start a 429 storm with `POST /_mock/block?ms=N`).
 //! Invalid configuration exits with code 64 (EX_USAGE).
 
 use std::io::Write;
@@ -22,8 +26,9 @@ use tokio::net::TcpListener;
 const EX_USAGE: u8 = 64;
 
 const USAGE: &str = "usage: agentq-mock-llm [--listen ADDR] [--latency-ms MS] [--error-rate R] \
-[--api-key KEY] [--record]
-env: MOCK_LLM_LISTEN, MOCK_LLM_LATENCY_MS, MOCK_LLM_ERROR_RATE, MOCK_LLM_API_KEY, MOCK_LLM_RECORD";
+[--api-key KEY] [--record] [--rpm N] [--tpm N]
+env: MOCK_LLM_LISTEN, MOCK_LLM_LATENCY_MS, MOCK_LLM_ERROR_RATE, MOCK_LLM_API_KEY, MOCK_LLM_RECORD,
+MOCK_LLM_RPM (or MOCK_RPM), MOCK_LLM_TPM (or MOCK_TPM)";
 
 struct Settings {
     listen: SocketAddr,
@@ -122,6 +127,15 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
     let mut error_rate = env("MOCK_LLM_ERROR_RATE").map(|v| ("MOCK_LLM_ERROR_RATE", v));
     let mut api_key = env("MOCK_LLM_API_KEY");
     let mut record = env("MOCK_LLM_RECORD").map(|v| ("MOCK_LLM_RECORD", v));
+    // The short names are the ones issue 12's spec gives; the MOCK_LLM_ ones
+    // follow this binary's other variables and win when both are set.
+    let either = |long: &'static str, short: &'static str| {
+        env(long)
+            .map(|v| (long, v))
+            .or_else(|| env(short).map(|v| (short, v)))
+    };
+    let mut rpm = either("MOCK_LLM_RPM", "MOCK_RPM");
+    let mut tpm = either("MOCK_LLM_TPM", "MOCK_TPM");
 
     let mut args = args;
     while let Some(arg) = args.next() {
@@ -143,6 +157,8 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
             "--error-rate" => error_rate = Some(value("--error-rate")?),
             "--api-key" => api_key = Some(value("--api-key")?.1),
             "--record" => record = Some(("--record", inline.unwrap_or_else(|| "1".into()))),
+            "--rpm" => rpm = Some(value("--rpm")?),
+            "--tpm" => tpm = Some(value("--tpm")?),
             _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
         }
     }
@@ -180,6 +196,8 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
     };
     // Compose files often pass an empty variable to mean "unset".
     let api_key = api_key.filter(|k| !k.is_empty());
+    let rpm = parse_limit(rpm)?;
+    let tpm = parse_limit(tpm)?;
 
     Ok(Some(Settings {
         listen,
@@ -190,8 +208,26 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
             record,
             // The journal is read in-process (`MockLlm::journal`); the binary has no use for it.
             journal: false,
+            rpm,
+            tpm,
         },
     }))
+}
+
+/// A per-minute limit: empty or 0 means none (compose files pass an empty
+/// variable to mean "unset").
+fn parse_limit(v: Option<(&'static str, String)>) -> Result<Option<u64>, String> {
+    let Some((name, v)) = v else { return Ok(None) };
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
+    match v.trim().parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        Err(_) => Err(format!(
+            "invalid {name}={v:?}: expected a non-negative integer (0: no limit)"
+        )),
+    }
 }
 
 fn parse_listen(v: &str) -> Option<SocketAddr> {

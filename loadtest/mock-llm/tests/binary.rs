@@ -18,6 +18,10 @@ fn command() -> Command {
         "MOCK_LLM_ERROR_RATE",
         "MOCK_LLM_API_KEY",
         "MOCK_LLM_RECORD",
+        "MOCK_LLM_RPM",
+        "MOCK_LLM_TPM",
+        "MOCK_RPM",
+        "MOCK_TPM",
     ] {
         cmd.env_remove(var);
     }
@@ -119,10 +123,92 @@ fn other_bad_values_exit_64_too() {
         ("MOCK_LLM_ERROR_RATE", "1.5"),
         ("MOCK_LLM_LISTEN", "not an address"),
         ("MOCK_LLM_RECORD", "maybe"),
+        ("MOCK_LLM_RPM", "lots"),
+        ("MOCK_TPM", "-5"),
     ] {
         let mut child = command().env(var, value).spawn().unwrap();
         let status = wait_with_timeout(&mut child, Duration::from_secs(10));
         assert_eq!(status.code(), Some(64), "{var}={value}");
         assert!(stderr_of(&mut child).contains(var), "{var}");
     }
+}
+
+#[test]
+fn bad_quota_flag_exits_64_naming_the_flag() {
+    let mut child = command()
+        .args(["--listen", "127.0.0.1:0", "--rpm=1.5"])
+        .spawn()
+        .unwrap();
+    let status = wait_with_timeout(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(64));
+    assert!(stderr_of(&mut child).contains("--rpm"));
+}
+
+/// `--rpm` beats `MOCK_RPM`; `MOCK_TPM` (the short alias) is read too.
+#[tokio::test]
+async fn quota_from_flags_and_env() {
+    let mut child = command()
+        .env("MOCK_RPM", "9")
+        .env("MOCK_TPM", "1000")
+        .args(["--listen", "127.0.0.1:0", "--rpm", "2"])
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let base = line
+        .strip_prefix("agentq-mock-llm listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .trim_end()
+        .to_owned();
+    let root = base.trim_end_matches("/v1");
+
+    let client = reqwest::Client::new();
+    let config: serde_json::Value = client
+        .get(format!("{root}/_mock/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["rpm"], 2);
+    assert_eq!(config["tpm"], 1000);
+
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let resp = client
+            .post(format!("{base}/chat/completions"))
+            .json(&serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        let h = |name: &str| {
+            resp.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(h("x-ratelimit-limit-requests").as_deref(), Some("2"));
+        assert_eq!(h("x-ratelimit-limit-tokens").as_deref(), Some("1000"));
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    let quota: serde_json::Value = client
+        .get(format!("{root}/_mock/quota"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(quota["quota_rejections"], 1);
+    assert_eq!(quota["requests"], 2);
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_with_timeout(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "stderr: {}", stderr_of(&mut child));
 }

@@ -400,7 +400,10 @@ async fn error_rate_one_fails_everything() {
         .json()
         .await
         .unwrap();
-    assert_eq!(config, json!({"latency_ms": 0, "error_rate": 1.0}));
+    assert_eq!(
+        config,
+        json!({"latency_ms": 0, "error_rate": 1.0, "rpm": null, "tpm": null})
+    );
     assert_eq!(
         chat(&client, &base, "unlucky").await.status(),
         StatusCode::INTERNAL_SERVER_ERROR
@@ -472,7 +475,7 @@ async fn control_endpoints_count_configure_and_reset() {
 
     assert_eq!(
         get_json(format!("{root}/_mock/calls")).await,
-        json!({"total": 3, "by_prompt": {"a": 2, odd: 1}})
+        json!({"total": 3, "by_prompt": {"a": 2, odd: 1}, "quota_rejections": 0, "blocked_rejections": 0})
     );
     let url =
         reqwest::Url::parse_with_params(&format!("{root}/_mock/calls"), [("prompt", odd)]).unwrap();
@@ -490,12 +493,17 @@ async fn control_endpoints_count_configure_and_reset() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         get_json(format!("{root}/_mock/config")).await,
-        json!({"latency_ms": 40, "error_rate": 0.0})
+        json!({"latency_ms": 40, "error_rate": 0.0, "rpm": null, "tpm": null})
     );
     let started = Instant::now();
     assert_eq!(chat(&client, &base, "a").await.status(), StatusCode::OK);
     assert!(started.elapsed() >= Duration::from_millis(40));
-    for bad in [json!({"error_rate": 1.5}), json!({"latency": 5})] {
+    for bad in [
+        json!({"error_rate": 1.5}),
+        json!({"latency": 5}),
+        json!({"rpm": -1}),
+        json!({"tpm": "many"}),
+    ] {
         let resp = client
             .post(format!("{root}/_mock/config"))
             .json(&bad)
@@ -515,7 +523,7 @@ async fn control_endpoints_count_configure_and_reset() {
     assert_eq!(mock.calls("a"), 0);
     assert_eq!(
         get_json(format!("{root}/_mock/calls")).await,
-        json!({"total": 0, "by_prompt": {}})
+        json!({"total": 0, "by_prompt": {}, "quota_rejections": 0, "blocked_rejections": 0})
     );
     // Reset keeps scripted windows usable again from call 1.
     mock.set_latency(Duration::ZERO);
