@@ -205,26 +205,24 @@ impl CreateTask {
                 ));
             }
         }
-        let fallback_models = self.fallback_models.unwrap_or_default();
-        if fallback_models.len() > MAX_FALLBACK_MODELS {
+        let listed = self.fallback_models.unwrap_or_default();
+        if listed.len() > MAX_FALLBACK_MODELS {
             return Err(FieldError::new(
                 "fallback_models",
                 format!("at most {MAX_FALLBACK_MODELS} models"),
             ));
         }
-        for (i, m) in fallback_models.iter().enumerate() {
-            let field = format!("fallback_models[{i}]");
-            if !valid_name(m) {
+        let mut fallback_models: Vec<String> = Vec::with_capacity(listed.len());
+        for (i, m) in listed.into_iter().enumerate() {
+            if !valid_name(&m) {
                 return Err(FieldError::new(
-                    &field,
+                    &format!("fallback_models[{i}]"),
                     "must be 1 to 128 characters of [A-Za-z0-9_.:/-]",
                 ));
             }
-            if self.model.as_deref() == Some(m.as_str()) || fallback_models[..i].contains(m) {
-                return Err(FieldError::new(
-                    &field,
-                    format!("{m:?} is already in the list of models to try"),
-                ));
+            // a model already in line would only be tried twice: kept once, in its first place
+            if self.model.as_deref() != Some(m.as_str()) && !fallback_models.contains(&m) {
+                fallback_models.push(m);
             }
         }
         if let Some(agent) = &self.agent_id {

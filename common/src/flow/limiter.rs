@@ -58,6 +58,9 @@ pub struct Reservation {
     sec: i64,
     pub tokens: u64,
     lease: String,
+    /// False when no scope counted the call or leased a slot (no limits apply yet): nothing to
+    /// settle, so the call costs the limiter one round trip instead of two.
+    held: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +182,7 @@ impl Limiter {
                 sec: int(1)?,
                 tokens: tokens.max(1),
                 lease: lease_id.to_owned(),
+                held: int(2).unwrap_or(1) != 0,
             }),
             2 => Admission::TooLarge {
                 tpm: int(1)?.max(0) as u64,
@@ -200,6 +204,9 @@ impl Limiter {
     /// Settles a reservation: tokens become what was used (unused ones return to the window),
     /// a request the upstream never counted is handed back, the lease ends.
     pub async fn reconcile(&self, r: &Reservation, s: Settlement) -> RedisResult<()> {
+        if !r.held {
+            return Ok(());
+        }
         let used = match (s.used_tokens, s.not_served) {
             (Some(u), _) => u,
             (None, true) => 0,

@@ -5,7 +5,8 @@
 -- length ms (a crashed worker's lease ends by itself), ARGV[4] park: 1 when a refusal parks the
 -- task (then it takes a turn on the scope's cursor), ARGV[5] state TTL ms (0: none),
 -- ARGV[6..8] model scope rpm, tpm, concurrency, ARGV[9..11] upstream scope's (0 = no limit).
--- Returns {1, sec} admitted (tokens counted in bucket `sec`), {0, eligible_ms, reason, limit}
+-- Returns {1, sec, held} admitted (tokens counted in bucket `sec`; held 0 when no scope counted
+-- anything or took a lease, so there is nothing to settle), {0, eligible_ms, reason, limit}
 -- not now, or {2, limit} when the call alone needs more tokens than a minute allows.
 --
 -- Window: a sliding minute of 1 s buckets (`r:<sec>` requests, `t:<sec>` tokens, running sums
@@ -143,7 +144,9 @@ if reason then
   return {0, wait_until, reason, limit}
 end
 
+local held = 0
 for _, s in ipairs(scopes) do
+  if s.counted or s.conc > 0 then held = 1 end
   if s.counted then
     redis.call('HINCRBY', s.h, 'r:' .. sec, 1)
     redis.call('HINCRBY', s.h, 't:' .. sec, tokens)
@@ -156,4 +159,4 @@ for _, s in ipairs(scopes) do
     redis.call('PEXPIRE', s.leases, lease_ms)
   end
 end
-return {1, sec}
+return {1, sec, held}
