@@ -30,6 +30,8 @@ use tokio::sync::Semaphore;
 const PREFIX: &str = "agentq:{default}:";
 const WORKERS: usize = 3;
 const CONCURRENCY: &str = "16";
+/// The upstream's concurrency limit: below WORKERS × CONCURRENCY, so the limiter parks runs.
+const FLOW_CONCURRENCY: u64 = 40;
 /// Heartbeat TTL: a worker frozen longer than this (plus a recovery period) loses its runs.
 const HEARTBEAT_SECS: u64 = 2;
 const MAX_RATE_LIMITED: u64 = 4;
@@ -46,8 +48,9 @@ const DRAIN_TIMEOUT_SECS: u64 = 1;
 const TASKS_PER_MINUTE: u64 = 2000;
 /// A SIGTERMed worker must be gone by then (drain 1 s, give-back grace 5 s, Redis outages).
 const EXIT_LIMIT: Duration = Duration::from_secs(30);
-/// After the chaos: every acknowledged task final by then.
-const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+/// After the chaos: every acknowledged task final by then. Every injected 429 blocks the model
+/// for the whole fleet (flow control), so the retries of a few hundred 429s take a while.
+const SETTLE_LIMIT: Duration = Duration::from_secs(240);
 /// After that: queues empty and every LLM call ended by then.
 const QUIET_LIMIT: Duration = Duration::from_secs(30);
 
@@ -315,6 +318,7 @@ const SNAPSHOT_LUA: &str = r#"
 local p = ARGV[1]
 local pending = redis.call('LRANGE', p .. 'pending', 0, -1)
 local delayed = redis.call('ZRANGE', p .. 'delayed', 0, -1)
+local throttled = redis.call('ZRANGE', p .. 'throttled', 0, -1)
 local dead = redis.call('ZRANGE', p .. 'dead', 0, -1)
 local active = redis.call('ZRANGE', p .. 'active', 0, -1)
 local inflight = {}
@@ -332,13 +336,15 @@ for _, key in ipairs(tasks) do
     running[#running + 1] = string.sub(key, #p + 6) .. ' ' .. (t[2] or '')
   end
 end
-return {pending, delayed, dead, active, inflight, running, #tasks}
+return {pending, delayed, dead, active, inflight, running, #tasks, throttled}
 "#;
 
 #[derive(Debug, Default)]
 struct Snapshot {
     pending: Vec<String>,
     delayed: Vec<String>,
+    /// Parked by the flow limiter (a 429's fleet-wide block) until their turn.
+    throttled: Vec<String>,
     dead: Vec<String>,
     active: Vec<String>,
     /// (worker, id) for every entry of every in-flight list.
@@ -368,6 +374,7 @@ async fn snapshot(client: &redis::Client) -> Result<Snapshot> {
             Vec<String>,
             Vec<String>,
             usize,
+            Vec<String>,
         );
         let raw: Raw = redis::Script::new(SNAPSHOT_LUA)
             .arg(PREFIX)
@@ -375,13 +382,14 @@ async fn snapshot(client: &redis::Client) -> Result<Snapshot> {
             .await?;
         anyhow::Ok(raw)
     };
-    let (pending, delayed, dead, active, inflight, running, task_records) =
+    let (pending, delayed, dead, active, inflight, running, task_records, throttled) =
         tokio::time::timeout(Duration::from_secs(2), work)
             .await
             .context("snapshot timed out")??;
     Ok(Snapshot {
         pending,
         delayed,
+        throttled,
         dead,
         active,
         inflight: pairs(inflight),
@@ -398,6 +406,9 @@ fn structural_violations(s: &Snapshot) -> Vec<String> {
     }
     for id in &s.delayed {
         places.entry(id).or_default().push("delayed".to_owned());
+    }
+    for id in &s.throttled {
+        places.entry(id).or_default().push("throttled".to_owned());
     }
     for id in &s.dead {
         places.entry(id).or_default().push("dead".to_owned());
@@ -775,6 +786,26 @@ async fn run(cfg: Config) -> Result<()> {
     ] {
         s.env.insert(k.to_owned(), v.to_owned());
     }
+    // Flow control under chaos: a concurrency limit below the fleet's 48 slots parks runs in the
+    // throttled set, leases of killed workers must age out, and every 429 blocks the model for
+    // the whole fleet; the invariants must hold through all of it.
+    let upstreams = s.logs.path().join("upstreams.json");
+    std::fs::write(
+        &upstreams,
+        serde_json::json!({"upstreams": [{
+            "name": "chaos",
+            "base_url": s.llm_url,
+            "api_key": "env:OPENAI_API_KEY",
+            "models": ["mock-gpt"],
+            "limits": {"rpm": 60000, "concurrency": FLOW_CONCURRENCY},
+            "model_limits": {"mock-gpt": {"tpm": 100_000_000}},
+        }]})
+        .to_string(),
+    )?;
+    s.env.insert(
+        "AGENTQ_UPSTREAMS".to_owned(),
+        upstreams.to_string_lossy().into_owned(),
+    );
     s.start_api(&[]).await?;
 
     let specs = Arc::new(plan_tasks(&cfg));
@@ -998,6 +1029,7 @@ async fn wait_quiet(
             let open_calls = s.mock.journal_open();
             let quiet = snap.pending.is_empty()
                 && snap.delayed.is_empty()
+                && snap.throttled.is_empty()
                 && snap.active.is_empty()
                 && snap.inflight.is_empty()
                 && snap.running.is_empty()
@@ -1007,8 +1039,8 @@ async fn wait_quiet(
             }
             if Instant::now() > deadline {
                 let why = format!(
-                    "not quiet {limit:?} after every task was final: pending {:?}, delayed {:?}, active {:?}, inflight {:?}, running {:?}, LLM calls still open {open_calls}",
-                    snap.pending, snap.delayed, snap.active, snap.inflight, snap.running
+                    "not quiet {limit:?} after every task was final: pending {:?}, delayed {:?}, throttled {:?}, active {:?}, inflight {:?}, running {:?}, LLM calls still open {open_calls}",
+                    snap.pending, snap.delayed, snap.throttled, snap.active, snap.inflight, snap.running
                 );
                 return Err((snap, why));
             }
@@ -1471,11 +1503,12 @@ mod checks {
         Snapshot {
             pending: s(&["a", "b"]),
             delayed: s(&["c"]),
+            throttled: s(&["g"]),
             dead: s(&["d"]),
             active: s(&["e"]),
             inflight: p(&[("w1", "e"), ("w2", "f")]),
             running: p(&[("e", "w1")]),
-            task_records: 6,
+            task_records: 7,
         }
     }
 
@@ -1487,12 +1520,13 @@ mod checks {
     #[test]
     fn every_structural_invariant_fires() {
         type Breakage = fn(&mut Snapshot);
-        let cases: [(&str, Breakage); 6] = [
+        let cases: [(&str, Breakage); 7] = [
             ("pending twice", |s| s.pending.push("a".into())),
             ("pending and in flight", |s| {
                 s.inflight.push(("w2".into(), "b".into()))
             }),
             ("delayed and dead", |s| s.dead.push("c".into())),
+            ("throttled and pending", |s| s.pending.push("g".into())),
             ("active but not running", |s| s.active.push("b".into())),
             ("running but not active", |s| {
                 s.running.push(("f".into(), "w2".into()))

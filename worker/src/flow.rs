@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use agentq_common::backoff;
 use agentq_common::flow::{Admission, Reservation, Route, Settlement};
 use agentq_common::task::{Fallback, Message, StartedTask, TaskResult};
 use agentq_common::time::now_ms;
@@ -118,7 +117,7 @@ impl Worker {
                 .with_label_values(&[up, label])
                 .inc_by(reservation.tokens);
             let call = llm.chat(model, messages).await;
-            self.settle(&route, label, &reservation, &call, task).await;
+            self.settle(&route, label, &reservation, &call).await;
             match call.result {
                 Ok(mut result) => {
                     result.upstream = Some(up.to_owned());
@@ -175,18 +174,11 @@ impl Worker {
     }
 
     /// Settles the reservation to the reported usage, and shares what the upstream said about
-    /// its limits: a 429 blocks the model for the whole fleet until its reset (or the backoff
-    /// this task will wait), a limit with nothing left blocks it until that limit resets, and a
+    /// its limits: a 429 blocks the model for the whole fleet until its reset (or the base delay
+    /// when it gave none), a limit with nothing left blocks it until that limit resets, and a
     /// limit lower than configured is learned. Limiter errors are logged, never fatal: a lost
     /// settlement leaves the window conservative for at most a minute, and the lease expires.
-    async fn settle(
-        &self,
-        route: &Route<'_>,
-        label: &str,
-        reservation: &Reservation,
-        call: &Call,
-        task: &StartedTask,
-    ) {
+    async fn settle(&self, route: &Route<'_>, label: &str, reservation: &Reservation, call: &Call) {
         let up = route.upstream.name.as_str();
         let rate_limited = matches!(call.result, Err(LlmFailure::RateLimited { .. }));
         let used = call
@@ -212,12 +204,13 @@ impl Worker {
         }
         let mut block_for = call.reported.exhausted_for;
         if let Err(LlmFailure::RateLimited { retry_after, .. }) = &call.result {
-            let wait = backoff::rate_limited(
-                *retry_after,
-                task.rate_limited.saturating_add(1),
-                self.cfg.retry_base,
-                self.cfg.retry_max,
-            );
+            // The upstream's own reset when it gave one; without one nobody knows when the
+            // limit lifts, so the fleet pauses for the base delay only, while this task backs
+            // off on its own count of 429s. Parked tasks come back spread by the limiter's line.
+            let wait = match retry_after {
+                Some(hint) => *hint,
+                None => self.cfg.retry_base,
+            };
             block_for = Some(block_for.map_or(wait, |b| b.max(wait)));
         }
         let block_for = block_for.map(|d| d.min(self.cfg.retry_max));
