@@ -25,6 +25,9 @@ pub(crate) enum Flow {
 /// How long past the LLM timeout a concurrency lease may outlive its call: a worker killed
 /// mid-call holds its slot no longer than this.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// How often a worker repeats a learned limit that has not changed (`learn.lua` keeps one for an
+/// hour after it was last told).
+const RETELL: Duration = Duration::from_secs(600);
 
 impl Worker {
     pub(crate) async fn call_with_flow(
@@ -225,11 +228,18 @@ impl Worker {
             lower(call.reported.limit_tokens, configured.tpm),
         );
         let key = (up.to_owned(), route.model.to_owned());
+        // Told again when it changes, and every RETELL: Redis trusts a learned limit for an hour.
         let news = learned != (0, 0)
             && self
                 .learned
                 .lock()
-                .map(|mut m| m.insert(key.clone(), learned) != Some(learned))
+                .map(|mut m| match m.get(&key) {
+                    Some((l, at)) if *l == learned && at.elapsed() < RETELL => false,
+                    _ => {
+                        m.insert(key.clone(), (learned, std::time::Instant::now()));
+                        true
+                    }
+                })
                 .unwrap_or(true);
         if block_for.is_none() && !news {
             return;

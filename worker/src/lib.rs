@@ -56,7 +56,7 @@ struct Worker {
     limiter: agentq_common::flow::Limiter,
     /// Limits this process already told the limiter it learned, by (upstream, model): a reply's
     /// headers repeat them, Redis needs to hear each change once.
-    learned: Mutex<HashMap<(String, String), (u64, u64)>>,
+    learned: Mutex<HashMap<(String, String), ((u64, u64), Instant)>>,
     metrics: WorkerMetrics,
     permits: Arc<Semaphore>,
     draining: AtomicBool,
