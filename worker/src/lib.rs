@@ -44,6 +44,9 @@ const BLOCK: Duration = Duration::from_secs(1);
 /// How long reports and give-backs may still take after the drain deadline.
 const GIVE_BACK_GRACE: Duration = Duration::from_secs(5);
 
+/// Learned (rpm, tpm) of one upstream and model, and when this worker last told Redis.
+type Learned = ((u64, u64), Instant);
+
 struct Worker {
     id: String,
     cfg: WorkerConfig,
@@ -56,7 +59,7 @@ struct Worker {
     limiter: agentq_common::flow::Limiter,
     /// Limits this process already told the limiter it learned, by (upstream, model): a reply's
     /// headers repeat them, Redis needs to hear each change once.
-    learned: Mutex<HashMap<(String, String), ((u64, u64), Instant)>>,
+    learned: Mutex<HashMap<(String, String), Learned>>,
     metrics: WorkerMetrics,
     permits: Arc<Semaphore>,
     draining: AtomicBool,
