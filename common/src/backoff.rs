@@ -44,6 +44,25 @@ pub fn rate_limited(hint: Option<Duration>, nth: u32, base: Duration, max: Durat
     }
 }
 
+/// How long a 429 blocks its model for the whole fleet: the shortest wait [`rate_limited`] can
+/// give the task that got it (its hint clamped, or the low end of the spread at the cap), so that
+/// task never comes back to find the block still on. Without a hint nobody knows when the limit
+/// lifts: the fleet pauses for `base` only, while that task backs off on its own count of 429s.
+pub fn fleet_block(hint: Option<Duration>, base: Duration, max: Duration) -> Duration {
+    let floor = (base / 10).min(max);
+    match hint.filter(|h| !h.is_zero()) {
+        Some(h) => {
+            let wait = h.clamp(floor, max);
+            if wait < max {
+                wait
+            } else {
+                max.saturating_sub((wait / 5).max(floor)).max(floor)
+            }
+        }
+        None => base.min(max),
+    }
+}
+
 /// A duration drawn uniformly from `[lo, hi]`, at microsecond resolution.
 fn uniform(lo: Duration, hi: Duration) -> Duration {
     let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
@@ -58,6 +77,24 @@ fn uniform(lo: Duration, hi: Duration) -> Duration {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_fleet_block_ends_before_the_task_that_caused_it_returns(
+            hint_ms in proptest::option::of(0u64..10_000_000),
+            base_ms in 1u64..10_000,
+            max_ms in 1u64..1_000_000,
+            nth in 1u32..30,
+        ) {
+            let (base, max) = (Duration::from_millis(base_ms), Duration::from_millis(max_ms.max(base_ms)));
+            let hint = hint_ms.map(Duration::from_millis);
+            let block = fleet_block(hint, base, max);
+            prop_assert!(block <= max);
+            if hint.is_some_and(|h| !h.is_zero()) {
+                prop_assert!(rate_limited(hint, nth, base, max) >= block);
+            }
+        }
+    }
 
     proptest! {
         #[test]

@@ -847,8 +847,13 @@ async fn odd_retry_after_values_are_clamped_or_ignored_and_never_panic() -> Resu
         .map(|(v, _)| format!("retry-after {v}"))
         .collect();
     let mut ids = Vec::new();
-    for p in &prompts {
-        ids.push(s.submit(p).await?);
+    // Each case on a model of its own: a 429 blocks its model for the whole fleet (flow
+    // control), and these cases measure each task's own wait, not each other's blocks.
+    for (i, p) in prompts.iter().enumerate() {
+        ids.push(
+            s.submit_json(&serde_json::json!({"prompt": p, "model": format!("odd-{i}")}))
+                .await?,
+        );
     }
     let done = s
         .wait_final(&ids, Duration::from_secs(20))

@@ -77,8 +77,13 @@ async fn every_rate_limit_header_form_is_honoured() -> Result<()> {
         ("[[fail:429:1:raw:soon]]", 0, 900),
     ];
     let mut ids = Vec::new();
-    for (marker, _, _) in cases {
-        ids.push(s.submit(&format!("hint {marker}")).await?);
+    // Each case on a model of its own: a 429 blocks its model for the whole fleet (flow
+    // control), and these cases measure each task's own wait, not each other's blocks.
+    for (i, (marker, _, _)) in cases.iter().enumerate() {
+        ids.push(
+            s.submit_json(&serde_json::json!({"prompt": format!("hint {marker}"), "model": format!("hint-{i}")}))
+                .await?,
+        );
     }
     let done = s
         .wait_final(&ids, Duration::from_secs(20))

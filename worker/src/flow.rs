@@ -205,17 +205,20 @@ impl Worker {
         if let Err(e) = self.limiter.reconcile(reservation, settlement).await {
             tracing::warn!(error = %e, "could not settle a flow reservation; it ages out");
         }
-        let mut block_for = call.reported.exhausted_for;
-        if let Err(LlmFailure::RateLimited { retry_after, .. }) = &call.result {
-            // The upstream's own reset when it gave one; without one nobody knows when the
-            // limit lifts, so the fleet pauses for the base delay only, while this task backs
-            // off on its own count of 429s. Parked tasks come back spread by the limiter's line.
-            let wait = match retry_after {
-                Some(hint) => *hint,
-                None => self.cfg.retry_base,
-            };
-            block_for = Some(block_for.map_or(wait, |b| b.max(wait)));
-        }
+        // A 429 says how long in its own words (the header reader's choice, the same wait the task
+        // takes); without any, nobody knows when the limit lifts, so the fleet pauses for the base
+        // delay only, while this task backs off on its own count of 429s. A reply that got
+        // through but says a limit has nothing left blocks until that limit resets.
+        let block_for = match &call.result {
+            Err(LlmFailure::RateLimited { retry_after, .. }) => {
+                Some(agentq_common::backoff::fleet_block(
+                    *retry_after,
+                    self.cfg.retry_base,
+                    self.cfg.retry_max,
+                ))
+            }
+            _ => call.reported.exhausted_for,
+        };
         let block_for = block_for.map(|d| d.min(self.cfg.retry_max));
         let configured = route.model_limits;
         let lower = |reported: Option<u64>, conf: Option<u64>| match (reported, conf) {

@@ -274,7 +274,12 @@ impl Limiter {
                     blocked_until: extra.blocked_until,
                 });
             }
+            let blocked_until = model_states
+                .iter()
+                .filter_map(|m| m.blocked_until.clone())
+                .max();
             out.push(UpstreamState {
+                blocked_until,
                 name: u.name.clone(),
                 implicit: upstreams.implicit,
                 base_url: crate::config::redact_url(&u.base_url),
@@ -415,5 +420,7 @@ pub struct UpstreamState {
     pub models: Vec<String>,
     pub limits: Limits,
     pub usage: Usage,
+    /// The latest block among its models (RFC 3339), while one lasts: a 429 blocks one model.
+    pub blocked_until: Option<String>,
     pub model_states: Vec<ModelState>,
 }

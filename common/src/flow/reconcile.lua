@@ -28,6 +28,13 @@ for i = 0, 1 do
     local head = tonumber(redis.call('HGET', h, 'head'))
     if head and sec >= head and redis.call('HEXISTS', h, 't:' .. sec) == 1 then
       add(h, 't:' .. sec, 'tsum', delta)
+      if not unrequest then
+        -- tokens a call really uses: parked tasks are paced by it, not by the (larger) estimate
+        local used = tonumber(ARGV[3])
+        local old = tonumber(redis.call('HGET', h, 'tok'))
+        if old then used = math.floor(old * 0.8 + used * 0.2 + 0.5) end
+        redis.call('HSET', h, 'tok', used)
+      end
       if unrequest then add(h, 'r:' .. sec, 'rsum', -1) end
       adjusted = adjusted + 1
     end

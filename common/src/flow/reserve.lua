@@ -41,7 +41,7 @@ end
 -- used up evenly (first start, or state lost with Redis: the provider may still be counting).
 local function window(s)
   local st = redis.call('HMGET', s.h, 'head', 'rsum', 'tsum', 'blocked_until', 'learned_rpm',
-    'learned_tpm', 'learned_at', 'cursor', 'lat')
+    'learned_tpm', 'learned_at', 'cursor', 'lat', 'tok')
   local learned_at = tonumber(st[7]) or 0
   if now - learned_at < LEARNED_FOR then
     s.rpm = lower(s.rpm, tonumber(st[5]))
@@ -50,6 +50,7 @@ local function window(s)
   s.blocked = tonumber(st[4]) or 0
   s.cursor = tonumber(st[8]) or 0
   s.lat = tonumber(st[9]) or 1000
+  s.tok = tonumber(st[10])
   s.counted = s.rpm > 0 or s.tpm > 0
   if not s.counted then return end
   local head = tonumber(st[1])
@@ -102,7 +103,9 @@ end
 local function spacing(s)
   local gap = 10
   if s.rpm > 0 then gap = math.max(gap, 60000 / s.rpm) end
-  if s.tpm > 0 then gap = math.max(gap, tokens * 60000 / s.tpm) end
+  -- a turn's share of the tokens: what calls here really use (settled), not the reservation,
+  -- which counts the whole output cap and would pace parked tasks far below the limit
+  if s.tpm > 0 then gap = math.max(gap, math.min(tokens, s.tok or tokens) * 60000 / s.tpm) end
   if s.conc > 0 then gap = math.max(gap, s.lat / s.conc) end
   return math.floor(gap)
 end
