@@ -136,7 +136,10 @@ for _, s in ipairs(scopes) do
 end
 
 if reason then
-  if park then
+  -- A token limit paces its line by what calls settle to; before the first call on the scope has
+  -- settled there is nothing to pace by, so the task just comes back when room next frees
+  -- (one extra park at a cold start) instead of taking a turn sized by the whole estimate.
+  if park and not (reason == 'tpm' and not binding.tok) then
     -- Tasks parked on one scope take turns: each gets the next slot the limit allows, so they
     -- come back one by one at the scope's pace instead of all at once to be parked again.
     local at = math.max(wait_until, binding.cursor)
