@@ -170,7 +170,9 @@ async fn settlement_returns_unused_tokens_and_unserved_requests() -> Result<()> 
         (before.0 + 1, before.1 + 37),
         "4,163 unused tokens returned, the request stays counted"
     );
-    let up: (i64, i64) = conn.hmget("agentq:limiter:{up}", &["rsum", "tsum"][..]).await?;
+    let up: (i64, i64) = conn
+        .hmget("agentq:limiter:{up}", &["rsum", "tsum"][..])
+        .await?;
     let res2 = admitted(reserve(&l, &r, 500, "y", false).await)?;
     l.reconcile(
         &res2,
@@ -186,7 +188,9 @@ async fn settlement_returns_unused_tokens_and_unserved_requests() -> Result<()> 
         (before.0 + 1, before.1 + 37),
         "a 429 hands back the request and all its tokens"
     );
-    let up_after: (i64, i64) = conn.hmget("agentq:limiter:{up}", &["rsum", "tsum"][..]).await?;
+    let up_after: (i64, i64) = conn
+        .hmget("agentq:limiter:{up}", &["rsum", "tsum"][..])
+        .await?;
     assert_eq!(up, up_after, "the upstream scope is settled the same way");
     let lat: i64 = conn.hget(key, "lat").await?;
     assert_eq!(lat, 80);
@@ -272,7 +276,8 @@ async fn blocks_learned_limits_and_calls_too_large() -> Result<()> {
         .hget("agentq:limiter:{up}:model:m", "blocked_until")
         .await?;
     assert_eq!(b, until);
-    // a learned rpm of 1 below the configured (none) binds: the fresh window is seeded full
+    // a learned rpm of 1 below the configured (none) binds; a window started by learning starts
+    // empty (the reply that taught it says where the upstream stands), so one call fits
     let other = upstream(Limits::default(), &[]);
     let r2 = Route {
         upstream: &other,
@@ -281,7 +286,8 @@ async fn blocks_learned_limits_and_calls_too_large() -> Result<()> {
     };
     admitted(reserve(&l, &r2, 1, "n1", false).await)?;
     l.learn(&r2, true, 0, 1, 0).await?;
-    match reserve(&l, &r2, 1, "n2", false).await {
+    admitted(reserve(&l, &r2, 1, "n2", false).await)?;
+    match reserve(&l, &r2, 1, "n3", false).await {
         Admission::Wait { reason, limit, .. } => assert_eq!((reason, limit), (Refusal::Rpm, 1)),
         other => bail!("learned limit ignored: {other:?}"),
     }

@@ -154,8 +154,14 @@ async fn absurd_and_zero_retry_after_are_clamped_and_never_hot_loop() -> anyhow:
         ],
     )
     .await?;
-    let a = s.submit(huge).await?;
-    let b = s.submit(zero).await?;
+    // each on a model of its own: a 429 blocks its model for the whole fleet (flow control), and
+    // this test measures each task's own wait
+    let a = s
+        .submit_json(&serde_json::json!({"prompt": huge, "model": "mock-gpt"}))
+        .await?;
+    let b = s
+        .submit_json(&serde_json::json!({"prompt": zero, "model": "mock-gpt-zero"}))
+        .await?;
     let done = finals(&s, &[a, b.clone()]).await?;
     let (huge_calls, zero_calls) = (am.calls_of(huge).await?, am.calls_of(zero).await?);
     let why = |t: &Value, c: &[Call]| {
@@ -214,8 +220,10 @@ async fn absurd_and_zero_retry_after_are_clamped_and_never_hot_loop() -> anyhow:
     );
 
     let m = w.metrics().await?;
+    // one 429 on mock-gpt, three on the other model (counted as `other`)
     assert_eq!(
-        metric(&m, &llm_series("mock-gpt", "rate_limited")),
+        metric(&m, &llm_series("mock-gpt", "rate_limited"))
+            + metric(&m, &llm_series("other", "rate_limited")),
         4.0,
         "{m}"
     );

@@ -503,7 +503,10 @@ async fn c_tool_calls_missing_usage_and_groq_bodies_complete_with_their_fields(
         let t = done.next().context("record")?;
         assert_eq!(t["status"], "succeeded", "{model}: {}", why(t));
         assert_eq!(t["attempts"], 1, "{model}: {}", why(t));
-        assert_eq!(&t["result"], want, "{model}: the whole result: {}", why(t));
+        // the whole result, plus the upstream that answered (the implicit one here)
+        let mut want = want.clone();
+        want["upstream"] = json!("default");
+        assert_eq!(t["result"], want, "{model}: the whole result: {}", why(t));
     }
 
     let t = done.next().context("record")?;
@@ -537,6 +540,7 @@ async fn c_tool_calls_missing_usage_and_groq_bodies_complete_with_their_fields(
     assert_eq!(
         rest,
         json!({ "content": "", "model": "mock-gpt", "finish_reason": "tool_calls",
+            "upstream": "default",
             "usage": { "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c } }),
         "{}",
         why(t)
@@ -570,7 +574,7 @@ async fn c_tool_calls_missing_usage_and_groq_bodies_complete_with_their_fields(
         assert_eq!(
             t["result"],
             json!({ "content": format!("echo: {prompt}"), "model": "mock-gpt",
-                "finish_reason": "stop", "usage": usage }),
+                "finish_reason": "stop", "upstream": "default", "usage": usage }),
             "{prompt}: {}",
             why(t)
         );
@@ -586,7 +590,7 @@ async fn c_tool_calls_missing_usage_and_groq_bodies_complete_with_their_fields(
     assert_eq!(
         t["result"],
         json!({ "content": "", "model": "mock-gpt", "finish_reason": "stop",
-            "refusal": "I can't help with that.",
+            "refusal": "I can't help with that.", "upstream": "default",
             "usage": { "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c } }),
         "{}",
         why(t)

@@ -245,6 +245,9 @@ impl Limiter {
             .arg(rpm)
             .arg(tpm)
             .arg(self.state_ttl(route, implicit))
+            .arg(u8::from(
+                route.model_limits.rpm.is_none() && route.model_limits.tpm.is_none(),
+            ))
             .invoke_async(&mut conn)
             .await
     }
