@@ -30,6 +30,11 @@ fn upstream(limits: Limits, model_limits: &[(&str, Limits)]) -> Upstream {
     }
 }
 
+/// An upstream whose model `m` alone has limits.
+fn model_limited(l: Limits) -> Upstream {
+    upstream(Limits::default(), &[("m", l)])
+}
+
 fn route(u: &Upstream) -> Route<'_> {
     Route {
         upstream: u,
@@ -74,16 +79,10 @@ fn admitted(a: Admission) -> Result<Reservation> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fresh_scope_admits_at_the_steady_rate_and_parked_tasks_take_turns() -> Result<()> {
     let (_redis, l, mut conn) = setup().await?;
-    let u = upstream(
-        Limits::default(),
-        &[(
-            "m",
-            Limits {
-                rpm: Some(120),
-                ..Limits::default()
-            },
-        )],
-    );
+    let u = model_limited(Limits {
+        rpm: Some(120),
+        ..Limits::default()
+    });
     let r = route(&u);
     start_of_second(&mut conn).await?;
     // Seeded as a minute used up evenly: nothing this second (no burst), 2 per second after.
@@ -242,16 +241,10 @@ async fn concurrency_leases_are_released_and_expire_on_their_own() -> Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn blocks_learned_limits_and_calls_too_large() -> Result<()> {
     let (_redis, l, mut conn) = setup().await?;
-    let u = upstream(
-        Limits::default(),
-        &[(
-            "m",
-            Limits {
-                tpm: Some(1_000),
-                ..Limits::default()
-            },
-        )],
-    );
+    let u = model_limited(Limits {
+        tpm: Some(1_000),
+        ..Limits::default()
+    });
     let r = route(&u);
     match reserve(&l, &r, 1_001, "big", true).await {
         Admission::TooLarge { tpm } => assert_eq!(tpm, 1_000),
@@ -306,16 +299,10 @@ async fn blocks_learned_limits_and_calls_too_large() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn state_lost_with_redis_is_seeded_full_again() -> Result<()> {
     let (mut redis, l, mut conn) = setup().await?;
-    let u = upstream(
-        Limits::default(),
-        &[(
-            "m",
-            Limits {
-                rpm: Some(60),
-                ..Limits::default()
-            },
-        )],
-    );
+    let u = model_limited(Limits {
+        rpm: Some(60),
+        ..Limits::default()
+    });
     let r = route(&u);
     assert!(matches!(
         reserve(&l, &r, 1, "seed", false).await,

@@ -438,26 +438,10 @@ impl Broker {
         ttl: Duration,
         max_rate_limited: u32,
     ) -> RedisResult<String> {
-        let mut conn = self.redis.conn().await?;
-        SCRIPTS
-            .fail
-            .key(keys.task_raw(id))
-            .key(keys.inflight(worker_id))
-            .key(keys.active())
-            .key(keys.delayed())
-            .key(keys.dead())
-            .key(keys.pending())
-            .key(keys.throttled())
-            .arg(id)
-            .arg(token)
-            .arg(now_ms())
-            .arg(mode.as_str())
-            .arg(error)
-            // saturating: the caller clamps delays, but a u128 must never wrap into the past
-            .arg(u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX))
-            .arg(ttl.as_secs().max(1))
-            .arg(max_rate_limited)
-            .invoke_async(&mut conn)
+        // saturating: the caller clamps delays, but a u128 must never wrap into the past
+        let delay = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX);
+        let run = (keys, worker_id, id, token);
+        self.fail_script(run, mode, error, delay, ttl, max_rate_limited)
             .await
     }
 
@@ -473,6 +457,23 @@ impl Broker {
         eligible_at_ms: i64,
         ttl: Duration,
     ) -> RedisResult<String> {
+        let at = u64::try_from(eligible_at_ms).unwrap_or(0);
+        let run = (keys, worker_id, id, token);
+        self.fail_script(run, FailMode::Throttled, "", at, ttl, 1)
+            .await
+    }
+
+    /// `fail.lua` for one run: `time` is the retry delay in ms, or for `throttled` the absolute
+    /// time the task's turn comes.
+    async fn fail_script(
+        &self,
+        (keys, worker_id, id, token): (&Keys, &str, &str, &str),
+        mode: FailMode,
+        error: &str,
+        time: u64,
+        ttl: Duration,
+        max_rate_limited: u32,
+    ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
         SCRIPTS
             .fail
@@ -486,11 +487,11 @@ impl Broker {
             .arg(id)
             .arg(token)
             .arg(now_ms())
-            .arg(FailMode::Throttled.as_str())
-            .arg("")
-            .arg(eligible_at_ms.max(0))
+            .arg(mode.as_str())
+            .arg(error)
+            .arg(time)
             .arg(ttl.as_secs().max(1))
-            .arg(1)
+            .arg(max_rate_limited)
             .invoke_async(&mut conn)
             .await
     }
