@@ -21,6 +21,12 @@ samples the queue and the fleet into a CSV, then draws a PNG and checks: backlog
 replicas rose above the floor and came back to it, every stopped worker exited 0 (no SIGKILL).
 Exit 0 when all hold, 1 otherwise, 2 on a usage or set-up error.
 
+When the chart renders an upstreams file (upstreams.config), the workers get it as AGENTQ_UPSTREAMS,
+localized (every base_url the mock's, --write-upstreams writes it for the api), and the limits of
+--model's upstream become a provider quota to check against: the calls per second and the useful
+replicas of the chart README's "Scaling under a provider's rate limit" (--llm-latency-ms), the
+throttled set sampled next to the queue, and the quota checks (run.sh --scenario quota).
+
 Python 3.11 with PyYAML and redis (the redis-py client, pinned by run.sh); matplotlib for the chart.
 """
 
@@ -218,6 +224,8 @@ class Setup:
     drain_timeout: int
     worker_env: dict[str, str]
     hpa_sync: float = HPA_SYNC_SECONDS
+    # The AGENTQ_UPSTREAMS file the chart renders from upstreams.config (parsed), if any.
+    upstreams: dict | None = None
     legacy_window: float = HPA_LEGACY_DOWNSCALE_WINDOW
 
     @property
@@ -271,6 +279,14 @@ def setup_from_rendered(docs: list[dict], source: str) -> Setup:
     for e in container.get("env") or []:
         if "value" in e:
             env[e["name"]] = str(e["value"])
+    upstreams = None
+    if env.get("AGENTQ_UPSTREAMS"):
+        cm = next(
+            (d for d in docs if d.get("kind") == "ConfigMap" and "upstreams.yaml" in (d.get("data") or {})), None
+        )
+        if cm is None:
+            raise SystemExit("the worker has AGENTQ_UPSTREAMS but the chart renders no upstreams.yaml ConfigMap")
+        upstreams = yaml.safe_load(cm["data"]["upstreams.yaml"])
     advanced = spec.get("advanced") or {}
     mods = advanced.get("scalingModifiers") or {}
     behavior_raw = (advanced.get("horizontalPodAutoscalerConfig") or {}).get("behavior")
@@ -306,6 +322,7 @@ def setup_from_rendered(docs: list[dict], source: str) -> Setup:
         grace=float(pod.get("terminationGracePeriodSeconds", DEFAULT_GRACE)),
         drain_timeout=int(env.get("AGENTQ_DRAIN_TIMEOUT_SECS", 100)),
         worker_env=env,
+        upstreams=upstreams,
     )
 
 
@@ -374,6 +391,12 @@ def setup_from_values(chart: Path, values_files: list[str], sets: list[str]) -> 
             "AGENTQ_DRAIN_TIMEOUT_SECS": str(w["drainTimeoutSeconds"]),
         },
     }
+    extra = []
+    ups = vals.get("upstreams") or {}
+    if (ups.get("config") or {}).get("upstreams"):
+        cm["data"]["AGENTQ_UPSTREAMS"] = f"{ups.get('mountPath', '/etc/agentq/upstreams')}/upstreams.yaml"
+        text = yaml.safe_dump({"upstreams": ups["config"]["upstreams"]}, sort_keys=False)
+        extra.append({"kind": "ConfigMap", "metadata": {"name": "upstreams"}, "data": {"upstreams.yaml": text}})
     dep = {
         "kind": "Deployment",
         "metadata": {"name": "worker"},
@@ -386,7 +409,7 @@ def setup_from_values(chart: Path, values_files: list[str], sets: list[str]) -> 
             }
         },
     }
-    return setup_from_rendered([so, cm, dep], f"{chart}/values.yaml (helm not found)")
+    return setup_from_rendered([so, cm, dep, *extra], f"{chart}/values.yaml (helm not found)")
 
 
 def load_setup(args) -> Setup:
@@ -463,6 +486,187 @@ def describe(s: Setup) -> str:
         f"WORKER_CONCURRENCY {s.worker_env.get('WORKER_CONCURRENCY', '?')}"
     )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The provider's quota (upstreams.config): what the local stack runs with and what it can use.
+
+
+LIMITS = ("rpm", "tpm", "concurrency")
+
+
+def localize_upstreams(doc: dict, base_url: str) -> dict:
+    """The chart's upstreams file for the local stack: every upstream's base_url becomes the mock's
+    and every api_key the stack's OPENAI_API_KEY; names, models and limits are kept as rendered."""
+    out = {"upstreams": []}
+    for u in doc.get("upstreams") or []:
+        u = dict(u, base_url=base_url)
+        if u.get("api_key"):
+            u["api_key"] = "env:OPENAI_API_KEY"
+        out["upstreams"].append(u)
+    return out
+
+
+@dataclass
+class Quota:
+    upstream: str
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
+def quota_for(doc: dict | None, model: str) -> Quota | None:
+    """The limits that apply to calls of `model`: the tightest of its upstream's `limits` and the
+    model's `model_limits` (the limiter checks both scopes). None when no upstream serves it."""
+    for u in (doc or {}).get("upstreams") or []:
+        if model not in (u.get("models") or []):
+            continue
+        q = Quota(u["name"])
+        for scope in (u.get("limits") or {}, (u.get("model_limits") or {}).get(model) or {}):
+            for k in LIMITS:
+                v = scope.get(k)
+                if v:
+                    cur = getattr(q, k)
+                    setattr(q, k, int(v) if cur is None else min(cur, int(v)))
+        return q
+    return None
+
+
+@dataclass
+class Capacity:
+    rate: float  # calls per second the quota sustains
+    in_flight: float  # calls in flight at that rate (Little's law)
+    replicas: int  # workers those calls keep busy
+
+
+def useful_capacity(q: Quota, latency_s: float, concurrency: int, tokens_per_task: float | None = None) -> Capacity | None:
+    """The chart README's "Scaling under a provider's rate limit": useful in-flight =
+    min(rpm / 60 x L, tpm / 60 / T x L, concurrency), useful replicas = ceil(in-flight /
+    worker.concurrency). None when nothing limits the calls (a TPM without T counts as nothing)."""
+    bounds = []
+    if q.rpm:
+        bounds.append(q.rpm / 60 * latency_s)
+    if q.tpm and tokens_per_task:
+        bounds.append(q.tpm / 60 / tokens_per_task * latency_s)
+    if q.concurrency:
+        bounds.append(float(q.concurrency))
+    if not bounds or latency_s <= 0 or concurrency <= 0:
+        return None
+    in_flight = min(bounds)
+    return Capacity(in_flight / latency_s, in_flight, max(1, math.ceil(in_flight / concurrency - 1e-9)))
+
+
+def backlogged_pace(rows: list[dict], min_throttled: float = 1) -> tuple[float, float, float] | None:
+    """Completions per second while the limiter held a backlog: from the first sample with at
+    least `min_throttled` tasks in the throttled set (the quota is used up from there on, so a quiet
+    start's headroom is not counted; run.sh passes one second of the quota) to the last sample with
+    any backlog left (pending, in flight, retrying or throttled). Returns (start t, end t, tasks per
+    second), or None when never that much was throttled."""
+    start = next((i for i, r in enumerate(rows) if r.get("throttled", 0) >= max(1, min_throttled)), None)
+    if start is None:
+        return None
+    backlog = lambda r: r["pending"] + r["inflight"] + r["retrying"] + r.get("throttled", 0)  # noqa: E731
+    end = max(i for i, r in enumerate(rows) if i >= start and backlog(r) > 0)
+    a, b = rows[start], rows[end]
+    if b["t"] <= a["t"]:
+        return None
+    return a["t"], b["t"], (b["done_total"] - a["done_total"]) / (b["t"] - a["t"])
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of xs; None when empty."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
+
+
+def task_waits(tasks: list[tuple[int, int, int]]) -> dict:
+    """From (created_at ms, finished_at ms, times parked) of the finished tasks: queue time and park
+    count percentiles, and how far the finishing order strays from first-in-first-out: `overtaken`
+    is the share of tasks that finished after a task created at least `lag_s` (1 s) later did."""
+    if not tasks:
+        return {}
+    tasks = sorted(tasks)
+    waits = [(f - c) / 1000 for c, f, _ in tasks]
+    parks = [n for _, _, n in tasks]
+    # A task is overtaken when some task created >= 1 s after it finished before it.
+    overtaken, best = 0, math.inf  # best: the earliest finish among tasks created >= 1 s later
+    j = len(tasks)
+    for i in range(len(tasks) - 1, -1, -1):
+        c, f, _ = tasks[i]
+        while j > 0 and tasks[j - 1][0] >= c + 1000:
+            j -= 1
+            best = min(best, tasks[j][1])
+        if best < f:
+            overtaken += 1
+    return {
+        "tasks": len(tasks),
+        "wait_s": {q: percentile(waits, q) for q in (50, 95, 100)},
+        "parked": {q: percentile(parks, q) for q in (50, 95, 100)},
+        "parked_more_than_once": sum(1 for n in parks if n > 1) / len(parks),
+        "overtaken": overtaken / len(tasks),
+    }
+
+
+def step_above(s: Setup, n: int) -> int:
+    """The most replicas one HPA scale-up from n may ask for: the chart's scaleUp policies (Pods
+    n + value, Percent ceil(n x (1 + value / 100)), selectPolicy), or the legacy max(2n, 4)."""
+    if not s.behavior:
+        return min(s.max_replicas, max(2 * n, 4))
+    up = s.behavior["up"]
+    if up.select == "Disabled":
+        return n
+    vals = [n + p.value if p.kind == "Pods" else math.ceil(n * (1 + p.value / 100)) for p in up.policies]
+    return min(s.max_replicas, max(n, max(vals) if up.select == "Max" else min(vals)))
+
+
+def scale_down_time(s: Setup, frm: int, to: int) -> float:
+    """Seconds the HPA needs, after its last recommendation above `to`, to bring `frm` replicas to
+    `to` or fewer: the scale-down stabilization window, then the scale-down policies step by step
+    (each step one policy period, plus a sync to act), or straight down after the legacy window."""
+    to = max(to, s.hpa_min)
+    if frm <= to:
+        return 0.0
+    if not s.behavior:
+        return s.legacy_window + s.hpa_sync
+    down = s.behavior["down"]
+    if down.select == "Disabled":
+        return math.inf
+    t, n = down.window + s.hpa_sync, frm
+    period = max(p.period for p in down.policies)
+    for _ in range(1000):
+        if n <= to:
+            return t
+        vals = [n - p.value if p.kind == "Pods" else int(n * (1 - p.value / 100)) for p in down.policies]
+        n = max(to, min(vals) if down.select == "Max" else max(vals), 0)
+        t += period + s.hpa_sync
+    return math.inf
+
+
+@dataclass
+class Sync:
+    t: float
+    pending: int  # LLEN pending at the sync
+    throttled: int  # ZCARD throttled at the sync
+    proposal: int | None  # the HPA's metric proposal (None when the HPA did not compute one)
+    desired: int
+
+
+def held_back(syncs: list[Sync], target: float, min_throttled: float = 1) -> tuple[float | None, list[int]]:
+    """The onset ends at the first HPA sync that finds at least `min_throttled` tasks parked in the
+    throttled set (run.sh: one second of the quota, more than a fresh limiter parks in its first
+    second) and less than one replica's target waiting in pending: from then on the queue holds no
+    backlog of admissible work, the limiter holds it. Returns (that sync's time, the metric
+    proposals of it and of every later sync with work parked and pending < target); (None, [])
+    when the limiter never held that much."""
+    floor = max(1, min_throttled)
+    first = next((i for i, y in enumerate(syncs)
+                  if y.proposal is not None and y.throttled >= floor and y.pending < target), None)
+    if first is None:
+        return None, []
+    held = [y.proposal for y in syncs[first:] if y.proposal is not None and y.throttled > 0 and y.pending < target]
+    return syncs[first].t, held
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,6 +881,7 @@ class Fleet:
         self.s, self.args, self.t0 = s, args, t0
         self.workers: list[Worker] = []
         self.count = 0
+        self.rnd = random.Random(args.seed)
         self.env = dict(os.environ)
         self.env.update(s.worker_env)
         # The local stack replaces what points at the cluster.
@@ -690,6 +895,10 @@ class Fleet:
         )
         for k in ("REDIS_PASSWORD", "REDIS_PASSWORD_URLENCODED"):  # the chart's name, and an older one
             self.env.pop(k, None)
+        # The chart's file is mounted at a path of the pod; here it is the localized copy.
+        self.env.pop("AGENTQ_UPSTREAMS", None)
+        if getattr(args, "upstreams_file", None):
+            self.env["AGENTQ_UPSTREAMS"] = str(args.upstreams_file)
 
     def t(self, now: float) -> float:
         return now - self.t0
@@ -717,9 +926,10 @@ class Fleet:
         if len(live) < spec:
             for _ in range(spec - len(live)):
                 self.count += 1
-                w = Worker(self.count, now, now + self.args.pod_start)
+                delay = self.args.pod_start + self.rnd.uniform(0, self.args.pod_start_jitter)
+                w = Worker(self.count, now, now + delay)
                 self.workers.append(w)
-                if self.args.pod_start <= 0:
+                if delay <= 0:
                     self._spawn(w)
         elif len(live) > spec:
             for w in pick_victims(live, len(live) - spec):
@@ -784,10 +994,34 @@ def scrape_counter(url: str, metric: str, label_filter: str = "") -> float | Non
         return None
 
 
-def mock_calls(url: str) -> int | None:
+def read_tasks(rdb, base: str) -> list[tuple[int, int, int]]:
+    """(created_at, finished_at, times parked) of every finished task record of the queue."""
+    out = []
+    head = f"{base}:task:"
+    keys = [k for k in rdb.scan_iter(match=head + "*", count=1000) if ":" not in k[len(head):]]
+    for i in range(0, len(keys), 500):
+        pipe = rdb.pipeline(transaction=False)
+        for k in keys[i:i + 500]:
+            pipe.hmget(k, "created_at", "finished_at", "throttled")
+        for v in pipe.execute(raise_on_error=False):
+            if isinstance(v, list) and v[0] and v[1]:
+                out.append((int(v[0]), int(v[1]), int(v[2] or 0)))
+    return out
+
+
+def mock_stats(url: str) -> dict | None:
+    """The mock's /_mock/calls: total calls (429s included) and quota_rejections."""
     try:
         with urllib.request.urlopen(f"{url}/_mock/calls", timeout=1) as r:
-            return int(json.load(r)["total"])
+            return json.load(r)
+    except Exception:
+        return None
+
+
+def mock_quota(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"{url}/_mock/quota", timeout=1) as r:
+            return json.load(r)
     except Exception:
         return None
 
@@ -795,7 +1029,7 @@ def mock_calls(url: str) -> int | None:
 COLUMNS = [
     "t", "phase", "arrival_rate", "completion_rate", "pending", "inflight", "retrying", "dead",
     "composite", "hpa_proposal", "replicas_desired", "replicas", "ready", "terminating", "enqueued_total",
-    "done_total", "llm_calls",
+    "done_total", "llm_calls", "throttled", "proposal_if_throttled_counted", "quota_429s",
 ]
 
 
@@ -803,7 +1037,7 @@ COLUMNS = [
 # The chart.
 
 
-def draw(rows: list[dict], s: Setup, out: Path, title: str, marks: dict) -> None:
+def draw(rows: list[dict], s: Setup, out: Path, title: str, marks: dict, quota: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -814,6 +1048,10 @@ def draw(rows: list[dict], s: Setup, out: Path, title: str, marks: dict) -> None
                                      gridspec_kw={"height_ratios": [1, 1, 1]})
     a1.plot(t, [r["arrival_rate"] for r in rows], label="arrivals /s (POST 202)", color="tab:blue")
     a1.plot(t, [r["completion_rate"] for r in rows], label="completions /s", color="tab:green")
+    if quota:
+        lim = ", ".join(f"{k} {quota[k]}" for k in LIMITS if quota.get(k))
+        a1.axhline(quota["rate"], ls="--", color="tab:red", lw=1,
+                   label=f"provider quota ({lim}): {quota['rate']:.3g} calls/s")
     a1.set_ylabel("tasks / s")
     a1.legend(loc="upper right", fontsize=8)
     a2.plot(t, [r["pending"] for r in rows], label="pending (LLEN)", color="tab:orange")
@@ -821,7 +1059,18 @@ def draw(rows: list[dict], s: Setup, out: Path, title: str, marks: dict) -> None
     if any(r["retrying"] for r in rows):
         a2.plot(t, [r["retrying"] for r in rows], label="retrying", color="tab:red")
     a2.set_ylabel("tasks")
-    a2.legend(loc="upper right", fontsize=8)
+    if any(r.get("throttled") for r in rows):
+        # Thousands parked next to a handful pending: the throttled set gets its own scale.
+        a2b = a2.twinx()
+        a2b.plot(t, [r.get("throttled", 0) for r in rows], label="throttled (ZCARD, right scale; not in the formula)",
+                 color="tab:brown")
+        a2b.set_ylabel("throttled", color="tab:brown")
+        a2b.set_ylim(bottom=0)
+        h1, l1 = a2.get_legend_handles_labels()
+        h2, l2 = a2b.get_legend_handles_labels()
+        a2.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
+    else:
+        a2.legend(loc="upper right", fontsize=8)
     prop = [(r["t"], r["hpa_proposal"]) for r in rows if r["hpa_proposal"] != ""]
     if prop:
         a3.step([p[0] for p in prop], [min(p[1], s.max_replicas + 1) for p in prop], where="post",
@@ -830,6 +1079,14 @@ def draw(rows: list[dict], s: Setup, out: Path, title: str, marks: dict) -> None
     a3.step(t, [r["terminating"] for r in rows], where="post", label="draining (SIGTERM sent)", color="tab:red")
     a3.step(t, [r["replicas_desired"] for r in rows], where="post", label="desired replicas (after limits)",
             color="black", lw=1, ls="--")
+    if quota:
+        cf = [(r["t"], r["proposal_if_throttled_counted"]) for r in rows
+              if r.get("proposal_if_throttled_counted") not in ("", None)]
+        a3.step([p[0] for p in cf], [min(p[1], s.max_replicas + 1) for p in cf], where="post",
+                label="proposal had the throttled set counted", color="tab:brown", lw=0.8, ls=":")
+        a3.axhline(quota["useful_replicas"], ls="-.", color="tab:red", lw=1,
+                   label=f"replicas the quota can use ({quota['useful_replicas']}); checked: <= twice that once held")
+        a3.axhline(2 * quota["useful_replicas"], ls="-.", color="tab:red", lw=0.6, alpha=0.5)
     a3.axhline(s.max_replicas, ls=":", color="grey", lw=0.8)
     a3.axhline(s.floor, ls=":", color="grey", lw=0.8)
     a3.set_ylim(-0.5, s.max_replicas + 1.5)
@@ -870,6 +1127,8 @@ def main() -> int:
     ap.add_argument("--scale-down-window", type=float, help="override the scale-down stabilization window (real s)")
     ap.add_argument("--grace", type=float, help="override terminationGracePeriodSeconds (real seconds)")
     ap.add_argument("--pod-start", type=float, default=0.0, help="seconds between a scale-up and the process start")
+    ap.add_argument("--pod-start-jitter", type=float, default=0.0,
+                    help="up to this many seconds more, drawn per pod (pods of one scale-up do not start in the same ms)")
     ap.add_argument("--sample", type=float, default=0.5, help="sampling interval of the CSV (s)")
     ap.add_argument("--rate-window", type=float, default=2.0, help="window of the arrival/completion rates (s)")
     ap.add_argument("--settle-timeout", type=float, help="max seconds to wait for the fleet to settle after the load")
@@ -881,6 +1140,17 @@ def main() -> int:
     ap.add_argument("--png", help="chart path (default OUT/autoscale.png)")
     ap.add_argument("--title", default="")
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--llm-latency-ms", type=float, default=200.0,
+                    help="the mock's latency, for the replicas a provider quota can use (ms)")
+    ap.add_argument("--tokens-per-task", type=float, help="average tokens per task, when a TPM limit applies")
+    ap.add_argument("--replica-bound", type=int,
+                    help="under a quota: most replicas allowed (default 2 x the replicas the quota can use)")
+    ap.add_argument("--min-pace", type=float, default=0.9,
+                    help="under a quota: least completions/s while backlogged, as a share of the quota's pace")
+    ap.add_argument("--max-429-share", type=float, default=0.01,
+                    help="under a quota: most of the mock's calls that may be quota 429s")
+    ap.add_argument("--write-upstreams", metavar="PATH",
+                    help="only write the chart's upstreams file for the local stack to PATH and exit")
     ap.add_argument("--describe", action="store_true", help="print the parameters and exit")
     ap.add_argument("--redraw", metavar="DIR", help="only redraw the chart from DIR/autoscale.csv and result JSON")
     ap.add_argument("load", nargs=argparse.REMAINDER, help="-- load command (k6 run spike.js)")
@@ -889,7 +1159,36 @@ def main() -> int:
 
     s = load_setup(args)
     compress(s, args)
-    print(describe(s), flush=True)
+    concurrency = int(s.worker_env.get("WORKER_CONCURRENCY", "0") or 0)
+    quota = quota_for(s.upstreams, args.model)
+    cap = useful_capacity(quota, args.llm_latency_ms / 1000, concurrency, args.tokens_per_task) if quota else None
+    bound = (args.replica_bound or step_above(s, step_above(s, s.hpa_min))) if cap else None
+    desc = describe(s)
+    if s.upstreams:
+        desc += f"\n  upstreams.config: {len(s.upstreams.get('upstreams') or [])} upstream(s); model {args.model}: "
+        if quota is None:
+            desc += "served by none of them"
+        else:
+            lim = ", ".join(f"{k} {getattr(quota, k)}" for k in LIMITS if getattr(quota, k)) or "no limits"
+            desc += f"upstream {quota.upstream}, {lim}"
+        if cap:
+            desc += (f"\n  quota at {args.llm_latency_ms:g} ms per call: {cap.rate:.3g} calls/s, "
+                     f"{cap.in_flight:.3g} in flight, useful replicas ceil({cap.in_flight:.3g} / {concurrency}) = "
+                     f"{cap.replicas}; checks: replicas <= {bound} (two scale-up steps from {s.hpa_min}), "
+                     f"<= {2 * cap.replicas} asked for and running once the limiter holds the backlog")
+    print(desc, flush=True)
+    if s.upstreams:
+        local = localize_upstreams(s.upstreams, f"{args.mock_url}/v1")
+        path = Path(args.write_upstreams or Path(args.out) / "upstreams.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("# the chart's upstreams.config, localized by replay.py (base_url: the mock)\n"
+                        + yaml.safe_dump(local, sort_keys=False))
+        args.upstreams_file = path.resolve()
+    if args.write_upstreams:
+        if not s.upstreams:
+            raise SystemExit("the chart renders no upstreams file (upstreams.config is empty)")
+        print(f"upstreams file {args.upstreams_file}")
+        return 0
     if args.describe:
         return 0
     if args.redraw:
@@ -901,7 +1200,7 @@ def main() -> int:
             ]
         res = json.loads((d / "autoscale-result.json").read_text())
         png = Path(args.png) if args.png else d / "autoscale.png"
-        draw(rows, s, png, args.title or "agentq autoscaling replay", res.get("marks", {}))
+        draw(rows, s, png, args.title or "agentq autoscaling replay", res.get("marks", {}), res.get("quota"))
         print(f"chart {png} ({png.stat().st_size // 1024} KB)")
         return 0
     if not load_cmd:
@@ -930,6 +1229,13 @@ def main() -> int:
             return None
         v = s.formula.eval(values)
         return 0.0 if math.isnan(v) else v
+
+    def if_throttled_counted(values: dict[str, float], composite: float | None, throttled: int) -> int | None:
+        """What the HPA would propose if the throttled set were in the formula (it is not)."""
+        if s.formula:
+            return math.ceil((composite + throttled) / s.target) if s.target > 0 else None
+        props = [math.ceil((values[t.name] + throttled) / t.target) for t in s.triggers if t.target > 0]
+        return max(props) if props else None
 
     def is_active(values, composite) -> bool:
         if s.formula:
@@ -979,8 +1285,9 @@ def main() -> int:
     max_spec, max_spec_t = spec, 0.0
     first_rise = None
     backlog_cleared_at = None
-    peak_backlog, peak_backlog_t = 0, 0.0
+    peak_backlog, peak_backlog_t = 0, 0.0  # pending + in flight + retrying + throttled
     hpa_decisions = 0
+    hpa_syncs: list[Sync] = []
     scale_events = []
     error = None
 
@@ -1023,6 +1330,8 @@ def main() -> int:
                 comp = composite_of(values)
                 desired, why = hpa.reconcile(now, spec, len(fleet.active()), len(fleet.ready()), values, comp)
                 hpa_decisions += 1
+                hpa_syncs.append(Sync(now - t0, rdb.llen(f"{base}:pending"), rdb.zcard(f"{base}:throttled"),
+                                      hpa.last_raw if why.startswith("metric proposal") else None, desired))
                 desc = f"{'composite ' + format(comp, 'g') if comp is not None else values}, {why}"
                 if desired != spec:
                     set_spec(now, desired, "HPA", desc)
@@ -1033,9 +1342,10 @@ def main() -> int:
                 f = rdb.zcard(f"{base}:active")
                 r = rdb.zcard(f"{base}:delayed")
                 d = rdb.zcard(f"{base}:dead")
+                th = rdb.zcard(f"{base}:throttled")  # parked by the flow limiter, outside pending
                 enq = scrape_counter(f"{args.api_url}/metrics", "agentq_tasks_enqueued_total", f'queue="{queue}"')
                 enq = enq if enq is not None else (history[-1][1] if history else 0.0)
-                done = max(0.0, enq - p - f - r)
+                done = max(0.0, enq - p - f - r - th)
                 tt = now - t0
                 history.append((tt, enq, done))
                 past = [h for h in history if tt - h[0] >= args.rate_window]
@@ -1043,6 +1353,7 @@ def main() -> int:
                 dt = tt - ref[0]
                 values = metric_values()
                 comp = composite_of(values)
+                stats = mock_stats(args.mock_url) if len(rows) % 4 == 0 else None
                 rows.append({
                     "t": round(tt, 2), "phase": phase,
                     "arrival_rate": round((enq - ref[1]) / dt, 2) if dt > 0 else 0.0,
@@ -1052,9 +1363,12 @@ def main() -> int:
                     "hpa_proposal": "" if hpa.last_raw is None else hpa.last_raw,
                     "replicas_desired": spec, "replicas": len(fleet.active()), "ready": len(fleet.ready()),
                     "terminating": len(fleet.terminating()), "enqueued_total": int(enq), "done_total": int(done),
-                    "llm_calls": mock_calls(args.mock_url) if len(rows) % 4 == 0 else "",
+                    "llm_calls": stats["total"] if stats else "",
+                    "throttled": th,
+                    "proposal_if_throttled_counted": if_throttled_counted(values, comp, th),
+                    "quota_429s": stats.get("quota_rejections", "") if stats else "",
                 })
-                backlog = p + f + r
+                backlog = p + f + r + th
                 if backlog > peak_backlog:
                     peak_backlog, peak_backlog_t = backlog, tt
                 if phase == "settle":
@@ -1110,8 +1424,10 @@ def main() -> int:
     )
     checks = [
         ("load command exited 0", load.returncode == 0, f"exit {load.returncode}"),
-        ("backlog cleared", bool(last) and last["pending"] == 0 and last["inflight"] == 0 and last["retrying"] == 0,
-         f"pending {last.get('pending')}, in flight {last.get('inflight')}, retrying {last.get('retrying')} at the end"),
+        ("backlog cleared", bool(last) and last["pending"] == 0 and last["inflight"] == 0 and last["retrying"] == 0
+         and last["throttled"] == 0,
+         f"pending {last.get('pending')}, in flight {last.get('inflight')}, retrying {last.get('retrying')}, "
+         f"throttled {last.get('throttled')} at the end"),
         ("replicas rose under the spike", max_spec > s.floor,
          f"max {max_spec} at t={max_spec_t:.1f}s (floor {s.floor}, max {s.max_replicas})"),
         ("replicas back to the floor after the load", settled_at is not None and spec == s.floor,
@@ -1122,13 +1438,84 @@ def main() -> int:
         ("remaining workers exited 0 at teardown", not bad_final,
          ", ".join(f"{w.name}: exit {w.exit_code}" for w in bad_final) or f"{len(final_exits)} ok"),
     ]
+    quota_res = None
+    if cap:
+        checks = [c for c in checks if c[0] != "replicas rose under the spike"]
+        stats = mock_stats(args.mock_url) or {}
+        mq = mock_quota(args.mock_url) or {}
+        calls, r429 = int(stats.get("total", 0)), int(stats.get("quota_rejections", 0))
+        pace = backlogged_pace(rows, cap.rate)
+        useful2 = 2 * cap.replicas
+        target = s.target if s.formula else min((t.target for t in s.triggers if t.target > 0), default=1)
+        held_t, held = held_back(hpa_syncs, target, cap.rate)
+        peak_cf = max((r["proposal_if_throttled_counted"] for r in rows
+                       if r["proposal_if_throttled_counted"] not in ("", None)), default=0)
+        during = [r["replicas_desired"] for r in rows if pace and pace[0] <= r["t"] <= pace[1]]
+        mean_during = sum(during) / len(during) if during else None  # samples are evenly spaced
+        # After the onset the HPA keeps its onset recommendation for the scale-down window, then
+        # comes down policy period by policy period: from then on replicas must fit the quota.
+        settled_from = held_t + scale_down_time(s, max_spec, useful2) + 2 * s.hpa_sync if held_t is not None else None
+        end_t_backlog = pace[1] if pace else None
+        sustained = [r["replicas_desired"] for r in rows
+                     if settled_from is not None and end_t_backlog and settled_from <= r["t"] <= end_t_backlog]
+        want = min(cap.replicas, s.max_replicas)
+        checks[2:2] = [
+            ("the spike asks for maxReplicaCount if throttled tasks counted", peak_cf >= s.max_replicas,
+             f"ceil((pending + in flight + throttled) / {s.target:g}) peaked at {peak_cf} (max {s.max_replicas})"),
+            ("replicas rose to what the quota can use", max_spec >= want,
+             f"max {max_spec} at t={max_spec_t:.1f}s, useful replicas {cap.replicas}"),
+            ("the onset stayed within two scale-up steps", max_spec <= bound,
+             f"max {max_spec} at t={max_spec_t:.1f}s (allowed {bound}: two scale-up steps from {s.hpa_min}, "
+             f"what the HPA may take before new pods park the excess)"),
+            ("held-back work adds no replicas", bool(held) and max(held) <= useful2,
+             "the limiter never held the backlog" if not held else
+             f"metric proposal {min(held)}..{max(held)} at the {len(held)} HPA syncs from t={held_t:.1f}s with "
+             f"work throttled and pending < {target:g} (allowed {useful2} = 2 x useful)"),
+            ("replicas came down to what the quota can use while the backlog lasted",
+             bool(sustained) and max(sustained) <= useful2,
+             (f"{min(sustained)}..{max(sustained)} from t={settled_from:.1f}s to t={end_t_backlog:.1f}s "
+              f"(allowed {useful2}; from {max_spec}: scale-down window and policy steps after t={held_t:.1f}s)")
+             if sustained else
+             f"nothing to check: the backlog ended at t={end_t_backlog if end_t_backlog is not None else float('nan'):.1f}s, "
+             f"before the HPA could come down (t={settled_from if settled_from is not None else float('nan'):.1f}s)"),
+            ("backlog cleared at the quota's pace",
+             pace is not None and pace[2] >= args.min_pace * cap.rate,
+             "nothing was throttled" if pace is None else
+             f"{pace[2]:.2f} tasks/s from t={pace[0]:.1f}s to t={pace[1]:.1f}s = "
+             f"{100 * pace[2] / cap.rate:.1f} % of the quota's {cap.rate:.3g}/s (need {100 * args.min_pace:g} %)"
+             + (f"; mean replicas {mean_during:.2f}" if mean_during is not None else "")),
+            ("the provider's quota held (mock 429s)", calls > 0 and r429 <= args.max_429_share * calls,
+             f"{r429} quota 429s of {calls} calls ({100 * r429 / max(1, calls):.2f} %, allowed "
+             f"{100 * args.max_429_share:g} %); mock rpm {mq.get('rpm')}"),
+        ]
+        tasks = read_tasks(rdb, base)
+        waits = task_waits(tasks)
+        with open(out / "tasks.csv", "w", newline="") as fh:
+            wr = csv.writer(fh)
+            wr.writerow(["created_ms", "finished_ms", "parked"])
+            wr.writerows(sorted(tasks))
+        if quota.rpm and mq.get("rpm") != quota.rpm:
+            log(f"WARNING: the mock enforces rpm {mq.get('rpm')}, upstreams.config says {quota.rpm}")
+        quota_res = {
+            "upstream": quota.upstream, "rpm": quota.rpm, "tpm": quota.tpm, "concurrency": quota.concurrency,
+            "rate": cap.rate, "in_flight": cap.in_flight, "useful_replicas": cap.replicas, "replica_bound": bound,
+            "backlogged_from_t": pace[0] if pace else None, "backlogged_to_t": pace[1] if pace else None,
+            "pace": pace[2] if pace else None, "pace_share": pace[2] / cap.rate if pace else None,
+            "mean_replicas_backlogged": mean_during, "proposal_if_throttled_counted_peak": peak_cf,
+            "held_from_t": held_t, "held_back_proposals": [min(held, default=None), max(held, default=None), len(held)],
+            "sustained_from_t": settled_from,
+            "sustained_replicas": [min(sustained, default=None), max(sustained, default=None)],
+            "mock_calls": calls, "mock_quota_429s": r429, "mock_rpm": mq.get("rpm"),
+            "peak_throttled": max((r["throttled"] for r in rows), default=0),
+            "tasks": waits,
+        }
     if error:
         checks.append(("not interrupted", False, error))
     marks = {"load ends": load_end, f"back to {s.floor}": back_to_floor}
     png = Path(args.png) if args.png else out / "autoscale.png"
     try:
         title = args.title or "agentq autoscaling replay"
-        draw(rows, s, png, title, marks)
+        draw(rows, s, png, title, marks, quota_res)
         png_note = f"{png} ({png.stat().st_size // 1024} KB)"
     except ImportError:
         png_note = "not drawn: matplotlib is not installed"
@@ -1149,15 +1536,27 @@ def main() -> int:
         "hpa_decisions": hpa_decisions,
         "scale_events": scale_events,
         "marks": marks,
+        "quota": quota_res,
+        "hpa_syncs": [dict(vars(y), t=round(y.t, 2)) for y in hpa_syncs],
     }
     (out / "autoscale-result.json").write_text(json.dumps(result, indent=1))
     fmt = lambda v: "-" if v is None else f"{v:.1f}s"  # noqa: E731
     print(f"\n== autoscaling replay ({end_t:.0f}s) ==")
-    print(f"  peak backlog (pending+in flight+retrying) {peak_backlog} at t={peak_backlog_t:.1f}s; "
+    print(f"  peak backlog (pending+in flight+retrying+throttled) {peak_backlog} at t={peak_backlog_t:.1f}s; "
           f"first scale-up t={fmt(first_rise)}; max replicas {max_spec} at t={max_spec_t:.1f}s")
     print(f"  load ended t={fmt(load_end)}, backlog cleared t={fmt(backlog_cleared_at)}, "
           f"settled at {s.floor} replica(s) t={fmt(settled_at)}")
     print(f"  {len(scale_events)} scale changes, {started} worker processes started, {len(scaled_down)} scaled down")
+    if quota_res:
+        print(f"  quota {quota_res['rate']:.3g} calls/s (useful replicas {cap.replicas}); peak throttled "
+              f"{quota_res['peak_throttled']}; proposal had throttled tasks counted: up to "
+              f"{quota_res['proposal_if_throttled_counted_peak']}")
+        w = quota_res["tasks"]
+        if w:
+            print(f"  {w['tasks']} tasks: queue time p50 {w['wait_s'][50]:.1f}s, p95 {w['wait_s'][95]:.1f}s, "
+                  f"max {w['wait_s'][100]:.1f}s; parked p50 {w['parked'][50]}, p95 {w['parked'][95]}, "
+                  f"max {w['parked'][100]} times ({100 * w['parked_more_than_once']:.0f} % more than once); "
+                  f"{100 * w['overtaken']:.0f} % overtaken by a task created >= 1 s later")
     print(f"  csv {out / 'autoscale.csv'}, chart {png_note}")
     for n, ok, d in checks:
         print(f"  {'ok  ' if ok else 'FAIL'} {n}: {d}")

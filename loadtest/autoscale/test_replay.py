@@ -150,5 +150,136 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(s.behavior["down"].policies[0].kind, "Percent")
 
 
+UPSTREAMS = {
+    "upstreams": [
+        {"name": "a", "base_url": "https://api.example/v1", "api_key": "env:A_KEY", "models": ["m1", "m2"],
+         "limits": {"rpm": 500, "tpm": 200000}, "model_limits": {"m2": {"rpm": 100, "concurrency": 3}}},
+        {"name": "b", "base_url": "https://b.example/v1", "models": ["m3"]},
+    ]
+}
+
+
+class QuotaTest(unittest.TestCase):
+    def test_localize_points_every_upstream_at_the_mock(self):
+        local = replay.localize_upstreams(UPSTREAMS, "http://127.0.0.1:9/v1")
+        self.assertEqual([u["base_url"] for u in local["upstreams"]], ["http://127.0.0.1:9/v1"] * 2)
+        self.assertEqual(local["upstreams"][0]["api_key"], "env:OPENAI_API_KEY")
+        self.assertNotIn("api_key", local["upstreams"][1])  # no key stays no key
+        self.assertEqual(local["upstreams"][0]["model_limits"], UPSTREAMS["upstreams"][0]["model_limits"])
+        self.assertEqual(UPSTREAMS["upstreams"][0]["base_url"], "https://api.example/v1")  # input untouched
+
+    def test_quota_is_the_tightest_of_upstream_and_model(self):
+        self.assertEqual(replay.quota_for(UPSTREAMS, "m1"), replay.Quota("a", rpm=500, tpm=200000))
+        self.assertEqual(replay.quota_for(UPSTREAMS, "m2"), replay.Quota("a", rpm=100, tpm=200000, concurrency=3))
+        self.assertEqual(replay.quota_for(UPSTREAMS, "m3"), replay.Quota("b"))
+        self.assertIsNone(replay.quota_for(UPSTREAMS, "m4"))
+        self.assertIsNone(replay.quota_for(None, "m1"))
+
+    def test_useful_capacity_chart_readme_example(self):
+        # README "Scaling under a provider's rate limit": TPM 200,000, RPM 500, 1,000 tokens, 4 s,
+        # concurrency 16 -> 3.33 tasks/s, 13.3 in flight, 1 replica
+        c = replay.useful_capacity(replay.Quota("a", rpm=500, tpm=200000), 4.0, 16, 1000)
+        self.assertAlmostEqual(c.rate, 200 / 60)
+        self.assertAlmostEqual(c.in_flight, 200 / 60 * 4)
+        self.assertEqual(c.replicas, 1)
+        # without a token figure the TPM cannot be used: RPM alone, 33.3 in flight -> 3 replicas
+        self.assertEqual(replay.useful_capacity(replay.Quota("a", rpm=500, tpm=200000), 4.0, 16).replicas, 3)
+
+    def test_useful_capacity_of_the_scenario(self):
+        c = replay.useful_capacity(replay.Quota("mock", rpm=2100), 0.2, 4)
+        self.assertAlmostEqual(c.rate, 35)
+        self.assertAlmostEqual(c.in_flight, 7)
+        self.assertEqual(c.replicas, 2)
+        # 2400 rpm is exactly 8 calls in flight = 2 workers of 4, not 3 (float noise)
+        self.assertEqual(replay.useful_capacity(replay.Quota("mock", rpm=2400), 0.2, 4).replicas, 2)
+        # a concurrency limit binds below the rate
+        c = replay.useful_capacity(replay.Quota("a", rpm=6000, concurrency=3), 0.2, 4)
+        self.assertEqual((c.in_flight, c.replicas), (3.0, 1))
+        self.assertAlmostEqual(c.rate, 15)
+        self.assertIsNone(replay.useful_capacity(replay.Quota("b"), 0.2, 4))
+
+    def test_backlogged_pace(self):
+        def row(t, done, th, p=0, f=0):
+            return {"t": t, "done_total": done, "throttled": th, "pending": p, "inflight": f, "retrying": 0}
+
+        rows = [row(0, 0, 0), row(1, 30, 10), row(2, 80, 40), row(3, 115, 60), row(4, 150, 20, f=5),
+                row(5, 185, 0, f=3), row(6, 190, 0)]
+        # from the first sample with >= 35 throttled (t=2) to the last with a backlog (t=5)
+        self.assertEqual(replay.backlogged_pace(rows, 35), (2, 5, 35.0))
+        self.assertEqual(replay.backlogged_pace(rows), (1, 5, 38.75))
+        self.assertIsNone(replay.backlogged_pace(rows, 100))
+        self.assertIsNone(replay.backlogged_pace([row(0, 0, 0)]))
+
+    def test_step_above(self):
+        s = setup()  # scale-up: max(+100 %, +4 pods)
+        self.assertEqual([replay.step_above(s, n) for n in (1, 2, 4, 5, 12)], [5, 6, 8, 10, 20])
+        s.behavior["up"].select = "Min"
+        self.assertEqual(replay.step_above(s, 2), 4)
+        s.behavior["up"].select = "Disabled"
+        self.assertEqual(replay.step_above(s, 2), 2)
+        self.assertEqual([replay.step_above(setup(behavior=False), n) for n in (1, 3, 15)], [4, 6, 20])
+
+    def test_held_back(self):
+        S = replay.Sync
+        syncs = [
+            S(1, 0, 0, 1, 1),  # nothing throttled yet
+            S(2, 70, 8, 22, 5),  # onset: a backlog of admissible work in pending
+            S(3, 144, 460, 36, 10),  # parking has begun but pending still holds a backlog
+            S(4, 0, 500, 6, 10),  # the limiter holds it: from here on
+            S(5, 2, 540, 2, 10),
+            S(6, 9, 560, 3, 10),  # a promoted batch waits in pending: not counted
+            S(7, 0, 0, 0, 10),  # backlog gone
+            S(8, 0, 10, None, 0),  # no proposal (scaled to zero)
+        ]
+        self.assertEqual(replay.held_back(syncs, 4), (4, [6, 2]))
+        self.assertEqual(replay.held_back(syncs[:3], 4), (None, []))
+        # a fresh limiter parks its first second (seeded window): not yet a held-back backlog
+        first_second = [S(0.7, 0, 3, 0, 1)] + syncs
+        self.assertEqual(replay.held_back(first_second, 4, 35), (4, [6, 2]))
+        self.assertEqual(replay.held_back(first_second, 4), (0.7, [0, 6, 2]))
+
+    def test_scale_down_time(self):
+        s = setup()  # window 300 s, 25 % per 60 s, sync 15 s
+        # 10 -> 7 -> 5 -> 3 (int(10 * 0.75) = 7, int(7 * 0.75) = 5, int(5 * 0.75) = 3): 3 steps
+        self.assertEqual(replay.scale_down_time(s, 10, 4), 300 + 15 + 3 * 75)
+        self.assertEqual(replay.scale_down_time(s, 5, 4), 300 + 15 + 75)
+        self.assertEqual(replay.scale_down_time(s, 4, 4), 0)
+        self.assertEqual(replay.scale_down_time(s, 3, 0), 300 + 15 + 2 * 75)  # never below min 1
+        self.assertEqual(replay.scale_down_time(setup(behavior=False), 10, 4), 300 + 15)
+        s.behavior["down"].select = "Disabled"
+        self.assertEqual(replay.scale_down_time(s, 10, 4), float("inf"))
+
+    def test_task_waits_fifo(self):
+        fifo = [(c * 100, 5000 + c * 100, 1) for c in range(30)]
+        self.assertEqual(replay.task_waits(fifo)["overtaken"], 0)
+        # the first task finishes last: every task created >= 1 s after it overtook it
+        late = [(0, 9000, 3)] + fifo[10:]
+        w = replay.task_waits(late)
+        self.assertAlmostEqual(w["overtaken"], 1 / 21)
+        self.assertEqual((w["wait_s"][100], w["parked"][100], w["tasks"]), (9.0, 3, 21))
+        self.assertEqual(replay.task_waits([]), {})
+
+    def test_percentile(self):
+        self.assertEqual(replay.percentile([5, 1, 3, 2, 4], 50), 3)
+        self.assertEqual(replay.percentile([5, 1, 3, 2, 4], 100), 5)
+        self.assertEqual(replay.percentile(list(range(1, 101)), 95), 95)
+        self.assertIsNone(replay.percentile([], 50))
+
+    def test_values_fallback_renders_the_upstreams_file(self):
+        from pathlib import Path
+        import tempfile
+
+        import yaml
+
+        chart = Path(replay.__file__).resolve().parents[2] / "deploy/helm/agentq"
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
+            yaml.safe_dump({"llm": {"model": "m1"}, "upstreams": {"config": UPSTREAMS}}, fh)
+            fh.flush()
+            s = replay.setup_from_values(chart, [fh.name], ["worker.concurrency=4"])
+        self.assertEqual(s.worker_env["AGENTQ_UPSTREAMS"], "/etc/agentq/upstreams/upstreams.yaml")
+        self.assertEqual(s.upstreams, UPSTREAMS)
+        self.assertIsNone(replay.setup_from_values(chart, [], []).upstreams)
+
+
 if __name__ == "__main__":
     unittest.main()
