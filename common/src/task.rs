@@ -428,6 +428,9 @@ pub struct StartedTask {
     pub rate_limited: u32,
     pub created_at_ms: i64,
     pub fetched_at_ms: i64,
+    /// The turn the flow limiter gave the task when it parked it (ms; 0: not parked): the run
+    /// comes back as the holder of that turn, ahead of the line (`reserve.lua`).
+    pub turn_at_ms: i64,
 }
 
 impl StartedTask {
@@ -447,6 +450,7 @@ impl StartedTask {
             rate_limited,
             created_at_ms,
             fetched_at_ms: now_ms(),
+            turn_at_ms: 0,
         }
     }
 }

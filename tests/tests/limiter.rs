@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agentq_common::flow::{
-    Admission, Limiter, Limits, Refusal, Reservation, Route, Settlement, Upstream, Upstreams,
+    Admission, Limiter, Limits, Line, Refusal, Reservation, Route, Settlement, Upstream, Upstreams,
 };
 use agentq_common::Redis;
 use agentq_tests::RedisServer;
@@ -52,7 +52,8 @@ async fn setup() -> Result<(RedisServer, Limiter, redis::aio::ConnectionManager)
 }
 
 async fn reserve(l: &Limiter, r: &Route<'_>, tokens: u64, lease: &str, park: bool) -> Admission {
-    l.reserve(r, false, tokens, lease, Duration::from_secs(30), park)
+    let line = if park { Line::Join } else { Line::Probe };
+    l.reserve(r, false, tokens, lease, Duration::from_secs(30), line)
         .await
         .expect("reserve.lua runs")
 }
@@ -111,10 +112,33 @@ async fn a_fresh_scope_admits_at_the_steady_rate_and_parked_tasks_take_turns() -
         assert_eq!(w[1] - w[0], 500, "{turns:?}");
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    // a newcomer does not overtake the line, even with room this instant
+    match l
+        .reserve(&r, false, 10, "new", Duration::from_secs(30), Line::Join)
+        .await?
+    {
+        Admission::Wait { eligible_at_ms, .. } => {
+            assert_eq!(
+                eligible_at_ms,
+                turns[3] + 500,
+                "the next turn after the line"
+            )
+        }
+        other => bail!("a newcomer overtook the parked tasks: {other:?}"),
+    }
+    // the turn holders are served: exactly one second's share of 120 rpm
     let mut this_second = 0;
     for i in 0..5 {
         if matches!(
-            reserve(&l, &r, 10, &format!("a{i}"), false).await,
+            l.reserve(
+                &r,
+                false,
+                10,
+                &format!("a{i}"),
+                Duration::from_secs(30),
+                Line::Turn
+            )
+            .await?,
             Admission::Admitted(_)
         ) {
             this_second += 1;
@@ -210,7 +234,7 @@ async fn concurrency_leases_are_released_and_expire_on_their_own() -> Result<()>
     let a = admitted(reserve(&l, &r, 10, "a", false).await)?;
     // b's lease lasts 1 s: a worker killed mid-call gives its slot back by itself
     let _b = admitted(
-        l.reserve(&r, false, 10, "b", Duration::from_secs(1), false)
+        l.reserve(&r, false, 10, "b", Duration::from_secs(1), Line::Probe)
             .await?,
     )?;
     match reserve(&l, &r, 10, "c", false).await {
@@ -317,7 +341,7 @@ async fn state_lost_with_redis_is_seeded_full_again() -> Result<()> {
     let mut refused = false;
     for _ in 0..50 {
         match l
-            .reserve(&r, false, 1, "b", Duration::from_secs(30), false)
+            .reserve(&r, false, 1, "b", Duration::from_secs(30), Line::Probe)
             .await
         {
             Ok(Admission::Wait { reason, .. }) => {

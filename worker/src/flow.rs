@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use agentq_common::flow::{Admission, Reservation, Route, Settlement};
+use agentq_common::flow::{Admission, Line, Reservation, Route, Settlement};
 use agentq_common::task::{Fallback, Message, StartedTask, TaskResult};
 use agentq_common::time::now_ms;
 
@@ -71,7 +71,11 @@ impl Worker {
                     estimate,
                     &lease,
                     self.cfg.llm_timeout + LEASE_MARGIN,
-                    last,
+                    match (last, task.turn_at_ms > 0) {
+                        (false, _) => Line::Probe,
+                        (true, false) => Line::Join,
+                        (true, true) => Line::Turn,
+                    },
                 )
                 .await;
             let reservation = match admission {

@@ -51,6 +51,30 @@ impl Refusal {
     }
 }
 
+/// How a reservation stands in a scope's line of parked tasks (`reserve.lua`'s ARGV[4]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    /// Only asking (a model with fallbacks after it): refused, the task tries the next model and
+    /// takes no turn; a line of parked tasks counts as a refusal.
+    Probe,
+    /// A new arrival that will park if refused: behind a line of parked tasks it takes the next
+    /// turn even when there is room now, so parked tasks are not overtaken.
+    Join,
+    /// A parked task back at its turn: served ahead of the line; refused (the room its turn
+    /// counted on is not there yet), it comes back when room frees, keeping its place.
+    Turn,
+}
+
+impl Line {
+    fn arg(self) -> u8 {
+        match self {
+            Self::Probe => 0,
+            Self::Join => 1,
+            Self::Turn => 2,
+        }
+    }
+}
+
 /// An admitted call's hold on the limits, to settle with [`Limiter::reconcile`].
 #[derive(Debug, Clone)]
 pub struct Reservation {
@@ -136,8 +160,8 @@ impl Limiter {
 
     /// Reserves one call of `tokens` (estimated prompt + output cap) on `route`. `lease_id`
     /// names the concurrency lease (unique per call); `lease` is how long it may be held at most
-    /// (a crashed worker's lease ends by itself). `park`: the task will wait for this route if
-    /// refused, so it takes a turn in the route's line.
+    /// (a crashed worker's lease ends by itself). `line`: where the call stands in the line of
+    /// tasks parked on the route.
     pub async fn reserve(
         &self,
         route: &Route<'_>,
@@ -145,7 +169,7 @@ impl Limiter {
         tokens: u64,
         lease_id: &str,
         lease: Duration,
-        park: bool,
+        line: Line,
     ) -> RedisResult<Admission> {
         let keys = self.keys(route);
         let mut inv = RESERVE.prepare_invoke();
@@ -155,7 +179,7 @@ impl Limiter {
         inv.arg(tokens.max(1))
             .arg(lease_id)
             .arg(lease.as_millis() as u64)
-            .arg(u8::from(park))
+            .arg(line.arg())
             .arg(self.state_ttl(route, implicit));
         for v in scope_args(&route.model_limits) {
             inv.arg(v);

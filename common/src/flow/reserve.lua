@@ -2,8 +2,12 @@
 -- KEYS[1] model scope hash, KEYS[2] its leases zset, [KEYS[3] upstream scope hash, KEYS[4] its
 -- leases zset] (the upstream scope only when the upstream has limits of its own).
 -- ARGV[1] tokens to reserve (estimated prompt + max_tokens), ARGV[2] lease id, ARGV[3] lease
--- length ms (a crashed worker's lease ends by itself), ARGV[4] park: 1 when a refusal parks the
--- task (then it takes a turn on the scope's cursor), ARGV[5] state TTL ms (0: none),
+-- length ms (a crashed worker's lease ends by itself), ARGV[4] the call's place in the line of
+-- parked tasks: 0 probe (a model with fallbacks after it: a line counts as a refusal, no turn is
+-- taken), 1 join (a new arrival that parks if refused: behind a line it takes the next turn even
+-- when there is room, so parked tasks are never overtaken), 2 turn (a parked task back at its
+-- turn: served ahead of the line; refused, it comes back when room frees, keeping its place),
+-- ARGV[5] state TTL ms (0: none),
 -- ARGV[6..8] model scope rpm, tpm, concurrency, ARGV[9..11] upstream scope's (0 = no limit).
 -- Returns {1, sec, held} admitted (tokens counted in bucket `sec`; held 0 when no scope counted
 -- anything or took a lease, so there is nothing to settle), {0, eligible_ms, reason, limit}
@@ -18,7 +22,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local sec = math.floor(now / 1000)
 local tokens = tonumber(ARGV[1])
 local lease_ms = tonumber(ARGV[3])
-local park = ARGV[4] == '1'
+local mode = ARGV[4]
 local ttl = tonumber(ARGV[5])
 local LEARNED_FOR = 3600000
 
@@ -41,7 +45,7 @@ end
 -- used up evenly (first start, or state lost with Redis: the provider may still be counting).
 local function window(s)
   local st = redis.call('HMGET', s.h, 'head', 'rsum', 'tsum', 'blocked_until', 'learned_rpm',
-    'learned_tpm', 'learned_at', 'cursor', 'lat', 'tok')
+    'learned_tpm', 'learned_at', 'cursor', 'lat', 'tok', 'line')
   local learned_at = tonumber(st[7]) or 0
   if now - learned_at < LEARNED_FOR then
     s.rpm = lower(s.rpm, tonumber(st[5]))
@@ -51,6 +55,7 @@ local function window(s)
   s.cursor = tonumber(st[8]) or 0
   s.lat = tonumber(st[9]) or 1000
   s.tok = tonumber(st[10])
+  s.line = st[11]
   s.counted = s.rpm > 0 or s.tpm > 0
   if not s.counted then return end
   local head = tonumber(st[1])
@@ -135,15 +140,25 @@ for _, s in ipairs(scopes) do
   end
 end
 
+-- Tasks are parked on a scope: a newcomer waits behind them even if there is room this instant,
+-- so admissions follow the line at the limit's pace instead of each second's allowance going out
+-- in one burst to whoever asks first (a burst the autoscaler would read as a busy fleet).
+if not reason and mode ~= '2' then
+  for _, s in ipairs(scopes) do
+    if s.line and s.cursor > now then refuse(s, s.cursor, s.line, 0) end
+  end
+end
+
 if reason then
   -- A token limit paces its line by what calls settle to; before the first call on the scope has
   -- settled there is nothing to pace by, so the task just comes back when room next frees
-  -- (one extra park at a cold start) instead of taking a turn sized by the whole estimate.
-  if park and not (reason == 'tpm' and not binding.tok) then
+  -- (one extra park at a cold start) instead of taking a turn sized by the whole estimate. A
+  -- turn holder refused keeps its place the same way.
+  if mode == '1' and not (reason == 'tpm' and not binding.tok) then
     -- Tasks parked on one scope take turns: each gets the next slot the limit allows, so they
     -- come back one by one at the scope's pace instead of all at once to be parked again.
     local at = math.max(wait_until, binding.cursor)
-    redis.call('HSET', binding.h, 'cursor', at + spacing(binding))
+    redis.call('HSET', binding.h, 'cursor', at + spacing(binding), 'line', reason)
     if ttl > 0 then redis.call('PEXPIRE', binding.h, ttl) end
     wait_until = at
   end

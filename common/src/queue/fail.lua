@@ -48,6 +48,8 @@ end
 if mode == 'throttled' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
   redis.call('HINCRBY', KEYS[1], 'throttled', 1)
+  -- the turn it was given: when it comes back it is served as the holder of that turn
+  redis.call('HSET', KEYS[1], 'turn', ARGV[6])
   redis.call('ZADD', KEYS[7], tonumber(ARGV[6]), id)
   return done('queued')
 elseif mode == 'giveback' then

@@ -7,7 +7,9 @@
 -- ARGV[7] heartbeat TTL seconds
 -- Task keys are built from ARGV[1] .. id: they share the queue's hash tag, so they live in the
 -- same cluster slot as KEYS.
--- Returns a flat array: id, attempts, payload, rate_limited, created_at, token for every run started.
+-- Returns a flat array: id, attempts, payload, rate_limited, created_at, token, turn for every run
+-- started (turn: the time the flow limiter gave the task when it parked it, 0 if it was not parked;
+-- taken off the record, so it is used once).
 -- Ids whose task is finished or cancelled are dropped, and so is a copy of an id another run owns
 -- (status running): a task is never started while a run still holds its token. Ids with no record,
 -- and tasks whose attempts were used up by lost workers, are dead-lettered.
@@ -34,7 +36,7 @@ end
 
 local function start(id)
   local tkey = ARGV[1] .. id
-  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error', 'created_at')
+  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error', 'created_at', 'turn')
   local status = t[1]
   if not status then
     redis.call('LREM', KEYS[2], 1, id)
@@ -68,6 +70,8 @@ local function start(id)
   out[#out + 1] = tonumber(t[5]) or 0
   out[#out + 1] = tonumber(t[7]) or 0
   out[#out + 1] = tostring(token)
+  out[#out + 1] = tonumber(t[8]) or 0
+  if t[8] then redis.call('HDEL', tkey, 'turn') end
 end
 
 -- The id a blocking wait moved: only if it is still in this worker's list. A worker that was

@@ -373,17 +373,17 @@ impl Broker {
             .arg(heartbeat.as_secs().max(1))
             .invoke_async(&mut conn)
             .await?;
-        let mut out = Vec::with_capacity(flat.len() / 6);
-        for chunk in flat.chunks_exact(6) {
+        let mut out = Vec::with_capacity(flat.len() / 7);
+        for chunk in flat.chunks_exact(7) {
             let id: String = redis::from_redis_value_ref(&chunk[0])?;
             let attempt: u32 = redis::from_redis_value_ref(&chunk[1])?;
             let payload: String = redis::from_redis_value_ref(&chunk[2])?;
             let limited: u32 = redis::from_redis_value_ref(&chunk[3])?;
             let created: i64 = redis::from_redis_value_ref(&chunk[4])?;
             let token: String = redis::from_redis_value_ref(&chunk[5])?;
-            out.push(StartedTask::new(
-                id, token, attempt, payload, limited, created,
-            ));
+            let mut started = StartedTask::new(id, token, attempt, payload, limited, created);
+            started.turn_at_ms = redis::from_redis_value_ref(&chunk[6]).unwrap_or(0);
+            out.push(started);
         }
         Ok(out)
     }
