@@ -1,6 +1,7 @@
 //! The api moves due work back to `pending` too (retries whose backoff is over, tasks the flow
 //! limiter parked whose turn came), not only the workers: with `minReplicaCount: 0` there is no
-//! worker to do it, and KEDA only wakes the fleet for work it sees in `pending`.
+//! worker to do it, and KEDA only wakes the fleet for work it sees in `pending`. It is a backstop:
+//! it moves only work overdue by a second, which running workers have always moved already.
 
 use std::time::Duration;
 
@@ -10,6 +11,10 @@ use crate::AppState;
 
 const EVERY: Duration = Duration::from_secs(1);
 const BATCH: usize = 1000;
+/// Only work overdue by this much: while workers run they promote every 250 ms, and a second's
+/// worth of turns moved at once would show up as a burst of `pending` the autoscaler reads as
+/// load. With no worker, due work still reaches `pending` within about two seconds.
+const LAG: Duration = Duration::from_secs(1);
 
 pub async fn run(state: AppState, stop: CancellationToken) {
     loop {
@@ -19,7 +24,7 @@ pub async fn run(state: AppState, stop: CancellationToken) {
         }
         for q in &state.config.queues {
             let keys = state.broker.keys(q);
-            if let Err(e) = state.broker.promote_due(&keys, BATCH).await {
+            if let Err(e) = state.broker.promote_due_by(&keys, BATCH, LAG).await {
                 tracing::debug!(error = %e, queue = %q, "promote failed; next round retries");
                 break;
             }

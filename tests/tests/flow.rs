@@ -1085,7 +1085,8 @@ async fn throttled_work_waits_outside_pending_and_the_api_promotes_it() -> Resul
         let late = landed_ms - due;
         println!("api promote: {set} entry in pending {late} ms after it was due");
         assert!(late >= 0, "promoted {} ms early", -late);
-        assert!(late < 1300, "promoted {late} ms after it was due");
+        // the api is a backstop: every second it moves what is overdue by a second
+        assert!(late < 2300, "promoted {late} ms after it was due");
         let q = s.queue("default").await?;
         assert_eq!(
             (

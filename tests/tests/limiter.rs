@@ -103,13 +103,13 @@ async fn a_fresh_scope_admits_at_the_steady_rate_and_parked_tasks_take_turns() -
         }
     }
     // the first room opens when the oldest seeded bucket leaves, within the next second; parked
-    // tasks are given turns 60 s / 120 = 500 ms apart
+    // tasks are given turns 61 s / 120 = 508 ms apart (a bucket counts for 61 s)
     assert!(
         turns[0] > now && turns[0] <= now + 1000,
         "{turns:?} vs {now}"
     );
     for w in turns.windows(2) {
-        assert_eq!(w[1] - w[0], 500, "{turns:?}");
+        assert_eq!(w[1] - w[0], 508, "{turns:?}");
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // a newcomer does not overtake the line, even with room this instant
@@ -120,7 +120,7 @@ async fn a_fresh_scope_admits_at_the_steady_rate_and_parked_tasks_take_turns() -
         Admission::Wait { eligible_at_ms, .. } => {
             assert_eq!(
                 eligible_at_ms,
-                turns[3] + 500,
+                turns[3] + 508,
                 "the next turn after the line"
             )
         }

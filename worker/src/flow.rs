@@ -28,6 +28,8 @@ const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// How often a worker repeats a learned limit that has not changed (`learn.lua` keeps one for an
 /// hour after it was last told).
 const RETELL: Duration = Duration::from_secs(600);
+/// Spread of the return of turn holders refused together (the workers promote every 250 ms).
+const TURN_SPREAD_MS: i64 = 250;
 
 impl Worker {
     pub(crate) async fn call_with_flow(
@@ -63,6 +65,11 @@ impl Worker {
             let (up, label) = (route.upstream.name.as_str(), llm.label(model));
             let estimate = tokens::prompt_tokens(model, messages) + u64::from(output);
             let lease = format!("{}:{}:{i}", task.id, task.token);
+            let line = match (last, task.turn_at_ms > 0) {
+                (false, _) => Line::Probe,
+                (true, false) => Line::Join,
+                (true, true) => Line::Turn,
+            };
             let admission = self
                 .limiter
                 .reserve(
@@ -71,11 +78,7 @@ impl Worker {
                     estimate,
                     &lease,
                     self.cfg.llm_timeout + LEASE_MARGIN,
-                    match (last, task.turn_at_ms > 0) {
-                        (false, _) => Line::Probe,
-                        (true, false) => Line::Join,
-                        (true, true) => Line::Turn,
-                    },
+                    line,
                 )
                 .await;
             let reservation = match admission {
@@ -89,6 +92,13 @@ impl Worker {
                         .limiter_throttled
                         .with_label_values(&[up, label, reason.as_str()])
                         .inc();
+                    // A turn holder refused comes back when room frees, like others refused in
+                    // the same instant: spread them over a promotion period, not all at once.
+                    let eligible_at_ms = if line == Line::Turn {
+                        eligible_at_ms + rand::random_range(0..TURN_SPREAD_MS)
+                    } else {
+                        eligible_at_ms
+                    };
                     eligible = Some(eligible.map_or(eligible_at_ms, |e| e.min(eligible_at_ms)));
                     fallbacks.push(skipped(model, up, reason.as_str()));
                     continue;

@@ -105,12 +105,16 @@ local function freed_at(s, field, sum, need, limit)
   return (sec + 61) * 1000
 end
 
+-- The time one call takes under the scope's limits. 61 s, not 60: a bucket counts for 61 s, so
+-- the window lets through 60/61 of a limit when saturated; turns paced at the full limit would
+-- outrun it, and every second a few turn holders would find no room and pile up at the next
+-- second's edge.
 local function spacing(s)
   local gap = 10
-  if s.rpm > 0 then gap = math.max(gap, 60000 / s.rpm) end
+  if s.rpm > 0 then gap = math.max(gap, 61000 / s.rpm) end
   -- a turn's share of the tokens: what calls here really use (settled), not the reservation,
   -- which counts the whole output cap and would pace parked tasks far below the limit
-  if s.tpm > 0 then gap = math.max(gap, math.min(tokens, s.tok or tokens) * 60000 / s.tpm) end
+  if s.tpm > 0 then gap = math.max(gap, math.min(tokens, s.tok or tokens) * 61000 / s.tpm) end
   if s.conc > 0 then gap = math.max(gap, s.lat / s.conc) end
   return math.floor(gap)
 end

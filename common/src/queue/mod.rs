@@ -498,13 +498,26 @@ impl Broker {
 
     /// Moves due retries and parked tasks whose turn came to pending. Returns how many moved.
     pub async fn promote_due(&self, keys: &Keys, limit: usize) -> RedisResult<u64> {
+        self.promote_due_by(keys, limit, Duration::ZERO).await
+    }
+
+    /// [`Self::promote_due`] for work due at least `lag` ago: a backstop that moves only what the
+    /// workers' own promotion (every 250 ms) left behind, so it never moves a second's turns at
+    /// once while workers run.
+    pub async fn promote_due_by(
+        &self,
+        keys: &Keys,
+        limit: usize,
+        lag: Duration,
+    ) -> RedisResult<u64> {
         let mut conn = self.redis.conn().await?;
+        let lag = i64::try_from(lag.as_millis()).unwrap_or(i64::MAX);
         SCRIPTS
             .promote
             .key(keys.delayed())
             .key(keys.pending())
             .key(keys.throttled())
-            .arg(now_ms())
+            .arg(now_ms().saturating_sub(lag))
             .arg(limit.max(1))
             .invoke_async(&mut conn)
             .await
