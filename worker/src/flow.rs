@@ -231,7 +231,12 @@ impl Worker {
                     self.cfg.retry_max,
                 ))
             }
-            _ => call.reported.exhausted_for,
+            // Where limits are configured the limiter already holds the fleet at them, and a
+            // reply saying the provider's window is full says nothing new; blocking on it would
+            // stop the whole line at once and release it at once. Where nothing is configured,
+            // it is the only warning before a 429.
+            _ if unconfigured(route) => call.reported.exhausted_for,
+            _ => None,
         };
         let block_for = block_for.map(|d| d.min(self.cfg.retry_max));
         let configured = route.model_limits;
@@ -295,6 +300,12 @@ impl Worker {
             }
         }
     }
+}
+
+/// No rpm or tpm configured for the model or its upstream.
+fn unconfigured(route: &Route<'_>) -> bool {
+    let (m, u) = (route.model_limits, route.upstream.limits);
+    m.rpm.is_none() && m.tpm.is_none() && u.rpm.is_none() && u.tpm.is_none()
 }
 
 fn skipped(model: &str, upstream: &str, reason: &str) -> Fallback {

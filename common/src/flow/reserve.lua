@@ -158,7 +158,10 @@ if reason then
   -- settled there is nothing to pace by, so the task just comes back when room next frees
   -- (one extra park at a cold start) instead of taking a turn sized by the whole estimate. A
   -- turn holder refused keeps its place the same way.
-  if mode == '1' and not (reason == 'tpm' and not binding.tok) then
+  -- A block ends for everyone at once: turn holders it caught line up again too, rather than all
+  -- coming back at its end together.
+  local joins = mode == '1' or (mode == '2' and reason == 'blocked')
+  if joins and not (reason == 'tpm' and not binding.tok) then
     -- Tasks parked on one scope take turns: each gets the next slot the limit allows, so they
     -- come back one by one at the scope's pace instead of all at once to be parked again.
     local at = math.max(wait_until, binding.cursor)
