@@ -41,9 +41,11 @@ def uuid7():
     return str(uuid.UUID(int=(ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b))
 
 
-def load(port, n, script_path):
+def load(port, n, script_path, target=PENDING):
     """Enqueues n tasks with the API's own enqueue.lua and the same arguments the API passes
-    (id `default.<uuid v7>`, created_at ms, max_attempts 5, the serde payload, TTL 86400)."""
+    (id `default.<uuid v7>`, created_at ms, max_attempts 5, the serde payload, TTL 86400).
+    `target`: the list the ids go to (the limiter phase stages them outside `pending` and
+    RENAMEs them in once the worker is up and idle)."""
     n = int(n)
     r = connect(port)
     with open(script_path, "rb") as fh:
@@ -59,12 +61,12 @@ def load(port, n, script_path):
         for _ in range(size):
             tid = f"{QUEUE}.{uuid7()}"
             now = time.time_ns() // 1_000_000
-            pipe.evalsha(sha, 2, TASK_PREFIX + tid, PENDING, tid, QUEUE, now, 5, payload, 86400)
+            pipe.evalsha(sha, 2, TASK_PREFIX + tid, target, tid, QUEUE, now, 5, payload, 86400)
         pipe.execute()
         done += size
     r.sadd(f"{PREFIX}:queues", QUEUE)
     took = time.monotonic() - start
-    return {"loaded": n, "pending": r.llen(PENDING), "seconds": round(took, 3)}
+    return {"loaded": n, "pending": r.llen(target), "seconds": round(took, 3)}
 
 
 RECORDS_LUA = """
@@ -92,14 +94,30 @@ def records(r, with_waits=False):
             "first_start_ms": first, "last_finish_ms": last, "waits_ms": waits}
 
 
-def wait_done(port, n, timeout):
+def proc_cpu_s(pid, split=False):
+    """utime+stime of a process in seconds, from /proc/PID/stat (10 ms ticks); with `split`, the
+    pair [user, system]."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    if split:
+        return [int(fields[11]) / tck, int(fields[12]) / tck]
+    return (int(fields[11]) + int(fields[12])) / tck
+
+
+def wait_done(port, n, timeout, *pids):
     """Polls LLEN pending and ZCARD active (what GET /v1/queues/default reports) every 50 ms until
-    both are 0 and n task records are final; returns the records' summary."""
+    both are 0 and n task records are final; returns the records' summary. With `pids`, their CPU
+    seconds are read the moment the queue is empty (`cpu_s`, in the order given), before the
+    records are scanned, so the scan's own Redis time is left out."""
     r = connect(port)
     deadline = time.monotonic() + float(timeout)
+    cpu = None
     while True:
         pending, active = r.pipeline(transaction=False).llen(PENDING).zcard(ACTIVE).execute()
         if pending == 0 and active == 0:
+            if pids:
+                cpu = [proc_cpu_s(p, split=True) for p in pids]
             rec = records(r)
             if rec["succeeded"] + rec["failed"] >= int(n):
                 break
@@ -112,6 +130,8 @@ def wait_done(port, n, timeout):
     span = (rec["last_finish_ms"] - rec["first_start_ms"]) / 1000.0
     rec["span_s"] = span
     rec["tasks_per_s"] = rec["succeeded"] / span if span > 0 else 0.0
+    if cpu is not None:
+        rec["cpu_s"] = cpu
     return rec
 
 
@@ -265,6 +285,8 @@ def emit(path, phase, pairs):
             rec[f"{who}_cpu_us_per_task"] = d(rec[f"{who}_cpu_s"], n) * 1e6
         if "worker_vmhwm_kib" in rec:
             rec["worker_vmhwm_mib"] = rec["worker_vmhwm_kib"] / 1024
+    elif phase == "limiter":
+        limiter_figures(rec)
     elif phase == "latency":
         rec["p50_ms"] = rec["waits_p50_ms"]
         rec["p99_ms"] = rec["waits_p99_ms"]
@@ -273,6 +295,269 @@ def emit(path, phase, pairs):
     with open(path, "a") as fh:
         fh.write(json.dumps(rec) + "\n")
     return rec
+
+
+def idle(*pids):
+    """Waits until the processes are idle (at most one 10 ms tick of CPU over 0.3 s, checked every
+    0.1 s; 15 s at most): a worker that just answered /readyz may still be warming up (with flow
+    control it builds its tokenizers off the async threads). Returns their CPU seconds, each as
+    [user, system]."""
+    deadline = time.monotonic() + 15
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    samples = []
+    while True:
+        samples.append(sum(proc_cpu_s(p) for p in pids))
+        if len(samples) >= 4 and samples[-1] - samples[-4] <= tick + 1e-9:
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return {"cpu_s": [proc_cpu_s(p, split=True) for p in pids], "waited_s": round(0.1 * (len(samples) - 1), 1)}
+
+
+def seed(port, mode, *keys):
+    """Writes a sliding window into limiter scope hashes, so the run measures the admitted path.
+    A scope with no state is seeded by reserve.lua as if its last minute was used up at its limit,
+    so however high the limits, the first second of a fresh scope would refuse (and park) every
+    call. `empty`: `head` = now - 60 s, `rsum` = `tsum` = 0, no buckets (as after a quiet minute).
+    `steady`: also one request and 100 tokens in each of the last 60 one-second buckets, as after a
+    minute of traffic: the hash then holds ~125 fields, which Redis still keeps as a listpack (up
+    to hash-max-listpack-entries = 128), where every field lookup is a linear scan."""
+    r = connect(port)
+    sec = int(r.time()[0])
+    for k in keys:
+        m = {"head": sec - 60, "rsum": 0, "tsum": 0}
+        if mode == "steady":
+            for b in range(sec - 60, sec):
+                m[f"r:{b}"] = 1
+                m[f"t:{b}"] = 100
+            m["rsum"], m["tsum"] = 60, 6000
+        r.hset(k, mapping=m)
+    return {"seeded": list(keys), "head": sec - 60, "mode": mode,
+            "encoding": [r.object("encoding", k) for k in keys], "fields": [r.hlen(k) for k in keys]}
+
+
+def prom_sum(text, name):
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    return total if seen else None
+
+
+def flowstats(port, metrics_url, *scopes):
+    """What the limiter did in a run: Redis's EVALSHA calls and µs inside them since CONFIG
+    RESETSTAT (every queue and limiter step is one EVALSHA), the worker's agentq_limiter_* counters,
+    each scope's counted requests and tokens (`rsum`, `tsum`) and leases left, and tasks parked."""
+    r = connect(port)
+    cs = r.info("commandstats")
+    out = {}
+    ev = cs.get("cmdstat_evalsha", {})
+    out["evalsha_calls"] = int(ev.get("calls", 0))
+    out["evalsha_usec"] = int(ev.get("usec", 0))
+    out["redis_calls"] = sum(int(v.get("calls", 0)) for k, v in cs.items()
+                             if k not in ("cmdstat_evalsha", "cmdstat_config", "cmdstat_info"))
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    for m in ("admitted", "throttled", "tokens_reserved", "tokens_used", "fallbacks"):
+        v = prom_sum(text, f"agentq_limiter_{m}_total")
+        out[f"limiter_{m}"] = v if v is not None else 0
+    out["throttled_set"] = r.zcard(f"{BASE}:throttled")
+    for i, k in enumerate(scopes):
+        rsum, tsum = r.hmget(k, "rsum", "tsum")
+        out[f"scope{i}_fields"] = r.hlen(k)
+        out[f"scope{i}_encoding"] = r.object("encoding", k)
+        out[f"scope{i}_rsum"] = int(rsum or 0)
+        out[f"scope{i}_tsum"] = int(tsum or 0)
+        out[f"scope{i}_leases"] = r.zcard(k + ":leases")
+    return out
+
+
+def slowlog(port, *roots):
+    """Redis's own time per script, from SLOWLOG (the limiter phase sets slowlog-log-slower-than 0
+    when BENCH_SLOWLOG=1): calls and µs inside each script (named by the SHA1 of the .lua files
+    under common/src of each source tree given: the checkout, and the trees the binaries were built
+    from, $AGENTQ_BENCH_SRC_DIRS), and of every other command. Execution time only: reading the
+    request and writing the reply are not in it."""
+    import hashlib
+    names = {}
+    for root, sub in [(t, d) for t in roots for d in ("common/src/queue", "common/src/flow")]:
+        d = os.path.join(root, sub)
+        files = {}
+        for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if f.endswith(".lua"):
+                with open(os.path.join(d, f), "rb") as fh:
+                    files[f] = fh.read()
+        for f, text in files.items():
+            names[hashlib.sha1(text).hexdigest()] = f
+            if "fence.lua" in files:  # complete and fail run behind the fencing check
+                names[hashlib.sha1(files["fence.lua"] + text).hexdigest()] = f
+    r = connect(port)
+    entries = r.slowlog_get(1_000_000)
+    out = {}
+    for e in entries:
+        cmd = e["command"]
+        cmd = cmd.decode() if isinstance(cmd, bytes) else cmd
+        parts = cmd.split(" ", 2)
+        name = parts[0].lower()
+        if name == "evalsha" and len(parts) > 1:
+            name = names.get(parts[1].lower(), "evalsha:" + parts[1][:8])
+        agg = out.setdefault(name, {"calls": 0, "usec": 0})
+        agg["calls"] += 1
+        agg["usec"] += int(e["duration"])
+    for agg in out.values():
+        agg["usec_per_call"] = round(agg["usec"] / agg["calls"], 2)
+    return {"entries": len(entries), "by_command": out}
+
+
+# the limiter phase's variants, in the order of the report; (variant, minus) pairs for the deltas
+LIMITER_ORDER = ["before", "implicit", "limits", "limits-steady", "before-openai", "implicit-openai", "limits-openai"]
+LIMITER_DELTAS = [
+    ("limits", "before", True), ("limits-steady", "before", True), ("limits-openai", "before-openai", True),
+    ("limits-steady", "limits", False),
+    ("implicit", "before", False), ("implicit-openai", "before-openai", False),
+    ("limits", "implicit", False), ("limits-openai", "implicit-openai", False),
+    ("implicit-openai", "implicit", False), ("limits-openai", "limits", False),
+]
+LIMITER_FIGURES = [
+    ("worker_cpu_us_per_task", "worker CPU us/task (drain only)"),
+    ("worker_sys_us_per_task", "  of which kernel (stime)"),
+    ("redis_cpu_us_per_task", "redis CPU us/task"),
+    ("redis_sys_us_per_task", "  of which kernel (stime)"),
+    ("worker_redis_us_per_task", "worker + redis us/task"),
+    ("mock_cpu_us_per_task", "mock CPU us/task (control)"),
+    ("worker_total_us_per_task", "worker CPU us/task incl. start-up"),
+    ("worker_startup_cpu_ms", "worker start-up CPU ms"),
+    ("tasks_per_s", "tasks/s"),
+    ("evalsha_per_task", "EVALSHA calls/task"),
+    ("evalsha_us_per_task", "us inside EVALSHA/task"),
+    ("evalsha_usec_per_call", "us per EVALSHA"),
+    ("worker_vmhwm_mib", "worker peak RSS MiB"),
+]
+LIMITER_TARGET_US = 15.0
+LIMITER_VARIANTS = {
+    "before": "binaries of AGENTQ_BENCH_BEFORE_BIN_DIR (before flow control), AGENTQ_MODEL=mock-gpt",
+    "implicit": "AGENTQ_BENCH_BIN_DIR, no AGENTQ_UPSTREAMS (implicit upstream: one reserve.lua per call, nothing held)",
+    "limits": "AGENTQ_BENCH_BIN_DIR, AGENTQ_UPSTREAMS: one upstream serving mock-gpt, rpm/tpm/concurrency set on the "
+              "upstream and in model_limits, far above reach; scopes start from an empty window",
+    "limits-steady": "as limits, the scopes start from a minute of 1 s buckets (~125 hash fields), as in steady operation",
+    "before-openai": "as before, AGENTQ_MODEL=gpt-4o-mini",
+    "implicit-openai": "as implicit, AGENTQ_MODEL=gpt-4o-mini (prompt tokens counted with tiktoken's o200k_base)",
+    "limits-openai": "as limits, serving gpt-4o-mini (tiktoken)",
+}
+
+
+def limiter_figures(rec):
+    d = lambda a, b: a / b if b else 0.0  # noqa: E731
+    n = rec["rec_succeeded"]
+    (wu1, ws1), (ru1, rs1), (mu1, ms1) = rec["rec_cpu_s"]
+    w_end, r_end, m_end = wu1 + ws1, ru1 + rs1, mu1 + ms1
+    # user and system (kernel: syscalls, the loopback TCP path) time apart, for worker and redis
+    if rec.get("cpu0_split"):
+        (wu0, ws0), (ru0, rs0) = rec["cpu0_split"]
+        rec["worker_user_us_per_task"] = d(wu1 - wu0, n) * 1e6
+        rec["worker_sys_us_per_task"] = d(ws1 - ws0, n) * 1e6
+        rec["redis_user_us_per_task"] = d(ru1 - ru0, n) * 1e6
+        rec["redis_sys_us_per_task"] = d(rs1 - rs0, n) * 1e6
+    rec["worker_cpu_us_per_task"] = d(w_end - rec["worker_cpu_s0"], n) * 1e6
+    rec["worker_total_us_per_task"] = d(w_end, n) * 1e6
+    rec["worker_startup_cpu_ms"] = rec["worker_cpu_s0"] * 1000
+    rec["redis_cpu_us_per_task"] = d(r_end - rec["redis_cpu_s0"], n) * 1e6
+    rec["mock_cpu_us_per_task"] = d(m_end - rec["mock_cpu_s0"], n) * 1e6
+    rec["worker_redis_us_per_task"] = rec["worker_cpu_us_per_task"] + rec["redis_cpu_us_per_task"]
+    rec["tasks_per_s"] = rec["rec_tasks_per_s"]
+    rec["evalsha_per_task"] = d(rec["flow_evalsha_calls"], n)
+    rec["evalsha_us_per_task"] = d(rec["flow_evalsha_usec"], n)
+    rec["evalsha_usec_per_call"] = d(rec["flow_evalsha_usec"], rec["flow_evalsha_calls"])
+    rec["worker_vmhwm_mib"] = rec["worker_vmhwm_kib"] / 1024
+
+
+def limiter_report(runs_path, out_path, mode, n_runs, meta_path):
+    with open(runs_path) as fh:
+        runs = [json.loads(ln) for ln in fh if ln.strip()]
+    meta = json.load(open(meta_path)) if meta_path and os.path.exists(meta_path) else {}
+    by = {}
+    for r in runs:
+        by.setdefault(r["variant"], []).append(r)
+    variants = [v for v in LIMITER_ORDER if v in by]
+    med = {v: {k: statistics.median([r.get(k, 0) for r in by[v]]) for k, _ in LIMITER_FIGURES} for v in variants}
+    deltas = []
+    failures = []
+    for a, b, target in LIMITER_DELTAS:
+        if a not in by or b not in by:
+            continue
+        row = {"variant": a, "minus": b}
+        for k in ("worker_cpu_us_per_task", "redis_cpu_us_per_task", "worker_redis_us_per_task",
+                  "worker_total_us_per_task"):
+            row[k] = round(med[a][k] - med[b][k], 2)
+            # the same difference taken within each round (runs of a round are back to back)
+            rb = {r["round"]: r[k] for r in by[b]}
+            paired = [r[k] - rb[r["round"]] for r in by[a] if r["round"] in rb]
+            if paired:
+                row[k + "_paired"] = round(statistics.median(paired), 2)
+                row[k + "_paired_range"] = [round(min(paired), 2), round(max(paired), 2)]
+        if target:
+            row["target"] = f"<= {LIMITER_TARGET_US:g}"
+            row["meets_target"] = row["worker_redis_us_per_task"] <= LIMITER_TARGET_US
+            if not row["meets_target"]:
+                failures.append(f"{a} - {b}")
+        deltas.append(row)
+    broken = []
+    for r in runs:
+        tag = f"{r['variant']} round {r['round']}"
+        if r.get("rec_succeeded") != r.get("tasks") or r.get("rec_timed_out"):
+            broken.append(f"{tag}: {r.get('rec_succeeded')} of {r.get('tasks')} tasks succeeded")
+        if r.get("flow_limiter_throttled") or r.get("flow_throttled_set"):
+            broken.append(f"{tag}: the limiter throttled {r.get('flow_limiter_throttled')} calls "
+                          f"({r.get('flow_throttled_set')} parked): the limits are meant never to bind")
+        if r["variant"].startswith("limits"):
+            n = r.get("tasks", 0)
+            base = 60 if r["variant"].endswith("-steady") else 0  # the seeded minute's requests
+            # the minute may have moved on during the drain: its buckets leave the window
+            ok = lambda v: v is not None and n <= v <= n + base  # noqa: E731
+            if r.get("flow_limiter_admitted") != n or not ok(r.get("flow_scope0_rsum")) or not ok(r.get("flow_scope1_rsum")):
+                broken.append(f"{tag}: admitted {r.get('flow_limiter_admitted')}, counted {r.get('flow_scope0_rsum')}"
+                              f"/{r.get('flow_scope1_rsum')} requests for {n} tasks")
+            if r.get("flow_scope0_leases") or r.get("flow_scope1_leases"):
+                broken.append(f"{tag}: leases left after the drain")
+    m = machine()
+    result = {
+        "mode": mode,
+        "rounds": n_runs,
+        "statistic": "median of runs per variant; deltas also as the median of per-round differences (_paired)",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {**meta.get("machine", {}), "loadavg_end": m["loadavg"]},
+        "git": meta.get("git", {}),
+        "settings": meta.get("settings", {}),
+        "binaries": meta.get("binaries", {}),
+        "variants": {v: LIMITER_VARIANTS.get(v, "") for v in variants},
+        "medians": med,
+        "deltas": deltas,
+        "short_of_target": failures,
+        "broken": broken,
+        "runs": runs,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as fh:
+        json.dump(result, fh, indent=2)
+        fh.write("\n")
+    mc = result["machine"]
+    print(f"\nagentq limiter bench ({mode}, median of {n_runs} round(s)) on {mc.get('cores')} cores, "
+          f"{mc.get('cpu_model')}; load average at start {mc.get('loadavg_start')}, at end {mc.get('loadavg_end')}")
+    print(f"{'figure':36}" + "".join(f"{v:>16}" for v in variants))
+    for k, label in LIMITER_FIGURES:
+        print(f"{label:36}" + "".join(f"{med[v][k]:>16,.2f}" for v in variants))
+    print("\ndeltas, us/task (difference of medians; [median of per-round differences])")
+    for row in deltas:
+        ok = "" if "meets_target" not in row else (" target <= 15: " + ("met" if row["meets_target"] else "MISSED"))
+        print(f"  {row['variant']:>16} - {row['minus']:<16} worker {row['worker_cpu_us_per_task']:+7.2f} "
+              f"[{row.get('worker_cpu_us_per_task_paired', 0):+7.2f}]  redis {row['redis_cpu_us_per_task']:+7.2f} "
+              f"[{row.get('redis_cpu_us_per_task_paired', 0):+7.2f}]  sum {row['worker_redis_us_per_task']:+7.2f} "
+              f"[{row.get('worker_redis_us_per_task_paired', 0):+7.2f}]{ok}")
+    for b in broken:
+        print(f"BROKEN: {b}")
+    print(f"\nresults: {out_path}")
+    return result
 
 
 # metric key, phase, field, unit, target (op, value), reference
@@ -400,6 +685,12 @@ def summary(runs_path):
                 f"{r['redis_eval_rps']:.0f}/s ({r['pct_of_limit']:.0f}%); CPU s/1k req: api {r['api_cpu_s_per_1k']:.3f}, "
                 f"redis {r['redis_cpu_s_per_1k']:.3f}, wrk {r['wrk_cpu_s_per_1k']:.3f}; non-2xx {r['wrk_non_2xx']}, "
                 f"errors {r['wrk_socket_errors']}; queued {r['queued_after']} of {r['wrk_requests']}; load {r['loadavg']}")
+    if p == "limiter":
+        return (f"{r['variant']}: {r['rec_succeeded']}/{r['tasks']} in {r['rec_span_s']:.2f} s = {r['tasks_per_s']:.0f} tasks/s; "
+                f"CPU us/task: worker {r['worker_cpu_us_per_task']:.1f} (start-up {r['worker_startup_cpu_ms']:.0f} ms), "
+                f"redis {r['redis_cpu_us_per_task']:.1f}, mock {r['mock_cpu_us_per_task']:.1f}; EVALSHA/task "
+                f"{r['evalsha_per_task']:.2f} at {r['evalsha_usec_per_call']:.1f} us; admitted {r['flow_limiter_admitted']:.0f}, "
+                f"throttled {r['flow_limiter_throttled']:.0f}; load {r['loadavg']}")
     if p in ("drain", "fanout"):
         return (f"{r['rec_succeeded']}/{r['tasks']} succeeded in {r['rec_span_s']:.2f} s = {r['tasks_per_s']:.0f} tasks/s; "
                 f"CPU us/task: worker {r['worker_cpu_us_per_task']:.1f}, mock {r['mock_cpu_us_per_task']:.1f}, "
@@ -427,6 +718,23 @@ def main(argv):
         out = pace(*args)
     elif cmd == "hist":
         out = hist(*args)
+    elif cmd == "idle":
+        out = idle(*args)
+    elif cmd == "seed":
+        out = seed(*args)
+    elif cmd == "flowstats":
+        out = flowstats(*args)
+    elif cmd == "cpusplit":
+        out = [proc_cpu_s(p, split=True) for p in args]
+    elif cmd == "slowlog":
+        out = slowlog(*args)
+    elif cmd == "limiter-report":
+        result = limiter_report(args[0], args[1], args[2], int(args[3]), args[4] if len(args) > 4 else None)
+        if result["broken"]:
+            sys.exit(1)
+        if os.environ.get("BENCH_STRICT") == "1" and result["short_of_target"]:
+            sys.exit(2)
+        return
     elif cmd == "wrk":
         out = wrk(*args)
     elif cmd == "rbench":

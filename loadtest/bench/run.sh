@@ -5,10 +5,19 @@
 #   loadtest/bench/run.sh            full: 3 runs per phase, ~3 minutes; writes loadtest/bench/results.json
 #   loadtest/bench/run.sh --smoke    1 short run per phase, ~20 s after the build (CI);
 #                                    writes loadtest/out/bench/results-smoke.json (gitignored)
+#   loadtest/bench/run.sh --limiter  the flow limiter's cost per task (issue 12): only the drain, in
+#                                    interleaved variants (no limits file / a limits file / the build
+#                                    before flow control in $AGENTQ_BENCH_BEFORE_BIN_DIR), 4 rounds;
+#                                    writes loadtest/bench/results-limiter.json (with --smoke: 1 short
+#                                    round to loadtest/out/bench/results-limiter-smoke.json)
 #
 # Options: --no-build (use the binaries in $AGENTQ_BENCH_BIN_DIR, default target/release),
 #          --runs N, --out FILE, --keep (leave the logs of this run in loadtest/out/bench/),
 #          --strict (exit 2 when a median misses its target; by default only a broken run fails).
+# --limiter environment: AGENTQ_BENCH_BEFORE_BIN_DIR (binaries before flow control; unset: those
+#          variants are skipped), AGENTQ_BENCH_BIN_COMMIT / AGENTQ_BENCH_BEFORE_COMMIT (recorded),
+#          BENCH_LIMITER_VARIANTS=a,b (a subset), BENCH_SLOWLOG=1 (per-script µs from SLOWLOG;
+#          inflates CPU, diagnosis only), AGENTQ_BENCH_SRC_DIRS (source trees to name the scripts).
 # Exit: 0 ok; 1 broken (an HTTP error, a lost or failed task, a process that did not start);
 #       2 with --strict, a target missed. Targets are not enforced by default: this machine is shared.
 # Phases:  1 enqueue over HTTP (wrk, 64 connections) and redis-benchmark's raw EVAL limit;
@@ -26,19 +35,32 @@ RUNS=""
 OUT=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --smoke) MODE=smoke ;;
+    --smoke) SMOKE=1 ;;
+    --limiter) LIMITER=1 ;;
     --no-build) BUILD=0 ;;
     --runs) RUNS=$2; shift ;;
     --out) OUT=$2; shift ;;
     --keep) KEEP=1 ;;
     --strict) export BENCH_STRICT=1 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
   esac
   shift
 done
 
-if [[ $MODE == smoke ]]; then
+[[ -n ${SMOKE:-} ]] && MODE=smoke
+if [[ -n ${LIMITER:-} ]]; then
+  # rounds of interleaved variants; one round runs each variant once
+  if [[ $MODE == smoke ]]; then
+    RUNS=${RUNS:-1}; DRAIN_N=2000
+    OUT=${OUT:-$ROOT/loadtest/out/bench/results-limiter-smoke.json}
+  else
+    RUNS=${RUNS:-4}; DRAIN_N=20000
+    OUT=${OUT:-$HERE/results-limiter.json}
+  fi
+  MODE=limiter-$MODE
+  WRK_SECS=0; RB_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0
+elif [[ $MODE == smoke ]]; then
   RUNS=${RUNS:-1}
   WRK_SECS=2; RB_N=20000; DRAIN_N=2000; FAN_N=2000; LAT_RATE=100; LAT_SECS=2
   OUT=${OUT:-$ROOT/loadtest/out/bench/results-smoke.json}
@@ -67,9 +89,9 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # ---- tools ----
 need_apt=()
-command -v wrk >/dev/null || need_apt+=(wrk)
+[[ -z ${LIMITER:-} ]] && { command -v wrk >/dev/null || need_apt+=(wrk); }
 command -v redis-server >/dev/null || need_apt+=(redis-server)
-command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
+[[ -z ${LIMITER:-} ]] && { command -v redis-benchmark >/dev/null || need_apt+=(redis-tools); }
 command -v curl >/dev/null || need_apt+=(curl)
 if [[ ${#need_apt[@]} -gt 0 ]]; then
   log "installing ${need_apt[*]}"
@@ -88,6 +110,10 @@ fi
 for b in agentq-api agentq-worker agentq-mock-llm; do
   [[ -x $BIN/$b ]] || { echo "run.sh: $BIN/$b missing (build first or drop --no-build)" >&2; exit 66; }
 done
+BEFORE_BIN=${AGENTQ_BENCH_BEFORE_BIN_DIR:-}
+if [[ -n ${LIMITER:-} && -n $BEFORE_BIN && ! -x $BEFORE_BIN/agentq-worker ]]; then
+  echo "run.sh: $BEFORE_BIN/agentq-worker missing (AGENTQ_BENCH_BEFORE_BIN_DIR)" >&2; exit 66
+fi
 
 WORK=$ROOT/loadtest/out/bench/run-$(date +%Y%m%d-%H%M%S)-$$
 mkdir -p "$WORK"
@@ -158,28 +184,33 @@ REDIS_URL=redis://127.0.0.1:$RPORT
 M0PORT=$(port)
 spawn mock0 env MOCK_LLM_LISTEN=127.0.0.1:$M0PORT MOCK_LLM_LATENCY_MS=0 "$BIN/agentq-mock-llm"
 MOCK0_PID=$SPAWNED
-M2PORT=$(port)
-spawn mock2s env MOCK_LLM_LISTEN=127.0.0.1:$M2PORT MOCK_LLM_LATENCY_MS=$FAN_LATENCY_MS "$BIN/agentq-mock-llm"
-MOCK2_PID=$SPAWNED
+MOCKS=(mock0)
+if [[ -z ${LIMITER:-} ]]; then
+  M2PORT=$(port)
+  spawn mock2s env MOCK_LLM_LISTEN=127.0.0.1:$M2PORT MOCK_LLM_LATENCY_MS=$FAN_LATENCY_MS "$BIN/agentq-mock-llm"
+  MOCK2_PID=$SPAWNED
+  MOCKS+=(mock2s)
 
-APORT=$(port)
-API=http://127.0.0.1:$APORT
-spawn api env AGENTQ_LISTEN=127.0.0.1:$APORT REDIS_URL="$REDIS_URL" "$BIN/agentq-api"
-API_PID=$SPAWNED
-wait_http "$API/healthz"
-wait_http "$API/readyz"
-for m in mock0 mock2s; do
+  APORT=$(port)
+  API=http://127.0.0.1:$APORT
+  spawn api env AGENTQ_LISTEN=127.0.0.1:$APORT REDIS_URL="$REDIS_URL" "$BIN/agentq-api"
+  API_PID=$SPAWNED
+  wait_http "$API/healthz"
+  wait_http "$API/readyz"
+fi
+for m in "${MOCKS[@]}"; do
   for _ in $(seq 100); do grep -q listening "$WORK/$m.log" && break; sleep 0.05; done
   grep -q listening "$WORK/$m.log" || { echo "run.sh: $m did not start" >&2; exit 1; }
 done
 
 WORKER_PID=""; WORKER_URL=""
-start_worker() { # CONCURRENCY MOCK_PORT
-  local wport
+start_worker() { # CONCURRENCY MOCK_PORT [BIN_DIR MODEL UPSTREAMS_FILE]
+  local wport bin=${3:-$BIN} model=${4:-mock-gpt} ups=()
+  [[ -n ${5:-} ]] && ups=(AGENTQ_UPSTREAMS="$5")
   wport=$(port)
   spawn worker env AGENTQ_LISTEN=127.0.0.1:$wport REDIS_URL="$REDIS_URL" \
-    OPENAI_BASE_URL=http://127.0.0.1:$2/v1 OPENAI_API_KEY=bench AGENTQ_MODEL=mock-gpt \
-    WORKER_CONCURRENCY="$1" "$BIN/agentq-worker"
+    OPENAI_BASE_URL=http://127.0.0.1:$2/v1 OPENAI_API_KEY=bench AGENTQ_MODEL="$model" "${ups[@]}" \
+    WORKER_CONCURRENCY="$1" "$bin/agentq-worker"
   WORKER_PID=$SPAWNED
   WORKER_URL=http://127.0.0.1:$wport
 }
@@ -193,15 +224,129 @@ cat > "$WORK/meta.json" <<EOF
 {"machine": {"cores": $(nproc), "cpu_model": "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//; s/"//g')",
   "mem_mib": $(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 )), "kernel": "$(uname -r)",
   "loadavg_start": [$LA1, $LA5, $LA15], "redis": "$(redis-server --version | awk '{print $3}' | cut -d= -f2)",
-  "wrk": "$(wrk -v 2>&1 | head -1 | awk '{print $2}')"},
+  "wrk": "$(if command -v wrk >/dev/null; then wrk -v 2>&1 | head -1 | awk '{print $2}' || true; else echo none; fi)"},
  "git": {"commit": "$GIT_COMMIT", "uncommitted_files_in_code": $GIT_DIRTY},
  "settings": {"wrk_seconds": $WRK_SECS, "wrk_connections": $WRK_CONNS, "wrk_threads": $WRK_THREADS,
   "redis_benchmark_requests": $RB_N, "redis_benchmark_clients": $RB_CLIENTS,
   "drain_tasks": $DRAIN_N, "drain_concurrency": $DRAIN_CONC,
   "fanout_tasks": $FAN_N, "fanout_concurrency": $FAN_CONC, "fanout_llm_latency_ms": $FAN_LATENCY_MS,
-  "latency_rate_per_s": $LAT_RATE, "latency_seconds": $LAT_SECS}}
+  "latency_rate_per_s": $LAT_RATE, "latency_seconds": $LAT_SECS},
+ "binaries": {"bin_dir": "$BIN", "commit": "${AGENTQ_BENCH_BIN_COMMIT:-}",
+  "before_bin_dir": "$BEFORE_BIN", "before_commit": "${AGENTQ_BENCH_BEFORE_COMMIT:-}"}}
 EOF
 log "mode=$MODE runs=$RUNS cores=$(nproc) load average: $LA1 $LA5 $LA15; logs in $WORK"
+
+# ---- the flow limiter's cost per task (--limiter): the drain, in interleaved variants ----
+# variant: binaries, model the tasks use (AGENTQ_MODEL), and whether AGENTQ_UPSTREAMS names a
+# file whose one upstream serves that model with every limit set (upstream and model scope: rpm,
+# tpm, concurrency) far above what one worker can reach, so every call is counted in both scopes
+# and leased in both, and none is ever refused.
+HUGE_RPM=1000000000; HUGE_TPM=1000000000000; HUGE_CONC=100000
+write_upstreams() { # MODEL -> path of the file
+  local f="$WORK/upstreams-$1.json"
+  cat > "$f" <<EOF
+{"upstreams": [{"name": "bench", "base_url": "http://127.0.0.1:$M0PORT/v1", "api_key": "env:OPENAI_API_KEY",
+  "models": ["$1"],
+  "limits": {"rpm": $HUGE_RPM, "tpm": $HUGE_TPM, "concurrency": $HUGE_CONC},
+  "model_limits": {"$1": {"rpm": $HUGE_RPM, "tpm": $HUGE_TPM, "concurrency": $HUGE_CONC}}}]}
+EOF
+  echo "$f"
+}
+STAGING='agentq:{default}:bench-staging'
+phase_limiter() { # VARIANT ROUND BIN_DIR MODEL UPSTREAMS_FILE('' = none) [WINDOW empty|steady]
+  local v=$1 i=$2 bin=$3 model=$4 ups=$5 win=${6:-empty} n=$DRAIN_N loadj la idlej cpu0 w0 r0 m0 rec stats slow hwm scopes=() try
+  for try in 1 2 3; do
+    ensure_mock0
+    reset_redis
+    loadj=$($B load "$RPORT" "$n" "$ROOT/common/src/queue/enqueue.lua" "$STAGING")
+    if [[ -n $ups ]]; then
+      scopes=("agentq:limiter:{bench}:model:$model" "agentq:limiter:{bench}")
+      $B seed "$RPORT" "$win" "${scopes[@]}" >/dev/null
+    fi
+    la=$(loadavg)
+    start_worker "$DRAIN_CONC" "$M0PORT" "$bin" "$model" "$ups"
+    wait_http "$WORKER_URL/readyz"
+    # the worker's start-up (and the HEAD worker's tokenizer warm-up) stays out of the figures
+    idlej=$($B idle "$WORKER_PID")
+    cpu0=$($B cpusplit "$WORKER_PID" "$REDIS_PID")
+    w0=$(cpu_s "$WORKER_PID"); r0=$(cpu_s "$REDIS_PID"); m0=$(cpu_s "$MOCK0_PID")
+    "${RCLI[@]}" CONFIG RESETSTAT >/dev/null
+    if [[ -n ${BENCH_SLOWLOG:-} ]]; then # diagnosis only: logging every command costs Redis CPU
+      "${RCLI[@]}" CONFIG SET slowlog-max-len 1000000 >/dev/null
+      "${RCLI[@]}" CONFIG SET slowlog-log-slower-than 0 >/dev/null
+      "${RCLI[@]}" SLOWLOG RESET >/dev/null
+    fi
+    "${RCLI[@]}" RENAME "$STAGING" 'agentq:{default}:pending' >/dev/null
+    rec=$($B wait "$RPORT" "$n" 60 "$WORKER_PID" "$REDIS_PID" "$MOCK0_PID" 2>/dev/null || echo '{}')
+    if kill -0 "$WORKER_PID" 2>/dev/null && kill -0 "$MOCK0_PID" 2>/dev/null \
+      && [[ $rec == *'"cpu_s"'* && $rec != *timed_out* ]]; then
+      break
+    fi
+    # This machine is shared: a process stopped from outside (seen once: the worker and the mock
+    # got SIGTERM mid-run) would only make a broken run. Say so and run it again, 3 tries.
+    log "limiter round $i $v: the worker or the mock stopped, or the drain did not finish (try $try); again"
+    stop "$WORKER_PID"
+    [[ $try -eq 3 ]] && { echo "run.sh: $v round $i failed 3 times" >&2; exit 1; }
+  done
+  stats=$($B flowstats "$RPORT" "$WORKER_URL/metrics" "${scopes[@]}")
+  slow='{}'
+  if [[ -n ${BENCH_SLOWLOG:-} ]]; then
+    "${RCLI[@]}" CONFIG SET slowlog-log-slower-than 1000000 >/dev/null
+    # shellcheck disable=SC2086 # a list of directories
+    slow=$($B slowlog "$RPORT" "$ROOT" ${AGENTQ_BENCH_SRC_DIRS:-})
+    "${RCLI[@]}" SLOWLOG RESET >/dev/null
+  fi
+  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$WORKER_PID/status")
+  stop "$WORKER_PID"
+  $B emit "$RUNS_FILE" limiter variant="$v" round="$i" tasks="$n" concurrency="$DRAIN_CONC" model="$model" \
+    upstreams_file="$([[ -n $ups ]] && echo true || echo false)" window="$win" load="$loadj" idle="$idlej" rec="$rec" \
+    flow="$stats" slowlog="$slow" cpu0_split="$cpu0" worker_cpu_s0="$w0" redis_cpu_s0="$r0" mock_cpu_s0="$m0" worker_vmhwm_kib="$hwm" \
+    loadavg="\"$la\"" >/dev/null
+  log "limiter round $i $($B summary "$RUNS_FILE")"
+}
+ensure_mock0() { # restarts the 0 ms mock on its port if it is gone
+  kill -0 "$MOCK0_PID" 2>/dev/null && return 0
+  spawn mock0 env MOCK_LLM_LISTEN=127.0.0.1:$M0PORT MOCK_LLM_LATENCY_MS=0 "$BIN/agentq-mock-llm"
+  MOCK0_PID=$SPAWNED
+  for _ in $(seq 100); do grep -q listening "$WORK/mock0.log" && return 0; sleep 0.05; done
+  echo "run.sh: mock0 did not restart" >&2; return 1
+}
+
+if [[ -n ${LIMITER:-} ]]; then
+  UPS_MOCK=$(write_upstreams mock-gpt)
+  UPS_OAI=$(write_upstreams gpt-4o-mini)
+  # name|bin|model|upstreams file. `mock-gpt` is not a name tiktoken knows (the worker estimates
+  # bytes/3); `gpt-4o-mini` is (o200k_base), so the -openai variants include the tokenizer.
+  VARIANTS=()
+  [[ -n $BEFORE_BIN ]] && VARIANTS+=("before|$BEFORE_BIN|mock-gpt|")
+  # limits: the scopes start from an empty window; limits-steady: from a minute of 1 s buckets, as
+  # in steady operation (bench.py seed)
+  VARIANTS+=("implicit|$BIN|mock-gpt|" "limits|$BIN|mock-gpt|$UPS_MOCK" "limits-steady|$BIN|mock-gpt|$UPS_MOCK|steady")
+  [[ -n $BEFORE_BIN ]] && VARIANTS+=("before-openai|$BEFORE_BIN|gpt-4o-mini|")
+  VARIANTS+=("implicit-openai|$BIN|gpt-4o-mini|" "limits-openai|$BIN|gpt-4o-mini|$UPS_OAI")
+  if [[ -n ${BENCH_LIMITER_VARIANTS:-} ]]; then # a comma-separated subset
+    keep=()
+    for spec in "${VARIANTS[@]}"; do
+      [[ ",$BENCH_LIMITER_VARIANTS," == *",${spec%%|*},"* ]] && keep+=("$spec")
+    done
+    VARIANTS=("${keep[@]}")
+  fi
+  for i in $(seq "$RUNS"); do
+    # forward on odd rounds, backward on even ones, so a drift in the machine's speed within a
+    # round does not always favour the same variant
+    order=("${VARIANTS[@]}")
+    if (( i % 2 == 0 )); then
+      order=(); for (( j=${#VARIANTS[@]}-1; j>=0; j-- )); do order+=("${VARIANTS[j]}"); done
+    fi
+    for spec in "${order[@]}"; do
+      IFS='|' read -r v vbin vmodel vups vwin <<< "$spec"
+      phase_limiter "$v" "$i" "$vbin" "$vmodel" "$vups" "${vwin:-empty}"
+    done
+  done
+  $B limiter-report "$RUNS_FILE" "$OUT" "$MODE" "$RUNS" "$WORK/meta.json"
+  echo "took $(( $(date +%s) - T_START )) s"
+  exit 0
+fi
 
 # ---- 1. enqueue over HTTP, and the raw Redis EVAL limit ----
 cat > "$WORK/post.lua" <<'EOF'
