@@ -63,7 +63,8 @@ impl Worker {
                 continue;
             };
             let (up, label) = (route.upstream.name.as_str(), llm.label(model));
-            let estimate = tokens::prompt_tokens(model, messages) + u64::from(output);
+            let exact = tpm_configured(&route);
+            let estimate = tokens::prompt_tokens(model, messages, exact) + u64::from(output);
             let lease = format!("{}:{}:{i}", task.id, task.token);
             let line = match (last, task.turn_at_ms > 0) {
                 (false, _) => Line::Probe,
@@ -300,6 +301,12 @@ impl Worker {
             }
         }
     }
+}
+
+/// A tokens-per-minute limit is configured for the model or its upstream: only there does the
+/// prompt's exact token count matter before the call.
+pub(crate) fn tpm_configured(route: &Route<'_>) -> bool {
+    route.model_limits.tpm.is_some() || route.upstream.limits.tpm.is_some()
 }
 
 /// No rpm or tpm configured for the model or its upstream.

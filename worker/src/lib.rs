@@ -120,8 +120,17 @@ pub async fn run(
         )?;
         llms.insert(u.name.clone(), llm);
     }
-    // Building the tokenizers takes a quarter of a second: not on the first task's clock.
-    tokio::task::spawn_blocking(llm::tokens::warm_up);
+    // A tokenizer is built (a quarter of a second, some 50 MiB) only for configured models that
+    // have one and a tokens-per-minute limit, and then off the first task's clock.
+    for model in config.upstreams.list.iter().flat_map(|u| {
+        u.models
+            .iter()
+            .filter(move |m| u.limits.tpm.is_some() || u.limits_for(m).tpm.is_some())
+            .filter(|m| llm::tokens::has_tokenizer(m))
+            .cloned()
+    }) {
+        tokio::task::spawn_blocking(move || llm::tokens::warm_up(&model));
+    }
     let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix);
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let id = format!("{}-{}", sanitize(&host), uuid::Uuid::new_v4().simple());
