@@ -28,8 +28,6 @@ const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// How often a worker repeats a learned limit that has not changed (`learn.lua` keeps one for an
 /// hour after it was last told).
 const RETELL: Duration = Duration::from_secs(600);
-/// Spread of the return of turn holders refused together (the workers promote every 250 ms).
-const TURN_SPREAD_MS: i64 = 250;
 
 impl Worker {
     pub(crate) async fn call_with_flow(
@@ -93,13 +91,6 @@ impl Worker {
                         .limiter_throttled
                         .with_label_values(&[up, label, reason.as_str()])
                         .inc();
-                    // A turn holder refused comes back when room frees, like others refused in
-                    // the same instant: spread them over a promotion period, not all at once.
-                    let eligible_at_ms = if line == Line::Turn {
-                        eligible_at_ms + rand::random_range(0..TURN_SPREAD_MS)
-                    } else {
-                        eligible_at_ms
-                    };
                     eligible = Some(eligible.map_or(eligible_at_ms, |e| e.min(eligible_at_ms)));
                     fallbacks.push(skipped(model, up, reason.as_str()));
                     continue;

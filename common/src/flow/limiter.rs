@@ -61,7 +61,7 @@ pub enum Line {
     /// turn even when there is room now, so parked tasks are not overtaken.
     Join,
     /// A parked task back at its turn: served ahead of the line; refused (the room its turn
-    /// counted on is not there yet), it comes back when room frees, keeping its place.
+    /// counted on is not there yet, or a block), it lines up again.
     Turn,
 }
 

@@ -6,7 +6,7 @@
 -- parked tasks: 0 probe (a model with fallbacks after it: a line counts as a refusal, no turn is
 -- taken), 1 join (a new arrival that parks if refused: behind a line it takes the next turn even
 -- when there is room, so parked tasks are never overtaken), 2 turn (a parked task back at its
--- turn: served ahead of the line; refused, it comes back when room frees, keeping its place),
+-- turn: served ahead of the line; refused, it lines up again),
 -- ARGV[5] state TTL ms (0: none),
 -- ARGV[6..8] model scope rpm, tpm, concurrency, ARGV[9..11] upstream scope's (0 = no limit).
 -- Returns {1, sec, held} admitted (tokens counted in bucket `sec`; held 0 when no scope counted
@@ -158,9 +158,10 @@ if reason then
   -- settled there is nothing to pace by, so the task just comes back when room next frees
   -- (one extra park at a cold start) instead of taking a turn sized by the whole estimate. A
   -- turn holder refused keeps its place the same way.
-  -- A block ends for everyone at once: turn holders it caught line up again too, rather than all
-  -- coming back at its end together.
-  local joins = mode == '1' or (mode == '2' and reason == 'blocked')
+  -- A turn holder refused (the line ran ahead of the room, or a block caught it) lines up again
+  -- too: coming back when room frees, keeping its place, those refused together would meet the
+  -- next turns there and be refused again, in a loop that grows.
+  local joins = mode == '1' or mode == '2'
   if joins and not (reason == 'tpm' and not binding.tok) then
     -- Tasks parked on one scope take turns: each gets the next slot the limit allows, so they
     -- come back one by one at the scope's pace instead of all at once to be parked again.
