@@ -202,8 +202,14 @@ async fn rate_limited_calls_wait_for_retry_after_in_seconds_and_as_a_date() -> a
     let _w = s.start_worker(&[("AGENTQ_RETRY_MAX_MS", "10000")]).await?;
     let secs = "retry-after seconds [[fail:429:1:2]]";
     let date = "retry-after date [[fail:429:1:date:2]]";
-    let a = s.submit(secs).await?;
-    let b = s.submit(date).await?;
+    // Each on a model of its own: a 429 blocks its model for the whole fleet (flow control), so
+    // on one model the second task's first call could wait out the first one's Retry-After.
+    let a = s
+        .submit_json(&serde_json::json!({"prompt": secs, "model": "mock-gpt"}))
+        .await?;
+    let b = s
+        .submit_json(&serde_json::json!({"prompt": date, "model": "mock-gpt-date"}))
+        .await?;
     let (a1, b1) = tokio::join!(
         when_calls_reach(&s.mock, secs, 1, Duration::from_secs(10)),
         when_calls_reach(&s.mock, date, 1, Duration::from_secs(10))
