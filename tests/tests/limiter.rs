@@ -358,3 +358,99 @@ async fn state_lost_with_redis_is_seeded_full_again() -> Result<()> {
     assert_eq!(rsum, 60, "reseeded with the full minute");
     Ok(())
 }
+
+/// Reservations and settlements that arrive together on one route share a script call (group
+/// commit), and are decided exactly as one by one: no more admitted than the limit, every
+/// refused newcomer given its own turn in the line, every lease ended by its settlement.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_asking_together_share_a_script_and_are_decided_one_by_one() -> Result<()> {
+    let (_redis, l, mut conn) = setup().await?;
+    let u = upstream(
+        Limits {
+            concurrency: Some(7),
+            ..Limits::default()
+        },
+        &[],
+    );
+    let evalsha = |c: &mut redis::aio::ConnectionManager| {
+        let mut c = c.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut c)
+                .await?;
+            let calls = info
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            anyhow::Ok(calls)
+        }
+    };
+    let before = evalsha(&mut conn).await?;
+    let calls = (0..40).map(|i| {
+        let (l, u) = (l.clone(), u.clone());
+        tokio::spawn(async move {
+            l.reserve(
+                &route(&u),
+                false,
+                10,
+                &format!("c{i}"),
+                Duration::from_secs(30),
+                Line::Join,
+            )
+            .await
+        })
+    });
+    let mut held = Vec::new();
+    let mut turns = Vec::new();
+    for c in futures::future::join_all(calls).await {
+        match c?? {
+            Admission::Admitted(r) => held.push(r),
+            Admission::Wait {
+                eligible_at_ms,
+                reason,
+                limit,
+            } => {
+                assert_eq!((reason, limit), (Refusal::Concurrency, 7));
+                turns.push(eligible_at_ms);
+            }
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    let scripts = evalsha(&mut conn).await? - before;
+    assert_eq!(held.len(), 7, "exactly the concurrency limit admitted");
+    assert!(
+        scripts < 20,
+        "40 reservations asked together took {scripts} script calls"
+    );
+    // each refused newcomer took the next turn: one call's time under the limit apart
+    // (1,000 ms assumed latency / 7 slots), none sharing a turn
+    turns.sort_unstable();
+    for w in turns.windows(2) {
+        assert_eq!(w[1] - w[0], 142, "{turns:?}");
+    }
+    let leases: u64 = conn.zcard("agentq:limiter:{up}:leases").await?;
+    assert_eq!(leases, 7);
+    let settles = held.into_iter().map(|r| {
+        let l = l.clone();
+        tokio::spawn(async move {
+            l.reconcile(
+                &r,
+                Settlement {
+                    used_tokens: Some(3),
+                    not_served: false,
+                    latency: Duration::from_millis(100),
+                },
+            )
+            .await
+        })
+    });
+    for s in futures::future::join_all(settles).await {
+        s??;
+    }
+    let leases: u64 = conn.zcard("agentq:limiter:{up}:leases").await?;
+    assert_eq!(leases, 0, "every settlement ended its lease");
+    Ok(())
+}

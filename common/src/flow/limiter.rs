@@ -4,11 +4,13 @@
 //! what a failed call did not use, end the concurrency lease) and `learn.lua` (a 429's block,
 //! and limits the upstream's headers report). See docs/architecture.md, "Flow control".
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use redis::{RedisResult, Script};
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 use super::upstreams::{Limits, Route, Upstream, Upstreams};
 use crate::keys;
@@ -78,7 +80,7 @@ impl Line {
 /// An admitted call's hold on the limits, to settle with [`Limiter::reconcile`].
 #[derive(Debug, Clone)]
 pub struct Reservation {
-    keys: Vec<String>,
+    keys: Arc<RouteKeys>,
     sec: i64,
     pub tokens: u64,
     lease: String,
@@ -114,10 +116,72 @@ pub struct Settlement {
     pub latency: Duration,
 }
 
+/// The keys of one route's scopes: the model scope hash and its leases, then the upstream
+/// scope's when the upstream has limits of its own. Built once per route and shared.
+#[derive(Debug)]
+struct RouteKeys(Vec<String>);
+
+/// Most calls one script call reserves or settles: bounds how long one script holds Redis.
+const MAX_BATCH: usize = 64;
+/// Routes whose keys a limiter remembers; past it the cache starts over (the implicit upstream
+/// serves any model name a client gives, so the names must not pile up).
+const MAX_CACHED_ROUTES: usize = 1024;
+
 #[derive(Clone)]
 pub struct Limiter {
     redis: Redis,
-    prefix: std::sync::Arc<str>,
+    prefix: Arc<str>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    routes: Mutex<HashMap<String, HashMap<String, Arc<RouteKeys>>>>,
+    reserves: Mutex<HashMap<LaneKey, Lane<ReserveCall>>>,
+    settles: Mutex<HashMap<LaneKey, Lane<SettleCall>>>,
+}
+
+/// Calls share a script only when its keys and its per-route arguments (limits, state TTL) are
+/// the same.
+type LaneKey = (Arc<RouteKeys>, Vec<u64>);
+
+impl PartialEq for RouteKeys {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for RouteKeys {}
+impl std::hash::Hash for RouteKeys {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+/// Calls waiting for the script of one route, and whether a flusher is already sending them.
+/// Group commit: the first call on an idle route is sent at once; calls that arrive while a
+/// script is in flight go together in the next one. Under load (a fetched batch of tasks all
+/// reserving at once, calls finishing together) one script serves many calls; alone, a call
+/// waits for nobody.
+struct Lane<T> {
+    calls: Vec<T>,
+}
+
+struct ReserveCall {
+    tokens: u64,
+    lease: String,
+    lease_ms: u64,
+    line: Line,
+    reply: oneshot::Sender<RedisResult<Admission>>,
+}
+
+struct SettleCall {
+    sec: i64,
+    reserved: u64,
+    used: u64,
+    lease: String,
+    latency_ms: u64,
+    not_served: bool,
+    reply: oneshot::Sender<RedisResult<()>>,
 }
 
 fn scope_args(l: &Limits) -> [u64; 3] {
@@ -128,11 +192,47 @@ fn scope_args(l: &Limits) -> [u64; 3] {
     ]
 }
 
+fn lost_flusher() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "flow limiter: the batch was dropped before its reply",
+    ))
+}
+
+/// Adds `call` to the route's lane; true when the caller must start the lane's flusher.
+fn enqueue<T>(lanes: &Mutex<HashMap<LaneKey, Lane<T>>>, key: &LaneKey, call: T) -> bool {
+    let mut lanes = lanes.lock().unwrap_or_else(|p| p.into_inner());
+    match lanes.get_mut(key) {
+        Some(lane) => {
+            lane.calls.push(call);
+            false
+        }
+        None => {
+            lanes.insert(key.clone(), Lane { calls: vec![call] });
+            true
+        }
+    }
+}
+
+/// The next batch of a lane, or `None` (and the lane removed) when no call is waiting: the
+/// flusher's exit is decided under the same lock that `enqueue` takes, so no call is left behind.
+fn next_batch<T>(lanes: &Mutex<HashMap<LaneKey, Lane<T>>>, key: &LaneKey) -> Option<Vec<T>> {
+    let mut lanes = lanes.lock().unwrap_or_else(|p| p.into_inner());
+    let lane = lanes.get_mut(key)?;
+    if lane.calls.is_empty() {
+        lanes.remove(key);
+        return None;
+    }
+    let take = lane.calls.len().min(MAX_BATCH);
+    Some(lane.calls.drain(..take).collect())
+}
+
 impl Limiter {
     pub fn new(redis: Redis, prefix: &str) -> Self {
         Self {
             redis,
             prefix: prefix.into(),
+            inner: Arc::default(),
         }
     }
 
@@ -146,22 +246,37 @@ impl Limiter {
 
     /// The keys a call on `route` touches: the model scope always (blocks and learned limits
     /// live there), the upstream scope when the upstream has limits of its own.
-    fn keys(&self, route: &Route<'_>) -> Vec<String> {
+    fn keys(&self, route: &Route<'_>) -> Arc<RouteKeys> {
+        let mut routes = self.inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = routes
+            .get(route.upstream.name.as_str())
+            .and_then(|m| m.get(route.model))
+        {
+            return k.clone();
+        }
         let model = keys::limiter_model(&self.prefix, &route.upstream.name, route.model);
-        let mut k = vec![keys::limiter_leases(&model), model];
-        k.swap(0, 1);
+        let mut k = vec![model.clone(), keys::limiter_leases(&model)];
         if !route.upstream.limits.is_empty() {
             let up = keys::limiter_upstream(&self.prefix, &route.upstream.name);
             k.push(up.clone());
             k.push(keys::limiter_leases(&up));
         }
+        let k = Arc::new(RouteKeys(k));
+        if routes.values().map(HashMap::len).sum::<usize>() >= MAX_CACHED_ROUTES {
+            routes.clear();
+        }
+        routes
+            .entry(route.upstream.name.clone())
+            .or_default()
+            .insert(route.model.to_owned(), k.clone());
         k
     }
 
     /// Reserves one call of `tokens` (estimated prompt + output cap) on `route`. `lease_id`
     /// names the concurrency lease (unique per call); `lease` is how long it may be held at most
     /// (a crashed worker's lease ends by itself). `line`: where the call stands in the line of
-    /// tasks parked on the route.
+    /// tasks parked on the route. Calls on one route that ask together share one script call,
+    /// decided in the order they asked.
     pub async fn reserve(
         &self,
         route: &Route<'_>,
@@ -172,61 +287,65 @@ impl Limiter {
         line: Line,
     ) -> RedisResult<Admission> {
         let keys = self.keys(route);
-        let mut inv = RESERVE.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
-        }
-        inv.arg(tokens.max(1))
-            .arg(lease_id)
-            .arg(lease.as_millis() as u64)
-            .arg(line.arg())
-            .arg(self.state_ttl(route, implicit));
-        for v in scope_args(&route.model_limits) {
-            inv.arg(v);
-        }
-        if keys.len() > 2 {
-            for v in scope_args(&route.upstream.limits) {
-                inv.arg(v);
-            }
-        }
-        let mut conn = self.redis.conn().await?;
-        let out: Vec<redis::Value> = inv.invoke_async(&mut conn).await?;
-        let int = |i: usize| -> RedisResult<i64> {
-            match out.get(i) {
-                Some(v) => Ok(redis::from_redis_value_ref(v)?),
-                None => Err(redis::RedisError::from((
-                    redis::ErrorKind::Parse,
-                    "reserve.lua: short reply",
-                ))),
-            }
+        let mut head = Vec::with_capacity(7);
+        head.push(self.state_ttl(route, implicit));
+        head.extend(scope_args(&route.model_limits));
+        head.extend(scope_args(&route.upstream.limits));
+        let (tx, rx) = oneshot::channel();
+        let call = ReserveCall {
+            tokens: tokens.max(1),
+            lease: lease_id.to_owned(),
+            lease_ms: lease.as_millis() as u64,
+            line,
+            reply: tx,
         };
-        Ok(match int(0)? {
-            1 => Admission::Admitted(Reservation {
-                keys,
-                sec: int(1)?,
-                tokens: tokens.max(1),
-                lease: lease_id.to_owned(),
-                held: int(2).unwrap_or(1) != 0,
-            }),
-            2 => Admission::TooLarge {
-                tpm: int(1)?.max(0) as u64,
-            },
-            _ => {
-                let reason: String = match out.get(2) {
-                    Some(v) => redis::from_redis_value_ref(v)?,
-                    None => String::new(),
-                };
-                Admission::Wait {
-                    eligible_at_ms: int(1)?,
-                    reason: Refusal::parse(&reason),
-                    limit: int(3).unwrap_or(0).max(0) as u64,
+        let key = (keys, head);
+        if enqueue(&self.inner.reserves, &key, call) {
+            let this = self.clone();
+            tokio::spawn(async move { this.flush_reserves(key).await });
+        }
+        rx.await.unwrap_or_else(|_| Err(lost_flusher()))
+    }
+
+    async fn flush_reserves(&self, key: LaneKey) {
+        let (keys, head) = &key;
+        while let Some(calls) = next_batch(&self.inner.reserves, &key) {
+            let mut inv = RESERVE.prepare_invoke();
+            for k in &keys.0 {
+                inv.key(k);
+            }
+            for v in head {
+                inv.arg(*v);
+            }
+            for c in &calls {
+                inv.arg(c.tokens)
+                    .arg(&c.lease)
+                    .arg(c.lease_ms)
+                    .arg(c.line.arg());
+            }
+            let out: RedisResult<Vec<redis::Value>> = match self.redis.conn().await {
+                Ok(mut conn) => inv.invoke_async(&mut conn).await,
+                Err(e) => Err(e),
+            };
+            match out {
+                Ok(out) => {
+                    for (i, c) in calls.into_iter().enumerate() {
+                        let got = admission(&out, i * 4, keys, c.tokens, &c.lease);
+                        let _ = c.reply.send(got);
+                    }
+                }
+                Err(e) => {
+                    for c in calls {
+                        let _ = c.reply.send(Err(e.clone()));
+                    }
                 }
             }
-        })
+        }
     }
 
     /// Settles a reservation: tokens become what was used (unused ones return to the window),
-    /// a request the upstream never counted is handed back, the lease ends.
+    /// a request the upstream never counted is handed back, the lease ends. Settlements on one
+    /// route that arrive together share one script call.
     pub async fn reconcile(&self, r: &Reservation, s: Settlement) -> RedisResult<()> {
         if !r.held {
             return Ok(());
@@ -236,19 +355,50 @@ impl Limiter {
             (None, true) => 0,
             (None, false) => r.tokens,
         };
-        let mut inv = RECONCILE.prepare_invoke();
-        for k in &r.keys {
-            inv.key(k);
+        let (tx, rx) = oneshot::channel();
+        let call = SettleCall {
+            sec: r.sec,
+            reserved: r.tokens,
+            used,
+            lease: r.lease.clone(),
+            latency_ms: s.latency.as_millis() as u64,
+            not_served: s.not_served,
+            reply: tx,
+        };
+        let key = (r.keys.clone(), Vec::new());
+        if enqueue(&self.inner.settles, &key, call) {
+            let this = self.clone();
+            tokio::spawn(async move { this.flush_settles(key).await });
         }
-        inv.arg(r.sec)
-            .arg(r.tokens)
-            .arg(used)
-            .arg(&r.lease)
-            .arg(s.latency.as_millis() as u64)
-            .arg(u8::from(s.not_served));
-        let mut conn = self.redis.conn().await?;
-        let _: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(())
+        rx.await.unwrap_or_else(|_| Err(lost_flusher()))
+    }
+
+    async fn flush_settles(&self, key: LaneKey) {
+        let keys = &key.0;
+        while let Some(calls) = next_batch(&self.inner.settles, &key) {
+            let mut inv = RECONCILE.prepare_invoke();
+            for k in &keys.0 {
+                inv.key(k);
+            }
+            for c in &calls {
+                inv.arg(c.sec)
+                    .arg(c.reserved)
+                    .arg(c.used)
+                    .arg(&c.lease)
+                    .arg(c.latency_ms)
+                    .arg(u8::from(c.not_served));
+            }
+            let out: RedisResult<i64> = match self.redis.conn().await {
+                Ok(mut conn) => inv.invoke_async(&mut conn).await,
+                Err(e) => Err(e),
+            };
+            for c in calls {
+                let _ = c.reply.send(match &out {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e.clone()),
+                });
+            }
+        }
     }
 
     /// Records what the upstream said: block `route` for the whole fleet until `blocked_until_ms`
@@ -318,6 +468,48 @@ impl Limiter {
         }
         Ok(out)
     }
+}
+
+/// One call's answer in `reserve.lua`'s reply: four values from `at`.
+fn admission(
+    out: &[redis::Value],
+    at: usize,
+    keys: &Arc<RouteKeys>,
+    tokens: u64,
+    lease: &str,
+) -> RedisResult<Admission> {
+    let int = |i: usize| -> RedisResult<i64> {
+        match out.get(at + i) {
+            Some(v) => Ok(redis::from_redis_value_ref(v)?),
+            None => Err(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "reserve.lua: short reply",
+            ))),
+        }
+    };
+    Ok(match int(0)? {
+        1 => Admission::Admitted(Reservation {
+            keys: keys.clone(),
+            sec: int(1)?,
+            tokens,
+            lease: lease.to_owned(),
+            held: int(2)? != 0,
+        }),
+        2 => Admission::TooLarge {
+            tpm: int(1)?.max(0) as u64,
+        },
+        _ => {
+            let reason: String = match out.get(at + 2) {
+                Some(v) => redis::from_redis_value_ref(v)?,
+                None => String::new(),
+            };
+            Admission::Wait {
+                eligible_at_ms: int(1)?,
+                reason: Refusal::parse(&reason),
+                limit: int(3)?.max(0) as u64,
+            }
+        }
+    })
 }
 
 /// Models of the implicit upstream worth showing: the default one and any with limiter state

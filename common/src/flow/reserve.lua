@@ -1,17 +1,22 @@
--- Reserve one LLM call against every scope that applies to it, or say when to come back.
+-- Reserve LLM calls against every scope that applies to them, or say when to come back. One
+-- script call serves a batch of calls on the same route (the worker coalesces the reservations
+-- its runs ask for at the same moment), decided in order exactly as if each were its own call:
+-- the fixed cost of a script (reading the scopes' state, pruning leases, writing the window back)
+-- is paid once per batch instead of once per call.
 -- KEYS[1] model scope hash, KEYS[2] its leases zset, [KEYS[3] upstream scope hash, KEYS[4] its
 -- leases zset] (the upstream scope only when the upstream has limits of its own).
--- ARGV[1] tokens to reserve (estimated prompt + max_tokens), ARGV[2] lease id, ARGV[3] lease
--- length ms (a crashed worker's lease ends by itself), ARGV[4] the call's place in the line of
--- parked tasks: 0 probe (a model with fallbacks after it: a line counts as a refusal, no turn is
--- taken), 1 join (a new arrival that parks if refused: behind a line it takes the next turn even
--- when there is room, so parked tasks are never overtaken), 2 turn (a parked task back at its
--- turn: served ahead of the line; refused, it lines up again),
--- ARGV[5] state TTL ms (0: none),
--- ARGV[6..8] model scope rpm, tpm, concurrency, ARGV[9..11] upstream scope's (0 = no limit).
--- Returns {1, sec, held} admitted (tokens counted in bucket `sec`; held 0 when no scope counted
--- anything or took a lease, so there is nothing to settle), {0, eligible_ms, reason, limit}
--- not now, or {2, limit} when the call alone needs more tokens than a minute allows.
+-- ARGV[1] state TTL ms (0: none), ARGV[2..4] model scope rpm, tpm, concurrency, ARGV[5..7]
+-- upstream scope's (0 = no limit), then per call four values from ARGV[8]: tokens to reserve
+-- (estimated prompt + max_tokens), lease id, lease length ms (a crashed worker's lease ends by
+-- itself), and the call's place in the line of parked tasks: 0 probe (a model
+-- with fallbacks after it: a line counts as a refusal, no turn is taken), 1 join (a new arrival
+-- that parks if refused: behind a line it takes the next turn even when there is room, so
+-- parked tasks are never overtaken), 2 turn (a parked task back at its turn: served ahead of
+-- the line; refused, it lines up again).
+-- Returns four values per call: {1, sec, held, 0} admitted (tokens counted in bucket `sec`;
+-- held 0 when no scope counted anything or took a lease, so there is nothing to settle),
+-- {0, eligible_ms, reason, limit} not now, or {2, limit, 0, 0} when the call alone needs more
+-- tokens than a minute allows.
 --
 -- Window: a sliding minute of 1 s buckets (`r:<sec>` requests, `t:<sec>` tokens, running sums
 -- `rsum`/`tsum`, oldest live bucket `head`). A bucket counts until 61 s after it opened, so every
@@ -20,19 +25,18 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local sec = math.floor(now / 1000)
-local tokens = tonumber(ARGV[1])
-local lease_ms = tonumber(ARGV[3])
-local mode = ARGV[4]
-local ttl = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[1])
 local LEARNED_FOR = 3600000
+local rkey, tkey = 'r:' .. sec, 't:' .. sec
 
 local scopes = {}
 for i = 0, 1 do
   local h = KEYS[1 + i * 2]
   if h then
-    local base = 6 + i * 3
+    local base = 2 + i * 3
     scopes[#scopes + 1] = {h = h, leases = KEYS[2 + i * 2], rpm = tonumber(ARGV[base]),
-      tpm = tonumber(ARGV[base + 1]), conc = tonumber(ARGV[base + 2])}
+      tpm = tonumber(ARGV[base + 1]), conc = tonumber(ARGV[base + 2]), r = 0, tk = 0,
+      added = {}, buckets = {}}
   end
 end
 
@@ -45,7 +49,7 @@ end
 -- used up evenly (first start, or state lost with Redis: the provider may still be counting).
 local function window(s)
   local st = redis.call('HMGET', s.h, 'head', 'rsum', 'tsum', 'blocked_until', 'learned_rpm',
-    'learned_tpm', 'learned_at', 'cursor', 'lat', 'tok', 'line')
+    'learned_tpm', 'learned_at', 'cursor', 'lat', 'tok', 'line', rkey, tkey)
   local learned_at = tonumber(st[7]) or 0
   if now - learned_at < LEARNED_FOR then
     s.rpm = lower(s.rpm, tonumber(st[5]))
@@ -53,9 +57,11 @@ local function window(s)
   end
   s.blocked = tonumber(st[4]) or 0
   s.cursor = tonumber(st[8]) or 0
+  s.cursor0 = s.cursor
   s.lat = tonumber(st[9]) or 1000
   s.tok = tonumber(st[10])
   s.line = st[11]
+  s.r, s.tk = tonumber(st[12]) or 0, tonumber(st[13]) or 0
   s.counted = s.rpm > 0 or s.tpm > 0
   if not s.counted then return end
   local head = tonumber(st[1])
@@ -95,11 +101,23 @@ local function window(s)
   s.rsum, s.tsum, s.head = rsum, tsum, head
 end
 
+-- A bucket's value as this batch has left it (read once per batch).
+local function bucket(s, field, b)
+  local k = field .. b
+  local v = s.buckets[k]
+  if v == nil then
+    v = tonumber(redis.call('HGET', s.h, k)) or 0
+    s.buckets[k] = v
+  end
+  if b == sec then return v + (s.added[field] or 0) end
+  return v
+end
+
 -- When `need` more of `field` fits under `limit`: the end of the bucket whose expiry frees it.
 local function freed_at(s, field, sum, need, limit)
   local free = 0
   for b = s.head, sec do
-    free = free + (tonumber(redis.call('HGET', s.h, field .. b)) or 0)
+    free = free + bucket(s, field, b)
     if sum - free + need <= limit then return (b + 61) * 1000 end
   end
   return (sec + 61) * 1000
@@ -109,7 +127,7 @@ end
 -- the window lets through 60/61 of a limit when saturated; turns paced at the full limit would
 -- outrun it, and every second a few turn holders would find no room and pile up at the next
 -- second's edge.
-local function spacing(s)
+local function spacing(s, tokens)
   local gap = 10
   if s.rpm > 0 then gap = math.max(gap, 61000 / s.rpm) end
   -- a turn's share of the tokens: what calls here really use (settled), not the reservation,
@@ -119,73 +137,114 @@ local function spacing(s)
   return math.floor(gap)
 end
 
-local wait_until, reason, limit, binding = 0, nil, 0, nil
-local function refuse(s, at, why, lim)
-  if at > wait_until then wait_until, reason, limit, binding = at, why, lim, s end
-end
-
 for _, s in ipairs(scopes) do
   window(s)
-  if s.tpm > 0 and tokens > s.tpm then return {2, s.tpm} end
-  if s.blocked > now then refuse(s, s.blocked, 'blocked', 0) end
-  if s.counted then
-    if s.rpm > 0 and s.rsum + 1 > s.rpm then
-      refuse(s, freed_at(s, 'r:', s.rsum, 1, s.rpm), 'rpm', s.rpm)
-    end
-    if s.tpm > 0 and s.tsum + tokens > s.tpm then
-      refuse(s, freed_at(s, 't:', s.tsum, tokens, s.tpm), 'tpm', s.tpm)
-    end
-  end
   if s.conc > 0 then
     redis.call('ZREMRANGEBYSCORE', s.leases, '-inf', now)
-    if redis.call('ZCARD', s.leases) >= s.conc then
+    s.held = redis.call('ZCARD', s.leases)
+    s.new_leases = {}
+    s.lease_ms = 0
+  end
+end
+
+local out = {}
+local n = math.floor((#ARGV - 7) / 4)
+for i = 0, n - 1 do
+  local tokens = tonumber(ARGV[8 + i * 4])
+  local lease = ARGV[9 + i * 4]
+  local lease_ms = tonumber(ARGV[10 + i * 4])
+  local mode = ARGV[11 + i * 4]
+  local wait_until, reason, limit, binding = 0, nil, 0, nil
+  local function refuse(s, at, why, lim)
+    if at > wait_until then wait_until, reason, limit, binding = at, why, lim, s end
+  end
+  local too_large = nil
+  for _, s in ipairs(scopes) do
+    if s.tpm > 0 and tokens > s.tpm then too_large = s.tpm break end
+    if s.blocked > now then refuse(s, s.blocked, 'blocked', 0) end
+    if s.counted then
+      if s.rpm > 0 and s.rsum + 1 > s.rpm then
+        refuse(s, freed_at(s, 'r:', s.rsum, 1, s.rpm), 'rpm', s.rpm)
+      end
+      if s.tpm > 0 and s.tsum + tokens > s.tpm then
+        refuse(s, freed_at(s, 't:', s.tsum, tokens, s.tpm), 'tpm', s.tpm)
+      end
+    end
+    if s.conc > 0 and s.held >= s.conc then
       refuse(s, now + math.max(50, math.floor(s.lat / s.conc)), 'concurrency', s.conc)
     end
   end
-end
-
--- Tasks are parked on a scope: a newcomer waits behind them even if there is room this instant,
--- so admissions follow the line at the limit's pace instead of each second's allowance going out
--- in one burst to whoever asks first (a burst the autoscaler would read as a busy fleet).
-if not reason and mode ~= '2' then
-  for _, s in ipairs(scopes) do
-    if s.line and s.cursor > now then refuse(s, s.cursor, s.line, 0) end
+  if too_large then
+    out[#out + 1] = 2; out[#out + 1] = too_large; out[#out + 1] = 0; out[#out + 1] = 0
+  else
+    -- Tasks are parked on a scope: a newcomer waits behind them even if there is room this
+    -- instant, so admissions follow the line at the limit's pace instead of each second's
+    -- allowance going out in one burst to whoever asks first (a burst the autoscaler would read
+    -- as a busy fleet).
+    if not reason and mode ~= '2' then
+      for _, s in ipairs(scopes) do
+        if s.line and s.cursor > now then refuse(s, s.cursor, s.line, 0) end
+      end
+    end
+    if reason then
+      -- A token limit paces its line by what calls settle to; before the first call on the
+      -- scope has settled there is nothing to pace by, so the task just comes back when room
+      -- next frees (one extra park at a cold start) instead of taking a turn sized by the whole
+      -- estimate.
+      -- A turn holder refused (the line ran ahead of the room, or a block caught it) lines up
+      -- again too: coming back when room frees, keeping its place, those refused together would
+      -- meet the next turns there and be refused again, in a loop that grows.
+      local joins = mode == '1' or mode == '2'
+      if joins and not (reason == 'tpm' and not binding.tok) then
+        -- Tasks parked on one scope take turns: each gets the next slot the limit allows, so
+        -- they come back one by one at the scope's pace instead of all at once to be parked
+        -- again.
+        local at = math.max(wait_until, binding.cursor)
+        binding.cursor = at + spacing(binding, tokens)
+        binding.line = reason
+        binding.moved = true
+        wait_until = at
+      end
+      out[#out + 1] = 0; out[#out + 1] = wait_until; out[#out + 1] = reason
+      out[#out + 1] = limit
+    else
+      local held = 0
+      for _, s in ipairs(scopes) do
+        if s.counted or s.conc > 0 then held = 1 end
+        if s.counted then
+          s.added['r:'] = (s.added['r:'] or 0) + 1
+          s.added['t:'] = (s.added['t:'] or 0) + tokens
+          s.rsum = s.rsum + 1
+          s.tsum = s.tsum + tokens
+        end
+        if s.conc > 0 then
+          s.held = s.held + 1
+          s.new_leases[#s.new_leases + 1] = now + lease_ms
+          if lease_ms > s.lease_ms then s.lease_ms = lease_ms end
+          s.new_leases[#s.new_leases + 1] = lease
+        end
+      end
+      out[#out + 1] = 1; out[#out + 1] = sec; out[#out + 1] = held; out[#out + 1] = 0
+    end
   end
 end
 
-if reason then
-  -- A token limit paces its line by what calls settle to; before the first call on the scope has
-  -- settled there is nothing to pace by, so the task just comes back when room next frees
-  -- (one extra park at a cold start) instead of taking a turn sized by the whole estimate. A
-  -- turn holder refused keeps its place the same way.
-  -- A turn holder refused (the line ran ahead of the room, or a block caught it) lines up again
-  -- too: coming back when room frees, keeping its place, those refused together would meet the
-  -- next turns there and be refused again, in a loop that grows.
-  local joins = mode == '1' or mode == '2'
-  if joins and not (reason == 'tpm' and not binding.tok) then
-    -- Tasks parked on one scope take turns: each gets the next slot the limit allows, so they
-    -- come back one by one at the scope's pace instead of all at once to be parked again.
-    local at = math.max(wait_until, binding.cursor)
-    redis.call('HSET', binding.h, 'cursor', at + spacing(binding), 'line', reason)
-    if ttl > 0 then redis.call('PEXPIRE', binding.h, ttl) end
-    wait_until = at
-  end
-  return {0, wait_until, reason, limit}
-end
-
-local held = 0
+-- Write back what the batch changed, once per scope.
 for _, s in ipairs(scopes) do
-  if s.counted or s.conc > 0 then held = 1 end
-  if s.counted then
-    redis.call('HINCRBY', s.h, 'r:' .. sec, 1)
-    redis.call('HINCRBY', s.h, 't:' .. sec, tokens)
-    redis.call('HINCRBY', s.h, 'rsum', 1)
-    redis.call('HINCRBY', s.h, 'tsum', tokens)
-    if ttl > 0 then redis.call('PEXPIRE', s.h, ttl) end
+  local touched = false
+  if s.added['r:'] then
+    redis.call('HSET', s.h, rkey, s.r + s.added['r:'], tkey, s.tk + s.added['t:'],
+      'rsum', s.rsum, 'tsum', s.tsum)
+    touched = true
   end
-  if s.conc > 0 then
-    redis.call('ZADD', s.leases, now + lease_ms, ARGV[2])
-    redis.call('PEXPIRE', s.leases, lease_ms)
+  if s.moved then
+    redis.call('HSET', s.h, 'cursor', s.cursor, 'line', s.line)
+    touched = true
+  end
+  if touched and ttl > 0 then redis.call('PEXPIRE', s.h, ttl) end
+  if s.conc > 0 and #s.new_leases > 0 then
+    redis.call('ZADD', s.leases, unpack(s.new_leases))
+    redis.call('PEXPIRE', s.leases, s.lease_ms)
   end
 end
-return {1, sec, held}
+return out

@@ -71,14 +71,43 @@ pub struct Reported {
     pub exhausted_for: Option<Duration>,
 }
 
+/// Header names read on every reply, parsed once: a `&str` lookup parses the name again each
+/// time, and this runs for every call.
+mod names {
+    use http::HeaderName;
+
+    pub static REMAINING: [HeaderName; 2] = [
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    ];
+    pub static RESET: [HeaderName; 2] = [
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ];
+    pub static A_REMAINING: [HeaderName; 2] = [
+        HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+    ];
+    pub static A_RESET: [HeaderName; 2] = [
+        HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+        HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
+    ];
+    pub static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+    pub static LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+    pub static A_LIMIT_REQUESTS: HeaderName =
+        HeaderName::from_static("anthropic-ratelimit-requests-limit");
+    pub static A_LIMIT_TOKENS: HeaderName =
+        HeaderName::from_static("anthropic-ratelimit-tokens-limit");
+}
+
 pub fn reported(headers: &HeaderMap, now: SystemTime) -> Reported {
-    let text = |name: &str| {
+    let text = |name: &http::HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let number = |name: &str| {
+    let number = |name: &http::HeaderName| {
         text(name)
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|n| *n > 0)
@@ -89,22 +118,17 @@ pub fn reported(headers: &HeaderMap, now: SystemTime) -> Reported {
             exhausted = Some(exhausted.map_or(d, |e| e.max(d)));
         }
     };
-    for kind in ["requests", "tokens"] {
-        if text(&format!("x-ratelimit-remaining-{kind}")) == Some("0") {
-            note(text(&format!("x-ratelimit-reset-{kind}")).and_then(parse_go_duration));
+    for kind in 0..2 {
+        if text(&names::REMAINING[kind]) == Some("0") {
+            note(text(&names::RESET[kind]).and_then(parse_go_duration));
         }
-        if text(&format!("anthropic-ratelimit-{kind}-remaining")) == Some("0") {
-            note(
-                text(&format!("anthropic-ratelimit-{kind}-reset"))
-                    .and_then(|v| parse_instant(v, now)),
-            );
+        if text(&names::A_REMAINING[kind]) == Some("0") {
+            note(text(&names::A_RESET[kind]).and_then(|v| parse_instant(v, now)));
         }
     }
     Reported {
-        limit_requests: number("x-ratelimit-limit-requests")
-            .or_else(|| number("anthropic-ratelimit-requests-limit")),
-        limit_tokens: number("x-ratelimit-limit-tokens")
-            .or_else(|| number("anthropic-ratelimit-tokens-limit")),
+        limit_requests: number(&names::LIMIT_REQUESTS).or_else(|| number(&names::A_LIMIT_REQUESTS)),
+        limit_tokens: number(&names::LIMIT_TOKENS).or_else(|| number(&names::A_LIMIT_TOKENS)),
         exhausted_for: exhausted,
     }
 }
