@@ -452,5 +452,70 @@ async fn calls_asking_together_share_a_script_and_are_decided_one_by_one() -> Re
     }
     let leases: u64 = conn.zcard("agentq:limiter:{up}:leases").await?;
     assert_eq!(leases, 0, "every settlement ended its lease");
+
+    // counted limits: 20 calls reserved together, settled together, half of them never served
+    // (a 429): the window ends as if each had been settled alone
+    let big = Limits {
+        rpm: Some(60_000),
+        tpm: Some(60_000_000),
+        concurrency: None,
+    };
+    // another upstream: the first part left a line of parked turns on {up}
+    let mut u = model_limited(big);
+    u.name = "up2".to_owned();
+    let key = "agentq:limiter:{up2}:model:m";
+    assert!(matches!(
+        reserve(&l, &route(&u), 1, "seed", false).await,
+        Admission::Wait { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    start_of_second(&mut conn).await?;
+    admitted(reserve(&l, &route(&u), 1, "w", false).await)?;
+    let (r0, t0): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
+    let calls = (0..20).map(|i| {
+        let (l, u) = (l.clone(), u.clone());
+        tokio::spawn(async move {
+            l.reserve(
+                &route(&u),
+                false,
+                100 + i,
+                &format!("k{i}"),
+                Duration::from_secs(30),
+                Line::Probe,
+            )
+            .await
+        })
+    });
+    let mut held = Vec::new();
+    for c in futures::future::join_all(calls).await {
+        held.push(admitted(c??)?);
+    }
+    let (r1, t1): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
+    let reserved: i64 = (0..20).map(|i| 100 + i).sum();
+    assert_eq!((r1, t1), (r0 + 20, t0 + reserved));
+    let settles = held.into_iter().enumerate().map(|(i, r)| {
+        let l = l.clone();
+        tokio::spawn(async move {
+            let unserved = i % 2 == 1;
+            l.reconcile(
+                &r,
+                Settlement {
+                    used_tokens: if unserved { None } else { Some(7) },
+                    not_served: unserved,
+                    latency: Duration::from_millis(50),
+                },
+            )
+            .await
+        })
+    });
+    for s in futures::future::join_all(settles).await {
+        s??;
+    }
+    let (r2, t2): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
+    assert_eq!(
+        (r2, t2),
+        (r0 + 10, t0 + 10 * 7),
+        "10 served calls of 7 tokens counted; 10 unserved handed back with all their tokens"
+    );
     Ok(())
 }

@@ -241,17 +241,19 @@ impl Worker {
             lower(call.reported.limit_requests, configured.rpm),
             lower(call.reported.limit_tokens, configured.tpm),
         );
-        let key = (up.to_owned(), route.model.to_owned());
         // Told again when it changes, and every RETELL: Redis trusts a learned limit for an hour.
         let news = learned != (0, 0)
             && self
                 .learned
                 .lock()
-                .map(|mut m| match m.get(&key) {
-                    Some((l, at)) if *l == learned && at.elapsed() < RETELL => false,
-                    _ => {
-                        m.insert(key.clone(), (learned, std::time::Instant::now()));
-                        true
+                .map(|mut m| {
+                    let key = (up.to_owned(), route.model.to_owned());
+                    match m.get(&key) {
+                        Some((l, at)) if *l == learned && at.elapsed() < RETELL => false,
+                        _ => {
+                            m.insert(key, (learned, std::time::Instant::now()));
+                            true
+                        }
                     }
                 })
                 .unwrap_or(true);
@@ -286,7 +288,7 @@ impl Worker {
             }
             Err(e) => {
                 if let Ok(mut m) = self.learned.lock() {
-                    m.remove(&key);
+                    m.remove(&(up.to_owned(), route.model.to_owned()));
                 }
                 tracing::warn!(error = %e, "could not share the upstream's limits with the fleet");
             }

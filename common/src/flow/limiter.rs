@@ -119,7 +119,19 @@ pub struct Settlement {
 /// The keys of one route's scopes: the model scope hash and its leases, then the upstream
 /// scope's when the upstream has limits of its own. Built once per route and shared.
 #[derive(Debug)]
-struct RouteKeys(Vec<String>);
+struct RouteKeys(Vec<String>, u64);
+
+impl RouteKeys {
+    fn new(keys: Vec<String>) -> Self {
+        use std::hash::{Hash, Hasher};
+        // hashed once here (the lanes look a route up twice per call), with fixed keys so equal
+        // routes always hash equal
+        let mut h = std::hash::DefaultHasher::new();
+        keys.hash(&mut h);
+        let id = h.finish();
+        Self(keys, id)
+    }
+}
 
 /// Most calls one script call reserves or settles: bounds how long one script holds Redis.
 const MAX_BATCH: usize = 64;
@@ -147,13 +159,13 @@ type LaneKey = (Arc<RouteKeys>, Vec<u64>);
 
 impl PartialEq for RouteKeys {
     fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
+        std::ptr::eq(self, other) || self.0 == other.0
     }
 }
 impl Eq for RouteKeys {}
 impl std::hash::Hash for RouteKeys {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.hash(state);
+        state.write_u64(self.1);
     }
 }
 
@@ -261,7 +273,7 @@ impl Limiter {
             k.push(up.clone());
             k.push(keys::limiter_leases(&up));
         }
-        let k = Arc::new(RouteKeys(k));
+        let k = Arc::new(RouteKeys::new(k));
         if routes.values().map(HashMap::len).sum::<usize>() >= MAX_CACHED_ROUTES {
             routes.clear();
         }

@@ -36,7 +36,7 @@ for i = 0, 1 do
     local base = 2 + i * 3
     scopes[#scopes + 1] = {h = h, leases = KEYS[2 + i * 2], rpm = tonumber(ARGV[base]),
       tpm = tonumber(ARGV[base + 1]), conc = tonumber(ARGV[base + 2]), r = 0, tk = 0,
-      added = {}, buckets = {}}
+      nr = 0, nt = 0, buckets = {}}
   end
 end
 
@@ -109,7 +109,10 @@ local function bucket(s, field, b)
     v = tonumber(redis.call('HGET', s.h, k)) or 0
     s.buckets[k] = v
   end
-  if b == sec then return v + (s.added[field] or 0) end
+  if b == sec then
+    if field == 'r:' then return v + s.nr end
+    return v + s.nt
+  end
   return v
 end
 
@@ -148,18 +151,22 @@ for _, s in ipairs(scopes) do
 end
 
 local out = {}
+local o = 0
 local n = math.floor((#ARGV - 7) / 4)
+local nscopes = #scopes
+-- Per call state of the decision, reset for each call (no closure or table per call: the loop
+-- below is the per-call cost of a batch, kept to plain arithmetic).
+local wait_until, reason, limit, binding
+local function refuse(s, at, why, lim)
+  if at > wait_until then wait_until, reason, limit, binding = at, why, lim, s end
+end
 for i = 0, n - 1 do
   local tokens = tonumber(ARGV[8 + i * 4])
-  local lease = ARGV[9 + i * 4]
-  local lease_ms = tonumber(ARGV[10 + i * 4])
   local mode = ARGV[11 + i * 4]
-  local wait_until, reason, limit, binding = 0, nil, 0, nil
-  local function refuse(s, at, why, lim)
-    if at > wait_until then wait_until, reason, limit, binding = at, why, lim, s end
-  end
+  wait_until, reason, limit, binding = 0, nil, 0, nil
   local too_large = nil
-  for _, s in ipairs(scopes) do
+  for j = 1, nscopes do
+    local s = scopes[j]
     if s.tpm > 0 and tokens > s.tpm then too_large = s.tpm break end
     if s.blocked > now then refuse(s, s.blocked, 'blocked', 0) end
     if s.counted then
@@ -174,67 +181,65 @@ for i = 0, n - 1 do
       refuse(s, now + math.max(50, math.floor(s.lat / s.conc)), 'concurrency', s.conc)
     end
   end
-  if too_large then
-    out[#out + 1] = 2; out[#out + 1] = too_large; out[#out + 1] = 0; out[#out + 1] = 0
-  else
-    -- Tasks are parked on a scope: a newcomer waits behind them even if there is room this
-    -- instant, so admissions follow the line at the limit's pace instead of each second's
-    -- allowance going out in one burst to whoever asks first (a burst the autoscaler would read
-    -- as a busy fleet).
-    if not reason and mode ~= '2' then
-      for _, s in ipairs(scopes) do
-        if s.line and s.cursor > now then refuse(s, s.cursor, s.line, 0) end
-      end
-    end
-    if reason then
-      -- A token limit paces its line by what calls settle to; before the first call on the
-      -- scope has settled there is nothing to pace by, so the task just comes back when room
-      -- next frees (one extra park at a cold start) instead of taking a turn sized by the whole
-      -- estimate.
-      -- A turn holder refused (the line ran ahead of the room, or a block caught it) lines up
-      -- again too: coming back when room frees, keeping its place, those refused together would
-      -- meet the next turns there and be refused again, in a loop that grows.
-      local joins = mode == '1' or mode == '2'
-      if joins and not (reason == 'tpm' and not binding.tok) then
-        -- Tasks parked on one scope take turns: each gets the next slot the limit allows, so
-        -- they come back one by one at the scope's pace instead of all at once to be parked
-        -- again.
-        local at = math.max(wait_until, binding.cursor)
-        binding.cursor = at + spacing(binding, tokens)
-        binding.line = reason
-        binding.moved = true
-        wait_until = at
-      end
-      out[#out + 1] = 0; out[#out + 1] = wait_until; out[#out + 1] = reason
-      out[#out + 1] = limit
-    else
-      local held = 0
-      for _, s in ipairs(scopes) do
-        if s.counted or s.conc > 0 then held = 1 end
-        if s.counted then
-          s.added['r:'] = (s.added['r:'] or 0) + 1
-          s.added['t:'] = (s.added['t:'] or 0) + tokens
-          s.rsum = s.rsum + 1
-          s.tsum = s.tsum + tokens
-        end
-        if s.conc > 0 then
-          s.held = s.held + 1
-          s.new_leases[#s.new_leases + 1] = now + lease_ms
-          if lease_ms > s.lease_ms then s.lease_ms = lease_ms end
-          s.new_leases[#s.new_leases + 1] = lease
-        end
-      end
-      out[#out + 1] = 1; out[#out + 1] = sec; out[#out + 1] = held; out[#out + 1] = 0
+  -- Tasks are parked on a scope: a newcomer waits behind them even if there is room this instant,
+  -- so admissions follow the line at the limit's pace instead of each second's allowance going
+  -- out in one burst to whoever asks first (a burst the autoscaler would read as a busy fleet).
+  if not too_large and not reason and mode ~= '2' then
+    for j = 1, nscopes do
+      local s = scopes[j]
+      if s.line and s.cursor > now then refuse(s, s.cursor, s.line, 0) end
     end
   end
+  if too_large then
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = 2, too_large, 0, 0
+  elseif reason then
+    -- A token limit paces its line by what calls settle to; before the first call on the scope
+    -- has settled there is nothing to pace by, so the task just comes back when room next frees
+    -- (one extra park at a cold start) instead of taking a turn sized by the whole estimate.
+    -- A turn holder refused (the line ran ahead of the room, or a block caught it) lines up
+    -- again too: coming back when room frees, keeping its place, those refused together would
+    -- meet the next turns there and be refused again, in a loop that grows.
+    if (mode == '1' or mode == '2') and not (reason == 'tpm' and not binding.tok) then
+      -- Tasks parked on one scope take turns: each gets the next slot the limit allows, so they
+      -- come back one by one at the scope's pace instead of all at once to be parked again.
+      local at = math.max(wait_until, binding.cursor)
+      binding.cursor = at + spacing(binding, tokens)
+      binding.line = reason
+      binding.moved = true
+      wait_until = at
+    end
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = 0, wait_until, reason, limit
+  else
+    local held = 0
+    for j = 1, nscopes do
+      local s = scopes[j]
+      if s.counted then
+        held = 1
+        s.nr = s.nr + 1
+        s.nt = s.nt + tokens
+        s.rsum = s.rsum + 1
+        s.tsum = s.tsum + tokens
+      end
+      if s.conc > 0 then
+        held = 1
+        s.held = s.held + 1
+        local lease_ms = tonumber(ARGV[10 + i * 4])
+        local nl = s.new_leases
+        nl[#nl + 1] = now + lease_ms
+        nl[#nl + 1] = ARGV[9 + i * 4]
+        if lease_ms > s.lease_ms then s.lease_ms = lease_ms end
+      end
+    end
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = 1, sec, held, 0
+  end
+  o = o + 4
 end
 
 -- Write back what the batch changed, once per scope.
 for _, s in ipairs(scopes) do
   local touched = false
-  if s.added['r:'] then
-    redis.call('HSET', s.h, rkey, s.r + s.added['r:'], tkey, s.tk + s.added['t:'],
-      'rsum', s.rsum, 'tsum', s.tsum)
+  if s.nr > 0 then
+    redis.call('HSET', s.h, rkey, s.r + s.nr, tkey, s.tk + s.nt, 'rsum', s.rsum, 'tsum', s.tsum)
     touched = true
   end
   if s.moved then
