@@ -519,3 +519,58 @@ async fn calls_asking_together_share_a_script_and_are_decided_one_by_one() -> Re
     );
     Ok(())
 }
+
+/// Two scopes refusing at once (an upstream's rpm and the same rpm for its only model, as when the
+/// model learned the upstream's own limit from its headers: both windows hold the same calls): a
+/// refused task lines up in the longer line, never at the next second's edge of a scope with no
+/// line while tasks wait in the other's. (Binding the first scope let newcomers and refused turn
+/// holders overtake the upstream's whole line, in batches at every second's edge.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_refused_by_two_scopes_joins_the_longer_line() -> Result<()> {
+    let (_redis, l, mut conn) = setup().await?;
+    let rpm = Limits {
+        rpm: Some(120),
+        ..Limits::default()
+    };
+    let u = upstream(rpm, &[("m", rpm)]);
+    let r = route(&u);
+    start_of_second(&mut conn).await?;
+    // both windows are seeded full: refused by both, and the first refusal starts a line
+    let first = match reserve(&l, &r, 1, "seed", true).await {
+        Admission::Wait { eligible_at_ms, .. } => eligible_at_ms,
+        other => bail!("a fresh scope admitted a burst: {other:?}"),
+    };
+    // the upstream's line is long (a backlog parked on it); the model's has ended
+    let now = redis_ms(&mut conn).await?;
+    let end = now + 60_000;
+    let _: () = conn
+        .hset_multiple(
+            "agentq:limiter:{up}",
+            &[("cursor", end.to_string()), ("line", "rpm".to_owned())],
+        )
+        .await?;
+    let _: () = conn
+        .hset("agentq:limiter:{up}:model:m", "cursor", first)
+        .await?;
+    for (i, line) in [Line::Join, Line::Turn, Line::Join].into_iter().enumerate() {
+        match l
+            .reserve(
+                &r,
+                false,
+                1,
+                &format!("t{i}"),
+                Duration::from_secs(30),
+                line,
+            )
+            .await?
+        {
+            Admission::Wait { eligible_at_ms, .. } => assert_eq!(
+                eligible_at_ms,
+                end + i as i64 * 508,
+                "{line:?} refused by both scopes: the next turn after the upstream's line"
+            ),
+            other => bail!("admitted with both windows full: {other:?}"),
+        }
+    }
+    Ok(())
+}

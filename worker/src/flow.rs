@@ -231,15 +231,23 @@ impl Worker {
             _ => None,
         };
         let block_for = block_for.map(|d| d.min(self.cfg.retry_max));
-        let configured = route.model_limits;
+        // What already binds this model's calls: its own limit or its upstream's, the lower. A
+        // reported limit not below that can never refuse a call the limiter admits; learned, it
+        // would only open a second window counting the same calls (twice the limiter's work),
+        // whose refusals tie with the upstream's.
+        let (own, shared) = (route.model_limits, route.upstream.limits);
+        let binding = |m: Option<u64>, u: Option<u64>| match (m, u) {
+            (Some(m), Some(u)) => Some(m.min(u)),
+            (m, u) => m.or(u),
+        };
         let lower = |reported: Option<u64>, conf: Option<u64>| match (reported, conf) {
             (Some(r), Some(c)) if r < c => r,
             (Some(r), None) => r,
             _ => 0,
         };
         let learned = (
-            lower(call.reported.limit_requests, configured.rpm),
-            lower(call.reported.limit_tokens, configured.tpm),
+            lower(call.reported.limit_requests, binding(own.rpm, shared.rpm)),
+            lower(call.reported.limit_tokens, binding(own.tpm, shared.tpm)),
         );
         // Told again when it changes, and every RETELL: Redis trusts a learned limit for an hour.
         let news = learned != (0, 0)

@@ -156,14 +156,24 @@ local n = math.floor((#ARGV - 7) / 4)
 local nscopes = #scopes
 -- Per call state of the decision, reset for each call (no closure or table per call: the loop
 -- below is the per-call cost of a batch, kept to plain arithmetic).
-local wait_until, reason, limit, binding
+-- A call that lines up when refused waits for the scope's line too, so the scope where it would
+-- wait longest binds: its line is the one to join. (Two scopes can refuse at the same instant,
+-- e.g. an upstream limit and the same limit learned for its only model, whose windows hold the
+-- same calls once the upstream's seeded minute has aged out; binding the first one, with no line
+-- of its own, put the refused at its next second's edge ahead of the upstream's whole line.)
+local wait_until, reason, limit, binding, bound_at, joining
 local function refuse(s, at, why, lim)
-  if at > wait_until then wait_until, reason, limit, binding = at, why, lim, s end
+  local key = at
+  if joining then key = math.max(at, s.cursor) end
+  if key > bound_at then
+    wait_until, reason, limit, binding, bound_at = at, why, lim, s, key
+  end
 end
 for i = 0, n - 1 do
   local tokens = tonumber(ARGV[8 + i * 4])
   local mode = ARGV[11 + i * 4]
-  wait_until, reason, limit, binding = 0, nil, 0, nil
+  joining = mode == '1' or mode == '2'
+  wait_until, reason, limit, binding, bound_at = 0, nil, 0, nil, 0
   local too_large = nil
   for j = 1, nscopes do
     local s = scopes[j]
@@ -184,7 +194,8 @@ for i = 0, n - 1 do
   -- Tasks are parked on a scope: a newcomer waits behind them even if there is room this instant,
   -- so admissions follow the line at the limit's pace instead of each second's allowance going
   -- out in one burst to whoever asks first (a burst the autoscaler would read as a busy fleet).
-  if not too_large and not reason and mode ~= '2' then
+  -- A newcomer checks the lines even when already refused, so it joins the longest.
+  if not too_large and (mode == '1' or (not reason and mode == '0')) then
     for j = 1, nscopes do
       local s = scopes[j]
       if s.line and s.cursor > now then refuse(s, s.cursor, s.line, 0) end
@@ -199,7 +210,7 @@ for i = 0, n - 1 do
     -- A turn holder refused (the line ran ahead of the room, or a block caught it) lines up
     -- again too: coming back when room frees, keeping its place, those refused together would
     -- meet the next turns there and be refused again, in a loop that grows.
-    if (mode == '1' or mode == '2') and not (reason == 'tpm' and not binding.tok) then
+    if joining and not (reason == 'tpm' and not binding.tok) then
       -- Tasks parked on one scope take turns: each gets the next slot the limit allows, so they
       -- come back one by one at the scope's pace instead of all at once to be parked again.
       local at = math.max(wait_until, binding.cursor)
