@@ -411,10 +411,12 @@ def slowlog(port, *roots):
 
 
 # the limiter phase's variants, in the order of the report; (variant, minus) pairs for the deltas
-LIMITER_ORDER = ["before", "implicit", "limits", "limits-steady", "before-openai", "implicit-openai", "limits-openai"]
+LIMITER_ORDER = ["before", "implicit", "limits", "limits-steady", "limits-rate", "before-openai", "implicit-openai",
+                 "limits-openai"]
 LIMITER_DELTAS = [
     ("limits", "before", True), ("limits-steady", "before", True), ("limits-openai", "before-openai", True),
-    ("limits-steady", "limits", False),
+    ("limits-rate", "before", True),
+    ("limits-steady", "limits", False), ("limits", "limits-rate", False),
     ("implicit", "before", False), ("implicit-openai", "before-openai", False),
     ("limits", "implicit", False), ("limits-openai", "implicit-openai", False),
     ("implicit-openai", "implicit", False), ("limits-openai", "limits", False),
@@ -441,6 +443,7 @@ LIMITER_VARIANTS = {
     "limits": "AGENTQ_BENCH_BIN_DIR, AGENTQ_UPSTREAMS: one upstream serving mock-gpt, rpm/tpm/concurrency set on the "
               "upstream and in model_limits, far above reach; scopes start from an empty window",
     "limits-steady": "as limits, the scopes start from a minute of 1 s buckets (~125 hash fields), as in steady operation",
+    "limits-rate": "as limits without concurrency (rpm and tpm on the upstream and the model): windows counted, no leases",
     "before-openai": "as before, AGENTQ_MODEL=gpt-4o-mini",
     "implicit-openai": "as implicit, AGENTQ_MODEL=gpt-4o-mini (prompt tokens counted with tiktoken's o200k_base)",
     "limits-openai": "as limits, serving gpt-4o-mini (tiktoken)",

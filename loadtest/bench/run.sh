@@ -242,13 +242,14 @@ log "mode=$MODE runs=$RUNS cores=$(nproc) load average: $LA1 $LA5 $LA15; logs in
 # tpm, concurrency) far above what one worker can reach, so every call is counted in both scopes
 # and leased in both, and none is ever refused.
 HUGE_RPM=1000000000; HUGE_TPM=1000000000000; HUGE_CONC=100000
-write_upstreams() { # MODEL -> path of the file
-  local f="$WORK/upstreams-$1.json"
+write_upstreams() { # MODEL [rate: no concurrency limit] -> path of the file
+  local f="$WORK/upstreams-$1${2:+-$2}.json" lim="\"rpm\": $HUGE_RPM, \"tpm\": $HUGE_TPM, \"concurrency\": $HUGE_CONC"
+  [[ ${2:-} == rate ]] && lim="\"rpm\": $HUGE_RPM, \"tpm\": $HUGE_TPM"
   cat > "$f" <<EOF
 {"upstreams": [{"name": "bench", "base_url": "http://127.0.0.1:$M0PORT/v1", "api_key": "env:OPENAI_API_KEY",
   "models": ["$1"],
-  "limits": {"rpm": $HUGE_RPM, "tpm": $HUGE_TPM, "concurrency": $HUGE_CONC},
-  "model_limits": {"$1": {"rpm": $HUGE_RPM, "tpm": $HUGE_TPM, "concurrency": $HUGE_CONC}}}]}
+  "limits": {$lim},
+  "model_limits": {"$1": {$lim}}}]}
 EOF
   echo "$f"
 }
@@ -315,13 +316,14 @@ ensure_mock0() { # restarts the 0 ms mock on its port if it is gone
 if [[ -n ${LIMITER:-} ]]; then
   UPS_MOCK=$(write_upstreams mock-gpt)
   UPS_OAI=$(write_upstreams gpt-4o-mini)
+  UPS_RATE=$(write_upstreams mock-gpt rate)
   # name|bin|model|upstreams file. `mock-gpt` is not a name tiktoken knows (the worker estimates
   # bytes/3); `gpt-4o-mini` is (o200k_base), so the -openai variants include the tokenizer.
   VARIANTS=()
   [[ -n $BEFORE_BIN ]] && VARIANTS+=("before|$BEFORE_BIN|mock-gpt|")
   # limits: the scopes start from an empty window; limits-steady: from a minute of 1 s buckets, as
   # in steady operation (bench.py seed)
-  VARIANTS+=("implicit|$BIN|mock-gpt|" "limits|$BIN|mock-gpt|$UPS_MOCK" "limits-steady|$BIN|mock-gpt|$UPS_MOCK|steady")
+  VARIANTS+=("implicit|$BIN|mock-gpt|" "limits|$BIN|mock-gpt|$UPS_MOCK" "limits-steady|$BIN|mock-gpt|$UPS_MOCK|steady" "limits-rate|$BIN|mock-gpt|$UPS_RATE")
   [[ -n $BEFORE_BIN ]] && VARIANTS+=("before-openai|$BEFORE_BIN|gpt-4o-mini|")
   VARIANTS+=("implicit-openai|$BIN|gpt-4o-mini|" "limits-openai|$BIN|gpt-4o-mini|$UPS_OAI")
   if [[ -n ${BENCH_LIMITER_VARIANTS:-} ]]; then # a comma-separated subset
