@@ -540,10 +540,7 @@ def limiter_report(runs_path, out_path, mode, n_runs, meta_path):
         "broken": broken,
         "runs": runs,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
+    write_json(out_path, result)
     mc = result["machine"]
     print(f"\nagentq limiter bench ({mode}, median of {n_runs} round(s)) on {mc.get('cores')} cores, "
           f"{mc.get('cpu_model')}; load average at start {mc.get('loadavg_start')}, at end {mc.get('loadavg_end')}")
@@ -585,6 +582,13 @@ TABLE = [
     ("queue_wait_hist_p50_ms", "latency", "hist_p50_ms", "ms", None),
     ("queue_wait_hist_p99_ms", "latency", "hist_p99_ms", "ms", None),
 ]
+
+
+def write_json(path, result):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)
+        fh.write("\n")
 
 
 def machine():
@@ -658,10 +662,7 @@ def report(runs_path, out_path, mode, n_runs, meta_path):
         "medians": medians,
         "runs": runs,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
+    write_json(out_path, result)
     mc = result["machine"]
     print(f"\nagentq bench ({mode}, median of {n_runs} run(s)) on {mc.get('cores')} cores, "
           f"{mc.get('cpu_model')}; load average at start {mc.get('loadavg_start')}, at end {mc.get('loadavg_end')}")

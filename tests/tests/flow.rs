@@ -42,6 +42,29 @@ fn configure_json(s: &mut Stack, upstreams: &Value, model: &str) -> Result<tempf
     )
 }
 
+/// One upstream `name` serving model `m` with `limits`, the api reading it, and three workers
+/// started with `env`: the fleet the limiter must hold together.
+async fn fleet_on_one_upstream(
+    s: &mut Stack,
+    name: &str,
+    limits: Value,
+    env: &[(&str, &str)],
+) -> Result<(tempfile::TempDir, Vec<Worker>)> {
+    let url = s.llm_url.clone();
+    let file = configure_json(
+        s,
+        &json!({"upstreams": [{"name": name, "base_url": url, "models": ["m"],
+                               "limits": limits}]}),
+        "m",
+    )?;
+    s.start_api(&[]).await?;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(s.start_worker(env).await?);
+    }
+    Ok((file, workers))
+}
+
 fn journaled(rpm: Option<u64>, tpm: Option<u64>) -> MockConfig {
     MockConfig {
         journal: true,
@@ -213,18 +236,7 @@ async fn rpm_holds_across_three_workers_at_full_throughput() -> Result<()> {
     const N: usize = 150;
     let per_sec = RPM as f64 / 60.0;
     let mut s = Stack::new(journaled(Some(RPM), None)).await?;
-    let url = s.llm_url.clone();
-    let _file = configure_json(
-        &mut s,
-        &json!({"upstreams": [{"name": "quota", "base_url": url, "models": ["m"],
-                               "limits": {"rpm": RPM}}]}),
-        "m",
-    )?;
-    s.start_api(&[]).await?;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        workers.push(s.start_worker(&[]).await?);
-    }
+    let (_file, workers) = fleet_on_one_upstream(&mut s, "quota", json!({"rpm": RPM}), &[]).await?;
     let started = Instant::now();
     let ids = submit_n(&s, "rpm", N, &json!({})).await?;
     let done = drain(&s, &ids, Duration::from_secs(40)).await?;
@@ -292,18 +304,13 @@ async fn tpm_holds_across_three_workers_at_full_throughput() -> Result<()> {
     const N: usize = 120;
     let per_sec = TPM as f64 / 60.0 / PER_CALL as f64;
     let mut s = Stack::new(journaled(None, Some(TPM))).await?;
-    let url = s.llm_url.clone();
-    let _file = configure_json(
+    let (_file, workers) = fleet_on_one_upstream(
         &mut s,
-        &json!({"upstreams": [{"name": "quota", "base_url": url, "models": ["m"],
-                               "limits": {"tpm": TPM}}]}),
-        "m",
-    )?;
-    s.start_api(&[]).await?;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        workers.push(s.start_worker(&[("AGENTQ_MAX_TOKENS", "2")]).await?);
-    }
+        "quota",
+        json!({"tpm": TPM}),
+        &[("AGENTQ_MAX_TOKENS", "2")],
+    )
+    .await?;
     let started = Instant::now();
     let ids = submit_n(&s, "tpm", N, &json!({})).await?;
     let done = drain(&s, &ids, Duration::from_secs(60)).await?;
@@ -363,19 +370,14 @@ async fn a_429_storm_blocks_the_whole_fleet_until_the_reset() -> Result<()> {
     const N: usize = 40;
     const STORM: Duration = Duration::from_secs(3);
     let mut s = Stack::new(journaled(None, None)).await?;
-    let url = s.llm_url.clone();
-    let _file = configure_json(
+    // the block after a 429 is capped by AGENTQ_RETRY_MAX_MS: above the storm here
+    let (_file, workers) = fleet_on_one_upstream(
         &mut s,
-        &json!({"upstreams": [{"name": "storm", "base_url": url, "models": ["m"],
-                               "limits": {"rpm": 600}}]}),
-        "m",
-    )?;
-    s.start_api(&[]).await?;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        // the block after a 429 is capped by AGENTQ_RETRY_MAX_MS: above the storm here
-        workers.push(s.start_worker(&[("AGENTQ_RETRY_MAX_MS", "10000")]).await?);
-    }
+        "storm",
+        json!({"rpm": 600}),
+        &[("AGENTQ_RETRY_MAX_MS", "10000")],
+    )
+    .await?;
     let ids = submit_n(&s, "storm", N, &json!({})).await?;
     until("10 calls served", Duration::from_secs(10), || async {
         Ok(s.mock.total_calls() >= 10)
@@ -748,18 +750,7 @@ async fn limiter_state_lost_with_a_redis_restart_recovers_without_a_burst() -> R
     let per_sec = RPM as f64 / 60.0;
     let redis = RedisServer::start_with(true, &[])?;
     let mut s = Stack::with_redis(redis, journaled(Some(RPM), None)).await?;
-    let url = s.llm_url.clone();
-    let _file = configure_json(
-        &mut s,
-        &json!({"upstreams": [{"name": "quota", "base_url": url, "models": ["m"],
-                               "limits": {"rpm": RPM}}]}),
-        "m",
-    )?;
-    s.start_api(&[]).await?;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        workers.push(s.start_worker(&[]).await?);
-    }
+    let (_file, workers) = fleet_on_one_upstream(&mut s, "quota", json!({"rpm": RPM}), &[]).await?;
     let mut ids = submit_n(&s, "before", 40, &json!({})).await?;
     until("15 calls served", Duration::from_secs(10), || async {
         Ok(s.mock.total_calls() >= 15)

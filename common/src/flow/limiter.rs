@@ -149,8 +149,8 @@ pub struct Limiter {
 #[derive(Default)]
 struct Inner {
     routes: Mutex<HashMap<String, HashMap<String, Arc<RouteKeys>>>>,
-    reserves: Mutex<HashMap<LaneKey, Lane<ReserveCall>>>,
-    settles: Mutex<HashMap<LaneKey, Lane<SettleCall>>>,
+    reserves: Mutex<Lanes<ReserveCall>>,
+    settles: Mutex<Lanes<SettleCall>>,
 }
 
 /// Calls share a script only when its keys and its per-route arguments (limits, state TTL) are
@@ -169,14 +169,12 @@ impl std::hash::Hash for RouteKeys {
     }
 }
 
-/// Calls waiting for the script of one route, and whether a flusher is already sending them.
+/// Calls waiting for the script of each route; a route has an entry while its flusher runs.
 /// Group commit: the first call on an idle route is sent at once; calls that arrive while a
 /// script is in flight go together in the next one. Under load (a fetched batch of tasks all
 /// reserving at once, calls finishing together) one script serves many calls; alone, a call
 /// waits for nobody.
-struct Lane<T> {
-    calls: Vec<T>,
-}
+type Lanes<T> = HashMap<LaneKey, Vec<T>>;
 
 struct ReserveCall {
     tokens: u64,
@@ -212,15 +210,15 @@ fn lost_flusher() -> redis::RedisError {
 }
 
 /// Adds `call` to the route's lane; true when the caller must start the lane's flusher.
-fn enqueue<T>(lanes: &Mutex<HashMap<LaneKey, Lane<T>>>, key: &LaneKey, call: T) -> bool {
+fn enqueue<T>(lanes: &Mutex<Lanes<T>>, key: &LaneKey, call: T) -> bool {
     let mut lanes = lanes.lock().unwrap_or_else(|p| p.into_inner());
     match lanes.get_mut(key) {
-        Some(lane) => {
-            lane.calls.push(call);
+        Some(calls) => {
+            calls.push(call);
             false
         }
         None => {
-            lanes.insert(key.clone(), Lane { calls: vec![call] });
+            lanes.insert(key.clone(), vec![call]);
             true
         }
     }
@@ -228,15 +226,15 @@ fn enqueue<T>(lanes: &Mutex<HashMap<LaneKey, Lane<T>>>, key: &LaneKey, call: T) 
 
 /// The next batch of a lane, or `None` (and the lane removed) when no call is waiting: the
 /// flusher's exit is decided under the same lock that `enqueue` takes, so no call is left behind.
-fn next_batch<T>(lanes: &Mutex<HashMap<LaneKey, Lane<T>>>, key: &LaneKey) -> Option<Vec<T>> {
+fn next_batch<T>(lanes: &Mutex<Lanes<T>>, key: &LaneKey) -> Option<Vec<T>> {
     let mut lanes = lanes.lock().unwrap_or_else(|p| p.into_inner());
-    let lane = lanes.get_mut(key)?;
-    if lane.calls.is_empty() {
+    let calls = lanes.get_mut(key)?;
+    if calls.is_empty() {
         lanes.remove(key);
         return None;
     }
-    let take = lane.calls.len().min(MAX_BATCH);
-    Some(lane.calls.drain(..take).collect())
+    let take = calls.len().min(MAX_BATCH);
+    Some(calls.drain(..take).collect())
 }
 
 impl Limiter {
