@@ -40,6 +40,7 @@ pub const ENV_MAX_RESPONSE_BYTES: &str = "AGENTQ_MAX_RESPONSE_BYTES";
 pub const ENV_MAX_TOKENS: &str = "AGENTQ_MAX_TOKENS";
 pub const ENV_MAX_TOKENS_PARAM: &str = "AGENTQ_MAX_TOKENS_PARAM";
 pub const ENV_LIMITER_OUTPUT_TOKENS: &str = "AGENTQ_LIMITER_OUTPUT_TOKENS";
+pub const ENV_LIMITER_GRANTS: &str = "AGENTQ_LIMITER_GRANTS";
 /// Output tokens the limiter reserves for a call that sends no output cap (`AGENTQ_MAX_TOKENS=0`).
 pub const DEFAULT_LIMITER_OUTPUT_TOKENS: u32 = 1024;
 
@@ -356,6 +357,9 @@ pub struct WorkerConfig {
     pub upstreams: std::sync::Arc<crate::flow::Upstreams>,
     /// `AGENTQ_LIMITER_OUTPUT_TOKENS`: output tokens reserved when no output cap is sent.
     pub limiter_output_tokens: u32,
+    /// `AGENTQ_LIMITER_GRANTS` (1, default, or 0): whether a worker takes grants of the fleet's
+    /// limits for routes it calls many times a moment, instead of one script per call.
+    pub limiter_grants: bool,
 }
 
 impl WorkerConfig {
@@ -425,6 +429,7 @@ impl WorkerConfig {
                 1,
                 10_000_000,
             )?,
+            limiter_grants: ranged(env, ENV_LIMITER_GRANTS, 1, 0, 1)? == 1,
             concurrency: ranged(env, ENV_CONCURRENCY, DEFAULT_CONCURRENCY, 1, 100_000)?,
             heartbeat: Duration::from_secs(ranged(
                 env,

@@ -365,6 +365,8 @@ async fn state_lost_with_redis_is_seeded_full_again() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_asking_together_share_a_script_and_are_decided_one_by_one() -> Result<()> {
     let (_redis, l, mut conn) = setup().await?;
+    // each call decided by its own reservation (as near a limit), not admitted from a grant
+    let l = l.with_grants(false);
     let u = upstream(
         Limits {
             concurrency: Some(7),
@@ -571,6 +573,163 @@ async fn a_task_refused_by_two_scopes_joins_the_longer_line() -> Result<()> {
             ),
             other => bail!("admitted with both windows full: {other:?}"),
         }
+    }
+    Ok(())
+}
+
+/// Grants: a route called many times a moment takes a share of its limits in one script call and
+/// admits its calls from it with none; counted up front in the window like that many calls, it
+/// settles in one item once over. Checked exactly: many calls cost few scripts, while calls are
+/// held the window counts at least them, and once every call has settled and the grants have
+/// ended the window holds exactly what was served (requests and tokens), with no lease left, as
+/// if each call had been reserved and settled on its own. A block written by another worker
+/// reaches a grant holder when its grant ends: within `GRANT_SPAN` (100 ms).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Result<()> {
+    let (_redis, l, mut conn) = setup().await?;
+    let u = model_limited(Limits {
+        rpm: Some(600_000),
+        tpm: Some(600_000_000),
+        concurrency: Some(10_000),
+    });
+    let key = "agentq:limiter:{up}:model:m";
+    let leases_key = "agentq:limiter:{up}:model:m:leases";
+    // an idle window, far from every limit (a fresh scope would be seeded full)
+    let sec = redis_ms(&mut conn).await? / 1000;
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg("head")
+        .arg(sec - 60)
+        .arg("rsum")
+        .arg(0)
+        .arg("tsum")
+        .arg(0)
+        .query_async(&mut conn)
+        .await?;
+    let evalsha = |c: &redis::aio::ConnectionManager| {
+        let mut c = c.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut c)
+                .await?;
+            let calls = info
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            anyhow::Ok(calls)
+        }
+    };
+    const WAVES: usize = 10;
+    const WAVE: usize = 50;
+    let before = evalsha(&conn).await?;
+    let mut held = Vec::new();
+    for w in 0..WAVES {
+        let calls = (0..WAVE).map(|i| {
+            let (l, u) = (l.clone(), u.clone());
+            tokio::spawn(async move {
+                l.reserve(
+                    &route(&u),
+                    false,
+                    100,
+                    &format!("w{w}c{i}"),
+                    Duration::from_secs(30),
+                    Line::Join,
+                )
+                .await
+            })
+        });
+        for c in futures::future::join_all(calls).await {
+            held.push(admitted(c??)?);
+        }
+    }
+    let scripts = evalsha(&conn).await? - before;
+    let n = (WAVES * WAVE) as i64;
+    let (r1, t1): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
+    let leases: i64 = conn.zcard(leases_key).await?;
+    println!("grants: {n} calls held with {scripts} script calls; window {r1} requests, {t1} tokens, {leases} leases");
+    assert!(
+        scripts * 5 <= n as u64,
+        "{n} calls took {scripts} script calls: no grants"
+    );
+    assert!(
+        r1 >= n && t1 >= n * 100 && leases >= n,
+        "every call held counts: {r1} requests, {t1} tokens, {leases} leases"
+    );
+    // settle: even calls served (7 tokens each), odd ones never reached the upstream
+    let settles = held.into_iter().enumerate().map(|(i, r)| {
+        let l = l.clone();
+        tokio::spawn(async move {
+            let unserved = i % 2 == 1;
+            l.reconcile(
+                &r,
+                Settlement {
+                    used_tokens: if unserved { None } else { Some(7) },
+                    not_served: unserved,
+                    latency: Duration::from_millis(40),
+                },
+            )
+            .await
+        })
+    });
+    for s in futures::future::join_all(settles).await {
+        s??;
+    }
+    // grants end within their span; the last one's settlement follows at once
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (r2, t2): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
+    let leases: i64 = conn.zcard(leases_key).await?;
+    assert_eq!(
+        (r2, t2, leases),
+        (n / 2, n / 2 * 7, 0),
+        "the window holds exactly the served calls' requests and tokens, and no lease"
+    );
+    let lat: i64 = conn.hget(key, "lat").await?;
+    assert_eq!(lat, 40, "the calls' latency moved the average");
+
+    // a block written by another worker: a grant holder's calls are refused once its grant ends
+    let calls = (0..WAVE).map(|i| {
+        let (l, u) = (l.clone(), u.clone());
+        tokio::spawn(async move {
+            l.reserve(
+                &route(&u),
+                false,
+                100,
+                &format!("b{i}"),
+                Duration::from_secs(30),
+                Line::Join,
+            )
+            .await
+        })
+    });
+    let mut held = Vec::new();
+    for c in futures::future::join_all(calls).await {
+        held.push(admitted(c??)?);
+    }
+    let other = Limiter::new(Redis::open(&SecretString::from(_redis.url()))?, "agentq");
+    let until = redis_ms(&mut conn).await? + 5_000;
+    other.learn(&route(&u), false, until, 0, 0).await?;
+    tokio::time::sleep(Duration::from_millis(110)).await;
+    match reserve(&l, &route(&u), 100, "after", true).await {
+        Admission::Wait {
+            eligible_at_ms,
+            reason: Refusal::Blocked,
+            ..
+        } => assert_eq!(eligible_at_ms, until),
+        other => bail!("a call {other:?} after the grant's span, during a block"),
+    }
+    for r in held {
+        l.reconcile(
+            &r,
+            Settlement {
+                used_tokens: Some(7),
+                not_served: false,
+                latency: Duration::from_millis(40),
+            },
+        )
+        .await?;
     }
     Ok(())
 }

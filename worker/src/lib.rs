@@ -131,7 +131,8 @@ pub async fn run(
     }) {
         tokio::task::spawn_blocking(move || llm::tokens::warm_up(&model));
     }
-    let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix);
+    let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix)
+        .with_grants(config.limiter_grants);
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let id = format!("{}-{}", sanitize(&host), uuid::Uuid::new_v4().simple());
     metrics.concurrency.set(config.concurrency as i64);

@@ -5,8 +5,9 @@
 //! and limits the upstream's headers report). See docs/architecture.md, "Flow control".
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use redis::{RedisResult, Script};
 use serde::Serialize;
@@ -87,6 +88,8 @@ pub struct Reservation {
     /// False when no scope counted the call or leased a slot (no limits apply yet): nothing to
     /// settle, so the call costs the limiter one round trip instead of two.
     held: bool,
+    /// The worker's grant the call was admitted from, if it was: it settles with the grant.
+    grant: Option<Arc<Mutex<Grant>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +138,17 @@ impl RouteKeys {
 
 /// Most calls one script call reserves or settles: bounds how long one script holds Redis.
 const MAX_BATCH: usize = 64;
+/// How long a grant lasts at most, and the span over which a route's pace is measured to size
+/// the next one: a block or a lower limit learned by another worker reaches a grant holder
+/// within this, and a grant is about what the worker's calls on the route use in it.
+const GRANT_SPAN: Duration = Duration::from_millis(100);
+/// Calls a route must see in a span before its worker asks for grants: below this the calls
+/// are few enough to reserve one by one, each decided by Redis.
+const MIN_GRANT: u64 = 16;
+/// Most calls one grant admits.
+const MAX_GRANT: u64 = 1024;
+/// Least concurrency slots a grant asks for.
+const MIN_GRANT_SLOTS: u64 = 16;
 /// Routes whose keys a limiter remembers; past it the cache starts over (the implicit upstream
 /// serves any model name a client gives, so the names must not pile up).
 const MAX_CACHED_ROUTES: usize = 1024;
@@ -148,9 +162,145 @@ pub struct Limiter {
 
 #[derive(Default)]
 struct Inner {
+    /// Whether hot routes take grants (`AGENTQ_LIMITER_GRANTS`).
+    grants_on: bool,
+    /// Names this process's grants (their slots are leases named after them).
+    id: String,
+    grants: AtomicU64,
     routes: Mutex<HashMap<String, HashMap<String, Arc<RouteKeys>>>>,
-    reserves: Mutex<Lanes<ReserveCall>>,
+    reserves: Mutex<HashMap<LaneKey, Lane>>,
     settles: Mutex<Lanes<SettleCall>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Calls on one route in one span: how many, their tokens, and the most that were in flight
+/// from a grant at once.
+#[derive(Debug, Default, Clone, Copy)]
+struct Span {
+    calls: u64,
+    tokens: u64,
+    peak: u64,
+}
+
+/// A route's reservations in this worker: the calls waiting for its script (group commit), the
+/// grant in force, and the pace that sizes the next grant.
+struct Lane {
+    calls: Vec<ReserveCall>,
+    flushing: bool,
+    grant: Option<Arc<Mutex<Grant>>>,
+    span_start: Instant,
+    this: Span,
+    last: Span,
+    /// A call found the grant's slots all in use: the next grant asks for a slot per request.
+    starved: bool,
+    lease_ms: u64,
+}
+
+impl Lane {
+    fn new(now: Instant) -> Self {
+        Self {
+            calls: Vec::new(),
+            flushing: false,
+            grant: None,
+            span_start: now,
+            this: Span::default(),
+            last: Span::default(),
+            starved: false,
+            lease_ms: 0,
+        }
+    }
+
+    fn tick(&mut self, now: Instant, tokens: u64) {
+        let age = now.saturating_duration_since(self.span_start);
+        if age >= GRANT_SPAN {
+            self.last = if age < 2 * GRANT_SPAN {
+                self.this
+            } else {
+                Span::default()
+            };
+            self.this = Span::default();
+            self.span_start = now;
+        }
+        self.this.calls += 1;
+        self.this.tokens += tokens;
+    }
+
+    /// What to ask for: about a span of this route's calls, or nothing when it is not hot.
+    fn grant_request(&self) -> Option<GrantAsk> {
+        let span = if self.this.calls > self.last.calls {
+            self.this
+        } else {
+            self.last
+        };
+        if span.calls < MIN_GRANT {
+            return None;
+        }
+        let n = (span.calls + span.calls / 4).min(MAX_GRANT);
+        let per_call = span.tokens.div_ceil(span.calls).max(1);
+        let tokens = per_call.saturating_mul(n + n / 4);
+        let peak = self.this.peak.max(self.last.peak);
+        let slots = if self.starved {
+            n
+        } else {
+            (2 * peak).max(MIN_GRANT_SLOTS).min(n)
+        };
+        Some((n, tokens, slots))
+    }
+}
+
+/// A grant to ask for: requests, tokens, concurrency slots.
+type GrantAsk = (u64, u64, u64);
+
+/// A share of the fleet's limits taken by this worker in one script call (see `reserve.lua`):
+/// its calls are admitted from it locally, and it is settled in one item when it is over and
+/// its last call has settled.
+#[derive(Debug)]
+pub(crate) struct Grant {
+    id: String,
+    sec: i64,
+    deadline: Instant,
+    requests: u64,
+    tokens: u64,
+    slots: u64,
+    /// Whether a scope counted it or leased its slots: only then is there anything to settle.
+    counted: bool,
+    left_requests: u64,
+    left_tokens: u64,
+    in_flight: u64,
+    served: u64,
+    used: u64,
+    latency_ms: u64,
+    latencies: u64,
+    closed: bool,
+    settled: bool,
+}
+
+impl Grant {
+    /// Closes the grant; the settlement to send when nothing of it is in flight any more.
+    fn close(&mut self) -> Option<SettleCallArgs> {
+        self.closed = true;
+        self.take_settlement()
+    }
+
+    fn take_settlement(&mut self) -> Option<SettleCallArgs> {
+        if !self.closed || self.in_flight > 0 || self.settled || !self.counted {
+            return None;
+        }
+        self.settled = true;
+        Some(SettleCallArgs {
+            sec: self.sec,
+            reserved: self.tokens,
+            used: self.used,
+            lease: self.id.clone(),
+            latency_ms: self.latency_ms.checked_div(self.latencies).unwrap_or(0),
+            handback: self.requests.saturating_sub(self.served),
+            served: self.served,
+            slots: self.slots,
+        })
+    }
 }
 
 /// Calls share a script only when its keys and its per-route arguments (limits, state TTL) are
@@ -184,13 +334,24 @@ struct ReserveCall {
     reply: oneshot::Sender<RedisResult<Admission>>,
 }
 
-struct SettleCall {
+/// One item of `reconcile.lua`: a call, or a whole grant.
+#[derive(Debug)]
+struct SettleCallArgs {
     sec: i64,
     reserved: u64,
     used: u64,
     lease: String,
     latency_ms: u64,
-    not_served: bool,
+    /// Requests handed back: a call that never reached the upstream, a grant's unused ones.
+    handback: u64,
+    /// Calls served (their used tokens and latency move the route's averages).
+    served: u64,
+    /// A grant's slots (`<lease>:1..slots`); 0 for a call's one lease.
+    slots: u64,
+}
+
+struct SettleCall {
+    args: SettleCallArgs,
     reply: oneshot::Sender<RedisResult<()>>,
 }
 
@@ -211,7 +372,7 @@ fn lost_flusher() -> redis::RedisError {
 
 /// Adds `call` to the route's lane; true when the caller must start the lane's flusher.
 fn enqueue<T>(lanes: &Mutex<Lanes<T>>, key: &LaneKey, call: T) -> bool {
-    let mut lanes = lanes.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lanes = lock(lanes);
     match lanes.get_mut(key) {
         Some(calls) => {
             calls.push(call);
@@ -227,7 +388,7 @@ fn enqueue<T>(lanes: &Mutex<Lanes<T>>, key: &LaneKey, call: T) -> bool {
 /// The next batch of a lane, or `None` (and the lane removed) when no call is waiting: the
 /// flusher's exit is decided under the same lock that `enqueue` takes, so no call is left behind.
 fn next_batch<T>(lanes: &Mutex<Lanes<T>>, key: &LaneKey) -> Option<Vec<T>> {
-    let mut lanes = lanes.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lanes = lock(lanes);
     let calls = lanes.get_mut(key)?;
     if calls.is_empty() {
         lanes.remove(key);
@@ -242,7 +403,24 @@ impl Limiter {
         Self {
             redis,
             prefix: prefix.into(),
-            inner: Arc::default(),
+            inner: Arc::new(Inner {
+                grants_on: true,
+                id: uuid::Uuid::new_v4().simple().to_string(),
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Whether routes called many times a moment take grants (on by default): off, every call
+    /// is decided by its own reservation in Redis. Set before the limiter is first used.
+    pub fn with_grants(self, on: bool) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                grants_on: on,
+                id: self.inner.id.clone(),
+                ..Inner::default()
+            }),
+            ..self
         }
     }
 
@@ -257,7 +435,7 @@ impl Limiter {
     /// The keys a call on `route` touches: the model scope always (blocks and learned limits
     /// live there), the upstream scope when the upstream has limits of its own.
     fn keys(&self, route: &Route<'_>) -> Arc<RouteKeys> {
-        let mut routes = self.inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = lock(&self.inner.routes);
         if let Some(k) = routes
             .get(route.upstream.name.as_str())
             .and_then(|m| m.get(route.model))
@@ -301,25 +479,102 @@ impl Limiter {
         head.push(self.state_ttl(route, implicit));
         head.extend(scope_args(&route.model_limits));
         head.extend(scope_args(&route.upstream.limits));
-        let (tx, rx) = oneshot::channel();
-        let call = ReserveCall {
-            tokens: tokens.max(1),
-            lease: lease_id.to_owned(),
-            lease_ms: lease.as_millis() as u64,
-            line,
-            reply: tx,
-        };
+        let tokens = tokens.max(1);
+        let lease_ms = lease.as_millis() as u64;
         let key = (keys, head);
-        if enqueue(&self.inner.reserves, &key, call) {
+        let now = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let (spawn, to_settle) = {
+            let mut lanes = lock(&self.inner.reserves);
+            if !lanes.contains_key(&key) {
+                if lanes.len() >= MAX_CACHED_ROUTES {
+                    // routes gone quiet; a lane that is busy or holds a grant stays
+                    lanes.retain(|_, l| l.flushing || !l.calls.is_empty() || l.grant.is_some());
+                }
+                lanes.insert(key.clone(), Lane::new(now));
+            }
+            let Some(lane) = lanes.get_mut(&key) else {
+                return Err(lost_flusher());
+            };
+            lane.tick(now, tokens);
+            lane.lease_ms = lease_ms;
+            let mut to_settle = None;
+            // A parked task's turn is decided by Redis: it moves the line.
+            if let (Some(g), false) = (lane.grant.clone(), line == Line::Turn) {
+                let mut gr = lock(&g);
+                let open = !gr.closed && now < gr.deadline && gr.left_requests > 0;
+                if open && gr.left_tokens >= tokens && (gr.slots == 0 || gr.in_flight < gr.slots) {
+                    gr.left_requests -= 1;
+                    gr.left_tokens -= tokens;
+                    gr.in_flight += 1;
+                    lane.this.peak = lane.this.peak.max(gr.in_flight);
+                    return Ok(Admission::Admitted(Reservation {
+                        keys: key.0.clone(),
+                        sec: gr.sec,
+                        tokens,
+                        lease: String::new(),
+                        held: gr.counted,
+                        grant: Some(g.clone()),
+                    }));
+                }
+                if open {
+                    // spent its slots or tokens before its requests: this call asks Redis, and
+                    // the next grant comes with a slot per request
+                    lane.starved |= gr.slots > 0 && gr.in_flight >= gr.slots;
+                } else {
+                    to_settle = gr.close();
+                    lane.grant = None;
+                }
+            }
+            lane.calls.push(ReserveCall {
+                tokens,
+                lease: lease_id.to_owned(),
+                lease_ms,
+                line,
+                reply: tx,
+            });
+            let spawn = !lane.flushing;
+            lane.flushing = true;
+            (spawn, to_settle)
+        };
+        if let Some(args) = to_settle {
+            let (this, keys) = (self.clone(), key.0.clone());
+            tokio::spawn(async move { this.settle_grant(keys, args).await });
+        }
+        if spawn {
             let this = self.clone();
             tokio::spawn(async move { this.flush_reserves(key).await });
         }
         rx.await.unwrap_or_else(|_| Err(lost_flusher()))
     }
 
+    /// The next batch of a route's waiting calls and the grant to ask for with it, or `None`
+    /// (the flusher stops) when no call waits: decided under the lock `reserve` takes, so no
+    /// call is left behind.
+    fn next_reserves(&self, key: &LaneKey) -> Option<(Vec<ReserveCall>, Option<GrantAsk>, u64)> {
+        let mut lanes = lock(&self.inner.reserves);
+        let lane = lanes.get_mut(key)?;
+        if lane.calls.is_empty() {
+            lane.flushing = false;
+            return None;
+        }
+        let take = lane.calls.len().min(MAX_BATCH);
+        let calls: Vec<ReserveCall> = lane.calls.drain(..take).collect();
+        let usable = lane.grant.as_ref().is_some_and(|g| {
+            let g = lock(g);
+            !g.closed && g.left_requests > 0 && Instant::now() < g.deadline && !lane.starved
+        });
+        let ask = if usable || !self.inner.grants_on {
+            None
+        } else {
+            lane.grant_request()
+        };
+        Some((calls, ask, lane.lease_ms))
+    }
+
     async fn flush_reserves(&self, key: LaneKey) {
         let (keys, head) = &key;
-        while let Some(calls) = next_batch(&self.inner.reserves, &key) {
+        while let Some((calls, ask, lease_ms)) = self.next_reserves(&key) {
             let mut inv = RESERVE.prepare_invoke();
             for k in &keys.0 {
                 inv.key(k);
@@ -327,18 +582,37 @@ impl Limiter {
             for v in head {
                 inv.arg(*v);
             }
+            let (gn, gt, gc) = ask.unwrap_or((0, 0, 0));
+            let gid = if gn > 0 {
+                let n = self.inner.grants.fetch_add(1, Ordering::Relaxed);
+                format!("g:{}:{n}", self.inner.id)
+            } else {
+                String::new()
+            };
+            inv.arg(gn)
+                .arg(gt)
+                .arg(gc)
+                .arg(&gid)
+                .arg(lease_ms)
+                .arg(GRANT_SPAN.as_millis() as u64);
             for c in &calls {
                 inv.arg(c.tokens)
                     .arg(&c.lease)
                     .arg(c.lease_ms)
                     .arg(c.line.arg());
             }
+            // the grant's time counts from before the script ran: it ends no later than Redis
+            // said
+            let sent = Instant::now();
             let out: RedisResult<Vec<redis::Value>> = match self.redis.conn().await {
                 Ok(mut conn) => inv.invoke_async(&mut conn).await,
                 Err(e) => Err(e),
             };
             match out {
                 Ok(out) => {
+                    if gn > 0 {
+                        self.install_grant(&key, &out, calls.len() * 4, gid, sent);
+                    }
                     for (i, c) in calls.into_iter().enumerate() {
                         let got = admission(&out, i * 4, keys, c.tokens, &c.lease);
                         let _ = c.reply.send(got);
@@ -353,6 +627,87 @@ impl Limiter {
         }
     }
 
+    /// Puts the grant `reserve.lua` gave (six values from `at`) in force on the route, and ends
+    /// it when its time is up.
+    fn install_grant(
+        &self,
+        key: &LaneKey,
+        out: &[redis::Value],
+        at: usize,
+        id: String,
+        sent: Instant,
+    ) {
+        let int = |i: usize| -> i64 {
+            out.get(at + i)
+                .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+                .unwrap_or(0)
+        };
+        let requests = int(0).max(0) as u64;
+        if requests == 0 {
+            return;
+        }
+        let deadline = sent + Duration::from_millis(int(3).max(0) as u64);
+        let tokens = int(1).max(0) as u64;
+        let grant = Arc::new(Mutex::new(Grant {
+            id,
+            sec: int(4),
+            deadline,
+            requests,
+            tokens,
+            slots: int(2).max(0) as u64,
+            counted: int(5) != 0,
+            left_requests: requests,
+            left_tokens: tokens,
+            in_flight: 0,
+            served: 0,
+            used: 0,
+            latency_ms: 0,
+            latencies: 0,
+            closed: false,
+            settled: false,
+        }));
+        let replaced = {
+            let mut lanes = lock(&self.inner.reserves);
+            match lanes.get_mut(key) {
+                Some(lane) => {
+                    lane.starved = false;
+                    lane.grant.replace(grant.clone())
+                }
+                // the lane is gone (pruned): the grant is never used, settle it at once
+                None => Some(grant.clone()),
+            }
+        };
+        let keys = key.0.clone();
+        if let Some(args) = replaced.and_then(|g| lock(&g).close()) {
+            let (this, keys) = (self.clone(), keys.clone());
+            tokio::spawn(async move { this.settle_grant(keys, args).await });
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            let args = lock(&grant).close();
+            if let Some(args) = args {
+                this.settle_grant(keys, args).await;
+            }
+        });
+    }
+
+    async fn settle_grant(&self, keys: Arc<RouteKeys>, args: SettleCallArgs) {
+        if let Err(e) = self.send_settle(keys, args).await {
+            tracing::warn!(error = %e, "could not settle a flow grant; it ages out");
+        }
+    }
+
+    async fn send_settle(&self, keys: Arc<RouteKeys>, args: SettleCallArgs) -> RedisResult<()> {
+        let (tx, rx) = oneshot::channel();
+        let key = (keys, Vec::new());
+        if enqueue(&self.inner.settles, &key, SettleCall { args, reply: tx }) {
+            let this = self.clone();
+            tokio::spawn(async move { this.flush_settles(key).await });
+        }
+        rx.await.unwrap_or_else(|_| Err(lost_flusher()))
+    }
+
     /// Settles a reservation: tokens become what was used (unused ones return to the window),
     /// a request the upstream never counted is handed back, the lease ends. Settlements on one
     /// route that arrive together share one script call.
@@ -365,22 +720,38 @@ impl Limiter {
             (None, true) => 0,
             (None, false) => r.tokens,
         };
-        let (tx, rx) = oneshot::channel();
-        let call = SettleCall {
+        if let Some(g) = &r.grant {
+            // admitted from a grant: counted in it, settled with it once it is over
+            let args = {
+                let mut g = lock(g);
+                g.in_flight = g.in_flight.saturating_sub(1);
+                if !s.not_served {
+                    g.served += 1;
+                    g.used += used;
+                }
+                let ms = s.latency.as_millis() as u64;
+                if ms > 0 {
+                    g.latency_ms += ms;
+                    g.latencies += 1;
+                }
+                g.take_settlement()
+            };
+            return match args {
+                Some(args) => self.send_settle(r.keys.clone(), args).await,
+                None => Ok(()),
+            };
+        }
+        let args = SettleCallArgs {
             sec: r.sec,
             reserved: r.tokens,
             used,
             lease: r.lease.clone(),
             latency_ms: s.latency.as_millis() as u64,
-            not_served: s.not_served,
-            reply: tx,
+            handback: u64::from(s.not_served),
+            served: u64::from(!s.not_served),
+            slots: 0,
         };
-        let key = (r.keys.clone(), Vec::new());
-        if enqueue(&self.inner.settles, &key, call) {
-            let this = self.clone();
-            tokio::spawn(async move { this.flush_settles(key).await });
-        }
-        rx.await.unwrap_or_else(|_| Err(lost_flusher()))
+        self.send_settle(r.keys.clone(), args).await
     }
 
     async fn flush_settles(&self, key: LaneKey) {
@@ -391,12 +762,15 @@ impl Limiter {
                 inv.key(k);
             }
             for c in &calls {
-                inv.arg(c.sec)
-                    .arg(c.reserved)
-                    .arg(c.used)
-                    .arg(&c.lease)
-                    .arg(c.latency_ms)
-                    .arg(u8::from(c.not_served));
+                let a = &c.args;
+                inv.arg(a.sec)
+                    .arg(a.reserved)
+                    .arg(a.used)
+                    .arg(&a.lease)
+                    .arg(a.latency_ms)
+                    .arg(a.handback)
+                    .arg(a.served)
+                    .arg(a.slots);
             }
             let out: RedisResult<i64> = match self.redis.conn().await {
                 Ok(mut conn) => inv.invoke_async(&mut conn).await,
@@ -504,6 +878,7 @@ fn admission(
             tokens,
             lease: lease.to_owned(),
             held: int(2)? != 0,
+            grant: None,
         }),
         2 => Admission::TooLarge {
             tpm: int(1)?.max(0) as u64,

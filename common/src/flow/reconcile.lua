@@ -2,25 +2,33 @@
 -- (unused reserved tokens go back), a request that never reached the upstream is handed back,
 -- and the concurrency leases end. One script call settles a batch of calls on the same route
 -- (the worker coalesces the settlements that arrive together), with the same result as settling
--- them one by one.
+-- them one by one. An item is one call, or a whole grant (see reserve.lua): the calls it served,
+-- the requests it did not use handed back, its slots released.
 -- KEYS: as for reserve.lua (model scope hash, its leases, [upstream scope hash, its leases]).
--- ARGV, six values per call: the reservation's bucket second, tokens reserved, tokens used,
--- lease id, call latency ms (0: unknown), 1 to hand the request back.
+-- ARGV, eight values per item: the reservation's bucket second, tokens reserved, tokens used,
+-- lease id, call latency ms (0: unknown; a grant's: the mean of its calls), requests to hand
+-- back (1 for a call that never reached the upstream), calls served (a call: 1, or 0 when
+-- handed back; used tokens and latency count once per call served), slots (a grant's leases
+-- `<id>:1..slots`; 0: the one lease named by the id, if any).
 -- A bucket that already left the window is not touched: what it held no longer counts anyway.
--- Returns the number of (scope, call) settlements that adjusted a window.
-local n = math.floor(#ARGV / 6)
+-- Returns the number of (scope, item) settlements that adjusted a window.
+local n = math.floor(#ARGV / 8)
 local adjusted = 0
+-- a grant's calls move the averages as that many calls with its mean would; past this many the
+-- old value no longer shows (0.8^30 < 0.002)
+local MAX_SAMPLES = 30
 
--- The calls, grouped by bucket second (a batch spans one or two seconds): token and request
+-- The items, grouped by bucket second (a batch spans one or two seconds): token and request
 -- deltas per second, and what the model's averages become, computed once for every scope.
-local secs, dt, dr, count, leases = {}, {}, {}, {}, {}
-local used_k, used_v, nused = {}, {}, 0
-local lat_seq, nlat = {}, 0
+local secs, dt, dr, count, leases, nleases = {}, {}, {}, {}, {}, 0
+local used_k, used_v, used_n, nused = {}, {}, {}, 0
+local lat_seq, lat_n, nlat = {}, {}, 0
 local by_sec = {}
 for j = 0, n - 1 do
-  local b = j * 6
+  local b = j * 8
   local sec = tonumber(ARGV[1 + b])
   local used = tonumber(ARGV[3 + b])
+  local served = tonumber(ARGV[7 + b])
   local k = by_sec[sec]
   if not k then
     k = #secs + 1
@@ -28,17 +36,26 @@ for j = 0, n - 1 do
   end
   count[k] = count[k] + 1
   dt[k] = dt[k] + used - tonumber(ARGV[2 + b])
-  if ARGV[6 + b] == '1' then
-    dr[k] = dr[k] - 1
-  else
+  dr[k] = dr[k] - tonumber(ARGV[6 + b])
+  if served > 0 then
     nused = nused + 1
-    used_k[nused], used_v[nused] = k, used
+    used_k[nused], used_v[nused], used_n[nused] = k, math.floor(used / served + 0.5),
+      math.min(served, MAX_SAMPLES)
   end
-  leases[j + 1] = ARGV[4 + b]
+  local lease, slots = ARGV[4 + b], tonumber(ARGV[8 + b])
+  if slots > 0 then
+    for q = 1, slots do
+      nleases = nleases + 1
+      leases[nleases] = lease .. ':' .. q
+    end
+  elseif lease ~= '' then
+    nleases = nleases + 1
+    leases[nleases] = lease
+  end
   local l = tonumber(ARGV[5 + b])
   if l > 0 then
     nlat = nlat + 1
-    lat_seq[nlat] = l
+    lat_seq[nlat], lat_n[nlat] = l, math.max(1, math.min(served, MAX_SAMPLES))
   end
 end
 
@@ -73,7 +90,9 @@ for i = 0, 1 do
     for q = 1, nused do
       if live[used_k[q]] then
         local u = used_v[q]
-        if tok then tok = math.floor(tok * 0.8 + u * 0.2 + 0.5) else tok = u end
+        for _ = 1, used_n[q] do
+          if tok then tok = math.floor(tok * 0.8 + u * 0.2 + 0.5) else tok = u end
+        end
         tok_seen = true
       end
     end
@@ -84,7 +103,9 @@ for i = 0, 1 do
     local lat = tonumber(st[3])
     if i == 0 then
       for q = 1, nlat do
-        if lat then lat = math.floor(lat * 0.8 + lat_seq[q] * 0.2) else lat = lat_seq[q] end
+        for _ = 1, lat_n[q] do
+          if lat then lat = math.floor(lat * 0.8 + lat_seq[q] * 0.2) else lat = lat_seq[q] end
+        end
       end
     end
     if tok_seen and i == 0 and nlat > 0 then
@@ -94,7 +115,7 @@ for i = 0, 1 do
     elseif i == 0 and nlat > 0 then
       redis.call('HSET', h, 'lat', lat)
     end
-    redis.call('ZREM', KEYS[2 + i * 2], unpack(leases))
+    if nleases > 0 then redis.call('ZREM', KEYS[2 + i * 2], unpack(leases)) end
   end
 end
 return adjusted

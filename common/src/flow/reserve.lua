@@ -6,7 +6,8 @@
 -- KEYS[1] model scope hash, KEYS[2] its leases zset, [KEYS[3] upstream scope hash, KEYS[4] its
 -- leases zset] (the upstream scope only when the upstream has limits of its own).
 -- ARGV[1] state TTL ms (0: none), ARGV[2..4] model scope rpm, tpm, concurrency, ARGV[5..7]
--- upstream scope's (0 = no limit), then per call four values from ARGV[8]: tokens to reserve
+-- upstream scope's (0 = no limit), ARGV[8..13] a grant request (see below; ARGV[8] = 0: none),
+-- then per call four values from ARGV[14]: tokens to reserve
 -- (estimated prompt + max_tokens), lease id, lease length ms (a crashed worker's lease ends by
 -- itself), and the call's place in the line of parked tasks: 0 probe (a model
 -- with fallbacks after it: a line counts as a refusal, no turn is taken), 1 join (a new arrival
@@ -17,6 +18,20 @@
 -- held 0 when no scope counted anything or took a lease, so there is nothing to settle),
 -- {0, eligible_ms, reason, limit} not now, or {2, limit, 0, 0} when the call alone needs more
 -- tokens than a minute allows.
+--
+-- Grants. A worker whose route is hot (many calls a moment) also asks for a grant: ARGV[8]
+-- requests, ARGV[9] tokens, ARGV[10] concurrency slots, ARGV[11] the grant's id (its slots are
+-- leases `<id>:1..n`), ARGV[12] their lease length ms, ARGV[13] the longest the grant may last
+-- ms. Granted, they are counted now, in this second's bucket, exactly as that many calls
+-- reserved at once would be; the worker admits its calls from the grant with no script until it
+-- is spent or over, then settles it in one `reconcile.lua` item (what its calls used, the
+-- requests they did not make handed back, the slots released). A grant is given only far from
+-- every limit (at most a quarter of what is left of each, so workers cannot hoard a minute and
+-- near a limit every call is decided here one by one), never to a scope that is blocked or has a
+-- line of parked tasks or refused a call of this batch, and it lasts at most until this second
+-- ends: every call it admits falls in the bucket it was counted in, and a block or a learned
+-- limit reaches a grant holder when its grant ends. Six values follow the calls' replies:
+-- {requests, tokens, slots, valid_ms, sec, counted}, requests 0 when no grant.
 --
 -- Window: a sliding minute of 1 s buckets (`r:<sec>` requests, `t:<sec>` tokens, running sums
 -- `rsum`/`tsum`, oldest live bucket `head`). A bucket counts until 61 s after it opened, so every
@@ -152,7 +167,8 @@ end
 
 local out = {}
 local o = 0
-local n = math.floor((#ARGV - 7) / 4)
+local n = math.floor((#ARGV - 13) / 4)
+local any_refused = false
 local nscopes = #scopes
 -- Per call state of the decision, reset for each call (no closure or table per call: the loop
 -- below is the per-call cost of a batch, kept to plain arithmetic).
@@ -170,8 +186,8 @@ local function refuse(s, at, why, lim)
   end
 end
 for i = 0, n - 1 do
-  local tokens = tonumber(ARGV[8 + i * 4])
-  local mode = ARGV[11 + i * 4]
+  local tokens = tonumber(ARGV[14 + i * 4])
+  local mode = ARGV[17 + i * 4]
   joining = mode == '1' or mode == '2'
   wait_until, reason, limit, binding, bound_at = 0, nil, 0, nil, 0
   local too_large = nil
@@ -201,6 +217,7 @@ for i = 0, n - 1 do
       if s.line and s.cursor > now then refuse(s, s.cursor, s.line, 0) end
     end
   end
+  if too_large or reason then any_refused = true end
   if too_large then
     out[o + 1], out[o + 2], out[o + 3], out[o + 4] = 2, too_large, 0, 0
   elseif reason then
@@ -234,16 +251,64 @@ for i = 0, n - 1 do
       if s.conc > 0 then
         held = 1
         s.held = s.held + 1
-        local lease_ms = tonumber(ARGV[10 + i * 4])
+        local lease_ms = tonumber(ARGV[16 + i * 4])
         local nl = s.new_leases
         nl[#nl + 1] = now + lease_ms
-        nl[#nl + 1] = ARGV[9 + i * 4]
+        nl[#nl + 1] = ARGV[15 + i * 4]
         if lease_ms > s.lease_ms then s.lease_ms = lease_ms end
       end
     end
     out[o + 1], out[o + 2], out[o + 3], out[o + 4] = 1, sec, held, 0
   end
   o = o + 4
+end
+
+-- The grant, decided after the batch's own calls (they asked first).
+local gn, gt, gc = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local valid = math.min(tonumber(ARGV[13]), (sec + 1) * 1000 - now)
+local counted, leased = false, false
+if gn > 0 and not any_refused and valid >= 5 then
+  for j = 1, nscopes do
+    local s = scopes[j]
+    if s.blocked > now or (s.line and s.cursor > now) then gn = 0 end
+    if s.counted then
+      counted = true
+      if s.rpm > 0 then gn = math.min(gn, math.floor((s.rpm - s.rsum) / 4)) end
+      if s.tpm > 0 then gt = math.min(gt, math.floor((s.tpm - s.tsum) / 4)) end
+    end
+    if s.conc > 0 then
+      leased = true
+      gc = math.min(gc, math.floor((s.conc - s.held) / 4))
+    end
+  end
+  if not leased then gc = 0 end
+  if gn < 4 or gt < 1 or (leased and gc < 1) then gn = 0 end
+else
+  gn = 0
+end
+if gn > 0 then
+  local lease_until = now + valid + tonumber(ARGV[12])
+  for j = 1, nscopes do
+    local s = scopes[j]
+    if s.counted then
+      s.nr = s.nr + gn
+      s.nt = s.nt + gt
+      s.rsum = s.rsum + gn
+      s.tsum = s.tsum + gt
+    end
+    if s.conc > 0 then
+      local nl = s.new_leases
+      for k = 1, gc do
+        nl[#nl + 1] = lease_until
+        nl[#nl + 1] = ARGV[11] .. ':' .. k
+      end
+      if valid + tonumber(ARGV[12]) > s.lease_ms then s.lease_ms = valid + tonumber(ARGV[12]) end
+    end
+  end
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = gn, gt, gc, valid, sec
+  out[o + 6] = (counted or leased) and 1 or 0
+else
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] = 0, 0, 0, 0, sec, 0
 end
 
 -- Write back what the batch changed, once per scope.
