@@ -411,11 +411,11 @@ def slowlog(port, *roots):
 
 
 # the limiter phase's variants, in the order of the report; (variant, minus) pairs for the deltas
-LIMITER_ORDER = ["before", "implicit", "limits", "limits-steady", "limits-rate", "before-openai", "implicit-openai",
-                 "limits-openai"]
+LIMITER_ORDER = ["before", "implicit", "limits", "limits-steady", "limits-rate", "limits-percall", "before-openai",
+                 "implicit-openai", "limits-openai"]
 LIMITER_DELTAS = [
     ("limits", "before", True), ("limits-steady", "before", True), ("limits-openai", "before-openai", True),
-    ("limits-rate", "before", True),
+    ("limits-rate", "before", True), ("limits-percall", "before", False), ("limits", "limits-percall", False),
     ("limits-steady", "limits", False), ("limits", "limits-rate", False),
     ("implicit", "before", False), ("implicit-openai", "before-openai", False),
     ("limits", "implicit", False), ("limits-openai", "implicit-openai", False),
@@ -439,11 +439,14 @@ LIMITER_FIGURES = [
 LIMITER_TARGET_US = 15.0
 LIMITER_VARIANTS = {
     "before": "binaries of AGENTQ_BENCH_BEFORE_BIN_DIR (before flow control), AGENTQ_MODEL=mock-gpt",
-    "implicit": "AGENTQ_BENCH_BIN_DIR, no AGENTQ_UPSTREAMS (implicit upstream: one reserve.lua per call, nothing held)",
+    "implicit": "AGENTQ_BENCH_BIN_DIR, no AGENTQ_UPSTREAMS (implicit upstream: nothing counted or held; calls "
+                "admitted from grants once the route is hot)",
     "limits": "AGENTQ_BENCH_BIN_DIR, AGENTQ_UPSTREAMS: one upstream serving mock-gpt, rpm/tpm/concurrency set on the "
               "upstream and in model_limits, far above reach; scopes start from an empty window",
     "limits-steady": "as limits, the scopes start from a minute of 1 s buckets (~125 hash fields), as in steady operation",
     "limits-rate": "as limits without concurrency (rpm and tpm on the upstream and the model): windows counted, no leases",
+    "limits-percall": "as limits with AGENTQ_LIMITER_GRANTS=0: no grants, every call reserved and settled by its own item "
+                      "of a script (group commit only)",
     "before-openai": "as before, AGENTQ_MODEL=gpt-4o-mini",
     "implicit-openai": "as implicit, AGENTQ_MODEL=gpt-4o-mini (prompt tokens counted with tiktoken's o200k_base)",
     "limits-openai": "as limits, serving gpt-4o-mini (tiktoken)",

@@ -204,9 +204,10 @@ for m in "${MOCKS[@]}"; do
 done
 
 WORKER_PID=""; WORKER_URL=""
-start_worker() { # CONCURRENCY MOCK_PORT [BIN_DIR MODEL UPSTREAMS_FILE]
+start_worker() { # CONCURRENCY MOCK_PORT [BIN_DIR MODEL UPSTREAMS_FILE [VAR=VALUE]]
   local wport bin=${3:-$BIN} model=${4:-mock-gpt} ups=()
   [[ -n ${5:-} ]] && ups=(AGENTQ_UPSTREAMS="$5")
+  [[ -n ${6:-} ]] && ups+=("$6")
   wport=$(port)
   spawn worker env AGENTQ_LISTEN=127.0.0.1:$wport REDIS_URL="$REDIS_URL" \
     OPENAI_BASE_URL=http://127.0.0.1:$2/v1 OPENAI_API_KEY=bench AGENTQ_MODEL="$model" "${ups[@]}" \
@@ -254,8 +255,8 @@ EOF
   echo "$f"
 }
 STAGING='agentq:{default}:bench-staging'
-phase_limiter() { # VARIANT ROUND BIN_DIR MODEL UPSTREAMS_FILE('' = none) [WINDOW empty|steady]
-  local v=$1 i=$2 bin=$3 model=$4 ups=$5 win=${6:-empty} n=$DRAIN_N loadj la idlej cpu0 w0 r0 m0 rec stats slow hwm scopes=() try
+phase_limiter() { # VARIANT ROUND BIN_DIR MODEL UPSTREAMS_FILE('' = none) [WINDOW empty|steady [VAR=VALUE]]
+  local v=$1 i=$2 bin=$3 model=$4 ups=$5 win=${6:-empty} wenv=${7:-} n=$DRAIN_N loadj la idlej cpu0 w0 r0 m0 rec stats slow hwm scopes=() try
   for try in 1 2 3; do
     ensure_mock0
     reset_redis
@@ -265,7 +266,7 @@ phase_limiter() { # VARIANT ROUND BIN_DIR MODEL UPSTREAMS_FILE('' = none) [WINDO
       $B seed "$RPORT" "$win" "${scopes[@]}" >/dev/null
     fi
     la=$(loadavg)
-    start_worker "$DRAIN_CONC" "$M0PORT" "$bin" "$model" "$ups"
+    start_worker "$DRAIN_CONC" "$M0PORT" "$bin" "$model" "$ups" "$wenv"
     wait_http "$WORKER_URL/readyz"
     # the worker's start-up (and the HEAD worker's tokenizer warm-up) stays out of the figures
     idlej=$($B idle "$WORKER_PID")
@@ -289,6 +290,9 @@ phase_limiter() { # VARIANT ROUND BIN_DIR MODEL UPSTREAMS_FILE('' = none) [WINDO
     stop "$WORKER_PID"
     [[ $try -eq 3 ]] && { echo "run.sh: $v round $i failed 3 times" >&2; exit 1; }
   done
+  # CPU is read; a grant still open when the drain ended settles within its 100 ms span, and the
+  # window and the leases are checked after it
+  sleep 0.3
   stats=$($B flowstats "$RPORT" "$WORKER_URL/metrics" "${scopes[@]}")
   slow='{}'
   if [[ -n ${BENCH_SLOWLOG:-} ]]; then
@@ -323,7 +327,9 @@ if [[ -n ${LIMITER:-} ]]; then
   [[ -n $BEFORE_BIN ]] && VARIANTS+=("before|$BEFORE_BIN|mock-gpt|")
   # limits: the scopes start from an empty window; limits-steady: from a minute of 1 s buckets, as
   # in steady operation (bench.py seed)
-  VARIANTS+=("implicit|$BIN|mock-gpt|" "limits|$BIN|mock-gpt|$UPS_MOCK" "limits-steady|$BIN|mock-gpt|$UPS_MOCK|steady" "limits-rate|$BIN|mock-gpt|$UPS_RATE")
+  # limits-percall: the same binaries with grants off (AGENTQ_LIMITER_GRANTS=0), every call
+  # reserved and settled by its own item of a script, as before grants
+  VARIANTS+=("implicit|$BIN|mock-gpt|" "limits|$BIN|mock-gpt|$UPS_MOCK" "limits-steady|$BIN|mock-gpt|$UPS_MOCK|steady" "limits-rate|$BIN|mock-gpt|$UPS_RATE" "limits-percall|$BIN|mock-gpt|$UPS_MOCK|empty|AGENTQ_LIMITER_GRANTS=0")
   [[ -n $BEFORE_BIN ]] && VARIANTS+=("before-openai|$BEFORE_BIN|gpt-4o-mini|")
   VARIANTS+=("implicit-openai|$BIN|gpt-4o-mini|" "limits-openai|$BIN|gpt-4o-mini|$UPS_OAI")
   if [[ -n ${BENCH_LIMITER_VARIANTS:-} ]]; then # a comma-separated subset
@@ -341,8 +347,8 @@ if [[ -n ${LIMITER:-} ]]; then
       order=(); for (( j=${#VARIANTS[@]}-1; j>=0; j-- )); do order+=("${VARIANTS[j]}"); done
     fi
     for spec in "${order[@]}"; do
-      IFS='|' read -r v vbin vmodel vups vwin <<< "$spec"
-      phase_limiter "$v" "$i" "$vbin" "$vmodel" "$vups" "${vwin:-empty}"
+      IFS='|' read -r v vbin vmodel vups vwin venv <<< "$spec"
+      phase_limiter "$v" "$i" "$vbin" "$vmodel" "$vups" "${vwin:-empty}" "${venv:-}"
     done
   done
   $B limiter-report "$RUNS_FILE" "$OUT" "$MODE" "$RUNS" "$WORK/meta.json"

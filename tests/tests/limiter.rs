@@ -731,5 +731,39 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
         )
         .await?;
     }
+
+    // a block this worker learns itself (its own 429) ends its grant at once
+    // (the block lifted, and the line the refused call joined behind it gone)
+    let _: () = conn
+        .hdel(key, &["blocked_until", "cursor", "line"][..])
+        .await?;
+    let calls = (0..WAVE).map(|i| {
+        let (l, u) = (l.clone(), u.clone());
+        tokio::spawn(async move {
+            l.reserve(
+                &route(&u),
+                false,
+                100,
+                &format!("c{i}"),
+                Duration::from_secs(30),
+                Line::Join,
+            )
+            .await
+        })
+    });
+    let mut held = Vec::new();
+    for c in futures::future::join_all(calls).await {
+        held.push(admitted(c??)?);
+    }
+    admitted(reserve(&l, &route(&u), 100, "from-grant", true).await)?;
+    let until = redis_ms(&mut conn).await? + 5_000;
+    l.learn(&route(&u), false, until, 0, 0).await?;
+    match reserve(&l, &route(&u), 100, "own", true).await {
+        Admission::Wait {
+            reason: Refusal::Blocked,
+            ..
+        } => {}
+        other => bail!("a call {other:?} right after this worker learned a block"),
+    }
     Ok(())
 }

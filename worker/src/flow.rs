@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use agentq_common::flow::{Admission, Line, Reservation, Route, Settlement};
+use agentq_common::flow::{Admission, Estimate, Line, Reservation, Route, Settlement};
 use agentq_common::task::{Fallback, Message, StartedTask, TaskResult};
 use agentq_common::time::now_ms;
 
@@ -61,8 +61,21 @@ impl Worker {
                 continue;
             };
             let (up, label) = (route.upstream.name.as_str(), llm.label(model));
+            // The heuristic (one token per 3 bytes) costs nothing; the real tokenizer only where a
+            // tpm limit is configured, and only for a call Redis decides (one admitted from a
+            // grant is far from every limit: its estimate only sizes what is settled after).
             let exact = tpm_configured(&route);
-            let estimate = tokens::prompt_tokens(model, messages, exact) + u64::from(output);
+            let quick = tokens::prompt_tokens(model, messages, false) + u64::from(output);
+            let estimate = Estimate {
+                quick,
+                exact: || {
+                    if exact {
+                        tokens::prompt_tokens(model, messages, true) + u64::from(output)
+                    } else {
+                        quick
+                    }
+                },
+            };
             let lease = format!("{}:{}:{i}", task.id, task.token);
             let line = match (last, task.turn_at_ms > 0) {
                 (false, _) => Line::Probe,
@@ -71,7 +84,7 @@ impl Worker {
             };
             let admission = self
                 .limiter
-                .reserve(
+                .reserve_estimated(
                     &route,
                     implicit,
                     estimate,
@@ -101,6 +114,9 @@ impl Worker {
                         .with_label_values(&[up, label, "too_large"])
                         .inc();
                     fallbacks.push(skipped(model, up, "too_large"));
+                    // rare: counted again for the message
+                    let estimate =
+                        tokens::prompt_tokens(model, messages, exact) + u64::from(output);
                     failure.get_or_insert(LlmFailure::Permanent {
                         outcome: "too_large",
                         message: format!(

@@ -2,7 +2,10 @@
 //! of an upstream hold however many workers run. One atomic script per step, beside this file:
 //! `reserve.lua` (admit, or say when), `reconcile.lua` (settle to the usage reported, refund
 //! what a failed call did not use, end the concurrency lease) and `learn.lua` (a 429's block,
-//! and limits the upstream's headers report). See docs/architecture.md, "Flow control".
+//! and limits the upstream's headers report). Calls on one route that ask together share a
+//! script call (group commit); a route called many times a moment takes grants instead, a share
+//! of its limits admitted from locally and settled in one step (`Grant`). See
+//! docs/architecture.md, "Flow control".
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,6 +108,15 @@ pub enum Admission {
     TooLarge {
         tpm: u64,
     },
+}
+
+/// A call's tokens estimated two ways, for [`Limiter::reserve_estimated`]. `quick`: cheap, and
+/// not far below the real count (a call admitted from a grant reserves it: far from every limit
+/// the estimate only sizes a reservation that is settled to the usage reported). `exact`: the
+/// count Redis decides the call by, near a limit; computed only when Redis decides the call.
+pub struct Estimate<F: FnOnce() -> u64> {
+    pub quick: u64,
+    pub exact: F,
 }
 
 /// How a call ended, for [`Limiter::reconcile`].
@@ -460,6 +472,26 @@ impl Limiter {
         k
     }
 
+    /// The lane of `route`: its keys and the per-route arguments of its scripts.
+    fn lane_key(&self, route: &Route<'_>, implicit: bool) -> LaneKey {
+        let mut head = Vec::with_capacity(7);
+        head.push(self.state_ttl(route, implicit));
+        head.extend(scope_args(&route.model_limits));
+        head.extend(scope_args(&route.upstream.limits));
+        (self.keys(route), head)
+    }
+
+    /// Ends the grant in force on `route`, if any: no call is admitted from it any more.
+    fn end_grant(&self, key: &LaneKey) {
+        let grant = lock(&self.inner.reserves)
+            .get_mut(key)
+            .and_then(|l| l.grant.take());
+        if let Some(args) = grant.and_then(|g| lock(&g).close()) {
+            let (this, keys) = (self.clone(), key.0.clone());
+            tokio::spawn(async move { this.settle_grant(keys, args).await });
+        }
+    }
+
     /// Reserves one call of `tokens` (estimated prompt + output cap) on `route`. `lease_id`
     /// names the concurrency lease (unique per call); `lease` is how long it may be held at most
     /// (a crashed worker's lease ends by itself). `line`: where the call stands in the line of
@@ -474,17 +506,30 @@ impl Limiter {
         lease: Duration,
         line: Line,
     ) -> RedisResult<Admission> {
-        let keys = self.keys(route);
-        let mut head = Vec::with_capacity(7);
-        head.push(self.state_ttl(route, implicit));
-        head.extend(scope_args(&route.model_limits));
-        head.extend(scope_args(&route.upstream.limits));
-        let tokens = tokens.max(1);
+        let estimate = Estimate {
+            quick: tokens,
+            exact: || tokens,
+        };
+        self.reserve_estimated(route, implicit, estimate, lease_id, lease, line)
+            .await
+    }
+
+    /// [`Limiter::reserve`] with two estimates of the call's tokens: `quick` when the call is
+    /// admitted from a grant, `exact` computed only when Redis decides the call.
+    pub async fn reserve_estimated(
+        &self,
+        route: &Route<'_>,
+        implicit: bool,
+        estimate: Estimate<impl FnOnce() -> u64>,
+        lease_id: &str,
+        lease: Duration,
+        line: Line,
+    ) -> RedisResult<Admission> {
+        let quick = estimate.quick.max(1);
         let lease_ms = lease.as_millis() as u64;
-        let key = (keys, head);
+        let key = self.lane_key(route, implicit);
         let now = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        let (spawn, to_settle) = {
+        let to_settle = {
             let mut lanes = lock(&self.inner.reserves);
             if !lanes.contains_key(&key) {
                 if lanes.len() >= MAX_CACHED_ROUTES {
@@ -496,22 +541,22 @@ impl Limiter {
             let Some(lane) = lanes.get_mut(&key) else {
                 return Err(lost_flusher());
             };
-            lane.tick(now, tokens);
+            lane.tick(now, quick);
             lane.lease_ms = lease_ms;
             let mut to_settle = None;
             // A parked task's turn is decided by Redis: it moves the line.
             if let (Some(g), false) = (lane.grant.clone(), line == Line::Turn) {
                 let mut gr = lock(&g);
                 let open = !gr.closed && now < gr.deadline && gr.left_requests > 0;
-                if open && gr.left_tokens >= tokens && (gr.slots == 0 || gr.in_flight < gr.slots) {
+                if open && gr.left_tokens >= quick && (gr.slots == 0 || gr.in_flight < gr.slots) {
                     gr.left_requests -= 1;
-                    gr.left_tokens -= tokens;
+                    gr.left_tokens -= quick;
                     gr.in_flight += 1;
                     lane.this.peak = lane.this.peak.max(gr.in_flight);
                     return Ok(Admission::Admitted(Reservation {
                         keys: key.0.clone(),
                         sec: gr.sec,
-                        tokens,
+                        tokens: quick,
                         lease: String::new(),
                         held: gr.counted,
                         grant: Some(g.clone()),
@@ -526,6 +571,14 @@ impl Limiter {
                     lane.grant = None;
                 }
             }
+            to_settle
+        };
+        // Redis decides this call: now the exact count is worth its cost (outside the lock)
+        let tokens = (estimate.exact)().max(1);
+        let (tx, rx) = oneshot::channel();
+        let spawn = {
+            let mut lanes = lock(&self.inner.reserves);
+            let lane = lanes.entry(key.clone()).or_insert_with(|| Lane::new(now));
             lane.calls.push(ReserveCall {
                 tokens,
                 lease: lease_id.to_owned(),
@@ -535,7 +588,7 @@ impl Limiter {
             });
             let spawn = !lane.flushing;
             lane.flushing = true;
-            (spawn, to_settle)
+            spawn
         };
         if let Some(args) = to_settle {
             let (this, keys) = (self.clone(), key.0.clone());
@@ -795,6 +848,11 @@ impl Limiter {
         rpm: u64,
         tpm: u64,
     ) -> RedisResult<i64> {
+        // This worker heard it first: its own grant on the route ends now rather than when its
+        // span is over (other workers' end within their span).
+        if blocked_until_ms > 0 || rpm > 0 || tpm > 0 {
+            self.end_grant(&self.lane_key(route, implicit));
+        }
         let key = keys::limiter_model(&self.prefix, &route.upstream.name, route.model);
         let mut conn = self.redis.conn().await?;
         LEARN

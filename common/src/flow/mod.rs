@@ -5,5 +5,5 @@
 pub mod limiter;
 pub mod upstreams;
 
-pub use limiter::{Admission, Limiter, Line, Refusal, Reservation, Settlement};
+pub use limiter::{Admission, Estimate, Limiter, Line, Refusal, Reservation, Settlement};
 pub use upstreams::{Limits, Route, Upstream, Upstreams};
