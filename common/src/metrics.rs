@@ -158,6 +158,9 @@ pub struct WorkerMetrics {
     pub queue_wait: HistogramVec,
     /// agentq_limiter_admitted_total{upstream,model}: calls the fleet-wide limiter let through
     pub limiter_admitted: IntCounterVec,
+    /// agentq_limiter_granted_total{upstream,model}: of those, calls admitted from this worker's
+    /// grant (a share of the limits taken for a route it calls many times a moment)
+    pub limiter_granted: IntCounterVec,
     /// agentq_limiter_throttled_total{upstream,model,reason}: calls it held back (rpm, tpm,
     /// concurrency, blocked, too_large)
     pub limiter_throttled: IntCounterVec,
@@ -247,6 +250,12 @@ impl WorkerMetrics {
                 "LLM calls the fleet-wide limiter admitted.",
                 &["upstream", "model"],
             ),
+            limiter_granted: counter_vec(
+                &r,
+                "agentq_limiter_granted_total",
+                "LLM calls admitted from this worker's grant of the fleet's limits (part of agentq_limiter_admitted_total).",
+                &["upstream", "model"],
+            ),
             limiter_throttled: counter_vec(
                 &r,
                 "agentq_limiter_throttled_total",
@@ -310,6 +319,7 @@ mod tests {
         w.llm_tokens.with_label_values(&["m", "prompt"]).inc();
         w.llm_cost.with_label_values(&["m"]).inc_by(0.5);
         w.limiter_admitted.with_label_values(&["u", "m"]).inc();
+        w.limiter_granted.with_label_values(&["u", "m"]).inc();
         w.limiter_throttled
             .with_label_values(&["u", "m", "rpm"])
             .inc();
@@ -334,6 +344,7 @@ mod tests {
             "agentq_llm_cost_dollars_total",
             "agentq_worker_draining",
             "agentq_limiter_admitted_total",
+            "agentq_limiter_granted_total",
             "agentq_limiter_throttled_total",
             "agentq_limiter_tokens_reserved_total",
             "agentq_limiter_tokens_used_total",

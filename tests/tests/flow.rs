@@ -466,6 +466,88 @@ async fn a_429_storm_blocks_the_whole_fleet_until_the_reset() -> Result<()> {
     Ok(())
 }
 
+// ---- 2b. grants: a hot fleet admits from shares of the limit and still never passes it ----
+
+/// Three workers (64 slots each) start on a backlog larger than the minute's 3,000 requests, from
+/// an idle window, against a mock enforcing the same 3,000 rpm. Their route is hot, so most calls
+/// are admitted from grants (`agentq_limiter_granted_total`), shares of the limit each worker takes
+/// in one script; yet no more than the 3,000 reach the mock in the minute, none refused by its
+/// quota, the grants waste little of it (≥ 95 % used before the rest parks), and once they have
+/// settled the window counts exactly the calls the mock served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_fleet_takes_grants_and_never_passes_the_limit() -> Result<()> {
+    const RPM: u64 = 3000;
+    const N: u64 = 3600;
+    let mut s = Stack::new(journaled(Some(RPM), None)).await?;
+    let url = s.llm_url.clone();
+    let _file = configure_json(
+        &mut s,
+        &json!({"upstreams": [{"name": "hot", "base_url": url, "models": ["m"],
+                               "limits": {"rpm": RPM}}]}),
+        "m",
+    )?;
+    let scope = "agentq:limiter:{hot}";
+    open_idle_window(&s, scope)?;
+    s.start_api(&[]).await?;
+    // the backlog is queued before any worker runs, so the workers start hot
+    let ids = submit_n(&s, "hot", N as usize, &json!({})).await?;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(s.start_worker(&[("WORKER_CONCURRENCY", "64")]).await?);
+    }
+    // the minute's calls go out; every other task parks on the rpm limit until a bucket frees
+    // (61 s after the burst: far beyond this test)
+    until(
+        "the burst made and the rest parked",
+        Duration::from_secs(60),
+        || async {
+            let q = s.queue("default").await?;
+            let (pending, inflight, throttled) = (
+                q["pending"].as_u64().unwrap_or(1),
+                q["inflight"].as_u64().unwrap_or(1),
+                q["throttled"].as_u64().unwrap_or(0),
+            );
+            Ok(pending == 0 && inflight == 0 && throttled + s.mock.total_calls() == N)
+        },
+    )
+    .await
+    .with_context(|| log_tails(&s))?;
+    // the last grants end within their 100 ms span and settle
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let served = served_times(&s).len() as u64;
+    let rejected = s.mock.quota_rejections();
+    let granted = fleet_sum(&workers, "agentq_limiter_granted_total", &[]).await?;
+    let admitted = fleet_sum(&workers, "agentq_limiter_admitted_total", &[]).await?;
+    let mut c = s.redis.conn()?;
+    let rsum: u64 = redis::cmd("HGET").arg(scope).arg("rsum").query(&mut c)?;
+    println!(
+        "grants: {served} calls served of the minute's {RPM}, {rejected} quota 429s; {granted} of \
+         {admitted} admitted from grants; window {rsum}"
+    );
+    assert_eq!(rejected, 0, "the mock's quota refused calls");
+    assert_eq!(s.mock.total_calls(), served, "no call beyond those served");
+    assert!(served <= RPM, "{served} calls in the minute, above {RPM}");
+    assert!(
+        served * 100 >= RPM * 95,
+        "only {served} of the minute's {RPM} calls made: grants held the rest back"
+    );
+    assert_eq!(
+        admitted, served as f64,
+        "every call went through the limiter"
+    );
+    assert!(
+        granted * 2.0 >= admitted,
+        "{granted} of {admitted} calls admitted from grants: the hot route took none"
+    );
+    assert_eq!(
+        rsum, served,
+        "the window counts exactly the calls made once the grants have settled"
+    );
+    drop(ids);
+    assert_no_panic(&s);
+    Ok(())
+}
+
 // ---- 3. reconcile returns unused reserved tokens ----
 
 /// Every call reserves its estimate (prompt + `AGENTQ_MAX_TOKENS=4096`) and settles to the usage

@@ -137,6 +137,12 @@ impl Worker {
                 .limiter_admitted
                 .with_label_values(&[up, label])
                 .inc();
+            if reservation.from_grant() {
+                self.metrics
+                    .limiter_granted
+                    .with_label_values(&[up, label])
+                    .inc();
+            }
             self.metrics
                 .limiter_tokens_reserved
                 .with_label_values(&[up, label])

@@ -912,6 +912,13 @@ impl Limiter {
     }
 }
 
+impl Reservation {
+    /// Whether the call was admitted from this worker's grant rather than by Redis.
+    pub fn from_grant(&self) -> bool {
+        self.grant.is_some()
+    }
+}
+
 /// One call's answer in `reserve.lua`'s reply: four values from `at`.
 fn admission(
     out: &[redis::Value],
