@@ -77,6 +77,60 @@ fn admitted(a: Admission) -> Result<Reservation> {
     }
 }
 
+/// Concurrency slots a scope holds: its leases, a grant's weighing its slots (`gextra` counts
+/// what grants' leases weigh beyond one each).
+async fn slots_held(conn: &mut redis::aio::ConnectionManager, scope: &str) -> Result<i64> {
+    let leases: i64 = conn.zcard(format!("{scope}:leases")).await?;
+    let extra: Option<i64> = conn.hget(scope, "gextra").await?;
+    Ok(leases + extra.unwrap_or(0))
+}
+
+/// Script calls Redis has run so far (every limiter step is one EVALSHA).
+async fn evalsha_calls(conn: &redis::aio::ConnectionManager) -> Result<u64> {
+    let mut c = conn.clone();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0))
+}
+
+/// `n` reservations (the `i`th of `tokens(i)`, lease `<tag><i>`) asked at the same moment, as a
+/// fetched batch of runs asks them; their answers in order.
+async fn reserve_together(
+    l: &Limiter,
+    u: &Upstream,
+    n: usize,
+    tokens: fn(usize) -> u64,
+    tag: &str,
+    line: Line,
+) -> Result<Vec<Admission>> {
+    let calls = (0..n).map(|i| {
+        let (l, u, lease, tokens) = (l.clone(), u.clone(), format!("{tag}{i}"), tokens(i));
+        tokio::spawn(async move {
+            l.reserve(
+                &route(&u),
+                false,
+                tokens,
+                &lease,
+                Duration::from_secs(30),
+                line,
+            )
+            .await
+        })
+    });
+    let mut out = Vec::with_capacity(n);
+    for c in futures::future::join_all(calls).await {
+        out.push(c??);
+    }
+    Ok(out)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fresh_scope_admits_at_the_steady_rate_and_parked_tasks_take_turns() -> Result<()> {
     let (_redis, l, mut conn) = setup().await?;
@@ -374,41 +428,11 @@ async fn calls_asking_together_share_a_script_and_are_decided_one_by_one() -> Re
         },
         &[],
     );
-    let evalsha = |c: &mut redis::aio::ConnectionManager| {
-        let mut c = c.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut c)
-                .await?;
-            let calls = info
-                .lines()
-                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-                .and_then(|rest| rest.split(',').next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-            anyhow::Ok(calls)
-        }
-    };
-    let before = evalsha(&mut conn).await?;
-    let calls = (0..40).map(|i| {
-        let (l, u) = (l.clone(), u.clone());
-        tokio::spawn(async move {
-            l.reserve(
-                &route(&u),
-                false,
-                10,
-                &format!("c{i}"),
-                Duration::from_secs(30),
-                Line::Join,
-            )
-            .await
-        })
-    });
+    let before = evalsha_calls(&conn).await?;
     let mut held = Vec::new();
     let mut turns = Vec::new();
-    for c in futures::future::join_all(calls).await {
-        match c?? {
+    for a in reserve_together(&l, &u, 40, |_| 10, "c", Line::Join).await? {
+        match a {
             Admission::Admitted(r) => held.push(r),
             Admission::Wait {
                 eligible_at_ms,
@@ -421,7 +445,7 @@ async fn calls_asking_together_share_a_script_and_are_decided_one_by_one() -> Re
             other => bail!("unexpected {other:?}"),
         }
     }
-    let scripts = evalsha(&mut conn).await? - before;
+    let scripts = evalsha_calls(&conn).await? - before;
     assert_eq!(held.len(), 7, "exactly the concurrency limit admitted");
     assert!(
         scripts < 20,
@@ -474,23 +498,9 @@ async fn calls_asking_together_share_a_script_and_are_decided_one_by_one() -> Re
     start_of_second(&mut conn).await?;
     admitted(reserve(&l, &route(&u), 1, "w", false).await)?;
     let (r0, t0): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
-    let calls = (0..20).map(|i| {
-        let (l, u) = (l.clone(), u.clone());
-        tokio::spawn(async move {
-            l.reserve(
-                &route(&u),
-                false,
-                100 + i,
-                &format!("k{i}"),
-                Duration::from_secs(30),
-                Line::Probe,
-            )
-            .await
-        })
-    });
     let mut held = Vec::new();
-    for c in futures::future::join_all(calls).await {
-        held.push(admitted(c??)?);
+    for a in reserve_together(&l, &u, 20, |i| 100 + i as u64, "k", Line::Probe).await? {
+        held.push(admitted(a)?);
     }
     let (r1, t1): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
     let reserved: i64 = (0..20).map(|i| 100 + i).sum();
@@ -593,7 +603,6 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
         concurrency: Some(10_000),
     });
     let key = "agentq:limiter:{up}:model:m";
-    let leases_key = "agentq:limiter:{up}:model:m:leases";
     // an idle window, far from every limit (a fresh scope would be seeded full)
     let sec = redis_ms(&mut conn).await? / 1000;
     let _: () = redis::cmd("HSET")
@@ -606,49 +615,19 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
         .arg(0)
         .query_async(&mut conn)
         .await?;
-    let evalsha = |c: &redis::aio::ConnectionManager| {
-        let mut c = c.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut c)
-                .await?;
-            let calls = info
-                .lines()
-                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-                .and_then(|rest| rest.split(',').next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-            anyhow::Ok(calls)
-        }
-    };
     const WAVES: usize = 10;
     const WAVE: usize = 50;
-    let before = evalsha(&conn).await?;
+    let before = evalsha_calls(&conn).await?;
     let mut held = Vec::new();
     for w in 0..WAVES {
-        let calls = (0..WAVE).map(|i| {
-            let (l, u) = (l.clone(), u.clone());
-            tokio::spawn(async move {
-                l.reserve(
-                    &route(&u),
-                    false,
-                    100,
-                    &format!("w{w}c{i}"),
-                    Duration::from_secs(30),
-                    Line::Join,
-                )
-                .await
-            })
-        });
-        for c in futures::future::join_all(calls).await {
-            held.push(admitted(c??)?);
+        for a in reserve_together(&l, &u, WAVE, |_| 100, &format!("w{w}c"), Line::Join).await? {
+            held.push(admitted(a)?);
         }
     }
-    let scripts = evalsha(&conn).await? - before;
+    let scripts = evalsha_calls(&conn).await? - before;
     let n = (WAVES * WAVE) as i64;
     let (r1, t1): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
-    let leases: i64 = conn.zcard(leases_key).await?;
+    let leases = slots_held(&mut conn, key).await?;
     println!("grants: {n} calls held with {scripts} script calls; window {r1} requests, {t1} tokens, {leases} leases");
     assert!(
         scripts * 5 <= n as u64,
@@ -680,7 +659,12 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
     // grants end within their span; the last one's settlement follows at once
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (r2, t2): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
-    let leases: i64 = conn.zcard(leases_key).await?;
+    let leases = slots_held(&mut conn, key).await?;
+    let weights: Vec<String> = conn.hkeys(key).await?;
+    assert!(
+        !weights.iter().any(|f| f.starts_with("gw:")),
+        "a grant's weight left: {weights:?}"
+    );
     assert_eq!(
         (r2, t2, leases),
         (n / 2, n / 2 * 7, 0),
@@ -690,23 +674,9 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
     assert_eq!(lat, 40, "the calls' latency moved the average");
 
     // a block written by another worker: a grant holder's calls are refused once its grant ends
-    let calls = (0..WAVE).map(|i| {
-        let (l, u) = (l.clone(), u.clone());
-        tokio::spawn(async move {
-            l.reserve(
-                &route(&u),
-                false,
-                100,
-                &format!("b{i}"),
-                Duration::from_secs(30),
-                Line::Join,
-            )
-            .await
-        })
-    });
     let mut held = Vec::new();
-    for c in futures::future::join_all(calls).await {
-        held.push(admitted(c??)?);
+    for a in reserve_together(&l, &u, WAVE, |_| 100, "b", Line::Join).await? {
+        held.push(admitted(a)?);
     }
     let other = Limiter::new(Redis::open(&SecretString::from(_redis.url()))?, "agentq");
     let until = redis_ms(&mut conn).await? + 5_000;
@@ -737,25 +707,13 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
     let _: () = conn
         .hdel(key, &["blocked_until", "cursor", "line"][..])
         .await?;
-    let calls = (0..WAVE).map(|i| {
-        let (l, u) = (l.clone(), u.clone());
-        tokio::spawn(async move {
-            l.reserve(
-                &route(&u),
-                false,
-                100,
-                &format!("c{i}"),
-                Duration::from_secs(30),
-                Line::Join,
-            )
-            .await
-        })
-    });
     let mut held = Vec::new();
-    for c in futures::future::join_all(calls).await {
-        held.push(admitted(c??)?);
+    for a in reserve_together(&l, &u, WAVE, |_| 100, "c", Line::Join).await? {
+        held.push(admitted(a)?);
     }
-    admitted(reserve(&l, &route(&u), 100, "from-grant", true).await)?;
+    held.push(admitted(
+        reserve(&l, &route(&u), 100, "from-grant", true).await,
+    )?);
     let until = redis_ms(&mut conn).await? + 5_000;
     l.learn(&route(&u), false, until, 0, 0).await?;
     match reserve(&l, &route(&u), 100, "own", true).await {
@@ -765,5 +723,74 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
         } => {}
         other => bail!("a call {other:?} right after this worker learned a block"),
     }
+    for r in held {
+        l.reconcile(
+            &r,
+            Settlement {
+                used_tokens: Some(7),
+                not_served: false,
+                latency: Duration::from_millis(40),
+            },
+        )
+        .await?;
+    }
+    // (and the grants of the parts above end and settle)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // a worker that dies holding a grant: its slots end with the grant's lease, all at once
+    let _: () = conn
+        .hdel(key, &["blocked_until", "cursor", "line"][..])
+        .await?;
+    let u2 = model_limited(Limits {
+        concurrency: Some(10_000),
+        ..Limits::default()
+    });
+    // a call that outlives the crash: the leases do not all expire at once
+    let long = admitted(reserve(&l, &route(&u2), 1, "long", false).await)?;
+    assert_eq!(slots_held(&mut conn, key).await?, 1);
+    let dying = Limiter::new(Redis::open(&SecretString::from(_redis.url()))?, "agentq");
+    let mut held = Vec::new();
+    for w in 0..3 {
+        let calls = (0..WAVE).map(|i| {
+            let (l, u) = (dying.clone(), u2.clone());
+            tokio::spawn(async move {
+                let lease = format!("d{w}-{i}");
+                l.reserve(
+                    &route(&u),
+                    false,
+                    1,
+                    &lease,
+                    Duration::from_millis(300),
+                    Line::Join,
+                )
+                .await
+            })
+        });
+        for c in futures::future::join_all(calls).await {
+            held.push(admitted(c??)?);
+        }
+    }
+    let granted = held.iter().filter(|r| r.from_grant()).count();
+    let in_use = slots_held(&mut conn, key).await?;
+    assert!(granted > 0, "no call of {} taken from a grant", held.len());
+    assert!(
+        in_use > held.len() as i64,
+        "{in_use} slots held for {} calls in flight and one more",
+        held.len()
+    );
+    drop(held); // never settled: the worker is gone
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    admitted(reserve(&l, &route(&u2), 1, "after-crash", false).await)?;
+    assert_eq!(
+        slots_held(&mut conn, key).await?,
+        2,
+        "the dead worker's grant slots expired with its lease; the live calls' remain"
+    );
+    let done = Settlement {
+        used_tokens: Some(1),
+        not_served: false,
+        latency: Duration::from_millis(40),
+    };
+    l.reconcile(&long, done).await?;
     Ok(())
 }

@@ -1030,8 +1030,14 @@ async fn scope_state(
         .zcount(keys::limiter_leases(key), now_ms, "+inf")
         .query_async(conn)
         .await?;
+    // a grant's lease weighs its slots (`gextra`: beyond one each, see reserve.lua)
+    let gextra = h
+        .get("gextra")
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0)
+        .max(0) as u64;
     let mut usage = Usage {
-        concurrency: leases,
+        concurrency: leases + if leases > 0 { gextra } else { 0 },
         ..Usage::default()
     };
     for (f, v) in &h {

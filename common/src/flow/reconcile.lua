@@ -8,8 +8,8 @@
 -- ARGV, eight values per item: the reservation's bucket second, tokens reserved, tokens used,
 -- lease id, call latency ms (0: unknown; a grant's: the mean of its calls), requests to hand
 -- back (1 for a call that never reached the upstream), calls served (a call: 1, or 0 when
--- handed back; used tokens and latency count once per call served), slots (a grant's leases
--- `<id>:1..slots`; 0: the one lease named by the id, if any).
+-- handed back; used tokens and latency count once per call served), slots (a grant's: its
+-- lease, named by the id, weighs that many slots, see reserve.lua; 0: a call's lease, if any).
 -- A bucket that already left the window is not touched: what it held no longer counts anyway.
 -- Returns the number of (scope, item) settlements that adjusted a window.
 local n = math.floor(#ARGV / 8)
@@ -21,6 +21,7 @@ local MAX_SAMPLES = 30
 -- The items, grouped by bucket second (a batch spans one or two seconds): token and request
 -- deltas per second, and what the model's averages become, computed once for every scope.
 local secs, dt, dr, count, leases, nleases = {}, {}, {}, {}, {}, 0
+local grants, gslots = {}, {}
 local used_k, used_v, used_n, nused = {}, {}, {}, 0
 local lat_seq, lat_n, nlat = {}, {}, 0
 local by_sec = {}
@@ -44,10 +45,7 @@ for j = 0, n - 1 do
   end
   local lease, slots = ARGV[4 + b], tonumber(ARGV[8 + b])
   if slots > 0 then
-    for q = 1, slots do
-      nleases = nleases + 1
-      leases[nleases] = lease .. ':' .. q
-    end
+    grants[#grants + 1], gslots[#grants + 1] = lease, slots
   elseif lease ~= '' then
     nleases = nleases + 1
     leases[nleases] = lease
@@ -116,6 +114,13 @@ for i = 0, 1 do
       redis.call('HSET', h, 'lat', lat)
     end
     if nleases > 0 then redis.call('ZREM', KEYS[2 + i * 2], unpack(leases)) end
+    for q = 1, #grants do
+      -- a lease already pruned (expired) had its weight taken off then
+      if redis.call('ZREM', KEYS[2 + i * 2], grants[q]) == 1 then
+        redis.call('HDEL', h, 'gw:' .. grants[q])
+        redis.call('HINCRBY', h, 'gextra', 1 - gslots[q])
+      end
+    end
   end
 end
 return adjusted

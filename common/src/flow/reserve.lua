@@ -20,9 +20,11 @@
 -- tokens than a minute allows.
 --
 -- Grants. A worker whose route is hot (many calls a moment) also asks for a grant: ARGV[8]
--- requests, ARGV[9] tokens, ARGV[10] concurrency slots, ARGV[11] the grant's id (its slots are
--- leases `<id>:1..n`), ARGV[12] their lease length ms, ARGV[13] the longest the grant may last
--- ms. Granted, they are counted now, in this second's bucket, exactly as that many calls
+-- requests, ARGV[9] tokens, ARGV[10] concurrency slots, ARGV[11] the grant's id, ARGV[12] its
+-- slots' lease length ms, ARGV[13] the longest the grant may last ms. A grant's slots are one
+-- lease named by its id, weighing `gw:<id>` slots (field of the scope hash); `gextra` sums what
+-- the grants' leases weigh beyond one each, so leases held = ZCARD + gextra. Granted, they are
+-- counted now, in this second's bucket, exactly as that many calls
 -- reserved at once would be; the worker admits its calls from the grant with no script until it
 -- is spent or over, then settles it in one `reconcile.lua` item (what its calls used, the
 -- requests they did not make handed back, the slots released). A grant is given only far from
@@ -64,7 +66,7 @@ end
 -- used up evenly (first start, or state lost with Redis: the provider may still be counting).
 local function window(s)
   local st = redis.call('HMGET', s.h, 'head', 'rsum', 'tsum', 'blocked_until', 'learned_rpm',
-    'learned_tpm', 'learned_at', 'cursor', 'lat', 'tok', 'line', rkey, tkey)
+    'learned_tpm', 'learned_at', 'cursor', 'lat', 'tok', 'line', rkey, tkey, 'gextra')
   local learned_at = tonumber(st[7]) or 0
   if now - learned_at < LEARNED_FOR then
     s.rpm = lower(s.rpm, tonumber(st[5]))
@@ -77,6 +79,7 @@ local function window(s)
   s.tok = tonumber(st[10])
   s.line = st[11]
   s.r, s.tk = tonumber(st[12]) or 0, tonumber(st[13]) or 0
+  s.gextra = tonumber(st[14]) or 0
   s.counted = s.rpm > 0 or s.tpm > 0
   if not s.counted then return end
   local head = tonumber(st[1])
@@ -158,8 +161,33 @@ end
 for _, s in ipairs(scopes) do
   window(s)
   if s.conc > 0 then
-    redis.call('ZREMRANGEBYSCORE', s.leases, '-inf', now)
+    local gone = redis.call('ZRANGEBYSCORE', s.leases, '-inf', now)
+    if #gone > 0 then
+      redis.call('ZREMRANGEBYSCORE', s.leases, '-inf', now)
+      -- a crashed worker's grant: its lease ends with all its slots
+      for _, m in ipairs(gone) do
+        if string.sub(m, 1, 2) == 'g:' then
+          local w = tonumber(redis.call('HGET', s.h, 'gw:' .. m))
+          if w then
+            redis.call('HDEL', s.h, 'gw:' .. m)
+            s.gextra = redis.call('HINCRBY', s.h, 'gextra', 1 - w)
+          end
+        end
+      end
+    end
     s.held = redis.call('ZCARD', s.leases)
+    if s.held == 0 and s.gextra ~= 0 then
+      -- the leases expired as a whole (an idle route after a crash): their weights go too
+      local cur = '0'
+      repeat
+        local r = redis.call('HSCAN', s.h, cur, 'MATCH', 'gw:*', 'COUNT', 100)
+        cur = r[1]
+        for q = 1, #r[2], 2 do redis.call('HDEL', s.h, r[2][q]) end
+      until cur == '0'
+      redis.call('HSET', s.h, 'gextra', 0)
+      s.gextra = 0
+    end
+    s.held = s.held + s.gextra
     s.new_leases = {}
     s.lease_ms = 0
   end
@@ -298,10 +326,10 @@ if gn > 0 then
     end
     if s.conc > 0 then
       local nl = s.new_leases
-      for k = 1, gc do
-        nl[#nl + 1] = lease_until
-        nl[#nl + 1] = ARGV[11] .. ':' .. k
-      end
+      nl[#nl + 1] = lease_until
+      nl[#nl + 1] = ARGV[11]
+      redis.call('HSET', s.h, 'gw:' .. ARGV[11], gc)
+      redis.call('HINCRBY', s.h, 'gextra', gc - 1)
       if valid + tonumber(ARGV[12]) > s.lease_ms then s.lease_ms = valid + tonumber(ARGV[12]) end
     end
   end
@@ -325,7 +353,9 @@ for _, s in ipairs(scopes) do
   if touched and ttl > 0 then redis.call('PEXPIRE', s.h, ttl) end
   if s.conc > 0 and #s.new_leases > 0 then
     redis.call('ZADD', s.leases, unpack(s.new_leases))
-    redis.call('PEXPIRE', s.leases, s.lease_ms)
+    -- only ever lengthened: a shorter lease (another worker's LLM timeout) must not cut a longer
+    -- one's life short
+    if redis.call('PTTL', s.leases) < s.lease_ms then redis.call('PEXPIRE', s.leases, s.lease_ms) end
   end
 end
 return out
