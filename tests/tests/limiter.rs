@@ -85,6 +85,30 @@ async fn slots_held(conn: &mut redis::aio::ConnectionManager, scope: &str) -> Re
     Ok(leases + extra.unwrap_or(0))
 }
 
+/// Settles `held` at the same moment: the even ones served (7 tokens used), the odd ones never
+/// reached the upstream (a 429: the request and its tokens handed back).
+async fn settle_together(l: &Limiter, held: Vec<Reservation>, latency: Duration) -> Result<()> {
+    let settles = held.into_iter().enumerate().map(|(i, r)| {
+        let l = l.clone();
+        tokio::spawn(async move {
+            let unserved = i % 2 == 1;
+            l.reconcile(
+                &r,
+                Settlement {
+                    used_tokens: if unserved { None } else { Some(7) },
+                    not_served: unserved,
+                    latency,
+                },
+            )
+            .await
+        })
+    });
+    for s in futures::future::join_all(settles).await {
+        s??;
+    }
+    Ok(())
+}
+
 /// Script calls Redis has run so far (every limiter step is one EVALSHA).
 async fn evalsha_calls(conn: &redis::aio::ConnectionManager) -> Result<u64> {
     let mut c = conn.clone();
@@ -505,24 +529,7 @@ async fn calls_asking_together_share_a_script_and_are_decided_one_by_one() -> Re
     let (r1, t1): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
     let reserved: i64 = (0..20).map(|i| 100 + i).sum();
     assert_eq!((r1, t1), (r0 + 20, t0 + reserved));
-    let settles = held.into_iter().enumerate().map(|(i, r)| {
-        let l = l.clone();
-        tokio::spawn(async move {
-            let unserved = i % 2 == 1;
-            l.reconcile(
-                &r,
-                Settlement {
-                    used_tokens: if unserved { None } else { Some(7) },
-                    not_served: unserved,
-                    latency: Duration::from_millis(50),
-                },
-            )
-            .await
-        })
-    });
-    for s in futures::future::join_all(settles).await {
-        s??;
-    }
+    settle_together(&l, held, Duration::from_millis(50)).await?;
     let (r2, t2): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
     assert_eq!(
         (r2, t2),
@@ -638,24 +645,7 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
         "every call held counts: {r1} requests, {t1} tokens, {leases} leases"
     );
     // settle: even calls served (7 tokens each), odd ones never reached the upstream
-    let settles = held.into_iter().enumerate().map(|(i, r)| {
-        let l = l.clone();
-        tokio::spawn(async move {
-            let unserved = i % 2 == 1;
-            l.reconcile(
-                &r,
-                Settlement {
-                    used_tokens: if unserved { None } else { Some(7) },
-                    not_served: unserved,
-                    latency: Duration::from_millis(40),
-                },
-            )
-            .await
-        })
-    });
-    for s in futures::future::join_all(settles).await {
-        s??;
-    }
+    settle_together(&l, held, Duration::from_millis(40)).await?;
     // grants end within their span; the last one's settlement follows at once
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (r2, t2): (i64, i64) = conn.hmget(key, &["rsum", "tsum"][..]).await?;
