@@ -45,6 +45,7 @@ step "k6 smoke (enqueue.js, e2e.js)" bash loadtest/smoke.sh
 step "autoscaling replay (compressed)" bash loadtest/autoscale/run.sh --ci
 step "autoscaling replay under a provider quota (compressed)" bash loadtest/autoscale/run.sh --ci --scenario quota
 step "benchmark smoke" bash loadtest/bench/run.sh --smoke
+step "flow limiter benchmark smoke (grants: every call counted, no lease left)" bash loadtest/bench/run.sh --limiter --smoke --no-build
 
 echo
 if [ "$failed" -gt 0 ]; then
