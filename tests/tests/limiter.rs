@@ -663,6 +663,11 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
     let lat: i64 = conn.hget(key, "lat").await?;
     assert_eq!(lat, 40, "the calls' latency moved the average");
 
+    let served = Settlement {
+        used_tokens: Some(7),
+        not_served: false,
+        latency: Duration::from_millis(40),
+    };
     // a block written by another worker: a grant holder's calls are refused once its grant ends
     let mut held = Vec::new();
     for a in reserve_together(&l, &u, WAVE, |_| 100, "b", Line::Join).await? {
@@ -681,15 +686,7 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
         other => bail!("a call {other:?} after the grant's span, during a block"),
     }
     for r in held {
-        l.reconcile(
-            &r,
-            Settlement {
-                used_tokens: Some(7),
-                not_served: false,
-                latency: Duration::from_millis(40),
-            },
-        )
-        .await?;
+        l.reconcile(&r, served).await?;
     }
 
     // a block this worker learns itself (its own 429) ends its grant at once
@@ -714,15 +711,7 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
         other => bail!("a call {other:?} right after this worker learned a block"),
     }
     for r in held {
-        l.reconcile(
-            &r,
-            Settlement {
-                used_tokens: Some(7),
-                not_served: false,
-                latency: Duration::from_millis(40),
-            },
-        )
-        .await?;
+        l.reconcile(&r, served).await?;
     }
     // (and the grants of the parts above end and settle)
     tokio::time::sleep(Duration::from_millis(200)).await;
