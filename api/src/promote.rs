@@ -11,7 +11,7 @@ use crate::AppState;
 
 const EVERY: Duration = Duration::from_secs(1);
 const BATCH: usize = 1000;
-/// Only work overdue by this much: while workers run they promote every 250 ms, and a second's
+/// Only work overdue by this much: while workers run they promote each turn as it comes, and a second's
 /// worth of turns moved at once would show up as a burst of `pending` the autoscaler reads as
 /// load. With no worker, due work still reaches `pending` within about two seconds.
 const LAG: Duration = Duration::from_secs(1);

@@ -1207,3 +1207,66 @@ async fn throttled_work_waits_outside_pending_and_the_api_promotes_it() -> Resul
     assert_no_panic(&s);
     Ok(())
 }
+
+/// A worker moves each parked task to `pending` at its turn, not with every turn of a polling
+/// period at once: released in batches, the fleet ran in waves whose calls started and ended
+/// together, and `active` (KEDA's in-flight count) swung between zero and the whole wave, so an
+/// autoscaler sampling in step with the waves saw an idle fleet that was running at the quota's
+/// pace. Turns 40 ms apart start a median of well under the old 250 ms period's half after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_starts_each_parked_task_at_its_turn() -> Result<()> {
+    const N: usize = 24;
+    const GAP_MS: i64 = 40;
+    let mut s = Stack::new(journaled(None, None)).await?;
+    s.start_api(&[]).await?;
+    let mut c = s.redis.conn()?;
+    let ids = submit_n(&s, "turn", N, &json!({})).await?;
+    // parked as the limiter parks them, first far in the future: the worker starts with its
+    // promotion loop running and nothing due
+    let far = redis_now_ms(&mut c)? + 600_000;
+    for id in &ids {
+        let (removed, _): (i64, i64) = redis::pipe()
+            .atomic()
+            .lrem(PENDING, 0, id)
+            .zadd(THROTTLED, id, far)
+            .query(&mut c)?;
+        assert_eq!(removed, 1);
+    }
+    let _w = s.start_worker(&[]).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // then their turns: one every 40 ms, the first half a second from now
+    let first = redis_now_ms(&mut c)? + 500;
+    let mut due = Vec::with_capacity(N);
+    for (i, id) in ids.iter().enumerate() {
+        let at = first + GAP_MS * i64::try_from(i)?;
+        let _: i64 = redis::cmd("ZADD")
+            .arg(THROTTLED)
+            .arg("XX")
+            .arg(at)
+            .arg(id)
+            .query(&mut c)?;
+        due.push(at);
+    }
+    let done = s.wait_final(&ids, Duration::from_secs(30)).await?;
+    assert!(done.iter().all(|t| t["status"] == "succeeded"), "{done:?}");
+    let mut late = Vec::with_capacity(N);
+    for (id, at) in ids.iter().zip(&due) {
+        let started: i64 = redis::cmd("HGET")
+            .arg(task_key(id))
+            .arg("started_at")
+            .query(&mut c)?;
+        ensure!(
+            started >= *at,
+            "{id} started {} ms before its turn",
+            at - started
+        );
+        late.push(started - at);
+    }
+    late.sort_unstable();
+    let median = late[N / 2];
+    println!("started after the turn, ms (sorted): {late:?}; median {median}");
+    // With a fixed 250 ms period the lateness is spread evenly over the period (median ~125 ms);
+    // at each turn it is the wake-up jitter (<= 10 ms) and a fetch.
+    assert!(median < 60, "median lateness {median} ms: {late:?}");
+    Ok(())
+}

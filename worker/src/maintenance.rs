@@ -8,13 +8,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentq_common::time::now_ms;
 use agentq_common::Redis;
+use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::{pause, Worker};
 
-/// How often due retries are moved to pending.
+/// The longest the loop waits between promotions (and between recovery checks).
 const PROMOTE_EVERY: Duration = Duration::from_millis(250);
+/// The shortest: with turns closer than this, each pass moves the few due since the last.
+const PROMOTE_MIN: Duration = Duration::from_millis(10);
+/// Each worker wakes up to this much after a due time, at random: the fleet's workers do not
+/// all ask at the same instant, and the first one awake moves the turn.
+const PROMOTE_JITTER_MS: u64 = 10;
 
 impl Worker {
     fn beat_every(&self) -> Duration {
@@ -86,12 +93,19 @@ impl Worker {
                     Err(e) => tracing::debug!(error = %e, "recovery scan failed"),
                 }
             }
-            match self.broker.promote_due(&self.keys, 1000).await {
-                Ok(n) if n > 0 => tracing::debug!(moved = n, "promoted due retries"),
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "promotion failed"),
-            }
-            if !pause(PROMOTE_EVERY, &stop).await {
+            let next_due = match self.broker.promote_due(&self.keys, 1000).await {
+                Ok(p) => {
+                    if p.moved > 0 {
+                        tracing::debug!(moved = p.moved, "promoted due work");
+                    }
+                    p.next_due_ms
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "promotion failed");
+                    None
+                }
+            };
+            if !pause(promote_pause(next_due, now_ms()), &stop).await {
                 break;
             }
         }
@@ -126,6 +140,46 @@ impl Worker {
                     suspects.insert(id, started);
                 }
             }
+        }
+    }
+}
+
+/// How long the maintenance loop waits before the next promotion: until the next retry or parked
+/// task is due (plus a little jitter), within [`PROMOTE_MIN`]..[`PROMOTE_EVERY`]. A fixed period
+/// released a period's worth of the limiter's turns at once: the fleet then ran in waves, the
+/// calls of a wave starting and ending together, and `active` (which KEDA reads as in flight)
+/// swung between zero and the whole wave, so a scaler sampling in step with the waves saw an idle
+/// fleet while it ran at the quota's pace.
+fn promote_pause(next_due_ms: Option<i64>, now: i64) -> Duration {
+    let Some(at) = next_due_ms else {
+        return PROMOTE_EVERY;
+    };
+    let until = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
+    let jitter = rand::rng().random_range(0..=PROMOTE_JITTER_MS);
+    Duration::from_millis(until.saturating_add(jitter)).clamp(PROMOTE_MIN, PROMOTE_EVERY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loop_wakes_at_the_next_turn_within_its_bounds() {
+        assert_eq!(promote_pause(None, 1_000), PROMOTE_EVERY);
+        for _ in 0..100 {
+            let p = promote_pause(Some(1_040), 1_000);
+            assert!(
+                p >= Duration::from_millis(40) && p <= Duration::from_millis(50),
+                "{p:?}"
+            );
+            // overdue: soon, but not a busy loop
+            let p = promote_pause(Some(900), 1_000);
+            assert!(
+                p >= PROMOTE_MIN && p <= PROMOTE_MIN.max(Duration::from_millis(PROMOTE_JITTER_MS)),
+                "{p:?}"
+            );
+            // far off: the usual period, so recovery and sweeps keep their pace
+            assert_eq!(promote_pause(Some(60_000), 1_000), PROMOTE_EVERY);
         }
     }
 }

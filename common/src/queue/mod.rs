@@ -112,6 +112,14 @@ pub struct MemoryAppend<'a> {
     pub ttl: Duration,
 }
 
+/// What one promotion pass did: how many ids it moved to pending, and when the next retry or
+/// parked task is due (ms since the epoch), if any is waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promoted {
+    pub moved: u64,
+    pub next_due_ms: Option<i64>,
+}
+
 /// The queue client shared by api and worker: a Redis handle and the key prefix.
 #[derive(Clone)]
 pub struct Broker {
@@ -496,23 +504,23 @@ impl Broker {
             .await
     }
 
-    /// Moves due retries and parked tasks whose turn came to pending. Returns how many moved.
-    pub async fn promote_due(&self, keys: &Keys, limit: usize) -> RedisResult<u64> {
+    /// Moves due retries and parked tasks whose turn came to pending.
+    pub async fn promote_due(&self, keys: &Keys, limit: usize) -> RedisResult<Promoted> {
         self.promote_due_by(keys, limit, Duration::ZERO).await
     }
 
     /// [`Self::promote_due`] for work due at least `lag` ago: a backstop that moves only what the
-    /// workers' own promotion (every 250 ms) left behind, so it never moves a second's turns at
+    /// workers' own promotion (at each turn) left behind, so it never moves a second's turns at
     /// once while workers run.
     pub async fn promote_due_by(
         &self,
         keys: &Keys,
         limit: usize,
         lag: Duration,
-    ) -> RedisResult<u64> {
+    ) -> RedisResult<Promoted> {
         let mut conn = self.redis.conn().await?;
         let lag = i64::try_from(lag.as_millis()).unwrap_or(i64::MAX);
-        SCRIPTS
+        let (moved, next): (u64, i64) = SCRIPTS
             .promote
             .key(keys.delayed())
             .key(keys.pending())
@@ -520,7 +528,11 @@ impl Broker {
             .arg(now_ms().saturating_sub(lag))
             .arg(limit.max(1))
             .invoke_async(&mut conn)
-            .await
+            .await?;
+        Ok(Promoted {
+            moved,
+            next_due_ms: (next >= 0).then_some(next),
+        })
     }
 
     /// Refreshes this worker's heartbeat and registration.

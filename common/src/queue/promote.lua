@@ -3,7 +3,9 @@
 -- once already, and their turn is now).
 -- KEYS[1] delayed zset, KEYS[2] pending list, KEYS[3] throttled zset
 -- ARGV[1] now ms, ARGV[2] most ids to move from each set
--- Returns how many moved.
+-- Returns {how many moved, when the next entry of either set is due (ms), or -1 when both are
+-- empty}: the workers sleep until then, so each parked task reaches pending at its turn rather
+-- than with every turn of a polling period at once.
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[1], id)
@@ -14,4 +16,12 @@ for _, id in ipairs(turn) do
   redis.call('ZREM', KEYS[3], id)
   redis.call('RPUSH', KEYS[2], id)
 end
-return #due + #turn
+local next_ms = -1
+for _, k in ipairs({KEYS[1], KEYS[3]}) do
+  local first = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local at = math.floor(tonumber(first[2]))
+    if next_ms < 0 or at < next_ms then next_ms = at end
+  end
+end
+return {#due + #turn, next_ms}
