@@ -205,6 +205,8 @@ negative_values() {
         "$UPSTREAM_OK --set $UP1.name=b --set $UP1.base_url=https://b.example/v1 --set $UP1.models[0]=gpt-4o-mini"
         "$UPSTREAM_OK --set llm.model=not-served"
         "--set upstreams.secretEnv[0].name=REDIS_URL --set upstreams.secretEnv[0].secretName=s --set upstreams.secretEnv[0].key=k"
+        "--set-json monitoring.prometheusRule.budgetNearLimitRatio=1.5"
+        "--set monitoring.prometheusRule.budgetExhaustedFor=soon"
     )
     for args in "${cases[@]}"; do
         # shellcheck disable=SC2086

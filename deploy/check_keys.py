@@ -66,6 +66,9 @@ DOCUMENTED_METRICS = {
     "agentq_llm_requests_total", "agentq_llm_request_duration_seconds", "agentq_llm_tokens_total",
     "agentq_llm_cost_dollars_total", "agentq_worker_draining", "agentq_http_requests_total",
     "agentq_http_request_duration_seconds",
+    # budgets: api gauges per scope, worker counters
+    "agentq_budget_spent_dollars", "agentq_budget_reserved_dollars", "agentq_budget_limit_dollars",
+    "agentq_budget_refusals_total", "agentq_agent_cost_dollars_total",
 }
 METRIC_RE = re.compile(r"\bagentq_[a-z0-9_]+")
 

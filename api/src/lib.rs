@@ -5,6 +5,7 @@
 //! Failure policy: client mistakes get a 4xx naming the field and write nothing; Redis trouble
 //! gets a 503 within a few seconds (never a 500 or a hang); nothing here retries on its own.
 
+mod budgets;
 pub mod error;
 mod promote;
 mod routes;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub broker: Broker,
     /// Reads the flow limiter's state for `GET /v1/upstreams`.
     pub limiter: agentq_common::flow::Limiter,
+    /// Budgets and the usage report (`budgets.rs`).
+    pub budgets: agentq_common::flow::Budgets,
     pub config: Arc<ApiConfig>,
     pub metrics: ApiMetrics,
     /// Declared queues this process has registered in Redis, so the registry write happens once
@@ -42,9 +45,11 @@ impl AppState {
     pub fn new(config: ApiConfig) -> anyhow::Result<Self> {
         let redis = Redis::open(&config.common.redis_url)?;
         let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix);
+        let budgets = agentq_common::flow::Budgets::new(redis.clone(), &config.common.key_prefix);
         let broker = Broker::new(redis, config.common.key_prefix.clone());
         Ok(Self {
             limiter,
+            budgets,
             openapi: routes::openapi_for(&config.queues).into(),
             broker,
             config: Arc::new(config),

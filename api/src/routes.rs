@@ -65,6 +65,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/queues/{queue}/dead", get(list_dead))
         .route("/v1/queues/{queue}/dead/redrive", post(redrive_dead))
         .route("/v1/upstreams", get(crate::upstreams::list))
+        .route("/v1/budgets", get(crate::budgets::list))
+        .route(
+            "/v1/budgets/{scope}",
+            get(crate::budgets::get)
+                .put(crate::budgets::put)
+                .delete(crate::budgets::delete),
+        )
+        .route("/v1/usage", get(crate::budgets::usage))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -168,11 +176,12 @@ fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     }
 }
 
-async fn create_task(
-    State(state): State<AppState>,
-    headers: HeaderMap,
+/// A JSON object body parsed into `T`, with the same errors as every body route: 413 when too
+/// big, 415 without a JSON content type, 400 malformed, 422 naming the field.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<T, ApiError> {
     let body = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -185,7 +194,7 @@ async fn create_task(
             ApiError::new(StatusCode::BAD_REQUEST, "bad_body", rej.body_text()).field("body")
         }
     })?;
-    if !json_content_type(&headers) {
+    if !json_content_type(headers) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -193,13 +202,21 @@ async fn create_task(
         )
         .field("Content-Type"));
     }
-    let idem = idempotency_key(&headers)?;
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first.is_some_and(|b| *b != b'{') {
         return Err(ApiError::invalid("body", "must be a JSON object"));
     }
     let de = &mut serde_json::Deserializer::from_slice(&body);
-    let req: CreateTask = serde_path_to_error::deserialize(de).map_err(body_error)?;
+    serde_path_to_error::deserialize(de).map_err(body_error)
+}
+
+async fn create_task(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let idem = idempotency_key(&headers)?;
+    let req: CreateTask = json_body(&headers, body)?;
     let task = req
         .validate(
             &state.config.default_queue,
@@ -401,6 +418,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             let age = state.broker.oldest_pending_age(q).await?;
             state.metrics.oldest_age.with_label_values(&[q]).set(age);
         }
+        crate::budgets::refresh_gauges(&state).await?;
         Ok::<_, redis::RedisError>(())
     };
     if let Ok(Err(e)) | Err(e) = tokio::time::timeout(REDIS_DEADLINE, refresh)

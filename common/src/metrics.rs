@@ -73,6 +73,19 @@ pub struct ApiMetrics {
     pub http_requests: IntCounterVec,
     /// agentq_http_request_duration_seconds{method,route}
     pub http_duration: HistogramVec,
+    /// agentq_budget_limit_dollars{scope}: each budget's limit; refreshed per scrape
+    pub budget_limit: GaugeVec,
+    /// agentq_budget_spent_dollars{scope}: settled spend in the budget's current window
+    pub budget_spent: GaugeVec,
+    /// agentq_budget_reserved_dollars{scope}: worst-case cost of the calls in flight against it
+    pub budget_reserved: GaugeVec,
+}
+
+fn budget_gauge(r: &Registry, name: &str, help: &str) -> GaugeVec {
+    reg(
+        r,
+        GaugeVec::new(Opts::new(name, help), &["scope"]).expect("static metric definition"),
+    )
 }
 
 impl ApiMetrics {
@@ -120,6 +133,21 @@ impl ApiMetrics {
                 &["method", "route"],
                 exponential_buckets(0.0001, 2.0, 18).unwrap_or_default(),
             ),
+            budget_limit: budget_gauge(
+                &r,
+                "agentq_budget_limit_dollars",
+                "Each budget's limit, read from Redis at scrape time.",
+            ),
+            budget_spent: budget_gauge(
+                &r,
+                "agentq_budget_spent_dollars",
+                "Settled spend in each budget's current window, read from Redis at scrape time.",
+            ),
+            budget_reserved: budget_gauge(
+                &r,
+                "agentq_budget_reserved_dollars",
+                "Worst-case cost of the calls in flight against each budget, read at scrape time.",
+            ),
             registry: r,
         }
     }
@@ -150,6 +178,12 @@ pub struct WorkerMetrics {
     pub llm_tokens: IntCounterVec,
     /// agentq_llm_cost_dollars_total{model}
     pub llm_cost: CounterVec,
+    /// agentq_agent_cost_dollars_total{agent}: spend by agent id (the first 100 agents this
+    /// process sees; later ones count as `other`)
+    pub agent_cost: CounterVec,
+    /// agentq_budget_refusals_total{scope}: LLM calls a budget (or `task` for a task's own cap)
+    /// refused
+    pub budget_refusals: IntCounterVec,
     /// agentq_worker_draining: 1 from SIGTERM until exit
     pub draining: IntGauge,
     /// agentq_worker_concurrency: the permit count, for utilisation panels
@@ -228,6 +262,23 @@ impl WorkerMetrics {
                     &["model"],
                 )
                 .expect("static metric definition"),
+            ),
+            agent_cost: reg(
+                &r,
+                CounterVec::new(
+                    Opts::new(
+                        "agentq_agent_cost_dollars_total",
+                        "Estimated LLM spend by agent id (first 100 agents per process, then other).",
+                    ),
+                    &["agent"],
+                )
+                .expect("static metric definition"),
+            ),
+            budget_refusals: counter_vec(
+                &r,
+                "agentq_budget_refusals_total",
+                "LLM calls a budget refused (scope task: the task's own cap).",
+                &["scope"],
             ),
             draining: gauge(
                 "agentq_worker_draining",

@@ -44,7 +44,31 @@ pub struct CreateTask {
     #[serde(default, deserialize_with = "whole_number")]
     pub max_attempts: Option<u32>,
     pub metadata: Option<Map<String, Value>>,
+    /// Most the task may cost, in dollars, over all its attempts and steps.
+    pub max_cost_usd: Option<f64>,
+    /// Most tokens (prompt + completion) the task may use over all its attempts and steps.
+    #[serde(default, deserialize_with = "whole_number")]
+    pub max_total_tokens: Option<u32>,
+    /// What a call refused by a budget does: `fail` (default) or `wait`.
+    pub on_budget: Option<OnBudget>,
 }
+
+/// What a task does when a budget refuses its call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBudget {
+    /// `failed` with error code `budget_exceeded`, not retried, listed with the dead letters.
+    #[default]
+    Fail,
+    /// Parked outside `pending` until the budget's window frees enough.
+    Wait,
+}
+
+/// The prefix of a task's `error` when a budget or a per-task cap stopped it; `error_code` in
+/// the task's view.
+pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
+/// The largest `max_cost_usd` a task takes.
+pub const MAX_TASK_COST_USD: f64 = 1e6;
 
 /// A JSON number with no fractional part, as JSON Schema's `integer` (and the OpenAPI document)
 /// defines it: `3` and `3.0` are the same number. Out of range or fractional is an error.
@@ -97,6 +121,16 @@ pub struct Payload {
     pub agent_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_total_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "is_fail")]
+    pub on_budget: OnBudget,
+}
+
+fn is_fail(o: &OnBudget) -> bool {
+    *o == OnBudget::Fail
 }
 
 impl NewTask {
@@ -258,6 +292,17 @@ impl CreateTask {
                 ));
             }
         }
+        if let Some(c) = self.max_cost_usd {
+            if !c.is_finite() || c <= 0.0 || c > MAX_TASK_COST_USD {
+                return Err(FieldError::new(
+                    "max_cost_usd",
+                    format!("must be a number of dollars above 0 and at most {MAX_TASK_COST_USD}"),
+                ));
+            }
+        }
+        if self.max_total_tokens == Some(0) {
+            return Err(FieldError::new("max_total_tokens", "must be at least 1"));
+        }
         Ok(NewTask {
             queue,
             max_attempts,
@@ -267,6 +312,9 @@ impl CreateTask {
                 fallback_models,
                 agent_id: self.agent_id,
                 metadata: self.metadata,
+                max_cost_usd: self.max_cost_usd,
+                max_total_tokens: self.max_total_tokens,
+                on_budget: self.on_budget.unwrap_or_default(),
             },
         })
     }
@@ -364,6 +412,28 @@ pub struct Fallback {
     pub reason: String,
 }
 
+/// A task's usage over all its calls (`usage` in `GET /v1/tasks/{id}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    /// Prompt tokens the upstreams served from their cache, where they reported it.
+    pub cached_tokens: u64,
+    /// LLM calls that reported usage.
+    pub calls: u64,
+}
+
+/// Task hash fields the worker adds each call's usage to (`HINCRBY`).
+pub mod usage_fields {
+    pub const PROMPT: &str = "u_prompt";
+    pub const COMPLETION: &str = "u_completion";
+    pub const CACHED: &str = "u_cached";
+    pub const CALLS: &str = "u_calls";
+    /// nano-dollars
+    pub const COST: &str = "cost_n";
+}
+
 /// `GET /v1/tasks/{id}`: the task as clients see it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskView {
@@ -381,6 +451,16 @@ pub struct TaskView {
     pub finished_at: Option<String>,
     pub result: Option<TaskResult>,
     pub error: Option<String>,
+    /// `budget_exceeded` when a budget or the task's own cap stopped it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// Tokens of every LLM call the task made, summed over its attempts and steps (failed and
+    /// fenced-out calls included: they were paid for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TaskUsage>,
+    /// What those calls cost in dollars, at the price table's prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -410,6 +490,25 @@ impl TaskView {
             finished_at: ts("finished_at"),
             result: h.get("result").and_then(|r| serde_json::from_str(r).ok()),
             error: h.get("error").filter(|e| !e.is_empty()).cloned(),
+            error_code: h
+                .get("error")
+                .filter(|e| e.starts_with(&format!("{BUDGET_EXCEEDED}:")))
+                .map(|_| BUDGET_EXCEEDED.to_owned()),
+            usage: {
+                let n = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let u = TaskUsage {
+                    prompt_tokens: n(usage_fields::PROMPT),
+                    completion_tokens: n(usage_fields::COMPLETION),
+                    total_tokens: n(usage_fields::PROMPT) + n(usage_fields::COMPLETION),
+                    cached_tokens: n(usage_fields::CACHED),
+                    calls: n(usage_fields::CALLS),
+                };
+                (u.calls > 0).then_some(u)
+            },
+            cost: h
+                .get(usage_fields::CALLS)
+                .and(h.get(usage_fields::COST).or(Some(&String::new())))
+                .map(|c| c.parse::<i64>().unwrap_or(0) as f64 / 1e9),
             agent_id: payload.as_ref().and_then(|p| p.agent_id.clone()),
             metadata: payload.and_then(|p| p.metadata),
         }

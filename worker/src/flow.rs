@@ -7,8 +7,13 @@
 
 use std::time::Duration;
 
-use agentq_common::flow::{Admission, Estimate, Line, Reservation, Route, Settlement};
-use agentq_common::task::{Fallback, Message, StartedTask, TaskResult};
+use agentq_common::flow::budget::{cost_nanos, scopes_of, usd};
+use agentq_common::flow::{
+    Admission, Charge, Estimate, Hold, Line, Reservation, Route, Settlement,
+};
+use agentq_common::task::{
+    Fallback, Message, OnBudget, Payload, StartedTask, TaskResult, BUDGET_EXCEEDED,
+};
 use agentq_common::time::now_ms;
 
 use crate::llm::{tokens, Call};
@@ -35,8 +40,22 @@ impl Worker {
         task: &StartedTask,
         models: &[String],
         messages: &[Message],
+        payload: &Payload,
     ) -> Flow {
         let implicit = self.cfg.upstreams.implicit;
+        // the task's own caps need what it used so far (all attempts, all steps)
+        let capped = payload.max_cost_usd.is_some() || payload.max_total_tokens.is_some();
+        let used_so_far = if capped {
+            match self.broker.task_usage(&self.keys, &task.id).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(error = %e, "task usage unavailable; parking the task");
+                    return Flow::Throttled(now_ms() + 1000);
+                }
+            }
+        } else {
+            (0, 0)
+        };
         let output = if self.cfg.max_tokens > 0 {
             self.cfg.max_tokens
         } else {
@@ -45,6 +64,9 @@ impl Worker {
         let mut fallbacks: Vec<Fallback> = Vec::new();
         let mut eligible: Option<i64> = None;
         let mut failure: Option<LlmFailure> = None;
+        // a budget's refusal: parked until this time (on_budget wait), or this failure (fail)
+        let mut budget_wait: Option<i64> = None;
+        let mut budget_failure: Option<LlmFailure> = None;
         for (i, model) in models.iter().enumerate() {
             let last = i + 1 == models.len();
             let Some(route) = self.cfg.upstreams.route(model) else {
@@ -82,6 +104,106 @@ impl Worker {
                 (true, false) => Line::Join,
                 (true, true) => Line::Turn,
             };
+            // Budgets first: their worst case is the prompt's estimate plus the output cap at
+            // the model's prices. A model with no price costs nothing and no budget binds it.
+            let worst_tokens = quick;
+            let worst = self.cfg.prices.get(model).map_or(0, |p| {
+                cost_nanos(
+                    worst_tokens.saturating_sub(u64::from(output)),
+                    u64::from(output),
+                    *p,
+                )
+            });
+            if let Some(why) = over_task_cap(payload, used_so_far, worst_tokens, worst) {
+                self.metrics
+                    .budget_refusals
+                    .with_label_values(&["task"])
+                    .inc();
+                fallbacks.push(skipped(model, up, "task_budget"));
+                failure.get_or_insert(LlmFailure::Permanent {
+                    outcome: BUDGET_EXCEEDED,
+                    message: format!("{BUDGET_EXCEEDED}: {why}"),
+                });
+                continue;
+            }
+            let scopes = self.budget.applying(scopes_of(
+                &self.cfg.queue,
+                payload.agent_id.as_deref(),
+                model,
+            ));
+            let held: Vec<String> = if scopes.is_empty() {
+                Vec::new()
+            } else {
+                match self
+                    .budget
+                    .budgets
+                    .reserve(
+                        &scopes,
+                        &lease,
+                        worst,
+                        self.cfg.llm_timeout + LEASE_MARGIN,
+                        now_ms(),
+                    )
+                    .await
+                {
+                    Ok(Hold::Held(h)) => h,
+                    Ok(Hold::Wait {
+                        scope,
+                        eligible_at_ms,
+                        limit_nanos,
+                        spent_nanos,
+                        held_nanos,
+                        holds_only,
+                    }) => {
+                        self.metrics
+                            .budget_refusals
+                            .with_label_values(&[&scope])
+                            .inc();
+                        fallbacks.push(skipped(model, up, "budget"));
+                        if payload.on_budget == OnBudget::Wait || holds_only {
+                            budget_wait = Some(
+                                budget_wait.map_or(eligible_at_ms, |e: i64| e.min(eligible_at_ms)),
+                            );
+                        } else {
+                            budget_failure.get_or_insert(LlmFailure::Permanent {
+                                outcome: BUDGET_EXCEEDED,
+                                message: format!(
+                                    "{BUDGET_EXCEEDED}: budget {scope} (${:.6}) has ${:.6} spent and ${:.6} in flight; this call may cost up to ${:.6}",
+                                    usd(limit_nanos), usd(spent_nanos), usd(held_nanos), usd(worst)
+                                ),
+                            });
+                        }
+                        continue;
+                    }
+                    Ok(Hold::TooLarge { scope, limit_nanos }) => {
+                        self.metrics
+                            .budget_refusals
+                            .with_label_values(&[&scope])
+                            .inc();
+                        fallbacks.push(skipped(model, up, "budget"));
+                        budget_failure.get_or_insert(LlmFailure::Permanent {
+                            outcome: BUDGET_EXCEEDED,
+                            message: format!(
+                                "{BUDGET_EXCEEDED}: this call may cost up to ${:.6}, more than budget {scope}'s whole ${:.6}",
+                                usd(worst), usd(limit_nanos)
+                            ),
+                        });
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "budgets unavailable; parking the task");
+                        eligible = Some(now_ms() + 1000);
+                        continue;
+                    }
+                }
+            };
+            let charge_base = ChargeBase {
+                hold: &lease,
+                scopes: &held,
+                agent: payload.agent_id.as_deref(),
+                model,
+                worst,
+            };
             let admission = self
                 .limiter
                 .reserve_estimated(
@@ -93,6 +215,10 @@ impl Worker {
                     line,
                 )
                 .await;
+            if !matches!(admission, Ok(Admission::Admitted(_))) {
+                // not called: the hold goes back whole
+                self.charge(&charge_base, None, false).await;
+            }
             let reservation = match admission {
                 Ok(Admission::Admitted(r)) => r,
                 Ok(Admission::Wait {
@@ -149,6 +275,8 @@ impl Worker {
                 .inc_by(reservation.tokens);
             let call = llm.chat(model, messages).await;
             self.settle(&route, label, &reservation, &call).await;
+            self.charge(&charge_base, Some(&call), true).await;
+            self.task_usage(&task.id, &call, model).await;
             match call.result {
                 Ok(mut result) => {
                     result.upstream = Some(up.to_owned());
@@ -182,6 +310,21 @@ impl Worker {
                 }
             }
         }
+        // A budget that refused is the answer unless a call failed in a way that uses an attempt
+        // (that failure's retry comes back to the budget anyway).
+        if !matches!(
+            failure,
+            Some(LlmFailure::Transient { .. } | LlmFailure::RateLimited { .. })
+        ) {
+            if let Some(f) = budget_failure {
+                if eligible.is_none() {
+                    return Flow::Failed(f);
+                }
+            }
+            if let Some(at) = budget_wait {
+                eligible = Some(eligible.map_or(at, |e| e.min(at)));
+            }
+        }
         match failure {
             Some(f @ (LlmFailure::Transient { .. } | LlmFailure::RateLimited { .. })) => {
                 Flow::Failed(f)
@@ -194,6 +337,96 @@ impl Worker {
                     message: "no upstream serves the task's models".to_owned(),
                 }),
             },
+        }
+    }
+
+    /// Releases a call's budget hold, charging what it cost, and counts it in the usage report
+    /// (`count`: it was called). A call that reached the upstream without reporting usage is
+    /// charged its whole worst case: the provider may well have billed it.
+    async fn charge(&self, c: &ChargeBase<'_>, call: Option<&Call>, count: bool) {
+        if c.scopes.is_empty() && !count {
+            return;
+        }
+        let (prompt, completion, cost) = match call {
+            Some(call) => match call.usage {
+                Some(u) => (
+                    u64::from(u.prompt_tokens),
+                    u64::from(u.completion_tokens),
+                    self.cost_of(c.model, &u),
+                ),
+                None if call.reached
+                    && !matches!(call.result, Err(LlmFailure::RateLimited { .. })) =>
+                {
+                    (0, 0, c.worst)
+                }
+                None => (0, 0, 0),
+            },
+            None => (0, 0, 0),
+        };
+        let charge = Charge {
+            hold_id: c.hold,
+            scopes: c.scopes,
+            cost_nanos: cost,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            count,
+            agent: c.agent,
+            queue: &self.cfg.queue,
+            model: c.model,
+        };
+        if let Err(e) = self.budget.budgets.settle(&charge, now_ms()).await {
+            tracing::warn!(error = %e, "could not settle a budget hold; it expires with the call's timeout");
+        }
+        if count && cost > 0 {
+            if let Some(agent) = c.agent {
+                self.metrics
+                    .agent_cost
+                    .with_label_values(&[self.budget.agent_label(agent)])
+                    .inc_by(usd(cost));
+            }
+        }
+    }
+
+    fn cost_of(&self, model: &str, u: &agentq_common::task::Usage) -> i64 {
+        self.cfg.prices.get(model).map_or(0, |p| {
+            cost_nanos(
+                u64::from(u.prompt_tokens),
+                u64::from(u.completion_tokens),
+                *p,
+            )
+        })
+    }
+
+    /// Adds the call's usage to the task's record, and logs the call (`agent_call`).
+    async fn task_usage(&self, id: &str, call: &Call, model: &str) {
+        let Some(u) = call.usage else {
+            return;
+        };
+        let cost = self.cost_of(model, &u);
+        tracing::info!(
+            task.id = id,
+            model,
+            prompt_tokens = u.prompt_tokens,
+            completion_tokens = u.completion_tokens,
+            cached_tokens = u.cached_tokens.unwrap_or(0),
+            cost_usd = usd(cost),
+            duration_ms = u64::try_from(call.latency.as_millis()).unwrap_or(u64::MAX),
+            ok = call.result.is_ok(),
+            "agent_call"
+        );
+        if let Err(e) = self
+            .broker
+            .add_usage(
+                &self.keys,
+                id,
+                u64::from(u.prompt_tokens),
+                u64::from(u.completion_tokens),
+                u64::from(u.cached_tokens.unwrap_or(0)),
+                cost,
+            )
+            .await
+        {
+            tracing::warn!(task.id = id, error = %e, "could not add the call's usage to the task");
         }
     }
 
@@ -344,4 +577,41 @@ fn skipped(model: &str, upstream: &str, reason: &str) -> Fallback {
         upstream: upstream.to_owned(),
         reason: reason.to_owned(),
     }
+}
+
+/// A call's budget hold, for [`Worker::charge`].
+struct ChargeBase<'a> {
+    hold: &'a str,
+    scopes: &'a [String],
+    agent: Option<&'a str>,
+    model: &'a str,
+    /// The hold's amount (nano-dollars).
+    worst: i64,
+}
+
+/// Why the task's own caps refuse a call that may use `tokens` and cost `cost` (nano-dollars)
+/// on top of what the task used so far, if they do.
+fn over_task_cap(
+    payload: &Payload,
+    (used_tokens, used_cost): (u64, i64),
+    tokens: u64,
+    cost: i64,
+) -> Option<String> {
+    if let Some(max) = payload.max_total_tokens {
+        if used_tokens.saturating_add(tokens) > u64::from(max) {
+            return Some(format!(
+                "the task used {used_tokens} tokens of its max_total_tokens {max}; this call may use up to {tokens} more"
+            ));
+        }
+    }
+    if let Some(max) = payload.max_cost_usd {
+        if usd(used_cost.saturating_add(cost)) > max {
+            return Some(format!(
+                "the task cost ${:.6} of its max_cost_usd ${max}; this call may cost up to ${:.6} more",
+                usd(used_cost),
+                usd(cost)
+            ));
+        }
+    }
+    None
 }

@@ -13,6 +13,7 @@
 //! works, because a result already paid for must not be dropped. SIGTERM drains: no new fetches,
 //! in-flight tasks get `AGENTQ_DRAIN_TIMEOUT_SECS`, the rest are given back uncounted, exit 0.
 
+mod budget;
 mod flow;
 mod llm;
 mod maintenance;
@@ -57,6 +58,8 @@ struct Worker {
     llms: HashMap<String, Llm>,
     /// The fleet-wide flow limiter (`common/src/flow`).
     limiter: agentq_common::flow::Limiter,
+    /// Budgets and the scopes that have one (`budget.rs`).
+    budget: budget::BudgetState,
     /// Limits this process already told the limiter it learned, by (upstream, model): a reply's
     /// headers repeat them, Redis needs to hear each change once.
     learned: Mutex<HashMap<(String, String), Learned>>,
@@ -133,6 +136,7 @@ pub async fn run(
     }
     let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix)
         .with_grants(config.limiter_grants);
+    let budgets = agentq_common::flow::Budgets::new(redis.clone(), &config.common.key_prefix);
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let id = format!("{}-{}", sanitize(&host), uuid::Uuid::new_v4().simple());
     metrics.concurrency.set(config.concurrency as i64);
@@ -142,6 +146,7 @@ pub async fn run(
         blocking,
         llms,
         limiter,
+        budget: budget::BudgetState::new(budgets),
         learned: Mutex::new(HashMap::new()),
         metrics,
         permits: Arc::new(Semaphore::new(config.concurrency)),
@@ -182,6 +187,14 @@ pub async fn run(
 
     let heartbeat = tokio::spawn(worker.clone().beat(beat_conn, stop_beating.clone()));
     let maintenance = tokio::spawn(worker.clone().maintain(stop_maintenance.clone()));
+    // the budgets are read before the first fetch, so a budget set before start binds at once
+    let budgets_read = CancellationToken::new();
+    let budget_watch = tokio::spawn(
+        worker
+            .clone()
+            .watch_budgets(stop_maintenance.clone(), budgets_read.clone()),
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), budgets_read.cancelled()).await;
     let fetcher = tokio::spawn(worker.clone().fetch_loop(
         stop_fetching.clone(),
         tracker.clone(),
@@ -216,6 +229,7 @@ pub async fn run(
     // The sweep stops before the leftovers are released (both would return the same ids).
     stop_maintenance.cancel();
     let _ = maintenance.await;
+    let _ = budget_watch.await;
     let empty = worker.release_leftovers().await;
     // The heartbeat stops only now: while ids were still in the list, the worker had to look alive.
     stop_beating.cancel();

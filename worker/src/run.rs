@@ -152,7 +152,10 @@ impl Worker {
             .collect();
         messages.extend(payload.messages.iter().cloned());
 
-        match self.call_with_flow(task, &models, &messages).await {
+        match self
+            .call_with_flow(task, &models, &messages, &payload)
+            .await
+        {
             crate::flow::Flow::Throttled(at) => Outcome::Throttled(at),
             crate::flow::Flow::Answered(result) => {
                 let result_json = serde_json::to_string(&result).unwrap_or_default();

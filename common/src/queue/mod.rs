@@ -19,6 +19,7 @@ struct Scripts {
     complete: Script,
     fail: Script,
     promote: Script,
+    usage: Script,
     recover: Script,
     cancel: Script,
     redrive: Script,
@@ -35,6 +36,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     )),
     fail: Script::new(concat!(include_str!("fence.lua"), include_str!("fail.lua"))),
     promote: Script::new(include_str!("promote.lua")),
+    usage: Script::new(include_str!("usage.lua")),
     recover: Script::new(include_str!("recover.lua")),
     cancel: Script::new(include_str!("cancel.lua")),
     redrive: Script::new(include_str!("redrive.lua")),
@@ -533,6 +535,43 @@ impl Broker {
             moved,
             next_due_ms: (next >= 0).then_some(next),
         })
+    }
+
+    /// Adds one call's usage to the task's record (`usage.lua`). Not fenced: money spent by a run
+    /// that lost the task was still spent.
+    pub async fn add_usage(
+        &self,
+        keys: &Keys,
+        id: &str,
+        prompt: u64,
+        completion: u64,
+        cached: u64,
+        cost_nanos: i64,
+    ) -> RedisResult<()> {
+        let mut conn = self.redis.conn().await?;
+        let _: Vec<i64> = SCRIPTS
+            .usage
+            .key(keys.task_raw(id))
+            .arg(prompt)
+            .arg(completion)
+            .arg(cached)
+            .arg(cost_nanos.max(0))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// A task's usage so far: (prompt + completion tokens, cost in nano-dollars).
+    pub async fn task_usage(&self, keys: &Keys, id: &str) -> RedisResult<(u64, i64)> {
+        let mut conn = self.redis.conn().await?;
+        let (p, c, n): (Option<u64>, Option<u64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(keys.task_raw(id))
+            .arg(crate::task::usage_fields::PROMPT)
+            .arg(crate::task::usage_fields::COMPLETION)
+            .arg(crate::task::usage_fields::COST)
+            .query_async(&mut conn)
+            .await?;
+        Ok((p.unwrap_or(0) + c.unwrap_or(0), n.unwrap_or(0)))
     }
 
     /// Refreshes this worker's heartbeat and registration.

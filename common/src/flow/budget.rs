@@ -1,0 +1,646 @@
+//! Budgets: dollar limits over a scope (`global`, `queue:<name>`, `agent:<id>`, `model:<name>`)
+//! and a window, enforced the way the limiter enforces quotas: before each LLM call its worst-case
+//! cost is held against every budget that applies (`budget_reserve.lua`, atomic over all of
+//! them), and after the call the hold is released and what the call really cost is charged
+//! (`budget_settle.lua`). Every settlement also feeds the usage report (`GET /v1/usage`).
+//!
+//! Money is counted in nano-dollars (integers), so sums are exact and Lua's doubles hold them.
+//! All keys share the `{budgets}` hash tag: one script touches every budget of a call, and a
+//! Redis Cluster keeps them in one slot. docs/architecture.md ("Budgets") has the overspend bound.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::{RedisResult, Script};
+use serde::{Deserialize, Serialize};
+
+use crate::task::{valid_name, FieldError};
+use crate::Redis;
+
+static RESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("budget_reserve.lua")));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("budget_settle.lua")));
+
+/// Nano-dollars in a dollar.
+pub const NANOS: f64 = 1e9;
+/// The most budgets a deployment keeps (each is a key, a metric series and a config entry).
+pub const MAX_BUDGETS: usize = 1000;
+/// The largest limit a budget takes, in dollars.
+pub const MAX_LIMIT_USD: f64 = 1e9;
+const MIN_WINDOW_SECS: u64 = 60;
+const MAX_WINDOW_SECS: u64 = 30 * 86_400;
+
+/// Dollars to nano-dollars, rounded up: a hold or a limit is never smaller than asked.
+pub fn nanos_up(usd: f64) -> i64 {
+    if !usd.is_finite() || usd <= 0.0 {
+        return 0;
+    }
+    (usd * NANOS).ceil().min(i64::MAX as f64) as i64
+}
+
+pub fn usd(nanos: i64) -> f64 {
+    nanos as f64 / NANOS
+}
+
+/// What a call with these token counts costs at `price` (dollars per million tokens), in
+/// nano-dollars, rounded up.
+pub fn cost_nanos(prompt_tokens: u64, completion_tokens: u64, price: crate::config::Price) -> i64 {
+    // per million tokens, in dollars = per token, in milli-nano-dollars
+    let n =
+        (prompt_tokens as f64 * price.prompt + completion_tokens as f64 * price.completion) * 1e3;
+    if n <= 0.0 {
+        0
+    } else {
+        n.ceil().min(i64::MAX as f64) as i64
+    }
+}
+
+/// How a budget's window moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The last `window` up to now (counted in sixtieths of the window: spend leaves it between
+    /// one window and one window plus a sixtieth after it was made).
+    #[default]
+    Rolling,
+    /// Fixed periods of `window` since the Unix epoch, UTC (`1h`: clock hours, `1d`: UTC days):
+    /// everything is available again when a period starts.
+    Calendar,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Rolling => "rolling",
+            Self::Calendar => "calendar",
+        }
+    }
+}
+
+/// `PUT /v1/budgets/{scope}`'s body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetBody {
+    pub limit_usd: Option<f64>,
+    pub window: Option<String>,
+    #[serde(default)]
+    pub mode: Option<Mode>,
+}
+
+/// A validated budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub scope: String,
+    pub limit_nanos: i64,
+    pub window: String,
+    pub window_secs: u64,
+    pub mode: Mode,
+}
+
+impl Budget {
+    fn encode(&self) -> String {
+        format!(
+            "{}|{}|{}",
+            self.limit_nanos,
+            self.window_secs,
+            self.mode.as_str()
+        )
+    }
+
+    fn decode(scope: &str, raw: &str) -> Option<Self> {
+        let mut it = raw.split('|');
+        let limit_nanos = it.next()?.parse().ok()?;
+        let window_secs: u64 = it.next()?.parse().ok()?;
+        let mode = match it.next()? {
+            "calendar" => Mode::Calendar,
+            _ => Mode::Rolling,
+        };
+        Some(Self {
+            scope: scope.to_owned(),
+            limit_nanos,
+            window: format_window(window_secs),
+            window_secs,
+            mode,
+        })
+    }
+}
+
+/// A scope name: `global`, `queue:<name>`, `agent:<id>` or `model:<name>`.
+pub fn validate_scope(scope: &str) -> Result<(), FieldError> {
+    if scope == "global" {
+        return Ok(());
+    }
+    let bad = || {
+        FieldError::new(
+            "scope",
+            "must be global, queue:<name>, agent:<agent_id> or model:<model>",
+        )
+    };
+    let (kind, name) = scope.split_once(':').ok_or_else(bad)?;
+    let ok = match kind {
+        "queue" => crate::keys::validate_queue(name).is_ok(),
+        "agent" | "model" => valid_name(name),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+/// `30s`-style windows: a whole number of minutes (`m`), hours (`h`) or days (`d`), 1m to 30d.
+pub fn parse_window(w: &str) -> Option<u64> {
+    let unit = w.chars().last()?;
+    let n: u64 = w.get(..w.len() - 1)?.parse().ok()?;
+    let secs = n.checked_mul(match unit {
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    })?;
+    (MIN_WINDOW_SECS..=MAX_WINDOW_SECS)
+        .contains(&secs)
+        .then_some(secs)
+}
+
+fn format_window(secs: u64) -> String {
+    if secs.is_multiple_of(86_400) {
+        format!("{}d", secs / 86_400)
+    } else if secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else {
+        format!("{}m", secs / 60)
+    }
+}
+
+impl BudgetBody {
+    pub fn validate(self, scope: &str) -> Result<Budget, FieldError> {
+        validate_scope(scope)?;
+        let limit = self
+            .limit_usd
+            .ok_or_else(|| FieldError::new("limit_usd", "is required (dollars, > 0)"))?;
+        if !limit.is_finite() || limit <= 0.0 || limit > MAX_LIMIT_USD {
+            return Err(FieldError::new(
+                "limit_usd",
+                format!("must be a number of dollars above 0 and at most {MAX_LIMIT_USD}"),
+            ));
+        }
+        let window = self
+            .window
+            .ok_or_else(|| FieldError::new("window", "is required, e.g. 1h"))?;
+        let window_secs = parse_window(&window).ok_or_else(|| {
+            FieldError::new(
+                "window",
+                "must be a whole number of minutes, hours or days (e.g. 15m, 1h, 7d), from 1m to 30d",
+            )
+        })?;
+        Ok(Budget {
+            scope: scope.to_owned(),
+            limit_nanos: nanos_up(limit),
+            window: format_window(window_secs),
+            window_secs,
+            mode: self.mode.unwrap_or_default(),
+        })
+    }
+}
+
+/// A budget as `GET /v1/budgets/{scope}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetView {
+    pub scope: String,
+    pub limit_usd: f64,
+    pub window: String,
+    pub mode: Mode,
+    /// Settled spend in the current window.
+    pub spent_usd: f64,
+    /// Worst-case cost of the calls in flight against it.
+    pub reserved_usd: f64,
+    pub remaining_usd: f64,
+}
+
+/// The scopes a call falls under, in a fixed order.
+pub fn scopes_of(queue: &str, agent: Option<&str>, model: &str) -> Vec<String> {
+    let mut s = vec!["global".to_owned(), format!("queue:{queue}")];
+    if let Some(a) = agent {
+        s.push(format!("agent:{a}"));
+    }
+    s.push(format!("model:{model}"));
+    s
+}
+
+/// What [`Budgets::reserve`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hold {
+    /// Held against these scopes (empty: no budget applies).
+    Held(Vec<String>),
+    /// Refused by `scope` until about `eligible_at_ms`.
+    Wait {
+        scope: String,
+        eligible_at_ms: i64,
+        limit_nanos: i64,
+        spent_nanos: i64,
+        held_nanos: i64,
+        /// Only the holds of calls in flight are in the way: once they settle to what they
+        /// really cost there may be room, so the caller waits a moment whatever `on_budget` says.
+        holds_only: bool,
+    },
+    /// Refused for good: the call alone costs more than `scope`'s whole limit.
+    TooLarge { scope: String, limit_nanos: i64 },
+}
+
+/// One call's report to [`Budgets::settle`].
+#[derive(Debug, Clone)]
+pub struct Charge<'a> {
+    pub hold_id: &'a str,
+    pub scopes: &'a [String],
+    pub cost_nanos: i64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Count the call in the usage report (false for a hold released unused).
+    pub count: bool,
+    pub agent: Option<&'a str>,
+    pub queue: &'a str,
+    pub model: &'a str,
+}
+
+/// One group's spend in `GET /v1/usage`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct UsageRow {
+    pub key: String,
+    pub cost_usd: f64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub calls: u64,
+}
+
+#[derive(Clone)]
+pub struct Budgets {
+    redis: Redis,
+    prefix: String,
+}
+
+impl Budgets {
+    pub fn new(redis: Redis, prefix: &str) -> Self {
+        Self {
+            redis,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn conf_key(&self) -> String {
+        format!("{}:{{budgets}}:conf", self.prefix)
+    }
+    pub fn spend_key(&self, scope: &str) -> String {
+        format!("{}:{{budgets}}:spend:{scope}", self.prefix)
+    }
+    pub fn holds_key(&self, scope: &str) -> String {
+        format!("{}:{{budgets}}:holds:{scope}", self.prefix)
+    }
+    fn usage_key(&self, grain: &str, n: i64) -> String {
+        format!("{}:{{budgets}}:usage:{grain}:{n}", self.prefix)
+    }
+
+    /// Creates or replaces a budget; `Ok(true)` when it is new. Past [`MAX_BUDGETS`] a new one
+    /// is refused (`Err` with the field), an existing one can still change.
+    pub async fn put(&self, b: &Budget) -> RedisResult<Result<bool, FieldError>> {
+        let mut conn = self.redis.conn().await?;
+        // one script: the count check and the write cannot interleave with another PUT
+        let script = Script::new(
+            "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then \
+               redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 0 end \
+             if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return -1 end \
+             redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1",
+        );
+        let r: i64 = script
+            .key(self.conf_key())
+            .arg(&b.scope)
+            .arg(b.encode())
+            .arg(MAX_BUDGETS)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match r {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(FieldError::new(
+                "scope",
+                format!("at most {MAX_BUDGETS} budgets; delete one first"),
+            )),
+        })
+    }
+
+    /// Deletes a budget and its counts; `false` when there was none.
+    pub async fn delete(&self, scope: &str) -> RedisResult<bool> {
+        let mut conn = self.redis.conn().await?;
+        let (n, _, _): (i64, i64, i64) = redis::pipe()
+            .atomic()
+            .hdel(self.conf_key(), scope)
+            .del(self.spend_key(scope))
+            .del(self.holds_key(scope))
+            .query_async(&mut conn)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Every budget's configuration.
+    pub async fn all(&self) -> RedisResult<Vec<Budget>> {
+        let mut conn = self.redis.conn().await?;
+        let raw: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.conf_key())
+            .query_async(&mut conn)
+            .await?;
+        let mut v: Vec<Budget> = raw
+            .iter()
+            .filter_map(|(s, r)| Budget::decode(s, r))
+            .collect();
+        v.sort_by(|a, b| a.scope.cmp(&b.scope));
+        Ok(v)
+    }
+
+    /// One budget with its current spend, or `None`.
+    pub async fn view(&self, scope: &str, now_ms: i64) -> RedisResult<Option<BudgetView>> {
+        let mut conn = self.redis.conn().await?;
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.conf_key())
+            .arg(scope)
+            .query_async(&mut conn)
+            .await?;
+        let Some(b) = raw.and_then(|r| Budget::decode(scope, &r)) else {
+            return Ok(None);
+        };
+        Ok(Some(self.view_of(&b, now_ms).await?))
+    }
+
+    /// `b` with the spend of its current window.
+    pub async fn view_of(&self, b: &Budget, now_ms: i64) -> RedisResult<BudgetView> {
+        let mut conn = self.redis.conn().await?;
+        let (spend, expired): (HashMap<String, i64>, Vec<String>) = redis::pipe()
+            .hgetall(self.spend_key(&b.scope))
+            .cmd("ZRANGEBYSCORE")
+            .arg(self.holds_key(&b.scope))
+            .arg("-inf")
+            .arg(now_ms)
+            .query_async(&mut conn)
+            .await?;
+        let (size, keep) = match b.mode {
+            Mode::Calendar => (b.window_secs.max(1) as i64, 1),
+            Mode::Rolling => ((b.window_secs / 60).max(1) as i64, 61),
+        };
+        let cur = now_ms / 1000 / size;
+        let spent: i64 = spend
+            .iter()
+            .filter_map(|(k, v)| {
+                let idx: i64 = k.strip_prefix("b:")?.parse().ok()?;
+                (idx > cur - keep).then_some(*v)
+            })
+            .sum();
+        let expired: i64 = expired
+            .iter()
+            .filter_map(|id| spend.get(&format!("h:{id}")))
+            .sum();
+        let held = (spend.get("held").copied().unwrap_or(0) - expired).max(0);
+        Ok(BudgetView {
+            scope: b.scope.clone(),
+            limit_usd: usd(b.limit_nanos),
+            window: b.window.clone(),
+            mode: b.mode,
+            spent_usd: usd(spent),
+            reserved_usd: usd(held),
+            remaining_usd: usd((b.limit_nanos - spent - held).max(0)),
+        })
+    }
+
+    /// Holds `cost_nanos` against every budget among `scopes`, or says why not.
+    pub async fn reserve(
+        &self,
+        scopes: &[String],
+        hold_id: &str,
+        cost_nanos: i64,
+        ttl: Duration,
+        now_ms: i64,
+    ) -> RedisResult<Hold> {
+        let mut conn = self.redis.conn().await?;
+        let mut inv = RESERVE.prepare_invoke();
+        inv.key(self.conf_key());
+        for s in scopes {
+            inv.key(self.spend_key(s)).key(self.holds_key(s));
+        }
+        inv.arg(now_ms)
+            .arg(hold_id)
+            .arg(cost_nanos.max(0))
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        for s in scopes {
+            inv.arg(s);
+        }
+        let v: Vec<redis::Value> = inv.invoke_async(&mut conn).await?;
+        let int = |i: usize| -> i64 {
+            v.get(i)
+                .and_then(|x| redis::from_redis_value::<i64>(x.clone()).ok())
+                .unwrap_or(0)
+        };
+        let text = |i: usize| -> String {
+            v.get(i)
+                .and_then(|x| redis::from_redis_value::<String>(x.clone()).ok())
+                .unwrap_or_default()
+        };
+        Ok(match int(0) {
+            1 => Hold::Held((1..v.len()).map(text).collect()),
+            2 => Hold::TooLarge {
+                scope: text(1),
+                limit_nanos: int(2),
+            },
+            _ => Hold::Wait {
+                eligible_at_ms: int(1),
+                scope: text(2),
+                limit_nanos: int(3),
+                spent_nanos: int(4),
+                held_nanos: int(5),
+                holds_only: int(6) == 1,
+            },
+        })
+    }
+
+    /// Releases a hold, charges the real cost to the budgets it was held against, and counts
+    /// the call in the usage report. Returns how many holds it settled.
+    pub async fn settle(&self, c: &Charge<'_>, now_ms: i64) -> RedisResult<i64> {
+        let mut conn = self.redis.conn().await?;
+        let mut inv = SETTLE.prepare_invoke();
+        inv.key(self.conf_key());
+        for s in c.scopes {
+            inv.key(self.spend_key(s)).key(self.holds_key(s));
+        }
+        inv.key(self.usage_key("m", now_ms / 60_000))
+            .key(self.usage_key("h", now_ms / 3_600_000));
+        inv.arg(now_ms)
+            .arg(c.hold_id)
+            .arg(c.cost_nanos.max(0))
+            .arg(c.prompt_tokens)
+            .arg(c.completion_tokens)
+            .arg(if c.count { "1" } else { "0" })
+            .arg(c.agent.unwrap_or(""))
+            .arg(c.queue)
+            .arg(c.model);
+        for s in c.scopes {
+            inv.arg(s);
+        }
+        inv.invoke_async(&mut conn).await
+    }
+
+    /// Spend by `group_by` (`agent`, `queue` or `model`) over the last `window_secs`: minute
+    /// buckets for windows up to a day, hour buckets beyond (so the report's window is whole
+    /// minutes or hours, the current one included).
+    pub async fn usage(
+        &self,
+        group_by: &str,
+        window_secs: u64,
+        now_ms: i64,
+    ) -> RedisResult<Vec<UsageRow>> {
+        let (grain, size_ms) = if window_secs <= 86_400 {
+            ("m", 60_000i64)
+        } else {
+            ("h", 3_600_000i64)
+        };
+        let n = i64::try_from(window_secs.saturating_mul(1000)).unwrap_or(i64::MAX) / size_ms;
+        let cur = now_ms / size_ms;
+        let mut pipe = redis::pipe();
+        for i in (cur - n.max(1) + 1)..=cur {
+            pipe.hgetall(self.usage_key(grain, i));
+        }
+        let mut conn = self.redis.conn().await?;
+        let buckets: Vec<HashMap<String, i64>> = pipe.query_async(&mut conn).await?;
+        let mut rows: BTreeMap<String, UsageRow> = BTreeMap::new();
+        let want = format!("{group_by}|");
+        for b in &buckets {
+            for (field, v) in b {
+                let Some(rest) = field.strip_prefix(&want) else {
+                    continue;
+                };
+                let Some((key, what)) = rest.rsplit_once('|') else {
+                    continue;
+                };
+                let row = rows.entry(key.to_owned()).or_insert_with(|| UsageRow {
+                    key: key.to_owned(),
+                    ..UsageRow::default()
+                });
+                let v = (*v).max(0);
+                match what {
+                    "c" => row.cost_usd += usd(v),
+                    "p" => row.prompt_tokens += v as u64,
+                    "o" => row.completion_tokens += v as u64,
+                    "n" => row.calls += v as u64,
+                    _ => {}
+                }
+            }
+        }
+        let mut out: Vec<UsageRow> = rows.into_values().collect();
+        out.sort_by(|a, b| b.cost_usd.total_cmp(&a.cost_usd).then(a.key.cmp(&b.key)));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_whole_minutes_hours_or_days_from_1m_to_30d() {
+        assert_eq!(parse_window("1m"), Some(60));
+        assert_eq!(parse_window("90m"), Some(5400));
+        assert_eq!(parse_window("1h"), Some(3600));
+        assert_eq!(parse_window("30d"), Some(2_592_000));
+        for bad in [
+            "",
+            "m",
+            "0m",
+            "30s",
+            "31d",
+            "1w",
+            "-1h",
+            "1.5h",
+            "h1",
+            "1H",
+            "99999999999999999999d",
+        ] {
+            assert_eq!(parse_window(bad), None, "{bad}");
+        }
+        assert_eq!(format_window(5400), "90m");
+        assert_eq!(format_window(7200), "2h");
+        assert_eq!(format_window(86_400), "1d");
+    }
+
+    #[test]
+    fn scopes_are_global_or_a_kind_and_a_valid_name() {
+        for ok in [
+            "global",
+            "queue:default",
+            "agent:a-1.b/c",
+            "model:gpt-4o-mini",
+        ] {
+            assert!(validate_scope(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "globalx",
+            "team:x",
+            "queue:",
+            "queue:a.b",
+            "agent:",
+            "agent:a b",
+            "model",
+        ] {
+            assert_eq!(
+                validate_scope(bad).map_err(|e| e.field),
+                Err("scope".into()),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_budget_names_its_field() {
+        let body = |v: serde_json::Value| serde_json::from_value::<BudgetBody>(v).expect("shape");
+        let field = |v: serde_json::Value| body(v).validate("global").map_err(|e| e.field);
+        assert_eq!(
+            field(serde_json::json!({"window": "1h"})),
+            Err("limit_usd".into())
+        );
+        assert_eq!(
+            field(serde_json::json!({"limit_usd": -1, "window": "1h"})),
+            Err("limit_usd".into())
+        );
+        assert_eq!(
+            field(serde_json::json!({"limit_usd": 0, "window": "1h"})),
+            Err("limit_usd".into())
+        );
+        assert_eq!(
+            field(serde_json::json!({"limit_usd": 5})),
+            Err("window".into())
+        );
+        assert_eq!(
+            field(serde_json::json!({"limit_usd": 5, "window": "2y"})),
+            Err("window".into())
+        );
+        let b = body(serde_json::json!({"limit_usd": 5, "window": "60m", "mode": "calendar"}))
+            .validate("agent:x")
+            .expect("valid");
+        assert_eq!(
+            (b.limit_nanos, b.window.as_str(), b.mode),
+            (5_000_000_000, "1h", Mode::Calendar)
+        );
+        assert_eq!(Budget::decode("agent:x", &b.encode()), Some(b));
+    }
+
+    #[test]
+    fn costs_round_up_to_the_nano_dollar() {
+        let p = crate::config::Price {
+            prompt: 0.15,
+            completion: 0.60,
+        };
+        // 1000 prompt tokens at $0.15/M = $0.00015 = 150_000 n$; 100 completion = 60_000 n$
+        assert_eq!(cost_nanos(1000, 100, p), 210_000);
+        assert_eq!(cost_nanos(1, 0, p), 150);
+        assert_eq!(nanos_up(5.0), 5_000_000_000);
+        assert_eq!(nanos_up(-1.0), 0);
+    }
+}

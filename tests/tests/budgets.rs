@@ -1,0 +1,524 @@
+//! Issue 13 (cost control) end to end: usage and cost on every task, budgets over HTTP, their
+//! enforcement before each LLM call by real workers (fail and wait), the per-task caps, and the
+//! usage report; with a private redis-server, the api and worker binaries and the mock LLM.
+//!
+//! Prices are set so that a mock token costs a tenth of a cent: the mock's usage is the words of
+//! the messages (prompt) and 1 + the words of the prompt (completion), so every cost below can be
+//! worked out by hand. The worker sends `max_tokens` 10, so a call's worst case is the prompt's
+//! estimate (a byte-count heuristic, never below the mock's word count) plus 10 tokens.
+
+use std::time::{Duration, Instant};
+
+use agentq_tests::{assert_no_panic, log_tails, metric, task_key, MockConfig, Stack, Worker};
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+
+/// Dollars per million tokens: $0.001 a token.
+const PRICES: &str = r#"{"m": {"prompt": 1000, "completion": 1000}}"#;
+const TOKEN_USD: f64 = 0.001;
+const EPS: f64 = 1e-9;
+
+async fn stack(mock: MockConfig) -> Result<Stack> {
+    let mut s = Stack::new(mock).await?;
+    s.env.insert("AGENTQ_MODEL".into(), "m".into());
+    s.env.insert("AGENTQ_PRICES".into(), PRICES.into());
+    s.env.insert("AGENTQ_MAX_TOKENS".into(), "10".into());
+    // every task is its own conversation: an agent's memory would grow its prompts
+    s.env.insert("AGENTQ_MEMORY_MESSAGES".into(), "0".into());
+    s.start_api(&[]).await?;
+    Ok(s)
+}
+
+async fn put_budget(s: &Stack, scope: &str, body: &Value) -> Result<(u16, Value)> {
+    let r = s
+        .http
+        .put(format!("{}/v1/budgets/{scope}", s.api_url))
+        .json(body)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+async fn budget(s: &Stack, scope: &str) -> Result<Value> {
+    let (status, v) = s.get_json(&format!("/v1/budgets/{scope}")).await?;
+    ensure!(status == 200, "GET budget {scope}: {status} {v}");
+    Ok(v)
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn total_cost(tasks: &[Value]) -> f64 {
+    tasks
+        .iter()
+        .map(|t| t["cost"].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
+/// What the mock charges for a one-message prompt: its words, and 1 + its words.
+fn mock_cost(prompt: &str) -> f64 {
+    let w = prompt.split_whitespace().count() as f64;
+    (w + 1.0 + w) * TOKEN_USD
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_budgets_get_a_422_naming_the_field_and_change_nothing() -> Result<()> {
+    let s = stack(MockConfig::default()).await?;
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "global",
+            json!({"limit_usd": -1, "window": "1h"}),
+            "limit_usd",
+        ),
+        (
+            "global",
+            json!({"limit_usd": 0, "window": "1h"}),
+            "limit_usd",
+        ),
+        (
+            "global",
+            json!({"limit_usd": "5", "window": "1h"}),
+            "limit_usd",
+        ),
+        ("global", json!({"window": "1h"}), "limit_usd"),
+        ("global", json!({"limit_usd": 5, "window": "2y"}), "window"),
+        ("global", json!({"limit_usd": 5, "window": "30s"}), "window"),
+        ("global", json!({"limit_usd": 5, "window": "31d"}), "window"),
+        ("global", json!({"limit_usd": 5}), "window"),
+        (
+            "global",
+            json!({"limit_usd": 5, "window": "1h", "mode": "monthly"}),
+            "mode",
+        ),
+        (
+            "global",
+            json!({"limit_usd": 5, "window": "1h", "limt": 1}),
+            "limt",
+        ),
+        ("team:a", json!({"limit_usd": 5, "window": "1h"}), "scope"),
+        (
+            "agent:a%20b",
+            json!({"limit_usd": 5, "window": "1h"}),
+            "scope",
+        ),
+        (
+            "queue:a.b",
+            json!({"limit_usd": 5, "window": "1h"}),
+            "scope",
+        ),
+    ];
+    for (scope, body, field) in &cases {
+        let (status, v) = put_budget(&s, scope, body).await?;
+        assert_eq!(status, 422, "{scope} {body}: {v}");
+        assert_eq!(v["error"]["field"], *field, "{scope} {body}: {v}");
+    }
+    let (status, v) = s.get_json("/v1/budgets").await?;
+    assert_eq!((status, v["budgets"].clone()), (200, json!([])), "{v}");
+    for scope in ["global", "agent:a", "queue:default", "model:m"] {
+        let (status, _) = s.get_json(&format!("/v1/budgets/{scope}")).await?;
+        assert_eq!(status, 404, "{scope}");
+    }
+    // created, then replaced; a bad replacement leaves the first
+    let (status, v) = put_budget(&s, "agent:a", &json!({"limit_usd": 5, "window": "60m"})).await?;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(
+        (
+            v["limit_usd"].clone(),
+            v["window"].clone(),
+            v["mode"].clone()
+        ),
+        (json!(5.0), json!("1h"), json!("rolling")),
+        "{v}"
+    );
+    assert_eq!((f(&v["spent_usd"]), f(&v["remaining_usd"])), (0.0, 5.0));
+    let (status, v) = put_budget(
+        &s,
+        "agent:a",
+        &json!({"limit_usd": 7.5, "window": "1d", "mode": "calendar"}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = put_budget(&s, "agent:a", &json!({"limit_usd": -2, "window": "1d"})).await?;
+    assert_eq!(status, 422);
+    let v = budget(&s, "agent:a").await?;
+    assert_eq!(
+        (f(&v["limit_usd"]), v["window"].clone(), v["mode"].clone()),
+        (7.5, json!("1d"), json!("calendar")),
+        "{v}"
+    );
+    let r = s
+        .http
+        .delete(format!("{}/v1/budgets/agent:a", s.api_url))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 204);
+    let r = s
+        .http
+        .delete(format!("{}/v1/budgets/agent:a", s.api_url))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 404);
+    // the task body's caps are checked like every field
+    for (body, field) in [
+        (json!({"prompt": "x", "max_cost_usd": 0}), "max_cost_usd"),
+        (json!({"prompt": "x", "max_cost_usd": -1}), "max_cost_usd"),
+        (
+            json!({"prompt": "x", "max_total_tokens": 0}),
+            "max_total_tokens",
+        ),
+        (
+            json!({"prompt": "x", "max_total_tokens": 1.5}),
+            "max_total_tokens",
+        ),
+        (json!({"prompt": "x", "on_budget": "retry"}), "on_budget"),
+    ] {
+        let (status, v) = s.post(&body).await?;
+        assert_eq!(
+            (status, v["error"]["field"].clone()),
+            (422, json!(field)),
+            "{body}: {v}"
+        );
+    }
+    // usage report arguments
+    for (q, field) in [("group_by=team", "group_by"), ("window=0m", "window")] {
+        let (status, v) = s.get_json(&format!("/v1/usage?{q}")).await?;
+        assert_eq!(
+            (status, v["error"]["field"].clone()),
+            (422, json!(field)),
+            "{q}: {v}"
+        );
+    }
+    Ok(())
+}
+
+/// An agent whose every result enqueues a follow-up (the loop that burns a weekend's quota)
+/// is stopped by its budget: the call that would pass it is not made, the task fails with
+/// `budget_exceeded` and is dead-lettered, and what was spent stays within the limit plus at
+/// most one call's reservation (here: within the limit, the reservation being a true bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_agent_is_stopped_at_its_budget() -> Result<()> {
+    let mut s = stack(MockConfig::default()).await?;
+    let limit = 0.1;
+    let (status, v) = put_budget(
+        &s,
+        "agent:runaway",
+        &json!({"limit_usd": limit, "window": "1h"}),
+    )
+    .await?;
+    assert_eq!(status, 201, "{v}");
+    let _w = s.start_worker(&[]).await?;
+    let mut done = Vec::new();
+    let mut stopped = None;
+    for step in 0..100 {
+        let id = s
+            .submit_json(
+                &json!({"prompt": format!("step {step:03} of the loop"), "agent_id": "runaway"}),
+            )
+            .await?;
+        let t = s
+            .wait_final(std::slice::from_ref(&id), Duration::from_secs(20))
+            .await?;
+        let t = t.into_iter().next().context("one task")?;
+        if t["status"] == "succeeded" {
+            done.push(t);
+            continue;
+        }
+        stopped = Some(t);
+        break;
+    }
+    let stopped = stopped.context("the loop was never stopped")?;
+    assert_eq!(stopped["status"], "failed", "{stopped}");
+    assert_eq!(stopped["error_code"], "budget_exceeded", "{stopped}");
+    assert_eq!(stopped["attempts"], 1, "not retried: {stopped}");
+    assert!(
+        stopped.get("usage").is_none() && stopped.get("cost").is_none(),
+        "no call: {stopped}"
+    );
+    let dead = s.dead("default").await?;
+    assert!(
+        dead.iter().any(|d| d["id"] == stopped["id"]),
+        "dead-lettered: {dead:?}"
+    );
+    // every call but the refused one was made, and each task's cost is its call's
+    assert_eq!(s.mock.total_calls(), done.len() as u64);
+    for t in &done {
+        let want = mock_cost(
+            t["result"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("echo: "),
+        );
+        assert!((f(&t["cost"]) - want).abs() < EPS, "{t}");
+        assert_eq!(t["usage"]["calls"], 1, "{t}");
+    }
+    let spent = total_cost(&done);
+    let b = budget(&s, "agent:runaway").await?;
+    println!(
+        "runaway: {} calls, spent ${spent:.6} of ${limit}; budget {b}",
+        done.len()
+    );
+    assert!((f(&b["spent_usd"]) - spent).abs() < EPS, "{b}");
+    assert!(f(&b["reserved_usd"]).abs() < EPS, "no hold left: {b}");
+    assert!(spent <= limit + EPS, "overspent: ${spent} of ${limit}");
+    // stopped for real: the next call would have passed the limit
+    let next = mock_cost("step 000 of the loop");
+    assert!(
+        spent + next > limit - 0.02,
+        "stopped early: ${spent} of ${limit}"
+    );
+    // the usage report saw the same spend
+    let (_, u) = s.get_json("/v1/usage?group_by=agent&window=1h").await?;
+    let row = u["groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|r| r["key"] == "runaway"))
+        .cloned()
+        .context("agent row")?;
+    assert!((f(&row["cost_usd"]) - spent).abs() < EPS, "{u}");
+    assert_eq!(row["calls"], done.len() as u64, "{u}");
+    assert_no_panic(&s);
+    Ok(())
+}
+
+/// Three workers of 64 slots race 200 tasks against a budget worth about 20 calls: they cannot
+/// jointly pass it, because every call is held against it before it is made (one script for
+/// the check and the hold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_workers_cannot_jointly_overspend() -> Result<()> {
+    let mut s = stack(MockConfig::default()).await?;
+    s.mock.set_latency(Duration::from_millis(300));
+    let limit = 0.1;
+    let (status, _) =
+        put_budget(&s, "global", &json!({"limit_usd": limit, "window": "1h"})).await?;
+    assert_eq!(status, 201);
+    let mut workers: Vec<Worker> = Vec::new();
+    for _ in 0..3 {
+        workers.push(s.start_worker(&[("AGENTQ_CONCURRENCY", "64")]).await?);
+    }
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(s.submit(&format!("race {i:03}")).await?);
+    }
+    let done = s.wait_final(&ids, Duration::from_secs(60)).await?;
+    let ok: Vec<&Value> = done.iter().filter(|t| t["status"] == "succeeded").collect();
+    let refused = done
+        .iter()
+        .filter(|t| t["status"] == "failed" && t["error_code"] == "budget_exceeded")
+        .count();
+    assert_eq!(
+        ok.len() + refused,
+        ids.len(),
+        "every task succeeded or was refused"
+    );
+    assert_eq!(
+        s.mock.total_calls(),
+        ok.len() as u64,
+        "a refused call is never made"
+    );
+    let spent = total_cost(&done);
+    let b = budget(&s, "global").await?;
+    println!(
+        "race: {} succeeded, {refused} refused, spent ${spent:.6} of ${limit}: {b}",
+        ok.len()
+    );
+    assert!(!ok.is_empty());
+    assert!(spent <= limit + EPS, "overspent: ${spent} of ${limit}");
+    // and used: a call refused only because others were in flight waits for them to settle,
+    // so tasks fail only once settled spend leaves no room for one more worst case ($0.02)
+    assert!(
+        spent > limit - 0.02 + EPS,
+        "stopped early: ${spent} of ${limit}"
+    );
+    assert!((f(&b["spent_usd"]) - spent).abs() < EPS, "{b}");
+    assert!(f(&b["reserved_usd"]).abs() < EPS, "{b}");
+    let mut refusals = 0.0;
+    for w in &workers {
+        refusals += metric(
+            &w.metrics().await?,
+            "agentq_budget_refusals_total{scope=\"global\"}",
+        );
+    }
+    // every refused task was refused at least once; those that waited for holds, more often
+    assert!(
+        refusals >= refused as f64,
+        "{refusals} refusals for {refused} refused tasks"
+    );
+    assert_no_panic(&s);
+    Ok(())
+}
+
+/// The hold is the call's worst case; once the call reports its usage the budget keeps only
+/// what it cost: the rest is free again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_refunds_the_unused_part_of_the_hold() -> Result<()> {
+    let mut s = stack(MockConfig::default()).await?;
+    s.mock.set_latency(Duration::from_millis(1500));
+    let (status, _) = put_budget(
+        &s,
+        "queue:default",
+        &json!({"limit_usd": 1, "window": "10m"}),
+    )
+    .await?;
+    assert_eq!(status, 201);
+    let _w = s.start_worker(&[]).await?;
+    let prompt = "refund me";
+    let id = s.submit(prompt).await?;
+    // while the call runs, its worst case is held
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let held = loop {
+        let b = budget(&s, "queue:default").await?;
+        if f(&b["reserved_usd"]) > 0.0 {
+            break b;
+        }
+        ensure!(Instant::now() < deadline, "no hold seen: {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let t = s
+        .wait_final(std::slice::from_ref(&id), Duration::from_secs(10))
+        .await?;
+    let t = &t[0];
+    let cost = f(&t["cost"]);
+    assert!((cost - mock_cost(prompt)).abs() < EPS, "{t}");
+    let reserved = f(&held["reserved_usd"]);
+    println!("held ${reserved:.6} for a call that cost ${cost:.6}");
+    assert!(reserved > cost, "the hold is the worst case: {held}");
+    assert_eq!(f(&held["spent_usd"]), 0.0, "{held}");
+    let b = budget(&s, "queue:default").await?;
+    assert!((f(&b["spent_usd"]) - cost).abs() < EPS, "{b}");
+    assert!(f(&b["reserved_usd"]).abs() < EPS, "{b}");
+    assert!((f(&b["remaining_usd"]) - (1.0 - cost)).abs() < EPS, "{b}");
+    assert_eq!(
+        t["usage"],
+        json!({"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5, "cached_tokens": 0, "calls": 1})
+    );
+    assert_no_panic(&s);
+    Ok(())
+}
+
+/// `on_budget: wait`: a call the budget refuses parks the task outside `pending` (no attempt
+/// used) until enough spend leaves the window; then it runs. A rolling 1m window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_task_resumes_when_the_window_rolls() -> Result<()> {
+    let mut s = stack(MockConfig::default()).await?;
+    let prompt = "wait for the window";
+    // room for one call (its worst case is about 17 tokens), not two
+    let limit = 0.025;
+    let (status, _) = put_budget(
+        &s,
+        "agent:patient",
+        &json!({"limit_usd": limit, "window": "1m"}),
+    )
+    .await?;
+    assert_eq!(status, 201);
+    let _w = s.start_worker(&[]).await?;
+    let body = json!({"prompt": prompt, "agent_id": "patient", "on_budget": "wait"});
+    let first = s.submit_json(&body).await?;
+    let t1 = s
+        .wait_final(std::slice::from_ref(&first), Duration::from_secs(10))
+        .await?;
+    assert_eq!(t1[0]["status"], "succeeded", "{}", t1[0]);
+    let second = s.submit_json(&body).await?;
+    // parked, not failed, no attempt used, the call not made
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t = s.task(&second).await?;
+    assert_eq!(t["status"], "queued", "{t}\n{}", log_tails(&s));
+    assert!(t["throttled"].as_u64().unwrap_or(0) >= 1, "{t}");
+    assert_eq!(t["attempts"], 0, "{t}");
+    assert_eq!(s.mock.total_calls(), 1);
+    let q = s.queue("default").await?;
+    assert_eq!(
+        (q["pending"].clone(), q["throttled"].clone()),
+        (json!(0), json!(1)),
+        "{q}"
+    );
+    let t2 = s
+        .wait_final(std::slice::from_ref(&second), Duration::from_secs(90))
+        .await?;
+    let t2 = &t2[0];
+    assert_eq!(t2["status"], "succeeded", "{t2}");
+    assert_eq!(s.mock.total_calls(), 2);
+    let mut c = s.redis.conn()?;
+    let finished_1: i64 = redis::cmd("HGET")
+        .arg(task_key(&first))
+        .arg("finished_at")
+        .query(&mut c)?;
+    let started_2: i64 = redis::cmd("HGET")
+        .arg(task_key(&second))
+        .arg("started_at")
+        .query(&mut c)?;
+    let waited = started_2 - finished_1;
+    println!("the second call ran {waited} ms after the first finished");
+    // the first call's spend left the rolling minute (in 1 s buckets) before the second ran
+    assert!(
+        waited >= 59_000,
+        "ran {waited} ms after the first, inside its window"
+    );
+    assert!(waited < 75_000, "waited {waited} ms");
+    assert_no_panic(&s);
+    Ok(())
+}
+
+/// `max_total_tokens` and `max_cost_usd` bound one task over all its attempts and steps: a call
+/// that could pass them is not made, and the task fails with `budget_exceeded` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_task_caps_stop_a_task_before_the_call_that_would_pass_them() -> Result<()> {
+    let mut s = stack(MockConfig::default()).await?;
+    let prompt = "a capped task";
+    // one call fits: a worst case of about 15 tokens ($0.015)
+    let fits = json!({"prompt": prompt, "max_total_tokens": 40, "max_cost_usd": 0.04});
+    let ok = s.submit_json(&fits).await?;
+    // no call fits
+    let tight_tokens = s
+        .submit_json(&json!({"prompt": prompt, "max_total_tokens": 8}))
+        .await?;
+    let tight_cost = s
+        .submit_json(&json!({"prompt": prompt, "max_cost_usd": 0.008}))
+        .await?;
+    // the cap counts earlier attempts: this record says they used 30 of its 40 tokens and
+    // $0.03 of its $0.04 (as a run that got usage back and then failed leaves it)
+    let spent_before = s.submit_json(&fits).await?;
+    let mut c = s.redis.conn()?;
+    let _: () = redis::cmd("HSET")
+        .arg(task_key(&spent_before))
+        .arg("u_prompt")
+        .arg(20)
+        .arg("u_completion")
+        .arg(10)
+        .arg("u_calls")
+        .arg(1)
+        .arg("cost_n")
+        .arg(30_000_000)
+        .query(&mut c)?;
+    let _w = s.start_worker(&[]).await?;
+    let ids = [ok, tight_tokens, tight_cost, spent_before];
+    let done = s.wait_final(&ids, Duration::from_secs(10)).await?;
+    assert_eq!(done[0]["status"], "succeeded", "{}", done[0]);
+    assert!(
+        (f(&done[0]["cost"]) - mock_cost(prompt)).abs() < EPS,
+        "{}",
+        done[0]
+    );
+    for t in &done[1..] {
+        assert_eq!(
+            (
+                t["status"].clone(),
+                t["error_code"].clone(),
+                t["attempts"].clone()
+            ),
+            (json!("failed"), json!("budget_exceeded"), json!(1)),
+            "{t}"
+        );
+    }
+    let error = |i: usize| done[i]["error"].as_str().unwrap_or("").to_owned();
+    assert!(error(1).contains("max_total_tokens"), "{}", done[1]);
+    assert!(error(2).contains("max_cost_usd"), "{}", done[2]);
+    assert!(error(3).contains("used 30 tokens"), "{}", done[3]);
+    // the earlier usage is still on the record, nothing added
+    assert_eq!(done[3]["usage"]["total_tokens"], 30, "{}", done[3]);
+    assert!((f(&done[3]["cost"]) - 0.03).abs() < EPS, "{}", done[3]);
+    assert_eq!(s.mock.total_calls(), 1, "only the task that fits called");
+    assert_no_panic(&s);
+    let _ = log_tails;
+    Ok(())
+}

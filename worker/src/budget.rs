@@ -1,0 +1,93 @@
+//! Budgets in the worker: which scopes have one (read from Redis every second, so a call under
+//! no budget costs no extra script), the per-task caps, and the dollars-by-agent metric.
+//! The holds themselves are `common/src/flow/budget.rs`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use agentq_common::flow::Budgets;
+use tokio_util::sync::CancellationToken;
+
+use crate::{pause, Worker};
+
+/// How often the worker rereads which scopes have a budget: a new budget binds within this.
+pub(crate) const REFRESH: Duration = Duration::from_secs(1);
+/// Agent ids with their own `agentq_agent_cost_dollars_total` series, per process.
+const MAX_AGENT_LABELS: usize = 100;
+
+pub(crate) struct BudgetState {
+    pub budgets: Budgets,
+    /// Scopes that have a budget, as last read.
+    scopes: RwLock<Arc<HashSet<String>>>,
+    agents: Mutex<HashSet<String>>,
+}
+
+impl BudgetState {
+    pub fn new(budgets: Budgets) -> Self {
+        Self {
+            budgets,
+            scopes: RwLock::new(Arc::new(HashSet::new())),
+            agents: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Of `candidates`, the scopes that have a budget.
+    pub fn applying(&self, candidates: Vec<String>) -> Vec<String> {
+        let known = self
+            .scopes
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        if known.is_empty() {
+            return Vec::new();
+        }
+        candidates
+            .into_iter()
+            .filter(|c| known.contains(c))
+            .collect()
+    }
+
+    /// The label an agent's spend is counted under.
+    pub fn agent_label<'a>(&self, agent: &'a str) -> &'a str {
+        let Ok(mut seen) = self.agents.lock() else {
+            return "other";
+        };
+        if seen.contains(agent) {
+            return agent;
+        }
+        if seen.len() < MAX_AGENT_LABELS {
+            seen.insert(agent.to_owned());
+            return agent;
+        }
+        "other"
+    }
+}
+
+impl Worker {
+    /// Rereads the set of budgeted scopes every [`REFRESH`]. On an error the last set stays.
+    /// `read` is cancelled after the first read, successful or not.
+    pub(crate) async fn watch_budgets(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        read: CancellationToken,
+    ) {
+        loop {
+            match self.budget.budgets.all().await {
+                Ok(all) => {
+                    let set: HashSet<String> = all.into_iter().map(|b| b.scope).collect();
+                    if let Ok(mut s) = self.budget.scopes.write() {
+                        *s = Arc::new(set);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not read the budgets; keeping the last")
+                }
+            }
+            read.cancel();
+            if !pause(REFRESH, &stop).await {
+                return;
+            }
+        }
+    }
+}
