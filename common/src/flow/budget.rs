@@ -152,6 +152,11 @@ pub fn validate_scope(scope: &str) -> Result<(), FieldError> {
 
 /// `30s`-style windows: a whole number of minutes (`m`), hours (`h`) or days (`d`), 1m to 30d.
 pub fn parse_window(w: &str) -> Option<u64> {
+    // digits only, no sign and no leading zero: one spelling per window
+    let digits = w.get(..w.len().checked_sub(1)?)?;
+    if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let unit = w.chars().last()?;
     let n: u64 = w.get(..w.len() - 1)?.parse().ok()?;
     let secs = n.checked_mul(match unit {
