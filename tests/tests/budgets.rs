@@ -268,15 +268,32 @@ async fn a_runaway_agent_is_stopped_at_its_budget() -> Result<()> {
         spent + next > limit - 0.02,
         "stopped early: ${spent} of ${limit}"
     );
-    // the usage report saw the same spend
-    let (_, u) = s.get_json("/v1/usage?group_by=agent&window=1h").await?;
-    let row = u["groups"]
-        .as_array()
-        .and_then(|g| g.iter().find(|r| r["key"] == "runaway"))
-        .cloned()
-        .context("agent row")?;
-    assert!((f(&row["cost_usd"]) - spent).abs() < EPS, "{u}");
+    // the usage report saw the same spend (workers write its counts every second)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (u, row) = loop {
+        let (_, u) = s.get_json("/v1/usage?group_by=agent&window=1h").await?;
+        let row = u["groups"]
+            .as_array()
+            .and_then(|g| g.iter().find(|r| r["key"] == "runaway"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        if row["calls"] == done.len() as u64 || Instant::now() > deadline {
+            break (u, row);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(row["calls"], done.len() as u64, "{u}");
+    assert!((f(&row["cost_usd"]) - spent).abs() < EPS, "{u}");
+    assert!((f(&u["total_cost_usd"]) - spent).abs() < EPS, "{u}");
+    let (_, by_model) = s.get_json("/v1/usage?group_by=model&window=1h").await?;
+    assert_eq!(by_model["groups"][0]["key"], "m", "{by_model}");
+    assert_eq!(
+        by_model["groups"][0]["prompt_tokens"]
+            .as_u64()
+            .map(|p| p > 0),
+        Some(true),
+        "{by_model}"
+    );
     assert_no_panic(&s);
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use agentq_common::flow::Budgets;
+use agentq_common::flow::{Budgets, UsageBatch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{pause, Worker};
@@ -21,6 +21,8 @@ pub(crate) struct BudgetState {
     /// Scopes that have a budget, as last read.
     scopes: RwLock<Arc<HashSet<String>>>,
     agents: Mutex<HashSet<String>>,
+    /// Calls counted for the usage report since the last flush.
+    pub usage: Mutex<UsageBatch>,
 }
 
 impl BudgetState {
@@ -29,6 +31,7 @@ impl BudgetState {
             budgets,
             scopes: RwLock::new(Arc::new(HashSet::new())),
             agents: Mutex::new(HashSet::new()),
+            usage: Mutex::new(UsageBatch::default()),
         }
     }
 
@@ -65,7 +68,23 @@ impl BudgetState {
 }
 
 impl Worker {
-    /// Rereads the set of budgeted scopes every [`REFRESH`]. On an error the last set stays.
+    /// Writes the usage report's counts gathered since the last flush. On an error they are
+    /// dropped (the report is a report; budgets and task records are written per call).
+    pub(crate) async fn flush_usage(&self) {
+        let batch = match self.budget.usage.lock() {
+            Ok(mut b) => std::mem::take(&mut *b),
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.budget.budgets.record_usage(batch).await {
+            tracing::warn!(error = %e, "could not write the usage report's counts; dropped");
+        }
+    }
+
+    /// Every [`REFRESH`]: rereads the set of budgeted scopes (on an error the last set stays)
+    /// and flushes the usage report's counts; once more when stopped.
     /// `read` is cancelled after the first read, successful or not.
     pub(crate) async fn watch_budgets(
         self: Arc<Self>,
@@ -85,7 +104,9 @@ impl Worker {
                 }
             }
             read.cancel();
+            self.flush_usage().await;
             if !pause(REFRESH, &stop).await {
+                self.flush_usage().await;
                 return;
             }
         }

@@ -11,6 +11,7 @@ use agentq_common::flow::budget::{cost_nanos, scopes_of, usd};
 use agentq_common::flow::{
     Admission, Charge, Estimate, Hold, Line, Reservation, Route, Settlement,
 };
+use agentq_common::queue::UsageAdd;
 use agentq_common::task::{
     Fallback, Message, OnBudget, Payload, StartedTask, TaskResult, BUDGET_EXCEEDED,
 };
@@ -21,7 +22,9 @@ use crate::{LlmFailure, Worker};
 
 /// What the flow step ended with.
 pub(crate) enum Flow {
-    Answered(TaskResult),
+    /// The answer, and the answering call's usage for the task's counters (written with the
+    /// result by `complete.lua`).
+    Answered(TaskResult, Option<UsageAdd>),
     Failed(LlmFailure),
     /// No model could be called now: park the task until this time (ms since the epoch).
     Throttled(i64),
@@ -198,6 +201,7 @@ impl Worker {
                 }
             };
             let charge_base = ChargeBase {
+                task_id: &task.id,
                 hold: &lease,
                 scopes: &held,
                 agent: payload.agent_id.as_deref(),
@@ -217,7 +221,7 @@ impl Worker {
                 .await;
             if !matches!(admission, Ok(Admission::Admitted(_))) {
                 // not called: the hold goes back whole
-                self.charge(&charge_base, None, false).await;
+                let _ = self.charge(&charge_base, None, false).await;
             }
             let reservation = match admission {
                 Ok(Admission::Admitted(r)) => r,
@@ -275,8 +279,12 @@ impl Worker {
                 .inc_by(reservation.tokens);
             let call = llm.chat(model, messages).await;
             self.settle(&route, label, &reservation, &call).await;
-            self.charge(&charge_base, Some(&call), true).await;
-            self.task_usage(&task.id, &call, model).await;
+            let usage = self.charge(&charge_base, Some(&call), true).await;
+            if usage.is_some() && call.result.is_err() {
+                // a failed call that reported usage was paid for: counted now (an answer's
+                // usage is written with the result)
+                self.add_task_usage(&task.id, usage.as_ref()).await;
+            }
             match call.result {
                 Ok(mut result) => {
                     result.upstream = Some(up.to_owned());
@@ -289,7 +297,7 @@ impl Worker {
                         }
                     }
                     result.fallbacks = fallbacks;
-                    return Flow::Answered(result);
+                    return Flow::Answered(result, usage);
                 }
                 Err(f @ LlmFailure::Permanent { .. }) => return Flow::Failed(f),
                 Err(f) => {
@@ -340,44 +348,58 @@ impl Worker {
         }
     }
 
-    /// Releases a call's budget hold, charging what it cost, and counts it in the usage report
-    /// (`count`: it was called). A call that reached the upstream without reporting usage is
-    /// charged its whole worst case: the provider may well have billed it.
-    async fn charge(&self, c: &ChargeBase<'_>, call: Option<&Call>, count: bool) {
-        if c.scopes.is_empty() && !count {
-            return;
-        }
-        let (prompt, completion, cost) = match call {
-            Some(call) => match call.usage {
-                Some(u) => (
-                    u64::from(u.prompt_tokens),
-                    u64::from(u.completion_tokens),
-                    self.cost_of(c.model, &u),
-                ),
-                None if call.reached
-                    && !matches!(call.result, Err(LlmFailure::RateLimited { .. })) =>
-                {
-                    (0, 0, c.worst)
-                }
-                None => (0, 0, 0),
-            },
-            None => (0, 0, 0),
+    /// Releases a call's budget hold, charging what it cost, and (`called`) counts the call in
+    /// the usage report, the per-agent metric and the `agent_call` log line. A call that reached
+    /// the upstream without reporting usage is charged its whole worst case: the provider may
+    /// well have billed it. Returns the call's usage for the task's counters, if it reported any.
+    async fn charge(
+        &self,
+        c: &ChargeBase<'_>,
+        call: Option<&Call>,
+        called: bool,
+    ) -> Option<UsageAdd> {
+        let usage = call.and_then(|call| call.usage).map(|u| UsageAdd {
+            prompt: u64::from(u.prompt_tokens),
+            completion: u64::from(u.completion_tokens),
+            cached: u64::from(u.cached_tokens.unwrap_or(0)),
+            cost_nanos: self.cost_of(c.model, &u),
+        });
+        let cost = match (call, usage) {
+            (_, Some(u)) => u.cost_nanos,
+            (Some(call), None)
+                if call.reached && !matches!(call.result, Err(LlmFailure::RateLimited { .. })) =>
+            {
+                c.worst
+            }
+            _ => 0,
         };
-        let charge = Charge {
-            hold_id: c.hold,
-            scopes: c.scopes,
-            cost_nanos: cost,
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            count,
-            agent: c.agent,
-            queue: &self.cfg.queue,
-            model: c.model,
-        };
-        if let Err(e) = self.budget.budgets.settle(&charge, now_ms()).await {
-            tracing::warn!(error = %e, "could not settle a budget hold; it expires with the call's timeout");
+        if !c.scopes.is_empty() {
+            let charge = Charge {
+                hold_id: c.hold,
+                scopes: c.scopes,
+                cost_nanos: cost,
+            };
+            if let Err(e) = self.budget.budgets.settle(&charge, now_ms()).await {
+                tracing::warn!(error = %e, "could not settle a budget hold; it expires with the call's timeout");
+            }
         }
-        if count && cost > 0 {
+        if !called {
+            return None;
+        }
+        let (prompt, completion) = usage.map_or((0, 0), |u| (u.prompt, u.completion));
+        if let Ok(mut batch) = self.budget.usage.lock() {
+            self.budget.budgets.count_call(
+                &mut batch,
+                now_ms(),
+                c.agent,
+                &self.cfg.queue,
+                c.model,
+                prompt,
+                completion,
+                cost,
+            );
+        }
+        if cost > 0 {
             if let Some(agent) = c.agent {
                 self.metrics
                     .agent_cost
@@ -385,6 +407,21 @@ impl Worker {
                     .inc_by(usd(cost));
             }
         }
+        if let Some(call) = call {
+            tracing::info!(
+                task.id = c.task_id,
+                model = c.model,
+                agent_id = c.agent.unwrap_or(""),
+                prompt_tokens = prompt,
+                completion_tokens = completion,
+                cached_tokens = usage.map_or(0, |u| u.cached),
+                cost_usd = usd(cost),
+                duration_ms = u64::try_from(call.latency.as_millis()).unwrap_or(u64::MAX),
+                ok = call.result.is_ok(),
+                "agent_call"
+            );
+        }
+        usage
     }
 
     fn cost_of(&self, model: &str, u: &agentq_common::task::Usage) -> i64 {
@@ -397,35 +434,12 @@ impl Worker {
         })
     }
 
-    /// Adds the call's usage to the task's record, and logs the call (`agent_call`).
-    async fn task_usage(&self, id: &str, call: &Call, model: &str) {
-        let Some(u) = call.usage else {
+    /// Adds a call's usage to the task's record (`usage.lua`: whichever run made the call).
+    pub(crate) async fn add_task_usage(&self, id: &str, usage: Option<&UsageAdd>) {
+        let Some(u) = usage else {
             return;
         };
-        let cost = self.cost_of(model, &u);
-        tracing::info!(
-            task.id = id,
-            model,
-            prompt_tokens = u.prompt_tokens,
-            completion_tokens = u.completion_tokens,
-            cached_tokens = u.cached_tokens.unwrap_or(0),
-            cost_usd = usd(cost),
-            duration_ms = u64::try_from(call.latency.as_millis()).unwrap_or(u64::MAX),
-            ok = call.result.is_ok(),
-            "agent_call"
-        );
-        if let Err(e) = self
-            .broker
-            .add_usage(
-                &self.keys,
-                id,
-                u64::from(u.prompt_tokens),
-                u64::from(u.completion_tokens),
-                u64::from(u.cached_tokens.unwrap_or(0)),
-                cost,
-            )
-            .await
-        {
+        if let Err(e) = self.broker.add_usage(&self.keys, id, u).await {
             tracing::warn!(task.id = id, error = %e, "could not add the call's usage to the task");
         }
     }
@@ -581,6 +595,7 @@ fn skipped(model: &str, upstream: &str, reason: &str) -> Fallback {
 
 /// A call's budget hold, for [`Worker::charge`].
 struct ChargeBase<'a> {
+    task_id: &'a str,
     hold: &'a str,
     scopes: &'a [String],
     agent: Option<&'a str>,

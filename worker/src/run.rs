@@ -20,6 +20,8 @@ enum Outcome {
         result_json: String,
         agent_id: Option<String>,
         exchange: Vec<String>,
+        /// The answering call's usage, written with the result.
+        usage: Option<agentq_common::queue::UsageAdd>,
     },
     Failure(LlmFailure),
     /// The record cannot be run at all: dead-letter it now, never call the LLM.
@@ -157,7 +159,7 @@ impl Worker {
             .await
         {
             crate::flow::Flow::Throttled(at) => Outcome::Throttled(at),
-            crate::flow::Flow::Answered(result) => {
+            crate::flow::Flow::Answered(result, usage) => {
                 let result_json = serde_json::to_string(&result).unwrap_or_default();
                 let mut exchange = Vec::new();
                 if payload.agent_id.is_some() && self.cfg.memory_messages > 0 {
@@ -178,6 +180,7 @@ impl Worker {
                     result_json,
                     agent_id: payload.agent_id,
                     exchange,
+                    usage,
                 }
             }
             crate::flow::Flow::Failed(failure) => Outcome::Failure(failure),
@@ -202,6 +205,7 @@ impl Worker {
                 result_json,
                 agent_id,
                 exchange,
+                usage,
             } => {
                 let memory = agent_id
                     .as_deref()
@@ -222,9 +226,14 @@ impl Worker {
                             result_json,
                             self.ttl(),
                             memory.as_ref(),
+                            usage.as_ref(),
                         )
                     })
                     .await;
+                if verdict.as_deref().is_some_and(|v| v != "ok") {
+                    // not this run's write: its call was still paid for
+                    self.add_task_usage(id, usage.as_ref()).await;
+                }
                 let status = |v: &str| match v {
                     "ok" => "succeeded",
                     "cancelled" => "cancelled",

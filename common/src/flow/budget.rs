@@ -261,13 +261,20 @@ pub struct Charge<'a> {
     pub hold_id: &'a str,
     pub scopes: &'a [String],
     pub cost_nanos: i64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Count the call in the usage report (false for a hold released unused).
-    pub count: bool,
-    pub agent: Option<&'a str>,
-    pub queue: &'a str,
-    pub model: &'a str,
+}
+
+/// Calls counted for the usage report, summed in the worker and written every second
+/// ([`Budgets::record_usage`]): the report needs no per-call write.
+#[derive(Debug, Default)]
+pub struct UsageBatch {
+    /// (bucket key, field) -> amount
+    adds: HashMap<(String, String), i64>,
+}
+
+impl UsageBatch {
+    pub fn is_empty(&self) -> bool {
+        self.adds.is_empty()
+    }
 }
 
 /// One group's spend in `GET /v1/usage`.
@@ -466,8 +473,8 @@ impl Budgets {
         })
     }
 
-    /// Releases a hold, charges the real cost to the budgets it was held against, and counts
-    /// the call in the usage report. Returns how many holds it settled.
+    /// Releases a hold and charges the real cost to the budgets it was held against. Returns
+    /// how many holds it settled.
     pub async fn settle(&self, c: &Charge<'_>, now_ms: i64) -> RedisResult<i64> {
         let mut conn = self.redis.conn().await?;
         let mut inv = SETTLE.prepare_invoke();
@@ -475,21 +482,80 @@ impl Budgets {
         for s in c.scopes {
             inv.key(self.spend_key(s)).key(self.holds_key(s));
         }
-        inv.key(self.usage_key("m", now_ms / 60_000))
-            .key(self.usage_key("h", now_ms / 3_600_000));
-        inv.arg(now_ms)
-            .arg(c.hold_id)
-            .arg(c.cost_nanos.max(0))
-            .arg(c.prompt_tokens)
-            .arg(c.completion_tokens)
-            .arg(if c.count { "1" } else { "0" })
-            .arg(c.agent.unwrap_or(""))
-            .arg(c.queue)
-            .arg(c.model);
+        inv.arg(now_ms).arg(c.hold_id).arg(c.cost_nanos.max(0));
         for s in c.scopes {
             inv.arg(s);
         }
         inv.invoke_async(&mut conn).await
+    }
+
+    /// Adds one call to `batch` under its agent, queue and model, in the current minute's and
+    /// hour's buckets.
+    #[allow(clippy::too_many_arguments)]
+    pub fn count_call(
+        &self,
+        batch: &mut UsageBatch,
+        now_ms: i64,
+        agent: Option<&str>,
+        queue: &str,
+        model: &str,
+        prompt: u64,
+        completion: u64,
+        cost_nanos: i64,
+    ) {
+        let keys = [
+            self.usage_key("m", now_ms / 60_000),
+            self.usage_key("h", now_ms / 3_600_000),
+        ];
+        let mut groups = Vec::with_capacity(3);
+        if let Some(a) = agent {
+            groups.push(format!("agent|{a}"));
+        }
+        groups.push(format!("queue|{queue}"));
+        groups.push(format!("model|{model}"));
+        let amounts = [
+            ("c", cost_nanos.max(0)),
+            ("p", i64::try_from(prompt).unwrap_or(i64::MAX)),
+            ("o", i64::try_from(completion).unwrap_or(i64::MAX)),
+            ("n", 1),
+        ];
+        for k in &keys {
+            for g in &groups {
+                for (what, v) in amounts {
+                    let e = batch
+                        .adds
+                        .entry((k.clone(), format!("{g}|{what}")))
+                        .or_insert(0);
+                    *e = e.saturating_add(v);
+                }
+            }
+        }
+    }
+
+    /// Writes a batch of usage counts (one pipeline). Minute buckets are kept a day, hour
+    /// buckets 31 days.
+    pub async fn record_usage(&self, batch: UsageBatch) -> RedisResult<()> {
+        if batch.adds.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        let mut keys: Vec<&String> = Vec::new();
+        for ((key, field), v) in &batch.adds {
+            pipe.hincr(key, field, *v).ignore();
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        for k in keys {
+            let ttl = if k.contains(":usage:m:") {
+                86_400 + 120
+            } else {
+                31 * 86_400 + 7200
+            };
+            pipe.expire(k, ttl).ignore();
+        }
+        let mut conn = self.redis.conn().await?;
+        pipe.query_async(&mut conn).await
     }
 
     /// Spend by `group_by` (`agent`, `queue` or `model`) over the last `window_secs`: minute

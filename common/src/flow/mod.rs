@@ -6,6 +6,6 @@ pub mod budget;
 pub mod limiter;
 pub mod upstreams;
 
-pub use budget::{Budgets, Charge, Hold};
+pub use budget::{Budgets, Charge, Hold, UsageBatch};
 pub use limiter::{Admission, Estimate, Limiter, Line, Refusal, Reservation, Settlement};
 pub use upstreams::{Limits, Route, Upstream, Upstreams};

@@ -1,7 +1,9 @@
 -- Record a run's result, once, and only if that run still owns the task.
 -- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] agent memory list (optional)
 -- ARGV[1] id, ARGV[2] run token, ARGV[3] now ms, ARGV[4] result JSON, ARGV[5] result TTL seconds,
--- ARGV[6] memory length cap, ARGV[7] memory TTL seconds, ARGV[8..] messages to append to memory
+-- ARGV[6] memory length cap, ARGV[7] memory TTL seconds, ARGV[8] the run's call usage to add to the
+-- task's counters ("prompt|completion|cached|cost nano-dollars", or ''), ARGV[9..] messages to
+-- append to memory
 -- Returns 'ok'; or, writing nothing: the verdict this run already got (a resend after a lost reply),
 -- the final status ('succeeded', 'failed', 'cancelled'), 'missing', or 'stale' (another run owns it).
 local token = ARGV[2]
@@ -13,8 +15,18 @@ redis.call('HSET', KEYS[1], 'status', 'succeeded', 'result', ARGV[4], 'finished_
   'reported', token .. '|ok')
 redis.call('HDEL', KEYS[1], 'error', 'token')
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-if #KEYS == 4 and #ARGV > 7 then
-  for i = 8, #ARGV do
+-- the answering call's usage, in the same step as the result (a refused write adds nothing here:
+-- the worker adds it with usage.lua, since the call was paid for)
+local p, c, cached, cost = string.match(ARGV[8] or '', '^(%d+)|(%d+)|(%d+)|(%d+)$')
+if p then
+  redis.call('HINCRBY', KEYS[1], 'u_prompt', p)
+  redis.call('HINCRBY', KEYS[1], 'u_completion', c)
+  redis.call('HINCRBY', KEYS[1], 'u_cached', cached)
+  redis.call('HINCRBY', KEYS[1], 'u_calls', 1)
+  redis.call('HINCRBY', KEYS[1], 'cost_n', cost)
+end
+if #KEYS == 4 and #ARGV > 8 then
+  for i = 9, #ARGV do
     redis.call('RPUSH', KEYS[4], ARGV[i])
   end
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[6]), -1)

@@ -114,6 +114,16 @@ pub struct MemoryAppend<'a> {
     pub ttl: Duration,
 }
 
+/// One LLM call's usage, added to its task's counters (`u_prompt`, `u_completion`, `u_cached`,
+/// `u_calls`, `cost_n`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageAdd {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub cost_nanos: i64,
+}
+
 /// What one promotion pass did: how many ids it moved to pending, and when the next retry or
 /// parked task is due (ms since the epoch), if any is waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -410,6 +420,7 @@ impl Broker {
         result_json: &str,
         ttl: Duration,
         memory: Option<&MemoryAppend<'_>>,
+        usage: Option<&UsageAdd>,
     ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
         let mut inv = SCRIPTS.complete.prepare_invoke();
@@ -424,8 +435,19 @@ impl Broker {
             .arg(now_ms())
             .arg(result_json)
             .arg(ttl.as_secs().max(1));
+        let (keep, mttl) = memory.map_or((1, 1), |m| (m.keep.max(1), m.ttl.as_secs().max(1)));
+        inv.arg(keep)
+            .arg(mttl)
+            .arg(usage.map_or(String::new(), |u| {
+                format!(
+                    "{}|{}|{}|{}",
+                    u.prompt,
+                    u.completion,
+                    u.cached,
+                    u.cost_nanos.max(0)
+                )
+            }));
         if let Some(m) = memory {
-            inv.arg(m.keep.max(1)).arg(m.ttl.as_secs().max(1));
             for msg in &m.messages {
                 inv.arg(msg);
             }
@@ -539,23 +561,15 @@ impl Broker {
 
     /// Adds one call's usage to the task's record (`usage.lua`). Not fenced: money spent by a run
     /// that lost the task was still spent.
-    pub async fn add_usage(
-        &self,
-        keys: &Keys,
-        id: &str,
-        prompt: u64,
-        completion: u64,
-        cached: u64,
-        cost_nanos: i64,
-    ) -> RedisResult<()> {
+    pub async fn add_usage(&self, keys: &Keys, id: &str, u: &UsageAdd) -> RedisResult<()> {
         let mut conn = self.redis.conn().await?;
         let _: Vec<i64> = SCRIPTS
             .usage
             .key(keys.task_raw(id))
-            .arg(prompt)
-            .arg(completion)
-            .arg(cached)
-            .arg(cost_nanos.max(0))
+            .arg(u.prompt)
+            .arg(u.completion)
+            .arg(u.cached)
+            .arg(u.cost_nanos.max(0))
             .invoke_async(&mut conn)
             .await?;
         Ok(())
