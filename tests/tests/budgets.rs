@@ -57,6 +57,12 @@ fn total_cost(tasks: &[Value]) -> f64 {
         .sum()
 }
 
+/// A one-message call's hold: the worker's prompt estimate (a token per 3 bytes, 3 per message
+/// plus the role, 3 to prime the reply) and the output cap of 10, at $0.001 a token.
+fn worst_case(prompt: &str) -> f64 {
+    ((prompt.len() as f64 / 3.0).ceil() + 4.0 + 3.0 + 10.0) * TOKEN_USD
+}
+
 /// What the mock charges for a one-message prompt: its words, and 1 + its words.
 fn mock_cost(prompt: &str) -> f64 {
     let w = prompt.split_whitespace().count() as f64;
@@ -399,7 +405,11 @@ async fn settling_refunds_the_unused_part_of_the_hold() -> Result<()> {
     assert!((cost - mock_cost(prompt)).abs() < EPS, "{t}");
     let reserved = f(&held["reserved_usd"]);
     println!("held ${reserved:.6} for a call that cost ${cost:.6}");
-    assert!(reserved > cost, "the hold is the worst case: {held}");
+    assert!(
+        (reserved - worst_case(prompt)).abs() < EPS,
+        "the hold is the worst case: {held}"
+    );
+    assert!(reserved > cost);
     assert_eq!(f(&held["spent_usd"]), 0.0, "{held}");
     let b = budget(&s, "queue:default").await?;
     assert!((f(&b["spent_usd"]) - cost).abs() < EPS, "{b}");
@@ -409,6 +419,51 @@ async fn settling_refunds_the_unused_part_of_the_hold() -> Result<()> {
         t["usage"],
         json!({"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5, "cached_tokens": 0, "calls": 1})
     );
+    s.mock.set_latency(Duration::ZERO);
+    // a failed call is refunded: a 500, then the retry's answer, costs only the answer
+    let failed_once = "[[fail:500:1]] then fine";
+    let t = s.submit(failed_once).await?;
+    let t = s
+        .wait_final(std::slice::from_ref(&t), Duration::from_secs(10))
+        .await?;
+    let t = &t[0];
+    assert_eq!(
+        (t["status"].clone(), t["attempts"].clone()),
+        (json!("succeeded"), json!(2)),
+        "{t}"
+    );
+    assert!(
+        (f(&t["cost"]) - mock_cost(failed_once)).abs() < EPS,
+        "only the answer: {t}"
+    );
+    assert_eq!(t["usage"]["calls"], 1, "{t}");
+    let b = budget(&s, "queue:default").await?;
+    assert!(
+        (f(&b["spent_usd"]) - (cost + mock_cost(failed_once))).abs() < EPS,
+        "{b}"
+    );
+    // an answer with no usage is charged its whole hold (billed, amount unknown); the task's own
+    // record has no usage to show
+    let silent = s.submit("[[reply:no_usage]] silent").await?;
+    let silent = s
+        .wait_final(std::slice::from_ref(&silent), Duration::from_secs(10))
+        .await?;
+    assert_eq!(silent[0]["status"], "succeeded", "{}", silent[0]);
+    assert!(silent[0].get("usage").is_none(), "{}", silent[0]);
+    let after = budget(&s, "queue:default").await?;
+    let charged = f(&after["spent_usd"]) - f(&b["spent_usd"]);
+    let hold = worst_case("[[reply:no_usage]] silent");
+    assert!(
+        (charged - hold).abs() < EPS,
+        "charged ${charged}, its hold was ${hold}: {after}"
+    );
+    // cached prompt tokens are kept where the upstream reports them
+    let cached = s.submit("[[reply:cached]] from the cache please").await?;
+    let cached = s
+        .wait_final(std::slice::from_ref(&cached), Duration::from_secs(10))
+        .await?;
+    assert_eq!(cached[0]["usage"]["cached_tokens"], 3, "{}", cached[0]);
+    assert!(f(&budget(&s, "queue:default").await?["reserved_usd"]).abs() < EPS);
     assert_no_panic(&s);
     Ok(())
 }
@@ -492,22 +547,26 @@ async fn per_task_caps_stop_a_task_before_the_call_that_would_pass_them() -> Res
     let tight_cost = s
         .submit_json(&json!({"prompt": prompt, "max_cost_usd": 0.008}))
         .await?;
-    // the cap counts earlier attempts: this record says they used 30 of its 40 tokens and
-    // $0.03 of its $0.04 (as a run that got usage back and then failed leaves it)
-    let spent_before = s.submit_json(&fits).await?;
-    let mut c = s.redis.conn()?;
-    let _: () = redis::cmd("HSET")
-        .arg(task_key(&spent_before))
-        .arg("u_prompt")
-        .arg(20)
-        .arg("u_completion")
-        .arg(10)
-        .arg("u_calls")
-        .arg(1)
-        .arg("cost_n")
-        .arg(30_000_000)
-        .query(&mut c)?;
+    // the cap counts every attempt: a first call that comes back empty (usage reported, the task
+    // failed) used 9 of this task's 30 tokens; redriven, its next call's worst case (28) no
+    // longer fits
+    let empty = "a capped task [[reply:empty:1]]";
+    let spent_before = s
+        .submit_json(&json!({"prompt": empty, "max_total_tokens": 30}))
+        .await?;
     let _w = s.start_worker(&[]).await?;
+    let first = s
+        .wait_final(std::slice::from_ref(&spent_before), Duration::from_secs(10))
+        .await?;
+    assert_eq!(first[0]["status"], "failed", "{}", first[0]);
+    assert!(
+        first[0].get("error_code").is_none(),
+        "an empty answer, not a budget: {}",
+        first[0]
+    );
+    assert_eq!(first[0]["usage"]["total_tokens"], 9, "{}", first[0]);
+    let (status, v) = s.redrive("default", None).await?;
+    assert_eq!(status, 200, "{v}");
     let ids = [ok, tight_tokens, tight_cost, spent_before];
     let done = s.wait_final(&ids, Duration::from_secs(10)).await?;
     assert_eq!(done[0]["status"], "succeeded", "{}", done[0]);
@@ -530,11 +589,15 @@ async fn per_task_caps_stop_a_task_before_the_call_that_would_pass_them() -> Res
     let error = |i: usize| done[i]["error"].as_str().unwrap_or("").to_owned();
     assert!(error(1).contains("max_total_tokens"), "{}", done[1]);
     assert!(error(2).contains("max_cost_usd"), "{}", done[2]);
-    assert!(error(3).contains("used 30 tokens"), "{}", done[3]);
+    assert!(error(3).contains("used 9 tokens"), "{}", done[3]);
     // the earlier usage is still on the record, nothing added
-    assert_eq!(done[3]["usage"]["total_tokens"], 30, "{}", done[3]);
-    assert!((f(&done[3]["cost"]) - 0.03).abs() < EPS, "{}", done[3]);
-    assert_eq!(s.mock.total_calls(), 1, "only the task that fits called");
+    assert_eq!(done[3]["usage"]["total_tokens"], 9, "{}", done[3]);
+    assert!((f(&done[3]["cost"]) - 0.009).abs() < EPS, "{}", done[3]);
+    assert_eq!(
+        s.mock.total_calls(),
+        2,
+        "the task that fits, and the empty answer"
+    );
     assert_no_panic(&s);
     let _ = log_tails;
     Ok(())

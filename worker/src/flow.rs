@@ -349,9 +349,9 @@ impl Worker {
     }
 
     /// Releases a call's budget hold, charging what it cost, and (`called`) counts the call in
-    /// the usage report, the per-agent metric and the `agent_call` log line. A call that reached
-    /// the upstream without reporting usage is charged its whole worst case: the provider may
-    /// well have billed it. Returns the call's usage for the task's counters, if it reported any.
+    /// the usage report, the per-agent metric and the `agent_call` log line. An answer without
+    /// usage is charged its whole worst case (the provider billed it, for an unknown amount); a
+    /// failure without usage is refunded. Returns the call's usage for the task's counters.
     async fn charge(
         &self,
         c: &ChargeBase<'_>,
@@ -366,11 +366,10 @@ impl Worker {
         });
         let cost = match (call, usage) {
             (_, Some(u)) => u.cost_nanos,
-            (Some(call), None)
-                if call.reached && !matches!(call.result, Err(LlmFailure::RateLimited { .. })) =>
-            {
-                c.worst
-            }
+            // an answer from a server that reports no usage: its cost is unknown, so the hold is
+            // kept whole (never less than it may have cost)
+            (Some(call), None) if call.result.is_ok() => c.worst,
+            // a failed call without usage is refunded: errors are not billed
             _ => 0,
         };
         if !c.scopes.is_empty() {
