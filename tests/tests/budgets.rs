@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use agentq_tests::{assert_no_panic, log_tails, metric, task_key, MockConfig, Stack, Worker};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 /// Dollars per million tokens: $0.001 a token.
@@ -600,5 +600,164 @@ async fn per_task_caps_stop_a_task_before_the_call_that_would_pass_them() -> Res
     );
     assert_no_panic(&s);
     let _ = log_tails;
+    Ok(())
+}
+
+/// The budget scripts against a real `redis-server` with the clock in the test's hands (the
+/// scripts take "now" as an argument): windows roll and reset exactly as documented, a refusal
+/// names the time it lifts, an expired hold stops counting, and a resent settlement charges once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_roll_and_reset_on_time_and_holds_settle_once() -> Result<()> {
+    use agentq_common::flow::budget::{Budget, BudgetBody};
+    use agentq_common::flow::{Budgets, Charge, Hold};
+    let redis = agentq_tests::RedisServer::start()?;
+    let url = secrecy::SecretString::from(redis.url());
+    let b = Budgets::new(agentq_common::Redis::open(&url)?, "agentq");
+    let put = |scope: &str, v: Value| -> Result<Budget> {
+        let body: BudgetBody = serde_json::from_value(v)?;
+        body.validate(scope).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let hour = 3_600_000i64;
+    let t0 = 1_800_000_000_000i64 - 1_800_000_000_000 % hour + 10 * 60_000; // 10 min past an hour
+    let ttl = Duration::from_secs(30);
+    let scopes = |s: &str| vec![s.to_owned()];
+    let usd = |n: i64| n as f64 / 1e9;
+    // rolling hour, $1: a $0.60 call settles at t0; $0.50 more does not fit until it leaves
+    let rolling = put("global", json!({"limit_usd": 1, "window": "1h"}))?;
+    b.put(&rolling).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let g = scopes("global");
+    assert_eq!(
+        b.reserve(&g, "a", 700_000_000, ttl, t0).await?,
+        Hold::Held(g.clone())
+    );
+    b.settle(
+        &Charge {
+            hold_id: "a",
+            scopes: &g,
+            cost_nanos: 600_000_000,
+        },
+        t0,
+    )
+    .await?;
+    // resent: the hold is gone, nothing more is charged
+    assert_eq!(
+        b.settle(
+            &Charge {
+                hold_id: "a",
+                scopes: &g,
+                cost_nanos: 600_000_000
+            },
+            t0
+        )
+        .await?,
+        0
+    );
+    let v = b.view_of(&rolling, t0).await?;
+    assert_eq!((v.spent_usd, v.reserved_usd), (0.6, 0.0));
+    let Hold::Wait {
+        eligible_at_ms,
+        holds_only,
+        ..
+    } = b.reserve(&g, "b", 500_000_000, ttl, t0 + 1000).await?
+    else {
+        bail!("a call past the limit was held");
+    };
+    assert!(!holds_only);
+    // 1 m buckets, 61 kept: the t0 bucket leaves the window 61 minutes after it began
+    let bucket_start = t0 - t0 % 60_000;
+    assert_eq!(eligible_at_ms, bucket_start + 61 * 60_000);
+    assert!(matches!(
+        b.reserve(&g, "b", 500_000_000, ttl, eligible_at_ms - 1)
+            .await?,
+        Hold::Wait { .. }
+    ));
+    assert_eq!(
+        b.reserve(&g, "b", 500_000_000, ttl, eligible_at_ms).await?,
+        Hold::Held(g.clone())
+    );
+    // an open hold counts against others until it settles or expires (its worker died)
+    let Hold::Wait { holds_only, .. } = b
+        .reserve(&g, "c", 600_000_000, ttl, eligible_at_ms + 1)
+        .await?
+    else {
+        bail!("a call past the held amount was held");
+    };
+    assert!(holds_only, "only the open hold is in the way");
+    let after_expiry = eligible_at_ms + ttl.as_millis() as i64 + 1;
+    assert_eq!(
+        b.reserve(&g, "c", 600_000_000, ttl, after_expiry).await?,
+        Hold::Held(g.clone())
+    );
+    // a call larger than the whole limit is refused for good
+    assert!(matches!(
+        b.reserve(&g, "d", 1_000_000_001, ttl, after_expiry).await?,
+        Hold::TooLarge { .. }
+    ));
+    // calendar hour, $1: spend at 10 past resets on the hour, not an hour later
+    let cal = put(
+        "model:m",
+        json!({"limit_usd": 1, "window": "1h", "mode": "calendar"}),
+    )?;
+    b.put(&cal).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let m = scopes("model:m");
+    assert_eq!(
+        b.reserve(&m, "e", 900_000_000, ttl, t0).await?,
+        Hold::Held(m.clone())
+    );
+    b.settle(
+        &Charge {
+            hold_id: "e",
+            scopes: &m,
+            cost_nanos: 900_000_000,
+        },
+        t0,
+    )
+    .await?;
+    let next_hour = t0 - t0 % hour + hour;
+    let Hold::Wait {
+        eligible_at_ms,
+        scope,
+        limit_nanos,
+        spent_nanos,
+        ..
+    } = b.reserve(&m, "f", 200_000_000, ttl, t0 + 60_000).await?
+    else {
+        bail!("held past a calendar budget");
+    };
+    assert_eq!(
+        (
+            eligible_at_ms,
+            scope.as_str(),
+            usd(limit_nanos),
+            usd(spent_nanos)
+        ),
+        (next_hour, "model:m", 1.0, 0.9)
+    );
+    assert_eq!(
+        b.reserve(&m, "f", 200_000_000, ttl, next_hour).await?,
+        Hold::Held(m.clone())
+    );
+    assert_eq!(b.view_of(&cal, next_hour).await?.spent_usd, 0.0);
+    // several budgets at once: the hold goes on all of them or none
+    let both = vec!["global".to_owned(), "model:m".to_owned()];
+    let now = next_hour + 1000;
+    let before = (b.view_of(&rolling, now).await?, b.view_of(&cal, now).await?);
+    assert!(matches!(
+        b.reserve(&both, "g", 900_000_000, ttl, now).await?,
+        Hold::Wait { .. }
+    ));
+    let after = (b.view_of(&rolling, now).await?, b.view_of(&cal, now).await?);
+    assert_eq!(
+        (before.0.reserved_usd, before.1.reserved_usd),
+        (after.0.reserved_usd, after.1.reserved_usd),
+        "a refusal holds nothing anywhere"
+    );
+    // a deleted budget binds nothing and leaves no keys
+    assert!(b.delete("model:m").await?);
+    let mut c = redis.conn()?;
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("agentq:{budgets}:*:model:m")
+        .query(&mut c)?;
+    assert_eq!(left, Vec::<String>::new());
     Ok(())
 }
