@@ -761,3 +761,42 @@ async fn windows_roll_and_reset_on_time_and_holds_settle_once() -> Result<()> {
     assert_eq!(left, Vec::<String>::new());
     Ok(())
 }
+
+/// An upstream's own `prices` (`AGENTQ_UPSTREAMS`) override `AGENTQ_PRICES` for its models: the
+/// task's cost, the hold and the budget all use them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_prices_override_the_price_table() -> Result<()> {
+    let mut s = Stack::new(MockConfig::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("upstreams.json");
+    let url = s.llm_url.clone();
+    std::fs::write(
+        &file,
+        serde_json::to_string(&json!({"upstreams": [{"name": "priced", "base_url": url,
+            "models": ["m"], "prices": {"m": {"prompt": 2000, "completion": 4000}}}]}))?,
+    )?;
+    s.env
+        .insert("AGENTQ_UPSTREAMS".into(), file.display().to_string());
+    s.env.insert("AGENTQ_MODEL".into(), "m".into());
+    s.env.insert("AGENTQ_PRICES".into(), PRICES.into());
+    s.env.insert("AGENTQ_MAX_TOKENS".into(), "10".into());
+    s.start_api(&[]).await?;
+    let (status, _) = put_budget(&s, "model:m", &json!({"limit_usd": 1, "window": "1h"})).await?;
+    assert_eq!(status, 201);
+    let w = s.start_worker(&[]).await?;
+    let id = s.submit("two words").await?;
+    let t = s
+        .wait_final(std::slice::from_ref(&id), Duration::from_secs(10))
+        .await?;
+    // 2 prompt tokens at $0.002 and 3 completion tokens at $0.004 (the table would say $0.005)
+    assert!((f(&t[0]["cost"]) - 0.016).abs() < EPS, "{}", t[0]);
+    let b = budget(&s, "model:m").await?;
+    assert!((f(&b["spent_usd"]) - 0.016).abs() < EPS, "{b}");
+    let m = w.metrics().await?;
+    assert!(
+        (metric(&m, "agentq_llm_cost_dollars_total{model=\"m\"}") - 0.016).abs() < EPS,
+        "{m}"
+    );
+    assert_no_panic(&s);
+    Ok(())
+}

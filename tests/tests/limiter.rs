@@ -27,6 +27,7 @@ fn upstream(limits: Limits, model_limits: &[(&str, Limits)]) -> Upstream {
             .iter()
             .map(|(m, l)| ((*m).to_owned(), *l))
             .collect::<BTreeMap<_, _>>(),
+        prices: BTreeMap::new(),
     }
 }
 

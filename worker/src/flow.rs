@@ -110,11 +110,18 @@ impl Worker {
             // Budgets first: their worst case is the prompt's estimate plus the output cap at
             // the model's prices. A model with no price costs nothing and no budget binds it.
             let worst_tokens = quick;
-            let worst = self.cfg.prices.get(model).map_or(0, |p| {
+            // the upstream's own price for the model, else AGENTQ_PRICES
+            let price = route
+                .upstream
+                .prices
+                .get(model)
+                .or_else(|| self.cfg.prices.get(model))
+                .copied();
+            let worst = price.map_or(0, |p| {
                 cost_nanos(
                     worst_tokens.saturating_sub(u64::from(output)),
                     u64::from(output),
-                    *p,
+                    p,
                 )
             });
             if let Some(why) = over_task_cap(payload, used_so_far, worst_tokens, worst) {
@@ -206,6 +213,7 @@ impl Worker {
                 scopes: &held,
                 agent: payload.agent_id.as_deref(),
                 model,
+                price,
                 worst,
             };
             let admission = self
@@ -362,7 +370,13 @@ impl Worker {
             prompt: u64::from(u.prompt_tokens),
             completion: u64::from(u.completion_tokens),
             cached: u64::from(u.cached_tokens.unwrap_or(0)),
-            cost_nanos: self.cost_of(c.model, &u),
+            cost_nanos: c.price.map_or(0, |p| {
+                cost_nanos(
+                    u64::from(u.prompt_tokens),
+                    u64::from(u.completion_tokens),
+                    p,
+                )
+            }),
         });
         let cost = match (call, usage) {
             (_, Some(u)) => u.cost_nanos,
@@ -421,16 +435,6 @@ impl Worker {
             );
         }
         usage
-    }
-
-    fn cost_of(&self, model: &str, u: &agentq_common::task::Usage) -> i64 {
-        self.cfg.prices.get(model).map_or(0, |p| {
-            cost_nanos(
-                u64::from(u.prompt_tokens),
-                u64::from(u.completion_tokens),
-                *p,
-            )
-        })
     }
 
     /// Adds a call's usage to the task's record (`usage.lua`: whichever run made the call).
@@ -599,6 +603,8 @@ struct ChargeBase<'a> {
     scopes: &'a [String],
     agent: Option<&'a str>,
     model: &'a str,
+    /// The model's price at this upstream (none: it costs nothing).
+    price: Option<agentq_common::config::Price>,
     /// The hold's amount (nano-dollars).
     worst: i64,
 }

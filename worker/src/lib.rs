@@ -112,7 +112,12 @@ pub async fn run(
                 base_url: &u.base_url,
                 api_key: &u.api_key,
                 timeout: config.llm_timeout,
-                prices: config.prices.clone(),
+                // the upstream's own prices over AGENTQ_PRICES (the cost metric and budgets agree)
+                prices: {
+                    let mut p = config.prices.clone();
+                    p.extend(u.prices.iter().map(|(m, v)| (m.clone(), *v)));
+                    p
+                },
                 default_model: &config.model,
                 max_response_bytes: config.max_response_bytes,
                 max_tokens: config.max_tokens,

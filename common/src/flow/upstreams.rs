@@ -52,6 +52,17 @@ struct FileUpstream {
     limits: Limits,
     #[serde(default)]
     model_limits: BTreeMap<String, Limits>,
+    /// Dollars per million prompt and completion tokens of this upstream's models, over
+    /// `AGENTQ_PRICES` (the same model can cost differently at two providers).
+    #[serde(default)]
+    prices: BTreeMap<String, FilePrice>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct FilePrice {
+    prompt: f64,
+    completion: f64,
 }
 
 #[derive(Deserialize)]
@@ -70,6 +81,8 @@ pub struct Upstream {
     pub models: Vec<String>,
     pub limits: Limits,
     pub model_limits: BTreeMap<String, Limits>,
+    /// Prices of its models that override `AGENTQ_PRICES` (the file's `prices`).
+    pub prices: BTreeMap<String, crate::config::Price>,
 }
 
 impl Upstream {
@@ -147,6 +160,7 @@ impl Upstreams {
                 models: Vec::new(),
                 limits: Limits::default(),
                 model_limits: BTreeMap::new(),
+                prices: BTreeMap::new(),
             }],
             implicit: true,
             default_model: default_model.to_owned(),
@@ -262,6 +276,28 @@ impl Upstreams {
                 }
                 check_limits(&format!("{at}.model_limits.{m}"), l)?;
             }
+            let mut prices = BTreeMap::new();
+            for (m, p) in &u.prices {
+                if !u.models.contains(m) {
+                    return Err(err(format!(
+                        "{at}.prices.{m}: not one of this upstream's models"
+                    )));
+                }
+                for (what, v) in [("prompt", p.prompt), ("completion", p.completion)] {
+                    if !v.is_finite() || !(0.0..=1e6).contains(&v) {
+                        return Err(err(format!(
+                            "{at}.prices.{m}.{what}: dollars per million tokens, 0 to 1000000"
+                        )));
+                    }
+                }
+                prices.insert(
+                    m.clone(),
+                    crate::config::Price {
+                        prompt: p.prompt,
+                        completion: p.completion,
+                    },
+                );
+            }
             list.push(Upstream {
                 name: u.name,
                 base_url: u.base_url.trim_end_matches('/').to_owned(),
@@ -269,6 +305,7 @@ impl Upstreams {
                 models: u.models,
                 limits: u.limits,
                 model_limits: u.model_limits,
+                prices,
             });
         }
         if served.len() > MAX_MODELS {
@@ -370,6 +407,22 @@ upstreams:
     }
 
     #[test]
+    fn an_upstream_prices_its_own_models() {
+        let json = r#"{"upstreams": [{"name": "a", "base_url": "http://x", "models": ["m1", "m2"],
+                        "prices": {"m1": {"prompt": 2.5, "completion": 10}}}]}"#;
+        let u = Upstreams::parse(json, true, &env(&[]), None, true).expect("valid");
+        let r = u.route("m1").expect("served");
+        assert_eq!(
+            r.upstream.prices.get("m1"),
+            Some(&crate::config::Price {
+                prompt: 2.5,
+                completion: 10.0
+            })
+        );
+        assert!(!r.upstream.prices.contains_key("m2"));
+    }
+
+    #[test]
     fn json_works_too_and_agentq_model_must_be_served() {
         let json =
             r#"{"upstreams": [{"name": "a", "base_url": "http://x", "models": ["m1", "m2"]}]}"#;
@@ -402,6 +455,18 @@ upstreams:
             (
                 r#"{"upstreams": [{"name": "a", "base_url": "http://x", "models": ["m"], "limits": {"rps": 1}}]}"#,
                 "rps",
+            ),
+            (
+                r#"{"upstreams": [{"name": "a", "base_url": "http://x", "models": ["m"], "prices": {"z": {"prompt": 1, "completion": 1}}}]}"#,
+                "upstreams[0].prices.z",
+            ),
+            (
+                r#"{"upstreams": [{"name": "a", "base_url": "http://x", "models": ["m"], "prices": {"m": {"prompt": -1, "completion": 1}}}]}"#,
+                "upstreams[0].prices.m.prompt",
+            ),
+            (
+                r#"{"upstreams": [{"name": "a", "base_url": "http://x", "models": ["m"], "prices": {"m": {"prompt": 1}}}]}"#,
+                "completion",
             ),
             (
                 r#"{"upstreams": [{"name": "a", "base_url": "http://x", "models": ["m"], "model_limits": {"z": {"rpm": 1}}}]}"#,
