@@ -20,6 +20,7 @@ pub(crate) struct BudgetState {
     pub budgets: Budgets,
     /// Scopes that have a budget, as last read.
     scopes: RwLock<Arc<HashSet<String>>>,
+    any: std::sync::atomic::AtomicBool,
     agents: Mutex<HashSet<String>>,
     /// Calls counted for the usage report since the last flush.
     pub usage: Mutex<UsageBatch>,
@@ -30,9 +31,15 @@ impl BudgetState {
         Self {
             budgets,
             scopes: RwLock::new(Arc::new(HashSet::new())),
+            any: std::sync::atomic::AtomicBool::new(false),
             agents: Mutex::new(HashSet::new()),
             usage: Mutex::new(UsageBatch::default()),
         }
+    }
+
+    /// Whether any budget exists (a call under none builds no scope names).
+    pub fn any(&self) -> bool {
+        self.any.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Of `candidates`, the scopes that have a budget.
@@ -95,6 +102,9 @@ impl Worker {
             match self.budget.budgets.all().await {
                 Ok(all) => {
                     let set: HashSet<String> = all.into_iter().map(|b| b.scope).collect();
+                    self.budget
+                        .any
+                        .store(!set.is_empty(), std::sync::atomic::Ordering::Relaxed);
                     if let Ok(mut s) = self.budget.scopes.write() {
                         *s = Arc::new(set);
                     }

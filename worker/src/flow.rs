@@ -136,11 +136,15 @@ impl Worker {
                 });
                 continue;
             }
-            let scopes = self.budget.applying(scopes_of(
-                &self.cfg.queue,
-                payload.agent_id.as_deref(),
-                model,
-            ));
+            let scopes = if self.budget.any() {
+                self.budget.applying(scopes_of(
+                    &self.cfg.queue,
+                    payload.agent_id.as_deref(),
+                    model,
+                ))
+            } else {
+                Vec::new()
+            };
             let held: Vec<String> = if scopes.is_empty() {
                 Vec::new()
             } else {
@@ -401,8 +405,7 @@ impl Worker {
         }
         let (prompt, completion) = usage.map_or((0, 0), |u| (u.prompt, u.completion));
         if let Ok(mut batch) = self.budget.usage.lock() {
-            self.budget.budgets.count_call(
-                &mut batch,
+            batch.count(
                 now_ms(),
                 c.agent,
                 &self.cfg.queue,

@@ -264,16 +264,45 @@ pub struct Charge<'a> {
 }
 
 /// Calls counted for the usage report, summed in the worker and written every second
-/// ([`Budgets::record_usage`]): the report needs no per-call write.
+/// ([`Budgets::record_usage`]): the report needs no per-call write. Counting a call allocates
+/// only for an (agent, model) pair new in its minute.
 #[derive(Debug, Default)]
 pub struct UsageBatch {
-    /// (bucket key, field) -> amount
-    adds: HashMap<(String, String), i64>,
+    /// minute -> queue -> agent ('' none) -> model -> [cost n$, prompt, completion, calls]
+    minutes: HashMap<i64, HashMap<String, HashMap<String, HashMap<String, [i64; 4]>>>>,
 }
 
 impl UsageBatch {
     pub fn is_empty(&self) -> bool {
-        self.adds.is_empty()
+        self.minutes.is_empty()
+    }
+
+    /// Adds one call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn count(
+        &mut self,
+        now_ms: i64,
+        agent: Option<&str>,
+        queue: &str,
+        model: &str,
+        prompt: u64,
+        completion: u64,
+        cost_nanos: i64,
+    ) {
+        fn slot<'a, V: Default>(m: &'a mut HashMap<String, V>, k: &str) -> &'a mut V {
+            if !m.contains_key(k) {
+                m.insert(k.to_owned(), V::default());
+            }
+            m.get_mut(k).expect("inserted above")
+        }
+        let by_queue = self.minutes.entry(now_ms / 60_000).or_default();
+        let by_agent = slot(by_queue, queue);
+        let by_model = slot(by_agent, agent.unwrap_or(""));
+        let c = slot(by_model, model);
+        c[0] = c[0].saturating_add(cost_nanos.max(0));
+        c[1] = c[1].saturating_add(i64::try_from(prompt).unwrap_or(i64::MAX));
+        c[2] = c[2].saturating_add(i64::try_from(completion).unwrap_or(i64::MAX));
+        c[3] = c[3].saturating_add(1);
     }
 }
 
@@ -489,58 +518,45 @@ impl Budgets {
         inv.invoke_async(&mut conn).await
     }
 
-    /// Adds one call to `batch` under its agent, queue and model, in the current minute's and
-    /// hour's buckets.
-    #[allow(clippy::too_many_arguments)]
-    pub fn count_call(
-        &self,
-        batch: &mut UsageBatch,
-        now_ms: i64,
-        agent: Option<&str>,
-        queue: &str,
-        model: &str,
-        prompt: u64,
-        completion: u64,
-        cost_nanos: i64,
-    ) {
-        let keys = [
-            self.usage_key("m", now_ms / 60_000),
-            self.usage_key("h", now_ms / 3_600_000),
-        ];
-        let mut groups = Vec::with_capacity(3);
-        if let Some(a) = agent {
-            groups.push(format!("agent|{a}"));
-        }
-        groups.push(format!("queue|{queue}"));
-        groups.push(format!("model|{model}"));
-        let amounts = [
-            ("c", cost_nanos.max(0)),
-            ("p", i64::try_from(prompt).unwrap_or(i64::MAX)),
-            ("o", i64::try_from(completion).unwrap_or(i64::MAX)),
-            ("n", 1),
-        ];
-        for k in &keys {
-            for g in &groups {
-                for (what, v) in amounts {
-                    let e = batch
-                        .adds
-                        .entry((k.clone(), format!("{g}|{what}")))
-                        .or_insert(0);
-                    *e = e.saturating_add(v);
-                }
-            }
-        }
-    }
-
     /// Writes a batch of usage counts (one pipeline). Minute buckets are kept a day, hour
     /// buckets 31 days.
     pub async fn record_usage(&self, batch: UsageBatch) -> RedisResult<()> {
-        if batch.adds.is_empty() {
+        if batch.is_empty() {
             return Ok(());
+        }
+        // (bucket key, field) -> amount: each call counts under its agent, queue and model, in
+        // its minute's and its hour's bucket
+        let mut adds: HashMap<(String, String), i64> = HashMap::new();
+        let mut add = |key: &String, group: String, c: &[i64; 4]| {
+            for (what, v) in ["c", "p", "o", "n"].iter().zip(c) {
+                let e = adds
+                    .entry((key.clone(), format!("{group}|{what}")))
+                    .or_insert(0);
+                *e = e.saturating_add(*v);
+            }
+        };
+        for (minute, queues) in &batch.minutes {
+            let keys = [
+                self.usage_key("m", *minute),
+                self.usage_key("h", minute / 60),
+            ];
+            for (queue, agents) in queues {
+                for (agent, models) in agents {
+                    for (model, c) in models {
+                        for k in &keys {
+                            if !agent.is_empty() {
+                                add(k, format!("agent|{agent}"), c);
+                            }
+                            add(k, format!("queue|{queue}"), c);
+                            add(k, format!("model|{model}"), c);
+                        }
+                    }
+                }
+            }
         }
         let mut pipe = redis::pipe();
         let mut keys: Vec<&String> = Vec::new();
-        for ((key, field), v) in &batch.adds {
+        for ((key, field), v) in &adds {
             pipe.hincr(key, field, *v).ignore();
             if !keys.contains(&key) {
                 keys.push(key);
