@@ -424,14 +424,24 @@ pub struct TaskUsage {
     pub calls: u64,
 }
 
-/// Task hash fields the worker adds each call's usage to (`HINCRBY`).
-pub mod usage_fields {
-    pub const PROMPT: &str = "u_prompt";
-    pub const COMPLETION: &str = "u_completion";
-    pub const CACHED: &str = "u_cached";
-    pub const CALLS: &str = "u_calls";
-    /// nano-dollars
-    pub const COST: &str = "cost_n";
+/// The task hash field holding its usage: `prompt|completion|cached|calls|cost` (cost in
+/// nano-dollars), summed over every call (`complete.lua`, `usage.lua`).
+pub const USAGE_FIELD: &str = "usage";
+
+/// Parses the `usage` field: the usage, and the cost in nano-dollars. Missing or malformed parts
+/// count as 0 (a half-broken record must still be inspectable).
+pub fn parse_usage(raw: &str) -> (TaskUsage, i64) {
+    let mut n = raw.split('|').map(|v| v.parse::<i64>().unwrap_or(0).max(0));
+    let mut next = || n.next().unwrap_or(0);
+    let (p, c, cached, calls, cost) = (next(), next(), next(), next(), next());
+    let u = TaskUsage {
+        prompt_tokens: p as u64,
+        completion_tokens: c as u64,
+        total_tokens: (p as u64).saturating_add(c as u64),
+        cached_tokens: cached as u64,
+        calls: calls as u64,
+    };
+    (u, cost)
 }
 
 /// `GET /v1/tasks/{id}`: the task as clients see it.
@@ -494,21 +504,15 @@ impl TaskView {
                 .get("error")
                 .filter(|e| e.starts_with(&format!("{BUDGET_EXCEEDED}:")))
                 .map(|_| BUDGET_EXCEEDED.to_owned()),
-            usage: {
-                let n = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-                let u = TaskUsage {
-                    prompt_tokens: n(usage_fields::PROMPT),
-                    completion_tokens: n(usage_fields::COMPLETION),
-                    total_tokens: n(usage_fields::PROMPT) + n(usage_fields::COMPLETION),
-                    cached_tokens: n(usage_fields::CACHED),
-                    calls: n(usage_fields::CALLS),
-                };
-                (u.calls > 0).then_some(u)
-            },
+            usage: h
+                .get(USAGE_FIELD)
+                .map(|raw| parse_usage(raw).0)
+                .filter(|u| u.calls > 0),
             cost: h
-                .get(usage_fields::CALLS)
-                .and(h.get(usage_fields::COST).or(Some(&String::new())))
-                .map(|c| c.parse::<i64>().unwrap_or(0) as f64 / 1e9),
+                .get(USAGE_FIELD)
+                .map(|raw| parse_usage(raw))
+                .filter(|(u, _)| u.calls > 0)
+                .map(|(_, n)| n as f64 / 1e9),
             agent_id: payload.as_ref().and_then(|p| p.agent_id.clone()),
             metadata: payload.and_then(|p| p.metadata),
         }

@@ -424,9 +424,12 @@ impl Worker {
             }
         }
         if let Some(call) = call {
+            // its own target, so `RUST_LOG=info,agent_call=off` drops it (it is the one line
+            // per call at info)
             tracing::info!(
-                task.id = c.task_id,
+                target: "agent_call",
                 model = c.model,
+                task.id = c.task_id,
                 agent_id = c.agent.unwrap_or(""),
                 prompt_tokens = prompt,
                 completion_tokens = completion,

@@ -269,8 +269,11 @@ pub struct Charge<'a> {
 #[derive(Debug, Default)]
 pub struct UsageBatch {
     /// minute -> queue -> agent ('' none) -> model -> [cost n$, prompt, completion, calls]
-    minutes: HashMap<i64, HashMap<String, HashMap<String, HashMap<String, [i64; 4]>>>>,
+    minutes: HashMap<i64, ByQueue>,
 }
+
+type ByModel = HashMap<String, [i64; 4]>;
+type ByQueue = HashMap<String, HashMap<String, ByModel>>;
 
 impl UsageBatch {
     pub fn is_empty(&self) -> bool {

@@ -7,28 +7,30 @@
 -- Returns 'ok'; or, writing nothing: the verdict this run already got (a resend after a lost reply),
 -- the final status ('succeeded', 'failed', 'cancelled'), 'missing', or 'stale' (another run owns it).
 local token = ARGV[2]
-local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'u_calls')
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage')
 local refused = fence(KEYS[1], KEYS[2], ARGV[1], token, t[1], t[2], t[3])
 if refused then return refused end
 redis.call('ZREM', KEYS[3], ARGV[1])
 -- the answering call's usage, in the same step as the result (a refused write adds nothing here:
--- the worker adds it with usage.lua, since the call was paid for). A task's first call (the
--- common case) sets the counters in the result's own HSET; later ones add to them.
+-- the worker adds it with usage.lua, since the call was paid for): one field,
+-- "prompt|completion|cached|calls|cost", so a task's first answer costs no extra command
+local usage = ''
 local p, c, cached, cost = string.match(ARGV[8] or '', '^(%d+)|(%d+)|(%d+)|(%d+)$')
-if p and not t[4] then
+if p then
+  local add = {tonumber(p), tonumber(c), tonumber(cached), 1, tonumber(cost)}
+  local i = 0
+  for v in string.gmatch(t[4] or '', '%d+') do
+    i = i + 1
+    if add[i] then add[i] = add[i] + tonumber(v) end
+  end
+  usage = table.concat(add, '|')
+end
+if usage ~= '' then
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'result', ARGV[4], 'finished_at', ARGV[3],
-    'reported', token .. '|ok', 'u_prompt', p, 'u_completion', c, 'u_cached', cached,
-    'u_calls', 1, 'cost_n', cost)
+    'reported', token .. '|ok', 'usage', usage)
 else
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'result', ARGV[4], 'finished_at', ARGV[3],
     'reported', token .. '|ok')
-  if p then
-    redis.call('HINCRBY', KEYS[1], 'u_prompt', p)
-    redis.call('HINCRBY', KEYS[1], 'u_completion', c)
-    redis.call('HINCRBY', KEYS[1], 'u_cached', cached)
-    redis.call('HINCRBY', KEYS[1], 'u_calls', 1)
-    redis.call('HINCRBY', KEYS[1], 'cost_n', cost)
-  end
 end
 redis.call('HDEL', KEYS[1], 'error', 'token')
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))

@@ -114,8 +114,8 @@ pub struct MemoryAppend<'a> {
     pub ttl: Duration,
 }
 
-/// One LLM call's usage, added to its task's counters (`u_prompt`, `u_completion`, `u_cached`,
-/// `u_calls`, `cost_n`).
+/// One LLM call's usage, added to its task's counters (the record's `usage` field,
+/// `prompt|completion|cached|calls|cost nano-dollars`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UsageAdd {
     pub prompt: u64,
@@ -563,7 +563,7 @@ impl Broker {
     /// that lost the task was still spent.
     pub async fn add_usage(&self, keys: &Keys, id: &str, u: &UsageAdd) -> RedisResult<()> {
         let mut conn = self.redis.conn().await?;
-        let _: Vec<i64> = SCRIPTS
+        let _: Option<String> = SCRIPTS
             .usage
             .key(keys.task_raw(id))
             .arg(u.prompt)
@@ -578,14 +578,13 @@ impl Broker {
     /// A task's usage so far: (prompt + completion tokens, cost in nano-dollars).
     pub async fn task_usage(&self, keys: &Keys, id: &str) -> RedisResult<(u64, i64)> {
         let mut conn = self.redis.conn().await?;
-        let (p, c, n): (Option<u64>, Option<u64>, Option<i64>) = redis::cmd("HMGET")
+        let raw: Option<String> = redis::cmd("HGET")
             .arg(keys.task_raw(id))
-            .arg(crate::task::usage_fields::PROMPT)
-            .arg(crate::task::usage_fields::COMPLETION)
-            .arg(crate::task::usage_fields::COST)
+            .arg(crate::task::USAGE_FIELD)
             .query_async(&mut conn)
             .await?;
-        Ok((p.unwrap_or(0) + c.unwrap_or(0), n.unwrap_or(0)))
+        let (u, cost) = crate::task::parse_usage(raw.as_deref().unwrap_or(""));
+        Ok((u.total_tokens, cost))
     }
 
     /// Refreshes this worker's heartbeat and registration.
