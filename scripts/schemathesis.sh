@@ -93,7 +93,7 @@ curl -fsS "$BASE/healthz" >/dev/null || { log "agentq-api did not start"; exit 1
 # KeyError as a Runtime Error, one run in two. One thread takes ~11 s here, no slower in practice.
 cd "$WORK" # schemathesis keeps a cache in ./.schemathesis; keep it out of the repo
 log "schemathesis $ST_VERSION against $BASE/openapi.json (max $MAX_EXAMPLES examples per operation)"
-"$VENV/bin/schemathesis" run "$BASE/openapi.json" \
+"$VENV/bin/schemathesis" --config-file "$ROOT/scripts/schemathesis.toml" run "$BASE/openapi.json" \
     --checks all \
     --exclude-checks use_after_free \
     --max-examples "$MAX_EXAMPLES" \

@@ -9,6 +9,7 @@ mod budgets;
 pub mod error;
 mod promote;
 mod routes;
+mod tools;
 mod upstreams;
 
 use std::collections::HashSet;

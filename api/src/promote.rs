@@ -2,6 +2,7 @@
 //! limiter parked whose turn came), not only the workers: with `minReplicaCount: 0` there is no
 //! worker to do it, and KEDA only wakes the fleet for work it sees in `pending`. It is a backstop:
 //! it moves only work overdue by a second, which running workers have always moved already.
+//! It also fails tasks whose client tool outputs did not come within their `tool_timeout_secs`.
 
 use std::time::Duration;
 
@@ -27,6 +28,21 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             if let Err(e) = state.broker.promote_due_by(&keys, BATCH, LAG).await {
                 tracing::debug!(error = %e, queue = %q, "promote failed; next round retries");
                 break;
+            }
+            // tasks whose client tool outputs are overdue fail here, with or without workers
+            match state
+                .broker
+                .expire_tool_waits(&keys, state.config.common.result_ttl, BATCH)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(queue = %q, tasks = n, "tool outputs overdue: tasks failed")
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, queue = %q, "tool timeout sweep failed; next round retries");
+                    break;
+                }
             }
         }
     }

@@ -61,6 +61,10 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/tasks", post(create_task))
         .route("/v1/tasks/{id}", get(get_task).delete(cancel_task))
+        .route(
+            "/v1/tasks/{id}/tool_outputs",
+            post(crate::tools::submit_tool_outputs),
+        )
         .route("/v1/queues/{queue}", get(queue_stats))
         .route("/v1/queues/{queue}/dead", get(list_dead))
         .route("/v1/queues/{queue}/dead/redrive", post(redrive_dead))
@@ -225,6 +229,10 @@ async fn create_task(
         .map_err(|e| ApiError::invalid(e.field, e.message))?;
     task.check_models(&state.config.upstreams)
         .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    task.check_steps(state.config.max_steps_cap)
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    task.check_mcp(&state.config.mcp)
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
     if !state.config.declares(&task.queue) {
         return Err(undeclared(&task.queue));
     }
@@ -290,16 +298,39 @@ fn undeclared(queue: &str) -> ApiError {
     )
 }
 
-fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
+pub(crate) fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
     TaskId::parse(raw).map_err(|_| ApiError::not_found("task"))
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) struct GetTaskQuery {
+    include: Option<String>,
 }
 
 async fn get_task(
     State(state): State<AppState>,
     Path(raw): Path<String>,
+    query: Result<Query<GetTaskQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    match deadline(state.broker.get(&id)).await? {
+    let steps = match query {
+        Ok(Query(GetTaskQuery { include: None })) => false,
+        Ok(Query(GetTaskQuery {
+            include: Some(ref i),
+        })) if i == "steps" => true,
+        _ => {
+            return Err(ApiError::invalid(
+                "include",
+                "the only value is \"steps\" (the transcript of the task's steps)",
+            ))
+        }
+    };
+    let view = if steps {
+        deadline(state.broker.get_with_steps(&id)).await?
+    } else {
+        deadline(state.broker.get(&id)).await?
+    };
+    match view {
         Some(view) => Ok(Json(view).into_response()),
         None => Err(ApiError::not_found("task")),
     }

@@ -32,6 +32,10 @@ pub const ENV_MAX_RATE_LIMITED: &str = "AGENTQ_MAX_RATE_LIMITED";
 pub const ENV_RETRY_BASE_MS: &str = "AGENTQ_RETRY_BASE_MS";
 pub const ENV_RETRY_MAX_MS: &str = "AGENTQ_RETRY_MAX_MS";
 pub const ENV_MEMORY_MESSAGES: &str = "AGENTQ_MEMORY_MESSAGES";
+pub const ENV_MCP_TIMEOUT_SECS: &str = "AGENTQ_MCP_TIMEOUT_SECS";
+pub const ENV_MCP_MAX_RESULT_BYTES: &str = "AGENTQ_MCP_MAX_RESULT_BYTES";
+/// The most `max_steps` a task may ask for (model calls of one task's tool loop).
+pub const ENV_MAX_STEPS_CAP: &str = "AGENTQ_MAX_STEPS_CAP";
 pub const ENV_MEMORY_TTL_SECS: &str = "AGENTQ_MEMORY_TTL_SECS";
 pub const ENV_PRICES: &str = "AGENTQ_PRICES";
 pub const ENV_FETCH_BATCH: &str = "AGENTQ_FETCH_BATCH";
@@ -61,6 +65,9 @@ pub const DEFAULT_MAX_RATE_LIMITED: u32 = 20;
 pub const DEFAULT_RETRY_BASE_MS: u64 = 1_000;
 pub const DEFAULT_RETRY_MAX_MS: u64 = 300_000;
 pub const DEFAULT_MEMORY_MESSAGES: usize = 10;
+pub const DEFAULT_MAX_STEPS_CAP: u32 = 32;
+pub const DEFAULT_MCP_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_MCP_MAX_RESULT_BYTES: usize = 16 * 1024;
 pub const DEFAULT_MEMORY_TTL_SECS: u64 = 3_600;
 pub const DEFAULT_FETCH_BATCH: usize = 32;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
@@ -237,6 +244,10 @@ pub struct ApiConfig {
     pub queues: Vec<String>,
     /// Which models exist (`AGENTQ_UPSTREAMS`); the api refuses a model nobody serves.
     pub upstreams: std::sync::Arc<crate::flow::Upstreams>,
+    /// The most `max_steps` a task may ask for (`AGENTQ_MAX_STEPS_CAP`).
+    pub max_steps_cap: u32,
+    /// The MCP servers tasks may enable (`AGENTQ_MCP_SERVERS`; names only, no headers).
+    pub mcp: crate::mcp::McpServers,
 }
 
 impl ApiConfig {
@@ -276,11 +287,20 @@ impl ApiConfig {
             &string(env, ENV_MODEL, DEFAULT_MODEL),
             false,
         )?;
+        let max_steps_cap = ranged(
+            env,
+            ENV_MAX_STEPS_CAP,
+            DEFAULT_MAX_STEPS_CAP as usize,
+            1,
+            crate::task::MAX_STEPS_LIMIT as usize,
+        )? as u32;
         Ok(Self {
             common,
             default_queue,
             queues,
             upstreams: std::sync::Arc::new(upstreams),
+            max_steps_cap,
+            mcp: crate::mcp::McpServers::from_env(env, false)?,
         })
     }
 
@@ -360,6 +380,12 @@ pub struct WorkerConfig {
     /// `AGENTQ_LIMITER_GRANTS` (1, default, or 0): whether a worker takes grants of the fleet's
     /// limits for routes it calls many times a moment, instead of one script per call.
     pub limiter_grants: bool,
+    /// `AGENTQ_MCP_SERVERS`, headers resolved.
+    pub mcp: crate::mcp::McpServers,
+    /// `AGENTQ_MCP_TIMEOUT_SECS`: the longest one MCP tool call (or tool listing) may take.
+    pub mcp_timeout: Duration,
+    /// `AGENTQ_MCP_MAX_RESULT_BYTES`: the most of a tool result the model is given.
+    pub mcp_max_result_bytes: usize,
 }
 
 impl WorkerConfig {
@@ -480,6 +506,21 @@ impl WorkerConfig {
             )?,
             max_tokens: ranged(env, ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS, 0, 10_000_000)?,
             max_tokens_param,
+            mcp: crate::mcp::McpServers::from_env(env, true)?,
+            mcp_timeout: Duration::from_secs(ranged(
+                env,
+                ENV_MCP_TIMEOUT_SECS,
+                DEFAULT_MCP_TIMEOUT_SECS,
+                1,
+                3600,
+            )?),
+            mcp_max_result_bytes: ranged(
+                env,
+                ENV_MCP_MAX_RESULT_BYTES,
+                DEFAULT_MCP_MAX_RESULT_BYTES,
+                256,
+                4 << 20,
+            )?,
         })
     }
 }

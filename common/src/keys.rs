@@ -155,6 +155,13 @@ impl Keys {
         format!("{}:throttled", self.base)
     }
 
+    /// ZSET of task ids waiting for a client's tool outputs (status `requires_action`; score =
+    /// when the outputs are due, in ms): outside `pending` and `active`, so they hold no worker
+    /// and KEDA does not count them.
+    pub fn waiting(&self) -> String {
+        format!("{}:waiting", self.base)
+    }
+
     /// LIST of an agent's recent messages (JSON), newest last.
     pub fn memory(&self, agent_id: &str) -> String {
         format!("{}:memory:{agent_id}", self.base)
@@ -201,6 +208,7 @@ mod tests {
         assert_eq!(k.inflight("w1"), "agentq:{default}:inflight:w1");
         assert_eq!(k.memory("a"), "agentq:{default}:memory:a");
         assert_eq!(k.throttled(), "agentq:{default}:throttled");
+        assert_eq!(k.waiting(), "agentq:{default}:waiting");
         assert_eq!(
             limiter_upstream("agentq", "openai"),
             "agentq:limiter:{openai}"

@@ -5,15 +5,18 @@
 //!   `src/queue/`) or one pipeline.
 //! - [`flow`]: upstreams (which server serves a model) and the fleet-wide rate limiter.
 //! - [`task`]: what clients submit, what Redis stores, what the API shows.
+//! - [`chat`]: the chat-completions request a task carries (messages, tools, parameters).
 //! - [`config`]: environment variables, parsed once; bad values exit 64.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`backoff`]: shared plumbing.
 //!
 //! See docs/architecture.md for the task lifecycle and the guarantees under failure.
 
 pub mod backoff;
+pub mod chat;
 pub mod config;
 pub mod flow;
 pub mod keys;
+pub mod mcp;
 pub mod metrics;
 pub mod queue;
 pub mod redis_conn;

@@ -195,6 +195,9 @@ pub struct WorkerMetrics {
     /// agentq_limiter_granted_total{upstream,model}: of those, calls admitted from this worker's
     /// grant (a share of the limits taken for a route it calls many times a moment)
     pub limiter_granted: IntCounterVec,
+    /// agentq_mcp_calls_total{server,outcome}: MCP tool calls (outcome ok or error); `server` is
+    /// a name the operator declared, so the label stays bounded
+    pub mcp_calls: IntCounterVec,
     /// agentq_limiter_throttled_total{upstream,model,reason}: calls it held back (rpm, tpm,
     /// concurrency, blocked, too_large)
     pub limiter_throttled: IntCounterVec,
@@ -307,6 +310,12 @@ impl WorkerMetrics {
                 "LLM calls admitted from this worker's grant of the fleet's limits (part of agentq_limiter_admitted_total).",
                 &["upstream", "model"],
             ),
+            mcp_calls: counter_vec(
+                &r,
+                "agentq_mcp_calls_total",
+                "MCP tool calls the worker made, by declared server and outcome (ok, error).",
+                &["server", "outcome"],
+            ),
             limiter_throttled: counter_vec(
                 &r,
                 "agentq_limiter_throttled_total",
@@ -371,6 +380,7 @@ mod tests {
         w.llm_cost.with_label_values(&["m"]).inc_by(0.5);
         w.limiter_admitted.with_label_values(&["u", "m"]).inc();
         w.limiter_granted.with_label_values(&["u", "m"]).inc();
+        w.mcp_calls.with_label_values(&["s", "ok"]).inc();
         w.limiter_throttled
             .with_label_values(&["u", "m", "rpm"])
             .inc();

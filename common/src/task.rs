@@ -14,21 +14,21 @@ pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 pub const MAX_NAME_LEN: usize = 128;
 /// Most models a task may fall back to after its own.
 pub const MAX_FALLBACK_MODELS: usize = 4;
+/// Model calls of one task's tool loop when the task does not say.
+pub const DEFAULT_MAX_STEPS: u32 = 8;
+/// The highest `AGENTQ_MAX_STEPS_CAP` may go.
+pub const MAX_STEPS_LIMIT: u32 = 1000;
+/// How long a task waits for client tool outputs when it does not say (1 h).
+pub const DEFAULT_TOOL_TIMEOUT_SECS: u32 = 3600;
+/// The longest a task may wait for client tool outputs (7 days).
+pub const MAX_TOOL_TIMEOUT_SECS: u32 = 7 * 24 * 3600;
+/// The prefix of a task's `error` when its tool outputs never came; `error_code` `tool_timeout`.
+pub const TOOL_TIMEOUT: &str = "tool_timeout";
+/// The prefix of a task's `error` when its model still wanted tools at `max_steps`.
+pub const MAX_STEPS: &str = "max_steps";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Message {
-    pub role: Role,
-    pub content: String,
-}
+use crate::chat::{ChatParams, ResponseFormat, Stop, Tool, ToolChoice};
+pub use crate::chat::{Message, Role};
 
 /// The body of `POST /v1/tasks`. Unknown fields are refused so typos do not pass silently.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -51,6 +51,29 @@ pub struct CreateTask {
     pub max_total_tokens: Option<u32>,
     /// What a call refused by a budget does: `fail` (default) or `wait`.
     pub on_budget: Option<OnBudget>,
+    // The chat-completions parameters, passed through to every model call of the task.
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "whole_number")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "whole_number")]
+    pub max_completion_tokens: Option<u32>,
+    pub stop: Option<Stop>,
+    #[serde(default, deserialize_with = "whole_i64")]
+    pub seed: Option<i64>,
+    pub response_format: Option<ResponseFormat>,
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+    pub user: Option<String>,
+    /// Most model calls of the task's tool loop (default 8, at most `AGENTQ_MAX_STEPS_CAP`).
+    #[serde(default, deserialize_with = "whole_number")]
+    pub max_steps: Option<u32>,
+    /// How long the task waits for client tool outputs before it fails (default 1 h).
+    #[serde(default, deserialize_with = "whole_number")]
+    pub tool_timeout_secs: Option<u32>,
+    /// MCP servers (declared in `AGENTQ_MCP_SERVERS`) whose tools the model is offered.
+    pub mcp: Option<Vec<crate::mcp::McpUse>>,
 }
 
 /// What a task does when a budget refuses its call.
@@ -92,6 +115,21 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D
         })
 }
 
+/// A JSON integer (`seed`), `3.0` included, within i64.
+fn whole_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    n.as_i64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (-9.2e18..=9.2e18).contains(f))
+                .map(|f| f as i64)
+        })
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("expected a whole number, got {n}")))
+}
+
 /// A client mistake, naming the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -127,6 +165,32 @@ pub struct Payload {
     pub max_total_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "is_fail")]
     pub on_budget: OnBudget,
+    /// The chat-completions parameters sent with each model call.
+    #[serde(default, skip_serializing_if = "ChatParams::is_empty")]
+    pub params: ChatParams,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_timeout_secs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mcp: Vec<crate::mcp::McpUse>,
+}
+
+impl Payload {
+    /// Whether the task runs a tool loop: it declared tools, or enabled MCP servers.
+    pub fn uses_tools(&self) -> bool {
+        self.params.tools.is_some() || !self.mcp.is_empty()
+    }
+
+    pub fn max_steps(&self) -> u32 {
+        self.max_steps.unwrap_or(DEFAULT_MAX_STEPS)
+    }
+
+    pub fn tool_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(
+            self.tool_timeout_secs.unwrap_or(DEFAULT_TOOL_TIMEOUT_SECS),
+        ))
+    }
 }
 
 fn is_fail(o: &OnBudget) -> bool {
@@ -134,6 +198,22 @@ fn is_fail(o: &OnBudget) -> bool {
 }
 
 impl NewTask {
+    /// Checks the task's `mcp` servers against the declared ones (`AGENTQ_MCP_SERVERS`).
+    pub fn check_mcp(&self, declared: &crate::mcp::McpServers) -> Result<(), FieldError> {
+        crate::mcp::validate_uses(&self.payload.mcp, declared)
+    }
+
+    /// Checks `max_steps` against the operator's cap (`AGENTQ_MAX_STEPS_CAP`).
+    pub fn check_steps(&self, cap: u32) -> Result<(), FieldError> {
+        match self.payload.max_steps {
+            Some(n) if n > cap => Err(FieldError::new(
+                "max_steps",
+                format!("must be between 1 and {cap} (AGENTQ_MAX_STEPS_CAP)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks that every model the task names is served (`AGENTQ_UPSTREAMS`); the implicit
     /// upstream serves any. A task that could never run is refused now, not dead-lettered later.
     pub fn check_models(&self, upstreams: &crate::flow::Upstreams) -> Result<(), FieldError> {
@@ -198,10 +278,7 @@ impl CreateTask {
                 if prompt.trim().is_empty() {
                     return Err(FieldError::new("prompt", "must not be empty"));
                 }
-                vec![Message {
-                    role: Role::User,
-                    content: prompt,
-                }]
+                vec![Message::user(prompt)]
             }
             (None, Some(messages)) => {
                 if messages.is_empty() {
@@ -216,12 +293,7 @@ impl CreateTask {
                         format!("at most {MAX_MESSAGES} messages"),
                     ));
                 }
-                if let Some(i) = messages.iter().position(|m| m.content.trim().is_empty()) {
-                    return Err(FieldError::new(
-                        &format!("messages[{i}].content"),
-                        "must not be empty",
-                    ));
-                }
+                crate::chat::validate_messages(&messages)?;
                 if !messages.iter().any(|m| m.role == Role::User) {
                     return Err(FieldError::new(
                         "messages",
@@ -303,6 +375,37 @@ impl CreateTask {
         if self.max_total_tokens == Some(0) {
             return Err(FieldError::new("max_total_tokens", "must be at least 1"));
         }
+        let params = ChatParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_tokens: self.max_tokens,
+            max_completion_tokens: self.max_completion_tokens,
+            stop: self.stop,
+            seed: self.seed,
+            response_format: self.response_format,
+            tools: self.tools,
+            tool_choice: self.tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls,
+            user: self.user,
+        };
+        let mcp = self.mcp.unwrap_or_default();
+        params.validate(&mcp)?;
+        if let Some(n) = self.max_steps {
+            if !(1..=MAX_STEPS_LIMIT).contains(&n) {
+                return Err(FieldError::new(
+                    "max_steps",
+                    format!("must be between 1 and {MAX_STEPS_LIMIT}"),
+                ));
+            }
+        }
+        if let Some(n) = self.tool_timeout_secs {
+            if !(1..=MAX_TOOL_TIMEOUT_SECS).contains(&n) {
+                return Err(FieldError::new(
+                    "tool_timeout_secs",
+                    format!("must be between 1 and {MAX_TOOL_TIMEOUT_SECS}"),
+                ));
+            }
+        }
         Ok(NewTask {
             queue,
             max_attempts,
@@ -315,6 +418,10 @@ impl CreateTask {
                 max_cost_usd: self.max_cost_usd,
                 max_total_tokens: self.max_total_tokens,
                 on_budget: self.on_budget.unwrap_or_default(),
+                params,
+                max_steps: self.max_steps,
+                tool_timeout_secs: self.tool_timeout_secs,
+                mcp,
             },
         })
     }
@@ -326,6 +433,8 @@ pub enum Status {
     Queued,
     Running,
     Retrying,
+    /// Waiting for the client's tool outputs (`POST /v1/tasks/{id}/tool_outputs`).
+    RequiresAction,
     Succeeded,
     Failed,
     Cancelled,
@@ -337,6 +446,7 @@ impl Status {
             "queued" => Self::Queued,
             "running" => Self::Running,
             "retrying" => Self::Retrying,
+            "requires_action" => Self::RequiresAction,
             "succeeded" => Self::Succeeded,
             "failed" => Self::Failed,
             "cancelled" => Self::Cancelled,
@@ -349,6 +459,7 @@ impl Status {
             Self::Queued => "queued",
             Self::Running => "running",
             Self::Retrying => "retrying",
+            Self::RequiresAction => "requires_action",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
@@ -475,9 +586,84 @@ pub struct TaskView {
     pub agent_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Map<String, Value>>,
+    /// Model replies the task recorded: each tool round, and the final answer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub steps: u32,
+    /// With status `requires_action`: the tool calls the client must answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_action: Option<RequiredAction>,
+    /// With `?include=steps`: the messages of every step, oldest first (tool calls, tool results,
+    /// the final answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcript: Option<Vec<Message>>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// What a `requires_action` task waits for (the shape of OpenAI's Assistants runs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequiredAction {
+    /// Always `submit_tool_outputs`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub submit_tool_outputs: SubmitToolOutputs,
+    /// When the task fails if the outputs have not come (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitToolOutputs {
+    pub tool_calls: Vec<crate::chat::ToolCall>,
+}
+
+/// The `error_code` of a task's error, from its prefix.
+fn error_code(error: &str) -> Option<String> {
+    [BUDGET_EXCEEDED, TOOL_TIMEOUT, MAX_STEPS]
+        .into_iter()
+        .find(|code| {
+            error
+                .strip_prefix(code)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })
+        .map(str::to_owned)
 }
 
 impl TaskView {
+    /// The messages of the task's steps: its transcript, then the final answer when it succeeded.
+    pub fn with_transcript(mut self, h: &HashMap<String, String>) -> Self {
+        let mut messages: Vec<Message> = h
+            .get(crate::queue::TRANSCRIPT_FIELD)
+            .map(|t| {
+                t.lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(r) = self
+            .result
+            .as_ref()
+            .filter(|_| self.status == Status::Succeeded)
+        {
+            let tool_calls = r
+                .tool_calls
+                .as_ref()
+                .and_then(crate::chat::tool_calls_from_wire);
+            if !r.content.is_empty() || tool_calls.is_some() {
+                messages.push(Message {
+                    content: (!r.content.is_empty())
+                        .then(|| crate::chat::Content::Text(r.content.clone())),
+                    tool_calls,
+                    ..Message::text(Role::Assistant, "")
+                });
+            }
+        }
+        self.transcript = Some(messages);
+        self
+    }
+
     /// Builds the view from the task hash (HGETALL). Fields that do not parse are shown as absent
     /// rather than failing the read: a half-broken record must still be inspectable.
     pub fn from_hash(id: &TaskId, h: &HashMap<String, String>) -> Self {
@@ -500,10 +686,7 @@ impl TaskView {
             finished_at: ts("finished_at"),
             result: h.get("result").and_then(|r| serde_json::from_str(r).ok()),
             error: h.get("error").filter(|e| !e.is_empty()).cloned(),
-            error_code: h
-                .get("error")
-                .filter(|e| e.starts_with(&format!("{BUDGET_EXCEEDED}:")))
-                .map(|_| BUDGET_EXCEEDED.to_owned()),
+            error_code: h.get("error").and_then(|e| error_code(e)),
             usage: h
                 .get(USAGE_FIELD)
                 .map(|raw| parse_usage(raw).0)
@@ -515,6 +698,19 @@ impl TaskView {
                 .map(|(_, n)| n as f64 / 1e9),
             agent_id: payload.as_ref().and_then(|p| p.agent_id.clone()),
             metadata: payload.and_then(|p| p.metadata),
+            steps: num("steps")
+                + u32::from(h.get("status").map(String::as_str) == Some("succeeded")),
+            required_action: h
+                .get(crate::queue::PENDING_FIELD)
+                .filter(|_| h.get("status").map(String::as_str) == Some("requires_action"))
+                .map(|p| RequiredAction {
+                    kind: "submit_tool_outputs".to_owned(),
+                    submit_tool_outputs: SubmitToolOutputs {
+                        tool_calls: serde_json::from_str(p).unwrap_or_default(),
+                    },
+                    expires_at: ts("waiting_until"),
+                }),
+            transcript: None,
         }
     }
 }
@@ -573,13 +769,7 @@ mod tests {
         let t = create(serde_json::json!({"prompt": "hi"})).expect("valid");
         assert_eq!(t.queue, "default");
         assert_eq!(t.max_attempts, 5);
-        assert_eq!(
-            t.payload.messages,
-            vec![Message {
-                role: Role::User,
-                content: "hi".into()
-            }]
-        );
+        assert_eq!(t.payload.messages, vec![Message::user("hi")]);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 pub mod aimock;
 pub mod litellm;
+pub mod mcp;
 
 pub use agentq_mock_llm::{MockConfig, MockLlm};
 

@@ -59,11 +59,21 @@ impl Worker {
         } else {
             (0, 0)
         };
-        let output = if self.cfg.max_tokens > 0 {
-            self.cfg.max_tokens
-        } else {
-            self.cfg.limiter_output_tokens
-        };
+        // the most a call can write: the task's own cap, else the operator's, else the
+        // limiter's assumption for uncapped calls
+        let output = payload
+            .params
+            .output_cap()
+            .unwrap_or(if self.cfg.max_tokens > 0 {
+                self.cfg.max_tokens
+            } else {
+                self.cfg.limiter_output_tokens
+            });
+        // tool definitions are part of the prompt the model reads
+        let tools_tokens = payload.params.tools.as_ref().map_or(0, |t| {
+            serde_json::to_vec(t).map_or(0, |b| (b.len() as u64).div_ceil(3))
+        });
+        let output_and_tools = u64::from(output) + tools_tokens;
         let mut fallbacks: Vec<Fallback> = Vec::new();
         let mut eligible: Option<i64> = None;
         let mut failure: Option<LlmFailure> = None;
@@ -90,12 +100,12 @@ impl Worker {
             // tpm limit is configured, and only for a call Redis decides (one admitted from a
             // grant is far from every limit: its estimate only sizes what is settled after).
             let exact = tpm_configured(&route);
-            let quick = tokens::prompt_tokens(model, messages, false) + u64::from(output);
+            let quick = tokens::prompt_tokens(model, messages, false) + output_and_tools;
             let estimate = Estimate {
                 quick,
                 exact: || {
                     if exact {
-                        tokens::prompt_tokens(model, messages, true) + u64::from(output)
+                        tokens::prompt_tokens(model, messages, true) + output_and_tools
                     } else {
                         quick
                     }
@@ -257,8 +267,7 @@ impl Worker {
                         .inc();
                     fallbacks.push(skipped(model, up, "too_large"));
                     // rare: counted again for the message
-                    let estimate =
-                        tokens::prompt_tokens(model, messages, exact) + u64::from(output);
+                    let estimate = tokens::prompt_tokens(model, messages, exact) + output_and_tools;
                     failure.get_or_insert(LlmFailure::Permanent {
                         outcome: "too_large",
                         message: format!(
@@ -289,7 +298,7 @@ impl Worker {
                 .limiter_tokens_reserved
                 .with_label_values(&[up, label])
                 .inc_by(reservation.tokens);
-            let call = llm.chat(model, messages).await;
+            let call = llm.chat(model, messages, &payload.params).await;
             self.settle(&route, label, &reservation, &call).await;
             let usage = self.charge(&charge_base, Some(&call), true).await;
             if usage.is_some() && call.result.is_err() {

@@ -19,6 +19,7 @@ mod llm;
 mod maintenance;
 mod probe;
 mod run;
+mod tools;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -60,6 +61,8 @@ struct Worker {
     limiter: agentq_common::flow::Limiter,
     /// Budgets and the scopes that have one (`budget.rs`).
     budget: budget::BudgetState,
+    /// The declared MCP servers' sessions and tool lists (`tools/mcp.rs`).
+    mcp: tools::mcp::McpHub,
     /// Limits this process already told the limiter it learned, by (upstream, model): a reply's
     /// headers repeat them, Redis needs to hear each change once.
     learned: Mutex<HashMap<(String, String), Learned>>,
@@ -152,6 +155,11 @@ pub async fn run(
         llms,
         limiter,
         budget: budget::BudgetState::new(budgets),
+        mcp: tools::mcp::McpHub::new(
+            config.mcp.clone(),
+            config.mcp_timeout,
+            config.mcp_max_result_bytes,
+        ),
         learned: Mutex::new(HashMap::new()),
         metrics,
         permits: Arc::new(Semaphore::new(config.concurrency)),

@@ -31,6 +31,16 @@ enum Outcome {
     /// The flow limiter could not admit a call on any of the task's models: park the task until
     /// this time (ms), attempt uncounted.
     Throttled(i64),
+    /// The model asked for client-side tools: record the step and wait for the client's outputs
+    /// (`requires_action`), holding no slot.
+    Suspend {
+        /// The step's messages (the assistant's reply with its calls), JSON each.
+        messages: Vec<String>,
+        /// The calls the client must answer (JSON array).
+        pending: String,
+        due_ms: i64,
+        usage: Option<agentq_common::queue::UsageAdd>,
+    },
 }
 
 /// Keeps `agentq_active_tasks` true even when a run is dropped or panics.
@@ -47,6 +57,12 @@ impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
         self.0.active.dec();
     }
+}
+
+/// When a task's tool outputs are due, from now.
+fn due(payload: &Payload) -> i64 {
+    let timeout = i64::try_from(payload.tool_timeout().as_millis()).unwrap_or(i64::MAX);
+    agentq_common::time::now_ms().saturating_add(timeout)
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -148,42 +164,271 @@ impl Worker {
             },
             None => Vec::new(),
         };
-        let mut messages: Vec<Message> = history
-            .iter()
-            .filter_map(|m| serde_json::from_str(m).ok())
-            .collect();
+        // whole exchanges only: trimming may have cut a tool-call group in two
+        let mut messages: Vec<Message> = agentq_common::chat::repair_history(
+            history
+                .iter()
+                .filter_map(|m| serde_json::from_str(m).ok())
+                .collect(),
+        );
         messages.extend(payload.messages.iter().cloned());
-
-        match self
-            .call_with_flow(task, &models, &messages, &payload)
-            .await
-        {
-            crate::flow::Flow::Throttled(at) => Outcome::Throttled(at),
-            crate::flow::Flow::Answered(result, usage) => {
-                let result_json = serde_json::to_string(&result).unwrap_or_default();
-                let mut exchange = Vec::new();
-                if payload.agent_id.is_some() && self.cfg.memory_messages > 0 {
-                    exchange.extend(
-                        payload
-                            .messages
-                            .iter()
-                            .filter(|m| m.role != Role::System)
-                            .filter_map(|m| serde_json::to_string(m).ok()),
-                    );
-                    let reply = Message {
-                        role: Role::Assistant,
-                        content: result.content,
-                    };
-                    exchange.extend(serde_json::to_string(&reply).ok());
-                }
-                Outcome::Success {
-                    result_json,
-                    agent_id: payload.agent_id,
-                    exchange,
-                    usage,
+        // A task with tools may be a conversation under way: the steps recorded so far (tool
+        // calls and their results) continue it, and no call already recorded is made again.
+        let tool_task = payload.uses_tools();
+        let mut transcript: Vec<Message> = if tool_task {
+            match self.broker.transcript(&self.keys, &task.id).await {
+                Ok(lines) => lines
+                    .iter()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect(),
+                Err(e) => {
+                    return Outcome::Failure(LlmFailure::Transient {
+                        outcome: "memory",
+                        message: format!("task transcript unavailable: {e}"),
+                    })
                 }
             }
-            crate::flow::Flow::Failed(failure) => Outcome::Failure(failure),
+        } else {
+            Vec::new()
+        };
+        // A step still waiting for the client's results (a task redriven after its tool outputs
+        // timed out): wait for them again rather than call the model with a split conversation.
+        let open = agentq_common::chat::unanswered_calls(&transcript);
+        if !open.is_empty() {
+            return Outcome::Suspend {
+                messages: Vec::new(),
+                pending: serde_json::to_string(&open).unwrap_or_else(|_| "[]".to_owned()),
+                due_ms: due(&payload),
+                usage: None,
+            };
+        }
+        // The MCP tools the task enabled, offered beside its own.
+        let mcp_tools = if payload.mcp.is_empty() {
+            Vec::new()
+        } else {
+            match self.mcp.tools_for(&payload.mcp).await {
+                Ok(t) => t,
+                Err(message) => {
+                    return Outcome::Failure(LlmFailure::Transient {
+                        outcome: "mcp",
+                        message,
+                    })
+                }
+            }
+        };
+        let offered: std::borrow::Cow<'_, Payload> = if mcp_tools.is_empty() {
+            std::borrow::Cow::Borrowed(&payload)
+        } else {
+            let mut p = payload.clone();
+            p.params
+                .tools
+                .get_or_insert_with(Vec::new)
+                .extend(mcp_tools.iter().map(|t| t.function.clone()));
+            std::borrow::Cow::Owned(p)
+        };
+        messages.extend(transcript.iter().cloned());
+        let mut steps_done = transcript
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count() as u32;
+
+        loop {
+            let (result, usage) = match self
+                .call_with_flow(task, &models, &messages, &offered)
+                .await
+            {
+                crate::flow::Flow::Throttled(at) => return Outcome::Throttled(at),
+                crate::flow::Flow::Failed(failure) => return Outcome::Failure(failure),
+                crate::flow::Flow::Answered(result, usage) => (result, usage),
+            };
+            let calls = if tool_task {
+                result
+                    .tool_calls
+                    .as_ref()
+                    .and_then(agentq_common::chat::tool_calls_from_wire)
+            } else {
+                None
+            };
+            let Some(calls) = calls else {
+                return self.answered(&payload, &transcript, result, usage);
+            };
+            let max = payload.max_steps();
+            if steps_done + 1 >= max {
+                // the reply was paid for, though it ends the task: no client should run tools
+                // whose results no model call would read
+                self.add_task_usage(&task.id, usage.as_ref()).await;
+                return Outcome::Failure(LlmFailure::Permanent {
+                    outcome: "max_steps",
+                    message: format!(
+                        "{}: the model still asked for tools at step {} of max_steps {max}",
+                        agentq_common::task::MAX_STEPS,
+                        steps_done + 1
+                    ),
+                });
+            }
+            // The task's own tools are the client's to run; every other call is answered here:
+            // by its MCP server, or as an unknown tool.
+            let is_client = |name: &str| {
+                payload
+                    .params
+                    .tools
+                    .iter()
+                    .flatten()
+                    .any(|t| t.function.name == name)
+            };
+            let client: Vec<agentq_common::chat::ToolCall> = calls
+                .iter()
+                .filter(|c| is_client(&c.function.name))
+                .cloned()
+                .collect();
+            let server_results = futures::future::join_all(
+                calls
+                    .iter()
+                    .filter(|c| !is_client(&c.function.name))
+                    .map(|c| self.run_server_tool(&mcp_tools, c)),
+            )
+            .await;
+            let mut step = vec![Message {
+                content: (!result.content.is_empty())
+                    .then(|| agentq_common::chat::Content::Text(result.content.clone())),
+                tool_calls: Some(calls),
+                ..Message::text(Role::Assistant, "")
+            }];
+            step.extend(server_results);
+            let step_json: Vec<String> = step
+                .iter()
+                .filter_map(|m| serde_json::to_string(m).ok())
+                .collect();
+            if !client.is_empty() {
+                return Outcome::Suspend {
+                    messages: step_json,
+                    pending: serde_json::to_string(&client).unwrap_or_else(|_| "[]".to_owned()),
+                    due_ms: due(&payload),
+                    usage,
+                };
+            }
+            match self
+                .broker
+                .step(
+                    &self.keys,
+                    &task.id,
+                    &task.token,
+                    &step_json,
+                    usage.as_ref(),
+                )
+                .await
+            {
+                Ok(v) if v == "ok" => {}
+                verdict => {
+                    // not recorded: the call was still paid for; the report that follows is
+                    // refused by the fence (or retried) and says what became of the task
+                    self.add_task_usage(&task.id, usage.as_ref()).await;
+                    let why = match verdict {
+                        Ok(v) => format!("the step was not recorded: {v}"),
+                        Err(e) => format!("the step could not be recorded: {e}"),
+                    };
+                    return Outcome::Failure(LlmFailure::Transient {
+                        outcome: "checkpoint",
+                        message: why,
+                    });
+                }
+            }
+            steps_done += 1;
+            messages.extend(step.iter().cloned());
+            transcript.extend(step);
+        }
+    }
+
+    /// One server-side tool call: its MCP server's answer, or an error the model reads.
+    async fn run_server_tool(
+        &self,
+        mcp_tools: &[crate::tools::mcp::McpTool],
+        call: &agentq_common::chat::ToolCall,
+    ) -> Message {
+        let text = match mcp_tools
+            .iter()
+            .find(|t| t.function.function.name == call.function.name)
+        {
+            Some(tool) => {
+                let started = Instant::now();
+                let text = self.mcp.call(tool, &call.function.arguments).await;
+                let outcome = if text.starts_with("error:") {
+                    "error"
+                } else {
+                    "ok"
+                };
+                self.metrics
+                    .mcp_calls
+                    .with_label_values(&[tool.server.as_str(), outcome])
+                    .inc();
+                tracing::debug!(
+                    server = %tool.server,
+                    tool = %tool.name,
+                    outcome,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "mcp tool call"
+                );
+                text
+            }
+            None => format!(
+                "error: there is no tool named {:?}; the tools offered are the only ones",
+                call.function.name
+            ),
+        };
+        Message {
+            role: Role::Tool,
+            content: Some(agentq_common::chat::Content::Text(if text.is_empty() {
+                "(no output)".to_owned()
+            } else {
+                text
+            })),
+            name: None,
+            tool_calls: None,
+            tool_call_id: Some(call.id.clone()),
+        }
+    }
+
+    /// The model's final answer: the result, and the exchange for the agent's memory (the
+    /// task's messages, every step, the answer).
+    fn answered(
+        &self,
+        payload: &Payload,
+        transcript: &[Message],
+        result: agentq_common::task::TaskResult,
+        usage: Option<agentq_common::queue::UsageAdd>,
+    ) -> Outcome {
+        let result_json = serde_json::to_string(&result).unwrap_or_default();
+        let mut exchange = Vec::new();
+        if payload.agent_id.is_some() && self.cfg.memory_messages > 0 {
+            exchange.extend(
+                payload
+                    .messages
+                    .iter()
+                    .chain(transcript.iter())
+                    .filter(|m| !matches!(m.role, Role::System | Role::Developer))
+                    .filter_map(|m| serde_json::to_string(m).ok()),
+            );
+            // the reply as the model gave it, tool calls included (a group whose results never
+            // come is dropped when the memory is read)
+            let tool_calls = result
+                .tool_calls
+                .as_ref()
+                .and_then(agentq_common::chat::tool_calls_from_wire);
+            if !result.content.is_empty() || tool_calls.is_some() {
+                let reply = Message {
+                    content: (!result.content.is_empty())
+                        .then_some(agentq_common::chat::Content::Text(result.content)),
+                    tool_calls,
+                    ..Message::text(Role::Assistant, "")
+                };
+                exchange.extend(serde_json::to_string(&reply).ok());
+            }
+        }
+        Outcome::Success {
+            result_json,
+            agent_id: payload.agent_id.clone(),
+            exchange,
+            usage,
         }
     }
 
@@ -257,6 +502,36 @@ impl Worker {
                 )
             }
             Outcome::GiveBack => (FailMode::GiveBack, Duration::ZERO, String::new(), "drain"),
+            Outcome::Suspend {
+                messages,
+                pending,
+                due_ms,
+                usage,
+            } => {
+                let step = agentq_common::queue::Suspend {
+                    messages,
+                    pending,
+                    due_ms: *due_ms,
+                    usage: usage.as_ref(),
+                };
+                let verdict = self
+                    .persist("suspend", hard, || {
+                        self.broker.suspend(&self.keys, &self.id, id, token, &step)
+                    })
+                    .await;
+                if verdict.as_deref().is_some_and(|v| v != "requires_action") {
+                    // not this run's write: its call was still paid for
+                    self.add_task_usage(id, usage.as_ref()).await;
+                }
+                let status = |v: &str| match v {
+                    "requires_action" => "requires_action",
+                    "cancelled" => "cancelled",
+                    "stale" => "fenced",
+                    _ => "duplicate",
+                };
+                self.finish(id, token, attempt, verdict, status, started);
+                return;
+            }
             Outcome::Throttled(at) => {
                 let at = *at;
                 let verdict = self

@@ -1,7 +1,7 @@
 -- Cancel a task that has not finished. It is taken off every list now, including its running
 -- owner's in-flight list; the run's token is cleared, so the owner's report writes nothing.
 -- KEYS[1] task hash, KEYS[2] pending list, KEYS[3] delayed zset, KEYS[4] active zset,
--- KEYS[5] throttled zset
+-- KEYS[5] throttled zset, KEYS[6] waiting zset (tasks waiting for tool outputs)
 -- ARGV[1] id, ARGV[2] now ms, ARGV[3] result TTL seconds, ARGV[4] in-flight list key prefix
 -- (the owner's list is ARGV[4] .. worker; same hash tag, so the same slot)
 -- Returns 'ok' when cancelled now, 'missing', or the final status the task already had.
@@ -16,6 +16,10 @@ redis.call('LREM', KEYS[2], 0, ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
+if KEYS[6] then
+  redis.call('ZREM', KEYS[6], ARGV[1])
+  redis.call('HDEL', KEYS[1], 'pending_tool_calls', 'waiting_until')
+end
 if status == 'running' and t[2] then
   redis.call('LREM', ARGV[4] .. t[2], 0, ARGV[1])
 end

@@ -13,6 +13,9 @@ use crate::redis_conn::Redis;
 use crate::task::{NewTask, StartedTask, TaskView};
 use crate::time::now_ms;
 
+mod steps;
+pub use steps::{Resumed, Suspend, PENDING_FIELD, TRANSCRIPT_FIELD};
+
 struct Scripts {
     enqueue: Script,
     fetch: Script,
@@ -56,6 +59,9 @@ pub struct QueueStats {
     pub retrying: u64,
     /// Tasks the flow limiter parked until their turn (`throttled` ZSET), outside `pending`.
     pub throttled: u64,
+    /// Tasks waiting for a client's tool outputs (`waiting` ZSET): no worker holds them.
+    #[serde(default)]
+    pub requires_action: u64,
     pub dead: u64,
     pub workers: u64,
 }
@@ -122,6 +128,22 @@ pub struct UsageAdd {
     pub completion: u64,
     pub cached: u64,
     pub cost_nanos: i64,
+}
+
+impl UsageAdd {
+    /// The form the recording scripts take (`complete.lua`, `suspend.lua`):
+    /// `prompt|completion|cached|cost`, or `''` for a call with no usage.
+    pub(crate) fn script_arg(u: Option<&Self>) -> String {
+        u.map_or(String::new(), |u| {
+            format!(
+                "{}|{}|{}|{}",
+                u.prompt,
+                u.completion,
+                u.cached,
+                u.cost_nanos.max(0)
+            )
+        })
+    }
 }
 
 /// What one promotion pass did: how many ids it moved to pending, and when the next retry or
@@ -208,6 +230,17 @@ impl Broker {
         Ok(Some(TaskView::from_hash(id, &h)))
     }
 
+    /// [`Self::get`] with the transcript of the task's steps.
+    pub async fn get_with_steps(&self, id: &TaskId) -> RedisResult<Option<TaskView>> {
+        let key = self.keys(id.queue()).task(id);
+        let mut conn = self.redis.conn().await?;
+        let h: HashMap<String, String> = conn.hgetall(key).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(TaskView::from_hash(id, &h).with_transcript(&h)))
+    }
+
     pub async fn cancel(&self, id: &TaskId, ttl: Duration) -> RedisResult<CancelOutcome> {
         let keys = self.keys(id.queue());
         let mut conn = self.redis.conn().await?;
@@ -218,6 +251,7 @@ impl Broker {
             .key(keys.delayed())
             .key(keys.active())
             .key(keys.throttled())
+            .key(keys.waiting())
             .arg(id.to_string())
             .arg(now_ms())
             .arg(ttl.as_secs().max(1))
@@ -237,7 +271,8 @@ impl Broker {
     pub async fn stats(&self, queue: &str) -> RedisResult<QueueStats> {
         let keys = self.keys(queue);
         let mut conn = self.redis.conn().await?;
-        let (pending, inflight, retrying, throttled, dead, workers): (
+        let (pending, inflight, retrying, throttled, dead, workers, requires_action): (
+            u64,
             u64,
             u64,
             u64,
@@ -251,6 +286,7 @@ impl Broker {
             .zcard(keys.throttled())
             .zcard(keys.dead())
             .scard(keys.workers())
+            .zcard(keys.waiting())
             .query_async(&mut conn)
             .await?;
         Ok(QueueStats {
@@ -263,6 +299,7 @@ impl Broker {
             throttled,
             dead,
             workers,
+            requires_action,
         })
     }
 
@@ -436,17 +473,7 @@ impl Broker {
             .arg(result_json)
             .arg(ttl.as_secs().max(1));
         let (keep, mttl) = memory.map_or((1, 1), |m| (m.keep.max(1), m.ttl.as_secs().max(1)));
-        inv.arg(keep)
-            .arg(mttl)
-            .arg(usage.map_or(String::new(), |u| {
-                format!(
-                    "{}|{}|{}|{}",
-                    u.prompt,
-                    u.completion,
-                    u.cached,
-                    u.cost_nanos.max(0)
-                )
-            }));
+        inv.arg(keep).arg(mttl).arg(UsageAdd::script_arg(usage));
         if let Some(m) = memory {
             for msg in &m.messages {
                 inv.arg(msg);

@@ -177,6 +177,57 @@ struct Message<'a> {
     role: Cow<'a, str>,
     #[serde(borrow, default)]
     content: Text<'a>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<WireCall<'a>>>,
+    #[serde(borrow, default)]
+    tool_call_id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct WireCall<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+}
+
+/// What OpenAI refuses in a conversation's order, with its words: a `tool` message that does
+/// not answer a call of the assistant message before it, and an assistant `tool_calls` message
+/// not followed by an answer to each call. Providers check this strictly; so does the mock.
+fn tool_order_error(messages: &[Message<'_>]) -> Option<String> {
+    let mut open: Vec<&str> = Vec::new();
+    for m in messages {
+        if m.role == "tool" {
+            let id = m.tool_call_id.as_deref().unwrap_or_default();
+            match open.iter().position(|c| *c == id) {
+                Some(k) => {
+                    open.remove(k);
+                }
+                None => {
+                    return Some(
+                        "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'."
+                            .to_owned(),
+                    )
+                }
+            }
+            continue;
+        }
+        if !open.is_empty() {
+            break;
+        }
+        if m.role == "assistant" {
+            open = m
+                .tool_calls
+                .iter()
+                .flatten()
+                .map(|c| c.id.as_ref())
+                .collect();
+        }
+    }
+    (!open.is_empty()).then(|| {
+        format!(
+            "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}",
+            open.join(", ")
+        )
+    })
 }
 
 /// Message content flattened to text: either a plain string or the text of
@@ -320,6 +371,22 @@ async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response
             Some("empty_array"),
             Some("messages"),
         );
+    }
+
+    if request
+        .messages
+        .iter()
+        .any(|m| m.tool_calls.is_some() || m.role == "tool")
+    {
+        if let Some(message) = tool_order_error(&request.messages) {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                message,
+                "invalid_request_error",
+                None,
+                Some("messages"),
+            );
+        }
     }
 
     let prompt: &str = request
@@ -536,7 +603,7 @@ async fn answer(
     let reply = format!("echo: {prompt}");
     let (prompt_tokens, completion_tokens) = echo_usage(request, prompt);
     let created = unix_now();
-    if let Some(shape) = plan.reply {
+    if plan.reply.is_some() || !plan.calls.is_empty() {
         let echo = Echo {
             reply: &reply,
             model: request.model.as_deref().unwrap_or(DEFAULT_MODEL),
@@ -544,7 +611,10 @@ async fn answer(
             prompt_tokens,
             completion_tokens,
         };
-        return shaped_reply(mock, shape, &echo);
+        return match plan.reply {
+            Some(shape) => shaped_reply(mock, shape, &echo),
+            None => tool_reply(mock, request, &plan.calls, call, &echo),
+        };
     }
     let completion = Completion {
         id: format!("chatcmpl-{}", mock.next_id()),
@@ -713,6 +783,64 @@ fn shaped_reply(mock: &MockLlm, shape: Reply, echo: &Echo<'_>) -> Response {
         ),
     };
     Json(body).into_response()
+}
+
+/// `[[call:NAME:ARGS]]`: while the conversation does not end with tool results, the model asks
+/// for every scripted tool at once (ids `call_<call>_<k>`, `finish_reason: "tool_calls"`); once
+/// it does, it answers `tool results: <each result>` — what an agent loop needs to be tested.
+fn tool_reply(
+    mock: &MockLlm,
+    request: &ChatRequest<'_>,
+    calls: &[(&str, &str)],
+    call: u64,
+    echo: &Echo<'_>,
+) -> Response {
+    use serde_json::json;
+    let results: Vec<&str> = request
+        .messages
+        .iter()
+        .rev()
+        .take_while(|m| m.role == "tool")
+        .map(|m| m.content.0.as_ref())
+        .collect();
+    let id = mock.next_id();
+    let (message, finish_reason) = if results.is_empty() {
+        let tool_calls: Vec<_> = calls
+            .iter()
+            .enumerate()
+            .map(|(k, (name, args))| {
+                json!({
+                    "id": format!("call_{call}_{k}"),
+                    "type": "function",
+                    "function": {"name": name, "arguments": args},
+                })
+            })
+            .collect();
+        (
+            json!({"role": "assistant", "content": null, "tool_calls": tool_calls}),
+            "tool_calls",
+        )
+    } else {
+        // oldest result first, as the calls were made
+        let text: Vec<&str> = results.into_iter().rev().collect();
+        (
+            json!({"role": "assistant", "content": format!("tool results: {}", text.join("; "))}),
+            "stop",
+        )
+    };
+    Json(json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": echo.created,
+        "model": echo.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": null}],
+        "usage": {
+            "prompt_tokens": echo.prompt_tokens,
+            "completion_tokens": echo.completion_tokens,
+            "total_tokens": echo.prompt_tokens + echo.completion_tokens,
+        },
+    }))
+    .into_response()
 }
 
 fn scripted_failure(status: u16, hints: &[Hint<'_>], call: u64) -> Response {

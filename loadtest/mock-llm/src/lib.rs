@@ -64,6 +64,18 @@
 //!     and `usage.completion_tokens_details.reasoning_tokens: 2`
 //!   - `parts`: `content: [{"type":"text","text":"echo: …"}]`
 //!
+//! - `[[call:NAME]]`, `[[call:NAME:ARGS]]` (ARGS verbatim to the closing
+//!   brackets, default `{}`): a scripted tool-using model. While the
+//!   conversation does not end with `tool` messages, it asks for every
+//!   `call` marker's tool at once (`content: null`, ids `call_<n>_<k>` for
+//!   call `n` of the prompt, `finish_reason: "tool_calls"`); once it does, it
+//!   answers `tool results: <r1>; <r2>…` (the trailing results, oldest first).
+//!
+//! Every request is held to OpenAI's order of tool messages, with its 400
+//! and words: a `tool` message must answer a call of the assistant message
+//! before it, and an assistant message's `tool_calls` must each be answered
+//! by the `tool` messages right after it.
+//!
 //! Markers combine: `[[fail:500:1]][[fail:429:2:ms:50]][[reply:tool_calls:3]]`
 //! is a 500, then a 429, then a tool call, then plain echoes.
 //!

@@ -128,12 +128,15 @@ pub(crate) struct Plan<'a> {
     pub(crate) fault: Option<Fault<'a>>,
     /// Only used when there is no fault; `None` is the plain echo.
     pub(crate) reply: Option<Reply>,
+    /// `[[call:NAME:ARGS]]`: tools the model asks for (all at once) until the conversation
+    /// ends with their results, then a final answer quoting them.
+    pub(crate) calls: Vec<(&'a str, &'a str)>,
 }
 
 /// Builds the plan for call number `call` (1-based) of `prompt`.
 ///
-/// Only `[[fail…]]`, `[[hang…]]`, `[[drop…]]`, `[[sleep…]]` and `[[reply…]]`
-/// are markers; any other `[[…]]` text is ordinary prompt content. A malformed
+/// Only `[[fail…]]`, `[[hang…]]`, `[[drop…]]`, `[[sleep…]]`, `[[reply…]]` and
+/// `[[call…]]` are markers; any other `[[…]]` text is ordinary prompt content. A malformed
 /// marker is an error rather than being ignored, so a typo in a test script
 /// fails loudly.
 pub(crate) fn plan(prompt: &str, call: u64) -> Result<Plan<'_>, String> {
@@ -161,6 +164,7 @@ pub(crate) fn plan(prompt: &str, call: u64) -> Result<Plan<'_>, String> {
                     plan.reply = Some(reply);
                 }
             }
+            Some(Marker::Call(name, args)) => plan.calls.push((name, args)),
             None => {
                 // Not a marker: resume right after this "[[" so that text like
                 // "[[x]] [[fail:500:1]]" still finds the second one.
@@ -177,6 +181,7 @@ enum Marker<'a> {
     Sleep(Duration),
     Fault(Window, Fault<'a>),
     Reply(Window, Reply),
+    Call(&'a str, &'a str),
 }
 
 const FAIL_FORMS: &str = "expected [[fail:CODE]] or [[fail:CODE:N]], optionally followed by \
@@ -283,6 +288,19 @@ fn parse_marker(body: &str) -> Result<Option<Marker<'_>>, String> {
                 _ => return bad("expected [[reply:KIND]] or [[reply:KIND:N]]"),
             };
             Ok(Some(Marker::Reply(window, reply)))
+        }
+        "call" => {
+            let Some(name) = args.next().filter(|n| {
+                !n.is_empty()
+                    && n.len() <= 64
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            }) else {
+                return bad("expected [[call:NAME]] or [[call:NAME:ARGS]], NAME of [A-Za-z0-9_-]");
+            };
+            // the arguments are the rest verbatim (JSON has colons), `{}` when left out
+            let args = args.rest().filter(|a| !a.is_empty()).unwrap_or("{}");
+            Ok(Some(Marker::Call(name, args)))
         }
         _ => Ok(None),
     }

@@ -688,3 +688,79 @@ async fn journal_records_when_each_call_ended_and_how() {
     mock.reset();
     assert!(mock.journal().is_empty());
 }
+
+/// `[[call:NAME:ARGS]]` scripts a tool-using model: it asks for the tools (all at once) until
+/// the conversation ends with their results, then answers quoting them; a conversation out of
+/// order gets OpenAI's 400 for it.
+#[tokio::test]
+async fn scripted_tool_calls_and_strict_tool_order() {
+    let (base, _, _mock) = start(MockConfig::default()).await;
+    let client = reqwest::Client::new();
+    let prompt = r#"sum it [[call:add:{"a":2,"b":3}]][[call:echo]]"#;
+    let post = |messages: Value| {
+        let client = client.clone();
+        let url = format!("{base}/chat/completions");
+        async move {
+            client
+                .post(url)
+                .json(&json!({"model": "m", "messages": messages}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = post(json!([{"role": "user", "content": prompt}])).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let first: CreateChatCompletionResponse = first.json().await.unwrap();
+    let choice = &first.choices[0];
+    assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls));
+    let raw = serde_json::to_value(&choice.message).unwrap();
+    let calls = raw["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["id"], "call_1_0");
+    assert_eq!(calls[0]["function"]["name"], "add");
+    assert_eq!(calls[0]["function"]["arguments"], r#"{"a":2,"b":3}"#);
+    assert_eq!(calls[1]["function"]["arguments"], "{}");
+
+    let assistant = json!({"role": "assistant", "content": null, "tool_calls": calls});
+    let answered = post(json!([
+        {"role": "user", "content": prompt},
+        assistant,
+        {"role": "tool", "tool_call_id": "call_1_1", "content": "hi"},
+        {"role": "tool", "tool_call_id": "call_1_0", "content": "5"},
+    ]))
+    .await;
+    assert_eq!(answered.status(), StatusCode::OK);
+    let answered: Value = answered.json().await.unwrap();
+    assert_eq!(answered["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        answered["choices"][0]["message"]["content"],
+        "tool results: hi; 5"
+    );
+
+    // one call left unanswered, then a result with no call before it
+    let missing = post(json!([
+        {"role": "user", "content": prompt},
+        assistant,
+        {"role": "tool", "tool_call_id": "call_1_0", "content": "5"},
+    ]))
+    .await;
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+    let body: Value = missing.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("did not have response messages: call_1_1"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["param"], "messages");
+    let orphan = post(json!([
+        {"role": "user", "content": "x"},
+        {"role": "tool", "tool_call_id": "call_9", "content": "5"},
+    ]))
+    .await;
+    assert_eq!(orphan.status(), StatusCode::BAD_REQUEST);
+    let bad_marker = post(json!([{"role": "user", "content": "[[call:no spaces]]"}])).await;
+    assert_eq!(bad_marker.status(), StatusCode::BAD_REQUEST);
+}

@@ -15,6 +15,7 @@ mod wire;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
+use agentq_common::chat::{ChatParams, Content};
 use agentq_common::config::{MaxTokensParam, Price};
 use agentq_common::metrics::WorkerMetrics;
 use agentq_common::task::{Message, Role, TaskResult, Usage};
@@ -260,33 +261,65 @@ impl Llm {
         }
     }
 
-    fn body(&self, model: &str, messages: &[Message]) -> Result<Vec<u8>, serde_json::Error> {
-        #[allow(deprecated)] // `max_tokens`: deprecated by OpenAI, still the widely served name
-        let request = CreateChatCompletionRequest {
+    fn body(
+        &self,
+        model: &str,
+        messages: &[Message],
+        params: &ChatParams,
+    ) -> Result<Vec<u8>, serde_json::Error> {
+        // The task's own output cap, under its own name, wins over AGENTQ_MAX_TOKENS.
+        let (max_tokens, max_completion_tokens) = match params.output_cap() {
+            Some(_) => (params.max_tokens, params.max_completion_tokens),
+            None => (
+                self.max_tokens
+                    .filter(|(p, _)| *p == MaxTokensParam::MaxTokens)
+                    .map(|(_, n)| n),
+                self.max_tokens
+                    .filter(|(p, _)| *p == MaxTokensParam::MaxCompletionTokens)
+                    .map(|(_, n)| n),
+            ),
+        };
+        #[allow(deprecated)] // `max_tokens` and `user`: deprecated by OpenAI, still widely served
+        let mut request = CreateChatCompletionRequest {
             model: model.to_owned(),
-            messages: messages.iter().map(to_openai).collect(),
-            max_tokens: self
-                .max_tokens
-                .filter(|(p, _)| *p == MaxTokensParam::MaxTokens)
-                .map(|(_, n)| n),
-            max_completion_tokens: self
-                .max_tokens
-                .filter(|(p, _)| *p == MaxTokensParam::MaxCompletionTokens)
-                .map(|(_, n)| n),
+            messages: messages.iter().map(to_openai).collect::<Result<_, _>>()?,
+            max_tokens,
+            max_completion_tokens,
+            // validated in f64 (so 2.0000001 is refused, not rounded to 2); sent as f32, the
+            // precision async-openai's type has
+            temperature: params.temperature.map(|t| t as f32),
+            top_p: params.top_p.map(|p| p as f32),
+            seed: params.seed,
+            parallel_tool_calls: params.parallel_tool_calls,
+            user: params.user.clone(),
             ..Default::default()
         };
+        // The rarer, nested parameters: our types serialize as OpenAI's wire, which
+        // async-openai's types read (a round trip only for tasks that set them).
+        if let Some(stop) = &params.stop {
+            request.stop = Some(convert(stop)?);
+        }
+        if let Some(f) = &params.response_format {
+            request.response_format = Some(convert(f)?);
+        }
+        if let Some(tools) = &params.tools {
+            request.tools = Some(convert(tools)?);
+        }
+        if let Some(choice) = &params.tool_choice {
+            request.tool_choice = Some(convert(choice)?);
+        }
         serde_json::to_vec(&request)
     }
 
     /// One chat completion: exactly one HTTP request, bounded by the LLM timeout.
-    pub async fn chat(&self, model: &str, messages: &[Message]) -> Call {
+    pub async fn chat(&self, model: &str, messages: &[Message], params: &ChatParams) -> Call {
         let start = Instant::now();
         let mut reported = Reported::default();
         let mut reached = false;
         let mut timed_out = false;
         let (usage, result) = match tokio::time::timeout(
             self.timeout,
-            self.call(model, messages, &mut reported, &mut reached),
+            self.call(model, messages, params, &mut reported, &mut reached),
         )
         .await
         {
@@ -318,10 +351,11 @@ impl Llm {
         &self,
         model: &str,
         messages: &[Message],
+        params: &ChatParams,
         reported: &mut Reported,
         reached: &mut bool,
     ) -> (Option<Usage>, Result<TaskResult, LlmFailure>) {
-        let body = match self.body(model, messages) {
+        let body = match self.body(model, messages, params) {
             Ok(b) => b,
             Err(e) => {
                 return (
@@ -425,30 +459,118 @@ impl Llm {
     }
 }
 
-fn to_openai(m: &Message) -> ChatCompletionRequestMessage {
-    match m.role {
-        Role::System => ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
-            content: ChatCompletionRequestSystemMessageContent::Text(m.content.clone()),
-            name: None,
-        }),
-        Role::User => ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
-            content: ChatCompletionRequestUserMessageContent::Text(m.content.clone()),
-            name: None,
-        }),
-        Role::Assistant => {
+/// One of our request types as async-openai's equivalent, through their shared wire format.
+fn convert<T: serde::Serialize, U: serde::de::DeserializeOwned>(v: &T) -> serde_json::Result<U> {
+    serde_json::from_value(serde_json::to_value(v)?)
+}
+
+/// A message as async-openai's type: plain text directly (the common case, no round trip);
+/// content parts, tool calls and tool results through the wire format.
+fn to_openai(m: &Message) -> serde_json::Result<ChatCompletionRequestMessage> {
+    let plain = match &m.content {
+        Some(Content::Text(t)) if m.name.is_none() && m.tool_calls.is_none() => Some(t),
+        _ => None,
+    };
+    Ok(match (m.role, plain) {
+        (Role::System, Some(t)) => {
+            ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
+                content: ChatCompletionRequestSystemMessageContent::Text(t.clone()),
+                name: None,
+            })
+        }
+        (Role::User, Some(t)) => {
+            ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
+                content: ChatCompletionRequestUserMessageContent::Text(t.clone()),
+                name: None,
+            })
+        }
+        (Role::Assistant, Some(t)) => {
             ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
                 content: Some(ChatCompletionRequestAssistantMessageContent::Text(
-                    m.content.clone(),
+                    t.clone(),
                 )),
                 ..Default::default()
             })
         }
-    }
+        _ => convert(m)?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn llm(max_tokens: u32) -> Llm {
+        Llm::new(
+            LlmSettings {
+                base_url: "http://127.0.0.1:9",
+                api_key: &SecretString::from(String::new()),
+                timeout: Duration::from_secs(1),
+                prices: HashMap::new(),
+                default_model: "m",
+                max_response_bytes: 1024,
+                max_tokens,
+                max_tokens_param: MaxTokensParam::MaxTokens,
+                known_models: Default::default(),
+            },
+            WorkerMetrics::new(),
+        )
+        .expect("builds")
+    }
+
+    /// Every parameter and message shape a task accepts reaches the wire as OpenAI spells it,
+    /// through async-openai's request type.
+    #[test]
+    fn the_whole_request_reaches_the_wire() {
+        let task = serde_json::json!({
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "name": "ann", "content": [{"type": "text", "text": "add"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "high"}}]},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\":1}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "1"},
+                {"role": "user", "content": "and?"}
+            ],
+            "temperature": 0.5, "top_p": 0.25, "max_completion_tokens": 77, "stop": ["X", "Y"], "seed": 42,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object"}, "strict": true}},
+            "tools": [{"type": "function", "function": {"name": "add", "description": "adds", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}],
+            "tool_choice": "auto", "parallel_tool_calls": false, "user": "u-1"
+        });
+        let create: agentq_common::task::CreateTask =
+            serde_json::from_value(task.clone()).expect("a task body");
+        let payload = create.validate("q", 3).expect("valid").payload;
+        let body = llm(500)
+            .body("m", &payload.messages, &payload.params)
+            .expect("serializes");
+        let wire: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(wire["messages"], task["messages"]);
+        for k in [
+            "stop",
+            "seed",
+            "response_format",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "user",
+            "max_completion_tokens",
+            "top_p",
+            "temperature",
+        ] {
+            assert_eq!(wire[k], task[k], "{k}");
+        }
+        // the task's own cap replaces AGENTQ_MAX_TOKENS, under the task's name for it
+        assert!(wire.get("max_tokens").is_none());
+        // a plain task still gets the operator's cap
+        let plain = vec![Message::user("hi")];
+        let body = llm(500)
+            .body("m", &plain, &ChatParams::default())
+            .expect("serializes");
+        let wire: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(wire["max_tokens"], 500);
+        assert_eq!(
+            wire["messages"],
+            serde_json::json!([{"role": "user", "content": "hi"}])
+        );
+    }
 
     #[test]
     fn statuses_are_classified_once() {

@@ -54,11 +54,13 @@ pub fn prompt_tokens(model: &str, messages: &[Message], exact: bool) -> u64 {
     let body: u64 = messages
         .iter()
         .map(|m| {
+            let text = m.text_content();
             let content = match bpe {
-                Some(b) => b.encode_ordinary(&m.content).len() as u64,
-                None => heuristic(&m.content),
+                Some(b) => b.encode_ordinary(&text).len() as u64,
+                None => heuristic(&text),
             };
-            content + PER_MESSAGE + 1
+            // tool call names, arguments and ids: counted by the heuristic, whatever the model
+            content + (m.extra_len() as u64).div_ceil(3) + PER_MESSAGE + 1
         })
         .sum();
     body + REPLY_PRIMING
@@ -67,13 +69,9 @@ pub fn prompt_tokens(model: &str, messages: &[Message], exact: bool) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentq_common::task::Role;
 
     fn user(s: &str) -> Message {
-        Message {
-            role: Role::User,
-            content: s.to_owned(),
-        }
+        Message::user(s)
     }
 
     #[test]

@@ -1,0 +1,30 @@
+-- Records one step of a run that goes on (the model's reply asked for server-side tools and they
+-- ran): the reply and the tools' results are appended to the task's transcript, with the call's
+-- usage, only while the run still owns the task. A later run (after a crash, a retry) resumes
+-- from here, so no recorded model call or tool call is made again.
+-- KEYS[1] task hash
+-- ARGV[1] run token, ARGV[2] the step's messages (JSON, one per line), ARGV[3] the call's usage
+-- ("prompt|completion|cached|cost", or '')
+-- Returns 'ok'; or, writing nothing, 'missing', the final status, or 'stale' (another run owns
+-- the task now, or none does).
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'usage', 'transcript')
+if not t[1] then return 'missing' end
+if t[1] ~= 'running' or t[2] ~= ARGV[1] then
+  if t[1] == 'succeeded' or t[1] == 'failed' or t[1] == 'cancelled' then return t[1] end
+  return 'stale'
+end
+local p, c, cached, cost = string.match(ARGV[3], '^(%d+)|(%d+)|(%d+)|(%d+)$')
+if p then
+  local add = {tonumber(p), tonumber(c), tonumber(cached), 1, tonumber(cost)}
+  local i = 0
+  for v in string.gmatch(t[3] or '', '%d+') do
+    i = i + 1
+    if add[i] then add[i] = add[i] + tonumber(v) end
+  end
+  redis.call('HSET', KEYS[1], 'usage', table.concat(add, '|'))
+end
+local transcript = ARGV[2]
+if t[4] and t[4] ~= '' then transcript = t[4] .. '\n' .. ARGV[2] end
+redis.call('HSET', KEYS[1], 'transcript', transcript)
+redis.call('HINCRBY', KEYS[1], 'steps', 1)
+return 'ok'

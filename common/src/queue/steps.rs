@@ -1,0 +1,187 @@
+//! The steps of an agent run. A step whose server-side (MCP) tools ran is recorded by
+//! `step.lua` and the run goes on. A step that waits for a client: a model reply asking for client-side tools
+//! suspends the task (`suspend.lua`: status `requires_action`, no worker slot held), the client's
+//! outputs resume it (`resume.lua`), and outputs that never come fail it (`tool_timeout.lua`).
+//! Each step is appended to the task's `transcript` (messages as JSON, one per line) in the same
+//! script that records it, so a later run continues from there and repeats no call already made.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::{RedisResult, Script};
+
+use super::{Broker, UsageAdd};
+use crate::keys::Keys;
+use crate::time::now_ms;
+
+struct Scripts {
+    step: Script,
+    suspend: Script,
+    resume: Script,
+    tool_timeout: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    step: Script::new(include_str!("step.lua")),
+    suspend: Script::new(concat!(
+        include_str!("fence.lua"),
+        include_str!("suspend.lua")
+    )),
+    resume: Script::new(include_str!("resume.lua")),
+    tool_timeout: Script::new(include_str!("tool_timeout.lua")),
+});
+
+/// The task hash field holding the steps' messages (JSON, one per line).
+pub const TRANSCRIPT_FIELD: &str = "transcript";
+/// The task hash field holding the tool calls a `requires_action` task waits for (JSON array).
+pub const PENDING_FIELD: &str = "pending_tool_calls";
+
+/// A step that waits for the client: what `suspend.lua` records.
+pub struct Suspend<'a> {
+    /// The step's messages (the assistant's reply with its tool calls), JSON each.
+    pub messages: &'a [String],
+    /// The calls the client must answer (JSON array, as the task view shows them).
+    pub pending: &'a str,
+    /// When the outputs are due (ms since the epoch).
+    pub due_ms: i64,
+    pub usage: Option<&'a UsageAdd>,
+}
+
+/// What submitting tool outputs did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resumed {
+    Queued,
+    Missing,
+    /// Another submission answered these calls first.
+    Changed,
+    /// The task is not waiting for tool outputs; its status.
+    NotWaiting(String),
+}
+
+impl Broker {
+    /// Records a step of a run that goes on (server-side tools ran), fenced by the run's token.
+    /// Returns `ok`, or why nothing was written (`stale`, `cancelled`, ...; see `step.lua`).
+    pub async fn step(
+        &self,
+        keys: &Keys,
+        id: &str,
+        token: &str,
+        messages: &[String],
+        usage: Option<&UsageAdd>,
+    ) -> RedisResult<String> {
+        let mut conn = self.redis.conn().await?;
+        SCRIPTS
+            .step
+            .key(keys.task_raw(id))
+            .arg(token)
+            .arg(messages.join("\n"))
+            .arg(UsageAdd::script_arg(usage))
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// Records a step that waits for client-side tools, fenced by the run's token. Returns the
+    /// verdict: `requires_action`, or why nothing was written (see `fence.lua`).
+    pub async fn suspend(
+        &self,
+        keys: &Keys,
+        worker_id: &str,
+        id: &str,
+        token: &str,
+        step: &Suspend<'_>,
+    ) -> RedisResult<String> {
+        let mut conn = self.redis.conn().await?;
+        SCRIPTS
+            .suspend
+            .key(keys.task_raw(id))
+            .key(keys.inflight(worker_id))
+            .key(keys.active())
+            .key(keys.waiting())
+            .arg(id)
+            .arg(token)
+            .arg(now_ms())
+            .arg(step.messages.join("\n"))
+            .arg(step.pending)
+            .arg(step.due_ms)
+            .arg(UsageAdd::script_arg(step.usage))
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// A task's transcript: the messages of its recorded steps, oldest first (lines that do not
+    /// parse are skipped: a half-broken record must still run).
+    pub async fn transcript(&self, keys: &Keys, id: &str) -> RedisResult<Vec<String>> {
+        let mut conn = self.redis.conn().await?;
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(keys.task_raw(id))
+            .arg(TRANSCRIPT_FIELD)
+            .query_async(&mut conn)
+            .await?;
+        Ok(raw
+            .map(|r| r.lines().map(str::to_owned).collect())
+            .unwrap_or_default())
+    }
+
+    /// The status and pending tool calls of a task, for checking submitted outputs.
+    pub async fn pending_tool_calls(
+        &self,
+        keys: &Keys,
+        id: &str,
+    ) -> RedisResult<(Option<String>, Option<String>)> {
+        let mut conn = self.redis.conn().await?;
+        redis::cmd("HMGET")
+            .arg(keys.task_raw(id))
+            .arg("status")
+            .arg(PENDING_FIELD)
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Appends the client's tool outputs and queues the task again, if it still waits for
+    /// exactly the calls `pending` names.
+    pub async fn resume(
+        &self,
+        keys: &Keys,
+        id: &str,
+        pending: &str,
+        messages: &[String],
+    ) -> RedisResult<Resumed> {
+        let mut conn = self.redis.conn().await?;
+        let out: String = SCRIPTS
+            .resume
+            .key(keys.task_raw(id))
+            .key(keys.waiting())
+            .key(keys.pending())
+            .arg(id)
+            .arg(pending)
+            .arg(messages.join("\n"))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match out.as_str() {
+            "ok" => Resumed::Queued,
+            "missing" => Resumed::Missing,
+            "changed" => Resumed::Changed,
+            other => Resumed::NotWaiting(other.to_owned()),
+        })
+    }
+
+    /// Fails the tasks whose tool outputs are overdue; returns how many.
+    pub async fn expire_tool_waits(
+        &self,
+        keys: &Keys,
+        ttl: Duration,
+        limit: usize,
+    ) -> RedisResult<u64> {
+        let mut conn = self.redis.conn().await?;
+        SCRIPTS
+            .tool_timeout
+            .key(keys.waiting())
+            .key(keys.dead())
+            .arg(keys.task_prefix())
+            .arg(now_ms())
+            .arg(ttl.as_secs().max(1))
+            .arg(limit.max(1))
+            .invoke_async(&mut conn)
+            .await
+    }
+}
