@@ -38,7 +38,9 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --d
   >"$run/redis.log" 2>&1 &
 pids+=($!)
 
+mock=""
 if [ -z "${OPENAI_BASE_URL:-}" ]; then
+  mock=1
   echo "==> mock LLM on 127.0.0.1:$llm_port (1 s latency, recording requests)"
   MOCK_LLM_LISTEN=127.0.0.1:$llm_port MOCK_LLM_LATENCY_MS=1000 MOCK_LLM_RECORD=1 "$bin/agentq-mock-llm" >"$run/mock.log" 2>&1 &
   pids+=($!)
@@ -46,6 +48,26 @@ if [ -z "${OPENAI_BASE_URL:-}" ]; then
   wait_http "http://127.0.0.1:$llm_port/healthz"
 fi
 export REDIS_URL=redis://127.0.0.1:$redis_port AGENTQ_RETRY_BASE_MS=200 AGENTQ_RETRY_MAX_MS=2000 AGENTQ_HEARTBEAT_SECS=5
+
+# Server-side tools: the reference MCP server from npm, declared to agentq as "everything" (only
+# with the mock, whose [[call:...]] marker plays a model that asks for tools).
+mcp=""
+if [ -n "$mock" ] && command -v node >/dev/null 2>&1 \
+  && bash tests/peers/mcp/install.sh >"$run/mcp-install.log" 2>&1; then
+  mcp_port=$(free_port)
+  echo "==> MCP server (@modelcontextprotocol/server-everything, Streamable HTTP) on 127.0.0.1:$mcp_port"
+  PORT=$mcp_port node tests/peers/mcp/node_modules/@modelcontextprotocol/server-everything/dist/index.js streamableHttp \
+    >"$run/mcp.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 100); do
+    (echo >"/dev/tcp/127.0.0.1/$mcp_port") 2>/dev/null && break
+    sleep 0.1
+  done
+  export AGENTQ_MCP_SERVERS="{\"everything\": {\"url\": \"http://127.0.0.1:$mcp_port/mcp\"}}"
+  mcp=1
+else
+  echo "==> (no MCP server: needs the mock LLM and Node.js with npm; the MCP task is skipped)"
+fi
 
 echo "==> agentq-api on 127.0.0.1:$api_port, agentq-worker (concurrency 4) probes on 127.0.0.1:$worker_port"
 AGENTQ_LISTEN=127.0.0.1:$api_port "$bin/agentq-api" >"$run/api.log" 2>&1 &
@@ -83,6 +105,38 @@ echo "    bad request: $(curl -sS -X POST "$api/v1/tasks" -H 'content-type: appl
 sleep 0.5
 ids+=("$(post -d '{"prompt": "What is my favourite colour?", "agent_id": "demo-agent"}' | id_of)")
 
+if [ -n "$mock" ]; then
+  echo "==> agents with tools"
+  # a server-side tool over MCP: the model asks for get-sum, the worker calls the MCP server,
+  # records the step and calls the model again with the result
+  if [ -n "$mcp" ]; then
+    ids+=("$(post -d '{"prompt": "What is 2 + 3? [[call:everything__get-sum:{\"a\": 2, \"b\": 3}]]", "mcp": ["everything"]}' | id_of)")
+    echo "    MCP task ${ids[-1]}: the model may call the MCP server's tools (everything__*)"
+  fi
+  # a client-side tool: the task waits in requires_action (no worker slot held) for our result
+  tool_id=$(post -d '{"prompt": "Weather in Paris? [[call:get_weather:{\"city\": \"Paris\"}]]", "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]}' | id_of)
+  ids+=("$tool_id")
+  python3 - "$api" "$tool_id" <<'PY'
+import json, sys, time, urllib.request
+api, tid = sys.argv[1], sys.argv[2]
+get = lambda path: json.load(urllib.request.urlopen(api + path, timeout=5))
+for _ in range(120):
+    t = get("/v1/tasks/" + tid)
+    if t["status"] == "requires_action":
+        break
+    time.sleep(0.25)
+calls = t["required_action"]["submit_tool_outputs"]["tool_calls"]
+for c in calls:
+    print("    client-side tool task %s: requires_action, the model called %s(%s)"
+          % (tid, c["function"]["name"], c["function"]["arguments"]))
+outputs = [{"tool_call_id": c["id"], "output": "18 C and sunny"} for c in calls]
+req = urllib.request.Request(api + "/v1/tasks/" + tid + "/tool_outputs", method="POST",
+                             data=json.dumps({"tool_outputs": outputs}).encode(),
+                             headers={"content-type": "application/json"})
+print("    POST /v1/tasks/%s/tool_outputs -> %s" % (tid, json.load(urllib.request.urlopen(req, timeout=5))))
+PY
+fi
+
 echo "==> progress (GET /v1/queues/default and GET /v1/tasks/{id}, every 0.5 s)"
 python3 - "$api" "${ids[@]}" <<'PY'
 import json, sys, time, urllib.request
@@ -105,7 +159,8 @@ import json, sys
 for line in sys.stdin:
     t = json.loads(line)
     out = (t["result"] or {}).get("content") or t.get("error") or ""
-    print("  %-9s attempts=%d  %s" % (t["status"], t["attempts"], out[:90].replace("\n", " ")))'
+    steps = " steps=%d" % t["steps"] if t.get("steps", 0) > 1 else ""
+    print("  %-9s attempts=%d%s  %s" % (t["status"], t["attempts"], steps, out[:90].replace("\n", " ")))'
 
 echo "==> dead letters (GET /v1/queues/default/dead)"
 curl -fsS "$api/v1/queues/default/dead" | python3 -c '
@@ -113,7 +168,7 @@ import json,sys
 for t in json.load(sys.stdin)["tasks"]: print("  %s  %s" % (t["id"], (t["error"] or "")[:80]))'
 
 echo "==> figures (worker /metrics)"
-curl -fsS "http://127.0.0.1:$worker_port/metrics" | grep -E '^agentq_(tasks_total|llm_requests_total|llm_tokens_total|llm_cost_dollars_total)' | sed 's/^/  /'
+curl -fsS "http://127.0.0.1:$worker_port/metrics" | grep -E '^agentq_(tasks_total|llm_requests_total|llm_tokens_total|llm_cost_dollars_total|mcp_calls_total)' | sed 's/^/  /'
 if curl -fsS "http://127.0.0.1:$llm_port/_mock/calls" >/dev/null 2>&1; then
   echo "==> agent memory: what the LLM received for 'What is my favourite colour?'"
   curl -fsS "http://127.0.0.1:$llm_port/_mock/requests" | python3 -c '

@@ -343,6 +343,15 @@ async fn cancel_task(
     let id = parse_id(&raw)?;
     match deadline(state.broker.cancel(&id, state.config.common.result_ttl)).await? {
         CancelOutcome::Cancelled => {
+            // the agent's next task may run now (the lane sweep makes it if this fails)
+            if let Ok(Ok(Some(view))) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), state.broker.get(&id)).await
+            {
+                if let Some(agent) = view.agent_id {
+                    let keys = state.broker.keys(id.queue());
+                    let _ = state.broker.lane_release(&keys, &agent).await;
+                }
+            }
             Ok(Json(json!({"id": raw, "status": "cancelled"})).into_response())
         }
         CancelOutcome::NotFound => Err(ApiError::not_found("task")),

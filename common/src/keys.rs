@@ -162,6 +162,21 @@ impl Keys {
         format!("{}:waiting", self.base)
     }
 
+    /// LIST of an agent's tasks that are not final, in enqueue order: only the head may run.
+    pub fn lane(&self, agent_id: &str) -> String {
+        format!("{}{agent_id}", self.lane_prefix())
+    }
+
+    /// `lane(a)` without the agent id, for the sweep that walks every lane.
+    pub fn lane_prefix(&self) -> String {
+        format!("{}:lane:", self.base)
+    }
+
+    /// SET of the agents whose lane holds a task.
+    pub fn lanes(&self) -> String {
+        format!("{}:lanes", self.base)
+    }
+
     /// LIST of an agent's recent messages (JSON), newest last.
     pub fn memory(&self, agent_id: &str) -> String {
         format!("{}:memory:{agent_id}", self.base)
@@ -209,6 +224,8 @@ mod tests {
         assert_eq!(k.memory("a"), "agentq:{default}:memory:a");
         assert_eq!(k.throttled(), "agentq:{default}:throttled");
         assert_eq!(k.waiting(), "agentq:{default}:waiting");
+        assert_eq!(k.lane("a"), "agentq:{default}:lane:a");
+        assert_eq!(k.lanes(), "agentq:{default}:lanes");
         assert_eq!(
             limiter_upstream("agentq", "openai"),
             "agentq:limiter:{openai}"

@@ -551,3 +551,157 @@ async fn a_killed_run_resumes_from_its_last_step() -> Result<()> {
     assert_no_panic(&s);
     Ok(())
 }
+
+/// A time field of a task's record, in ms.
+fn at_ms(s: &Stack, id: &str, field: &str) -> Result<i64> {
+    let mut c = s.redis.conn()?;
+    let v: i64 = redis::cmd("HGET")
+        .arg(agentq_tests::task_key(id))
+        .arg(field)
+        .query(&mut c)?;
+    Ok(v)
+}
+
+/// Six tasks of one agent enqueued at once on two workers run one after another in enqueue
+/// order, each call carrying the exchanges before it, while another agent's task finishes at
+/// once; the waiting ones are not in `pending` (no slot, no KEDA load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_tasks_run_one_at_a_time_in_order() -> Result<()> {
+    let mut s = Stack::new(recording()).await?;
+    s.start_api(&[]).await?;
+    let _w1 = s.start_worker(&[]).await?;
+    let _w2 = s.start_worker(&[]).await?;
+    let prompts: Vec<String> = (0..6).map(|i| format!("turn {i} [[sleep:400]]")).collect();
+    let mut ids = Vec::new();
+    for p in &prompts {
+        ids.push(
+            s.submit_json(&json!({"prompt": p, "agent_id": "ada"}))
+                .await?,
+        );
+    }
+    let q = s.queue("default").await?;
+    ensure!(
+        q["pending"].as_u64().unwrap_or(99) <= 1,
+        "only the lane's head is runnable: {q}"
+    );
+    let other = s
+        .submit_json(&json!({"prompt": "someone else", "agent_id": "bob"}))
+        .await?;
+    let done = s.wait_final(&ids, Duration::from_secs(30)).await?;
+    ensure!(done.iter().all(|t| t["status"] == "succeeded"), "{done:?}");
+    for i in 1..ids.len() {
+        let (prev_end, start) = (
+            at_ms(&s, &ids[i - 1], "finished_at")?,
+            at_ms(&s, &ids[i], "started_at")?,
+        );
+        ensure!(
+            start >= prev_end,
+            "turn {i} started {start} before turn {} finished {prev_end}",
+            i - 1
+        );
+        // each call carries the earlier exchanges: min(2i, AGENTQ_MEMORY_MESSAGES = 10) + 1
+        let sent = &bodies(&s, &prompts[i])[0]["messages"];
+        let n = sent.as_array().map_or(0, Vec::len);
+        ensure!(
+            n == (2 * i).min(10) + 1,
+            "turn {i} sent {n} messages: {sent}"
+        );
+        let before_last = &sent[n - 3];
+        ensure!(
+            before_last["content"] == prompts[i - 1].as_str(),
+            "turn {i} follows turn {}: {sent}",
+            i - 1
+        );
+    }
+    s.wait_final(std::slice::from_ref(&other), Duration::from_secs(5))
+        .await?;
+    ensure!(
+        at_ms(&s, &other, "finished_at")? < at_ms(&s, &ids[1], "finished_at")?,
+        "another agent's task is not held back by the lane"
+    );
+    assert_no_panic(&s);
+    Ok(())
+}
+
+/// A lane moves on past a task that failed, one cancelled while it ran, and one whose tool
+/// outputs never came (failed by the api's timeout, the lane moved on by its sweep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_moves_on_past_failed_cancelled_and_timed_out_tasks() -> Result<()> {
+    let mut s = Stack::new(recording()).await?;
+    s.start_api(&[]).await?;
+    let _w = s.start_worker(&[]).await?;
+    let failed = s
+        .submit_json(&json!({"prompt": "[[fail:400]] first", "agent_id": "carol"}))
+        .await?;
+    let after_failed = s
+        .submit_json(&json!({"prompt": "after a failure", "agent_id": "carol"}))
+        .await?;
+    let slow = s
+        .submit_json(&json!({"prompt": "[[sleep:5000]] slow", "agent_id": "dan"}))
+        .await?;
+    let after_cancel = s
+        .submit_json(&json!({"prompt": "after a cancel", "agent_id": "dan"}))
+        .await?;
+    let waits = s
+        .submit_json(&json!({"prompt": "[[call:add]] waits", "agent_id": "eve",
+            "tools": add_tool(), "tool_timeout_secs": 1}))
+        .await?;
+    let after_timeout = s
+        .submit_json(&json!({"prompt": "after a timeout", "agent_id": "eve"}))
+        .await?;
+
+    let t = &s
+        .wait_final(std::slice::from_ref(&after_failed), Duration::from_secs(15))
+        .await?[0];
+    ensure!(t["status"] == "succeeded", "{t}");
+    ensure!(
+        s.task(&failed).await?["status"] == "failed",
+        "the head failed first"
+    );
+
+    s.wait_for(&slow, Duration::from_secs(10), |t| t["status"] == "running")
+        .await?;
+    let queued = s.task(&after_cancel).await?;
+    ensure!(
+        queued["status"] == "queued",
+        "waits behind the running head: {queued}"
+    );
+    let r = s
+        .http
+        .delete(format!("{}/v1/tasks/{slow}", s.api_url))
+        .send()
+        .await?;
+    ensure!(r.status() == 200);
+    let t = &s
+        .wait_final(std::slice::from_ref(&after_cancel), Duration::from_secs(3))
+        .await?[0];
+    ensure!(
+        t["status"] == "succeeded",
+        "ran right after the cancel: {t}"
+    );
+
+    let t = &s
+        .wait_final(
+            std::slice::from_ref(&after_timeout),
+            Duration::from_secs(15),
+        )
+        .await?[0];
+    ensure!(t["status"] == "succeeded", "{t}");
+    ensure!(
+        s.task(&waits).await?["error_code"] == "tool_timeout",
+        "the head timed out"
+    );
+    ensure!(
+        at_ms(&s, &after_timeout, "started_at")? >= at_ms(&s, &waits, "finished_at")?,
+        "it waited for the head's timeout"
+    );
+    let q = s.queue("default").await?;
+    ensure!(q["pending"] == 0 && q["requires_action"] == 0, "{q}");
+    let mut c = s.redis.conn()?;
+    let lanes: u64 = redis::cmd("SCARD")
+        .arg("agentq:{default}:lanes")
+        .query(&mut c)?;
+    ensure!(lanes == 0, "every lane drained: {lanes} left");
+    assert_no_panic(&s);
+    Ok(())
+}

@@ -59,6 +59,21 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
+/// The agent of a task's payload, read only when the payload names one (most do not, and a
+/// second full parse per task would show in the worker's cost per task).
+fn agent_of(payload: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct AgentOnly {
+        agent_id: Option<String>,
+    }
+    if !payload.contains("\"agent_id\"") {
+        return None;
+    }
+    serde_json::from_str::<AgentOnly>(payload)
+        .ok()
+        .and_then(|a| a.agent_id)
+}
+
 /// When a task's tool outputs are due, from now.
 fn due(payload: &Payload) -> i64 {
     let timeout = i64::try_from(payload.tool_timeout().as_millis()).unwrap_or(i64::MAX);
@@ -127,6 +142,14 @@ impl Worker {
             hard,
         )
         .await;
+        // An agent's next task may run once this one is final. Idempotent and cheap when the
+        // task is not final yet (a retry, a park, a wait for tool outputs); a release lost here
+        // (a crash, Redis away) is made by the api's lane sweep.
+        if let Some(agent) = agent_of(&task.payload) {
+            if let Err(e) = self.broker.lane_release(&self.keys, &agent).await {
+                tracing::warn!(task.id = %task.id, error = %e, "lane release failed; the sweep will make it");
+            }
+        }
     }
 
     async fn execute(&self, task: &StartedTask) -> Outcome {

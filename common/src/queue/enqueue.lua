@@ -1,9 +1,14 @@
 -- Write a task record and queue its id, atomically; with an idempotency key, at most once.
--- KEYS[1] task hash, KEYS[2] pending list, KEYS[3] idempotency key (optional)
+-- KEYS[1] task hash, KEYS[2] pending list, then (each only when given) the idempotency key, and
+-- the agent's lane list and the lanes set
 -- ARGV[1] id, ARGV[2] queue, ARGV[3] created_at ms, ARGV[4] max_attempts, ARGV[5] payload JSON,
--- ARGV[6] idempotency TTL seconds
+-- ARGV[6] idempotency TTL seconds, ARGV[7] '1' when an idempotency key is given, ARGV[8] '1' when
+-- the task is an agent's (lane keys given), ARGV[9] the agent id
+-- An agent's tasks run one at a time in enqueue order: each joins its agent's lane, and only the
+-- lane's head is in pending; the next is pushed when the head is final (lane.lua).
 -- Returns {1, id} when enqueued, {0, existing_id} when the idempotency key was already used.
-if #KEYS == 3 then
+local idem = ARGV[7] == '1'
+if idem then
   local existing = redis.call('GET', KEYS[3])
   if existing then
     return {0, existing}
@@ -12,8 +17,18 @@ end
 redis.call('HSET', KEYS[1],
   'queue', ARGV[2], 'status', 'queued', 'attempts', 0, 'rate_limited', 0,
   'max_attempts', ARGV[4], 'payload', ARGV[5], 'created_at', ARGV[3])
-redis.call('LPUSH', KEYS[2], ARGV[1])
-if #KEYS == 3 then
+local runnable = true
+if ARGV[8] == '1' then
+  local lane = idem and KEYS[4] or KEYS[3]
+  local lanes = idem and KEYS[5] or KEYS[4]
+  runnable = redis.call('RPUSH', lane, ARGV[1]) == 1
+  redis.call('SADD', lanes, ARGV[9])
+  if runnable then redis.call('HSET', KEYS[1], 'lane_ready', 1) end
+end
+if runnable then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+end
+if idem then
   redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[6])
 end
 return {1, ARGV[1]}

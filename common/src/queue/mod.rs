@@ -202,12 +202,19 @@ impl Broker {
         if let Some(k) = idempotency_key {
             inv.key(keys.idempotency(k));
         }
+        let agent = task.payload.agent_id.as_deref();
+        if let Some(a) = agent {
+            inv.key(keys.lane(a)).key(keys.lanes());
+        }
         inv.arg(id.to_string())
             .arg(&task.queue)
             .arg(now_ms())
             .arg(task.max_attempts)
             .arg(payload)
-            .arg(ttl.as_secs().max(1));
+            .arg(ttl.as_secs().max(1))
+            .arg(if idempotency_key.is_some() { "1" } else { "0" })
+            .arg(if agent.is_some() { "1" } else { "0" })
+            .arg(agent.unwrap_or(""));
         let mut conn = self.redis.conn().await?;
         let (created, id): (i64, String) = inv.invoke_async(&mut conn).await?;
         Ok((

@@ -15,6 +15,8 @@ use crate::keys::Keys;
 use crate::time::now_ms;
 
 struct Scripts {
+    lane_release: Script,
+    lane_sweep: Script,
     step: Script,
     suspend: Script,
     resume: Script,
@@ -23,6 +25,14 @@ struct Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     step: Script::new(include_str!("step.lua")),
+    lane_release: Script::new(concat!(
+        include_str!("lane.lua"),
+        include_str!("lane_release.lua")
+    )),
+    lane_sweep: Script::new(concat!(
+        include_str!("lane.lua"),
+        include_str!("lane_sweep.lua")
+    )),
     suspend: Script::new(concat!(
         include_str!("fence.lua"),
         include_str!("suspend.lua")
@@ -163,6 +173,38 @@ impl Broker {
             "changed" => Resumed::Changed,
             other => Resumed::NotWaiting(other.to_owned()),
         })
+    }
+
+    /// Moves an agent's lane on after one of its tasks became final: its next task may run.
+    pub async fn lane_release(&self, keys: &Keys, agent_id: &str) -> RedisResult<()> {
+        let mut conn = self.redis.conn().await?;
+        let _: i64 = SCRIPTS
+            .lane_release
+            .key(keys.lane(agent_id))
+            .key(keys.pending())
+            .key(keys.lanes())
+            .arg(keys.task_prefix())
+            .arg(agent_id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// One step of the lanes backstop: moves on up to about `count` lanes from `cursor`; returns
+    /// the next cursor (0 when a pass over every lane is done).
+    pub async fn lane_sweep(&self, keys: &Keys, cursor: u64, count: usize) -> RedisResult<u64> {
+        let mut conn = self.redis.conn().await?;
+        let next: String = SCRIPTS
+            .lane_sweep
+            .key(keys.lanes())
+            .key(keys.pending())
+            .arg(keys.lane_prefix())
+            .arg(keys.task_prefix())
+            .arg(cursor)
+            .arg(count.max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(next.parse().unwrap_or(0))
     }
 
     /// Fails the tasks whose tool outputs are overdue; returns how many.
