@@ -102,7 +102,7 @@ echo "    Idempotency-Key demo-order-1 -> $a, again -> $b ($([ "$a" = "$b" ] && 
 ids+=("$a")
 # a bad request is refused with a JSON error naming the field, and writes nothing
 echo "    bad request: $(curl -sS -X POST "$api/v1/tasks" -H 'content-type: application/json' -d '{"prompt": 42}')"
-sleep 0.5
+# the agent's second task waits in the agent's lane until the first is done, then sees its exchange
 ids+=("$(post -d '{"prompt": "What is my favourite colour?", "agent_id": "demo-agent"}' | id_of)")
 
 if [ -n "$mock" ]; then

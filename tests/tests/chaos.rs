@@ -115,6 +115,9 @@ struct Spec {
     send_at: Duration,
     /// Cancel it (DELETE) this long after its 202.
     cancel_after: Option<Duration>,
+    /// One of a few dozen agents, for about one task in ten: an agent's tasks must run one at a
+    /// time (its lane), whatever the faults.
+    agent: Option<String>,
 }
 
 fn plan_tasks(cfg: &Config) -> Vec<Spec> {
@@ -152,12 +155,16 @@ fn plan_tasks(cfg: &Config) -> Vec<Spec> {
             let cancel_after = rng
                 .random_bool(0.01)
                 .then(|| Duration::from_millis(rng.random_range(0..3000)));
+            let agent = rng
+                .random_bool(0.1)
+                .then(|| format!("chaos-agent-{}", rng.random_range(0..40u32)));
             Spec {
                 n,
                 prompt,
                 max_attempts,
                 send_at: span.mul_f64(n as f64 / cfg.tasks as f64),
                 cancel_after,
+                agent,
             }
         })
         .collect()
@@ -198,7 +205,10 @@ async fn submit(
         n: spec.n,
         ..Submission::default()
     };
-    let body = json!({"prompt": spec.prompt, "max_attempts": spec.max_attempts});
+    let mut body = json!({"prompt": spec.prompt, "max_attempts": spec.max_attempts});
+    if let Some(agent) = &spec.agent {
+        body["agent_id"] = json!(agent);
+    }
     let key = format!("chaos-{seed}-{}", spec.n);
     loop {
         sub.posts += 1;
@@ -895,6 +905,16 @@ async fn run(cfg: Config) -> Result<()> {
     violations.extend(report.violations.iter().cloned());
 
     // Global checks.
+    violations.extend(lane_violations(&specs, &submissions, &records));
+    let lanes_left: u64 = redis::cmd("SCARD")
+        .arg(format!("{PREFIX}lanes"))
+        .query_async(&mut client.get_multiplexed_async_connection().await?)
+        .await?;
+    if lanes_left != 0 {
+        violations.push(format!(
+            "{lanes_left} agents still have a lane with every task final"
+        ));
+    }
     let distinct: HashSet<&str> = ids.iter().map(String::as_str).collect();
     if distinct.len() != ids.len() {
         violations.push(format!(
@@ -1195,6 +1215,45 @@ fn overlapping(calls: &[&CallRecord]) -> u64 {
 }
 
 /// Checks every acknowledged task against its record, the mock's calls and the worker logs.
+/// One conversation at a time: the runs that decided the tasks of one agent (each record's last
+/// `started_at` to its `finished_at`) never overlap, whatever was frozen, killed or cancelled.
+fn lane_violations(
+    specs: &[Spec],
+    submissions: &[Submission],
+    records: &[(String, Record)],
+) -> Vec<String> {
+    let agent_of: HashMap<&str, &str> = submissions
+        .iter()
+        .filter_map(|sub| {
+            let agent = specs.get(sub.n)?.agent.as_deref()?;
+            Some((sub.id.as_deref()?, agent))
+        })
+        .collect();
+    let mut runs: BTreeMap<&str, Vec<(u64, u64, &str)>> = BTreeMap::new();
+    for (id, r) in records {
+        let Some(agent) = agent_of.get(id.as_str()) else {
+            continue;
+        };
+        let (start, end) = (num(r, "started_at"), num(r, "finished_at"));
+        if start > 0 && end > 0 {
+            runs.entry(agent).or_default().push((start, end, id.as_str()));
+        }
+    }
+    let mut out = Vec::new();
+    for (agent, mut v) in runs {
+        v.sort();
+        for w in v.windows(2) {
+            if w[1].0 < w[0].1 {
+                out.push(format!(
+                    "agent {agent}: task {} started at {} before task {} finished at {} (two of its tasks ran at once)",
+                    w[1].2, w[1].0, w[0].2, w[0].1
+                ));
+            }
+        }
+    }
+    out
+}
+
 fn check_tasks(
     specs: &[Spec],
     submissions: &[Submission],
@@ -1560,6 +1619,43 @@ mod checks {
     }
 
     #[test]
+    fn overlapping_runs_of_one_agent_are_a_violation() {
+        let spec = |n: usize, agent: &str| Spec {
+            n,
+            prompt: format!("t{n}"),
+            max_attempts: 1,
+            send_at: Duration::ZERO,
+            cancel_after: None,
+            agent: Some(agent.to_owned()),
+        };
+        let specs = vec![spec(0, "a"), spec(1, "a"), spec(2, "b")];
+        let subs: Vec<Submission> = (0..3)
+            .map(|n| Submission {
+                n,
+                id: Some(format!("default.t{n}")),
+                ..Submission::default()
+            })
+            .collect();
+        let rec = |start: &str, end: &str| -> Record {
+            [("started_at", start), ("finished_at", end)]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        };
+        let in_turn = vec![
+            ("default.t0".to_owned(), rec("10", "20")),
+            ("default.t1".to_owned(), rec("20", "30")),
+            ("default.t2".to_owned(), rec("12", "18")),
+        ];
+        assert!(lane_violations(&specs, &subs, &in_turn).is_empty());
+        let at_once = vec![
+            ("default.t0".to_owned(), rec("10", "20")),
+            ("default.t1".to_owned(), rec("19", "30")),
+        ];
+        assert_eq!(lane_violations(&specs, &subs, &at_once).len(), 1);
+    }
+
+    #[test]
     fn overlaps_count_calls_that_start_while_another_runs() {
         let t0 = Instant::now();
         let ok = CallOutcome::Status(200);
@@ -1594,6 +1690,7 @@ mod checks {
             max_attempts: 3,
             send_at: Duration::ZERO,
             cancel_after: None,
+            agent: None,
         }];
         let subs = vec![Submission {
             n: 0,
