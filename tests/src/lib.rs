@@ -482,6 +482,31 @@ impl Stack {
         Ok((status, r.json().await.unwrap_or(Value::Null)))
     }
 
+    /// The request bodies the mock LLM received for `prompt` (its last user message), in call
+    /// order (the mock must record: `MockConfig { record: true, .. }`).
+    pub fn request_bodies(&self, prompt: &str) -> Vec<Value> {
+        let mut r: Vec<_> = self
+            .mock
+            .request_records()
+            .into_iter()
+            .filter(|r| r.prompt == prompt)
+            .collect();
+        r.sort_by_key(|r| r.call);
+        r.into_iter().map(|r| r.body).collect()
+    }
+
+    /// Waits until the mock LLM has received `n` calls of `prompt` (recording on).
+    pub async fn wait_calls(&self, prompt: &str, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.request_bodies(prompt).len() < n {
+            if Instant::now() > deadline {
+                bail!("call {n} of {prompt:?} never reached the mock");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     /// Every log line any process of this stack wrote so far (api, workers), for panic checks.
     pub fn all_logs(&self) -> String {
         let mut out = String::new();

@@ -18,18 +18,6 @@ fn recording() -> MockConfig {
     }
 }
 
-/// The request bodies the mock received for `prompt` (the last user message), in call order.
-fn bodies(s: &Stack, prompt: &str) -> Vec<Value> {
-    let mut r: Vec<_> = s
-        .mock
-        .request_records()
-        .into_iter()
-        .filter(|r| r.prompt == prompt)
-        .collect();
-    r.sort_by_key(|r| r.call);
-    r.into_iter().map(|r| r.body).collect()
-}
-
 fn call(id: &str, name: &str, args: &str) -> Value {
     json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}})
 }
@@ -69,7 +57,7 @@ async fn a_task_carries_the_whole_chat_request() -> Result<()> {
     ensure!(t["status"] == "succeeded", "{t}");
     ensure!(t["result"]["finish_reason"] == "stop", "{t}");
 
-    let sent = bodies(&s, prompt);
+    let sent = s.request_bodies(prompt);
     ensure!(sent.len() == 1, "one call: {sent:?}");
     let sent = &sent[0];
     // exactly what the task said, and nothing else (the task's max_tokens replaces the
@@ -206,7 +194,7 @@ async fn memory_keeps_whole_tool_exchanges() -> Result<()> {
     // task 2 sees task 1's whole exchange, tool call and result in order
     let t2 = run(json!({"agent_id": "ana", "prompt": "second question"})).await?;
     ensure!(t2["status"] == "succeeded", "{t2}");
-    let sent = &bodies(&s, "second question")[0]["messages"];
+    let sent = &s.request_bodies("second question")[0]["messages"];
     let mut want = tool_exchange.as_array().context("array")?.clone();
     want.push(json!({"role": "assistant", "content": "echo: first question"}));
     want.push(json!({"role": "user", "content": "second question"}));
@@ -219,7 +207,7 @@ async fn memory_keeps_whole_tool_exchanges() -> Result<()> {
         t3["status"] == "succeeded",
         "the cut exchange was repaired: {t3}"
     );
-    let sent = &bodies(&s, "third question")[0]["messages"];
+    let sent = &s.request_bodies("third question")[0]["messages"];
     ensure!(
         sent == &json!([
             {"role": "user", "content": "first question"},
@@ -243,7 +231,7 @@ async fn memory_keeps_whole_tool_exchanges() -> Result<()> {
     );
     let t5 = run(json!({"agent_id": "bo", "prompt": "next"})).await?;
     ensure!(t5["status"] == "succeeded", "{t5}");
-    let sent = &bodies(&s, "next")[0]["messages"];
+    let sent = &s.request_bodies("next")[0]["messages"];
     ensure!(
         sent == &json!([
             {"role": "user", "content": r#"add [[call:add:{"a":1}]]"#},
@@ -355,7 +343,7 @@ async fn a_client_side_tool_round_trip_over_http() -> Result<()> {
     );
 
     // the model's second call read its first reply and the client's result, in order
-    let sent = bodies(&s, prompt);
+    let sent = s.request_bodies(prompt);
     ensure!(sent.len() == 2, "two model calls: {sent:?}");
     let second = &sent[1]["messages"];
     ensure!(
@@ -383,7 +371,7 @@ async fn a_client_side_tool_round_trip_over_http() -> Result<()> {
         .await?;
     let t = &s.wait_final(&[next], Duration::from_secs(15)).await?[0];
     ensure!(t["status"] == "succeeded", "{t}");
-    let sent = &bodies(&s, "and now?")[0]["messages"];
+    let sent = &s.request_bodies("and now?")[0]["messages"];
     ensure!(
         sent.as_array().map(Vec::len) == Some(5),
         "user, assistant + call, tool, answer, new user: {sent}"
@@ -453,7 +441,7 @@ async fn tool_waits_end_by_timeout_cancel_or_max_steps() -> Result<()> {
     );
     ensure!(t["usage"]["calls"] == 1, "its one call was paid for: {t}");
     ensure!(
-        bodies(&s, "[[call:add]] capped").len() == 1,
+        s.request_bodies("[[call:add]] capped").len() == 1,
         "one model call"
     );
     // redriven, the timed-out task waits for its calls again without calling the model
@@ -467,7 +455,7 @@ async fn tool_waits_end_by_timeout_cancel_or_max_steps() -> Result<()> {
         .await?;
     ensure!(t["steps"] == 1, "{t}");
     ensure!(
-        bodies(&s, "[[call:add]] slow client").len() == 1,
+        s.request_bodies("[[call:add]] slow client").len() == 1,
         "no second call for the same step"
     );
     let (status, _) = outputs(
@@ -516,15 +504,8 @@ async fn a_killed_run_resumes_from_its_last_step() -> Result<()> {
     )
     .await?;
     ensure!(status == 202);
-    // the second call has started and sleeps in the mock: kill its worker
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while bodies(&s, prompt).len() < 2 {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "second call never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // the second call has started (it sleeps in the mock): kill its worker
+    s.wait_calls(prompt, 2, Duration::from_secs(20)).await?;
     w1.proc.sigkill();
     let _w2 = s.start_worker(&[]).await?;
     let t = &s
@@ -545,7 +526,7 @@ async fn a_killed_run_resumes_from_its_last_step() -> Result<()> {
         "step 1 once, step 2 twice (killed, then resumed): calls {calls:?}"
     );
     // every call after the first carried the recorded step
-    for b in bodies(&s, prompt).iter().skip(1) {
+    for b in s.request_bodies(prompt).iter().skip(1) {
         ensure!(b["messages"].as_array().map(Vec::len) == Some(3), "{b}");
     }
     assert_no_panic(&s);
@@ -600,7 +581,7 @@ async fn an_agents_tasks_run_one_at_a_time_in_order() -> Result<()> {
             i - 1
         );
         // each call carries the earlier exchanges: min(2i, AGENTQ_MEMORY_MESSAGES = 10) + 1
-        let sent = &bodies(&s, &prompts[i])[0]["messages"];
+        let sent = &s.request_bodies(&prompts[i])[0]["messages"];
         let n = sent.as_array().map_or(0, Vec::len);
         ensure!(
             n == (2 * i).min(10) + 1,

@@ -28,18 +28,6 @@ async fn stack(watch: Option<&str>) -> Result<(Stack, McpServer)> {
     Ok((s, mcp))
 }
 
-/// The request bodies the mock received for `prompt`, in call order.
-fn bodies(s: &Stack, prompt: &str) -> Vec<Value> {
-    let mut r: Vec<_> = s
-        .mock
-        .request_records()
-        .into_iter()
-        .filter(|r| r.prompt == prompt)
-        .collect();
-    r.sort_by_key(|r| r.call);
-    r.into_iter().map(|r| r.body).collect()
-}
-
 fn offered(body: &Value) -> Vec<String> {
     body["tools"]
         .as_array()
@@ -84,7 +72,7 @@ async fn mcp_tools_answer_the_model_and_the_task_succeeds() -> Result<()> {
     ensure!(content.contains('5'), "the sum: {content}");
     ensure!(t["steps"] == 2 && t["usage"]["calls"] == 2, "{t}");
 
-    let sent = bodies(&s, prompt);
+    let sent = s.request_bodies(prompt);
     ensure!(sent.len() == 2, "two model calls: {}", sent.len());
     let tools = offered(&sent[0]);
     for want in ["everything__echo", "everything__get-sum"] {
@@ -159,7 +147,7 @@ async fn failing_slow_huge_and_unknown_tools_are_answered_as_errors() -> Result<
         .wait_final(std::slice::from_ref(&id), Duration::from_secs(30))
         .await?[0];
     ensure!(t["status"] == "succeeded", "{t}");
-    let sent = bodies(&s, &prompt);
+    let sent = s.request_bodies(&prompt);
     ensure!(sent.len() == 2, "two model calls: {}", sent.len());
     let results = tool_results(&sent[1]);
     ensure!(results.len() == 4, "{results:?}");
@@ -205,7 +193,7 @@ async fn failing_slow_huge_and_unknown_tools_are_answered_as_errors() -> Result<
         .await?;
     s.wait_final(std::slice::from_ref(&id), Duration::from_secs(30))
         .await?;
-    let sent = bodies(&s, filtered);
+    let sent = s.request_bodies(filtered);
     ensure!(
         offered(&sent[0]) == ["everything__echo"],
         "{:?}",
@@ -224,7 +212,7 @@ async fn failing_slow_huge_and_unknown_tools_are_answered_as_errors() -> Result<
         t["status"] == "failed" && t["error_code"] == "max_steps",
         "{t}"
     );
-    ensure!(bodies(&s, capped).len() == 1, "one model call");
+    ensure!(s.request_bodies(capped).len() == 1, "one model call");
 
     // only declared servers: a task naming another is a 422, and nothing is dialled
     let (status, reply) = s
@@ -249,14 +237,8 @@ async fn a_run_killed_between_steps_repeats_no_recorded_call() -> Result<()> {
     let id = s
         .submit_json(&json!({"prompt": prompt, "mcp": ["everything"]}))
         .await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while bodies(&s, prompt).len() < 2 {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the second call never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // the second call has started (it sleeps in the mock): kill its worker
+    s.wait_calls(prompt, 2, Duration::from_secs(20)).await?;
     w1.proc.sigkill();
     let _w2 = s.start_worker(&[]).await?;
     let t = &s
@@ -266,9 +248,9 @@ async fn a_run_killed_between_steps_repeats_no_recorded_call() -> Result<()> {
     ensure!(t["result"]["content"] == "tool results: Echo: once", "{t}");
     ensure!(t["steps"] == 2, "{t}");
     ensure!(
-        bodies(&s, prompt).len() == 3,
+        s.request_bodies(prompt).len() == 3,
         "model calls: {}",
-        bodies(&s, prompt).len()
+        s.request_bodies(prompt).len()
     );
     ensure!(mcp.tool_calls() == ["echo"], "{:?}", mcp.tool_calls());
     assert_no_panic(&s);

@@ -146,7 +146,7 @@ impl Worker {
         // task is not final yet (a retry, a park, a wait for tool outputs); a release lost here
         // (a crash, Redis away) is made by the api's lane sweep.
         if let Some(agent) = agent_of(&task.payload) {
-            if let Err(e) = self.broker.lane_release(&self.keys, &agent).await {
+            if let Err(e) = Box::pin(self.broker.lane_release(&self.keys, &agent)).await {
                 tracing::warn!(task.id = %task.id, error = %e, "lane release failed; the sweep will make it");
             }
         }
@@ -199,7 +199,9 @@ impl Worker {
         // calls and their results) continue it, and no call already recorded is made again.
         let tool_task = payload.uses_tools();
         let mut transcript: Vec<Message> = if tool_task {
-            match self.broker.transcript(&self.keys, &task.id).await {
+            // boxed, like every await only tool tasks reach: a run's future is allocated per
+            // task, and its size is that of its largest await (1000 runs in flight)
+            match Box::pin(self.broker.transcript(&self.keys, &task.id)).await {
                 Ok(lines) => lines
                     .iter()
                     .filter_map(|l| serde_json::from_str(l).ok())
@@ -229,7 +231,7 @@ impl Worker {
         let mcp_tools = if payload.mcp.is_empty() {
             Vec::new()
         } else {
-            match self.mcp.tools_for(&payload.mcp).await {
+            match Box::pin(self.mcp.tools_for(&payload.mcp)).await {
                 Ok(t) => t,
                 Err(message) => {
                     return Outcome::Failure(LlmFailure::Transient {
@@ -239,16 +241,16 @@ impl Worker {
                 }
             }
         };
-        let offered: std::borrow::Cow<'_, Payload> = if mcp_tools.is_empty() {
-            std::borrow::Cow::Borrowed(&payload)
-        } else {
-            let mut p = payload.clone();
+        // boxed: a Payload inline would add its size to every run's future
+        let with_mcp: Option<Box<Payload>> = (!mcp_tools.is_empty()).then(|| {
+            let mut p = Box::new(payload.clone());
             p.params
                 .tools
                 .get_or_insert_with(Vec::new)
                 .extend(mcp_tools.iter().map(|t| t.function.clone()));
-            std::borrow::Cow::Owned(p)
-        };
+            p
+        });
+        let offered: &Payload = with_mcp.as_deref().unwrap_or(&payload);
         messages.extend(transcript.iter().cloned());
         let mut steps_done = transcript
             .iter()
@@ -256,9 +258,7 @@ impl Worker {
             .count() as u32;
 
         loop {
-            let (result, usage) = match self
-                .call_with_flow(task, &models, &messages, &offered)
-                .await
+            let (result, usage) = match self.call_with_flow(task, &models, &messages, offered).await
             {
                 crate::flow::Flow::Throttled(at) => return Outcome::Throttled(at),
                 crate::flow::Flow::Failed(failure) => return Outcome::Failure(failure),
@@ -279,7 +279,7 @@ impl Worker {
             if steps_done + 1 >= max {
                 // the reply was paid for, though it ends the task: no client should run tools
                 // whose results no model call would read
-                self.add_task_usage(&task.id, usage.as_ref()).await;
+                Box::pin(self.add_task_usage(&task.id, usage.as_ref())).await;
                 return Outcome::Failure(LlmFailure::Permanent {
                     outcome: "max_steps",
                     message: format!(
@@ -304,12 +304,12 @@ impl Worker {
                 .filter(|c| is_client(&c.function.name))
                 .cloned()
                 .collect();
-            let server_results = futures::future::join_all(
+            let server_results = Box::pin(futures::future::join_all(
                 calls
                     .iter()
                     .filter(|c| !is_client(&c.function.name))
-                    .map(|c| self.run_server_tool(&mcp_tools, c)),
-            )
+                    .map(|c| Box::pin(self.run_server_tool(&mcp_tools, c))),
+            ))
             .await;
             let mut step = vec![Message {
                 content: (!result.content.is_empty())
@@ -330,22 +330,20 @@ impl Worker {
                     usage,
                 };
             }
-            match self
-                .broker
-                .step(
-                    &self.keys,
-                    &task.id,
-                    &task.token,
-                    &step_json,
-                    usage.as_ref(),
-                )
-                .await
+            match Box::pin(self.broker.step(
+                &self.keys,
+                &task.id,
+                &task.token,
+                &step_json,
+                usage.as_ref(),
+            ))
+            .await
             {
                 Ok(v) if v == "ok" => {}
                 verdict => {
                     // not recorded: the call was still paid for; the report that follows is
                     // refused by the fence (or retried) and says what became of the task
-                    self.add_task_usage(&task.id, usage.as_ref()).await;
+                    Box::pin(self.add_task_usage(&task.id, usage.as_ref())).await;
                     let why = match verdict {
                         Ok(v) => format!("the step was not recorded: {v}"),
                         Err(e) => format!("the step could not be recorded: {e}"),
@@ -537,11 +535,10 @@ impl Worker {
                     due_ms: *due_ms,
                     usage: usage.as_ref(),
                 };
-                let verdict = self
-                    .persist("suspend", hard, || {
-                        self.broker.suspend(&self.keys, &self.id, id, token, &step)
-                    })
-                    .await;
+                let verdict = Box::pin(self.persist("suspend", hard, || {
+                    self.broker.suspend(&self.keys, &self.id, id, token, &step)
+                }))
+                .await;
                 if verdict.as_deref().is_some_and(|v| v != "requires_action") {
                     // not this run's write: its call was still paid for
                     self.add_task_usage(id, usage.as_ref()).await;

@@ -13,16 +13,8 @@ if t[1] ~= 'running' or t[2] ~= ARGV[1] then
   if t[1] == 'succeeded' or t[1] == 'failed' or t[1] == 'cancelled' then return t[1] end
   return 'stale'
 end
-local p, c, cached, cost = string.match(ARGV[3], '^(%d+)|(%d+)|(%d+)|(%d+)$')
-if p then
-  local add = {tonumber(p), tonumber(c), tonumber(cached), 1, tonumber(cost)}
-  local i = 0
-  for v in string.gmatch(t[3] or '', '%d+') do
-    i = i + 1
-    if add[i] then add[i] = add[i] + tonumber(v) end
-  end
-  redis.call('HSET', KEYS[1], 'usage', table.concat(add, '|'))
-end
+local usage = add_usage(t[3], ARGV[3])
+if usage then redis.call('HSET', KEYS[1], 'usage', usage) end
 local transcript = ARGV[2]
 if t[4] and t[4] ~= '' then transcript = t[4] .. '\n' .. ARGV[2] end
 redis.call('HSET', KEYS[1], 'transcript', transcript)

@@ -24,7 +24,10 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    step: Script::new(include_str!("step.lua")),
+    step: Script::new(concat!(
+        include_str!("usage_add.lua"),
+        include_str!("step.lua")
+    )),
     lane_release: Script::new(concat!(
         include_str!("lane.lua"),
         include_str!("lane_release.lua")
@@ -35,6 +38,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     )),
     suspend: Script::new(concat!(
         include_str!("fence.lua"),
+        include_str!("usage_add.lua"),
         include_str!("suspend.lua")
     )),
     resume: Script::new(include_str!("resume.lua")),

@@ -11,16 +11,8 @@ local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', '
 local refused = fence(KEYS[1], KEYS[2], ARGV[1], token, t[1], t[2], t[3])
 if refused then return refused end
 redis.call('ZREM', KEYS[3], ARGV[1])
-local p, c, cached, cost = string.match(ARGV[7], '^(%d+)|(%d+)|(%d+)|(%d+)$')
-if p then
-  local add = {tonumber(p), tonumber(c), tonumber(cached), 1, tonumber(cost)}
-  local i = 0
-  for v in string.gmatch(t[4] or '', '%d+') do
-    i = i + 1
-    if add[i] then add[i] = add[i] + tonumber(v) end
-  end
-  redis.call('HSET', KEYS[1], 'usage', table.concat(add, '|'))
-end
+local usage = add_usage(t[4], ARGV[7])
+if usage then redis.call('HSET', KEYS[1], 'usage', usage) end
 -- no new messages: a redriven task whose calls were never answered waits for them again
 if ARGV[4] ~= '' then
   local transcript = ARGV[4]
