@@ -46,6 +46,7 @@ pub enum Role {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
+    /// Serialized first: `complete.lua` recognizes a stored `tool` message by its prefix.
     pub role: Role,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<Content>,
@@ -962,6 +963,17 @@ mod tests {
         );
         assert_eq!(fixed[2].text_content(), "thinking");
         assert!(fixed[2].tool_calls.is_none());
+    }
+
+    #[test]
+    fn a_tool_message_serializes_role_first() {
+        let m = Message {
+            role: Role::Tool,
+            tool_call_id: Some("c".into()),
+            ..Message::user("r")
+        };
+        let json = serde_json::to_string(&m).expect("serializes");
+        assert!(json.starts_with(r#"{"role":"tool","#), "{json}");
     }
 
     #[test]

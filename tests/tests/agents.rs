@@ -200,8 +200,16 @@ async fn memory_keeps_whole_tool_exchanges() -> Result<()> {
     want.push(json!({"role": "user", "content": "second question"}));
     ensure!(sent == &Value::from(want), "task 2 sent {sent}");
 
-    // memory now ends ..., tool, user, answer, user, answer: its newest 5 start at the `tool`
-    // result, whose call was trimmed away. The history sent starts at the next user message.
+    // memory kept its newest 5: ..., tool, user, answer, user, answer would start at the `tool`
+    // result, whose call was trimmed away; the trim drops it, so the stored list starts whole
+    let mut c = s.redis.conn()?;
+    let stored: Vec<String> = redis::cmd("LRANGE")
+        .arg("agentq:{default}:memory:ana")
+        .arg(0)
+        .arg(-1)
+        .query(&mut c)?;
+    ensure!(stored.len() == 4, "{stored:?}");
+    ensure!(stored[0].starts_with(r#"{"role":"user""#), "{stored:?}");
     let t3 = run(json!({"agent_id": "ana", "prompt": "third question"})).await?;
     ensure!(
         t3["status"] == "succeeded",

@@ -45,6 +45,16 @@ if #KEYS == 4 and #ARGV > 8 then
     redis.call('RPUSH', KEYS[4], ARGV[i])
   end
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[6]), -1)
+  -- the trim may have cut a tool-call group: results whose call was trimmed away go too, so the
+  -- stored history starts at a whole exchange (messages are JSON with `role` first)
+  while true do
+    local head = redis.call('LINDEX', KEYS[4], 0)
+    if head and string.sub(head, 1, 15) == '{"role":"tool",' then
+      redis.call('LPOP', KEYS[4])
+    else
+      break
+    end
+  end
   redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7]))
 end
 return 'ok'
