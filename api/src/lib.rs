@@ -11,6 +11,7 @@ mod promote;
 mod routes;
 mod tools;
 mod upstreams;
+mod workflows;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -65,6 +65,11 @@ pub fn app(state: AppState) -> Router {
             "/v1/tasks/{id}/tool_outputs",
             post(crate::tools::submit_tool_outputs),
         )
+        .route("/v1/workflows", post(crate::workflows::create))
+        .route(
+            "/v1/workflows/{id}",
+            get(crate::workflows::get).delete(crate::workflows::cancel),
+        )
         .route("/v1/queues/{queue}", get(queue_stats))
         .route("/v1/queues/{queue}/dead", get(list_dead))
         .route("/v1/queues/{queue}/dead/redrive", post(redrive_dead))
@@ -273,7 +278,7 @@ async fn create_task(
 }
 
 /// Adds a declared queue to the `agentq:queues` set on its first task; once per queue per process.
-async fn register_queue(state: &AppState, queue: &str) {
+pub(crate) async fn register_queue(state: &AppState, queue: &str) {
     let fresh = state
         .known_queues
         .lock()
@@ -291,7 +296,7 @@ async fn register_queue(state: &AppState, queue: &str) {
 
 /// A queue nobody declared: refused, so clients cannot create keys and gauges without bound, or
 /// park tasks on a queue no worker serves.
-fn undeclared(queue: &str) -> ApiError {
+pub(crate) fn undeclared(queue: &str) -> ApiError {
     ApiError::invalid(
         "queue",
         format!("queue {queue:?} is not declared (AGENTQ_QUEUES lists the queues this api serves)"),

@@ -45,6 +45,10 @@ pub const ENV_MAX_TOKENS: &str = "AGENTQ_MAX_TOKENS";
 pub const ENV_MAX_TOKENS_PARAM: &str = "AGENTQ_MAX_TOKENS_PARAM";
 pub const ENV_LIMITER_OUTPUT_TOKENS: &str = "AGENTQ_LIMITER_OUTPUT_TOKENS";
 pub const ENV_LIMITER_GRANTS: &str = "AGENTQ_LIMITER_GRANTS";
+/// How often a worker checks that the tasks it runs were not cancelled (or finished elsewhere)
+/// behind its back: the backstop of the cancel channel, which misses what is published while it
+/// reconnects.
+pub const ENV_CANCEL_POLL_MS: &str = "AGENTQ_CANCEL_POLL_MS";
 /// Output tokens the limiter reserves for a call that sends no output cap (`AGENTQ_MAX_TOKENS=0`).
 pub const DEFAULT_LIMITER_OUTPUT_TOKENS: u32 = 1024;
 
@@ -71,6 +75,7 @@ pub const DEFAULT_MCP_MAX_RESULT_BYTES: usize = 16 * 1024;
 pub const DEFAULT_MEMORY_TTL_SECS: u64 = 3_600;
 pub const DEFAULT_FETCH_BATCH: usize = 32;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_CANCEL_POLL_MS: u64 = 2_000;
 /// Output cap sent with every call: bounds what a call can cost, and keeps a server from
 /// generating long after the worker gave up on the call (llama.cpp does not stop on disconnect).
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
@@ -386,6 +391,9 @@ pub struct WorkerConfig {
     pub mcp_timeout: Duration,
     /// `AGENTQ_MCP_MAX_RESULT_BYTES`: the most of a tool result the model is given.
     pub mcp_max_result_bytes: usize,
+    /// `AGENTQ_CANCEL_POLL_MS`: how often the runs in progress are checked against their records
+    /// (a cancelled or finished task's run is aborted), besides the cancel channel.
+    pub cancel_poll: Duration,
 }
 
 impl WorkerConfig {
@@ -521,6 +529,13 @@ impl WorkerConfig {
                 256,
                 4 << 20,
             )?,
+            cancel_poll: Duration::from_millis(ranged(
+                env,
+                ENV_CANCEL_POLL_MS,
+                DEFAULT_CANCEL_POLL_MS,
+                50,
+                600_000,
+            )?),
         })
     }
 }
@@ -544,6 +559,7 @@ mod tests {
         assert_eq!(c.common.max_attempts, 5);
         assert_eq!(c.heartbeat, Duration::from_secs(30));
         assert_eq!(c.drain_timeout, Duration::from_secs(100));
+        assert_eq!(c.cancel_poll, Duration::from_millis(2_000));
         assert_eq!(c.common.result_ttl, Duration::from_secs(86_400));
         assert_eq!(c.common.listen.to_string(), "0.0.0.0:9090");
         let a = ApiConfig::from_env(&env(&[])).expect("defaults are valid");
@@ -604,6 +620,9 @@ mod tests {
             (ENV_PRICES, "{"),
             (ENV_MAX_RESPONSE_BYTES, "10"),
             (ENV_REDIS_URL, "mysql://x"),
+            (ENV_CANCEL_POLL_MS, "10"),
+            (ENV_CANCEL_POLL_MS, "600001"),
+            (ENV_CANCEL_POLL_MS, "soon"),
         ];
         for (var, value) in cases {
             let err = WorkerConfig::from_env(&env(&[(var, value)])).expect_err(var);

@@ -177,9 +177,27 @@ impl Keys {
         format!("{}:lanes", self.base)
     }
 
+    /// `<prefix>:{<queue>}:`: the start of every key of the queue, for scripts that build the
+    /// keys of records they reach through another record (workflow nodes).
+    pub fn base(&self) -> String {
+        format!("{}:", self.base)
+    }
+
+    /// HASH with one workflow's state (its nodes, their states, counters and outputs; see
+    /// `common/src/graph/wf.lua`). A workflow id looks like a task id: `<queue>.<uuid>`.
+    pub fn workflow(&self, id: &str) -> String {
+        format!("{}:wf:{id}", self.base)
+    }
+
     /// LIST of an agent's recent messages (JSON), newest last.
     pub fn memory(&self, agent_id: &str) -> String {
         format!("{}:memory:{agent_id}", self.base)
+    }
+
+    /// Pub/sub channel (not a key: nothing is stored) on which `cancel.lua` publishes the id of a
+    /// task it took away from a running run, so the worker running it aborts the run's LLM call.
+    pub fn cancels(&self) -> String {
+        format!("{}:cancels", self.base)
     }
 }
 
@@ -226,6 +244,9 @@ mod tests {
         assert_eq!(k.waiting(), "agentq:{default}:waiting");
         assert_eq!(k.lane("a"), "agentq:{default}:lane:a");
         assert_eq!(k.lanes(), "agentq:{default}:lanes");
+        assert_eq!(k.base(), "agentq:{default}:");
+        assert_eq!(k.workflow("default.x"), "agentq:{default}:wf:default.x");
+        assert_eq!(k.cancels(), "agentq:{default}:cancels");
         assert_eq!(
             limiter_upstream("agentq", "openai"),
             "agentq:limiter:{openai}"

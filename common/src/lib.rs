@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod chat;
 pub mod config;
 pub mod flow;
+pub mod graph;
 pub mod keys;
 pub mod mcp;
 pub mod metrics;

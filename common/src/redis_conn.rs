@@ -1,4 +1,5 @@
-//! The Redis connection: one multiplexed, auto-reconnecting connection shared by every task.
+//! The Redis connection: one multiplexed, auto-reconnecting connection shared by every task
+//! (and, for a subscriber, a pub/sub connection of its own: [`Redis::pubsub`]).
 //!
 //! Why not a pool: a multiplexed connection pipelines concurrent commands on one socket, which is
 //! what a queue's many small scripts want, and deadpool-redis PINGs on every checkout, doubling the
@@ -62,6 +63,26 @@ impl Redis {
             })
             .await
             .cloned()
+    }
+
+    /// A pub/sub connection of its own, from the same client (same URL, credentials and TLS):
+    /// SUBSCRIBE takes a connection over, so the shared one cannot carry it. It does not
+    /// reconnect by itself: its message stream ends when the connection drops, and the caller
+    /// subscribes again. Connecting (with the handshake) is bounded like every other connection.
+    pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
+            self.inner.client.get_async_pubsub(),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "pub/sub connection timed out",
+            )
+            .into()),
+        }
     }
 
     /// True when Redis answers a PING.

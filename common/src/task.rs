@@ -26,6 +26,10 @@ pub const MAX_TOOL_TIMEOUT_SECS: u32 = 7 * 24 * 3600;
 pub const TOOL_TIMEOUT: &str = "tool_timeout";
 /// The prefix of a task's `error` when its model still wanted tools at `max_steps`.
 pub const MAX_STEPS: &str = "max_steps";
+/// The prefix of a plan node's `error` when its answer was not a valid plan.
+pub const INVALID_PLAN: &str = "invalid_plan";
+/// The prefix of a workflow node's `error` when a template could not be filled.
+pub const TEMPLATE: &str = "template";
 
 use crate::chat::{ChatParams, ResponseFormat, Stop, Tool, ToolChoice};
 pub use crate::chat::{Message, Role};
@@ -174,6 +178,9 @@ pub struct Payload {
     pub tool_timeout_secs: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mcp: Vec<crate::mcp::McpUse>,
+    /// The workflow node this task is (set by `POST /v1/workflows`, never by a task body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<Box<crate::graph::NodeRef>>,
 }
 
 impl Payload {
@@ -422,6 +429,7 @@ impl CreateTask {
                 max_steps: self.max_steps,
                 tool_timeout_secs: self.tool_timeout_secs,
                 mcp,
+                workflow: None,
             },
         })
     }
@@ -596,6 +604,16 @@ pub struct TaskView {
     /// the final answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transcript: Option<Vec<Message>>,
+    /// For a workflow's node: the workflow and the node's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<WorkflowLink>,
+}
+
+/// The workflow a task belongs to (`GET /v1/workflows/{workflow_id}`), and which node it is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkflowLink {
+    pub workflow_id: String,
+    pub node: String,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -621,14 +639,20 @@ pub struct SubmitToolOutputs {
 
 /// The `error_code` of a task's error, from its prefix.
 fn error_code(error: &str) -> Option<String> {
-    [BUDGET_EXCEEDED, TOOL_TIMEOUT, MAX_STEPS]
-        .into_iter()
-        .find(|code| {
-            error
-                .strip_prefix(code)
-                .is_some_and(|rest| rest.starts_with(':'))
-        })
-        .map(str::to_owned)
+    [
+        BUDGET_EXCEEDED,
+        TOOL_TIMEOUT,
+        MAX_STEPS,
+        INVALID_PLAN,
+        TEMPLATE,
+    ]
+    .into_iter()
+    .find(|code| {
+        error
+            .strip_prefix(code)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })
+    .map(str::to_owned)
 }
 
 impl TaskView {
@@ -697,6 +721,13 @@ impl TaskView {
                 .filter(|(u, _)| u.calls > 0)
                 .map(|(_, n)| n as f64 / 1e9),
             agent_id: payload.as_ref().and_then(|p| p.agent_id.clone()),
+            workflow: payload
+                .as_ref()
+                .and_then(|p| p.workflow.as_ref())
+                .map(|w| WorkflowLink {
+                    workflow_id: w.workflow.clone(),
+                    node: w.node.clone(),
+                }),
             metadata: payload.and_then(|p| p.metadata),
             steps: num("steps")
                 + u32::from(h.get("status").map(String::as_str) == Some("succeeded")),

@@ -11,6 +11,7 @@ use agentq_common::flow::budget::{cost_nanos, scopes_of, usd};
 use agentq_common::flow::{
     Admission, Charge, Estimate, Hold, Line, Reservation, Route, Settlement,
 };
+use agentq_common::graph::CapHold;
 use agentq_common::queue::UsageAdd;
 use agentq_common::task::{
     Fallback, Message, OnBudget, Payload, StartedTask, TaskResult, BUDGET_EXCEEDED,
@@ -221,7 +222,7 @@ impl Worker {
                     }
                 }
             };
-            let charge_base = ChargeBase {
+            let mut charge_base = ChargeBase {
                 task_id: &task.id,
                 hold: &lease,
                 scopes: &held,
@@ -229,7 +230,44 @@ impl Worker {
                 model,
                 price,
                 worst,
+                workflow: None,
             };
+            // a workflow's max_cost_usd: the same hold, against every node's calls in flight
+            if let Some(node) = payload.workflow.as_deref().filter(|n| n.capped) {
+                let hold = Box::pin(self.broker.workflow_hold(
+                    &self.cfg.queue,
+                    &node.workflow,
+                    &lease,
+                    worst,
+                    self.cfg.llm_timeout + LEASE_MARGIN,
+                ))
+                .await;
+                match hold {
+                    Ok(CapHold::Held) => charge_base.workflow = Some(&node.workflow),
+                    Ok(CapHold::Refused { cap, spent, held }) => {
+                        let _ = self.charge(&charge_base, None, false).await;
+                        self.metrics
+                            .budget_refusals
+                            .with_label_values(&["workflow"])
+                            .inc();
+                        fallbacks.push(skipped(model, up, "workflow_budget"));
+                        budget_failure.get_or_insert(LlmFailure::Permanent {
+                            outcome: BUDGET_EXCEEDED,
+                            message: format!(
+                                "{BUDGET_EXCEEDED}: workflow {} max_cost_usd ${:.6} has ${:.6} spent and ${:.6} in flight; this call may cost up to ${:.6}",
+                                node.workflow, usd(cap), usd(spent), usd(held), usd(worst)
+                            ),
+                        });
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = self.charge(&charge_base, None, false).await;
+                        tracing::warn!(error = %e, "workflow cost cap unavailable; parking the task");
+                        eligible = Some(now_ms() + 1000);
+                        continue;
+                    }
+                }
+            }
             let admission = self
                 .limiter
                 .reserve_estimated(
@@ -407,6 +445,15 @@ impl Worker {
             };
             if let Err(e) = self.budget.budgets.settle(&charge, now_ms()).await {
                 tracing::warn!(error = %e, "could not settle a budget hold; it expires with the call's timeout");
+            }
+        }
+        if let Some(wf) = c.workflow {
+            let settled = self
+                .broker
+                .workflow_settle(&self.cfg.queue, wf, c.hold, c.worst, cost)
+                .await;
+            if let Err(e) = settled {
+                tracing::warn!(error = %e, "could not settle a workflow's cost hold; it expires with the call's timeout");
             }
         }
         if !called {
@@ -622,6 +669,8 @@ struct ChargeBase<'a> {
     price: Option<agentq_common::config::Price>,
     /// The hold's amount (nano-dollars).
     worst: i64,
+    /// The workflow whose `max_cost_usd` holds the same amount, if one does.
+    workflow: Option<&'a str>,
 }
 
 /// Why the task's own caps refuse a call that may use `tokens` and cost `cost` (nano-dollars)

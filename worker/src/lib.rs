@@ -6,7 +6,9 @@
 //! (`complete.lua` / `fail.lua`), so a run that no longer owns its task writes nothing. Beside it,
 //! the heartbeat keeps its own timer and connection, and a maintenance loop promotes due retries,
 //! recovers the tasks of workers whose heartbeat expired and returns orphaned ids
-//! (`maintenance.rs`).
+//! (`maintenance.rs`). A cancel aborts the run it concerns at once: `cancel.lua` publishes the id
+//! on the queue's cancel channel, which a subscriber here listens to, and a poll of the running
+//! runs' records (`AGENTQ_CANCEL_POLL_MS`) catches what the channel missed (see [`Running`]).
 //!
 //! Failure policy: an LLM failure is classified once (transient, rate-limited, permanent) and
 //! becomes a retry, a dead letter or a wait; a Redis failure is retried with backoff until it
@@ -15,6 +17,7 @@
 
 mod budget;
 mod flow;
+mod graph;
 mod llm;
 mod maintenance;
 mod probe;
@@ -85,6 +88,11 @@ struct Worker {
     /// (when every heartbeat key may have expired at once) live workers beat again before anyone
     /// is declared lost.
     healthy_since: Mutex<Option<Instant>>,
+    /// The runs executing now, each with the token that aborts it when its task is cancelled.
+    running: Running,
+    /// Wakes the cancel poll at once (after the cancel channel was resubscribed: whatever was
+    /// published while it was away is found by the poll).
+    poll_cancels_now: tokio::sync::Notify,
 }
 
 /// Runs a worker until `shutdown` resolves, then drains. `listener` serves the probes and metrics.
@@ -150,7 +158,7 @@ pub async fn run(
     metrics.concurrency.set(config.concurrency as i64);
     let worker = Arc::new(Worker {
         keys: Keys::new(&config.common.key_prefix, &config.queue),
-        broker: Broker::new(redis, config.common.key_prefix.clone()),
+        broker: Broker::new(redis.clone(), config.common.key_prefix.clone()),
         blocking,
         llms,
         limiter,
@@ -169,6 +177,8 @@ pub async fn run(
         fetches_finished: AtomicU64::new(0),
         abandoned: Mutex::new(HashMap::new()),
         healthy_since: Mutex::new(None),
+        running: Running::default(),
+        poll_cancels_now: tokio::sync::Notify::new(),
         id,
         cfg: config,
     });
@@ -207,6 +217,13 @@ pub async fn run(
             .clone()
             .watch_budgets(stop_maintenance.clone(), budgets_read.clone()),
     );
+    // A cancelled task's run is aborted: on the cancel channel's message, else by the poll.
+    let cancel_listener = tokio::spawn(
+        worker
+            .clone()
+            .listen_for_cancels(redis, stop_maintenance.clone()),
+    );
+    let cancel_poll = tokio::spawn(worker.clone().poll_cancels(stop_maintenance.clone()));
     let _ = tokio::time::timeout(Duration::from_secs(2), budgets_read.cancelled()).await;
     let fetcher = tokio::spawn(worker.clone().fetch_loop(
         stop_fetching.clone(),
@@ -243,6 +260,8 @@ pub async fn run(
     stop_maintenance.cancel();
     let _ = maintenance.await;
     let _ = budget_watch.await;
+    let _ = cancel_listener.await;
+    let _ = cancel_poll.await;
     let empty = worker.release_leftovers().await;
     // The heartbeat stops only now: while ids were still in the list, the worker had to look alive.
     stop_beating.cancel();
@@ -300,6 +319,168 @@ struct FetchOp<'a>(&'a AtomicU64);
 impl Drop for FetchOp<'_> {
     fn drop(&mut self) {
         self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// How long a cancel heard for an id no run here holds is remembered: the channel may deliver it
+/// before the run it concerns registered (its fetch reply still on the way). A cancelled task never
+/// runs again, so a late match is always right to abort.
+const EARLY_CANCEL_TTL: Duration = Duration::from_secs(30);
+/// At most this many such cancels are remembered (every worker of a queue hears all its cancels);
+/// past it the poll still finds them.
+const EARLY_CANCEL_CAP: usize = 4096;
+/// Task records the cancel poll reads per round trip.
+const CANCEL_POLL_BATCH: usize = 512;
+/// How often the cancel channel's connection is checked with a PING: one that died without a
+/// reset (a vanished peer) would otherwise just look quiet.
+const CANCEL_PING_EVERY: Duration = Duration::from_secs(15);
+
+/// The runs this process is executing, by task id, each with its run's token and the
+/// [`CancellationToken`] that aborts it (`run()` races its execute step against it). A run is
+/// registered for its execute step only; [`RunGuard`] removes it, also when the run panics.
+#[derive(Default)]
+struct Running {
+    inner: Mutex<RunningInner>,
+}
+
+#[derive(Default)]
+struct RunningInner {
+    /// Source of [`RunEntry::serial`].
+    serial: u64,
+    /// Task id → its runs here (one, save for a stale copy of a recovered task).
+    runs: HashMap<String, Vec<RunEntry>>,
+    /// Cancels heard for ids no run here held, and when (see [`EARLY_CANCEL_TTL`]).
+    early: HashMap<String, Instant>,
+}
+
+struct RunEntry {
+    serial: u64,
+    token: String,
+    abort: CancellationToken,
+}
+
+/// A registered run, one of [`Running::snapshot`]'s rows: (task id, serial, the run's token).
+type RunRow = (String, u64, String);
+
+/// One registered run; leaves the registry when dropped.
+pub(crate) struct RunGuard<'a> {
+    running: &'a Running,
+    id: String,
+    serial: u64,
+    abort: CancellationToken,
+}
+
+impl RunGuard<'_> {
+    /// Resolves once the run's task was cancelled (or finished elsewhere): the run must stop.
+    pub(crate) fn aborted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.abort.cancelled()
+    }
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.running.lock();
+        if let Some(runs) = inner.runs.get_mut(&self.id) {
+            runs.retain(|r| r.serial != self.serial);
+            if runs.is_empty() {
+                inner.runs.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunningInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a run of `id`; aborted at once when a cancel of `id` was heard just before.
+    fn register(&self, id: &str, token: &str) -> RunGuard<'_> {
+        let abort = CancellationToken::new();
+        let mut inner = self.lock();
+        inner.serial += 1;
+        let serial = inner.serial;
+        if inner
+            .early
+            .remove(id)
+            .is_some_and(|at| at.elapsed() < EARLY_CANCEL_TTL)
+        {
+            abort.cancel();
+        }
+        inner.runs.entry(id.to_owned()).or_default().push(RunEntry {
+            serial,
+            token: token.to_owned(),
+            abort: abort.clone(),
+        });
+        drop(inner);
+        RunGuard {
+            running: self,
+            id: id.to_owned(),
+            serial,
+            abort,
+        }
+    }
+
+    /// A cancel of `id` heard on the channel: aborts every run of it here and returns how many.
+    /// When none is registered (yet), the id is remembered for a run that registers late.
+    fn cancel(&self, id: &str) -> usize {
+        let mut inner = self.lock();
+        if let Some(runs) = inner.runs.get(id) {
+            for r in runs {
+                r.abort.cancel();
+            }
+            return runs.len();
+        }
+        if inner.early.len() >= EARLY_CANCEL_CAP {
+            inner.early.retain(|_, at| at.elapsed() < EARLY_CANCEL_TTL);
+        }
+        if inner.early.len() < EARLY_CANCEL_CAP {
+            inner.early.insert(id.to_owned(), Instant::now());
+        }
+        0
+    }
+
+    /// Aborts one run (by its serial); false when it is gone.
+    fn abort(&self, id: &str, serial: u64) -> bool {
+        let inner = self.lock();
+        match inner
+            .runs
+            .get(id)
+            .and_then(|runs| runs.iter().find(|r| r.serial == serial))
+        {
+            Some(r) => {
+                r.abort.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The runs registered now and not aborted yet.
+    fn snapshot(&self) -> Vec<RunRow> {
+        let inner = self.lock();
+        inner
+            .runs
+            .iter()
+            .flat_map(|(id, runs)| {
+                runs.iter()
+                    .filter(|r| !r.abort.is_cancelled())
+                    .map(move |r| (id.clone(), r.serial, r.token.clone()))
+            })
+            .collect()
+    }
+}
+
+/// Whether the poll aborts a run, given its record's `status`: when the record is gone or the
+/// task is final (cancelled, or finished by another run). Never for a status that is still
+/// running or retrying, whatever the token: a stale run keeps today's fencing (its report is
+/// refused and counted as `fenced`).
+fn poll_aborts(status: Option<&str>) -> bool {
+    match status {
+        None => true,
+        Some(s) => matches!(s, "succeeded" | "failed" | "cancelled"),
     }
 }
 
@@ -503,7 +684,222 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Registers a run for its execute step (see [`Running`]).
+    pub(crate) fn register_run(&self, id: &str, token: &str) -> RunGuard<'_> {
+        self.running.register(id, token)
+    }
+
+    /// Listens on the queue's cancel channel (`cancel.lua` publishes a running task's id there)
+    /// and aborts the matching run. The pub/sub connection does not reconnect by itself: when it
+    /// drops (or stops answering PINGs) it is made again with backoff, warning once per outage,
+    /// and the poll then runs at once for whatever was published meanwhile.
+    async fn listen_for_cancels(self: Arc<Self>, redis: Redis, stop: CancellationToken) {
+        use futures::StreamExt;
+        let channel = self.keys.cancels();
+        let mut failures: u32 = 0;
+        loop {
+            let subscribed = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = async {
+                    let mut ps = redis.pubsub().await?;
+                    ps.subscribe(&channel).await?;
+                    redis::RedisResult::Ok(ps)
+                } => r,
+            };
+            let lost = match subscribed {
+                Ok(ps) => {
+                    if failures > 0 {
+                        tracing::info!(channel = %channel, "cancel channel subscribed again");
+                        self.poll_cancels_now.notify_one();
+                    }
+                    failures = 0;
+                    let (mut sink, mut messages) = ps.split();
+                    let mut ping = tokio::time::interval(CANCEL_PING_EVERY);
+                    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    ping.tick().await;
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            m = messages.next() => match m {
+                                Some(m) => {
+                                    let Ok(id) = m.get_payload::<String>() else { continue };
+                                    let n = self.running.cancel(&id);
+                                    if n > 0 {
+                                        tracing::debug!(task.id = %id, runs = n, "cancel heard; aborting the run");
+                                    }
+                                }
+                                None => break "the connection closed".to_owned(),
+                            },
+                            _ = ping.tick() => {
+                                match tokio::time::timeout(
+                                    agentq_common::redis_conn::RESPONSE_TIMEOUT,
+                                    sink.ping::<redis::Value>(),
+                                ).await {
+                                    Ok(Ok(_)) => {}
+                                    Ok(Err(e)) => break e.to_string(),
+                                    Err(_) => break "no answer to PING".to_owned(),
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            failures = failures.saturating_add(1);
+            if failures == 1 {
+                tracing::warn!(
+                    channel = %channel,
+                    error = %lost,
+                    "cancel channel lost; subscribing again (meanwhile the poll aborts cancelled runs)"
+                );
+            }
+            let wait = full_jitter(
+                failures.min(6),
+                Duration::from_millis(100),
+                Duration::from_secs(3),
+            );
+            if !pause(wait, &stop).await {
+                return;
+            }
+        }
+    }
+
+    /// The backstop of the cancel channel: every `AGENTQ_CANCEL_POLL_MS`, reads the `status` and
+    /// `token` of every registered run's record (pipelined) and aborts a run whose record is gone
+    /// or whose task is final ([`poll_aborts`]). Reads nothing while no run is registered.
+    async fn poll_cancels(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.cfg.cancel_poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = self.poll_cancels_now.notified() => {}
+            }
+            let runs = self.running.snapshot();
+            for batch in runs.chunks(CANCEL_POLL_BATCH) {
+                let ids: Vec<&str> = batch.iter().map(|(id, _, _)| id.as_str()).collect();
+                let states = match self.broker.run_states(&self.keys, &ids).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Redis away: nothing is aborted on a guess; the next tick tries again
+                        tracing::debug!(error = %e, "cancel poll failed");
+                        break;
+                    }
+                };
+                for ((id, serial, token), (status, current)) in batch.iter().zip(states) {
+                    if poll_aborts(status.as_deref()) && self.running.abort(id, *serial) {
+                        tracing::debug!(
+                            task.id = %id,
+                            status = status.as_deref().unwrap_or("<record gone>"),
+                            run_token = %token,
+                            token = current.as_deref().unwrap_or(""),
+                            "the task is final or gone; aborting the run"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Time in ms; re-exported for tests that inspect task timestamps.
 pub fn now() -> i64 {
     now_ms()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_aborts_every_run_of_its_id_and_only_those() {
+        let running = Running::default();
+        let a = running.register("q.a", "1");
+        let stale = running.register("q.a", "2");
+        let b = running.register("q.b", "1");
+        assert_eq!(running.snapshot().len(), 3);
+        assert_eq!(running.cancel("q.a"), 2);
+        assert!(a.abort.is_cancelled() && stale.abort.is_cancelled());
+        assert!(!b.abort.is_cancelled());
+        // aborted runs are no longer polled
+        let rows = running.snapshot();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].0.as_str(), rows[0].2.as_str()), ("q.b", "1"));
+        drop((a, stale, b));
+        assert!(running.snapshot().is_empty());
+        assert!(
+            running.lock().runs.is_empty(),
+            "guards unregister their runs"
+        );
+    }
+
+    #[test]
+    fn the_poll_aborts_one_run_by_its_serial() {
+        let running = Running::default();
+        let old = running.register("q.a", "1");
+        let new = running.register("q.a", "2");
+        assert!(running.abort("q.a", new.serial));
+        assert!(new.abort.is_cancelled() && !old.abort.is_cancelled());
+        let serial = old.serial;
+        drop(old);
+        assert!(!running.abort("q.a", serial), "an ended run is gone");
+    }
+
+    #[test]
+    fn a_cancel_heard_before_its_run_registered_aborts_it_at_once() {
+        let running = Running::default();
+        assert_eq!(running.cancel("q.early"), 0);
+        let run = running.register("q.early", "1");
+        assert!(run.abort.is_cancelled());
+        // remembered once: another id, or the same id again, starts clean
+        let other = running.register("q.other", "1");
+        assert!(!other.abort.is_cancelled());
+        drop(run);
+        let again = running.register("q.early", "2");
+        assert!(!again.abort.is_cancelled());
+    }
+
+    #[test]
+    fn remembered_cancels_are_bounded() {
+        let running = Running::default();
+        for i in 0..(EARLY_CANCEL_CAP + 100) {
+            running.cancel(&format!("q.{i}"));
+        }
+        assert_eq!(running.lock().early.len(), EARLY_CANCEL_CAP);
+        // stale entries are pruned to make room
+        for at in running.lock().early.values_mut() {
+            *at = at.checked_sub(EARLY_CANCEL_TTL).expect("uptime > 30 s");
+        }
+        running.cancel("q.late");
+        let inner = running.lock();
+        assert_eq!(inner.early.len(), 1);
+        assert!(inner.early.contains_key("q.late"));
+    }
+
+    #[test]
+    fn only_a_gone_or_final_record_aborts_a_run() {
+        assert!(poll_aborts(None));
+        for s in ["succeeded", "failed", "cancelled"] {
+            assert!(poll_aborts(Some(s)), "{s}");
+        }
+        // still running (perhaps under another run's token) or between attempts: fencing decides
+        for s in ["running", "retrying", "queued", "requires_action"] {
+            assert!(!poll_aborts(Some(s)), "{s}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_guard_dropped_by_a_panic_unregisters_its_run() {
+        let running = Arc::new(Running::default());
+        let r = running.clone();
+        let joined = tokio::spawn(async move {
+            let _run = r.register("q.a", "1");
+            panic!("run panicked");
+        })
+        .await;
+        assert!(joined.is_err());
+        assert!(running.snapshot().is_empty());
+    }
 }

@@ -15,13 +15,15 @@ use tokio_util::sync::CancellationToken;
 use crate::{LlmFailure, Worker};
 
 /// What a run's execute step ended with; the report step writes it.
-enum Outcome {
+pub(crate) enum Outcome {
     Success {
         result_json: String,
         agent_id: Option<String>,
         exchange: Vec<String>,
         /// The answering call's usage, written with the result.
         usage: Option<agentq_common::queue::UsageAdd>,
+        /// For a workflow's node: its output and a plan's children, for `wf.lua`.
+        node: Option<Box<agentq_common::queue::NodeDone>>,
     },
     Failure(LlmFailure),
     /// The record cannot be run at all: dead-letter it now, never call the LLM.
@@ -127,21 +129,38 @@ impl Worker {
                 .with_label_values(&[self.cfg.queue.as_str()])
                 .observe(waited);
         }
-        // biased, the run first: an answer that arrives with the hard stop is kept, not given back
+        // Registered for the execute step only: a cancel (heard on the cancel channel, or found
+        // by the poll) aborts it, never the report. Unregistered on drop, also on a panic.
+        let registered = self.register_run(&task.id, &task.token);
+        // biased, the run first: an answer that arrives with the hard stop (or a cancel) is
+        // reported (a cancelled task's report writes nothing), not given back
         let outcome = tokio::select! {
             biased;
-            o = self.execute(&task) => o,
-            _ = hard.cancelled() => Outcome::GiveBack,
+            o = self.execute(&task) => Some(o),
+            // Dropping the execute future closes the LLM request's connection (the upstream
+            // stops generating) and ends any MCP tool call. No report: cancel.lua took the id off
+            // every list and cleared the token, so there is nothing left for this run to write.
+            _ = registered.aborted() => None,
+            _ = hard.cancelled() => Some(Outcome::GiveBack),
         };
-        self.report(
-            &task.id,
-            &task.token,
-            (task.attempt, task.rate_limited),
-            outcome,
-            started,
-            hard,
-        )
-        .await;
+        drop(registered);
+        match outcome {
+            Some(outcome) => {
+                self.report(
+                    &task.id,
+                    &task.token,
+                    (task.attempt, task.rate_limited),
+                    outcome,
+                    started,
+                    hard,
+                )
+                .await
+            }
+            None => {
+                self.count("cancelled", started);
+                tracing::info!(task.id = %task.id, attempt = task.attempt, "run aborted: task cancelled");
+            }
+        }
         // An agent's next task may run once this one is final. Idempotent and cheap when the
         // task is not final yet (a retry, a park, a wait for tool outputs); a release lost here
         // (a crash, Redis away) is made by the api's lane sweep.
@@ -156,12 +175,18 @@ impl Worker {
         if agentq_common::keys::TaskId::parse(&task.id).is_err() {
             return Outcome::Poison("poison: malformed task id".to_owned());
         }
-        let payload: Payload = match serde_json::from_str(&task.payload) {
+        let mut payload: Payload = match serde_json::from_str(&task.payload) {
             Ok(p) => p,
             Err(e) => return Outcome::Poison(format!("poison: payload does not parse: {e}")),
         };
         if payload.messages.is_empty() {
             return Outcome::Poison("poison: payload has no messages".to_owned());
+        }
+        // a workflow node reads its parents' results (all final: it runs only after them)
+        if payload.workflow.as_ref().is_some_and(|w| w.templated) {
+            if let Err(o) = Box::pin(self.render_templates(&mut payload)).await {
+                return o;
+            }
         }
         let mut models = Vec::with_capacity(1 + payload.fallback_models.len());
         models.push(
@@ -273,7 +298,12 @@ impl Worker {
                 None
             };
             let Some(calls) = calls else {
-                return self.answered(&payload, &transcript, result, usage);
+                let out = self.answered(task, &payload, &transcript, result, usage);
+                if matches!(out, Outcome::Failure(_)) {
+                    // an invalid plan: the reply was paid for
+                    Box::pin(self.add_task_usage(&task.id, usage.as_ref())).await;
+                }
+                return out;
             };
             let max = payload.max_steps();
             if steps_done + 1 >= max {
@@ -413,11 +443,25 @@ impl Worker {
     /// task's messages, every step, the answer).
     fn answered(
         &self,
+        task: &StartedTask,
         payload: &Payload,
         transcript: &[Message],
         result: agentq_common::task::TaskResult,
         usage: Option<agentq_common::queue::UsageAdd>,
     ) -> Outcome {
+        let node = match payload.workflow.as_deref() {
+            Some(n) => match self.node_done(task, payload, n, &result.content) {
+                Ok(done) => Some(Box::new(done)),
+                Err(message) => {
+                    // the plan's reply was paid for, though it ends the node
+                    return Outcome::Failure(LlmFailure::Permanent {
+                        outcome: "invalid_plan",
+                        message,
+                    });
+                }
+            },
+            None => None,
+        };
         let result_json = serde_json::to_string(&result).unwrap_or_default();
         let mut exchange = Vec::new();
         if payload.agent_id.is_some() && self.cfg.memory_messages > 0 {
@@ -450,6 +494,7 @@ impl Worker {
             agent_id: payload.agent_id.clone(),
             exchange,
             usage,
+            node,
         }
     }
 
@@ -472,6 +517,7 @@ impl Worker {
                 agent_id,
                 exchange,
                 usage,
+                node,
             } => {
                 let memory = agent_id
                     .as_deref()
@@ -493,6 +539,7 @@ impl Worker {
                             self.ttl(),
                             memory.as_ref(),
                             usage.as_ref(),
+                            node.as_deref(),
                         )
                     })
                     .await;

@@ -3,7 +3,9 @@
 -- KEYS[1] task hash, KEYS[2] pending list, KEYS[3] delayed zset, KEYS[4] active zset,
 -- KEYS[5] throttled zset, KEYS[6] waiting zset (tasks waiting for tool outputs)
 -- ARGV[1] id, ARGV[2] now ms, ARGV[3] result TTL seconds, ARGV[4] in-flight list key prefix
--- (the owner's list is ARGV[4] .. worker; same hash tag, so the same slot)
+-- (the owner's list is ARGV[4] .. worker; same hash tag, so the same slot), ARGV[5] the queue's
+-- cancel channel (optional): a running task's id is published there, so the worker running it
+-- aborts its LLM call now instead of paying for an answer nobody will keep
 -- Returns 'ok' when cancelled now, 'missing', or the final status the task already had.
 local t = redis.call('HMGET', KEYS[1], 'status', 'worker')
 local status = t[1]
@@ -23,4 +25,9 @@ end
 if status == 'running' and t[2] then
   redis.call('LREM', ARGV[4] .. t[2], 0, ARGV[1])
 end
+if status == 'running' and ARGV[5] then
+  redis.call('PUBLISH', ARGV[5], ARGV[1])
+end
+-- a workflow's node: its on_failure decides what happens to the rest (wf.lua)
+wf_final(KEYS[1], 'cancelled', nil, 'cancelled by request', tonumber(ARGV[2]))
 return 'ok'

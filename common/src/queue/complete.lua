@@ -2,8 +2,9 @@
 -- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] agent memory list (optional)
 -- ARGV[1] id, ARGV[2] run token, ARGV[3] now ms, ARGV[4] result JSON, ARGV[5] result TTL seconds,
 -- ARGV[6] memory length cap, ARGV[7] memory TTL seconds, ARGV[8] the run's call usage to add to the
--- task's counters ("prompt|completion|cached|cost nano-dollars", or ''), ARGV[9..] messages to
--- append to memory
+-- task's counters ("prompt|completion|cached|cost nano-dollars", or ''), ARGV[9] '1' when the task
+-- is a workflow node (else ''), ARGV[10] its output, ARGV[11] a plan's children (JSON, see
+-- wf_final in wf.lua) or '', ARGV[12..] messages to append to memory
 -- Returns 'ok'; or, writing nothing: the verdict this run already got (a resend after a lost reply),
 -- the final status ('succeeded', 'failed', 'cancelled'), 'missing', or 'stale' (another run owns it).
 local token = ARGV[2]
@@ -40,8 +41,8 @@ else
 end
 redis.call('HDEL', KEYS[1], 'error', 'token')
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-if #KEYS == 4 and #ARGV > 8 then
-  for i = 9, #ARGV do
+if #KEYS == 4 and #ARGV > 11 then
+  for i = 12, #ARGV do
     redis.call('RPUSH', KEYS[4], ARGV[i])
   end
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[6]), -1)
@@ -56,5 +57,11 @@ if #KEYS == 4 and #ARGV > 8 then
     end
   end
   redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7]))
+end
+-- a workflow's node: its dependents may run now (same step as the result, so no crash between)
+if ARGV[9] == '1' then
+  local spawn = nil
+  if ARGV[11] ~= '' then spawn = cjson.decode(ARGV[11]) end
+  wf_final(KEYS[1], 'succeeded', ARGV[10], nil, tonumber(ARGV[3]), spawn)
 end
 return 'ok'

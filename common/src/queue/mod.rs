@@ -31,17 +31,29 @@ struct Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     enqueue: Script::new(include_str!("enqueue.lua")),
-    fetch: Script::new(include_str!("fetch.lua")),
+    // Every script that can make a task final ends with the workflow step of wf.lua.
+    fetch: Script::new(concat!(
+        include_str!("../graph/wf.lua"),
+        include_str!("fetch.lua")
+    )),
     // Both reports share the ownership check of fence.lua (a Redis script cannot import another).
     complete: Script::new(concat!(
+        include_str!("../graph/wf.lua"),
         include_str!("fence.lua"),
         include_str!("complete.lua")
     )),
-    fail: Script::new(concat!(include_str!("fence.lua"), include_str!("fail.lua"))),
+    fail: Script::new(concat!(
+        include_str!("../graph/wf.lua"),
+        include_str!("fence.lua"),
+        include_str!("fail.lua")
+    )),
     promote: Script::new(include_str!("promote.lua")),
     usage: Script::new(include_str!("usage.lua")),
     recover: Script::new(include_str!("recover.lua")),
-    cancel: Script::new(include_str!("cancel.lua")),
+    cancel: Script::new(concat!(
+        include_str!("../graph/wf.lua"),
+        include_str!("cancel.lua")
+    )),
     redrive: Script::new(include_str!("redrive.lua")),
     give_back: Script::new(include_str!("return.lua")),
 });
@@ -118,6 +130,14 @@ pub struct MemoryAppend<'a> {
     pub messages: Vec<String>,
     pub keep: usize,
     pub ttl: Duration,
+}
+
+/// What a workflow node's success carries to `wf.lua`: its output for the dependents' templates
+/// and, for a plan node, the children to spawn (JSON, see `wf_final`).
+#[derive(Debug, Clone, Default)]
+pub struct NodeDone {
+    pub output: String,
+    pub children: Option<String>,
 }
 
 /// One LLM call's usage, added to its task's counters (the record's `usage` field,
@@ -263,6 +283,7 @@ impl Broker {
             .arg(now_ms())
             .arg(ttl.as_secs().max(1))
             .arg(keys.inflight_prefix())
+            .arg(keys.cancels())
             .invoke_async(&mut conn)
             .await?;
         Ok(match out.as_str() {
@@ -465,6 +486,7 @@ impl Broker {
         ttl: Duration,
         memory: Option<&MemoryAppend<'_>>,
         usage: Option<&UsageAdd>,
+        node: Option<&NodeDone>,
     ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
         let mut inv = SCRIPTS.complete.prepare_invoke();
@@ -481,6 +503,13 @@ impl Broker {
             .arg(ttl.as_secs().max(1));
         let (keep, mttl) = memory.map_or((1, 1), |m| (m.keep.max(1), m.ttl.as_secs().max(1)));
         inv.arg(keep).arg(mttl).arg(UsageAdd::script_arg(usage));
+        match node {
+            Some(n) => inv
+                .arg("1")
+                .arg(&n.output)
+                .arg(n.children.as_deref().unwrap_or("")),
+            None => inv.arg("").arg("").arg(""),
+        };
         if let Some(m) = memory {
             for msg in &m.messages {
                 inv.arg(msg);
@@ -668,6 +697,27 @@ impl Broker {
             .arg(token.unwrap_or(""))
             .invoke_async(&mut conn)
             .await
+    }
+
+    /// `status` and `token` of each task record (both `None` for a record that is gone), in the
+    /// order of `ids`: one pipelined round trip, for the worker's poll of the runs it executes.
+    pub async fn run_states(
+        &self,
+        keys: &Keys,
+        ids: &[&str],
+    ) -> RedisResult<Vec<(Option<String>, Option<String>)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(keys.task_raw(id))
+                .arg("status")
+                .arg("token");
+        }
+        let mut conn = self.redis.conn().await?;
+        pipe.query_async(&mut conn).await
     }
 
     /// Ids still in this worker's in-flight list.

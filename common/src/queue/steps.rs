@@ -42,7 +42,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("suspend.lua")
     )),
     resume: Script::new(include_str!("resume.lua")),
-    tool_timeout: Script::new(include_str!("tool_timeout.lua")),
+    tool_timeout: Script::new(concat!(
+        include_str!("../graph/wf.lua"),
+        include_str!("tool_timeout.lua")
+    )),
 });
 
 /// The task hash field holding the steps' messages (JSON, one per line).

@@ -339,10 +339,35 @@ fn echo_usage(request: &ChatRequest<'_>, prompt: &str) -> (u64, u64) {
     (prompt_tokens, 1 + words(prompt))
 }
 
+/// Counts the call as aborted ([`MockLlm::aborted`]) unless it was answered:
+/// hyper drops the handler's future when the client goes away, and this with it.
+struct Unanswered<'a>(Option<&'a MockLlm>);
+
+impl Unanswered<'_> {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(mock) = self.0 {
+            mock.count_aborted();
+        }
+    }
+}
+
 async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response {
+    let unanswered = Unanswered(Some(&mock));
+    let response = chat_completion(&mock, req).await;
+    unanswered.answered();
+    response
+}
+
+async fn chat_completion(mock: &MockLlm, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
-    if let Some(denied) = auth_denial(&mock, &headers) {
+    if let Some(denied) = auth_denial(mock, &headers) {
         return denied;
     }
     let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
@@ -397,10 +422,10 @@ async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response
         .map_or("", |m| &m.content.0);
     let call = mock.count_call(prompt);
     if mock.recording() {
-        record(&mock, &headers, &body, prompt, call);
+        record(mock, &headers, &body, prompt, call);
     }
     let arrived = Instant::now();
-    let gate = gate(&mock, &request, prompt, call, arrived);
+    let gate = gate(mock, &request, prompt, call, arrived);
     let rejected = match &gate {
         Gate::Now(_, rejected) => *rejected,
         Gate::Serve(..) => None,
@@ -411,7 +436,7 @@ async fn chat_completions(State(mock): State<MockLlm>, req: Request) -> Response
     let response = match gate {
         Gate::Now(response, _) => response,
         Gate::Serve(plan, limits) => {
-            let mut response = answer(&mock, &request, prompt, call, plan, entry.as_mut()).await;
+            let mut response = answer(mock, &request, prompt, call, plan, entry.as_mut()).await;
             if let Some(limits) = limits {
                 limits.apply(response.headers_mut());
             }
@@ -600,7 +625,10 @@ async fn answer(
         );
     }
 
-    let reply = format!("echo: {prompt}");
+    let reply = match plan.say {
+        Some(text) => text.to_owned(),
+        None => format!("echo: {prompt}"),
+    };
     let (prompt_tokens, completion_tokens) = echo_usage(request, prompt);
     let created = unix_now();
     if plan.reply.is_some() || !plan.calls.is_empty() {
@@ -973,6 +1001,7 @@ async fn calls(State(mock): State<MockLlm>, Query(query): Query<CallsQuery>) -> 
                 "by_prompt": by_prompt,
                 "quota_rejections": mock.quota_rejections(),
                 "blocked_rejections": mock.blocked_rejections(),
+                "aborted": mock.aborted(),
             }))
             .into_response()
         }

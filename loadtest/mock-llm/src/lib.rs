@@ -15,7 +15,7 @@
 //! decides the fault; among `reply` markers, likewise the shape of a 200.
 //! A malformed marker (unknown `fail` header form, bad number, unknown reply
 //! kind) is answered with a 400 instead of being ignored; a `[[…]]` whose
-//! text up to the first `:` is not `fail`, `hang`, `drop`, `sleep` or `reply`
+//! text up to the first `:` is not `fail`, `hang`, `drop`, `sleep`, `reply`, `call` or `say`
 //! is ordinary prompt content.
 //!
 //! - `[[fail:CODE]]`, `[[fail:CODE:N]]`: answer HTTP `CODE` (400–599) with an
@@ -70,6 +70,10 @@
 //!   `call` marker's tool at once (`content: null`, ids `call_<n>_<k>` for
 //!   call `n` of the prompt, `finish_reason: "tool_calls"`); once it does, it
 //!   answers `tool results: <r1>; <r2>…` (the trailing results, oldest first).
+//!
+//! - `[[say:TEXT]]` (TEXT verbatim to the closing brackets): the reply's
+//!   content is TEXT instead of the echo (usage stays the echo's), e.g. a
+//!   planner's `[[say:{"subtasks":[{"prompt":"a"}]}]]`.
 //!
 //! Every request is held to OpenAI's order of tool messages, with its 400
 //! and words: a `tool` message must answer a call of the assistant message
@@ -135,6 +139,16 @@
 //! `GET /_mock/quota` shows limits, the window's requests and tokens, both
 //! rejection counters and `block_remaining_ms`; `GET /_mock/calls` also
 //! lists the counters.
+//!
+//! # Calls the client gave up on
+//!
+//! A chat call whose client went away (disconnected, timed out, was killed,
+//! or aborted the request) before its answer was ready is counted by
+//! [`MockLlm::aborted`] and as `aborted` in `GET /_mock/calls`, journal or
+//! not: hyper drops the handler's future when the connection closes, and a
+//! drop guard counts it. Answers are never streamed, so once the handler has
+//! returned the whole body goes out at once. A `[[drop]]` is the mock closing
+//! the connection, not the client, and is not counted.
 //!
 //! # Observing requests
 //!
@@ -272,6 +286,8 @@ struct Inner {
     quota: Mutex<Quota>,
     quota_rejections: AtomicU64,
     blocked_rejections: AtomicU64,
+    /// Chat calls whose client went away before the answer was ready.
+    aborted: AtomicU64,
     /// Origin of `blocked_until_nanos` (an `Instant` cannot live in an atomic).
     epoch: Instant,
     /// End of the `block_for` storm in nanoseconds since `epoch`; 0: none.
@@ -315,6 +331,7 @@ impl MockLlm {
             quota: Mutex::new(Quota::default()),
             quota_rejections: AtomicU64::new(0),
             blocked_rejections: AtomicU64::new(0),
+            aborted: AtomicU64::new(0),
             epoch: Instant::now(),
             blocked_until_nanos: AtomicU64::new(0),
         };
@@ -421,6 +438,14 @@ impl MockLlm {
         self.inner.blocked_rejections.load(Ordering::Relaxed)
     }
 
+    /// Chat calls whose client went away (closed the connection) before the
+    /// answer was ready, whatever the call was doing then (reading the body,
+    /// latency, a `[[sleep]]`, a `[[hang]]`). Not `[[drop]]`s: those are the
+    /// mock's own doing.
+    pub fn aborted(&self) -> u64 {
+        self.inner.aborted.load(Ordering::Relaxed)
+    }
+
     /// A 429 storm: for `d` from now every chat completion call is answered
     /// 429 with `x-ratelimit-remaining-requests: 0`,
     /// `x-ratelimit-reset-requests: <time left>` and `retry-after: <whole
@@ -461,8 +486,8 @@ impl MockLlm {
         self.arrivals().into_iter().map(|a| a.at).collect()
     }
 
-    /// Clears call counters, recorded requests, the journal, the quota's
-    /// window and rejection counters, and ends a storm (not latency, error
+    /// Clears call counters (the aborted count too), recorded requests, the
+    /// journal, the quota's window and rejection counters, and ends a storm (not latency, error
     /// rate or the quota's limits; calls in progress are journaled when they
     /// end).
     pub fn reset(&self) {
@@ -477,6 +502,7 @@ impl MockLlm {
         self.inner.quota.lock().clear();
         self.inner.quota_rejections.store(0, Ordering::Relaxed);
         self.inner.blocked_rejections.store(0, Ordering::Relaxed);
+        self.inner.aborted.store(0, Ordering::Relaxed);
         self.block_for(Duration::ZERO);
     }
 
@@ -543,6 +569,10 @@ impl MockLlm {
         }
         let now = duration_to_nanos(now.saturating_duration_since(self.inner.epoch));
         (now < until).then(|| Duration::from_nanos(until - now))
+    }
+
+    pub(crate) fn count_aborted(&self) {
+        self.inner.aborted.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_blocked(&self) {

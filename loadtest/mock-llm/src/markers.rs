@@ -131,6 +131,8 @@ pub(crate) struct Plan<'a> {
     /// `[[call:NAME:ARGS]]`: tools the model asks for (all at once) until the conversation
     /// ends with their results, then a final answer quoting them.
     pub(crate) calls: Vec<(&'a str, &'a str)>,
+    /// `[[say:TEXT]]`: the reply's content instead of the echo (a planner's JSON, say).
+    pub(crate) say: Option<&'a str>,
 }
 
 /// Builds the plan for call number `call` (1-based) of `prompt`.
@@ -165,6 +167,9 @@ pub(crate) fn plan(prompt: &str, call: u64) -> Result<Plan<'_>, String> {
                 }
             }
             Some(Marker::Call(name, args)) => plan.calls.push((name, args)),
+            Some(Marker::Say(text)) => {
+                plan.say.get_or_insert(text);
+            }
             None => {
                 // Not a marker: resume right after this "[[" so that text like
                 // "[[x]] [[fail:500:1]]" still finds the second one.
@@ -182,6 +187,7 @@ enum Marker<'a> {
     Fault(Window, Fault<'a>),
     Reply(Window, Reply),
     Call(&'a str, &'a str),
+    Say(&'a str),
 }
 
 const FAIL_FORMS: &str = "expected [[fail:CODE]] or [[fail:CODE:N]], optionally followed by \
@@ -302,6 +308,11 @@ fn parse_marker(body: &str) -> Result<Option<Marker<'_>>, String> {
             let args = args.rest().filter(|a| !a.is_empty()).unwrap_or("{}");
             Ok(Some(Marker::Call(name, args)))
         }
+        // the text is the rest verbatim (JSON has colons), up to the closing brackets
+        "say" => match args.rest() {
+            Some(text) if !text.is_empty() => Ok(Some(Marker::Say(text))),
+            _ => bad("expected [[say:TEXT]]"),
+        },
         _ => Ok(None),
     }
 }

@@ -345,6 +345,79 @@ async fn drop_closes_the_connection_without_a_response() {
     assert_eq!(send("warm").await.unwrap().status(), StatusCode::OK);
 }
 
+/// A client that gives up before the answer (a timeout during a `[[sleep]]`
+/// or a `[[hang]]`) is counted as aborted, at once and without the journal;
+/// answered calls and `[[drop]]`s are not; reset clears the count.
+#[tokio::test]
+async fn calls_the_client_gave_up_on_are_counted_as_aborted() {
+    let (base, root, mock) = start(MockConfig::default()).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let aborted = |client: reqwest::Client| {
+        let url = format!("{root}/_mock/calls");
+        async move {
+            let v: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+            v["aborted"].as_u64().unwrap()
+        }
+    };
+    let settled = |n: u64| {
+        let mock = mock.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while mock.aborted() != n {
+                assert!(
+                    Instant::now() < deadline,
+                    "aborted {} != {n}",
+                    mock.aborted()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    assert_eq!(
+        chat(&client, &base, "answered").await.status(),
+        StatusCode::OK
+    );
+    assert!(client
+        .post(format!("{base}/chat/completions"))
+        .json(&chat_body("closed by the mock [[drop]]"))
+        .send()
+        .await
+        .is_err());
+    assert_eq!(aborted(client.clone()).await, 0);
+
+    let err = impatient
+        .post(format!("{base}/chat/completions"))
+        .json(&chat_body("slow [[sleep:5000]]"))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    settled(1).await;
+    let err = impatient
+        .post(format!("{base}/chat/completions"))
+        .json(&chat_body("stuck [[hang]]"))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    settled(2).await;
+    assert_eq!(aborted(client.clone()).await, 2);
+    assert_eq!(mock.calls("slow [[sleep:5000]]"), 1);
+
+    let resp = client
+        .post(format!("{root}/_mock/reset"))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    assert_eq!(mock.aborted(), 0);
+    assert_eq!(aborted(client).await, 0);
+}
+
 #[tokio::test]
 async fn sleep_marker_and_global_latency_delay_answers() {
     let (base, _, mock) = start(MockConfig::default()).await;
@@ -475,7 +548,7 @@ async fn control_endpoints_count_configure_and_reset() {
 
     assert_eq!(
         get_json(format!("{root}/_mock/calls")).await,
-        json!({"total": 3, "by_prompt": {"a": 2, odd: 1}, "quota_rejections": 0, "blocked_rejections": 0})
+        json!({"total": 3, "by_prompt": {"a": 2, odd: 1}, "quota_rejections": 0, "blocked_rejections": 0, "aborted": 0})
     );
     let url =
         reqwest::Url::parse_with_params(&format!("{root}/_mock/calls"), [("prompt", odd)]).unwrap();
@@ -523,7 +596,7 @@ async fn control_endpoints_count_configure_and_reset() {
     assert_eq!(mock.calls("a"), 0);
     assert_eq!(
         get_json(format!("{root}/_mock/calls")).await,
-        json!({"total": 0, "by_prompt": {}, "quota_rejections": 0, "blocked_rejections": 0})
+        json!({"total": 0, "by_prompt": {}, "quota_rejections": 0, "blocked_rejections": 0, "aborted": 0})
     );
     // Reset keeps scripted windows usable again from call 1.
     mock.set_latency(Duration::ZERO);

@@ -1,0 +1,105 @@
+//! `/v1/workflows`: submit a graph of tasks, read its state, cancel it (`common/src/graph`).
+
+use agentq_common::graph::{CreateWorkflow, WorkflowCancel, MAX_NODES};
+use agentq_common::keys::TaskId;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::routes::{deadline, json_body, register_queue, undeclared};
+use crate::AppState;
+
+fn parse_workflow_id(raw: &str) -> Result<TaskId, ApiError> {
+    TaskId::parse(raw).map_err(|_| ApiError::not_found("workflow"))
+}
+
+/// `POST /v1/workflows`: every node and the graph are checked first (422 naming the node and
+/// field, nothing written); then the workflow and all its node tasks are written in one script
+/// and the nodes without parents are queued.
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CreateWorkflow = json_body(&headers, body)?;
+    let wf = req
+        .validate(
+            &state.config.default_queue,
+            state.config.common.max_attempts,
+        )
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    if !state.config.declares(&wf.queue) {
+        return Err(undeclared(&wf.queue));
+    }
+    for (i, n) in wf.nodes.iter().enumerate() {
+        let at = |e: agentq_common::task::FieldError| {
+            ApiError::invalid(format!("nodes[{i}].{}", e.field), e.message)
+        };
+        n.task.check_models(&state.config.upstreams).map_err(at)?;
+        n.task.check_steps(state.config.max_steps_cap).map_err(at)?;
+        n.task.check_mcp(&state.config.mcp).map_err(at)?;
+    }
+    debug_assert!(wf.nodes.len() <= MAX_NODES);
+    let ttl = state.config.common.result_ttl;
+    let id = deadline(state.broker.create_workflow(&wf, ttl)).await?;
+    state
+        .metrics
+        .enqueued
+        .with_label_values(&[&wf.queue])
+        .inc_by(wf.nodes.len() as u64);
+    register_queue(&state, &wf.queue).await;
+    tracing::info!(workflow = %id, nodes = wf.nodes.len(), "workflow accepted");
+    let mut resp = (
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "status": "running"})),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/workflows/{id}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// `GET /v1/workflows/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_workflow_id(&raw)?;
+    match deadline(state.broker.workflow(&id)).await? {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::not_found("workflow")),
+    }
+}
+
+/// `DELETE /v1/workflows/{id}`: every node not final is cancelled; workers running one drop
+/// its call (the `cancels` channel).
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_workflow_id(&raw)?;
+    match deadline(
+        state
+            .broker
+            .cancel_workflow(&id, state.config.common.result_ttl),
+    )
+    .await?
+    {
+        WorkflowCancel::Cancelled => {
+            Ok(Json(json!({"id": raw, "status": "cancelled"})).into_response())
+        }
+        WorkflowCancel::NotFound => Err(ApiError::not_found("workflow")),
+        WorkflowCancel::AlreadyFinished(s) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_finished",
+            format!("workflow already {}", s.as_str()),
+        )
+        .field("id")),
+    }
+}

@@ -1,0 +1,30 @@
+-- Write a workflow and every node's task, atomically; queue the nodes with no parents.
+-- KEYS[1] the workflow hash
+-- ARGV[1] workflow id, ARGV[2] now ms, ARGV[3] metadata JSON or '', ARGV[4] max cost in
+-- nano-dollars or '', ARGV[5] result TTL seconds (kept after the workflow ends), ARGV[6] the
+-- queue's key base ('<prefix>:{<queue>}:'), ARGV[7] queue, ARGV[8] node count N, then per node
+-- 10 values: id, task id, payload JSON, max_attempts, parent count, dependents (space-separated),
+-- on_failure (f/c/s), agent id or '', kind ('plan' or ''), depends_on (space-separated)
+-- Task keys are built from ARGV[6]: the queue's hash tag, so the same cluster slot as KEYS[1].
+local wf = KEYS[1]
+local now, base, queue = ARGV[2], ARGV[6], ARGV[7]
+local n = tonumber(ARGV[8])
+local ids = {}
+redis.call('HSET', wf, 'status', 'running', 'created_at', now, 'base', base, 'ttl', ARGV[5],
+  'queue', queue, 'open', n)
+if ARGV[3] ~= '' then redis.call('HSET', wf, 'metadata', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', wf, 'max_cost', ARGV[4], 'cost_spent', 0) end
+local roots = {}
+for i = 0, n - 1 do
+  local a = 9 + i * 10
+  local id, tid = ARGV[a], ARGV[a + 1]
+  ids[#ids + 1] = id
+  redis.call('HSET', wf, 't:' .. id, tid, 's:' .. id, 'blocked', 'p:' .. id, ARGV[a + 4],
+    'd:' .. id, ARGV[a + 5], 'f:' .. id, ARGV[a + 6], 'a:' .. id, ARGV[a + 7],
+    'k:' .. id, ARGV[a + 8], 'par:' .. id, ARGV[a + 9])
+  wf_task(base, wf, id, tid, queue, now, ARGV[a + 3], ARGV[a + 2])
+  if tonumber(ARGV[a + 4]) == 0 then roots[#roots + 1] = id end
+end
+redis.call('HSET', wf, 'nodes', table.concat(ids, ' '))
+for _, id in ipairs(roots) do wf_ready(wf, base, id) end
+return n

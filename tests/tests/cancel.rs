@@ -1,0 +1,240 @@
+//! A cancelled task's running LLM call is aborted promptly, against a real redis-server, the real
+//! binaries and the mock LLM: `DELETE /v1/tasks/{id}` publishes the id on the queue's cancel
+//! channel and the worker drops the run's request at once (the mock sees its client go away);
+//! a cancel the channel never carried is found by the worker's poll of its runs' records; a run
+//! whose token moved on while its task still runs is left to the fencing as before.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use agentq_tests::{assert_no_panic, log_tails, metric, task_key, MockConfig, Stack, Worker};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+/// The mock answers after this long, unless the worker hangs up first.
+const SLOW: &str = "[[sleep:20000]]";
+
+fn series(status: &str) -> String {
+    format!("agentq_tasks_total{{queue=\"default\",status=\"{status}\"}}")
+}
+
+/// `GET /_mock/calls` of the stack's mock.
+async fn mock_calls(s: &Stack) -> Result<Value> {
+    let root = s.llm_url.trim_end_matches("/v1");
+    Ok(s.http
+        .get(format!("{root}/_mock/calls"))
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+async fn aborted(s: &Stack) -> Result<u64> {
+    mock_calls(s).await?["aborted"]
+        .as_u64()
+        .context("/_mock/calls has a numeric \"aborted\"")
+}
+
+/// Waits until the mock has received `n` calls of `prompt`.
+async fn calls_reach(s: &Stack, prompt: &str, n: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while s.mock.calls(prompt) < n {
+        if Instant::now() > deadline {
+            bail!("{prompt:?} never reached call {n}\n{}", log_tails(s));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// How long after `since` the mock counted `n` aborted calls; fails past `limit`.
+async fn aborted_within(s: &Stack, n: u64, since: Instant, limit: Duration) -> Result<Duration> {
+    loop {
+        if aborted(s).await? >= n {
+            return Ok(since.elapsed());
+        }
+        if since.elapsed() > limit {
+            bail!(
+                "the mock saw {} aborted calls {limit:?} after the cancel, wanted {n}\n{}",
+                aborted(s).await?,
+                log_tails(s)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn record(s: &Stack, id: &str) -> Result<HashMap<String, String>> {
+    Ok(redis::cmd("HGETALL")
+        .arg(task_key(id))
+        .query(&mut s.redis.conn()?)?)
+}
+
+async fn tasks_metric(w: &Worker, status: &str) -> Result<f64> {
+    Ok(metric(&w.metrics().await?, &series(status)))
+}
+
+/// A worker whose LLM calls may last long enough (the harness's 5 s would end the call first).
+async fn start_worker(s: &mut Stack, poll_ms: &str) -> Result<Worker> {
+    s.start_worker(&[
+        ("AGENTQ_LLM_TIMEOUT_SECS", "60"),
+        ("WORKER_CONCURRENCY", "1"),
+        ("AGENTQ_CANCEL_POLL_MS", poll_ms),
+    ])
+    .await
+}
+
+/// DELETE during a 20 s call: the worker hangs up within 3 s (the poll is a minute away, so the
+/// cancel channel did it), writes nothing, counts the run `cancelled`, and its only slot is free
+/// for the next task at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_tasks_llm_call_is_aborted_at_once() -> Result<()> {
+    let mut s = Stack::new(MockConfig::default()).await?;
+    s.start_api(&[]).await?;
+    let w = start_worker(&mut s, "60000").await?;
+    let p = format!("cancel me mid-call {SLOW}");
+    let id = s.submit(&p).await?;
+    calls_reach(&s, &p, 1).await?;
+    ensure!(aborted(&s).await? == 0);
+
+    let r = s
+        .http
+        .delete(format!("{}/v1/tasks/{id}", s.api_url))
+        .send()
+        .await?;
+    let cancelled_at = Instant::now();
+    ensure!(r.status() == 200, "DELETE answered {}", r.status());
+    let took = aborted_within(&s, 1, cancelled_at, Duration::from_secs(3)).await?;
+    println!("the mock saw the call aborted {took:?} after the cancel");
+
+    let t = s.task(&id).await?;
+    assert_eq!(t["status"], "cancelled", "{t}");
+    assert_eq!(t["result"], Value::Null, "{t}");
+    let rec = record(&s, &id)?;
+    assert_eq!(rec.get("status").map(String::as_str), Some("cancelled"));
+    assert!(!rec.contains_key("result"), "no result written: {rec:?}");
+    assert!(!rec.contains_key("token"), "{rec:?}");
+    assert_eq!(s.mock.calls(&p), 1);
+    assert_eq!(mock_calls(&s).await?["total"], 1);
+    let calls = mock_calls(&s).await?;
+    assert_eq!(calls["aborted"], 1, "{calls}");
+
+    // the run ended without a report: counted once as cancelled, and said so
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tasks_metric(&w, "cancelled").await? < 1.0 {
+        ensure!(
+            Instant::now() < deadline,
+            "no cancelled run counted\n{}",
+            w.proc.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(
+        w.proc.log_text().contains("run aborted: task cancelled"),
+        "{}",
+        w.proc.tail()
+    );
+
+    // a second later nothing has changed: no late write, no second call
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        record(&s, &id)?,
+        rec,
+        "the record stays as the cancel left it"
+    );
+    assert_eq!(s.mock.calls(&p), 1);
+    assert_eq!(aborted(&s).await?, 1);
+    assert_eq!(tasks_metric(&w, "cancelled").await?, 1.0);
+    for status in ["succeeded", "failed", "retried", "fenced", "duplicate"] {
+        assert_eq!(tasks_metric(&w, status).await?, 0.0, "{status}");
+    }
+
+    // the worker's only slot is free again: the next task runs now, not when the 20 s are up
+    let next = s.submit("right after the cancel").await?;
+    let done = s.wait_final(&[next], Duration::from_secs(5)).await?;
+    assert_eq!(done[0]["status"], "succeeded", "{}", done[0]);
+    assert_no_panic(&s);
+    Ok(())
+}
+
+/// A cancel that reached the record but never the channel (as if published while the worker's
+/// subscription was reconnecting): written straight into Redis, with no PUBLISH. The worker's poll
+/// (every 300 ms) finds the record final and hangs up within its period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_the_channel_missed_is_found_by_the_poll() -> Result<()> {
+    let mut s = Stack::new(MockConfig::default()).await?;
+    s.start_api(&[]).await?;
+    let w = start_worker(&mut s, "300").await?;
+    let p = format!("cancelled behind the channel's back {SLOW}");
+    let id = s.submit(&p).await?;
+    calls_reach(&s, &p, 1).await?;
+    let mut c = s.redis.conn()?;
+    redis::pipe()
+        .atomic()
+        .cmd("HSET")
+        .arg(task_key(&id))
+        .arg("status")
+        .arg("cancelled")
+        .ignore()
+        .cmd("HDEL")
+        .arg(task_key(&id))
+        .arg("token")
+        .ignore()
+        .query::<()>(&mut c)?;
+    let cancelled_at = Instant::now();
+    // 300 ms of poll period, plus the poll's round trip and the mock noticing the hang-up
+    let took = aborted_within(&s, 1, cancelled_at, Duration::from_millis(1500)).await?;
+    println!("the poll aborted the call {took:?} after the record was cancelled");
+
+    let rec = record(&s, &id)?;
+    assert_eq!(rec.get("status").map(String::as_str), Some("cancelled"));
+    assert!(!rec.contains_key("result"), "{rec:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(record(&s, &id)?, rec, "no report was written");
+    assert_eq!(s.mock.calls(&p), 1);
+    assert_eq!(aborted(&s).await?, 1);
+    assert_eq!(tasks_metric(&w, "cancelled").await?, 1.0);
+    assert_no_panic(&s);
+    Ok(())
+}
+
+/// The poll aborts only for a record that is gone or final: a run whose token moved on while its
+/// task is still running (a stale run, recovered by another worker) keeps its call, and its late
+/// report is refused by the fencing as before (`stale`, `fenced` 1), nothing else written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_token_moved_on_is_fenced_not_aborted() -> Result<()> {
+    let mut s = Stack::new(MockConfig::default()).await?;
+    s.start_api(&[]).await?;
+    let w = start_worker(&mut s, "100").await?;
+    let p = "taken over while running [[sleep:2000]]";
+    let id = s.submit(p).await?;
+    calls_reach(&s, p, 1).await?;
+    let mut c = s.redis.conn()?;
+    redis::cmd("HSET")
+        .arg(task_key(&id))
+        .arg("token")
+        .arg("999")
+        .query::<()>(&mut c)?;
+    // many polls go by while the call runs; none aborts it
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(aborted(&s).await?, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tasks_metric(&w, "fenced").await? < 1.0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the stale run was not fenced\n{}",
+            w.proc.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rec = record(&s, &id)?;
+    assert_eq!(rec.get("status").map(String::as_str), Some("running"));
+    assert_eq!(rec.get("token").map(String::as_str), Some("999"));
+    assert_eq!(rec.get("fenced").map(String::as_str), Some("1"));
+    assert!(!rec.contains_key("result"), "{rec:?}");
+    assert_eq!(aborted(&s).await?, 0);
+    assert_eq!(s.mock.calls(p), 1);
+    assert_eq!(tasks_metric(&w, "cancelled").await?, 0.0);
+    assert_no_panic(&s);
+    Ok(())
+}
