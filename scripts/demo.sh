@@ -137,6 +137,53 @@ print("    POST /v1/tasks/%s/tool_outputs -> %s" % (tid, json.load(urllib.reques
 PY
 fi
 
+echo "==> workflows (POST /v1/workflows): a chain, a fan-out with a join, a planner and its workers"
+python3 - "$api" "${mock:-}" <<'PY'
+import json, sys, time, urllib.request
+api, mock = sys.argv[1], sys.argv[2] == "1"
+def call(method, path, body=None):
+    req = urllib.request.Request(api + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"content-type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=10))
+# the planner's answer must be {"subtasks": [...]}; the mock says it verbatim, a real model is asked
+plan = ('[[say:{"subtasks": [{"prompt": "List two facts about the Moon"}, '
+        '{"prompt": "List two facts about tides"}]}]]' if mock else
+        'Answer only with JSON {"subtasks": [{"prompt": "..."}]}: two research questions about tides.')
+shapes = {
+    "chain": {"nodes": [
+        {"id": "research", "prompt": "Name one cause of ocean tides"},
+        {"id": "write", "depends_on": ["research"], "prompt": "Write one sentence using: {{nodes.research.output}}"},
+        {"id": "edit", "depends_on": ["write"], "prompt": "Shorten: {{nodes.write.output}}"}]},
+    "fan-out": {"nodes": [{"id": "part%d" % i, "prompt": "Summarise chapter %d" % i} for i in range(1, 6)]
+        + [{"id": "join", "depends_on": ["part%d" % i for i in range(1, 6)],
+            "prompt": "Combine these summaries: {{parents}}"}]},
+    "plan": {"nodes": [
+        {"id": "plan", "kind": "plan", "max_children": 5, "prompt": "Plan the research on tides " + plan},
+        {"id": "report", "depends_on": ["plan"], "prompt": "Write the report from: {{parents}}"}]},
+}
+ids = {name: call("POST", "/v1/workflows", body)["id"] for name, body in shapes.items()}
+for name, wid in ids.items():
+    print("    %-8s %s" % (name, wid))
+bad = urllib.request.Request(api + "/v1/workflows", method="POST", headers={"content-type": "application/json"},
+    data=json.dumps({"nodes": [{"id": "a", "depends_on": ["b"], "prompt": "x"},
+                               {"id": "b", "depends_on": ["a"], "prompt": "y"}]}).encode())
+try:
+    urllib.request.urlopen(bad, timeout=10)
+except urllib.error.HTTPError as e:
+    print("    a cycle is refused: %d %s" % (e.code, e.read().decode()))
+for name, wid in ids.items():
+    for _ in range(240):
+        w = call("GET", "/v1/workflows/" + wid)
+        if w["status"] != "running":
+            break
+        time.sleep(0.5)
+    print("    %s: %s, %d nodes, %d calls, $%.6f" % (name, w["status"], len(w["nodes"]), w["usage"]["calls"], w["cost"]))
+    for n in w["nodes"]:
+        out = (n.get("output") or n.get("error") or "").replace("\n", " ")
+        print("      %-10s %-9s %s" % (n["id"], n["status"], out[:80]))
+PY
+
 echo "==> progress (GET /v1/queues/default and GET /v1/tasks/{id}, every 0.5 s)"
 python3 - "$api" "${ids[@]}" <<'PY'
 import json, sys, time, urllib.request

@@ -48,11 +48,13 @@ pub fn openapi_for(queues: &[String]) -> String {
             }
         }
     }
-    let body_queue = &mut doc["components"]["schemas"]["CreateTask"]["properties"]["queue"];
-    if body_queue.is_object() {
-        let mut with_null = names.clone();
-        with_null.push(serde_json::Value::Null);
-        body_queue["enum"] = json!(with_null);
+    let mut with_null = names.clone();
+    with_null.push(serde_json::Value::Null);
+    for schema in ["CreateTask", "CreateWorkflow", "WorkflowNode"] {
+        let body_queue = &mut doc["components"]["schemas"][schema]["properties"]["queue"];
+        if body_queue.is_object() {
+            body_queue["enum"] = json!(with_null);
+        }
     }
     serde_json::to_string_pretty(&doc).unwrap_or_else(|_| OPENAPI.to_owned())
 }

@@ -323,9 +323,10 @@ impl Drop for FetchOp<'_> {
 }
 
 /// How long a cancel heard for an id no run here holds is remembered: the channel may deliver it
-/// before the run it concerns registered (its fetch reply still on the way). A cancelled task never
-/// runs again, so a late match is always right to abort.
-const EARLY_CANCEL_TTL: Duration = Duration::from_secs(30);
+/// before the run it concerns registered (its fetch reply still on the way, which takes at most a
+/// blocking wait and a reply timeout). A cancelled task never runs again, so a match is always
+/// right to abort.
+const EARLY_CANCEL_TTL: Duration = Duration::from_secs(10);
 /// At most this many such cancels are remembered (every worker of a queue hears all its cancels);
 /// past it the poll still finds them.
 const EARLY_CANCEL_CAP: usize = 4096;
@@ -870,7 +871,7 @@ mod tests {
         assert_eq!(running.lock().early.len(), EARLY_CANCEL_CAP);
         // stale entries are pruned to make room
         for at in running.lock().early.values_mut() {
-            *at = at.checked_sub(EARLY_CANCEL_TTL).expect("uptime > 30 s");
+            *at = at.checked_sub(EARLY_CANCEL_TTL).expect("uptime > 10 s");
         }
         running.cancel("q.late");
         let inner = running.lock();
