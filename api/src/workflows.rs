@@ -2,6 +2,7 @@
 
 use agentq_common::graph::{CreateWorkflow, WorkflowCancel, MAX_NODES};
 use agentq_common::keys::TaskId;
+use agentq_common::queue::Enqueued;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -11,7 +12,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::routes::{deadline, json_body, register_queue, undeclared};
+use crate::routes::{deadline, idempotency_key, json_body, register_queue, undeclared};
 use crate::AppState;
 
 fn parse_workflow_id(raw: &str) -> Result<TaskId, ApiError> {
@@ -26,6 +27,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let idem = idempotency_key(&headers)?;
     let req: CreateWorkflow = json_body(&headers, body)?;
     let wf = req
         .validate(
@@ -46,21 +48,41 @@ pub async fn create(
     }
     debug_assert!(wf.nodes.len() <= MAX_NODES);
     let ttl = state.config.common.result_ttl;
-    let id = deadline(state.broker.create_workflow(&wf, ttl)).await?;
-    state
-        .metrics
-        .enqueued
-        .with_label_values(&[&wf.queue])
-        .inc_by(wf.nodes.len() as u64);
-    register_queue(&state, &wf.queue).await;
-    tracing::info!(workflow = %id, nodes = wf.nodes.len(), "workflow accepted");
+    let (id, outcome) = deadline(state.broker.create_workflow(&wf, idem.as_deref(), ttl)).await?;
+    let status = match outcome {
+        Enqueued::Created => {
+            state
+                .metrics
+                .enqueued
+                .with_label_values(&[&wf.queue])
+                .inc_by(wf.nodes.len() as u64);
+            register_queue(&state, &wf.queue).await;
+            tracing::info!(workflow = %id, nodes = wf.nodes.len(), "workflow accepted");
+            "running".to_owned()
+        }
+        Enqueued::Existing => {
+            let current = match TaskId::parse(&id) {
+                Ok(wid) => deadline(state.broker.workflow(&wid))
+                    .await?
+                    .map(|v| v.status),
+                Err(_) => None,
+            };
+            current
+                .map_or("running", agentq_common::graph::WorkflowStatus::as_str)
+                .to_owned()
+        }
+    };
     let mut resp = (
         StatusCode::ACCEPTED,
-        Json(json!({"id": id, "status": "running"})),
+        Json(json!({"id": id, "status": status})),
     )
         .into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/workflows/{id}")) {
         resp.headers_mut().insert(header::LOCATION, v);
+    }
+    if outcome == Enqueued::Existing {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(resp)
 }

@@ -189,6 +189,11 @@ impl Keys {
         format!("{}:wf:{id}", self.base)
     }
 
+    /// STRING mapping a `POST /v1/workflows` `Idempotency-Key` to the workflow it created.
+    pub fn workflow_idempotency(&self, key: &str) -> String {
+        format!("{}:wfidem:{key}", self.base)
+    }
+
     /// LIST of an agent's recent messages (JSON), newest last.
     pub fn memory(&self, agent_id: &str) -> String {
         format!("{}:memory:{agent_id}", self.base)
@@ -246,6 +251,7 @@ mod tests {
         assert_eq!(k.lanes(), "agentq:{default}:lanes");
         assert_eq!(k.base(), "agentq:{default}:");
         assert_eq!(k.workflow("default.x"), "agentq:{default}:wf:default.x");
+        assert_eq!(k.workflow_idempotency("k"), "agentq:{default}:wfidem:k");
         assert_eq!(k.cancels(), "agentq:{default}:cancels");
         assert_eq!(
             limiter_upstream("agentq", "openai"),

@@ -26,6 +26,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
+#[path = "chaos_parts/workflows.rs"]
+mod wf;
+
 /// Key prefix of the default queue.
 const PREFIX: &str = "agentq:{default}:";
 const WORKERS: usize = 3;
@@ -838,6 +841,36 @@ async fn run(cfg: Config) -> Result<()> {
         t0,
         chaos_end + Duration::from_secs(60),
     ));
+    let wf_specs = Arc::new(wf::plan(cfg.seed, cfg.secs, cfg.tasks));
+    let wf_submitter = {
+        let (http, api, specs) = (
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(8))
+                .build()?,
+            s.api_url.clone(),
+            wf_specs.clone(),
+        );
+        let (seed, give_up) = (cfg.seed, chaos_end + Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut handles = Vec::with_capacity(specs.len());
+            for i in 0..specs.len() {
+                tokio::time::sleep_until((t0 + specs[i].send_at).into()).await;
+                let (http, api, specs) = (http.clone(), api.clone(), specs.clone());
+                handles.push(tokio::spawn(async move {
+                    wf::submit(http, api, seed, &specs[i], give_up).await
+                }));
+            }
+            let mut out = Vec::with_capacity(handles.len());
+            for (w, h) in handles.into_iter().enumerate() {
+                out.push(h.await.unwrap_or_else(|e| wf::WfSubmission {
+                    w,
+                    problems: vec![format!("workflow {w}: submitter panicked: {e}")],
+                    ..wf::WfSubmission::default()
+                }));
+            }
+            out
+        })
+    };
     let stop_watching = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch(s.redis.client()?, t0, stop_watching.clone()));
 
@@ -854,6 +887,7 @@ async fn run(cfg: Config) -> Result<()> {
     chaos.calm(&mut s).await?;
 
     let submissions = submitter.await.context("submitter panicked")?;
+    let wf_subs = wf_submitter.await.context("workflow submitter panicked")?;
     let settle_from = Instant::now();
     let mut violations: Vec<String> = Vec::new();
     for sub in &submissions {
@@ -876,6 +910,17 @@ async fn run(cfg: Config) -> Result<()> {
             "{id} is still {status} {SETTLE_LIMIT:?} after the faults ended"
         ));
     }
+    // Every acknowledged workflow closes too.
+    for sub in &wf_subs {
+        violations.extend(sub.problems.iter().cloned());
+    }
+    let wf_ids: Vec<String> = wf_subs.iter().filter_map(|w| w.id.clone()).collect();
+    let left = settle_from.elapsed();
+    for id in wf::wait_closed(&client, &wf_ids, SETTLE_LIMIT.saturating_sub(left)).await? {
+        violations.push(format!(
+            "workflow {id} is still running {SETTLE_LIMIT:?} after the faults ended"
+        ));
+    }
     // Then the queue empties and every LLM call ends.
     let quiet = wait_quiet(&client, &s, QUIET_LIMIT).await;
     stop_watching.store(true, Ordering::SeqCst);
@@ -892,6 +937,8 @@ async fn run(cfg: Config) -> Result<()> {
     };
 
     let records = read_records(&client, &ids).await?;
+    let wrep = wf::check(&client, cfg.seed, &wf_specs, &wf_subs, &s.mock.arrivals()).await?;
+    violations.extend(wrep.violations.iter().cloned());
     let journal = s.mock.journal();
     let logs = read_worker_logs(&s)?;
     let report = check_tasks(
@@ -924,11 +971,12 @@ async fn run(cfg: Config) -> Result<()> {
             distinct.len()
         ));
     }
-    if last.task_records != ids.len() {
+    if last.task_records != ids.len() + wrep.node_tasks.len() {
         violations.push(format!(
-            "{} task records in Redis for {} acknowledged tasks (a 503'd POST retried with its key must not make a second task)",
+            "{} task records in Redis for {} acknowledged tasks and {} workflow nodes (a 503'd POST retried with its key must not make a second task or workflow)",
             last.task_records,
-            ids.len()
+            ids.len(),
+            wrep.node_tasks.len()
         ));
     }
     let dead: HashSet<&str> = last.dead.iter().map(String::as_str).collect();
@@ -936,6 +984,7 @@ async fn run(cfg: Config) -> Result<()> {
         .iter()
         .filter(|(_, r)| field(r, "status") == "failed")
         .map(|(id, _)| id.as_str())
+        .chain(wrep.failed_tasks.iter().map(String::as_str))
         .collect();
     if dead != failed {
         let mut extra: Vec<&&str> = dead.difference(&failed).collect();
@@ -973,6 +1022,14 @@ async fn run(cfg: Config) -> Result<()> {
         settle,
     );
     println!("{summary}");
+    println!(
+        "chaos workflows: {} of {} acknowledged ({} cancelled over HTTP), final {:?}, node states {:?}",
+        wf_ids.len(),
+        wf_specs.len(),
+        wf_subs.iter().filter(|w| w.cancelled).count(),
+        wrep.by_status,
+        wrep.node_states
+    );
     for e in &report.wider_429_examples {
         println!("chaos: a 429 accounted to a give-back or a cancel: {e}");
     }
@@ -1460,7 +1517,7 @@ fn check_tasks(
     }
     let mut strays: Vec<&str> = calls_of
         .keys()
-        .filter(|p| !acked_prompts.contains(**p))
+        .filter(|p| !acked_prompts.contains(**p) && !wf::is_node_prompt(p))
         .copied()
         .collect();
     strays.sort();

@@ -167,6 +167,35 @@ async fn a_chain_passes_outputs_and_fields() -> Result<()> {
             >= ms(&s, &n["research"]["task_id"], "finished_at")?,
         "{v}"
     );
+    // the same Idempotency-Key gives the same workflow back, and writes nothing
+    let again = |key: &'static str| {
+        s.http
+            .post(format!("{}/v1/workflows", s.api_url))
+            .header("idempotency-key", key)
+            .json(&json!({"nodes": [{"id": "once", "prompt": "only once"}]}))
+            .send()
+    };
+    let first: Value = again("wf-key-1").await?.json().await?;
+    let r = again("wf-key-1").await?;
+    ensure!(
+        r.headers().get("idempotent-replayed").is_some(),
+        "{:?}",
+        r.headers()
+    );
+    let second: Value = r.json().await?;
+    ensure!(first["id"] == second["id"], "{first} {second}");
+    let done = wait_workflow(
+        &s,
+        first["id"].as_str().context("id")?,
+        Duration::from_secs(10),
+    )
+    .await?;
+    ensure!(done["status"] == "succeeded", "{done}");
+    ensure!(
+        s.mock.calls("only once") == 1,
+        "{}",
+        s.mock.calls("only once")
+    );
     // a finished workflow cannot be cancelled
     let r = s
         .http

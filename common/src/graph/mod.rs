@@ -362,12 +362,14 @@ fn node_from(
                     continue;
                 };
                 match e.node() {
-                    Some(n) if !depends_on.iter().any(|d| d == n) => return Err(FieldError::new(
-                        &field,
-                        format!(
+                    Some(n) if !depends_on.iter().any(|d| d == n) => {
+                        return Err(FieldError::new(
+                            &field,
+                            format!(
                             "a template reads node {n:?}, which is not in this node's depends_on"
                         ),
-                    )),
+                        ))
+                    }
                     None if depends_on.is_empty() => {
                         return Err(FieldError::new(
                             &field,
@@ -607,11 +609,14 @@ pub enum WorkflowCancel {
 impl Broker {
     /// Writes a workflow and all its node tasks in one script; the roots go to pending.
     /// Returns the workflow id.
+    /// With an idempotency key, a second call returns the first workflow's id and writes
+    /// nothing (`Enqueued::Existing`).
     pub async fn create_workflow(
         &self,
         wf: &NewWorkflow,
+        idempotency_key: Option<&str>,
         ttl: std::time::Duration,
-    ) -> RedisResult<String> {
+    ) -> RedisResult<(String, crate::queue::Enqueued)> {
         let keys = self.keys(&wf.queue);
         let id = TaskId::generate(&wf.queue).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::Client, "bad queue", e.to_string()))
@@ -629,6 +634,9 @@ impl Broker {
         let capped = wf.max_cost_usd.is_some();
         let mut inv = CREATE.prepare_invoke();
         inv.key(keys.workflow(&wf_id));
+        if let Some(k) = idempotency_key {
+            inv.key(keys.workflow_idempotency(k));
+        }
         inv.arg(&wf_id)
             .arg(now_ms())
             .arg(
@@ -679,8 +687,15 @@ impl Broker {
                 .arg(n.depends_on.join(" "));
         }
         let mut conn = self.redis().conn().await?;
-        let _: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(wf_id)
+        let (created, id): (i64, String) = inv.invoke_async(&mut conn).await?;
+        Ok((
+            id,
+            if created == 1 {
+                crate::queue::Enqueued::Created
+            } else {
+                crate::queue::Enqueued::Existing
+            },
+        ))
     }
 
     /// The workflow with every node's state, output, usage and cost.

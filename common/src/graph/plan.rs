@@ -283,7 +283,7 @@ mod tests {
             sub(&[], Some("nope")),
         ] {
             assert!(
-                children(&plan, &[bad.clone()], |m| m != "nope").is_err(),
+                children(&plan, std::slice::from_ref(&bad), |m| m != "nope").is_err(),
                 "{bad:?}"
             );
         }

@@ -1,11 +1,17 @@
 -- Write a workflow and every node's task, atomically; queue the nodes with no parents.
--- KEYS[1] the workflow hash
+-- KEYS[1] the workflow hash, KEYS[2] (only with an Idempotency-Key) the key's record
 -- ARGV[1] workflow id, ARGV[2] now ms, ARGV[3] metadata JSON or '', ARGV[4] max cost in
 -- nano-dollars or '', ARGV[5] result TTL seconds (kept after the workflow ends), ARGV[6] the
 -- queue's key base ('<prefix>:{<queue>}:'), ARGV[7] queue, ARGV[8] node count N, then per node
 -- 10 values: id, task id, payload JSON, max_attempts, parent count, dependents (space-separated),
 -- on_failure (f/c/s), agent id or '', kind ('plan' or ''), depends_on (space-separated)
 -- Task keys are built from ARGV[6]: the queue's hash tag, so the same cluster slot as KEYS[1].
+-- Returns {1, id} when written, {0, existing id} when the Idempotency-Key was used already.
+if KEYS[2] then
+  local existing = redis.call('GET', KEYS[2])
+  if existing then return {0, existing} end
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[5]))
+end
 local wf = KEYS[1]
 local now, base, queue = ARGV[2], ARGV[6], ARGV[7]
 local n = tonumber(ARGV[8])
@@ -27,4 +33,4 @@ for i = 0, n - 1 do
 end
 redis.call('HSET', wf, 'nodes', table.concat(ids, ' '))
 for _, id in ipairs(roots) do wf_ready(wf, base, id) end
-return n
+return {1, ARGV[1]}
