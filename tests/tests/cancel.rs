@@ -238,3 +238,78 @@ async fn a_run_whose_token_moved_on_is_fenced_not_aborted() -> Result<()> {
     assert_no_panic(&s);
     Ok(())
 }
+
+/// An aborted call gives back what it held at once: with an upstream that allows one call at a
+/// time and a budget that holds one call's worst case, the next task's call goes out right after
+/// the cancel, not when the lease and the hold would expire (the LLM timeout, a minute, later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_call_gives_back_its_lease_and_holds_at_once() -> Result<()> {
+    let mut s = Stack::new(MockConfig::default()).await?;
+    let upstreams = s.logs.path().join("upstreams.json");
+    std::fs::write(
+        &upstreams,
+        serde_json::json!({"upstreams": [{
+            "name": "solo",
+            "base_url": s.llm_url,
+            "api_key": "env:OPENAI_API_KEY",
+            "models": ["mock-gpt"],
+            "limits": {"concurrency": 1},
+        }]})
+        .to_string(),
+    )?;
+    s.env.insert(
+        "AGENTQ_UPSTREAMS".into(),
+        upstreams.to_string_lossy().into_owned(),
+    );
+    // $0.001 a token, 10 output tokens: a call holds about 2 cents, the budget fits one hold
+    s.env.insert(
+        "AGENTQ_PRICES".into(),
+        r#"{"mock-gpt": {"prompt": 1000, "completion": 1000}}"#.into(),
+    );
+    s.env.insert("AGENTQ_MAX_TOKENS".into(), "10".into());
+    s.start_api(&[]).await?;
+    let r = s
+        .http
+        .put(format!("{}/v1/budgets/global", s.api_url))
+        .json(&serde_json::json!({"limit_usd": 0.03, "window": "1h"}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "PUT budget: {}", r.status());
+    let _w = s
+        .start_worker(&[
+            ("AGENTQ_LLM_TIMEOUT_SECS", "60"),
+            ("WORKER_CONCURRENCY", "4"),
+            ("AGENTQ_CANCEL_POLL_MS", "60000"),
+        ])
+        .await?;
+    let slow = format!("hold it {SLOW}");
+    let id = s.submit(&slow).await?;
+    calls_reach(&s, &slow, 1).await?;
+    let next = "next in line";
+    let next_id = s
+        .submit_json(&serde_json::json!({"prompt": next, "on_budget": "wait"}))
+        .await?;
+    // while the slow call holds the lease and the budget, the next one waits
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ensure!(s.mock.calls(next) == 0, "the limits did not hold");
+    let r = s
+        .http
+        .delete(format!("{}/v1/tasks/{id}", s.api_url))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "DELETE answered {}", r.status());
+    let cancelled_at = Instant::now();
+    aborted_within(&s, 1, cancelled_at, Duration::from_secs(3)).await?;
+    let t = s
+        .wait_final(&[next_id], Duration::from_secs(10))
+        .await?
+        .remove(0);
+    ensure!(t["status"] == "succeeded", "{t}");
+    let took = cancelled_at.elapsed();
+    ensure!(
+        took < Duration::from_secs(8),
+        "the next call waited {took:?}: the aborted call's lease or hold was not given back"
+    );
+    assert_no_panic(&s);
+    Ok(())
+}

@@ -336,7 +336,17 @@ impl Worker {
                 .limiter_tokens_reserved
                 .with_label_values(&[up, label])
                 .inc_by(reservation.tokens);
+            // dropped mid-call (a cancel's abort, the drain's hard stop), the guard gives back
+            // the lease and the holds now rather than when they expire
+            let mut in_flight = InFlight {
+                worker: self,
+                reservation: &reservation,
+                charge: &charge_base,
+                started: std::time::Instant::now(),
+                armed: true,
+            };
             let call = llm.chat(model, messages, &payload.params).await;
+            in_flight.armed = false;
             self.settle(&route, label, &reservation, &call).await;
             let usage = self.charge(&charge_base, Some(&call), true).await;
             if usage.is_some() && call.result.is_err() {
@@ -655,6 +665,64 @@ fn skipped(model: &str, upstream: &str, reason: &str) -> Fallback {
         model: model.to_owned(),
         upstream: upstream.to_owned(),
         reason: reason.to_owned(),
+    }
+}
+
+/// An admitted call in flight. Dropped while armed (the run was dropped mid-call), it releases the
+/// call's limiter lease (its reserved tokens stay counted: the provider may have served the
+/// request) and refunds its budget and workflow holds, on a task of its own: a cancelled task's
+/// slot and money come back at once instead of after the LLM timeout.
+struct InFlight<'a> {
+    worker: &'a Worker,
+    reservation: &'a agentq_common::flow::Reservation,
+    charge: &'a ChargeBase<'a>,
+    started: std::time::Instant,
+    armed: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let limiter = self.worker.limiter.clone();
+        let budgets = self.worker.budget.budgets.clone();
+        let broker = self.worker.broker.clone();
+        let queue = self.worker.cfg.queue.clone();
+        let reservation = self.reservation.clone();
+        let hold = self.charge.hold.to_owned();
+        let scopes = self.charge.scopes.to_vec();
+        let workflow = self.charge.workflow.map(str::to_owned);
+        let worst = self.charge.worst;
+        let latency = self.started.elapsed();
+        rt.spawn(async move {
+            let settled = Settlement {
+                used_tokens: None,
+                not_served: false,
+                latency,
+            };
+            if let Err(e) = limiter.reconcile(&reservation, settled).await {
+                tracing::debug!(error = %e, "an aborted call's lease was not released; it ages out");
+            }
+            if !scopes.is_empty() {
+                let charge = Charge {
+                    hold_id: &hold,
+                    scopes: &scopes,
+                    cost_nanos: 0,
+                };
+                if let Err(e) = budgets.settle(&charge, now_ms()).await {
+                    tracing::debug!(error = %e, "an aborted call's budget hold was not refunded; it expires");
+                }
+            }
+            if let Some(wf) = workflow {
+                if let Err(e) = broker.workflow_settle(&queue, &wf, &hold, worst, 0).await {
+                    tracing::debug!(error = %e, "an aborted call's workflow hold was not refunded; it expires");
+                }
+            }
+        });
     }
 }
 
