@@ -517,6 +517,36 @@ async fn cancelling_a_workflow_drops_its_calls_in_flight() -> Result<()> {
     );
     let q = s.queue("default").await?;
     ensure!(q["inflight"] == 0, "{q}");
+    // a node cancelled on its own (DELETE /v1/tasks/{id}) is a failure of that node: with
+    // `continue`, its dependent runs and sees it
+    let one = submit(
+        &s,
+        &json!({"nodes": [
+            {"id": "a", "prompt": "long one [[sleep:30000]]", "on_failure": "continue"},
+            {"id": "b", "depends_on": ["a"], "prompt": "b saw {{nodes.a.status}}: {{nodes.a.error}}"}
+        ]}),
+    )
+    .await?;
+    s.wait_calls("long one [[sleep:30000]]", 1, Duration::from_secs(10)).await?;
+    let a = nodes(&workflow(&s, &one).await?)["a"]["task_id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    let r = s
+        .http
+        .delete(format!("{}/v1/tasks/{a}", s.api_url))
+        .send()
+        .await?;
+    ensure!(r.status().as_u16() == 200, "{}", r.status());
+    let v = wait_workflow(&s, &one, Duration::from_secs(10)).await?;
+    ensure!(v["status"] == "succeeded", "{v}");
+    let n = nodes(&v);
+    ensure!(n["a"]["status"] == "cancelled", "{v}");
+    ensure!(
+        n["b"]["output"] == "echo: b saw cancelled: cancelled by request",
+        "{v}"
+    );
+    ensure!(s.mock.aborted() == 3, "{}", s.mock.aborted());
     // cancelling again: 409
     let r = s
         .http

@@ -34,6 +34,9 @@ pub(crate) enum Flow {
 /// How long past the LLM timeout a concurrency lease may outlive its call: a worker killed
 /// mid-call holds its slot no longer than this.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// How long a node waits when its workflow's `max_cost_usd` is held by other nodes' calls.
+const WORKFLOW_CAP_WAIT_MS: i64 = 500;
+
 /// How often a worker repeats a learned limit that has not changed (`learn.lua` keeps one for an
 /// hour after it was last told).
 const RETELL: Duration = Duration::from_secs(600);
@@ -251,6 +254,13 @@ impl Worker {
                             .with_label_values(&["workflow"])
                             .inc();
                         fallbacks.push(skipped(model, up, "workflow_budget"));
+                        if spent.saturating_add(worst) <= cap {
+                            // only the other nodes' calls in flight are in the way: they settle
+                            // (usually below their worst case) within a call's time
+                            let at = now_ms() + WORKFLOW_CAP_WAIT_MS;
+                            budget_wait = Some(budget_wait.map_or(at, |e: i64| e.min(at)));
+                            continue;
+                        }
                         budget_failure.get_or_insert(LlmFailure::Permanent {
                             outcome: BUDGET_EXCEEDED,
                             message: format!(
