@@ -135,6 +135,69 @@ def wait_done(port, n, timeout, *pids):
     return rec
 
 
+def redis_busy(r):
+    """Redis's time inside commands since CONFIG RESETSTAT (INFO commandstats, the bench's own
+    INFO and CONFIG left out): (usec, calls, EVALSHA calls)."""
+    usec = calls = evalsha = 0
+    for name, st in r.info("commandstats").items():
+        if name in ("cmdstat_info", "cmdstat_config"):
+            continue
+        usec += int(st["usec"])
+        calls += int(st["calls"])
+        if name == "cmdstat_evalsha":
+            evalsha += int(st["calls"])
+    return usec, calls, evalsha
+
+
+def workflow(api, port, nodes):
+    """Phase 5: a fan-out workflow of `nodes` nodes (a root, nodes-2 leaves, a join reading
+    {{parents}}) posted to POST /v1/workflows and run by one worker, then as many plain tasks
+    posted to POST /v1/tasks (one keep-alive connection) and run the same way. Redis's time inside
+    commands per node, everything included (the workflow's bookkeeping, the node tasks' fetches and
+    results, the test's polling; the issue's bound: under 1 ms), and per plain task for scale. The
+    two are not a before/after: the plain tasks arrive one POST at a time, so the worker fetches
+    them one by one, while a fan-out's leaves become runnable together and are fetched in batches."""
+    r = connect(port)
+    n = int(nodes)
+    host, port_s = api.split("//", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port_s), timeout=30)
+
+    def post(path, body):
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 202:
+            raise SystemExit(f"bench: {path} answered {resp.status}: {data[:200]!r}")
+        return json.loads(data)
+
+    leaves = [f"n{i}" for i in range(n - 2)]
+    body = {"nodes": [{"id": "root", "prompt": "fan out"}]
+            + [{"id": leaf, "depends_on": ["root"], "prompt": f"leaf {leaf}"} for leaf in leaves]
+            + [{"id": "join", "depends_on": leaves, "prompt": "join {{parents}}"}]}
+    r.config_resetstat()
+    t0 = time.perf_counter()
+    wid = post("/v1/workflows", body)["id"]
+    key = f"{BASE}:wf:{wid}"
+    while (st := r.hget(key, "status")) == "running":
+        time.sleep(0.02)
+    wf_s = time.perf_counter() - t0
+    wf_usec, wf_calls, wf_eval = redis_busy(r)
+    r.config_resetstat()
+    t0 = time.perf_counter()
+    for i in range(n):
+        post("/v1/tasks", {"prompt": f"plain {i}"})
+    while r.llen(PENDING) or r.zcard(ACTIVE):
+        time.sleep(0.02)
+    plain_s = time.perf_counter() - t0
+    p_usec, p_calls, p_eval = redis_busy(r)
+    ok = sum(1 for k in r.scan_iter(f"{TASK_PREFIX}*", count=1000) if r.hget(k, "status") == "succeeded")
+    return {"nodes": n, "status": st, "seconds": wf_s, "redis_us_per_node": wf_usec / n,
+            "commands_per_node": wf_calls / n, "evalsha_per_node": wf_eval / n,
+            "plain_seconds": plain_s, "plain_redis_us_per_task": p_usec / n,
+            "plain_commands_per_task": p_calls / n, "plain_evalsha_per_task": p_eval / n,
+            "succeeded_records": ok}
+
+
 def quantile(sorted_vals, q):
     if not sorted_vals:
         return 0.0
@@ -287,6 +350,10 @@ def emit(path, phase, pairs):
             rec["worker_vmhwm_mib"] = rec["worker_vmhwm_kib"] / 1024
     elif phase == "limiter":
         limiter_figures(rec)
+    elif phase == "workflow":
+        rec["redis_us_per_node"] = rec["wf_redis_us_per_node"]
+        rec["plain_redis_us_per_task"] = rec["wf_plain_redis_us_per_task"]
+        rec["seconds"] = rec["wf_seconds"]
     elif phase == "latency":
         rec["p50_ms"] = rec["waits_p50_ms"]
         rec["p99_ms"] = rec["waits_p99_ms"]
@@ -584,6 +651,9 @@ TABLE = [
     ("queue_wait_p99_ms", "latency", "p99_ms", "ms", ("<=", 5)),
     ("queue_wait_hist_p50_ms", "latency", "hist_p50_ms", "ms", None),
     ("queue_wait_hist_p99_ms", "latency", "hist_p99_ms", "ms", None),
+    ("workflow_fanout_seconds", "workflow", "seconds", "s", None),
+    ("workflow_redis_us_per_node", "workflow", "redis_us_per_node", "us/node", ("<=", 1000)),
+    ("plain_task_redis_us_per_task", "workflow", "plain_redis_us_per_task", "us/task", None),
 ]
 
 
@@ -646,6 +716,10 @@ def report(runs_path, out_path, mode, n_runs, meta_path):
         elif r["phase"] in ("drain", "fanout"):
             if r.get("rec_succeeded") != r.get("tasks") or r.get("rec_timed_out"):
                 broken.append(f"{tag}: {r.get('rec_succeeded')} of {r.get('tasks')} tasks succeeded")
+        elif r["phase"] == "workflow":
+            if r.get("wf_status") != "succeeded" or r.get("wf_succeeded_records") != 2 * r.get("wf_nodes", 0):
+                broken.append(f"{tag}: workflow {r.get('wf_status')}, {r.get('wf_succeeded_records')} task records "
+                              f"succeeded of {2 * r.get('wf_nodes', 0)}")
         elif r["phase"] == "latency":
             if r.get("pace_accepted") != r.get("pace_sent") or r.get("waits_succeeded") != r.get("pace_sent"):
                 broken.append(f"{tag}: {r.get('pace_accepted')} accepted, {r.get('waits_succeeded')} succeeded "
@@ -702,6 +776,11 @@ def summary(runs_path):
         return (f"{r['rec_succeeded']}/{r['tasks']} succeeded in {r['rec_span_s']:.2f} s = {r['tasks_per_s']:.0f} tasks/s; "
                 f"CPU us/task: worker {r['worker_cpu_us_per_task']:.1f}, mock {r['mock_cpu_us_per_task']:.1f}, "
                 f"redis {r['redis_cpu_us_per_task']:.1f}; worker VmHWM {r['worker_vmhwm_mib']:.1f} MiB; load {r['loadavg']}")
+    if p == "workflow":
+        return (f"{r['wf_nodes']}-node fan-out {r['wf_status']} in {r['seconds']:.2f} s; Redis {r['redis_us_per_node']:.1f} us/node "
+                f"({r['wf_commands_per_node']:.2f} commands, {r['wf_evalsha_per_node']:.2f} EVALSHA); plain tasks "
+                f"{r['plain_redis_us_per_task']:.1f} us/task ({r['wf_plain_commands_per_task']:.2f} commands) in "
+                f"{r['wf_plain_seconds']:.2f} s; load {r['loadavg']}")
     return (f"{r['pace_accepted']} posted at {r['pace_rate']:.0f}/s; started_at-created_at p50 {r['p50_ms']:.0f} ms, "
             f"p99 {r['p99_ms']:.0f} ms, max {r['waits_max_ms']:.0f} ms; histogram p50 {r['hist_p50_ms']:.2f} ms, "
             f"p99 {r['hist_p99_ms']:.2f} ms; load {r['loadavg']}")
@@ -717,6 +796,8 @@ def main(argv):
         return
     if cmd == "load":
         out = load(*args)
+    elif cmd == "workflow":
+        out = workflow(*args)
     elif cmd == "wait":
         out = wait_done(*args)
     elif cmd == "waits":

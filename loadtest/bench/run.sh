@@ -23,7 +23,9 @@
 # Phases:  1 enqueue over HTTP (wrk, 64 connections) and redis-benchmark's raw EVAL limit;
 #          2 worker drain of pre-queued tasks (mock LLM 0 ms, concurrency 64);
 #          3 wide fan-out (mock LLM 2 s, concurrency 1000);
-#          4 queue latency at a paced, moderate rate.
+#          4 queue latency at a paced, moderate rate;
+#          5 a workflow fan-out of 1000 nodes (200 in --smoke): Redis time per node, and per plain
+#            task for scale (BENCH_WF_NODES=0 skips it, for binaries from before workflows).
 # Traffic goes to 127.0.0.1 only; every process started here is stopped on exit.
 set -euo pipefail
 
@@ -59,16 +61,18 @@ if [[ -n ${LIMITER:-} ]]; then
     OUT=${OUT:-$HERE/results-limiter.json}
   fi
   MODE=limiter-$MODE
-  WRK_SECS=0; RB_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0
+  WRK_SECS=0; RB_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0
 elif [[ $MODE == smoke ]]; then
   RUNS=${RUNS:-1}
-  WRK_SECS=2; RB_N=20000; DRAIN_N=2000; FAN_N=2000; LAT_RATE=100; LAT_SECS=2
+  WRK_SECS=2; RB_N=20000; DRAIN_N=2000; FAN_N=2000; LAT_RATE=100; LAT_SECS=2; WF_NODES=200
   OUT=${OUT:-$ROOT/loadtest/out/bench/results-smoke.json}
 else
   RUNS=${RUNS:-3}
-  WRK_SECS=10; RB_N=200000; DRAIN_N=20000; FAN_N=10000; LAT_RATE=200; LAT_SECS=10
+  WRK_SECS=10; RB_N=200000; DRAIN_N=20000; FAN_N=10000; LAT_RATE=200; LAT_SECS=10; WF_NODES=1000
   OUT=${OUT:-$HERE/results.json}
 fi
+# binaries from before workflows existed: BENCH_WF_NODES=0 skips the workflow phase
+WF_NODES=${BENCH_WF_NODES:-$WF_NODES}
 WRK_CONNS=64; WRK_THREADS=2; RB_CLIENTS=50
 DRAIN_CONC=64; FAN_CONC=1000; FAN_LATENCY_MS=2000
 BIN=${AGENTQ_BENCH_BIN_DIR:-$ROOT/target/release}
@@ -231,7 +235,7 @@ cat > "$WORK/meta.json" <<EOF
   "redis_benchmark_requests": $RB_N, "redis_benchmark_clients": $RB_CLIENTS,
   "drain_tasks": $DRAIN_N, "drain_concurrency": $DRAIN_CONC,
   "fanout_tasks": $FAN_N, "fanout_concurrency": $FAN_CONC, "fanout_llm_latency_ms": $FAN_LATENCY_MS,
-  "latency_rate_per_s": $LAT_RATE, "latency_seconds": $LAT_SECS},
+  "latency_rate_per_s": $LAT_RATE, "latency_seconds": $LAT_SECS, "workflow_nodes": $WF_NODES},
  "binaries": {"bin_dir": "$BIN", "commit": "${AGENTQ_BENCH_BIN_COMMIT:-}",
   "before_bin_dir": "$BEFORE_BIN", "before_commit": "${AGENTQ_BENCH_BEFORE_COMMIT:-}"}}
 EOF
@@ -426,10 +430,26 @@ phase_latency() {
   log "latency run $i: $($B summary "$RUNS_FILE")"
 }
 
+# ---- 5. a workflow's bookkeeping: a fan-out of WF_NODES nodes vs as many plain tasks ----
+phase_workflow() {
+  local i=$1 wfj la
+  reset_redis
+  start_worker "$DRAIN_CONC" "$M0PORT"
+  wait_http "$WORKER_URL/readyz"
+  la=$(loadavg)
+  wfj=$($B workflow "$API" "$RPORT" "$WF_NODES")
+  stop "$WORKER_PID"
+  $B emit "$RUNS_FILE" workflow run="$i" wf="$wfj" loadavg="\"$la\"" >/dev/null
+  log "workflow run $i: $($B summary "$RUNS_FILE")"
+}
+
 for i in $(seq "$RUNS"); do phase_enqueue "$i"; done
 for i in $(seq "$RUNS"); do phase_drain drain "$i" "$DRAIN_N" "$DRAIN_CONC" "$M0PORT" "$MOCK0_PID"; done
 for i in $(seq "$RUNS"); do phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"; done
 for i in $(seq "$RUNS"); do phase_latency "$i"; done
+if (( WF_NODES > 0 )); then
+  for i in $(seq "$RUNS"); do phase_workflow "$i"; done
+fi
 
 $B report "$RUNS_FILE" "$OUT" "$MODE" "$RUNS" "$WORK/meta.json"
 echo "took $(( $(date +%s) - T_START )) s"

@@ -14,7 +14,7 @@
 pub mod plan;
 pub mod template;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;
 
 use redis::{RedisResult, Script};
@@ -223,11 +223,20 @@ impl CreateWorkflow {
                 }
             }
         }
-        if let Some(i) = first_in_cycle(&nodes, &index) {
-            let path = cycle_path(&nodes, &index, i);
+        if let Some(start) = first_in_cycle(&nodes, &index) {
+            let path = cycle_path(&nodes, &index, start);
+            // the error names a node on the cycle itself
+            let i = path
+                .first()
+                .and_then(|id| index.get(id))
+                .copied()
+                .unwrap_or(start);
             return Err(FieldError::new(
                 &format!("nodes[{i}].depends_on"),
-                format!("the dependencies form a cycle: {}", path.join(" -> ")),
+                format!(
+                    "the dependencies form a cycle (each depends on the next): {}",
+                    path.join(" -> ")
+                ),
             ));
         }
         Ok(NewWorkflow {
@@ -407,8 +416,8 @@ pub fn texts(m: &crate::chat::Message) -> Vec<&str> {
     }
 }
 
-/// Kahn's algorithm: the index of a node that never becomes free (it is on or after a cycle).
-fn first_in_cycle(nodes: &[ValidNode], index: &HashMap<String, usize>) -> Option<usize> {
+/// Kahn's algorithm: for each node, how many of its parents never became free (all 0: no cycle).
+fn unfreed(nodes: &[ValidNode], index: &HashMap<String, usize>) -> Vec<usize> {
     let mut open: Vec<usize> = nodes.iter().map(|n| n.depends_on.len()).collect();
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     for (i, n) in nodes.iter().enumerate() {
@@ -419,9 +428,7 @@ fn first_in_cycle(nodes: &[ValidNode], index: &HashMap<String, usize>) -> Option
         }
     }
     let mut ready: Vec<usize> = (0..nodes.len()).filter(|&i| open[i] == 0).collect();
-    let mut done = 0;
     while let Some(i) = ready.pop() {
-        done += 1;
         for &c in &children[i] {
             open[c] -= 1;
             if open[c] == 0 {
@@ -429,72 +436,41 @@ fn first_in_cycle(nodes: &[ValidNode], index: &HashMap<String, usize>) -> Option
             }
         }
     }
-    (done < nodes.len()).then(|| (0..nodes.len()).find(|&i| open[i] > 0).unwrap_or(0))
+    open
 }
 
-/// A cycle reachable from `start` by following dependencies, as node ids (first = last).
+/// The first node left over by Kahn's algorithm (it is on a cycle or after one), if any.
+fn first_in_cycle(nodes: &[ValidNode], index: &HashMap<String, usize>) -> Option<usize> {
+    unfreed(nodes, index).iter().position(|&o| o > 0)
+}
+
+/// A cycle, as node ids each depending on the next (first = last). Every node Kahn's algorithm
+/// left over has a parent also left over, so walking from one to such a parent must come back to a
+/// node already seen: linear in the graph's size.
 fn cycle_path(nodes: &[ValidNode], index: &HashMap<String, usize>, start: usize) -> Vec<String> {
-    // Every node left by Kahn's algorithm has a parent also left, so walking to such parents
-    // must revisit a node within nodes.len() steps.
-    let left: HashSet<usize> = {
-        let mut s = HashSet::new();
-        let mut stack = vec![start];
-        while let Some(i) = stack.pop() {
-            if s.insert(i) {
-                stack.extend(
-                    nodes[i]
-                        .depends_on
-                        .iter()
-                        .filter_map(|d| index.get(d).copied()),
-                );
-            }
-        }
-        s
-    };
-    let mut seen: Vec<usize> = Vec::new();
+    let open = unfreed(nodes, index);
+    let mut seen_at: HashMap<usize, usize> = HashMap::new();
+    let mut walk: Vec<usize> = Vec::new();
     let mut at = start;
-    loop {
-        if let Some(pos) = seen.iter().position(|&s| s == at) {
-            let mut path: Vec<String> = seen[pos..].iter().map(|&i| nodes[i].id.clone()).collect();
-            path.push(nodes[at].id.clone());
-            path.reverse();
-            return path;
-        }
-        seen.push(at);
-        let next = nodes[at]
+    while let std::collections::hash_map::Entry::Vacant(e) = seen_at.entry(at) {
+        e.insert(walk.len());
+        walk.push(at);
+        match nodes[at]
             .depends_on
             .iter()
             .filter_map(|d| index.get(d).copied())
-            .find(|p| left.contains(p) && first_in_cycle_member(nodes, index, *p));
-        match next {
+            .find(|&p| open[p] > 0)
+        {
             Some(p) => at = p,
             None => return vec![nodes[start].id.clone()],
         }
     }
-}
-
-/// Whether a node lies on some dependency cycle (reaches itself).
-fn first_in_cycle_member(nodes: &[ValidNode], index: &HashMap<String, usize>, i: usize) -> bool {
-    let mut seen = HashSet::new();
-    let mut stack: Vec<usize> = nodes[i]
-        .depends_on
+    let from = seen_at[&at];
+    walk[from..]
         .iter()
-        .filter_map(|d| index.get(d).copied())
-        .collect();
-    while let Some(j) = stack.pop() {
-        if j == i {
-            return true;
-        }
-        if seen.insert(j) {
-            stack.extend(
-                nodes[j]
-                    .depends_on
-                    .iter()
-                    .filter_map(|d| index.get(d).copied()),
-            );
-        }
-    }
-    false
+        .chain(std::iter::once(&at))
+        .map(|&i| nodes[i].id.clone())
+        .collect()
 }
 
 /// Workflow status as `GET /v1/workflows/{id}` shows it.
@@ -1020,6 +996,58 @@ mod tests {
             wf(json!({"nodes": too_many})).expect_err("too many").field,
             "nodes"
         );
+    }
+
+    proptest::proptest! {
+        /// Edges only to earlier nodes always make a valid graph; one more edge from a node to
+        /// one of its descendants always makes a cycle, and the error names one on it.
+        #[test]
+        fn dags_pass_and_any_back_edge_is_a_cycle(
+            n in 2usize..40,
+            edges in proptest::collection::vec((0usize..40, 0usize..40), 0..80),
+            back in (0usize..40, 0usize..40),
+        ) {
+            let mut deps: Vec<Vec<usize>> = vec![Vec::new(); n];
+            for (a, b) in edges {
+                let (a, b) = (a % n, b % n);
+                if b < a && !deps[a].contains(&b) {
+                    deps[a].push(b);
+                }
+            }
+            let body = |deps: &Vec<Vec<usize>>| json!({"nodes": deps.iter().enumerate().map(|(i, d)| json!({
+                "id": format!("n{i}"),
+                "depends_on": d.iter().map(|j| format!("n{j}")).collect::<Vec<_>>(),
+                "prompt": "x",
+            })).collect::<Vec<_>>()});
+            proptest::prop_assert!(wf(body(&deps)).is_ok());
+            // a descendant of `from` (following dependents), then the edge from -> descendant
+            let from = back.0 % n;
+            let mut reach = vec![from];
+            let mut i = 0;
+            while i < reach.len() {
+                let at = reach[i];
+                for (c, d) in deps.iter().enumerate() {
+                    if d.contains(&at) && !reach.contains(&c) {
+                        reach.push(c);
+                    }
+                }
+                i += 1;
+            }
+            let to = reach[back.1 % reach.len()];
+            if !deps[from].contains(&to) {
+                deps[from].push(to);
+                let e = wf(body(&deps)).expect_err("a cycle");
+                proptest::prop_assert!(e.message.contains("cycle"), "{}", e);
+                let path: Vec<&str> = e.message.rsplit(": ").next().unwrap_or("").split(" -> ").collect();
+                proptest::prop_assert!(path.len() >= 2 && path.first() == path.last(), "{}", e);
+                // each step of the reported path is a real dependency
+                for w in path.windows(2) {
+                    let a: usize = w[0][1..].parse().expect("id");
+                    let b: usize = w[1][1..].parse().expect("id");
+                    proptest::prop_assert!(deps[a].contains(&b), "{} -> {} in {}", w[0], w[1], e);
+                }
+            }
+        }
     }
 
     #[test]
