@@ -252,6 +252,29 @@ pub struct NewTask {
     pub payload: Payload,
 }
 
+/// `metadata`: any JSON object, up to [`MAX_METADATA_BYTES`] serialized.
+pub fn check_metadata(meta: Option<&Map<String, Value>>) -> Result<(), FieldError> {
+    let size = meta.map_or(0, |m| serde_json::to_vec(m).map_or(usize::MAX, |v| v.len()));
+    if size > MAX_METADATA_BYTES {
+        return Err(FieldError::new(
+            "metadata",
+            format!("must serialize to at most {MAX_METADATA_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// `max_cost_usd`: dollars above 0, at most `max`.
+pub fn check_cost_cap(cap: Option<f64>, max: f64) -> Result<(), FieldError> {
+    match cap {
+        Some(c) if !c.is_finite() || c <= 0.0 || c > max => Err(FieldError::new(
+            "max_cost_usd",
+            format!("must be a number of dollars above 0 and at most {max}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A model or agent name: it lands in Redis keys and (for configured models) metric labels.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
@@ -360,25 +383,8 @@ impl CreateTask {
                 format!("must be between 1 and {MAX_ATTEMPTS_LIMIT}"),
             ));
         }
-        if let Some(meta) = &self.metadata {
-            let size = serde_json::to_vec(meta)
-                .map(|v| v.len())
-                .unwrap_or(usize::MAX);
-            if size > MAX_METADATA_BYTES {
-                return Err(FieldError::new(
-                    "metadata",
-                    format!("must serialize to at most {MAX_METADATA_BYTES} bytes"),
-                ));
-            }
-        }
-        if let Some(c) = self.max_cost_usd {
-            if !c.is_finite() || c <= 0.0 || c > MAX_TASK_COST_USD {
-                return Err(FieldError::new(
-                    "max_cost_usd",
-                    format!("must be a number of dollars above 0 and at most {MAX_TASK_COST_USD}"),
-                ));
-            }
-        }
+        check_metadata(self.metadata.as_ref())?;
+        check_cost_cap(self.max_cost_usd, MAX_TASK_COST_USD)?;
         if self.max_total_tokens == Some(0) {
             return Err(FieldError::new("max_total_tokens", "must be at least 1"));
         }

@@ -37,6 +37,12 @@ async fn submit(s: &Stack, body: &Value) -> Result<String> {
     v["id"].as_str().map(str::to_owned).context("no id")
 }
 
+/// `DELETE` of an api path; returns the status.
+async fn delete(s: &Stack, path: &str) -> Result<u16> {
+    let r = s.http.delete(format!("{}{path}", s.api_url)).send().await?;
+    Ok(r.status().as_u16())
+}
+
 async fn workflow(s: &Stack, id: &str) -> Result<Value> {
     let (status, v) = s.get_json(&format!("/v1/workflows/{id}")).await?;
     ensure!(status == 200, "GET workflow {id}: {status} {v}");
@@ -197,12 +203,8 @@ async fn a_chain_passes_outputs_and_fields() -> Result<()> {
         s.mock.calls("only once")
     );
     // a finished workflow cannot be cancelled
-    let r = s
-        .http
-        .delete(format!("{}/v1/workflows/{id}", s.api_url))
-        .send()
-        .await?;
-    ensure!(r.status().as_u16() == 409, "{}", r.status());
+    let status = delete(&s, &format!("/v1/workflows/{id}")).await?;
+    ensure!(status == 409, "{status}");
     assert_no_panic(&s);
     Ok(())
 }
@@ -481,12 +483,8 @@ async fn cancelling_a_workflow_drops_its_calls_in_flight() -> Result<()> {
         .await?;
     s.wait_calls("long b [[sleep:30000]]", 1, Duration::from_secs(10))
         .await?;
-    let r = s
-        .http
-        .delete(format!("{}/v1/workflows/{id}", s.api_url))
-        .send()
-        .await?;
-    ensure!(r.status().as_u16() == 200, "{}", r.status());
+    let status = delete(&s, &format!("/v1/workflows/{id}")).await?;
+    ensure!(status == 200, "{status}");
     let cancelled_at = Instant::now();
     while s.mock.aborted() < 2 {
         ensure!(
@@ -532,12 +530,8 @@ async fn cancelling_a_workflow_drops_its_calls_in_flight() -> Result<()> {
         .as_str()
         .context("id")?
         .to_owned();
-    let r = s
-        .http
-        .delete(format!("{}/v1/tasks/{a}", s.api_url))
-        .send()
-        .await?;
-    ensure!(r.status().as_u16() == 200, "{}", r.status());
+    let status = delete(&s, &format!("/v1/tasks/{a}")).await?;
+    ensure!(status == 200, "{status}");
     let v = wait_workflow(&s, &one, Duration::from_secs(10)).await?;
     ensure!(v["status"] == "succeeded", "{v}");
     let n = nodes(&v);
@@ -548,12 +542,8 @@ async fn cancelling_a_workflow_drops_its_calls_in_flight() -> Result<()> {
     );
     ensure!(s.mock.aborted() == 3, "{}", s.mock.aborted());
     // cancelling again: 409
-    let r = s
-        .http
-        .delete(format!("{}/v1/workflows/{id}", s.api_url))
-        .send()
-        .await?;
-    ensure!(r.status().as_u16() == 409, "{}", r.status());
+    let status = delete(&s, &format!("/v1/workflows/{id}")).await?;
+    ensure!(status == 409, "{status}");
     assert_no_panic(&s);
     Ok(())
 }
@@ -675,8 +665,8 @@ async fn bad_graphs_are_refused_with_nothing_written() -> Result<()> {
             status == 404 && v["error"]["code"] == "not_found",
             "{status} {v}"
         );
-        let r = s.http.delete(format!("{}{path}", s.api_url)).send().await?;
-        ensure!(r.status().as_u16() == 404, "{}", r.status());
+        let status = delete(&s, path).await?;
+        ensure!(status == 404, "{status}");
     }
     Ok(())
 }

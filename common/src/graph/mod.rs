@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::keys::{validate_queue, TaskId};
-use crate::task::{parse_usage, CreateTask, FieldError, NewTask, TaskUsage, MAX_METADATA_BYTES};
+use crate::task::{
+    check_cost_cap, check_metadata, parse_usage, CreateTask, FieldError, NewTask, TaskUsage,
+};
 use crate::time::{format_ms, now_ms};
 use crate::Broker;
 
@@ -172,25 +174,8 @@ impl CreateWorkflow {
                 "must be 1 to 64 characters of [A-Za-z0-9_-]",
             ));
         }
-        if let Some(meta) = &self.metadata {
-            let size = serde_json::to_vec(meta).map_or(usize::MAX, |v| v.len());
-            if size > MAX_METADATA_BYTES {
-                return Err(FieldError::new(
-                    "metadata",
-                    format!("must serialize to at most {MAX_METADATA_BYTES} bytes"),
-                ));
-            }
-        }
-        if let Some(c) = self.max_cost_usd {
-            if !c.is_finite() || c <= 0.0 || c > MAX_WORKFLOW_COST_USD {
-                return Err(FieldError::new(
-                    "max_cost_usd",
-                    format!(
-                        "must be a number of dollars above 0 and at most {MAX_WORKFLOW_COST_USD}"
-                    ),
-                ));
-            }
-        }
+        check_metadata(self.metadata.as_ref())?;
+        check_cost_cap(self.max_cost_usd, MAX_WORKFLOW_COST_USD)?;
         let mut nodes = Vec::with_capacity(self.nodes.len());
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut spawned: u32 = 0;

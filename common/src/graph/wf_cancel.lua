@@ -5,5 +5,5 @@
 local h = redis.call('HMGET', KEYS[1], 'status', 'base')
 if not h[1] then return 'missing' end
 if h[1] ~= 'running' then return h[1] end
-wf_abort(KEYS[1], h[2], ARGV[1], tonumber(ARGV[2]), 'cancelled', 'cancelled by request')
+wf().abort(KEYS[1], h[2], ARGV[1], tonumber(ARGV[2]), 'cancelled', 'cancelled by request')
 return 'ok'

@@ -12,6 +12,7 @@ if KEYS[2] then
   if existing then return {0, existing} end
   redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[5]))
 end
+local W = wf()
 local wf = KEYS[1]
 local now, base, queue = ARGV[2], ARGV[6], ARGV[7]
 local n = tonumber(ARGV[8])
@@ -28,9 +29,9 @@ for i = 0, n - 1 do
   redis.call('HSET', wf, 't:' .. id, tid, 's:' .. id, 'blocked', 'p:' .. id, ARGV[a + 4],
     'd:' .. id, ARGV[a + 5], 'f:' .. id, ARGV[a + 6], 'a:' .. id, ARGV[a + 7],
     'k:' .. id, ARGV[a + 8], 'par:' .. id, ARGV[a + 9])
-  wf_task(base, wf, id, tid, queue, now, ARGV[a + 3], ARGV[a + 2])
+  W.task(base, wf, id, tid, queue, now, ARGV[a + 3], ARGV[a + 2])
   if tonumber(ARGV[a + 4]) == 0 then roots[#roots + 1] = id end
 end
 redis.call('HSET', wf, 'nodes', table.concat(ids, ' '))
-for _, id in ipairs(roots) do wf_ready(wf, base, id) end
+for _, id in ipairs(roots) do W.ready(wf, base, id) end
 return {1, ARGV[1]}

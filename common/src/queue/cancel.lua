@@ -29,5 +29,5 @@ if status == 'running' and ARGV[5] then
   redis.call('PUBLISH', ARGV[5], ARGV[1])
 end
 -- a workflow's node: its on_failure decides what happens to the rest (wf.lua)
-wf_final(KEYS[1], 'cancelled', nil, 'cancelled by request', tonumber(ARGV[2]))
+wf().final(KEYS[1], 'cancelled', nil, 'cancelled by request', tonumber(ARGV[2]))
 return 'ok'

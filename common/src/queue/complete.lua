@@ -62,6 +62,6 @@ end
 if ARGV[9] == '1' then
   local spawn = nil
   if ARGV[11] ~= '' then spawn = cjson.decode(ARGV[11]) end
-  wf_final(KEYS[1], 'succeeded', ARGV[10], nil, tonumber(ARGV[3]), spawn)
+  wf().final(KEYS[1], 'succeeded', ARGV[10], nil, tonumber(ARGV[3]), spawn)
 end
 return 'ok'

@@ -36,7 +36,7 @@ local function bury(reason)
   redis.call('ZADD', KEYS[5], now, id)
   -- dead entries are kept as long as finished task records, so the set does not grow forever
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl * 1000)
-  wf_final(KEYS[1], 'failed', nil, reason, now)
+  wf().final(KEYS[1], 'failed', nil, reason, now)
   return done('failed')
 end
 

@@ -32,7 +32,7 @@ local function bury(tkey, id, reason)
   redis.call('EXPIRE', tkey, ttl)
   redis.call('ZADD', KEYS[4], now, id)
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
-  wf_final(tkey, 'failed', nil, reason, now)
+  wf().final(tkey, 'failed', nil, reason, now)
 end
 
 local function start(id)

@@ -16,7 +16,7 @@ for _, id in ipairs(due) do
     redis.call('HDEL', tkey, 'pending_tool_calls', 'waiting_until')
     redis.call('EXPIRE', tkey, ttl)
     redis.call('ZADD', KEYS[2], now, id)
-    wf_final(tkey, 'failed', nil, 'tool_timeout: no tool outputs came in time', now)
+    wf().final(tkey, 'failed', nil, 'tool_timeout: no tool outputs came in time', now)
     failed = failed + 1
   end
 end
