@@ -525,7 +525,8 @@ async fn cancelling_a_workflow_drops_its_calls_in_flight() -> Result<()> {
         ]}),
     )
     .await?;
-    s.wait_calls("long one [[sleep:30000]]", 1, Duration::from_secs(10)).await?;
+    s.wait_calls("long one [[sleep:30000]]", 1, Duration::from_secs(10))
+        .await?;
     let a = nodes(&workflow(&s, &one).await?)["a"]["task_id"]
         .as_str()
         .context("id")?

@@ -468,9 +468,13 @@ impl Worker {
             }
         }
         if let Some(wf) = c.workflow {
-            let settled = self
-                .broker
-                .workflow_settle(&self.cfg.queue, wf, c.hold, c.worst, cost)
+            // boxed: only workflow nodes with a cap get here, and an inline script call would
+            // grow every run's future (1000 in flight) by its size
+            let settled =
+                Box::pin(
+                    self.broker
+                        .workflow_settle(&self.cfg.queue, wf, c.hold, c.worst, cost),
+                )
                 .await;
             if let Err(e) = settled {
                 tracing::warn!(error = %e, "could not settle a workflow's cost hold; it expires with the call's timeout");

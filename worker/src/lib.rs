@@ -331,7 +331,7 @@ const EARLY_CANCEL_TTL: Duration = Duration::from_secs(10);
 /// past it the poll still finds them.
 const EARLY_CANCEL_CAP: usize = 4096;
 /// Task records the cancel poll reads per round trip.
-const CANCEL_POLL_BATCH: usize = 512;
+const CANCEL_POLL_BATCH: usize = 128;
 /// How often the cancel channel's connection is checked with a PING: one that died without a
 /// reset (a vanished peer) would otherwise just look quiet.
 const CANCEL_PING_EVERY: Duration = Duration::from_secs(15);
@@ -789,13 +789,12 @@ impl Worker {
                         break;
                     }
                 };
-                for ((id, serial, token), (status, current)) in batch.iter().zip(states) {
+                for ((id, serial, token), status) in batch.iter().zip(states) {
                     if poll_aborts(status.as_deref()) && self.running.abort(id, *serial) {
                         tracing::debug!(
                             task.id = %id,
                             status = status.as_deref().unwrap_or("<record gone>"),
                             run_token = %token,
-                            token = current.as_deref().unwrap_or(""),
                             "the task is final or gone; aborting the run"
                         );
                     }
