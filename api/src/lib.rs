@@ -7,6 +7,7 @@
 
 mod budgets;
 pub mod error;
+mod events;
 mod promote;
 mod routes;
 mod tools;
@@ -41,15 +42,28 @@ pub struct AppState {
     pub known_queues: Arc<Mutex<HashSet<String>>>,
     /// `/openapi.json` with this deployment's declared queues, rendered once.
     pub openapi: axum::body::Bytes,
+    /// The reader of live event streams (`events.rs`).
+    pub hub: events::Hub,
 }
 
 impl AppState {
-    pub fn new(config: ApiConfig) -> anyhow::Result<Self> {
+    /// Starts the event hub too (a tokio task), which ends with `stop`.
+    pub fn new(
+        config: ApiConfig,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Self> {
         let redis = Redis::open(&config.common.redis_url)?;
         let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix);
         let budgets = agentq_common::flow::Budgets::new(redis.clone(), &config.common.key_prefix);
         let broker = Broker::new(redis, config.common.key_prefix.clone());
+        let hub = events::Hub::start(
+            &config.common.redis_url,
+            config.max_streams,
+            config.stream_buffer,
+            stop,
+        )?;
         Ok(Self {
+            hub,
             limiter,
             budgets,
             openapi: routes::openapi_for(&config.queues).into(),
@@ -67,7 +81,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = AppState::new(config)?;
+    // Event streams never end on their own: they are closed when shutdown begins, so the
+    // graceful shutdown below does not wait for them (clients resume on another replica).
+    let streams = tokio_util::sync::CancellationToken::new();
+    let state = AppState::new(config, streams.clone())?;
     tracing::info!(
         listen = %listener.local_addr()?,
         redis = %state.config.common.redis_display(),
@@ -77,7 +94,10 @@ pub async fn run(
     let stop = tokio_util::sync::CancellationToken::new();
     let promoter = tokio::spawn(promote::run(state.clone(), stop.clone()));
     axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            streams.cancel();
+        })
         .await?;
     stop.cancel();
     let _ = promoter.await;

@@ -63,11 +63,16 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/tasks", post(create_task))
         .route("/v1/tasks/{id}", get(get_task).delete(cancel_task))
+        .route("/v1/tasks/{id}/events", get(crate::events::task_events))
         .route(
             "/v1/tasks/{id}/tool_outputs",
             post(crate::tools::submit_tool_outputs),
         )
         .route("/v1/workflows", post(crate::workflows::create))
+        .route(
+            "/v1/workflows/{id}/events",
+            get(crate::events::workflow_events),
+        )
         .route(
             "/v1/workflows/{id}",
             get(crate::workflows::get).delete(crate::workflows::cancel),

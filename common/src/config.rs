@@ -49,6 +49,18 @@ pub const ENV_LIMITER_GRANTS: &str = "AGENTQ_LIMITER_GRANTS";
 /// behind its back: the backstop of the cancel channel, which misses what is published while it
 /// reconnects.
 pub const ENV_CANCEL_POLL_MS: &str = "AGENTQ_CANCEL_POLL_MS";
+/// `on` (default): the worker asks for streamed answers and appends their text to each task's
+/// event stream as it comes; `off`: one JSON answer per call (for an upstream that cannot
+/// stream), and the stream gets the text with the result.
+pub const ENV_STREAM: &str = "AGENTQ_STREAM";
+/// How long a streamed answer's text may wait in the worker before it is written (ms).
+pub const ENV_STREAM_FLUSH_MS: &str = "AGENTQ_STREAM_FLUSH_MS";
+/// How much text is written at once without waiting for the flush interval (bytes).
+pub const ENV_STREAM_FLUSH_BYTES: &str = "AGENTQ_STREAM_FLUSH_BYTES";
+/// Most SSE streams one api process serves at once; past it `503`.
+pub const ENV_MAX_STREAMS: &str = "AGENTQ_MAX_STREAMS";
+/// Events buffered for one SSE client before it counts as too slow and is closed.
+pub const ENV_STREAM_BUFFER: &str = "AGENTQ_STREAM_BUFFER";
 /// Output tokens the limiter reserves for a call that sends no output cap (`AGENTQ_MAX_TOKENS=0`).
 pub const DEFAULT_LIMITER_OUTPUT_TOKENS: u32 = 1024;
 
@@ -76,6 +88,10 @@ pub const DEFAULT_MEMORY_TTL_SECS: u64 = 3_600;
 pub const DEFAULT_FETCH_BATCH: usize = 32;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_CANCEL_POLL_MS: u64 = 2_000;
+pub const DEFAULT_STREAM_FLUSH_MS: u64 = 50;
+pub const DEFAULT_STREAM_FLUSH_BYTES: usize = 2048;
+pub const DEFAULT_MAX_STREAMS: usize = 10_000;
+pub const DEFAULT_STREAM_BUFFER: usize = 256;
 /// Output cap sent with every call: bounds what a call can cost, and keeps a server from
 /// generating long after the worker gave up on the call (llama.cpp does not stop on disconnect).
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
@@ -253,6 +269,10 @@ pub struct ApiConfig {
     pub max_steps_cap: u32,
     /// The MCP servers tasks may enable (`AGENTQ_MCP_SERVERS`; names only, no headers).
     pub mcp: crate::mcp::McpServers,
+    /// `AGENTQ_MAX_STREAMS`: SSE streams served at once.
+    pub max_streams: usize,
+    /// `AGENTQ_STREAM_BUFFER`: events queued for one SSE client before it is dropped as slow.
+    pub stream_buffer: usize,
 }
 
 impl ApiConfig {
@@ -306,6 +326,8 @@ impl ApiConfig {
             upstreams: std::sync::Arc::new(upstreams),
             max_steps_cap,
             mcp: crate::mcp::McpServers::from_env(env, false)?,
+            max_streams: ranged(env, ENV_MAX_STREAMS, DEFAULT_MAX_STREAMS, 1, 1_000_000)?,
+            stream_buffer: ranged(env, ENV_STREAM_BUFFER, DEFAULT_STREAM_BUFFER, 8, 65_536)?,
         })
     }
 
@@ -394,6 +416,12 @@ pub struct WorkerConfig {
     /// `AGENTQ_CANCEL_POLL_MS`: how often the runs in progress are checked against their records
     /// (a cancelled or finished task's run is aborted), besides the cancel channel.
     pub cancel_poll: Duration,
+    /// `AGENTQ_STREAM`: call with `stream: true` and write the text as it comes.
+    pub stream: bool,
+    /// `AGENTQ_STREAM_FLUSH_MS`: the longest a streamed answer's text waits to be written.
+    pub stream_flush: Duration,
+    /// `AGENTQ_STREAM_FLUSH_BYTES`: text written at once without waiting.
+    pub stream_flush_bytes: usize,
 }
 
 impl WorkerConfig {
@@ -536,6 +564,30 @@ impl WorkerConfig {
                 50,
                 600_000,
             )?),
+            stream: match string(env, ENV_STREAM, "on").trim() {
+                "on" => true,
+                "off" => false,
+                other => {
+                    return Err(ConfigError {
+                        var: ENV_STREAM,
+                        message: format!("must be on or off (got {other:?})"),
+                    })
+                }
+            },
+            stream_flush: Duration::from_millis(ranged(
+                env,
+                ENV_STREAM_FLUSH_MS,
+                DEFAULT_STREAM_FLUSH_MS,
+                1,
+                10_000,
+            )?),
+            stream_flush_bytes: ranged(
+                env,
+                ENV_STREAM_FLUSH_BYTES,
+                DEFAULT_STREAM_FLUSH_BYTES,
+                1,
+                1 << 20,
+            )?,
         })
     }
 }

@@ -132,6 +132,17 @@ impl Keys {
         format!("{}{id}", self.task_prefix())
     }
 
+    /// STREAM of one task's events (SSE, `GET /v1/tasks/{id}/events`): `<task key>:events`,
+    /// written by the scripts that change the task (`queue/events.lua`).
+    pub fn task_events(&self, id: &TaskId) -> String {
+        format!("{}:events", self.task(id))
+    }
+
+    /// STREAM of one workflow's events: its status and its nodes' status changes.
+    pub fn workflow_events(&self, id: &str) -> String {
+        format!("{}:events", self.workflow(id))
+    }
+
     /// The record key of an id as read off one of this queue's lists, valid or not (a malformed
     /// id is still dead-lettered through its key). The key starts with this queue's hash tag, so
     /// it is in the queue's slot whatever the id holds.

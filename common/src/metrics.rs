@@ -79,6 +79,10 @@ pub struct ApiMetrics {
     pub budget_spent: GaugeVec,
     /// agentq_budget_reserved_dollars{scope}: worst-case cost of the calls in flight against it
     pub budget_reserved: GaugeVec,
+    /// agentq_sse_streams: event streams (SSE) this api process serves now
+    pub sse_streams: IntGauge,
+    /// agentq_sse_refused_total: event streams refused with 503 (`AGENTQ_MAX_STREAMS`)
+    pub sse_refused: prometheus::IntCounter,
 }
 
 fn budget_gauge(r: &Registry, name: &str, help: &str) -> GaugeVec {
@@ -147,6 +151,22 @@ impl ApiMetrics {
                 &r,
                 "agentq_budget_reserved_dollars",
                 "Worst-case cost of the calls in flight against each budget, read at scrape time.",
+            ),
+            sse_streams: reg(
+                &r,
+                IntGauge::new(
+                    "agentq_sse_streams",
+                    "Event streams (SSE) this api process serves now.",
+                )
+                .expect("static metric definition"),
+            ),
+            sse_refused: reg(
+                &r,
+                prometheus::IntCounter::new(
+                    "agentq_sse_refused_total",
+                    "Event streams refused with 503: the process serves AGENTQ_MAX_STREAMS already.",
+                )
+                .expect("static metric definition"),
             ),
             registry: r,
         }

@@ -644,7 +644,7 @@ pub struct SubmitToolOutputs {
 }
 
 /// The `error_code` of a task's error, from its prefix.
-fn error_code(error: &str) -> Option<String> {
+pub fn error_code(error: &str) -> Option<String> {
     [
         BUDGET_EXCEEDED,
         TOOL_TIMEOUT,

@@ -48,6 +48,7 @@ impl Worker {
         models: &[String],
         messages: &[Message],
         payload: &Payload,
+        events: &mut crate::emitter::Emitter<'_>,
     ) -> Flow {
         let implicit = self.cfg.upstreams.implicit;
         // the task's own caps need what it used so far (all attempts, all steps)
@@ -355,8 +356,18 @@ impl Worker {
                 started: std::time::Instant::now(),
                 armed: true,
             };
-            let call = llm.chat(model, messages, &payload.params).await;
+            // a fallback after a call whose text already went out tells clients to drop it
+            events.begin_call(model).await;
+            let call = if self.cfg.stream {
+                llm.chat_streamed(model, messages, &payload.params, events)
+                    .await
+            } else {
+                llm.chat(model, messages, &payload.params).await
+            };
             in_flight.armed = false;
+            if call.result.is_err() {
+                events.call_failed();
+            }
             self.settle(&route, label, &reservation, &call).await;
             let usage = self.charge(&charge_base, Some(&call), true).await;
             if usage.is_some() && call.result.is_err() {

@@ -16,6 +16,7 @@
 //! in-flight tasks get `AGENTQ_DRAIN_TIMEOUT_SECS`, the rest are given back uncounted, exit 0.
 
 mod budget;
+mod emitter;
 mod flow;
 mod graph;
 mod llm;

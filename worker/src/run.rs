@@ -24,6 +24,8 @@ pub(crate) enum Outcome {
         usage: Option<agentq_common::queue::UsageAdd>,
         /// For a workflow's node: its output and a plan's children, for `wf.lua`.
         node: Option<Box<agentq_common::queue::NodeDone>>,
+        /// The answer's text not on the event stream yet (`complete.lua` appends it).
+        rest: agentq_common::queue::StreamRest,
     },
     Failure(LlmFailure),
     /// The record cannot be run at all: dead-letter it now, never call the LLM.
@@ -281,10 +283,23 @@ impl Worker {
             .iter()
             .filter(|m| m.role == Role::Assistant)
             .count() as u32;
+        // boxed: it lives across the run's awaits, and the run future is allocated per task
+        let mut events = Box::new(crate::emitter::Emitter::new(
+            &self.broker,
+            &self.keys,
+            &task.id,
+            &task.token,
+            task.attempt,
+            steps_done,
+            self.cfg.stream_flush,
+            self.cfg.stream_flush_bytes,
+        ));
 
         loop {
-            let (result, usage) = match self.call_with_flow(task, &models, &messages, offered).await
-            {
+            let flow = self
+                .call_with_flow(task, &models, &messages, offered, &mut events)
+                .await;
+            let (result, usage) = match flow {
                 crate::flow::Flow::Throttled(at) => return Outcome::Throttled(at),
                 crate::flow::Flow::Failed(failure) => return Outcome::Failure(failure),
                 crate::flow::Flow::Answered(result, usage) => (result, usage),
@@ -298,7 +313,8 @@ impl Worker {
                 None
             };
             let Some(calls) = calls else {
-                let out = self.answered(task, &payload, &transcript, result, usage);
+                let rest = events.rest().await;
+                let out = self.answered(task, &payload, &transcript, result, usage, rest);
                 if matches!(out, Outcome::Failure(_)) {
                     // an invalid plan: the reply was paid for
                     Box::pin(self.add_task_usage(&task.id, usage.as_ref())).await;
@@ -334,6 +350,13 @@ impl Worker {
                 .filter(|c| is_client(&c.function.name))
                 .cloned()
                 .collect();
+            // the step's text (if any) first, then what the model asked for
+            events
+                .event(
+                    "tool_call",
+                    serde_json::json!({ "step": steps_done, "tool_calls": &calls }).to_string(),
+                )
+                .await;
             let server_results = Box::pin(futures::future::join_all(
                 calls
                     .iter()
@@ -347,6 +370,23 @@ impl Worker {
                 tool_calls: Some(calls),
                 ..Message::text(Role::Assistant, "")
             }];
+            if !server_results.is_empty() {
+                let results: Vec<serde_json::Value> = server_results
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "tool_call_id": m.tool_call_id,
+                            "content": m.content,
+                        })
+                    })
+                    .collect();
+                events
+                    .event(
+                        "tool_result",
+                        serde_json::json!({ "step": steps_done, "results": results }).to_string(),
+                    )
+                    .await;
+            }
             step.extend(server_results);
             let step_json: Vec<String> = step
                 .iter()
@@ -385,6 +425,7 @@ impl Worker {
                 }
             }
             steps_done += 1;
+            events.next_step(steps_done).await;
             messages.extend(step.iter().cloned());
             transcript.extend(step);
         }
@@ -448,6 +489,7 @@ impl Worker {
         transcript: &[Message],
         result: agentq_common::task::TaskResult,
         usage: Option<agentq_common::queue::UsageAdd>,
+        rest: agentq_common::queue::StreamRest,
     ) -> Outcome {
         let node = match payload.workflow.as_deref() {
             Some(n) => match self.node_done(task, payload, n, &result.content) {
@@ -495,6 +537,7 @@ impl Worker {
             exchange,
             usage,
             node,
+            rest,
         }
     }
 
@@ -518,6 +561,7 @@ impl Worker {
                 exchange,
                 usage,
                 node,
+                rest,
             } => {
                 let memory = agent_id
                     .as_deref()
@@ -540,6 +584,7 @@ impl Worker {
                             memory.as_ref(),
                             usage.as_ref(),
                             node.as_deref(),
+                            rest,
                         )
                     })
                     .await;

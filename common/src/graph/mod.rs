@@ -537,12 +537,14 @@ pub struct WorkflowView {
 
 static CREATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
+        include_str!("../queue/events.lua"),
         include_str!("wf.lua"),
         include_str!("wf_create.lua")
     ))
 });
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
+        include_str!("../queue/events.lua"),
         include_str!("wf.lua"),
         include_str!("wf_cancel.lua")
     ))

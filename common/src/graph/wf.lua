@@ -38,6 +38,7 @@ local function wf()
     local tkey = base .. 'task:' .. tid
     -- a blocked node cancelled on its own (DELETE /v1/tasks/{id}) stays out
     if redis.call('HGET', tkey, 'status') ~= 'queued' then return end
+    ev_add(wf .. ':events', 'node', cjson.encode({node = n, task_id = tid, status = 'queued'}))
     local runnable = true
     if agent and agent ~= '' then
       runnable = redis.call('RPUSH', base .. 'lane:' .. agent, tid) == 1
@@ -59,6 +60,7 @@ local function wf()
     if why then redis.call('HSET', tkey, 'error', why) end
     redis.call('HDEL', tkey, 'token', 'pending_tool_calls', 'waiting_until')
     redis.call('EXPIRE', tkey, ttl)
+    ev_final(tkey, 'cancelled', ttl, why or 'cancelled')
     redis.call('ZREM', base .. 'delayed', tid)
     redis.call('ZREM', base .. 'active', tid)
     redis.call('ZREM', base .. 'throttled', tid)
@@ -74,6 +76,13 @@ local function wf()
     if reason then redis.call('HSET', wf, 'error', reason) end
     redis.call('EXPIRE', wf, ttl)
     redis.call('DEL', wf .. ':holds')
+    local ekey = wf .. ':events'
+    if status == 'succeeded' then
+      ev_add(ekey, 'done', '{"status":"succeeded"}')
+    else
+      ev_add(ekey, 'error', cjson.encode({status = status, error = reason or status}))
+    end
+    redis.call('EXPIRE', ekey, ttl)
   end
 
   -- Ends a running workflow (fail_workflow, or DELETE): every node not final is cancelled.

@@ -33,5 +33,6 @@ for i = 0, n - 1 do
   if tonumber(ARGV[a + 4]) == 0 then roots[#roots + 1] = id end
 end
 redis.call('HSET', wf, 'nodes', table.concat(ids, ' '))
+ev_add(wf .. ':events', 'status', '{"status":"running"}')
 for _, id in ipairs(roots) do W.ready(wf, base, id) end
 return {1, ARGV[1]}

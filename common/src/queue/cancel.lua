@@ -28,6 +28,7 @@ end
 if status == 'running' and ARGV[5] then
   redis.call('PUBLISH', ARGV[5], ARGV[1])
 end
+ev_final(KEYS[1], 'cancelled', tonumber(ARGV[3]), 'cancelled by request')
 -- a workflow's node: its on_failure decides what happens to the rest (wf.lua)
 wf().final(KEYS[1], 'cancelled', nil, 'cancelled by request', tonumber(ARGV[2]))
 return 'ok'

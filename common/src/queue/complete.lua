@@ -4,11 +4,14 @@
 -- ARGV[6] memory length cap, ARGV[7] memory TTL seconds, ARGV[8] the run's call usage to add to the
 -- task's counters ("prompt|completion|cached|cost nano-dollars", or ''), ARGV[9] '1' when the task
 -- is a workflow node (else ''), ARGV[10] its output, ARGV[11] a plan's children (JSON, see
--- wf_final in wf.lua) or '', ARGV[12..] messages to append to memory
+-- wf_final in wf.lua) or '', ARGV[12] the answer's text not yet on the task's event stream (the
+-- worker batches deltas; the rest goes with the result, so the stream's deltas of the winning
+-- attempt add up to the result), ARGV[13] the run's step number, ARGV[14..] messages to append
+-- to memory
 -- Returns 'ok'; or, writing nothing: the verdict this run already got (a resend after a lost reply),
 -- the final status ('succeeded', 'failed', 'cancelled'), 'missing', or 'stale' (another run owns it).
 local token = ARGV[2]
-local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage')
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', 'attempts')
 local refused = fence(KEYS[1], KEYS[2], ARGV[1], token, t[1], t[2], t[3])
 if refused then return refused end
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -41,8 +44,11 @@ else
 end
 redis.call('HDEL', KEYS[1], 'error', 'token')
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-if #KEYS == 4 and #ARGV > 11 then
-  for i = 12, #ARGV do
+if ARGV[12] and ARGV[12] ~= '' then ev_delta(KEYS[1], ARGV[12], t[5], ARGV[13]) end
+if usage ~= '' then ev_usage(KEYS[1], usage) end
+ev_final(KEYS[1], 'succeeded', tonumber(ARGV[5]), nil, ARGV[4])
+if #KEYS == 4 and #ARGV > 13 then
+  for i = 14, #ARGV do
     redis.call('RPUSH', KEYS[4], ARGV[i])
   end
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[6]), -1)

@@ -36,6 +36,7 @@ local function bury(reason)
   redis.call('ZADD', KEYS[5], now, id)
   -- dead entries are kept as long as finished task records, so the set does not grow forever
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl * 1000)
+  ev_final(KEYS[1], 'failed', ttl, reason)
   wf().final(KEYS[1], 'failed', nil, reason, now)
   return done('failed')
 end
@@ -43,6 +44,7 @@ end
 local function later()
   redis.call('HSET', KEYS[1], 'status', 'retrying', 'error', ARGV[5])
   redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), id)
+  ev_status(KEYS[1], 'retrying', {attempt = attempts, error = ARGV[5], retry_at = now + tonumber(ARGV[6])})
   return done('retrying')
 end
 
@@ -52,11 +54,13 @@ if mode == 'throttled' then
   -- the turn it was given: when it comes back it is served as the holder of that turn
   redis.call('HSET', KEYS[1], 'turn', ARGV[6])
   redis.call('ZADD', KEYS[7], tonumber(ARGV[6]), id)
+  ev_status(KEYS[1], 'queued', {reason = 'throttled', until_ms = tonumber(ARGV[6])})
   return done('queued')
 elseif mode == 'giveback' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
   redis.call('HINCRBY', KEYS[1], 'given_back', 1)
   redis.call('RPUSH', KEYS[6], id)
+  ev_status(KEYS[1], 'queued', {reason = 'given_back'})
   return done('queued')
 elseif mode == 'permanent' then
   return bury(ARGV[5])

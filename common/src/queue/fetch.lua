@@ -32,6 +32,7 @@ local function bury(tkey, id, reason)
   redis.call('EXPIRE', tkey, ttl)
   redis.call('ZADD', KEYS[4], now, id)
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
+  ev_final(tkey, 'failed', ttl, reason)
   wf().final(tkey, 'failed', nil, reason, now)
 end
 
@@ -65,6 +66,9 @@ local function start(id)
   redis.call('HSET', tkey, 'status', 'running', 'attempts', attempts, 'started_at', now,
     'worker', ARGV[4], 'token', token)
   redis.call('ZADD', KEYS[3], now, id)
+  -- a client streaming the task drops any partial text of an earlier attempt on attempt_started
+  ev_status(tkey, 'running', {attempt = attempts})
+  ev_add(tkey .. ':events', 'attempt_started', cjson.encode({attempt = attempts, run = token}))
   out[#out + 1] = id
   out[#out + 1] = attempts
   out[#out + 1] = t[4] or ''

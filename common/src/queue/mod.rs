@@ -27,35 +27,47 @@ struct Scripts {
     cancel: Script,
     redrive: Script,
     give_back: Script,
+    emit: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     enqueue: Script::new(include_str!("enqueue.lua")),
     // Every script that can make a task final ends with the workflow step of wf.lua.
     fetch: Script::new(concat!(
+        include_str!("events.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("fetch.lua")
     )),
     // Both reports share the ownership check of fence.lua (a Redis script cannot import another).
     complete: Script::new(concat!(
+        include_str!("events.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("fence.lua"),
         include_str!("complete.lua")
     )),
     fail: Script::new(concat!(
+        include_str!("events.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("fence.lua"),
         include_str!("fail.lua")
     )),
     promote: Script::new(include_str!("promote.lua")),
     usage: Script::new(include_str!("usage.lua")),
-    recover: Script::new(include_str!("recover.lua")),
+    recover: Script::new(concat!(
+        include_str!("events.lua"),
+        include_str!("recover.lua")
+    )),
     cancel: Script::new(concat!(
+        include_str!("events.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("cancel.lua")
     )),
     redrive: Script::new(include_str!("redrive.lua")),
     give_back: Script::new(include_str!("return.lua")),
+    emit: Script::new(concat!(
+        include_str!("events.lua"),
+        include_str!("emit.lua")
+    )),
 });
 
 /// Counts of one queue, as `GET /v1/queues/{queue}` shows them.
@@ -138,6 +150,23 @@ pub struct MemoryAppend<'a> {
 pub struct NodeDone {
     pub output: String,
     pub children: Option<String>,
+}
+
+/// The end of a run's streamed answer that is not on the task's event stream yet: `complete.lua`
+/// appends it with the result, in the same step (see `events.lua`).
+#[derive(Debug, Clone, Default)]
+pub struct StreamRest {
+    pub text: String,
+    /// The run's step number (the deltas' `step`).
+    pub step: u32,
+}
+
+/// One event a run appends to its task's stream with [`Broker::emit`]: a `delta`'s data is the
+/// text itself, any other event's its JSON.
+#[derive(Debug, Clone)]
+pub struct RunEvent {
+    pub kind: &'static str,
+    pub data: String,
 }
 
 /// One LLM call's usage, added to its task's counters (the record's `usage` field,
@@ -487,6 +516,7 @@ impl Broker {
         memory: Option<&MemoryAppend<'_>>,
         usage: Option<&UsageAdd>,
         node: Option<&NodeDone>,
+        rest: &StreamRest,
     ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
         let mut inv = SCRIPTS.complete.prepare_invoke();
@@ -510,10 +540,32 @@ impl Broker {
                 .arg(n.children.as_deref().unwrap_or("")),
             None => inv.arg("").arg("").arg(""),
         };
+        inv.arg(&rest.text).arg(rest.step);
         if let Some(m) = memory {
             for msg in &m.messages {
                 inv.arg(msg);
             }
+        }
+        inv.invoke_async(&mut conn).await
+    }
+
+    /// Appends a run's events to its task's stream (`emit.lua`), only while the run owns the
+    /// task. `batch` numbers the run's calls from 1: a resend of a batch already written writes
+    /// nothing. Returns `ok`, `stale` or `missing`.
+    pub async fn emit(
+        &self,
+        keys: &Keys,
+        id: &str,
+        token: &str,
+        batch: u64,
+        step: u32,
+        events: &[RunEvent],
+    ) -> RedisResult<String> {
+        let mut conn = self.redis.conn().await?;
+        let mut inv = SCRIPTS.emit.prepare_invoke();
+        inv.key(keys.task_raw(id)).arg(token).arg(batch).arg(step);
+        for e in events {
+            inv.arg(e.kind).arg(&e.data);
         }
         inv.invoke_async(&mut conn).await
     }

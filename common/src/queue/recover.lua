@@ -21,6 +21,7 @@ for i = #ids, 1, -1 do
     redis.call('HINCRBY', tkey, 'recovered', 1)
     redis.call('ZREM', KEYS[5], id)
     redis.call('RPUSH', KEYS[3], id)
+    ev_status(tkey, 'queued', {reason = 'recovered'})
     n = n + 1
   elseif not status or status == 'queued' or status == 'retrying' then
     redis.call('RPUSH', KEYS[3], id)

@@ -11,6 +11,8 @@ for _, id in ipairs(ids) do
     redis.call('HSET', tkey, 'status', 'queued', 'attempts', 0, 'rate_limited', 0)
     redis.call('HDEL', tkey, 'finished_at', 'started_at', 'result', 'token')
     redis.call('PERSIST', tkey)
+    -- its old stream ended with a terminal event; the new life starts a new one
+    redis.call('DEL', tkey .. ':events')
     redis.call('LPUSH', KEYS[2], id)
     moved = moved + 1
   else

@@ -19,4 +19,5 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'transcript', transcript,
 redis.call('HDEL', KEYS[1], 'pending_tool_calls', 'waiting_until')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[1])
+ev_status(KEYS[1], 'queued', {reason = 'tool_outputs'})
 return 'ok'

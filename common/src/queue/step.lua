@@ -14,7 +14,10 @@ if t[1] ~= 'running' or t[2] ~= ARGV[1] then
   return 'stale'
 end
 local usage = add_usage(t[3], ARGV[3])
-if usage then redis.call('HSET', KEYS[1], 'usage', usage) end
+if usage then
+  redis.call('HSET', KEYS[1], 'usage', usage)
+  ev_usage(KEYS[1], usage)
+end
 local transcript = ARGV[2]
 if t[4] and t[4] ~= '' then transcript = t[4] .. '\n' .. ARGV[2] end
 redis.call('HSET', KEYS[1], 'transcript', transcript)

@@ -25,6 +25,7 @@ struct Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     step: Script::new(concat!(
+        include_str!("events.lua"),
         include_str!("usage_add.lua"),
         include_str!("step.lua")
     )),
@@ -37,12 +38,17 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("lane_sweep.lua")
     )),
     suspend: Script::new(concat!(
+        include_str!("events.lua"),
         include_str!("fence.lua"),
         include_str!("usage_add.lua"),
         include_str!("suspend.lua")
     )),
-    resume: Script::new(include_str!("resume.lua")),
+    resume: Script::new(concat!(
+        include_str!("events.lua"),
+        include_str!("resume.lua")
+    )),
     tool_timeout: Script::new(concat!(
+        include_str!("events.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("tool_timeout.lua")
     )),

@@ -12,7 +12,10 @@ local refused = fence(KEYS[1], KEYS[2], ARGV[1], token, t[1], t[2], t[3])
 if refused then return refused end
 redis.call('ZREM', KEYS[3], ARGV[1])
 local usage = add_usage(t[4], ARGV[7])
-if usage then redis.call('HSET', KEYS[1], 'usage', usage) end
+if usage then
+  redis.call('HSET', KEYS[1], 'usage', usage)
+  ev_usage(KEYS[1], usage)
+end
 -- no new messages: a redriven task whose calls were never answered waits for them again
 if ARGV[4] ~= '' then
   local transcript = ARGV[4]
@@ -24,4 +27,6 @@ redis.call('HSET', KEYS[1], 'status', 'requires_action', 'pending_tool_calls', A
   'waiting_until', ARGV[6], 'reported', token .. '|requires_action')
 redis.call('HDEL', KEYS[1], 'token', 'error')
 redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[1])
+ev_add(KEYS[1] .. ':events', 'status',
+  '{"status":"requires_action","pending_tool_calls":' .. ARGV[5] .. ',"due_ms":' .. tonumber(ARGV[6]) .. '}')
 return 'requires_action'

@@ -16,6 +16,7 @@ for _, id in ipairs(due) do
     redis.call('HDEL', tkey, 'pending_tool_calls', 'waiting_until')
     redis.call('EXPIRE', tkey, ttl)
     redis.call('ZADD', KEYS[2], now, id)
+    ev_final(tkey, 'failed', ttl, 'tool_timeout: no tool outputs came within the task\'s tool_timeout_secs')
     wf().final(tkey, 'failed', nil, 'tool_timeout: no tool outputs came in time', now)
     failed = failed + 1
   end

@@ -19,13 +19,14 @@ use serde::{Deserialize, Serialize};
 use crate::journal::JournalEntry;
 use crate::markers::{self, Fault, Hint, Plan, Reply};
 use crate::quota::{self, Limits, Rejected, Rejection};
+use crate::stream;
 use crate::{CallOutcome, MockLlm, RequestRecord};
 
 /// Generous: prompts in agent workloads can carry long transcripts.
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-/// `[[hang]]` is meant to outlive any sane client timeout.
-const HANG: Duration = Duration::from_secs(3600);
+/// `[[hang]]` (and `[[stall]]`) is meant to outlive any sane client timeout.
+pub(crate) const HANG: Duration = Duration::from_secs(3600);
 
 const DEFAULT_MODEL: &str = "mock-gpt";
 
@@ -169,6 +170,18 @@ struct ChatRequest<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(borrow)]
     messages: Vec<Message<'a>>,
+    /// `true`: answer a 200 as server-sent `chat.completion.chunk` events.
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    /// Ask for a last chunk carrying `usage` (and `"usage": null` on the others).
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -436,13 +449,14 @@ async fn chat_completion(mock: &MockLlm, req: Request) -> Response {
     let response = match gate {
         Gate::Now(response, _) => response,
         Gate::Serve(plan, limits) => {
-            let mut response = answer(mock, &request, prompt, call, plan, entry.as_mut()).await;
+            let mut response = answer(mock, &request, prompt, call, plan, &mut entry).await;
             if let Some(limits) = limits {
                 limits.apply(response.headers_mut());
             }
             response
         }
     };
+    // A streamed answer took the entry: it ends when the stream does.
     if let Some(entry) = entry {
         let outcome = if response.extensions().get::<DropConnection>().is_some() {
             CallOutcome::Dropped
@@ -590,14 +604,15 @@ fn storm_response(left: Duration) -> Response {
 }
 
 /// The answer to call number `call` of `prompt` per its `plan`: scripted
-/// faults, latency, or the echo.
+/// faults, latency, or the echo. A streamed 200 takes the journal `entry`
+/// along, since the call only ends when its last chunk is out.
 async fn answer(
     mock: &MockLlm,
     request: &ChatRequest<'_>,
     prompt: &str,
     call: u64,
     plan: Plan<'_>,
-    entry: Option<&mut JournalEntry>,
+    entry: &mut Option<JournalEntry>,
 ) -> Response {
     let delay = mock.latency().saturating_add(plan.extra_latency);
     if !delay.is_zero() {
@@ -606,7 +621,7 @@ async fn answer(
 
     match plan.fault {
         Some(Fault::Hang) => {
-            if let Some(entry) = entry {
+            if let Some(entry) = entry.as_mut() {
                 entry.hanging();
             }
             tokio::time::sleep(HANG).await;
@@ -631,6 +646,17 @@ async fn answer(
     };
     let (prompt_tokens, completion_tokens) = echo_usage(request, prompt);
     let created = unix_now();
+    // Streamed answers are built from the very body a non-streamed call
+    // would get, so both carry the same content, tool calls and usage.
+    let streaming = request.stream.unwrap_or(false).then(|| stream::Options {
+        rate: plan.stream_rate.unwrap_or_else(|| mock.stream_rate()),
+        fault: plan.stream_fault,
+        include_usage: request
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    });
     if plan.reply.is_some() || !plan.calls.is_empty() {
         let echo = Echo {
             reply: &reply,
@@ -639,9 +665,13 @@ async fn answer(
             prompt_tokens,
             completion_tokens,
         };
-        return match plan.reply {
+        let body = match plan.reply {
             Some(shape) => shaped_reply(mock, shape, &echo),
             None => tool_reply(mock, request, &plan.calls, call, &echo),
+        };
+        return match streaming {
+            Some(options) => stream::respond(mock, &body, options, entry.take()),
+            None => Json(body).into_response(),
         };
     }
     let completion = Completion {
@@ -664,7 +694,18 @@ async fn answer(
             total_tokens: prompt_tokens + completion_tokens,
         },
     };
-    Json(completion).into_response()
+    match streaming {
+        None => Json(completion).into_response(),
+        // Plain structs with string keys always serialize; the arm is there
+        // only because the signature allows an error.
+        Some(options) => match serde_json::to_value(&completion) {
+            Ok(body) => stream::respond(mock, &body, options, entry.take()),
+            Err(e) => openai_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("mock: cannot build the streamed answer: {e}"),
+            ),
+        },
+    }
 }
 
 fn unix_now() -> u64 {
@@ -688,9 +729,10 @@ const REFUSAL: &str = "I can't help with that.";
 const CACHED_TOKENS: u64 = 3;
 const REASONING_TOKENS: u64 = 2;
 
-/// A 200 in the shape `[[reply:KIND]]` asked for. Built with `json!`: only
-/// prompts with markers get here, so the plain echo keeps its typed fast path.
-fn shaped_reply(mock: &MockLlm, shape: Reply, echo: &Echo<'_>) -> Response {
+/// The body of a 200 in the shape `[[reply:KIND]]` asked for. Built with
+/// `json!`: only prompts with markers get here, so the plain echo keeps its
+/// typed fast path.
+fn shaped_reply(mock: &MockLlm, shape: Reply, echo: &Echo<'_>) -> serde_json::Value {
     use serde_json::{json, Value};
     let id = mock.next_id();
     let usage = json!({
@@ -810,7 +852,7 @@ fn shaped_reply(mock: &MockLlm, shape: Reply, echo: &Echo<'_>) -> Response {
             Some(usage),
         ),
     };
-    Json(body).into_response()
+    body
 }
 
 /// `[[call:NAME:ARGS]]`: while the conversation does not end with tool results, the model asks
@@ -822,7 +864,7 @@ fn tool_reply(
     calls: &[(&str, &str)],
     call: u64,
     echo: &Echo<'_>,
-) -> Response {
+) -> serde_json::Value {
     use serde_json::json;
     let results: Vec<&str> = request
         .messages
@@ -856,7 +898,7 @@ fn tool_reply(
             "stop",
         )
     };
-    Json(json!({
+    json!({
         "id": format!("chatcmpl-{id}"),
         "object": "chat.completion",
         "created": echo.created,
@@ -867,8 +909,7 @@ fn tool_reply(
             "completion_tokens": echo.completion_tokens,
             "total_tokens": echo.prompt_tokens + echo.completion_tokens,
         },
-    }))
-    .into_response()
+    })
 }
 
 fn scripted_failure(status: u16, hints: &[Hint<'_>], call: u64) -> Response {
@@ -1021,6 +1062,8 @@ async fn request_records(State(mock): State<MockLlm>) -> Response {
 struct ConfigUpdate {
     latency_ms: Option<u64>,
     error_rate: Option<f64>,
+    /// Tokens per second of streamed answers (0: as fast as possible).
+    stream_rate: Option<u64>,
     /// Absent: unchanged; `null` or 0: no limit; N: the new limit.
     #[serde(default, deserialize_with = "present")]
     rpm: Option<Option<u64>>,
@@ -1040,6 +1083,7 @@ fn current_config(mock: &MockLlm) -> Response {
     Json(serde_json::json!({
         "latency_ms": latency_ms,
         "error_rate": mock.error_rate(),
+        "stream_rate": mock.stream_rate(),
         "rpm": quota.rpm,
         "tpm": quota.tpm,
     }))
@@ -1058,7 +1102,7 @@ async fn set_config(State(mock): State<MockLlm>, body: Bytes) -> Response {
                 StatusCode::BAD_REQUEST,
                 format!(
                     "expected {{\"latency_ms\": u64, \"error_rate\": 0.0..=1.0, \
-                     \"rpm\": u64 | null, \"tpm\": u64 | null}}: {e}"
+                     \"stream_rate\": u64, \"rpm\": u64 | null, \"tpm\": u64 | null}}: {e}"
                 ),
             )
         }
@@ -1076,6 +1120,9 @@ async fn set_config(State(mock): State<MockLlm>, body: Bytes) -> Response {
     }
     if let Some(rate) = update.error_rate {
         mock.set_error_rate(rate);
+    }
+    if let Some(rate) = update.stream_rate {
+        mock.set_stream_rate(rate);
     }
     if update.rpm.is_some() || update.tpm.is_some() {
         let current = mock.quota_status();

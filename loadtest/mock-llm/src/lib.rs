@@ -4,8 +4,10 @@
 //! listener of their own); load tests run the `agentq-mock-llm` binary. It
 //! answers `POST /v1/chat/completions` with `"echo: <last user message>"`,
 //! counts calls per prompt, and injects faults and odd replies scripted by
-//! markers inside the last user message. Control endpoints under `/_mock/`
-//! expose the counters and change latency and error rate at runtime.
+//! markers inside the last user message. With `"stream": true` it streams
+//! the same answers as OpenAI's server-sent `chat.completion.chunk` events
+//! (see "Streaming"). Control endpoints under `/_mock/` expose the counters
+//! and change latency, error rate and stream rate at runtime.
 //!
 //! # Markers
 //!
@@ -15,8 +17,9 @@
 //! decides the fault; among `reply` markers, likewise the shape of a 200.
 //! A malformed marker (unknown `fail` header form, bad number, unknown reply
 //! kind) is answered with a 400 instead of being ignored; a `[[…]]` whose
-//! text up to the first `:` is not `fail`, `hang`, `drop`, `sleep`, `reply`, `call` or `say`
-//! is ordinary prompt content.
+//! text up to the first `:` is not `fail`, `hang`, `drop`, `sleep`, `reply`,
+//! `call`, `say`, `stream_rate`, `cut`, `midfail` or `stall` is ordinary
+//! prompt content.
 //!
 //! - `[[fail:CODE]]`, `[[fail:CODE:N]]`: answer HTTP `CODE` (400–599) with an
 //!   OpenAI error body (below). After `N`, any of these header forms may
@@ -83,6 +86,64 @@
 //! Markers combine: `[[fail:500:1]][[fail:429:2:ms:50]][[reply:tool_calls:3]]`
 //! is a 500, then a 429, then a tool call, then plain echoes.
 //!
+//! Streamed answers only (see "Streaming"; a call without `"stream": true`
+//! ignores these, but a malformed one is still a 400). `K` counts content
+//! chunks (pieces of content, refusal or tool calls, not the role chunk);
+//! among `cut`/`midfail`/`stall` the first whose window covers the call
+//! decides; a `K` beyond the content fires where the finish chunk would be,
+//! so a faulty stream never has its `finish_reason` or `[DONE]`:
+//!
+//! - `[[stream_rate:N]]`: this call's content chunks go out at `N` per second
+//!   (0: as fast as possible) whatever the configured rate; the first counts.
+//! - `[[cut:K]]`, `[[cut:K:N]]`: after `K` content chunks, close the
+//!   connection abruptly (no terminating chunk: the client sees a truncated
+//!   body).
+//! - `[[midfail:K]]`, `[[midfail:K:N]]`: after `K` content chunks, send
+//!   `data: {"error":{"message":"upstream failed mid-stream",
+//!   "type":"server_error","code":"server_error"}}` and end the body (no
+//!   `[DONE]`), as OpenAI-compatible servers report a failure once the 200
+//!   is out.
+//! - `[[stall:K]]`, `[[stall:K:N]]`: after `K` content chunks, send nothing
+//!   more for an hour with the connection open (then close it abruptly).
+//!
+//! # Streaming
+//!
+//! A request with `"stream": true` whose answer is a 200 (the echo, `say`,
+//! `call` and every `reply` shape) gets `200`, `content-type:
+//! text/event-stream`, and the very answer a non-streamed call would get as
+//! OpenAI's chunks, each `data: <json>\n\n` with `object:
+//! "chat.completion.chunk"` and the answer's `id`, `created` and `model`
+//! (and its shape's oddities: `sparse` has no `id`, `created` or `index`,
+//! `groq` repeats its extras): a role chunk (`delta: {"role": "assistant",
+//! "content": ""}`, `content: null` when the answer's content is null);
+//! the content one "token" per chunk, a token being a word with the
+//! whitespace after it, so the pieces add up to exactly the non-streamed
+//! content (`parts` streams its text); a refusal likewise in
+//! `delta.refusal`; each tool call as OpenAI streams it, a chunk with
+//! `{"index", "id", "type", "function": {"name", "arguments": ""}}` then its
+//! arguments in pieces split at JSON punctuation (`{"`, `city`, `":"`, …);
+//! a chunk with an empty delta and the answer's `finish_reason`; with
+//! `stream_options.include_usage`, `"usage": null` on every chunk and a last
+//! chunk with `"choices": []` and the answer's `usage` (none of either for
+//! `no_usage`); then `data: [DONE]`. `error200` and `error200_rate` send
+//! their error object as the only event, without `[DONE]`.
+//!
+//! Latency and `[[sleep]]` delay the 200 and so the first chunk (time to
+//! first token); content chunks then go out at the stream rate, token `i`
+//! being due `i / rate` after the role chunk: [`MockConfig::stream_rate`]
+//! (binary: `--stream-rate N` or `MOCK_LLM_STREAM_RATE`/`MOCK_STREAM_RATE`;
+//! at runtime [`MockLlm::set_stream_rate`] or `POST /_mock/config` with
+//! `{"stream_rate": N}`), or the call's `[[stream_rate:N]]`; 0, the default,
+//! is as fast as the client reads. Faults that answer before any chunk
+//! (`fail`, `hang`, `drop`, the error rate, a 400, quota and storm 429s) are
+//! the same status answers with or without `"stream"`.
+//!
+//! A streamed call is counted (per prompt, in the total, by the quota) at its
+//! arrival like any other; in the journal it ends when its last event is
+//! handed over (`Status(200)`, also after a `midfail`), at a `cut`
+//! (`Dropped`), or when the client leaves (`Cancelled`, `Hung` during a
+//! `stall`).
+//!
 //! # Errors
 //!
 //! Every error is OpenAI's envelope `{"error":{"message","type","param","code"}}`
@@ -143,12 +204,14 @@
 //! # Calls the client gave up on
 //!
 //! A chat call whose client went away (disconnected, timed out, was killed,
-//! or aborted the request) before its answer was ready is counted by
-//! [`MockLlm::aborted`] and as `aborted` in `GET /_mock/calls`, journal or
-//! not: hyper drops the handler's future when the connection closes, and a
-//! drop guard counts it. Answers are never streamed, so once the handler has
-//! returned the whole body goes out at once. A `[[drop]]` is the mock closing
-//! the connection, not the client, and is not counted.
+//! or aborted the request) before its answer was ready, or before a streamed
+//! answer's last event, is counted by [`MockLlm::aborted`] and as `aborted`
+//! in `GET /_mock/calls`, journal or not: hyper drops the handler's future
+//! (or the streamed body) when the connection closes, and a drop guard counts
+//! it. A whole answer goes out at once once the handler has returned; a
+//! stream read to its end (or to a `midfail`) is not aborted. A `[[drop]]` or
+//! `[[cut]]` is the mock closing the connection, not the client, and is not
+//! counted; a client leaving during a `[[stall]]` is.
 //!
 //! # Observing requests
 //!
@@ -180,6 +243,7 @@ mod journal;
 mod markers;
 mod quota;
 mod server;
+mod stream;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
@@ -259,6 +323,10 @@ pub struct MockConfig {
     /// Quota mode: admit at most this many tokens (prompt + completion of the
     /// reply's `usage`) in any 60 s. `None` or `Some(0)`: no limit.
     pub tpm: Option<u64>,
+    /// Streamed answers (`"stream": true`): content chunks ("tokens") per
+    /// second; 0 sends them as fast as possible. `[[stream_rate:N]]`
+    /// overrides it per call.
+    pub stream_rate: u64,
 }
 
 /// Shared handle to one mock's state; clones observe the same counters.
@@ -269,6 +337,8 @@ pub struct MockLlm {
 
 struct Inner {
     latency_nanos: AtomicU64,
+    /// Tokens per second of streamed answers (0: unpaced).
+    stream_rate: AtomicU64,
     /// `f64::to_bits` of the error rate, so it can change without a lock.
     error_rate_bits: AtomicU64,
     /// The full expected header value, precomputed so the check is a memcmp.
@@ -286,7 +356,8 @@ struct Inner {
     quota: Mutex<Quota>,
     quota_rejections: AtomicU64,
     blocked_rejections: AtomicU64,
-    /// Chat calls whose client went away before the answer was ready.
+    /// Chat calls whose client went away before the answer was ready (or
+    /// before a streamed answer's end).
     aborted: AtomicU64,
     /// Origin of `blocked_until_nanos` (an `Instant` cannot live in an atomic).
     epoch: Instant,
@@ -298,6 +369,7 @@ impl std::fmt::Debug for MockLlm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MockLlm")
             .field("latency", &self.latency())
+            .field("stream_rate", &self.stream_rate())
             .field("error_rate", &self.error_rate())
             .field("api_key", &self.inner.expected_auth.is_some())
             .field("record", &self.inner.record)
@@ -318,6 +390,7 @@ impl MockLlm {
             .map(|key| format!("Bearer {key}").into_bytes().into_boxed_slice());
         let inner = Inner {
             latency_nanos: AtomicU64::new(duration_to_nanos(config.latency)),
+            stream_rate: AtomicU64::new(config.stream_rate),
             error_rate_bits: AtomicU64::new(clamp_rate(config.error_rate).to_bits()),
             expected_auth,
             record: config.record,
@@ -404,6 +477,14 @@ impl MockLlm {
             .store(duration_to_nanos(d), Ordering::Relaxed);
     }
 
+    /// Tokens per second of streamed answers from now on (0: as fast as
+    /// possible); a call's `[[stream_rate:N]]` still wins.
+    pub fn set_stream_rate(&self, tokens_per_second: u64) {
+        self.inner
+            .stream_rate
+            .store(tokens_per_second, Ordering::Relaxed);
+    }
+
     /// Values outside `0.0..=1.0` are clamped; NaN means 0.
     pub fn set_error_rate(&self, r: f64) {
         self.inner
@@ -440,8 +521,9 @@ impl MockLlm {
 
     /// Chat calls whose client went away (closed the connection) before the
     /// answer was ready, whatever the call was doing then (reading the body,
-    /// latency, a `[[sleep]]`, a `[[hang]]`). Not `[[drop]]`s: those are the
-    /// mock's own doing.
+    /// latency, a `[[sleep]]`, a `[[hang]]`), or in the middle of a streamed
+    /// answer (between chunks, a `[[stall]]`). Not `[[drop]]`s or `[[cut]]`s:
+    /// those are the mock's own doing.
     pub fn aborted(&self) -> u64 {
         self.inner.aborted.load(Ordering::Relaxed)
     }
@@ -508,6 +590,10 @@ impl MockLlm {
 
     pub(crate) fn latency(&self) -> Duration {
         Duration::from_nanos(self.inner.latency_nanos.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn stream_rate(&self) -> u64 {
+        self.inner.stream_rate.load(Ordering::Relaxed)
     }
 
     pub(crate) fn error_rate(&self) -> f64 {

@@ -12,7 +12,11 @@
 //! `MOCK_LLM_RPM` (or `MOCK_RPM`) / `--rpm` and `MOCK_LLM_TPM` (or `MOCK_TPM`)
 //! / `--tpm`: quota mode, requests and tokens per sliding minute (unset, empty
 //! or 0: no limit; change at runtime with `POST /_mock/config`, watch with
-//! `GET /_mock/quota`, start a 429 storm with `POST /_mock/block?ms=N`).
+//! `GET /_mock/quota`, start a 429 storm with `POST /_mock/block?ms=N`),
+//! `MOCK_LLM_STREAM_RATE` (or `MOCK_STREAM_RATE`) / `--stream-rate`: content
+//! chunks per second of streamed (`"stream": true`) answers (unset, empty or
+//! 0: as fast as possible; change at runtime with `POST /_mock/config`
+//! `{"stream_rate": N}`).
 //! Invalid configuration exits with code 64 (EX_USAGE).
 
 use std::io::Write;
@@ -26,9 +30,9 @@ use tokio::net::TcpListener;
 const EX_USAGE: u8 = 64;
 
 const USAGE: &str = "usage: agentq-mock-llm [--listen ADDR] [--latency-ms MS] [--error-rate R] \
-[--api-key KEY] [--record] [--rpm N] [--tpm N]
+[--api-key KEY] [--record] [--rpm N] [--tpm N] [--stream-rate TOKENS_PER_S]
 env: MOCK_LLM_LISTEN, MOCK_LLM_LATENCY_MS, MOCK_LLM_ERROR_RATE, MOCK_LLM_API_KEY, MOCK_LLM_RECORD,
-MOCK_LLM_RPM (or MOCK_RPM), MOCK_LLM_TPM (or MOCK_TPM)";
+MOCK_LLM_RPM (or MOCK_RPM), MOCK_LLM_TPM (or MOCK_TPM), MOCK_LLM_STREAM_RATE (or MOCK_STREAM_RATE)";
 
 struct Settings {
     listen: SocketAddr,
@@ -136,6 +140,7 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
     };
     let mut rpm = either("MOCK_LLM_RPM", "MOCK_RPM");
     let mut tpm = either("MOCK_LLM_TPM", "MOCK_TPM");
+    let mut stream_rate = either("MOCK_LLM_STREAM_RATE", "MOCK_STREAM_RATE");
 
     let mut args = args;
     while let Some(arg) = args.next() {
@@ -159,6 +164,7 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
             "--record" => record = Some(("--record", inline.unwrap_or_else(|| "1".into()))),
             "--rpm" => rpm = Some(value("--rpm")?),
             "--tpm" => tpm = Some(value("--tpm")?),
+            "--stream-rate" => stream_rate = Some(value("--stream-rate")?),
             _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
         }
     }
@@ -198,6 +204,8 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
     let api_key = api_key.filter(|k| !k.is_empty());
     let rpm = parse_limit(rpm)?;
     let tpm = parse_limit(tpm)?;
+    // A rate limit like the quotas: empty or 0 means none, i.e. unpaced.
+    let stream_rate = parse_limit(stream_rate)?.unwrap_or(0);
 
     Ok(Some(Settings {
         listen,
@@ -210,6 +218,7 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
             journal: false,
             rpm,
             tpm,
+            stream_rate,
         },
     }))
 }

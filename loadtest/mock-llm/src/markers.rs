@@ -6,6 +6,9 @@
 //! window covers it decides the shape of a successful answer. That lets one
 //! prompt script a sequence such as "500 on call 1, 429 on call 2, then a
 //! tool call" with `[[fail:500:1]][[fail:429:2]][[reply:tool_calls]]`.
+//! Streamed answers have their own faults (`cut`, `midfail`, `stall`: the
+//! first whose window covers the call decides) and a per-call token rate
+//! (`stream_rate`, the first one counts).
 //!
 //! Marker arguments borrow from the prompt, so a plan allocates nothing
 //! unless a `fail` marker carries rate-limit headers.
@@ -121,6 +124,24 @@ error200_rate, cached or parts";
     }
 }
 
+/// What goes wrong in a streamed answer once its 200 and some content are out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamFaultKind {
+    /// `[[cut:K]]`: close the connection abruptly.
+    Cut,
+    /// `[[midfail:K]]`: send an error event and end the body.
+    MidFail,
+    /// `[[stall:K]]`: send nothing more, for an hour, connection open.
+    Stall,
+}
+
+/// A mid-stream fault and how many content chunks go out before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StreamFault {
+    pub(crate) kind: StreamFaultKind,
+    pub(crate) after: u64,
+}
+
 /// What to do with one call, after all markers were considered.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Plan<'a> {
@@ -133,12 +154,18 @@ pub(crate) struct Plan<'a> {
     pub(crate) calls: Vec<(&'a str, &'a str)>,
     /// `[[say:TEXT]]`: the reply's content instead of the echo (a planner's JSON, say).
     pub(crate) say: Option<&'a str>,
+    /// `[[cut|midfail|stall:K:N]]`: only used when the answer is streamed.
+    pub(crate) stream_fault: Option<StreamFault>,
+    /// `[[stream_rate:N]]`: tokens per second of a streamed answer, instead of
+    /// the configured rate (0: as fast as possible).
+    pub(crate) stream_rate: Option<u64>,
 }
 
 /// Builds the plan for call number `call` (1-based) of `prompt`.
 ///
-/// Only `[[fail…]]`, `[[hang…]]`, `[[drop…]]`, `[[sleep…]]`, `[[reply…]]` and
-/// `[[call…]]` are markers; any other `[[…]]` text is ordinary prompt content. A malformed
+/// Only `[[fail…]]`, `[[hang…]]`, `[[drop…]]`, `[[sleep…]]`, `[[reply…]]`,
+/// `[[call…]]`, `[[say…]]`, `[[stream_rate…]]`, `[[cut…]]`, `[[midfail…]]` and
+/// `[[stall…]]` are markers; any other `[[…]]` text is ordinary prompt content. A malformed
 /// marker is an error rather than being ignored, so a typo in a test script
 /// fails loudly.
 pub(crate) fn plan(prompt: &str, call: u64) -> Result<Plan<'_>, String> {
@@ -170,6 +197,14 @@ pub(crate) fn plan(prompt: &str, call: u64) -> Result<Plan<'_>, String> {
             Some(Marker::Say(text)) => {
                 plan.say.get_or_insert(text);
             }
+            Some(Marker::StreamFault(window, fault)) => {
+                if plan.stream_fault.is_none() && window.covers(call) {
+                    plan.stream_fault = Some(fault);
+                }
+            }
+            Some(Marker::StreamRate(rate)) => {
+                plan.stream_rate.get_or_insert(rate);
+            }
             None => {
                 // Not a marker: resume right after this "[[" so that text like
                 // "[[x]] [[fail:500:1]]" still finds the second one.
@@ -188,6 +223,8 @@ enum Marker<'a> {
     Reply(Window, Reply),
     Call(&'a str, &'a str),
     Say(&'a str),
+    StreamFault(Window, StreamFault),
+    StreamRate(u64),
 }
 
 const FAIL_FORMS: &str = "expected [[fail:CODE]] or [[fail:CODE:N]], optionally followed by \
@@ -312,6 +349,34 @@ fn parse_marker(body: &str) -> Result<Option<Marker<'_>>, String> {
         "say" => match args.rest() {
             Some(text) if !text.is_empty() => Ok(Some(Marker::Say(text))),
             _ => bad("expected [[say:TEXT]]"),
+        },
+        "cut" | "midfail" | "stall" => {
+            let forms =
+                format!("expected [[{kind}:K]] or [[{kind}:K:N]], K a number of content chunks");
+            let kind = match kind {
+                "cut" => StreamFaultKind::Cut,
+                "midfail" => StreamFaultKind::MidFail,
+                _ => StreamFaultKind::Stall,
+            };
+            let Some(Ok(after)) = args.next().map(str::parse::<u64>) else {
+                return bad(&forms);
+            };
+            let window = match (args.next(), args.next()) {
+                (None, _) => Window::Always,
+                (Some(n), None) => match parse_window(n) {
+                    Some(w) => w,
+                    None => return bad("N must be a call count or *"),
+                },
+                _ => return bad(&forms),
+            };
+            Ok(Some(Marker::StreamFault(
+                window,
+                StreamFault { kind, after },
+            )))
+        }
+        "stream_rate" => match (args.next().map(str::parse::<u64>), args.next()) {
+            (Some(Ok(rate)), None) => Ok(Some(Marker::StreamRate(rate))),
+            _ => bad("expected [[stream_rate:N]], N tokens per second (0: as fast as possible)"),
         },
         _ => Ok(None),
     }
@@ -607,10 +672,51 @@ mod tests {
             "[[reply:TOOL_CALLS]]",
             "[[reply:empty:x]]",
             "[[reply:empty:1:2]]",
+            "[[cut]]",
+            "[[cut:]]",
+            "[[cut:x]]",
+            "[[cut:-1]]",
+            "[[cut:1:x]]",
+            "[[midfail:1:2:3]]",
+            "[[stall]]",
+            "[[stall:1.5]]",
+            "[[stream_rate]]",
+            "[[stream_rate:fast]]",
+            "[[stream_rate:1.5]]",
+            "[[stream_rate:10:2]]",
         ] {
             let err = plan(bad, 1).expect_err(bad);
             assert!(err.starts_with("invalid mock marker [["), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn stream_faults_windows_and_rate() {
+        let fault = |kind, after| Some(StreamFault { kind, after });
+        assert_eq!(
+            plan("a [[cut:3]]", 9).map(|p| p.stream_fault),
+            Ok(fault(StreamFaultKind::Cut, 3))
+        );
+        assert_eq!(
+            plan("a [[midfail:0:*]]", 9).map(|p| p.stream_fault),
+            Ok(fault(StreamFaultKind::MidFail, 0))
+        );
+        let p = "[[stall:2:1]][[cut:5:2]][[midfail:1]]";
+        let at = |call| plan(p, call).map(|p| p.stream_fault);
+        assert_eq!(at(1), Ok(fault(StreamFaultKind::Stall, 2)));
+        assert_eq!(at(2), Ok(fault(StreamFaultKind::Cut, 5)));
+        assert_eq!(at(3), Ok(fault(StreamFaultKind::MidFail, 1)));
+        assert_eq!(plan("[[cut:1:2]]", 3).map(|p| p.stream_fault), Ok(None));
+        // Stream faults are no status faults: the call still gets its 200.
+        assert_eq!(plan("[[cut:1]]", 1).map(|p| p.fault), Ok(None));
+        assert_eq!(
+            plan("[[stream_rate:50]] [[stream_rate:7]]", 1).map(|p| p.stream_rate),
+            Ok(Some(50))
+        );
+        assert_eq!(
+            plan("[[stream_rate:0]]", 1).map(|p| p.stream_rate),
+            Ok(Some(0))
+        );
     }
 
     #[test]

@@ -22,6 +22,8 @@ fn command() -> Command {
         "MOCK_LLM_TPM",
         "MOCK_RPM",
         "MOCK_TPM",
+        "MOCK_LLM_STREAM_RATE",
+        "MOCK_STREAM_RATE",
     ] {
         cmd.env_remove(var);
     }
@@ -125,6 +127,8 @@ fn other_bad_values_exit_64_too() {
         ("MOCK_LLM_RECORD", "maybe"),
         ("MOCK_LLM_RPM", "lots"),
         ("MOCK_TPM", "-5"),
+        ("MOCK_LLM_STREAM_RATE", "fast"),
+        ("MOCK_STREAM_RATE", "2.5"),
     ] {
         let mut child = command().env(var, value).spawn().unwrap();
         let status = wait_with_timeout(&mut child, Duration::from_secs(10));
@@ -144,13 +148,15 @@ fn bad_quota_flag_exits_64_naming_the_flag() {
     assert!(stderr_of(&mut child).contains("--rpm"));
 }
 
-/// `--rpm` beats `MOCK_RPM`; `MOCK_TPM` (the short alias) is read too.
+/// `--rpm` beats `MOCK_RPM`; `MOCK_TPM` (the short alias) is read too; so
+/// does `--stream-rate` beat `MOCK_STREAM_RATE`.
 #[tokio::test]
 async fn quota_from_flags_and_env() {
     let mut child = command()
         .env("MOCK_RPM", "9")
         .env("MOCK_TPM", "1000")
-        .args(["--listen", "127.0.0.1:0", "--rpm", "2"])
+        .env("MOCK_STREAM_RATE", "7")
+        .args(["--listen", "127.0.0.1:0", "--rpm", "2", "--stream-rate=25"])
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -174,6 +180,7 @@ async fn quota_from_flags_and_env() {
         .unwrap();
     assert_eq!(config["rpm"], 2);
     assert_eq!(config["tpm"], 1000);
+    assert_eq!(config["stream_rate"], 25);
 
     let mut statuses = Vec::new();
     for _ in 0..3 {

@@ -475,7 +475,7 @@ async fn error_rate_one_fails_everything() {
         .unwrap();
     assert_eq!(
         config,
-        json!({"latency_ms": 0, "error_rate": 1.0, "rpm": null, "tpm": null})
+        json!({"latency_ms": 0, "error_rate": 1.0, "stream_rate": 0, "rpm": null, "tpm": null})
     );
     assert_eq!(
         chat(&client, &base, "unlucky").await.status(),
@@ -566,7 +566,7 @@ async fn control_endpoints_count_configure_and_reset() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         get_json(format!("{root}/_mock/config")).await,
-        json!({"latency_ms": 40, "error_rate": 0.0, "rpm": null, "tpm": null})
+        json!({"latency_ms": 40, "error_rate": 0.0, "stream_rate": 0, "rpm": null, "tpm": null})
     );
     let started = Instant::now();
     assert_eq!(chat(&client, &base, "a").await.status(), StatusCode::OK);
@@ -576,6 +576,7 @@ async fn control_endpoints_count_configure_and_reset() {
         json!({"latency": 5}),
         json!({"rpm": -1}),
         json!({"tpm": "many"}),
+        json!({"stream_rate": 1.5}),
     ] {
         let resp = client
             .post(format!("{root}/_mock/config"))

@@ -417,7 +417,7 @@ async fn quota_over_http_controls() {
     let config = set_config(json!({"rpm": 2, "tpm": 1000})).await;
     assert_eq!(
         config,
-        json!({"latency_ms": 0, "error_rate": 0.0, "rpm": 2, "tpm": 1000})
+        json!({"latency_ms": 0, "error_rate": 0.0, "stream_rate": 0, "rpm": 2, "tpm": 1000})
     );
 
     let shaped = chat(&client, &base, "[[reply:tool_calls]] hi").await;

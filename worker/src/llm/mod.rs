@@ -9,6 +9,7 @@
 //! docs/architecture.md, "The LLM wire").
 
 mod ratelimit;
+mod stream;
 pub mod tokens;
 mod wire;
 
@@ -30,6 +31,7 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 
 pub use ratelimit::{parse_go_duration, parse_retry_after, Reported};
+pub use stream::DeltaSink;
 
 /// One call's full account, for the flow limiter as well as the run.
 #[derive(Debug)]
@@ -44,6 +46,10 @@ pub struct Call {
     pub reached: bool,
     pub latency: Duration,
 }
+
+/// What a call's request and body came to: the usage reported (even for a reply then refused),
+/// and the result or why there is none.
+type Outcome = (Option<Usage>, Result<TaskResult, LlmFailure>);
 
 /// Most bytes of an error body kept for the task's `error` field.
 const MAX_ERROR_BODY: usize = 512;
@@ -146,6 +152,13 @@ fn truncate(mut s: String, max: usize) -> String {
         s.push('…');
     }
     s
+}
+
+fn too_large(limit: usize) -> LlmFailure {
+    LlmFailure::Permanent {
+        outcome: "too_large",
+        message: format!("llm response body exceeds AGENTQ_MAX_RESPONSE_BYTES ({limit} bytes)"),
+    }
 }
 
 /// Reads at most `limit` bytes of a body. `Ok(None)` when there was more (the rest is not read;
@@ -267,6 +280,16 @@ impl Llm {
         messages: &[Message],
         params: &ChatParams,
     ) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&self.request(model, messages, params)?)
+    }
+
+    /// The request as async-openai's type, before serialization (`chat_streamed` adds `stream`).
+    fn request(
+        &self,
+        model: &str,
+        messages: &[Message],
+        params: &ChatParams,
+    ) -> Result<CreateChatCompletionRequest, serde_json::Error> {
         // The task's own output cap, under its own name, wins over AGENTQ_MAX_TOKENS.
         let (max_tokens, max_completion_tokens) = match params.output_cap() {
             Some(_) => (params.max_tokens, params.max_completion_tokens),
@@ -308,7 +331,7 @@ impl Llm {
         if let Some(choice) = &params.tool_choice {
             request.tool_choice = Some(convert(choice)?);
         }
-        serde_json::to_vec(&request)
+        Ok(request)
     }
 
     /// One chat completion: exactly one HTTP request, bounded by the LLM timeout.
@@ -316,25 +339,33 @@ impl Llm {
         let start = Instant::now();
         let mut reported = Reported::default();
         let mut reached = false;
-        let mut timed_out = false;
-        let (usage, result) = match tokio::time::timeout(
+        let outcome = tokio::time::timeout(
             self.timeout,
             self.call(model, messages, params, &mut reported, &mut reached),
         )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => {
-                timed_out = true;
-                (
-                    None,
-                    Err(LlmFailure::Transient {
-                        outcome: "timeout",
-                        message: format!("llm call timed out after {}s", self.timeout.as_secs()),
-                    }),
-                )
-            }
-        };
+        .await;
+        self.account(model, start, outcome, reported, reached)
+    }
+
+    /// The end of a call, streamed or not: its timeout read as a failure, its metrics, its account.
+    fn account(
+        &self,
+        model: &str,
+        start: Instant,
+        outcome: Result<Outcome, tokio::time::error::Elapsed>,
+        reported: Reported,
+        reached: bool,
+    ) -> Call {
+        let timed_out = outcome.is_err();
+        let (usage, result) = outcome.unwrap_or_else(|_| {
+            (
+                None,
+                Err(LlmFailure::Transient {
+                    outcome: "timeout",
+                    message: format!("llm call timed out after {}s", self.timeout.as_secs()),
+                }),
+            )
+        });
         let latency = start.elapsed();
         self.record(model, latency, usage.as_ref(), &result);
         Call {
@@ -354,19 +385,26 @@ impl Llm {
         params: &ChatParams,
         reported: &mut Reported,
         reached: &mut bool,
-    ) -> (Option<Usage>, Result<TaskResult, LlmFailure>) {
-        let body = match self.body(model, messages, params) {
-            Ok(b) => b,
-            Err(e) => {
-                return (
-                    None,
-                    Err(LlmFailure::Permanent {
-                        outcome: "client_error",
-                        message: format!("request does not serialize: {e}"),
-                    }),
-                )
-            }
-        };
+    ) -> Outcome {
+        let body = self.body(model, messages, params);
+        match self.send(body, reported, reached).await {
+            Ok(mut response) => self.read_whole(&mut response, model).await,
+            Err(f) => (None, Err(f)),
+        }
+    }
+
+    /// Sends the one request and reads its status: `Ok` with the response of a 2xx, whose body is
+    /// still to be read; else the failure, classified. Sets `reported` and `reached` either way.
+    async fn send(
+        &self,
+        body: Result<Vec<u8>, serde_json::Error>,
+        reported: &mut Reported,
+        reached: &mut bool,
+    ) -> Result<reqwest::Response, LlmFailure> {
+        let body = body.map_err(|e| LlmFailure::Permanent {
+            outcome: "client_error",
+            message: format!("request does not serialize: {e}"),
+        })?;
         let mut request = self
             .http
             .post(&*self.url)
@@ -381,7 +419,7 @@ impl Llm {
                 // Refused or unresolvable: the request never reached the upstream. Anything
                 // later (a reset mid-request, a timeout) may have been counted there.
                 *reached = !(e.is_connect() || e.is_builder());
-                return (None, Err(classify_reqwest(&e)));
+                return Err(classify_reqwest(&e));
             }
         };
         *reached = true;
@@ -397,25 +435,16 @@ impl Llm {
                 );
             }
             let body = error_head(&mut response).await;
-            return (
-                None,
-                Err(classify_status(status, hint.map(|h| h.wait), body)),
-            );
+            return Err(classify_status(status, hint.map(|h| h.wait), body));
         }
-        let body = match read_capped(&mut response, self.max_response_bytes).await {
+        Ok(response)
+    }
+
+    /// A 2xx body read whole (up to the cap) and parsed as a chat completion.
+    async fn read_whole(&self, response: &mut reqwest::Response, model: &str) -> Outcome {
+        let body = match read_capped(response, self.max_response_bytes).await {
             Ok(Some(b)) => b,
-            Ok(None) => {
-                return (
-                    None,
-                    Err(LlmFailure::Permanent {
-                        outcome: "too_large",
-                        message: format!(
-                            "llm response body exceeds AGENTQ_MAX_RESPONSE_BYTES ({} bytes)",
-                            self.max_response_bytes
-                        ),
-                    }),
-                )
-            }
+            Ok(None) => return (None, Err(too_large(self.max_response_bytes))),
             Err(e) => return (None, Err(classify_reqwest(&e))),
         };
         let parsed = wire::parse(&body, model);

@@ -1,0 +1,816 @@
+//! Server-Sent Events: `GET /v1/tasks/{id}/events` and `GET /v1/workflows/{id}/events`
+//! (docs/architecture.md, "Streaming").
+//!
+//! The events are the task's (or workflow's) Redis Stream, written by the queue's scripts and the
+//! worker (`common/src/queue/events.lua`); the SSE `id` is the stream entry id, so `Last-Event-ID`
+//! resumes exactly after the last event a client got, with no gap and no duplicate.
+//!
+//! A connection first replays the stream with `XRANGE` pages on the shared connection, then joins
+//! the [`Hub`]: one task per api process that reads every live stream with one `XREAD BLOCK` on a
+//! connection of its own, for all clients at once (not a blocked connection per client), and
+//! hands each client its entries through a bounded queue. A client whose queue is full (it reads
+//! slower than its task writes) is closed cleanly rather than buffered without bound: it
+//! reconnects with `Last-Event-ID` and replays what it missed.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentq_common::keys::TaskId;
+use agentq_common::task::Status;
+use agentq_common::Redis;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use redis::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::routes::deadline;
+use crate::AppState;
+
+/// Entries per `XRANGE` page of a replay and per stream per `XREAD`.
+const PAGE: usize = 256;
+/// How long the hub's `XREAD` blocks when nothing comes (a new client wakes it at once).
+const BLOCK: Duration = Duration::from_secs(2);
+/// Comment lines that keep idle connections (and the proxies on their way) open.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// A stream entry id, `<ms>-<seq>`: ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub(crate) struct EntryId(u64, u64);
+
+impl EntryId {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(Self(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// One event as stored: entry id, name (`e`) and JSON data (`d`).
+#[derive(Debug)]
+pub(crate) struct Entry {
+    id: EntryId,
+    kind: String,
+    data: String,
+}
+
+impl Entry {
+    fn terminal(&self) -> bool {
+        self.kind == "done" || self.kind == "error"
+    }
+
+    fn to_event(&self) -> Event {
+        let data = if self.kind == "error" {
+            with_error_code(&self.data)
+        } else {
+            self.data.clone()
+        };
+        Event::default()
+            .id(self.id.to_string())
+            .event(&self.kind)
+            .data(data)
+    }
+}
+
+/// An `error` event names its `error_code` as `GET /v1/tasks/{id}` does (from the error's
+/// prefix); the scripts store only the text.
+fn with_error_code(data: &str) -> String {
+    let Ok(serde_json::Value::Object(mut o)) = serde_json::from_str::<serde_json::Value>(data)
+    else {
+        return data.to_owned();
+    };
+    let code = o
+        .get("error")
+        .and_then(serde_json::Value::as_str)
+        .and_then(agentq_common::task::error_code)
+        .or_else(|| {
+            (o.get("status").and_then(serde_json::Value::as_str) == Some("cancelled"))
+                .then(|| "cancelled".to_owned())
+        });
+    if let Some(code) = code {
+        o.insert("error_code".to_owned(), serde_json::Value::String(code));
+    }
+    serde_json::Value::Object(o).to_string()
+}
+
+/// Reads an `XRANGE` reply (or one stream's part of an `XREAD` reply): `[[id, [field, value,
+/// ...]], ...]`. Entries that do not have that shape are skipped.
+fn entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = EntryId::parse(&text(pair.first()?)?)?;
+            let Value::Array(fields) = pair.get(1)? else {
+                return None;
+            };
+            let (mut kind, mut data) = (None, None);
+            for kv in fields.chunks(2) {
+                match (kv.first().and_then(text).as_deref(), kv.get(1)) {
+                    (Some("e"), Some(v)) => kind = text(v),
+                    (Some("d"), Some(v)) => data = text(v),
+                    _ => {}
+                }
+            }
+            Some(Entry {
+                id,
+                kind: kind?,
+                data: data?,
+            })
+        })
+        .collect()
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Reads an `XREAD` reply: `[[key, entries], ...]` (RESP2) or a map (RESP3); nil on timeout.
+fn streams(v: Value) -> Vec<(String, Vec<Entry>)> {
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Array(items) => items
+            .into_iter()
+            .filter_map(|i| match i {
+                Value::Array(mut kv) if kv.len() == 2 => {
+                    let e = kv.pop()?;
+                    let k = kv.pop()?;
+                    Some((k, e))
+                }
+                _ => None,
+            })
+            .collect(),
+        Value::Map(kv) => kv,
+        _ => Vec::new(),
+    };
+    pairs
+        .into_iter()
+        .filter_map(|(k, e)| Some((text(&k)?, entries(&e))))
+        .collect()
+}
+
+/// A client's place in the hub: its stream, the last entry it got and its queue.
+struct Join {
+    key: String,
+    cursor: EntryId,
+    tx: mpsc::Sender<Arc<Entry>>,
+}
+
+struct Sub {
+    cursor: EntryId,
+    tx: mpsc::Sender<Arc<Entry>>,
+}
+
+/// The api's one reader of live streams (see the module doc).
+#[derive(Clone)]
+pub struct Hub {
+    joins: mpsc::Sender<Join>,
+    shared: Arc<HubShared>,
+}
+
+struct HubShared {
+    /// The hub connection's `CLIENT ID` (0 before it is known): `CLIENT UNBLOCK` wakes its
+    /// `XREAD` when a client joins, so a new stream does not wait for the block to time out.
+    client_id: AtomicI64,
+    /// The hub is inside `XREAD` now (one wake per block is enough).
+    blocked: AtomicBool,
+    /// Streams being served (the `AGENTQ_MAX_STREAMS` count).
+    open: AtomicUsize,
+    max: usize,
+    buffer: usize,
+    stop: CancellationToken,
+}
+
+impl Hub {
+    /// Starts the hub's task; it ends when `stop` is cancelled, and so does every stream.
+    pub fn start(
+        url: &secrecy::SecretString,
+        max: usize,
+        buffer: usize,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        // a connection of its own: its replies may take the whole block
+        let redis = Redis::with_response_timeout(
+            url,
+            Some(BLOCK + agentq_common::redis_conn::RESPONSE_TIMEOUT),
+        )?;
+        let (joins, rx) = mpsc::channel(1024);
+        let shared = Arc::new(HubShared {
+            client_id: AtomicI64::new(0),
+            blocked: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+            max,
+            buffer,
+            stop,
+        });
+        tokio::spawn(hub_loop(redis, rx, shared.clone()));
+        Ok(Self { joins, shared })
+    }
+}
+
+async fn hub_loop(redis: Redis, mut joins: mpsc::Receiver<Join>, shared: Arc<HubShared>) {
+    let mut subs: HashMap<String, Vec<Sub>> = HashMap::new();
+    let mut known_id = false;
+    loop {
+        while let Ok(j) = joins.try_recv() {
+            add(&mut subs, j);
+        }
+        subs.retain(|_, v| {
+            v.retain(|s| !s.tx.is_closed());
+            !v.is_empty()
+        });
+        if subs.is_empty() {
+            tokio::select! {
+                j = joins.recv() => match j {
+                    Some(j) => add(&mut subs, j),
+                    None => return,
+                },
+                _ = shared.stop.cancelled() => return,
+            }
+            continue;
+        }
+        let mut conn = match redis.conn().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "event hub: redis unavailable");
+                if pause(&shared.stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !known_id {
+            match redis::cmd("CLIENT")
+                .arg("ID")
+                .query_async::<i64>(&mut conn)
+                .await
+            {
+                Ok(id) => {
+                    shared.client_id.store(id, Ordering::Relaxed);
+                    known_id = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "event hub: no client id"),
+            }
+        }
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(PAGE)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS");
+        let keys: Vec<&String> = subs.keys().collect();
+        for k in &keys {
+            cmd.arg(k.as_str());
+        }
+        for k in &keys {
+            let min = subs[*k].iter().map(|s| s.cursor).min().unwrap_or_default();
+            cmd.arg(min.to_string());
+        }
+        shared.blocked.store(true, Ordering::Release);
+        let reply = tokio::select! {
+            r = cmd.query_async::<Value>(&mut conn) => r,
+            _ = shared.stop.cancelled() => return,
+        };
+        shared.blocked.store(false, Ordering::Release);
+        match reply {
+            Ok(v) => deliver(&mut subs, streams(v)),
+            // CLIENT UNBLOCK makes the XREAD return nil, never an error; an error is Redis
+            // trouble, after which the connection may be a new one with a new id
+            Err(e) => {
+                tracing::warn!(error = %e, "event hub: XREAD failed");
+                known_id = false;
+                if pause(&shared.stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits a moment after Redis trouble; true when the hub is stopping.
+async fn pause(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+        _ = stop.cancelled() => true,
+    }
+}
+
+fn add(subs: &mut HashMap<String, Vec<Sub>>, j: Join) {
+    subs.entry(j.key).or_default().push(Sub {
+        cursor: j.cursor,
+        tx: j.tx,
+    });
+}
+
+fn deliver(subs: &mut HashMap<String, Vec<Sub>>, got: Vec<(String, Vec<Entry>)>) {
+    for (key, list) in got {
+        let Some(v) = subs.get_mut(&key) else {
+            continue;
+        };
+        for e in list {
+            let e = Arc::new(e);
+            v.retain_mut(|s| {
+                if e.id <= s.cursor {
+                    return true;
+                }
+                match s.tx.try_send(e.clone()) {
+                    Ok(()) => {
+                        s.cursor = e.id;
+                        // the stream ends with its terminal event: the client is done
+                        !e.terminal()
+                    }
+                    // full: a client slower than its task; dropping its sender ends its
+                    // response cleanly, and it resumes with Last-Event-ID
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::debug!(stream = %key, "event stream client too slow; closing it");
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                }
+            });
+        }
+        if v.is_empty() {
+            subs.remove(&key);
+        }
+    }
+}
+
+/// What a stream is of.
+enum Of {
+    Task(TaskId),
+    Workflow(TaskId),
+}
+
+enum Phase {
+    Replay,
+    Live(mpsc::Receiver<Arc<Entry>>),
+    Done,
+}
+
+/// One client's stream: its replay, then its place in the hub.
+struct Feed {
+    state: AppState,
+    of: Of,
+    key: String,
+    /// The last entry sent (or the client's `Last-Event-ID`); `None` = from the start.
+    cursor: Option<EntryId>,
+    out: VecDeque<Event>,
+    phase: Phase,
+    /// Entries sent on this connection.
+    sent: usize,
+    _slot: Slot,
+}
+
+/// Holds one of the `AGENTQ_MAX_STREAMS` places while a stream is open.
+struct Slot {
+    shared: Arc<HubShared>,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.shared.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+const CLOSED: &str = "closed by the server; reconnect with Last-Event-ID to resume";
+
+impl Feed {
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(e) = self.out.pop_front() {
+                return Some(e);
+            }
+            match &mut self.phase {
+                Phase::Done => return None,
+                Phase::Live(rx) => {
+                    let got = tokio::select! {
+                        e = rx.recv() => e,
+                        _ = self.state.hub.shared.stop.cancelled() => None,
+                    };
+                    match got {
+                        Some(e) => {
+                            if e.terminal() {
+                                self.phase = Phase::Done;
+                            }
+                            self.cursor = Some(e.id);
+                            return Some(e.to_event());
+                        }
+                        None => {
+                            self.phase = Phase::Done;
+                            return Some(Event::default().comment(CLOSED));
+                        }
+                    }
+                }
+                Phase::Replay => {
+                    if let Err(e) = self.replay().await {
+                        tracing::warn!(error = %e, "event stream replay failed");
+                        self.phase = Phase::Done;
+                        return Some(Event::default().comment(CLOSED));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Entries after the cursor, one page; true when the page was full (more may follow).
+    async fn page(&mut self) -> redis::RedisResult<(bool, bool)> {
+        let start = match self.cursor {
+            Some(c) => format!("({c}"),
+            None => "-".to_owned(),
+        };
+        let mut conn = self.state.broker.redis().conn().await?;
+        let v: Value = redis::cmd("XRANGE")
+            .arg(&self.key)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(&mut conn)
+            .await?;
+        let list = entries(&v);
+        let full = list.len() >= PAGE;
+        let mut terminal = false;
+        for e in list {
+            self.cursor = Some(e.id);
+            self.sent += 1;
+            self.out.push_back(e.to_event());
+            if e.terminal() {
+                terminal = true;
+                break;
+            }
+        }
+        Ok((full && !terminal, terminal))
+    }
+
+    async fn replay(&mut self) -> redis::RedisResult<()> {
+        let (more, terminal) = self.page().await?;
+        if terminal {
+            self.phase = Phase::Done;
+            return Ok(());
+        }
+        if more {
+            return Ok(());
+        }
+        // Caught up. A final task (or workflow) gets what was written since, and its stream
+        // ends; a live one joins the hub from here (entries written meanwhile come from there).
+        let snapshot = self.snapshot().await?;
+        let Some((status, fields)) = snapshot else {
+            // the record expired while the client read: nothing more will come
+            self.phase = Phase::Done;
+            return Ok(());
+        };
+        if is_final(&status) {
+            let (_, terminal) = self.page().await?;
+            if !terminal && !self.ended_before().await? {
+                // the stream expired or was never written (a task from before streams existed):
+                // the record says how it ended
+                self.out.push_back(
+                    Event::default()
+                        .event("status")
+                        .data(serde_json::json!({ "status": status }).to_string()),
+                );
+                self.out.push_back(self.terminal_from(&status, &fields));
+            }
+            self.phase = Phase::Done;
+            return Ok(());
+        }
+        if self.cursor.is_none() && self.sent == 0 {
+            // nothing happened yet (a task waiting in its queue): its status, with no id, so a
+            // resume still starts from the beginning
+            self.out.push_back(
+                Event::default()
+                    .event("status")
+                    .data(serde_json::json!({ "status": status }).to_string()),
+            );
+        }
+        let (tx, rx) = mpsc::channel(self.state.hub.shared.buffer);
+        let join = Join {
+            key: self.key.clone(),
+            cursor: self.cursor.unwrap_or_default(),
+            tx,
+        };
+        if self.state.hub.joins.send(join).await.is_err() {
+            self.phase = Phase::Done;
+            self.out.push_back(Event::default().comment(CLOSED));
+            return Ok(());
+        }
+        self.wake_hub().await;
+        self.phase = Phase::Live(rx);
+        Ok(())
+    }
+
+    /// `CLIENT UNBLOCK` the hub's `XREAD`, so it reads the new stream now.
+    async fn wake_hub(&self) {
+        let shared = &self.state.hub.shared;
+        let id = shared.client_id.load(Ordering::Relaxed);
+        if id == 0 || !shared.blocked.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(mut conn) = self.state.broker.redis().conn().await {
+            let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                .arg("UNBLOCK")
+                .arg(id)
+                .query_async(&mut conn)
+                .await;
+        }
+    }
+
+    /// True when the stream's last entry is terminal (a client resuming after the end).
+    async fn ended_before(&self) -> redis::RedisResult<bool> {
+        let mut conn = self.state.broker.redis().conn().await?;
+        let v: Value = redis::cmd("XREVRANGE")
+            .arg(&self.key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        Ok(entries(&v).first().is_some_and(Entry::terminal))
+    }
+
+    /// The record's status and the fields a terminal event is made of; `None` when it is gone.
+    async fn snapshot(&self) -> redis::RedisResult<Option<(String, Vec<Option<String>>)>> {
+        let (key, fields): (String, &[&str]) = match &self.of {
+            Of::Task(id) => (
+                self.state.broker.keys(id.queue()).task(id),
+                &["status", "result", "error"],
+            ),
+            Of::Workflow(id) => (
+                self.state.broker.keys(id.queue()).workflow(&id.to_string()),
+                &["status", "error"],
+            ),
+        };
+        let mut conn = self.state.broker.redis().conn().await?;
+        let mut v: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(key)
+            .arg(fields)
+            .query_async(&mut conn)
+            .await?;
+        if v.is_empty() {
+            return Ok(None);
+        }
+        let status = v.remove(0);
+        Ok(status.map(|s| (s, v)))
+    }
+
+    fn terminal_from(&self, status: &str, fields: &[Option<String>]) -> Event {
+        match (&self.of, status) {
+            (Of::Task(_), "succeeded") => {
+                let result = fields
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                Event::default()
+                    .event("done")
+                    .data(serde_json::json!({ "status": status, "result": result }).to_string())
+            }
+            (Of::Workflow(_), "succeeded") => Event::default()
+                .event("done")
+                .data(serde_json::json!({ "status": status }).to_string()),
+            (of, _) => {
+                let error = match of {
+                    Of::Task(_) => fields.get(1),
+                    Of::Workflow(_) => fields.first(),
+                }
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| status.to_owned());
+                Event::default().event("error").data(with_error_code(
+                    &serde_json::json!({ "status": status, "error": error }).to_string(),
+                ))
+            }
+        }
+    }
+}
+
+fn is_final(status: &str) -> bool {
+    Status::parse(status).is_some_and(Status::is_final)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsQuery {
+    last_event_id: Option<String>,
+}
+
+/// `Last-Event-ID` (the header an EventSource sends when it reconnects) or `?last_event_id=`.
+fn cursor(
+    headers: &HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Option<EntryId>, ApiError> {
+    let from_query = match query {
+        Ok(Query(q)) => q.last_event_id,
+        Err(_) => {
+            return Err(ApiError::invalid(
+                "last_event_id",
+                "the only query parameter is last_event_id",
+            ))
+        }
+    };
+    let raw = match headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().map(str::to_owned).map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "Last-Event-ID must be a stream entry id, <ms>-<seq>",
+            )
+            .field("Last-Event-ID")
+        })?),
+        None => from_query,
+    };
+    match raw.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(s) => EntryId::parse(s).map(Some).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "Last-Event-ID must be an event id this stream sent (<ms>-<seq>)",
+            )
+            .field("last_event_id")
+        }),
+    }
+}
+
+/// `GET /v1/tasks/{id}/events`
+pub async fn task_events(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = crate::routes::parse_id(&raw)?;
+    let cursor = cursor(&headers, query)?;
+    let keys = state.broker.keys(id.queue());
+    let exists = deadline(async {
+        let mut conn = state.broker.redis().conn().await?;
+        redis::cmd("EXISTS")
+            .arg(keys.task(&id))
+            .query_async::<bool>(&mut conn)
+            .await
+    })
+    .await?;
+    if !exists {
+        return Err(ApiError::not_found("task"));
+    }
+    let key = keys.task_events(&id);
+    serve(state, Of::Task(id), key, cursor)
+}
+
+/// `GET /v1/workflows/{id}/events`
+pub async fn workflow_events(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = TaskId::parse(&raw).map_err(|_| ApiError::not_found("workflow"))?;
+    let cursor = cursor(&headers, query)?;
+    let keys = state.broker.keys(id.queue());
+    let wf = keys.workflow(&id.to_string());
+    let exists = deadline(async {
+        let mut conn = state.broker.redis().conn().await?;
+        redis::cmd("EXISTS")
+            .arg(&wf)
+            .query_async::<bool>(&mut conn)
+            .await
+    })
+    .await?;
+    if !exists {
+        return Err(ApiError::not_found("workflow"));
+    }
+    let key = keys.workflow_events(&id.to_string());
+    serve(state, Of::Workflow(id), key, cursor)
+}
+
+fn serve(
+    state: AppState,
+    of: Of,
+    key: String,
+    cursor: Option<EntryId>,
+) -> Result<Response, ApiError> {
+    let shared = state.hub.shared.clone();
+    // the place is taken before the check, so two racing requests cannot both get the last one
+    if shared.open.fetch_add(1, Ordering::Relaxed) >= shared.max {
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+        state.metrics.sse_refused.inc();
+        let mut r = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            format!(
+                "this api process serves at most {} event streams (AGENTQ_MAX_STREAMS); retry later or on another replica",
+                shared.max
+            ),
+        )
+        .into_response();
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        return Ok(r);
+    }
+    state.metrics.sse_streams.inc();
+    let slot = Slot {
+        shared,
+        gauge: state.metrics.sse_streams.clone(),
+    };
+    let feed = Feed {
+        state,
+        of,
+        key,
+        cursor,
+        out: VecDeque::new(),
+        phase: Phase::Replay,
+        sent: 0,
+        _slot: slot,
+    };
+    let stream = futures::stream::unfold(feed, |mut f| async move {
+        f.next().await.map(|e| (Ok::<_, Infallible>(e), f))
+    });
+    let mut r = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
+        .into_response();
+    // proxies (nginx) must pass events on as they come
+    r.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_order_like_redis() {
+        let a = EntryId::parse("1700000000000-5").expect("id");
+        let b = EntryId::parse("1700000000000-12").expect("id");
+        let c = EntryId::parse("1700000000001-0").expect("id");
+        assert!(a < b && b < c);
+        assert_eq!(b.to_string(), "1700000000000-12");
+        for bad in ["", "1", "a-b", "1-", "-1", "1-2-3"] {
+            assert!(EntryId::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_events_name_their_code() {
+        let d = with_error_code(r#"{"status":"cancelled","error":"cancelled by request"}"#);
+        let v: serde_json::Value = serde_json::from_str(&d).expect("json");
+        assert_eq!(v["error_code"], "cancelled");
+        // not JSON: passed on as it is
+        assert_eq!(with_error_code("x"), "x");
+    }
+
+    #[test]
+    fn xread_replies_are_read_in_both_protocols() {
+        let entry = |id: &str, e: &str, d: &str| {
+            Value::Array(vec![
+                Value::BulkString(id.as_bytes().to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"e".to_vec()),
+                    Value::BulkString(e.as_bytes().to_vec()),
+                    Value::BulkString(b"d".to_vec()),
+                    Value::BulkString(d.as_bytes().to_vec()),
+                ]),
+            ])
+        };
+        let list = Value::Array(vec![
+            entry("1-1", "delta", "{}"),
+            entry("1-2", "done", "{}"),
+        ]);
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"k".to_vec()),
+            list.clone(),
+        ])]);
+        let got = streams(resp2);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.len(), 2);
+        assert!(got[0].1[1].terminal());
+        let resp3 = Value::Map(vec![(Value::BulkString(b"k".to_vec()), list)]);
+        assert_eq!(streams(resp3)[0].1[0].id, EntryId(1, 2 - 1));
+        assert!(streams(Value::Nil).is_empty());
+    }
+}

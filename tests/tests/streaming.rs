@@ -1,0 +1,571 @@
+//! Live task output over Server-Sent Events, against a real redis-server, the real binaries and
+//! the mock LLM streaming OpenAI's chunk format. The client side is `eventsource-stream` (the SSE
+//! parser async-openai uses), never a parser of ours: the full stream adds up to the result; a
+//! client that disconnects anywhere and resumes with `Last-Event-ID` gets no gap and no
+//! duplicate; a 5xx mid-stream and a SIGKILLed worker show as a new `attempt_started`, and the
+//! result is the winning attempt's text only; a stale owner's deltas never appear; cancel ends the
+//! stream; and the api's limits (streams, bad cursors) answer as documented.
+
+use std::time::{Duration, Instant};
+
+use agentq_tests::{assert_no_panic, log_tails, task_key, MockConfig, Stack};
+use anyhow::{bail, ensure, Context, Result};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+/// One SSE event as a client saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Ev {
+    id: String,
+    event: String,
+    data: Value,
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("a client")
+}
+
+/// Reads `path`'s events until the server ends the stream, or (with `stop_after`) drops the
+/// connection after that many events. `last` is sent as `Last-Event-ID`.
+async fn read(
+    s: &Stack,
+    path: &str,
+    last: Option<&str>,
+    stop_after: Option<usize>,
+) -> Result<Vec<Ev>> {
+    read_at(&s.api_url, path, last, stop_after)
+        .await
+        .with_context(|| log_tails(s))
+}
+
+async fn read_at(
+    api: &str,
+    path: &str,
+    last: Option<&str>,
+    stop_after: Option<usize>,
+) -> Result<Vec<Ev>> {
+    let mut req = client().get(format!("{api}{path}"));
+    if let Some(l) = last {
+        req = req.header("Last-Event-ID", l);
+    }
+    let r = req.send().await?;
+    ensure!(
+        r.status() == 200,
+        "{path}: {} {}",
+        r.status(),
+        r.text().await?
+    );
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    ensure!(ct.starts_with("text/event-stream"), "content-type {ct}");
+    let mut events = r.bytes_stream().eventsource();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    loop {
+        if stop_after.is_some_and(|n| out.len() >= n) {
+            return Ok(out);
+        }
+        let next = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .with_context(|| format!("{path}: stream did not end; got {out:#?}"))?;
+        match next {
+            None => return Ok(out),
+            Some(Err(e)) => bail!("{path}: {e}"),
+            Some(Ok(e)) => {
+                let data = serde_json::from_str(&e.data)
+                    .with_context(|| format!("data of {:?} is JSON: {}", e.event, e.data))?;
+                out.push(Ev {
+                    id: e.id,
+                    event: e.event,
+                    data,
+                })
+            }
+        }
+    }
+}
+
+fn text_of(events: &[Ev], attempt: u64) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "delta" && e.data["attempt"] == attempt)
+        .map(|e| e.data["text"].as_str().unwrap_or_default())
+        .collect()
+}
+
+/// The text a client keeps: the deltas after the last `attempt_started`.
+fn kept_text(events: &[Ev]) -> String {
+    let from = events
+        .iter()
+        .rposition(|e| e.event == "attempt_started")
+        .map_or(0, |i| i + 1);
+    events[from..]
+        .iter()
+        .filter(|e| e.event == "delta")
+        .map(|e| e.data["text"].as_str().unwrap_or_default())
+        .collect()
+}
+
+fn names(events: &[Ev]) -> Vec<&str> {
+    events.iter().map(|e| e.event.as_str()).collect()
+}
+
+/// Ids of events that have one, as the stream numbered them.
+fn ids(events: &[Ev]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| !e.id.is_empty())
+        .map(|e| e.id.clone())
+        .collect()
+}
+
+fn id_key(id: &str) -> (u64, u64) {
+    let (a, b) = id.split_once('-').unwrap_or(("0", "0"));
+    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
+}
+
+async fn stack(rate: u64) -> Result<Stack> {
+    let mut s = Stack::new(MockConfig {
+        stream_rate: rate,
+        ..MockConfig::default()
+    })
+    .await?;
+    s.start_api(&[]).await?;
+    Ok(s)
+}
+
+/// A long prompt: the mock's answer echoes it, one token per word.
+fn words(n: usize, tag: &str) -> String {
+    (0..n).map(|i| format!("{tag}{i} ")).collect::<String>()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_stream_adds_up_to_the_result_and_replays_after_the_end() -> Result<()> {
+    let mut s = stack(400).await?;
+    let prompt = words(120, "w");
+    let id = s.submit(&prompt).await?;
+    // subscribed before any worker runs: the client waits with the task
+    let reader = {
+        let path = format!("/v1/tasks/{id}/events");
+        let api = s.api_url.clone();
+        tokio::spawn(async move { read_at(&api, &path, None, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _w = s.start_worker(&[]).await?;
+    let live = reader.await??;
+    let task = s
+        .wait_final(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await?;
+    let result = task[0]["result"]["content"]
+        .as_str()
+        .context("content")?
+        .to_owned();
+    ensure!(result.starts_with("echo: w0 w1"), "{result}");
+
+    let n = names(&live);
+    ensure!(
+        n.first() == Some(&"status") && live[0].data["status"] == "queued",
+        "{n:?}"
+    );
+    ensure!(
+        live[0].id.is_empty(),
+        "the waiting status has no id: a resume starts at the start"
+    );
+    ensure!(n.last() == Some(&"done"), "{n:?}");
+    let running = live
+        .iter()
+        .position(|e| e.event == "status" && e.data["status"] == "running")
+        .context("a running status")?;
+    ensure!(live[running].data["attempt"] == 1, "{:?}", live[running]);
+    ensure!(live[running + 1].event == "attempt_started", "{n:?}");
+    // batched: far fewer entries than the 120+ tokens the model sent
+    let deltas = live.iter().filter(|e| e.event == "delta").count();
+    ensure!(
+        deltas >= 2,
+        "the text came in pieces as it streamed ({deltas} deltas)"
+    );
+    ensure!(
+        deltas < 60,
+        "deltas are batched, not one per token ({deltas})"
+    );
+    ensure!(
+        text_of(&live, 1) == result,
+        "deltas {:?} != result {result:?}",
+        text_of(&live, 1)
+    );
+    let seqs: Vec<u64> = live
+        .iter()
+        .filter(|e| e.event == "delta")
+        .filter_map(|e| e.data["seq"].as_u64())
+        .collect();
+    ensure!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+    let usage = live
+        .iter()
+        .find(|e| e.event == "usage")
+        .context("a usage event")?;
+    ensure!(
+        usage.data["completion_tokens"].as_u64() > Some(100),
+        "{usage:?}"
+    );
+    let done = live.last().context("events")?;
+    ensure!(
+        done.data["result"]["content"] == result.as_str(),
+        "{done:?}"
+    );
+    let ids = ids(&live);
+    ensure!(
+        ids.windows(2).all(|w| id_key(&w[1]) > id_key(&w[0])),
+        "ids increase: {ids:?}"
+    );
+
+    // after the end: the whole stream again, and it closes
+    let replay = read(&s, &format!("/v1/tasks/{id}/events"), None, None).await?;
+    ensure!(
+        replay[..] == live[1..],
+        "a replay is the stream, minus the waiting status"
+    );
+    // resuming after the last event: nothing more, closed at once
+    let after = read(&s, &format!("/v1/tasks/{id}/events"), Some(&done.id), None).await?;
+    ensure!(after.is_empty(), "{after:?}");
+    // the stream expires with the record
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{}:events", task_key(&id)))
+        .query(&mut s.redis.conn()?)?;
+    let rec: i64 = redis::cmd("TTL")
+        .arg(task_key(&id))
+        .query(&mut s.redis.conn()?)?;
+    ensure!(
+        ttl > 0 && (ttl - rec).abs() <= 1,
+        "stream ttl {ttl}, record ttl {rec}"
+    );
+    assert_no_panic(&s);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_resumes_anywhere_with_no_gap_and_no_duplicate() -> Result<()> {
+    let mut s = stack(150).await?;
+    let _w = s.start_worker(&[("AGENTQ_STREAM_FLUSH_MS", "20")]).await?;
+    let prompt = words(150, "r");
+    let id = s.submit(&prompt).await?;
+    let path = format!("/v1/tasks/{id}/events");
+    // a client that drops the connection every few events and resumes from the last id it got,
+    // alternating the header and the query parameter
+    let mut got: Vec<Ev> = Vec::new();
+    let mut rng = 7u64;
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        ensure!(rounds < 500, "never finished: {} events", got.len());
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let take = 1 + (rng >> 33) as usize % 4;
+        let last = got
+            .iter()
+            .rev()
+            .find(|e| !e.id.is_empty())
+            .map(|e| e.id.clone());
+        let part = if rounds % 2 == 0 {
+            read(&s, &path, last.as_deref(), Some(take)).await?
+        } else {
+            let q = last.map_or(String::new(), |l| format!("?last_event_id={l}"));
+            read(&s, &format!("{path}{q}"), None, Some(take)).await?
+        };
+        let end = part.iter().any(|e| e.event == "done");
+        // the waiting status (no id) comes again on a fresh start; it is not an entry
+        got.extend(part.into_iter().filter(|e| !e.id.is_empty()));
+        if end {
+            break;
+        }
+    }
+    ensure!(
+        rounds > 5,
+        "the client really did resume ({rounds} connections)"
+    );
+    let full = read(&s, &path, None, None).await?;
+    ensure!(
+        ids(&got) == ids(&full),
+        "resumed ids {:?}\nfull ids {:?}",
+        ids(&got),
+        ids(&full)
+    );
+    ensure!(got == full);
+    let task = s.task(&id).await?;
+    ensure!(kept_text(&got) == task["result"]["content"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_5xx_mid_stream_starts_a_new_attempt_and_only_the_winner_counts() -> Result<()> {
+    let mut s = stack(300).await?;
+    let _w = s.start_worker(&[("AGENTQ_STREAM_FLUSH_MS", "10")]).await?;
+    let prompt = format!("{}[[midfail:30:1]]", words(60, "m"));
+    let id = s.submit(&prompt).await?;
+    let events = read(&s, &format!("/v1/tasks/{id}/events"), None, None).await?;
+    let task = s
+        .wait_final(std::slice::from_ref(&id), Duration::from_secs(20))
+        .await?;
+    ensure!(task[0]["status"] == "succeeded", "{}", task[0]);
+    ensure!(task[0]["attempts"] == 2, "{}", task[0]);
+    ensure!(
+        s.mock.calls(&prompt) == 2,
+        "calls {}",
+        s.mock.calls(&prompt)
+    );
+    let result = task[0]["result"]["content"].as_str().context("content")?;
+    let first = text_of(&events, 1);
+    ensure!(
+        !first.is_empty(),
+        "attempt 1 streamed before it failed: {:?}",
+        names(&events)
+    );
+    ensure!(
+        result.starts_with(&first) && first.len() < result.len(),
+        "{first:?}"
+    );
+    let n = names(&events);
+    let retry = events
+        .iter()
+        .position(|e| e.event == "status" && e.data["status"] == "retrying")
+        .with_context(|| format!("{n:?}"))?;
+    let second = events
+        .iter()
+        .position(|e| e.event == "attempt_started" && e.data["attempt"] == 2)
+        .with_context(|| format!("{n:?}"))?;
+    ensure!(retry < second, "{n:?}");
+    ensure!(
+        text_of(&events, 2) == result,
+        "attempt 2's text is the result"
+    );
+    ensure!(kept_text(&events) == result);
+    ensure!(n.last() == Some(&"done"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigkilled_worker_mid_stream_is_seen_and_the_recovered_run_continues() -> Result<()> {
+    let mut s = stack(40).await?;
+    let mut w1 = s.start_worker(&[("AGENTQ_LLM_TIMEOUT_SECS", "30")]).await?;
+    let prompt = words(80, "k");
+    let id = s.submit(&prompt).await?;
+    let path = format!("/v1/tasks/{id}/events");
+    // read until some text of attempt 1 is out, then kill its worker
+    let head = read(&s, &path, None, Some(6)).await?;
+    ensure!(
+        head.iter().any(|e| e.event == "delta"),
+        "{:?}",
+        names(&head)
+    );
+    w1.proc.sigkill();
+    let _w2 = s.start_worker(&[("AGENTQ_LLM_TIMEOUT_SECS", "30")]).await?;
+    let last = head.last().map(|e| e.id.clone()).context("an id")?;
+    let tail = read(&s, &path, Some(&last), None).await?;
+    let n = names(&tail);
+    let recovered = tail
+        .iter()
+        .position(|e| e.event == "status" && e.data["reason"] == "recovered")
+        .with_context(|| format!("the client sees the restart: {n:?}"))?;
+    let restarted = tail
+        .iter()
+        .position(|e| e.event == "attempt_started" && e.data["attempt"] == 2)
+        .with_context(|| format!("{n:?}"))?;
+    ensure!(recovered < restarted, "{n:?}");
+    let task = s.task(&id).await?;
+    ensure!(task["status"] == "succeeded", "{task}");
+    let result = task["result"]["content"].as_str().unwrap_or_default();
+    let all: Vec<Ev> = head
+        .into_iter()
+        .filter(|e| !e.id.is_empty())
+        .chain(tail)
+        .collect();
+    ensure!(
+        kept_text(&all) == result,
+        "the client's text is the recovered run's"
+    );
+    ensure!(text_of(&all, 2) == result);
+    ensure!(
+        s.mock.calls(&prompt) == 2,
+        "calls {}",
+        s.mock.calls(&prompt)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_owners_deltas_never_appear() -> Result<()> {
+    let mut s = stack(40).await?;
+    let w1 = s.start_worker(&[("AGENTQ_LLM_TIMEOUT_SECS", "30")]).await?;
+    let prompt = words(60, "f");
+    let id = s.submit(&prompt).await?;
+    let path = format!("/v1/tasks/{id}/events");
+    let head = read(&s, &path, None, Some(5)).await?;
+    ensure!(
+        head.iter().any(|e| e.event == "delta"),
+        "{:?}",
+        names(&head)
+    );
+    // stopped past its heartbeat: another worker recovers the task and runs it again
+    w1.proc.freeze();
+    let _w2 = s.start_worker(&[("AGENTQ_LLM_TIMEOUT_SECS", "30")]).await?;
+    s.wait_for(&id, Duration::from_secs(20), |t| t["attempts"] == 2)
+        .await?;
+    // the stale owner wakes while the new run streams: whatever it writes is refused
+    w1.proc.thaw();
+    let task = s
+        .wait_final(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await?;
+    ensure!(task[0]["status"] == "succeeded", "{}", task[0]);
+    let all = read(&s, &path, None, None).await?;
+    let second = all
+        .iter()
+        .position(|e| e.event == "attempt_started" && e.data["attempt"] == 2)
+        .with_context(|| format!("{:?}", names(&all)))?;
+    let late: Vec<&Ev> = all[second..]
+        .iter()
+        .filter(|e| e.event == "delta" && e.data["attempt"] != 2)
+        .collect();
+    ensure!(
+        late.is_empty(),
+        "deltas of the fenced run after the new attempt: {late:?}"
+    );
+    ensure!(kept_text(&all) == task[0]["result"]["content"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_ends_the_stream() -> Result<()> {
+    let mut s = stack(20).await?;
+    let _w = s.start_worker(&[("AGENTQ_LLM_TIMEOUT_SECS", "30")]).await?;
+    let id = s.submit(&words(200, "c")).await?;
+    let path = format!("/v1/tasks/{id}/events");
+    let reader = {
+        let api = s.api_url.clone();
+        let path = path.clone();
+        tokio::spawn(async move { read_at(&api, &path, None, None).await })
+    };
+    s.wait_for(&id, Duration::from_secs(10), |t| t["status"] == "running")
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let r = s
+        .http
+        .delete(format!("{}/v1/tasks/{id}", s.api_url))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let events = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .context("the stream ended after the cancel")???;
+    ensure!(started.elapsed() < Duration::from_secs(5));
+    let n = names(&events);
+    ensure!(n.last() == Some(&"error"), "{n:?}");
+    let err = events.last().context("events")?;
+    ensure!(
+        err.data["status"] == "cancelled" && err.data["error_code"] == "cancelled",
+        "{err:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_bounds_streams_and_refuses_bad_cursors() -> Result<()> {
+    let mut s = Stack::new(MockConfig::default()).await?;
+    s.start_api(&[("AGENTQ_MAX_STREAMS", "2")]).await?;
+    let id = s.submit("waits, no worker runs").await?;
+    let path = format!("{}/v1/tasks/{id}/events", s.api_url);
+    let c = client();
+    let a = c.get(&path).send().await?;
+    let b = c.get(&path).send().await?;
+    ensure!(a.status() == 200 && b.status() == 200);
+    let third = c.get(&path).send().await?;
+    ensure!(third.status() == 503, "{}", third.status());
+    ensure!(third.headers().contains_key("retry-after"));
+    let body: Value = third.json().await?;
+    ensure!(body["error"]["code"] == "too_many_streams", "{body}");
+    // a closed stream gives its place back
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c.get(&path).send().await?;
+        if r.status() == 200 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the place never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(b);
+    for (bad, field) in [
+        ("last_event_id=abc", "last_event_id"),
+        ("x=1", "last_event_id"),
+    ] {
+        let r = c.get(format!("{path}?{bad}")).send().await?;
+        let status = r.status();
+        let body: Value = r.json().await?;
+        ensure!(status.is_client_error(), "{bad}: {status}");
+        ensure!(body["error"]["field"] == field, "{bad}: {body}");
+    }
+    let r = c.get(&path).header("Last-Event-ID", "12").send().await?;
+    ensure!(r.status() == 400, "{}", r.status());
+    let missing = format!(
+        "{}/v1/tasks/default.01900000-0000-7000-8000-000000000000/events",
+        s.api_url
+    );
+    let r = c.get(&missing).send().await?;
+    ensure!(r.status() == 404, "{}", r.status());
+    let metrics = c
+        .get(format!("{}/metrics", s.api_url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(metrics.contains("agentq_sse_refused_total 1"), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workflow_streams_its_nodes_status() -> Result<()> {
+    let mut s = stack(0).await?;
+    let _w = s.start_worker(&[]).await?;
+    let r = s
+        .http
+        .post(format!("{}/v1/workflows", s.api_url))
+        .json(&json!({"nodes": [
+            {"id": "a", "prompt": "first"},
+            {"id": "b", "prompt": "then {{nodes.a.output}}", "depends_on": ["a"]}
+        ]}))
+        .send()
+        .await?;
+    ensure!(r.status() == 202, "{}", r.status());
+    let wf: Value = r.json().await?;
+    let wid = wf["id"].as_str().context("id")?.to_owned();
+    let events = read(&s, &format!("/v1/workflows/{wid}/events"), None, None).await?;
+    let n = names(&events);
+    ensure!(n.last() == Some(&"done"), "{n:?}");
+    let node = |id: &str, status: &str| {
+        events
+            .iter()
+            .position(|e| e.event == "node" && e.data["node"] == id && e.data["status"] == status)
+    };
+    let order = [
+        node("a", "running"),
+        node("a", "succeeded"),
+        node("b", "queued"),
+        node("b", "running"),
+        node("b", "succeeded"),
+    ];
+    ensure!(order.iter().all(Option::is_some), "{events:#?}");
+    ensure!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+    let b = &events[order[4].unwrap_or(0)];
+    ensure!(b.data["task_id"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("default.")));
+    Ok(())
+}

@@ -1,0 +1,1088 @@
+//! The LLM call, streamed: the same one request with `stream: true`, its content handed to a
+//! [`DeltaSink`] as it arrives.
+//!
+//! The chunks are accumulated and rebuilt into the completion a non-streamed call would have
+//! read, which [`wire::parse`] then reads: a streamed reply and a non-streamed one mean the same
+//! usage, refusal, tool calls, finish reason and failures.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use agentq_common::chat::ChatParams;
+use agentq_common::task::{Message, Usage};
+use async_openai::types::chat::ChatCompletionStreamOptions;
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures::StreamExt;
+use reqwest::header::CONTENT_TYPE;
+use serde_json::{Map, Value};
+
+use super::{strip_url, too_large, truncate, wire, Call, Llm, LlmFailure, Outcome, Reported};
+
+/// Where a streamed answer's text goes as it arrives (the run writes it to the task's event
+/// stream, batched).
+pub trait DeltaSink: Send {
+    /// The next piece of the answer's content, in order.
+    fn push(&mut self, text: &str) -> impl std::future::Future<Output = ()> + Send;
+    /// When the sink wants `flush` called even if no chunk arrives (its batching timer), if it
+    /// holds unflushed text.
+    fn due(&self) -> Option<tokio::time::Instant>;
+    fn flush(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Llm {
+    /// `chat`, with `stream: true` and `stream_options.include_usage`; content deltas go to
+    /// `sink` as they arrive.
+    ///
+    /// The sink is flushed whenever it is due while the next chunk is awaited, never at the end:
+    /// what it still holds is the caller's to flush.
+    pub async fn chat_streamed<D: DeltaSink>(
+        &self,
+        model: &str,
+        messages: &[Message],
+        params: &ChatParams,
+        sink: &mut D,
+    ) -> Call {
+        let start = Instant::now();
+        let mut reported = Reported::default();
+        let mut reached = false;
+        let outcome = tokio::time::timeout(
+            self.timeout,
+            self.call_streamed(model, messages, params, sink, &mut reported, &mut reached),
+        )
+        .await;
+        self.account(model, start, outcome, reported, reached)
+    }
+
+    async fn call_streamed<D: DeltaSink>(
+        &self,
+        model: &str,
+        messages: &[Message],
+        params: &ChatParams,
+        sink: &mut D,
+        reported: &mut Reported,
+        reached: &mut bool,
+    ) -> Outcome {
+        let body = self.request(model, messages, params).and_then(|mut r| {
+            r.stream = Some(true);
+            // Without it a stream reports no usage at all; with it, one last chunk does.
+            r.stream_options = Some(ChatCompletionStreamOptions {
+                include_usage: Some(true),
+                ..Default::default()
+            });
+            serde_json::to_vec(&r)
+        });
+        let mut response = match self.send(body, reported, reached).await {
+            Ok(r) => r,
+            Err(f) => return (None, Err(f)),
+        };
+        if !is_event_stream(&response) {
+            // A server that ignores `stream` answers the whole completion at once.
+            let (usage, result) = self.read_whole(&mut response, model).await;
+            if let Ok(r) = &result {
+                if !r.content.is_empty() {
+                    sink.push(&r.content).await;
+                }
+            }
+            return (usage, result);
+        }
+        self.read_events(response, model, sink).await
+    }
+
+    async fn read_events<D: DeltaSink>(
+        &self,
+        response: reqwest::Response,
+        model: &str,
+        sink: &mut D,
+    ) -> Outcome {
+        let limit = self.max_response_bytes;
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            return (None, Err(too_large(limit)));
+        }
+        // The cap bounds what is held, as for a body read whole: the answer accumulated so far
+        // (counted by `Answer`) and the bytes the parser holds before they make a whole event
+        // (counted here). SSE framing (~200 bytes a chunk) is not held, so it does not count:
+        // a streamed answer fits wherever the same answer non-streamed would.
+        let pending = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&pending);
+        let mut events = response
+            .bytes_stream()
+            .map(move |chunk| {
+                let chunk = chunk.map_err(BodyError::Http)?;
+                if counter.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len() > limit {
+                    return Err(BodyError::TooLarge);
+                }
+                Ok(chunk)
+            })
+            .eventsource();
+        let mut answer = Answer::default();
+        let mut may_flush = true;
+        loop {
+            let due = if may_flush { sink.due() } else { None };
+            let next = match due {
+                Some(at) => tokio::select! {
+                    // a due flush goes first, so text is flushed on time even when chunks
+                    // keep coming
+                    biased;
+                    () = tokio::time::sleep_until(at) => {
+                        sink.flush().await;
+                        // a sink still due right after its flush waits for the next chunk
+                        // instead of spinning
+                        may_flush = false;
+                        continue;
+                    }
+                    next = events.next() => next,
+                },
+                None => events.next().await,
+            };
+            may_flush = true;
+            let event = match next {
+                Some(Ok(event)) => event,
+                None => return answer.end(model, limit, None),
+                Some(Err(EventStreamError::Transport(BodyError::Http(e)))) => {
+                    return answer.end(model, limit, Some(&e))
+                }
+                Some(Err(EventStreamError::Transport(BodyError::TooLarge))) => {
+                    return (answer.usage(), Err(too_large(limit)))
+                }
+                Some(Err(EventStreamError::Utf8(e))) => {
+                    return (answer.usage(), Err(not_events(&e.to_string())))
+                }
+                Some(Err(EventStreamError::Parser(e))) => {
+                    return (answer.usage(), Err(not_events(&e.to_string())))
+                }
+            };
+            pending.store(0, Ordering::Relaxed);
+            // Other event types (pings, vendors' extras) carry no part of the answer.
+            if event.event != "message" && event.event != "error" {
+                continue;
+            }
+            if event.data.trim() == "[DONE]" {
+                return answer.finish(model, limit);
+            }
+            let chunk: Value = match serde_json::from_str(&event.data) {
+                Ok(v @ Value::Object(_)) => v,
+                Ok(_) => {
+                    return (
+                        answer.usage(),
+                        Err(not_a_chunk("not an object", &event.data)),
+                    )
+                }
+                Err(e) => {
+                    return (
+                        answer.usage(),
+                        Err(not_a_chunk(&e.to_string(), &event.data)),
+                    )
+                }
+            };
+            // An upstream that fails mid-answer (a proxy's relay) says so in an error object.
+            let error = match chunk.get("error").filter(|e| !e.is_null()) {
+                Some(error) => Some(error),
+                None if event.event == "error" => Some(&chunk),
+                None => None,
+            };
+            if let Some(error) = error {
+                return (answer.usage(), Err(wire::classify_error_object(error)));
+            }
+            let text = answer.add(&chunk);
+            if answer.held > limit {
+                return (answer.usage(), Err(too_large(limit)));
+            }
+            if !text.is_empty() {
+                sink.push(&text).await;
+            }
+        }
+    }
+}
+
+/// Why the body stream stopped early: the transport failed, or the cap was passed.
+enum BodyError {
+    Http(reqwest::Error),
+    TooLarge,
+}
+
+fn is_event_stream(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+fn not_events(why: &str) -> LlmFailure {
+    LlmFailure::Permanent {
+        outcome: "bad_response",
+        message: truncate(format!("llm stream is not server-sent events ({why})"), 200),
+    }
+}
+
+fn not_a_chunk(why: &str, data: &str) -> LlmFailure {
+    let head = truncate(data.chars().take(120).collect(), 120);
+    LlmFailure::Permanent {
+        outcome: "bad_response",
+        message: format!("llm stream event is not a chat completion chunk ({why}): {head}"),
+    }
+}
+
+/// A string field, or absent when missing, empty or of another type.
+fn text<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+/// Content as a string, or (as some servers send) an array of content parts, as wire.rs reads it.
+fn content_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// One tool call, from its pieces.
+#[derive(Default)]
+struct ToolCall {
+    index: Option<u64>,
+    id: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    arguments: String,
+}
+
+impl ToolCall {
+    fn to_json(&self) -> Value {
+        let mut function = Map::new();
+        if let Some(name) = &self.name {
+            function.insert("name".into(), name.clone().into());
+        }
+        function.insert("arguments".into(), self.arguments.clone().into());
+        let mut call = Map::new();
+        if let Some(id) = &self.id {
+            call.insert("id".into(), id.clone().into());
+        }
+        call.insert(
+            "type".into(),
+            self.kind.as_deref().unwrap_or("function").into(),
+        );
+        call.insert("function".into(), function.into());
+        call.into()
+    }
+}
+
+/// The answer so far, from the chunks read. Fields of an unexpected type read as absent, as in
+/// wire.rs.
+#[derive(Default)]
+struct Answer {
+    model: Option<String>,
+    content: String,
+    refusal: String,
+    tool_calls: Vec<ToolCall>,
+    finish_reason: Option<String>,
+    /// The last usage object seen (OpenAI's own chunk with `choices: []`; some servers repeat a
+    /// running total in every chunk).
+    usage: Option<Value>,
+    /// Bytes of answer held, against the response cap.
+    held: usize,
+}
+
+impl Answer {
+    /// Adds a chunk; returns its content, for the sink.
+    fn add(&mut self, chunk: &Value) -> String {
+        if self.model.is_none() {
+            self.model = text(chunk, "model").map(str::to_owned);
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(usage.clone());
+        }
+        let mut added = String::new();
+        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+            return added;
+        };
+        for choice in choices {
+            // n = 1: the answer is choice 0; one that numbers its choice oddly is read as it.
+            if choice
+                .get("index")
+                .and_then(Value::as_u64)
+                .is_some_and(|i| i != 0)
+            {
+                continue;
+            }
+            // "" and null mean "not yet" in some servers' chunks; only a named reason ends.
+            if let Some(reason) = text(choice, "finish_reason") {
+                self.finish_reason = Some(reason.to_owned());
+            }
+            let Some(delta) = choice.get("delta") else {
+                continue;
+            };
+            if let Some(piece) = delta.get("content").and_then(content_text) {
+                self.held += piece.len();
+                self.content.push_str(&piece);
+                added.push_str(&piece);
+            }
+            if let Some(piece) = delta.get("refusal").and_then(Value::as_str) {
+                self.held += piece.len();
+                self.refusal.push_str(piece);
+            }
+            if let Some(pieces) = delta.get("tool_calls").and_then(Value::as_array) {
+                for piece in pieces {
+                    self.merge_call(piece);
+                }
+            }
+        }
+        added
+    }
+
+    /// A piece of a tool call: the call is found by `index`; its id, type and name come from its
+    /// first piece that has them, its arguments are the pieces' concatenation.
+    fn merge_call(&mut self, piece: &Value) {
+        let index = piece.get("index").and_then(Value::as_u64);
+        let id = text(piece, "id");
+        let at = match (index, id) {
+            (Some(i), _) => self.tool_calls.iter().position(|c| c.index == Some(i)),
+            // No index (a server that sends each call whole): a new id is a new call, a piece
+            // without one continues the last call.
+            (None, Some(id)) => self
+                .tool_calls
+                .iter()
+                .position(|c| c.id.as_deref() == Some(id)),
+            (None, None) => self.tool_calls.len().checked_sub(1),
+        };
+        let at = at.unwrap_or_else(|| {
+            self.tool_calls.push(ToolCall {
+                index,
+                ..Default::default()
+            });
+            self.tool_calls.len() - 1
+        });
+        let call = &mut self.tool_calls[at];
+        let function = piece.get("function");
+        for (field, value) in [
+            (&mut call.id, id),
+            (&mut call.kind, text(piece, "type")),
+            (&mut call.name, function.and_then(|f| text(f, "name"))),
+        ] {
+            if let (None, Some(v)) = (&field, value) {
+                self.held += v.len();
+                *field = Some(v.to_owned());
+            }
+        }
+        match function.and_then(|f| f.get("arguments")) {
+            Some(Value::String(a)) => {
+                self.held += a.len();
+                call.arguments.push_str(a);
+            }
+            // arguments sent as a JSON object: kept as its text, the type the wire promises
+            Some(v @ Value::Object(_)) => {
+                let a = v.to_string();
+                self.held += a.len();
+                call.arguments.push_str(&a);
+            }
+            _ => {}
+        }
+    }
+
+    /// The usage seen so far, read as wire.rs reads a completion's.
+    fn usage(&self) -> Option<Usage> {
+        let usage = self.usage.as_ref()?;
+        let mut body = Map::new();
+        body.insert("usage".into(), usage.clone());
+        wire::parse(Value::from(body).to_string().as_bytes(), "").usage
+    }
+
+    /// The body ended, cleanly or not (`error`): complete if a finish reason was seen (some
+    /// servers send no `[DONE]`; a usage chunk still to come is all that is lost).
+    fn end(self, model: &str, limit: usize, error: Option<&reqwest::Error>) -> Outcome {
+        if self.finish_reason.is_some() {
+            return self.finish(model, limit);
+        }
+        let message = match error {
+            Some(e) => format!(
+                "llm stream ended before the answer was complete: {}",
+                strip_url(e)
+            ),
+            None => format!(
+                "llm stream ended before the answer was complete (no finish_reason after {} \
+                 bytes of answer)",
+                self.held
+            ),
+        };
+        (
+            self.usage(),
+            Err(LlmFailure::Transient {
+                outcome: "connection_error",
+                message,
+            }),
+        )
+    }
+
+    /// The answer as the non-streamed completion it stands for, read by wire.rs.
+    fn finish(self, model: &str, limit: usize) -> Outcome {
+        let mut message = Map::new();
+        message.insert("role".into(), "assistant".into());
+        let content = if self.content.is_empty() {
+            Value::Null
+        } else {
+            self.content.into()
+        };
+        message.insert("content".into(), content);
+        if !self.refusal.is_empty() {
+            message.insert("refusal".into(), self.refusal.into());
+        }
+        if !self.tool_calls.is_empty() {
+            message.insert(
+                "tool_calls".into(),
+                self.tool_calls.iter().map(ToolCall::to_json).collect(),
+            );
+        }
+        let mut choice = Map::new();
+        choice.insert("index".into(), 0.into());
+        choice.insert("message".into(), message.into());
+        choice.insert("finish_reason".into(), self.finish_reason.into());
+        let mut completion = Map::new();
+        completion.insert("choices".into(), Value::Array(vec![choice.into()]));
+        if let Some(m) = self.model {
+            completion.insert("model".into(), m.into());
+        }
+        if let Some(u) = self.usage {
+            completion.insert("usage".into(), u);
+        }
+        let body = match serde_json::to_vec(&Value::from(completion)) {
+            Ok(b) => b,
+            // unreachable for a Value (string keys only), but not worth a panic
+            Err(e) => {
+                return (
+                    None,
+                    Err(LlmFailure::Permanent {
+                        outcome: "bad_response",
+                        message: format!("llm stream does not rebuild: {e}"),
+                    }),
+                )
+            }
+        };
+        let parsed = wire::parse(&body, model);
+        if body.len() > limit {
+            // the same answer non-streamed would have been refused as too large
+            return (parsed.usage, Err(too_large(limit)));
+        }
+        (parsed.usage, parsed.result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use agentq_common::config::MaxTokensParam;
+    use agentq_common::metrics::WorkerMetrics;
+    use agentq_common::task::TaskResult;
+    use secrecy::SecretString;
+    use serde_json::json;
+    use tokio::time::Instant as TokioInstant;
+
+    use super::super::LlmSettings;
+    use super::*;
+
+    /// What the test server answers: a content type, the body's parts (each sent after its
+    /// pause), and whether the connection then breaks instead of ending.
+    #[derive(Clone)]
+    struct Reply {
+        status: u16,
+        content_type: &'static str,
+        parts: Vec<(Duration, Vec<u8>)>,
+        cut: bool,
+    }
+
+    impl Reply {
+        fn sse(events: &[String]) -> Self {
+            Self {
+                status: 200,
+                content_type: "text/event-stream; charset=utf-8",
+                parts: events
+                    .iter()
+                    .map(|e| (Duration::ZERO, e.clone().into_bytes()))
+                    .collect(),
+                cut: false,
+            }
+        }
+
+        fn json(body: &Value) -> Self {
+            Self {
+                status: 200,
+                content_type: "application/json",
+                parts: vec![(Duration::ZERO, body.to_string().into_bytes())],
+                cut: false,
+            }
+        }
+    }
+
+    struct Server {
+        llm: Llm,
+        /// The request bodies received, in order.
+        requests: Arc<Mutex<Vec<Value>>>,
+    }
+
+    async fn serve(reply: Reply, max_response_bytes: usize) -> Server {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&requests);
+        let handler = move |body: axum::body::Bytes| {
+            let reply = reply.clone();
+            let seen = Arc::clone(&seen);
+            async move {
+                let request = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                seen.lock().expect("not poisoned").push(request);
+                let parts = futures::stream::iter(reply.parts).then(|(pause, part)| async move {
+                    tokio::time::sleep(pause).await;
+                    Ok::<_, std::io::Error>(part)
+                });
+                let cut = futures::stream::iter(
+                    reply
+                        .cut
+                        .then(|| Err(std::io::Error::other("connection cut"))),
+                );
+                axum::response::Response::builder()
+                    .status(reply.status)
+                    .header("content-type", reply.content_type)
+                    .body(axum::body::Body::from_stream(parts.chain(cut)))
+                    .expect("a response")
+            }
+        };
+        let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(handler));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("an address");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let llm = Llm::new(
+            LlmSettings {
+                base_url: &format!("http://{addr}/v1"),
+                api_key: &SecretString::from("sk-test".to_owned()),
+                timeout: Duration::from_secs(1),
+                prices: HashMap::new(),
+                default_model: "m",
+                max_response_bytes,
+                max_tokens: 0,
+                max_tokens_param: MaxTokensParam::MaxTokens,
+                known_models: Default::default(),
+            },
+            WorkerMetrics::new(),
+        )
+        .expect("builds");
+        Server { llm, requests }
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Seen {
+        Push(String),
+        Flush,
+    }
+
+    /// Records what it is handed and when; when `batch` is set, wants a flush that long after
+    /// the first unflushed push.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Vec<(TokioInstant, Seen)>,
+        batch: Option<Duration>,
+        due: Option<TokioInstant>,
+    }
+
+    impl Recorder {
+        fn pushes(&self) -> Vec<String> {
+            self.seen
+                .iter()
+                .filter_map(|(_, s)| match s {
+                    Seen::Push(t) => Some(t.clone()),
+                    Seen::Flush => None,
+                })
+                .collect()
+        }
+    }
+
+    impl DeltaSink for Recorder {
+        async fn push(&mut self, text: &str) {
+            let now = TokioInstant::now();
+            self.seen.push((now, Seen::Push(text.to_owned())));
+            if let Some(batch) = self.batch {
+                self.due.get_or_insert(now + batch);
+            }
+        }
+
+        fn due(&self) -> Option<TokioInstant> {
+            self.due
+        }
+
+        async fn flush(&mut self) {
+            self.seen.push((TokioInstant::now(), Seen::Flush));
+            self.due = None;
+        }
+    }
+
+    fn chunk(delta: Value, finish_reason: Option<&str>) -> String {
+        let chunk = json!({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-x", "system_fingerprint": "fp_1",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
+            "usage": null
+        });
+        format!("data: {chunk}\n\n")
+    }
+
+    fn usage_chunk(usage: Value) -> String {
+        let chunk = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-x", "choices": [], "usage": usage});
+        format!("data: {chunk}\n\n")
+    }
+
+    const DONE: &str = "data: [DONE]\n\n";
+
+    fn usage() -> Value {
+        json!({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 1}})
+    }
+
+    fn completion(message: Value, finish_reason: &str) -> Value {
+        json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-x",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+            "usage": usage()})
+    }
+
+    async fn streamed(server: &Server, sink: &mut Recorder) -> Call {
+        server
+            .llm
+            .chat_streamed("m", &[Message::user("hi")], &ChatParams::default(), sink)
+            .await
+    }
+
+    /// The same reply, asked for without streaming.
+    async fn plain(reply: &Value) -> (Option<Usage>, Result<TaskResult, LlmFailure>) {
+        let server = serve(Reply::json(reply), 1 << 20).await;
+        let call = server
+            .llm
+            .chat("m", &[Message::user("hi")], &ChatParams::default())
+            .await;
+        (call.usage, call.result)
+    }
+
+    #[tokio::test]
+    async fn streamed_content_reads_as_the_same_reply_non_streamed() {
+        let events = [
+            chunk(json!({"role": "assistant", "content": ""}), None),
+            chunk(json!({"content": "Hel"}), None),
+            chunk(json!({"content": "lo, wörld"}), None),
+            // content as parts, as some servers send it
+            chunk(json!({"content": [{"type": "text", "text": "!"}]}), None),
+            chunk(json!({}), Some("stop")),
+            usage_chunk(usage()),
+            DONE.to_owned(),
+        ];
+        // the body arrives in 7-byte pieces: lines, events and a UTF-8 character split across
+        // reads
+        let body = events.concat().into_bytes();
+        let mut reply = Reply::sse(&[]);
+        reply.parts = body
+            .chunks(7)
+            .map(|c| (Duration::ZERO, c.to_vec()))
+            .collect();
+        let server = serve(reply, 1 << 20).await;
+        let mut sink = Recorder::default();
+        let call = streamed(&server, &mut sink).await;
+        assert!(call.reached);
+        let result = call.result.clone().expect("a result");
+        assert_eq!(result.content, "Hello, wörld!");
+        assert_eq!(result.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(result.model, "gpt-x");
+        assert_eq!(sink.pushes(), ["Hel", "lo, wörld", "!"]);
+        let expected = plain(&completion(
+            json!({"role": "assistant", "content": "Hello, wörld!"}),
+            "stop",
+        ))
+        .await;
+        assert_eq!((call.usage, call.result), expected);
+        assert_eq!(expected.0.map(|u| u.cached_tokens), Some(Some(4)));
+        // one request, the one `chat` sends, asking for a stream and its usage
+        let requests = server.requests.lock().expect("not poisoned").clone();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests[0]["stream"], true);
+        assert_eq!(
+            requests[0]["stream_options"],
+            json!({"include_usage": true})
+        );
+        assert_eq!(
+            requests[0]["messages"],
+            json!([{"role": "user", "content": "hi"}])
+        );
+    }
+
+    #[tokio::test]
+    async fn tool_calls_streamed_in_pieces_reassemble() {
+        let piece = |index: u64, call: Value| {
+            let mut call = call;
+            call["index"] = index.into();
+            chunk(json!({"tool_calls": [call]}), None)
+        };
+        let events = [
+            chunk(json!({"role": "assistant", "content": null}), None),
+            piece(
+                0,
+                json!({"id": "call_a", "type": "function", "function": {"name": "weather", "arguments": ""}}),
+            ),
+            piece(0, json!({"function": {"arguments": "{\"city\":"}})),
+            piece(
+                1,
+                json!({"id": "call_b", "type": "function", "function": {"name": "time", "arguments": "{\"tz\""}}),
+            ),
+            piece(0, json!({"function": {"arguments": "\"Paris\"}"}})),
+            piece(1, json!({"function": {"arguments": ":\"CET\"}"}})),
+            chunk(json!({}), Some("tool_calls")),
+            usage_chunk(usage()),
+            DONE.to_owned(),
+        ];
+        let server = serve(Reply::sse(&events), 1 << 20).await;
+        let mut sink = Recorder::default();
+        let call = streamed(&server, &mut sink).await;
+        let calls = json!([
+            {"id": "call_a", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}},
+            {"id": "call_b", "type": "function", "function": {"name": "time", "arguments": "{\"tz\":\"CET\"}"}}
+        ]);
+        let result = call.result.clone().expect("a result");
+        assert_eq!(result.tool_calls, Some(calls.clone()));
+        assert_eq!(result.finish_reason.as_deref(), Some("tool_calls"));
+        assert!(sink.pushes().is_empty());
+        let expected = plain(&completion(
+            json!({"role": "assistant", "content": null, "tool_calls": calls}),
+            "tool_calls",
+        ))
+        .await;
+        assert_eq!((call.usage, call.result), expected);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_refusal_is_a_refusal() {
+        let events = [
+            chunk(
+                json!({"role": "assistant", "content": null, "refusal": ""}),
+                None,
+            ),
+            chunk(json!({"refusal": "I can't"}), None),
+            chunk(json!({"refusal": " help with that."}), None),
+            chunk(json!({}), Some("stop")),
+            usage_chunk(usage()),
+            DONE.to_owned(),
+        ];
+        let server = serve(Reply::sse(&events), 1 << 20).await;
+        let call = streamed(&server, &mut Recorder::default()).await;
+        let result = call.result.clone().expect("a result");
+        assert_eq!(result.refusal.as_deref(), Some("I can't help with that."));
+        assert_eq!(result.content, "");
+        let expected = plain(&completion(
+            json!({"role": "assistant", "content": null, "refusal": "I can't help with that."}),
+            "stop",
+        ))
+        .await;
+        assert_eq!((call.usage, call.result), expected);
+    }
+
+    #[tokio::test]
+    async fn usage_is_read_from_its_own_chunk_or_a_running_one() {
+        // a stream that ends after its finish reason, without [DONE] (some servers), and whose
+        // usage rides on the content chunks (vLLM's continuous usage): the last one counts
+        let with_usage = |delta: Value, finish: Option<&str>, completion: u32| {
+            let mut c: Value =
+                serde_json::from_str(chunk(delta, finish).trim_start_matches("data: ").trim_end())
+                    .expect("json");
+            c["usage"] = json!({"prompt_tokens": 3, "completion_tokens": completion});
+            format!("data: {c}\n\n")
+        };
+        let events = [
+            with_usage(json!({"content": "a"}), None, 1),
+            with_usage(json!({"content": "b"}), Some("length"), 2),
+        ];
+        let server = serve(Reply::sse(&events), 1 << 20).await;
+        let call = streamed(&server, &mut Recorder::default()).await;
+        let usage = call.usage.expect("usage");
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens
+            ),
+            (3, 2, 5)
+        );
+        let result = call.result.expect("a result");
+        assert_eq!(result.usage, usage);
+        assert_eq!(
+            (result.content.as_str(), result.finish_reason.as_deref()),
+            ("ab", Some("length"))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_mid_stream_is_classified_and_keeps_the_usage() {
+        let mut first = chunk(json!({"content": "Hi"}), None);
+        first = first.replace(
+            "\"usage\":null",
+            "\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}",
+        );
+        let events = [
+            first.clone(),
+            "data: {\"error\": {\"message\": \"upstream overloaded\", \"type\": \"server_error\"}}\n\n"
+                .to_owned(),
+        ];
+        let server = serve(Reply::sse(&events), 1 << 20).await;
+        let mut sink = Recorder::default();
+        let call = streamed(&server, &mut sink).await;
+        let f = call.result.expect_err("a failure");
+        assert!(
+            matches!(
+                f,
+                LlmFailure::Transient {
+                    outcome: "upstream_error",
+                    ..
+                }
+            ),
+            "{f:?}"
+        );
+        assert!(f.message().contains("upstream overloaded"));
+        assert_eq!(call.usage.map(|u| u.prompt_tokens), Some(4));
+        assert_eq!(sink.pushes(), ["Hi"]);
+        // an `error` event whose data is the error object itself
+        let events = [
+            first,
+            "event: error\ndata: {\"message\": \"slow down\", \"type\": \"rate_limit_error\"}\n\n"
+                .to_owned(),
+        ];
+        let server = serve(Reply::sse(&events), 1 << 20).await;
+        let call = streamed(&server, &mut Recorder::default()).await;
+        assert!(matches!(call.result, Err(LlmFailure::RateLimited { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_before_its_finish_is_a_connection_error() {
+        let events = [
+            chunk(json!({"content": "Once upon"}), None),
+            chunk(json!({"content": " a time"}), None),
+        ];
+        for cut in [false, true] {
+            let mut reply = Reply::sse(&events);
+            reply.cut = cut;
+            let server = serve(reply, 1 << 20).await;
+            let mut sink = Recorder::default();
+            let call = streamed(&server, &mut sink).await;
+            let f = call.result.expect_err("a failure");
+            assert!(
+                matches!(
+                    f,
+                    LlmFailure::Transient {
+                        outcome: "connection_error",
+                        ..
+                    }
+                ),
+                "cut {cut}: {f:?}"
+            );
+            assert!(
+                f.message()
+                    .starts_with("llm stream ended before the answer was complete"),
+                "{}",
+                f.message()
+            );
+            assert!(!f.message().contains("127.0.0.1"), "{}", f.message());
+            // what arrived was still shown as it came (a cut connection may lose what the
+            // server had not yet written)
+            let pushes = sink.pushes();
+            assert_eq!(pushes[0], "Once upon");
+            assert!(cut || pushes.len() == 2, "{pushes:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_not_streamed_is_read_whole_and_pushed_once() {
+        let reply = completion(
+            json!({"role": "assistant", "content": "all at once"}),
+            "stop",
+        );
+        let server = serve(Reply::json(&reply), 1 << 20).await;
+        let mut sink = Recorder::default();
+        let call = streamed(&server, &mut sink).await;
+        assert_eq!(sink.pushes(), ["all at once"]);
+        assert_eq!((call.usage, call.result), plain(&reply).await);
+        // a failure pushes nothing
+        let server = serve(Reply::json(&json!({"choices": []})), 1 << 20).await;
+        let mut sink = Recorder::default();
+        let call = streamed(&server, &mut sink).await;
+        assert_eq!(call.result.expect_err("bad").outcome(), "bad_response");
+        assert!(sink.seen.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_slow_stream_is_flushed_while_waiting() {
+        let mut reply = Reply::sse(&[
+            chunk(json!({"content": "first"}), None),
+            chunk(json!({"content": " second"}), Some("stop")),
+            DONE.to_owned(),
+        ]);
+        reply.parts[1].0 = Duration::from_millis(200);
+        let server = serve(reply, 1 << 20).await;
+        let mut sink = Recorder {
+            batch: Some(Duration::from_millis(50)),
+            ..Default::default()
+        };
+        let call = streamed(&server, &mut sink).await;
+        assert_eq!(call.result.expect("a result").content, "first second");
+        let kinds: Vec<Seen> = sink.seen.iter().map(|(_, s)| s.clone()).collect();
+        // flushed once while waiting for " second"; the rest is the caller's to flush
+        assert_eq!(
+            kinds,
+            [
+                Seen::Push("first".into()),
+                Seen::Flush,
+                Seen::Push(" second".into())
+            ]
+        );
+        let waited = sink.seen[1].0 - sink.seen[0].0;
+        assert!(
+            waited >= Duration::from_millis(50) && waited < Duration::from_millis(150),
+            "flushed {waited:?} after the push"
+        );
+        assert!(sink.due.is_some(), "the last push is left unflushed");
+    }
+
+    #[tokio::test]
+    async fn the_response_cap_bounds_what_is_held() {
+        // an answer over the cap
+        let piece = "x".repeat(100);
+        let mut events: Vec<String> = (0..20)
+            .map(|_| chunk(json!({"content": piece}), None))
+            .collect();
+        events.push(chunk(json!({}), Some("stop")));
+        let server = serve(Reply::sse(&events), 1024).await;
+        let mut sink = Recorder::default();
+        let call = streamed(&server, &mut sink).await;
+        let f = call.result.expect_err("too large");
+        assert!(
+            matches!(
+                f,
+                LlmFailure::Permanent {
+                    outcome: "too_large",
+                    ..
+                }
+            ),
+            "{f:?}"
+        );
+        assert!(f.message().contains("AGENTQ_MAX_RESPONSE_BYTES"));
+        assert!(sink.pushes().len() < 11, "reading stopped at the cap");
+        // one endless event, never completed
+        let huge = format!(
+            "data: {{\"choices\": [{{\"delta\": {{\"content\": \"{}",
+            "y".repeat(4096)
+        );
+        let server = serve(Reply::sse(&[huge]), 1024).await;
+        let call = streamed(&server, &mut Recorder::default()).await;
+        assert_eq!(call.result.expect_err("too large").outcome(), "too_large");
+        // many small chunks: their framing is not held, so it does not count
+        let mut events: Vec<String> = (0..30)
+            .map(|_| chunk(json!({"content": "ab"}), None))
+            .collect();
+        events.push(chunk(json!({}), Some("stop")));
+        events.push(DONE.to_owned());
+        assert!(events.concat().len() > 1024);
+        let server = serve(Reply::sse(&events), 1024).await;
+        let call = streamed(&server, &mut Recorder::default()).await;
+        assert_eq!(call.result.expect("fits").content, "ab".repeat(30));
+    }
+
+    #[tokio::test]
+    async fn odd_streams_fail_as_bad_responses_and_statuses_as_in_chat() {
+        let server = serve(Reply::sse(&["data: not json\n\n".to_owned()]), 1 << 20).await;
+        let call = streamed(&server, &mut Recorder::default()).await;
+        let f = call.result.expect_err("bad");
+        assert!(
+            matches!(
+                f,
+                LlmFailure::Permanent {
+                    outcome: "bad_response",
+                    ..
+                }
+            ),
+            "{f:?}"
+        );
+        // comments and other event types are skipped; [DONE] alone is an empty answer
+        let server = serve(
+            Reply::sse(&[
+                ": keep-alive\n\n".to_owned(),
+                "event: ping\ndata: x\n\n".to_owned(),
+                DONE.to_owned(),
+            ]),
+            1 << 20,
+        )
+        .await;
+        let call = streamed(&server, &mut Recorder::default()).await;
+        assert_eq!(call.result.expect_err("empty").outcome(), "empty_response");
+        // a non-2xx answer is classified as `chat` classifies it
+        let mut reply = Reply::json(&json!({"error": {"message": "down"}}));
+        reply.status = 503;
+        let server = serve(reply, 1 << 20).await;
+        let call = streamed(&server, &mut Recorder::default()).await;
+        assert!(call.reached);
+        let f = call.result.expect_err("a 503");
+        assert_eq!(f.outcome(), "server_error");
+        assert!(
+            f.message().starts_with("llm answered 503: "),
+            "{}",
+            f.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_whole_stream_is_bounded_by_the_timeout() {
+        let mut reply = Reply::sse(&[
+            chunk(json!({"content": "slow"}), None),
+            chunk(json!({}), Some("stop")),
+        ]);
+        reply.parts[1].0 = Duration::from_millis(1500);
+        let server = serve(reply, 1 << 20).await;
+        let call = streamed(&server, &mut Recorder::default()).await;
+        assert!(call.reached);
+        let f = call.result.expect_err("timed out");
+        assert_eq!(
+            f,
+            LlmFailure::Transient {
+                outcome: "timeout",
+                message: "llm call timed out after 1s".into()
+            }
+        );
+    }
+
+    /// The run spawns its calls: the streamed call must be `Send` like `chat`.
+    #[test]
+    fn the_streamed_call_is_send() {
+        fn send<T: Send>(_: &T) {}
+        let llm = Llm::new(
+            LlmSettings {
+                base_url: "http://127.0.0.1:9",
+                api_key: &SecretString::from(String::new()),
+                timeout: Duration::from_secs(1),
+                prices: HashMap::new(),
+                default_model: "m",
+                max_response_bytes: 1024,
+                max_tokens: 0,
+                max_tokens_param: MaxTokensParam::MaxTokens,
+                known_models: Default::default(),
+            },
+            WorkerMetrics::new(),
+        )
+        .expect("builds");
+        let mut sink = Recorder::default();
+        let messages = [Message::user("hi")];
+        let params = ChatParams::default();
+        send(&llm.chat_streamed("m", &messages, &params, &mut sink));
+    }
+}
