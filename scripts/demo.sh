@@ -137,6 +137,31 @@ print("    POST /v1/tasks/%s/tool_outputs -> %s" % (tid, json.load(urllib.reques
 PY
 fi
 
+echo "==> streaming (GET /v1/tasks/{id}/events, Server-Sent Events): one task's answer as it is written"
+# with the mock, 12 words a second so the text visibly arrives in pieces (a real model streams itself)
+pace=""; [ -n "$mock" ] && pace=" [[stream_rate:12]]"
+sid=$(post -d "{\"prompt\": \"Stream this answer to the terminal one piece at a time, as a model writes it.$pace\"}" \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+ids+=("$sid")
+curl -fsSN "$api/v1/tasks/$sid/events" | python3 -u -c '
+import json, sys
+event = None
+for line in sys.stdin:
+    line = line.rstrip("\n")
+    if line.startswith("event:"):
+        event = line[6:].strip()
+    elif line.startswith("data:"):
+        d = json.loads(line[5:])
+        if event == "delta":
+            sys.stdout.write(d["text"]); sys.stdout.flush()
+        elif event == "status":
+            print("    [status %s%s]" % (d["status"], " attempt %d" % d["attempt"] if "attempt" in d else ""))
+        elif event == "attempt_started":
+            sys.stdout.write("    ")
+        elif event in ("done", "error"):
+            print("\n    [%s: %s]" % (event, d.get("status")))
+'
+
 echo "==> workflows (POST /v1/workflows): a chain, a fan-out with a join, a planner and its workers"
 python3 - "$api" "${mock:-}" <<'PY'
 import json, sys, time, urllib.request

@@ -2,7 +2,8 @@
 """Helpers for loadtest/bench/run.sh: the task loader, the paced client, parsers for wrk /
 redis-benchmark / Prometheus output, and the report. Standard library plus the redis-py client
 (`redis`, pinned and installed into .venv by run.sh); it is imported only by the subcommands that
-talk to Redis, so the parsers and `freeport` start as fast as before.
+talk to Redis, so the parsers and `freeport` start as fast as before. Phase 6's SSE clients
+(`streams`) use httpx and httpx-sse, pinned and installed the same way, imported only there.
 
 Each subcommand prints one JSON object (or the report table) on stdout.
 """
@@ -198,6 +199,304 @@ def workflow(api, port, nodes):
             "succeeded_records": ok}
 
 
+# ---- phase 6: SSE streams (GET /v1/tasks/{id}/events) ----
+
+def stream_prompt(i, words):
+    """The prompt of stream task i: `words` words, the first naming the task, so every answer
+    ("echo: <prompt>", one token a word) is different and a client that got another task's text
+    would be caught."""
+    return " ".join([f"s{i}"] + [f"w{j}" for j in range(int(words) - 1)])
+
+
+def sse_enqueue(api, n, words, ids_path):
+    """Posts n tasks to POST /v1/tasks (one keep-alive connection) with prompts of `words` words;
+    writes their ids, one a line, to ids_path."""
+    n = int(n)
+    host, port_s = api.split("//", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port_s), timeout=30)
+    headers = {"Content-Type": "application/json"}
+    ids = []
+    t0 = time.monotonic()
+    for i in range(n):
+        conn.request("POST", "/v1/tasks", json.dumps({"prompt": stream_prompt(i, words)}), headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 202:
+            raise SystemExit(f"bench: POST /v1/tasks answered {resp.status}: {data[:200]!r}")
+        ids.append(json.loads(data)["id"])
+    with open(ids_path, "w") as fh:
+        fh.write("\n".join(ids) + "\n")
+    return {"posted": n, "words": int(words), "seconds": round(time.monotonic() - t0, 3)}
+
+
+def proc_kib(pid, field):
+    """A `/proc/PID/status` field in KiB (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def redis_cpu_s(r):
+    """Redis's own CPU seconds (INFO cpu: used_cpu_sys + used_cpu_user, main thread and others)."""
+    c = r.info("cpu")
+    return float(c["used_cpu_sys"]) + float(c["used_cpu_user"])
+
+
+class _Follower:
+    """What one SSE client saw of its task's stream."""
+    __slots__ = ("tid", "last_id", "texts", "kinds", "first_at", "first_delta_at", "end_at", "terminal",
+                 "done_content", "usage_completion", "seq", "seq_bad", "attempts", "reconnects",
+                 "refused", "error")
+
+    def __init__(self, tid):
+        self.tid = tid
+        self.last_id = None
+        self.texts = []
+        self.kinds = {}
+        self.first_at = self.first_delta_at = self.end_at = None
+        self.terminal = None
+        self.done_content = None
+        self.usage_completion = None
+        self.seq = 0
+        self.seq_bad = 0
+        self.attempts = 0
+        self.reconnects = 0
+        self.refused = 0
+        self.error = None
+
+
+async def _follow(f, client, connecting, ready):
+    """Follows task f.tid's events until its terminal event; a stream the server closes before
+    that (a client too slow for its queue, a restart) is resumed with Last-Event-ID, as an
+    EventSource would. `connecting` bounds the connections being opened at once (2000 SYNs at
+    once would overflow the api's accept backlog); it is released at the first event."""
+    import asyncio
+
+    from httpx_sse import aconnect_sse
+
+    held = True
+    await connecting.acquire()
+    tries = 0
+    try:
+        while f.terminal is None:
+            headers = {"Last-Event-ID": f.last_id} if f.last_id else {}
+            try:
+                async with aconnect_sse(client, "GET", f"/v1/tasks/{f.tid}/events", headers=headers) as es:
+                    if es.response.status_code != 200:
+                        await es.response.aread()
+                        f.refused += 1
+                        f.error = f"HTTP {es.response.status_code}: {es.response.text[:200]}"
+                        tries += 1
+                        if tries > 20:
+                            return
+                        await asyncio.sleep(1.0)
+                        continue
+                    async for ev in es.aiter_sse():
+                        now = time.monotonic()
+                        if f.first_at is None:
+                            f.first_at = now
+                            ready[0] += 1
+                            if held:
+                                held = False
+                                connecting.release()
+                        if ev.id:
+                            f.last_id = ev.id
+                        kind = ev.event
+                        f.kinds[kind] = f.kinds.get(kind, 0) + 1
+                        if kind == "delta":
+                            d = json.loads(ev.data)
+                            if f.first_delta_at is None:
+                                f.first_delta_at = now
+                            if d.get("seq", 0) <= f.seq:
+                                f.seq_bad += 1
+                            f.seq = d.get("seq", 0)
+                            f.texts.append(d.get("text", ""))
+                        elif kind == "attempt_started":
+                            # a client keeps only the text after the last attempt_started
+                            f.attempts += 1
+                            f.texts = []
+                        elif kind == "usage":
+                            f.usage_completion = json.loads(ev.data).get("completion_tokens")
+                        elif kind in ("done", "error"):
+                            f.end_at = now
+                            f.terminal = kind
+                            if kind == "done":
+                                f.done_content = (json.loads(ev.data).get("result") or {}).get("content")
+                            else:
+                                f.error = ev.data[:300]
+                            return
+            except Exception as e:  # noqa: BLE001 - a dropped connection is resumed; the last error is reported
+                f.error = f"{type(e).__name__}: {e}"[:300]
+                tries += 1
+                if tries > 20:
+                    return
+                await asyncio.sleep(0.2)
+            if f.terminal is None:
+                f.reconnects += 1
+    finally:
+        if held:
+            connecting.release()
+
+
+async def _streams(api, api_pid, port, mock_pid, ids_path, ready_path, go_path, timeout):
+    import asyncio
+    import resource
+
+    import httpx
+
+    r = connect(port)
+    with open(ids_path) as fh:
+        ids = [ln.strip() for ln in fh if ln.strip()]
+    n = len(ids)
+    timeout = float(timeout)
+    out = {"clients": n}
+    out["api_rss_base_kib"] = proc_kib(api_pid, "VmRSS")
+    # one client (connection pool) per 100 streams: httpcore's pool scans its connections on
+    # every request, which is quadratic in one pool of 2000
+    per = 100
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    tmo = httpx.Timeout(30.0, read=60.0)  # the api sends a heartbeat every 15 s
+    clients = [httpx.AsyncClient(base_url=api, limits=limits, timeout=tmo) for _ in range((n + per - 1) // per)]
+    fs = [_Follower(t) for t in ids]
+    connecting = asyncio.Semaphore(64)
+    ready = [0]
+    t0 = time.monotonic()
+    tasks = [asyncio.create_task(_follow(f, clients[i // per], connecting, ready)) for i, f in enumerate(fs)]
+    deadline = t0 + 120
+    while ready[0] < n and time.monotonic() < deadline and not all(t.done() for t in tasks):
+        await asyncio.sleep(0.05)
+    out["connected"] = ready[0]
+    out["connect_s"] = round(time.monotonic() - t0, 3)
+    # idle: every client holds a stream of a queued task (no worker runs); the api's memory per
+    # stream after a moment to settle, and its CPU over 2 s of nothing happening
+    await asyncio.sleep(1.0)
+    a0 = proc_cpu_s(api_pid)
+    await asyncio.sleep(2.0)
+    out["api_idle_cpu_s_per_s"] = round((proc_cpu_s(api_pid) - a0) / 2.0, 4)
+    out["api_rss_idle_kib"] = proc_kib(api_pid, "VmRSS")
+    out["idle_kib_per_stream"] = (out["api_rss_idle_kib"] - out["api_rss_base_kib"]) / max(n, 1)
+
+    # the streaming window: from here (the worker is started once the ready file exists) to the
+    # last client's terminal event
+    r.config_resetstat()
+    rc0 = redis_cpu_s(r)
+    c0 = {"api": proc_cpu_s(api_pid), "redis_proc": proc_cpu_s(r.info("server")["process_id"]),
+          "mock": proc_cpu_s(mock_pid)}
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    tw0 = time.monotonic()
+    with open(ready_path + ".tmp", "w") as fh:
+        fh.write("ready\n")
+    os.rename(ready_path + ".tmp", ready_path)
+    while not os.path.exists(go_path):
+        if time.monotonic() - tw0 > 60:
+            raise SystemExit("bench: no worker started (no go file)")
+        await asyncio.sleep(0.02)
+    with open(go_path) as fh:
+        worker_pids = [int(p) for p in fh.read().split()]
+    peak = [0]
+
+    async def sample():
+        while True:
+            peak[0] = max(peak[0], proc_kib(api_pid, "VmRSS"))
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample())
+    _, pending = await asyncio.wait(tasks, timeout=max(1.0, tw0 + timeout - time.monotonic()))
+    tw1 = time.monotonic()
+    out["window_s"] = round(tw1 - tw0, 3)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    rc1 = redis_cpu_s(r)
+    out["api_cpu_s"] = proc_cpu_s(api_pid) - c0["api"]
+    out["redis_cpu_s"] = rc1 - rc0
+    out["redis_proc_cpu_s"] = proc_cpu_s(r.info("server")["process_id"]) - c0["redis_proc"]
+    out["mock_cpu_s"] = proc_cpu_s(mock_pid) - c0["mock"]
+    out["worker_cpu_s"] = sum(proc_cpu_s(p) for p in worker_pids)  # since its start
+    out["worker_vmhwm_kib"] = sum(proc_kib(p, "VmHWM") for p in worker_pids)
+    out["client_cpu_s"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    sampler.cancel()
+    out["api_vmhwm_kib"] = proc_kib(api_pid, "VmHWM")
+    out["api_rss_peak_sampled_kib"] = max(peak[0], proc_kib(api_pid, "VmRSS"))
+    out["api_rss_end_kib"] = proc_kib(api_pid, "VmRSS")
+    cs = r.info("commandstats")
+    stats = {k[len("cmdstat_"):]: {"calls": int(v["calls"]), "usec": int(v["usec"])} for k, v in cs.items()
+             if k not in ("cmdstat_info", "cmdstat_config")}
+    out["redis_commands"] = stats
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    for c in clients:
+        await c.aclose()
+
+    # what every client got, against the task's record (GET /v1/tasks/{id})
+    kinds = {}
+    for f in fs:
+        for k, v in f.kinds.items():
+            kinds[k] = kinds.get(k, 0) + v
+    out["events"] = sum(kinds.values())
+    out["events_by_kind"] = kinds
+    got = {}
+    sem = asyncio.Semaphore(32)
+    async with httpx.AsyncClient(base_url=api, timeout=30.0) as hc:
+        async def one(tid):
+            async with sem:
+                resp = await hc.get(f"/v1/tasks/{tid}")
+                got[tid] = resp.json() if resp.status_code == 200 else {"http_status": resp.status_code}
+        await asyncio.gather(*(one(f.tid) for f in fs))
+    tokens = matched = done_ok = 0
+    bad = []
+    durations = []
+    for f in fs:
+        t = got.get(f.tid, {})
+        content = (t.get("result") or {}).get("content")
+        usage = t.get("usage") or {}
+        tokens += int(usage.get("completion_tokens") or 0)
+        text = "".join(f.texts)
+        ok_text = content is not None and text == content
+        ok_done = f.terminal == "done" and f.done_content == content
+        matched += ok_text
+        done_ok += ok_done
+        if not (ok_text and ok_done) and len(bad) < 5:
+            bad.append({"id": f.tid, "status": t.get("status"), "terminal": f.terminal, "error": f.error,
+                        "text_len": len(text), "result_len": len(content or ""), "events": f.kinds})
+        if f.first_delta_at is not None and f.end_at is not None:
+            durations.append(f.end_at - f.first_delta_at)
+    ends = [f.end_at for f in fs if f.end_at is not None]
+    starts = [f.first_delta_at for f in fs if f.first_delta_at is not None]
+    out["tokens"] = tokens
+    out["full_text_ok"] = matched
+    out["done_ok"] = done_ok
+    out["complete"] = sum(1 for f in fs if f.terminal == "done")
+    out["errors"] = sum(1 for f in fs if f.terminal == "error")
+    out["reconnects"] = sum(f.reconnects for f in fs)
+    out["refused"] = sum(f.refused for f in fs)
+    out["seq_out_of_order"] = sum(f.seq_bad for f in fs)
+    out["attempts_seen"] = sum(f.attempts for f in fs)
+    out["examples_bad"] = bad
+    durations.sort()
+    out["stream_s_p50"] = round(quantile(durations, 0.5), 3)
+    out["stream_s_max"] = round(durations[-1], 3) if durations else 0.0
+    out["span_s"] = round(max(ends) - min(starts), 3) if ends and starts else 0.0
+    tok_per_stream = tokens / max(n, 1)
+    out["stream_tokens_per_s_p50"] = round(tok_per_stream / out["stream_s_p50"], 2) if out["stream_s_p50"] else 0.0
+    return out
+
+
+def streams(api, api_pid, port, mock_pid, ids_path, ready_path, go_path, timeout):
+    """Phase 6, the client side: one asyncio process holding an SSE stream per task id in
+    ids_path (httpx + httpx-sse). Idle first (the tasks are queued, no worker): the api's RSS
+    before and after connecting. Then it writes ready_path, run.sh starts the worker(s) and
+    writes their pids to go_path, and the streaming window lasts until every client got its
+    terminal event: api / Redis / mock / worker / client CPU, api peak RSS, Redis commandstats.
+    Last, each client's text (the deltas after the last attempt_started) is checked against the
+    task's result (GET /v1/tasks/{id}) and its `done` event."""
+    import asyncio
+
+    return asyncio.run(_streams(api, int(api_pid), port, int(mock_pid), ids_path, ready_path, go_path, timeout))
+
+
 def quantile(sorted_vals, q):
     if not sorted_vals:
         return 0.0
@@ -354,6 +653,8 @@ def emit(path, phase, pairs):
         rec["redis_us_per_node"] = rec["wf_redis_us_per_node"]
         rec["plain_redis_us_per_task"] = rec["wf_plain_redis_us_per_task"]
         rec["seconds"] = rec["wf_seconds"]
+    elif phase == "streams":
+        streams_figures(rec)
     elif phase == "latency":
         rec["p50_ms"] = rec["waits_p50_ms"]
         rec["p99_ms"] = rec["waits_p99_ms"]
@@ -362,6 +663,44 @@ def emit(path, phase, pairs):
     with open(path, "a") as fh:
         fh.write(json.dumps(rec) + "\n")
     return rec
+
+
+def streams_figures(rec):
+    """Phase 6's figures from the client's JSON (`s_*`)."""
+    d = lambda a, b: a / b if b else 0.0  # noqa: E731
+    tokens = rec.get("s_tokens", 0)
+    cmds = rec.get("s_redis_commands") or {}
+    calls = lambda c: cmds.get(c, {}).get("calls", 0)  # noqa: E731
+    usec = lambda c: cmds.get(c, {}).get("usec", 0)  # noqa: E731
+    rec["clients"] = rec.get("s_clients", 0)
+    rec["idle_kib_per_stream"] = rec.get("s_idle_kib_per_stream", 0.0)
+    rec["api_rss_base_mib"] = rec.get("s_api_rss_base_kib", 0) / 1024
+    rec["api_rss_idle_mib"] = rec.get("s_api_rss_idle_kib", 0) / 1024
+    rec["api_peak_rss_mib"] = rec.get("s_api_vmhwm_kib", 0) / 1024
+    rec["api_idle_cpu_s_per_s"] = rec.get("s_api_idle_cpu_s_per_s", 0.0)
+    rec["api_cpu_s"] = rec.get("s_api_cpu_s", 0.0)
+    rec["redis_cpu_s"] = rec.get("s_redis_cpu_s", 0.0)
+    rec["worker_cpu_s"] = rec.get("s_worker_cpu_s", 0.0)
+    rec["mock_cpu_s"] = rec.get("s_mock_cpu_s", 0.0)
+    rec["client_cpu_s"] = rec.get("s_client_cpu_s", 0.0)
+    rec["window_s"] = rec.get("s_window_s", 0.0)
+    rec["events"] = rec.get("s_events", 0)
+    rec["deltas"] = (rec.get("s_events_by_kind") or {}).get("delta", 0)
+    rec["tokens"] = tokens
+    rec["api_cpu_us_per_event"] = d(rec["api_cpu_s"], rec["events"]) * 1e6
+    rec["redis_cpu_us_per_token"] = d(rec["redis_cpu_s"], tokens) * 1e6
+    rec["redis_cpu_us_per_delta"] = d(rec["redis_cpu_s"], rec["deltas"]) * 1e6
+    rec["xadd_per_token"] = d(calls("xadd"), tokens)
+    rec["evalsha_per_token"] = d(calls("evalsha"), tokens)
+    rec["xread_calls"] = calls("xread")
+    rec["xread_us_per_call"] = d(usec("xread"), calls("xread"))
+    rec["redis_busy_us_per_token"] = d(sum(v.get("usec", 0) for v in cmds.values()), tokens)
+    rec["evalsha_us_per_token"] = d(usec("evalsha"), tokens)
+    rec["xread_us_per_token"] = d(usec("xread"), tokens)
+    rec["stream_tokens_per_s_p50"] = rec.get("s_stream_tokens_per_s_p50", 0.0)
+    rec["stream_s_p50"] = rec.get("s_stream_s_p50", 0.0)
+    rec["full_text_ok_pct"] = d(rec.get("s_full_text_ok", 0), rec["clients"]) * 100
+    rec["done_ok_pct"] = d(rec.get("s_done_ok", 0), rec["clients"]) * 100
 
 
 def idle(*pids):
@@ -654,6 +993,20 @@ TABLE = [
     ("workflow_fanout_seconds", "workflow", "seconds", "s", None),
     ("workflow_redis_us_per_node", "workflow", "redis_us_per_node", "us/node", ("<=", 1000)),
     ("plain_task_redis_us_per_task", "workflow", "plain_redis_us_per_task", "us/task", None),
+    ("streams_clients", "streams", "clients", "streams", None),
+    ("streams_idle_kib_per_stream", "streams", "idle_kib_per_stream", "KiB", ("<=", 64)),
+    ("streams_api_rss_base_mib", "streams", "api_rss_base_mib", "MiB", None),
+    ("streams_api_peak_rss_mib", "streams", "api_peak_rss_mib", "MiB", None),
+    ("streams_window_s", "streams", "window_s", "s", None),
+    ("streams_stream_tokens_per_s", "streams", "stream_tokens_per_s_p50", "tok/s", None),
+    ("streams_api_cpu_s", "streams", "api_cpu_s", "CPU s", None),
+    ("streams_events", "streams", "events", "events", None),
+    ("streams_api_cpu_us_per_event", "streams", "api_cpu_us_per_event", "us/event", None),
+    ("streams_tokens", "streams", "tokens", "tokens", None),
+    ("streams_redis_cpu_us_per_token", "streams", "redis_cpu_us_per_token", "us/token", None),
+    ("streams_xadd_per_token", "streams", "xadd_per_token", "calls", None),
+    ("streams_evalsha_per_token", "streams", "evalsha_per_token", "calls", None),
+    ("streams_full_text_ok_pct", "streams", "full_text_ok_pct", "%", None),
 ]
 
 
@@ -720,6 +1073,13 @@ def report(runs_path, out_path, mode, n_runs, meta_path):
             if r.get("wf_status") != "succeeded" or r.get("wf_succeeded_records") != 2 * r.get("wf_nodes", 0):
                 broken.append(f"{tag}: workflow {r.get('wf_status')}, {r.get('wf_succeeded_records')} task records "
                               f"succeeded of {2 * r.get('wf_nodes', 0)}")
+        elif r["phase"] == "streams":
+            n = r.get("clients", 0)
+            if (r.get("s_connected") != n or r.get("s_full_text_ok") != n or r.get("s_done_ok") != n
+                    or r.get("s_errors") or not n):
+                broken.append(f"{tag}: of {n} SSE clients {r.get('s_connected')} connected, "
+                              f"{r.get('s_full_text_ok')} got their task's full text, {r.get('s_done_ok')} a matching "
+                              f"done event, {r.get('s_errors')} an error event; e.g. {r.get('s_examples_bad')}")
         elif r["phase"] == "latency":
             if r.get("pace_accepted") != r.get("pace_sent") or r.get("waits_succeeded") != r.get("pace_sent"):
                 broken.append(f"{tag}: {r.get('pace_accepted')} accepted, {r.get('waits_succeeded')} succeeded "
@@ -781,6 +1141,16 @@ def summary(runs_path):
                 f"({r['wf_commands_per_node']:.2f} commands, {r['wf_evalsha_per_node']:.2f} EVALSHA); plain tasks "
                 f"{r['plain_redis_us_per_task']:.1f} us/task ({r['wf_plain_commands_per_task']:.2f} commands) in "
                 f"{r['wf_plain_seconds']:.2f} s; load {r['loadavg']}")
+    if p == "streams":
+        return (f"{r['clients']} SSE clients ({r['s_connected']} connected in {r['s_connect_s']:.1f} s): idle api RSS "
+                f"{r['api_rss_base_mib']:.1f} -> {r['api_rss_idle_mib']:.1f} MiB = {r['idle_kib_per_stream']:.1f} KiB/stream; "
+                f"streaming {r['window_s']:.1f} s (per stream p50 {r['stream_s_p50']:.1f} s, "
+                f"{r['stream_tokens_per_s_p50']:.1f} tok/s): api CPU {r['api_cpu_s']:.2f} s, peak RSS {r['api_peak_rss_mib']:.1f} MiB, "
+                f"{r['events']} events ({r['api_cpu_us_per_event']:.1f} us each); {r['tokens']} tokens, redis "
+                f"{r['redis_cpu_us_per_token']:.2f} us/token, XADD {r['xadd_per_token']:.3f}/token, EVALSHA "
+                f"{r['evalsha_per_token']:.3f}/token; CPU s worker {r['worker_cpu_s']:.1f}, mock {r['mock_cpu_s']:.1f}, "
+                f"client {r['client_cpu_s']:.1f}; full text {r['s_full_text_ok']}/{r['clients']}, done "
+                f"{r['s_done_ok']}, reconnects {r['s_reconnects']}; load {r['loadavg']}")
     return (f"{r['pace_accepted']} posted at {r['pace_rate']:.0f}/s; started_at-created_at p50 {r['p50_ms']:.0f} ms, "
             f"p99 {r['p99_ms']:.0f} ms, max {r['waits_max_ms']:.0f} ms; histogram p50 {r['hist_p50_ms']:.2f} ms, "
             f"p99 {r['hist_p99_ms']:.2f} ms; load {r['loadavg']}")
@@ -798,6 +1168,10 @@ def main(argv):
         out = load(*args)
     elif cmd == "workflow":
         out = workflow(*args)
+    elif cmd == "sse-enqueue":
+        out = sse_enqueue(*args)
+    elif cmd == "streams":
+        out = streams(*args)
     elif cmd == "wait":
         out = wait_done(*args)
     elif cmd == "waits":

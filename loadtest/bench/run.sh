@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # agentq benchmark suite (issue 7): the local stack (release binaries, a private redis-server)
-# under four loads. Prints a table and writes a JSON file of medians plus every run.
+# under six loads. Prints a table and writes a JSON file of medians plus every run.
 #
 #   loadtest/bench/run.sh            full: 3 runs per phase, ~3 minutes; writes loadtest/bench/results.json
 #   loadtest/bench/run.sh --smoke    1 short run per phase, ~20 s after the build (CI);
@@ -10,6 +10,9 @@
 #                                    before flow control in $AGENTQ_BENCH_BEFORE_BIN_DIR), 4 rounds;
 #                                    writes loadtest/bench/results-limiter.json (with --smoke: 1 short
 #                                    round to loadtest/out/bench/results-limiter-smoke.json)
+#   loadtest/bench/run.sh --streams  only phase 6 (SSE streams), 3 runs; writes
+#                                    loadtest/bench/results-streams.json (with --smoke: 1 small run to
+#                                    loadtest/out/bench/results-streams-smoke.json)
 #
 # Options: --no-build (use the binaries in $AGENTQ_BENCH_BIN_DIR, default target/release),
 #          --runs N, --out FILE, --keep (leave the logs of this run in loadtest/out/bench/),
@@ -25,7 +28,14 @@
 #          3 wide fan-out (mock LLM 2 s, concurrency 1000);
 #          4 queue latency at a paced, moderate rate;
 #          5 a workflow fan-out of 1000 nodes (200 in --smoke): Redis time per node, and per plain
-#            task for scale (BENCH_WF_NODES=0 skips it, for binaries from before workflows).
+#            task for scale (BENCH_WF_NODES=0 skips it, for binaries from before workflows);
+#          6 SSE streams: 2000 clients (200 in --smoke) on one fresh api, each following its own task
+#            (GET /v1/tasks/{id}/events), idle (tasks queued, no worker: KiB per stream) then
+#            streaming (mock at 50 tokens/s, 700-word answers, 100 in --smoke; one worker running
+#            them all): api RSS and CPU, Redis CPU and XADD/EVALSHA per token, every client's text
+#            checked against its result. BENCH_STREAMS=N clients (0 skips it, for binaries from
+#            before streams), BENCH_STREAMS_WORDS, BENCH_STREAMS_RATE (tokens/s),
+#            BENCH_STREAMS_WORKERS (the clients' tasks split over that many workers).
 # Traffic goes to 127.0.0.1 only; every process started here is stopped on exit.
 set -euo pipefail
 
@@ -44,7 +54,8 @@ while [[ $# -gt 0 ]]; do
     --out) OUT=$2; shift ;;
     --keep) KEEP=1 ;;
     --strict) export BENCH_STRICT=1 ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --streams) STREAMS_ONLY=1 ;;
+    -h|--help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
   esac
   shift
@@ -61,41 +72,71 @@ if [[ -n ${LIMITER:-} ]]; then
     OUT=${OUT:-$HERE/results-limiter.json}
   fi
   MODE=limiter-$MODE
-  WRK_SECS=0; RB_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0
+  WRK_SECS=0; RB_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0; STREAMS_N=0; STREAMS_WORDS=0
+elif [[ -n ${STREAMS_ONLY:-} ]]; then
+  # only phase 6
+  if [[ $MODE == smoke ]]; then
+    RUNS=${RUNS:-1}; STREAMS_N=200; STREAMS_WORDS=100
+    OUT=${OUT:-$ROOT/loadtest/out/bench/results-streams-smoke.json}
+  else
+    RUNS=${RUNS:-3}; STREAMS_N=2000; STREAMS_WORDS=700
+    OUT=${OUT:-$HERE/results-streams.json}
+  fi
+  MODE=streams-$MODE
+  WRK_SECS=0; RB_N=0; DRAIN_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0
 elif [[ $MODE == smoke ]]; then
   RUNS=${RUNS:-1}
   WRK_SECS=2; RB_N=20000; DRAIN_N=2000; FAN_N=2000; LAT_RATE=100; LAT_SECS=2; WF_NODES=200
+  STREAMS_N=200; STREAMS_WORDS=100
   OUT=${OUT:-$ROOT/loadtest/out/bench/results-smoke.json}
 else
   RUNS=${RUNS:-3}
   WRK_SECS=10; RB_N=200000; DRAIN_N=20000; FAN_N=10000; LAT_RATE=200; LAT_SECS=10; WF_NODES=1000
+  STREAMS_N=2000; STREAMS_WORDS=700
   OUT=${OUT:-$HERE/results.json}
 fi
 # binaries from before workflows existed: BENCH_WF_NODES=0 skips the workflow phase
 WF_NODES=${BENCH_WF_NODES:-$WF_NODES}
+# binaries from before event streams existed: BENCH_STREAMS=0 skips the streams phase
+if [[ -z ${LIMITER:-} ]]; then
+  STREAMS_N=${BENCH_STREAMS:-$STREAMS_N}
+  STREAMS_WORDS=${BENCH_STREAMS_WORDS:-$STREAMS_WORDS}
+fi
+STREAMS_RATE=${BENCH_STREAMS_RATE:-50}
+STREAMS_WORKERS=${BENCH_STREAMS_WORKERS:-1}
+if [[ -n ${STREAMS_ONLY:-} ]] && (( STREAMS_N <= 0 )); then
+  echo "run.sh: --streams with BENCH_STREAMS=$STREAMS_N runs nothing" >&2; exit 64
+fi
 WRK_CONNS=64; WRK_THREADS=2; RB_CLIENTS=50
 DRAIN_CONC=64; FAN_CONC=1000; FAN_LATENCY_MS=2000
 BIN=${AGENTQ_BENCH_BIN_DIR:-$ROOT/target/release}
 # shellcheck source=loadtest/lib.sh
 source "$ROOT/loadtest/lib.sh"
 LT_NAME=bench
+# the SSE clients of phase 6: httpx and its SSE reader (imported only by `bench.py streams`)
+BENCH_SSE_PY=(httpx==0.28.1 httpx-sse==0.4.3)
 if [[ -n ${PYTHON:-} ]]; then
-  PY=$PYTHON # must have the redis package ($LT_REDIS_PY)
+  PY=$PYTHON # must have the redis package ($LT_REDIS_PY), and for phase 6 ${BENCH_SSE_PY[*]}
+elif (( STREAMS_N > 0 )); then
+  lt_ensure_pip "$LT_REDIS_PY" "${BENCH_SSE_PY[@]}" # .venv at the repo root, shared with deploy/ and the other load tests
 else
-  lt_ensure_pip "$LT_REDIS_PY" # .venv at the repo root, shared with deploy/ and the other load tests
+  lt_ensure_pip "$LT_REDIS_PY"
 fi
 B="$PY $HERE/bench.py"
 T_START=$(date +%s)
-# 1000 concurrent LLM calls need ~2000 sockets between the worker and the mock
+# 1000 concurrent LLM calls need ~2000 sockets between the worker and the mock; phase 6 holds 2000
+# SSE connections (both ends in this machine) and 2000 streamed LLM calls
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # ---- tools ----
 need_apt=()
-[[ -z ${LIMITER:-} ]] && { command -v wrk >/dev/null || need_apt+=(wrk); }
+MAIN_PHASES=1
+[[ -n ${LIMITER:-} || -n ${STREAMS_ONLY:-} ]] && MAIN_PHASES=""
+[[ -n $MAIN_PHASES ]] && { command -v wrk >/dev/null || need_apt+=(wrk); }
 command -v redis-server >/dev/null || need_apt+=(redis-server)
-[[ -z ${LIMITER:-} ]] && { command -v redis-benchmark >/dev/null || need_apt+=(redis-tools); }
+[[ -n $MAIN_PHASES ]] && { command -v redis-benchmark >/dev/null || need_apt+=(redis-tools); }
 command -v curl >/dev/null || need_apt+=(curl)
 if [[ ${#need_apt[@]} -gt 0 ]]; then
   log "installing ${need_apt[*]}"
@@ -189,7 +230,7 @@ M0PORT=$(port)
 spawn mock0 env MOCK_LLM_LISTEN=127.0.0.1:$M0PORT MOCK_LLM_LATENCY_MS=0 "$BIN/agentq-mock-llm"
 MOCK0_PID=$SPAWNED
 MOCKS=(mock0)
-if [[ -z ${LIMITER:-} ]]; then
+if [[ -n $MAIN_PHASES ]]; then
   M2PORT=$(port)
   spawn mock2s env MOCK_LLM_LISTEN=127.0.0.1:$M2PORT MOCK_LLM_LATENCY_MS=$FAN_LATENCY_MS "$BIN/agentq-mock-llm"
   MOCK2_PID=$SPAWNED
@@ -201,6 +242,14 @@ if [[ -z ${LIMITER:-} ]]; then
   API_PID=$SPAWNED
   wait_http "$API/healthz"
   wait_http "$API/readyz"
+fi
+if (( STREAMS_N > 0 )); then
+  # phase 6's LLM: no latency, answers streamed at STREAMS_RATE tokens (words) per second
+  MSPORT=$(port)
+  spawn mockstream env MOCK_LLM_LISTEN=127.0.0.1:$MSPORT MOCK_LLM_LATENCY_MS=0 "$BIN/agentq-mock-llm" \
+    --stream-rate "$STREAMS_RATE"
+  MOCKST_PID=$SPAWNED
+  MOCKS+=(mockstream)
 fi
 for m in "${MOCKS[@]}"; do
   for _ in $(seq 100); do grep -q listening "$WORK/$m.log" && break; sleep 0.05; done
@@ -235,7 +284,9 @@ cat > "$WORK/meta.json" <<EOF
   "redis_benchmark_requests": $RB_N, "redis_benchmark_clients": $RB_CLIENTS,
   "drain_tasks": $DRAIN_N, "drain_concurrency": $DRAIN_CONC,
   "fanout_tasks": $FAN_N, "fanout_concurrency": $FAN_CONC, "fanout_llm_latency_ms": $FAN_LATENCY_MS,
-  "latency_rate_per_s": $LAT_RATE, "latency_seconds": $LAT_SECS, "workflow_nodes": $WF_NODES},
+  "latency_rate_per_s": $LAT_RATE, "latency_seconds": $LAT_SECS, "workflow_nodes": $WF_NODES,
+  "streams_clients": ${STREAMS_N:-0}, "streams_words": ${STREAMS_WORDS:-0}, "streams_mock_tokens_per_s": $STREAMS_RATE,
+  "streams_workers": $STREAMS_WORKERS, "streams_flush_ms": "${AGENTQ_STREAM_FLUSH_MS:-default (50)}"},
  "binaries": {"bin_dir": "$BIN", "commit": "${AGENTQ_BENCH_BIN_COMMIT:-}",
   "before_bin_dir": "$BEFORE_BIN", "before_commit": "${AGENTQ_BENCH_BEFORE_COMMIT:-}"}}
 EOF
@@ -443,12 +494,61 @@ phase_workflow() {
   log "workflow run $i: $($B summary "$RUNS_FILE")"
 }
 
-for i in $(seq "$RUNS"); do phase_enqueue "$i"; done
-for i in $(seq "$RUNS"); do phase_drain drain "$i" "$DRAIN_N" "$DRAIN_CONC" "$M0PORT" "$MOCK0_PID"; done
-for i in $(seq "$RUNS"); do phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"; done
-for i in $(seq "$RUNS"); do phase_latency "$i"; done
-if (( WF_NODES > 0 )); then
-  for i in $(seq "$RUNS"); do phase_workflow "$i"; done
+# ---- 6. SSE streams: STREAMS_N clients on one fresh api, each following its own task ----
+phase_streams() {
+  local i=$1 n=$STREAMS_N aport api apid la enqj ready go cpid sj k conc wpids=() wport mcfg tmo
+  reset_redis
+  # a fresh api for each run, so its RSS before the clients is a baseline of its own
+  aport=$(port); api=http://127.0.0.1:$aport
+  spawn "api-streams-$i" env AGENTQ_LISTEN=127.0.0.1:$aport REDIS_URL="$REDIS_URL" "$BIN/agentq-api"
+  apid=$SPAWNED
+  wait_http "$api/readyz"
+  la=$(loadavg)
+  enqj=$($B sse-enqueue "$api" "$n" "$STREAMS_WORDS" "$WORK/streams-ids-$i.txt")
+  ready=$WORK/streams-ready-$i; go=$WORK/streams-go-$i
+  # the window's timeout: 8 times the nominal length of one answer, 2 minutes at least
+  tmo=$(( 8 * (STREAMS_WORDS + 1) / STREAMS_RATE )); (( tmo < 120 )) && tmo=120
+  $B streams "$api" "$apid" "$RPORT" "$MOCKST_PID" "$WORK/streams-ids-$i.txt" "$ready" "$go" "$tmo" \
+    > "$WORK/streams-$i.json" 2> "$WORK/streams-client-$i.log" &
+  cpid=$!
+  PIDS+=("$cpid")
+  # the client connects every stream, measures the idle api, then asks for the worker(s)
+  while [[ ! -e $ready ]]; do
+    kill -0 "$cpid" 2>/dev/null || { echo "run.sh: the SSE client stopped; see $WORK/streams-client-$i.log" >&2; tail -5 "$WORK/streams-client-$i.log" >&2; exit 1; }
+    sleep 0.05
+  done
+  conc=$(( (n + STREAMS_WORKERS - 1) / STREAMS_WORKERS ))
+  for k in $(seq "$STREAMS_WORKERS"); do
+    wport=$(port)
+    spawn "worker-streams-$i-$k" env AGENTQ_LISTEN=127.0.0.1:$wport REDIS_URL="$REDIS_URL" \
+      OPENAI_BASE_URL=http://127.0.0.1:$MSPORT/v1 OPENAI_API_KEY=bench AGENTQ_MODEL=mock-gpt \
+      WORKER_CONCURRENCY="$conc" AGENTQ_STREAM=on AGENTQ_LLM_TIMEOUT_SECS=600 "$BIN/agentq-worker"
+    wpids+=("$SPAWNED")
+  done
+  echo "${wpids[*]}" > "$go.tmp" && mv "$go.tmp" "$go"
+  if ! wait "$cpid"; then
+    echo "run.sh: the SSE client failed; see $WORK/streams-client-$i.log" >&2; tail -5 "$WORK/streams-client-$i.log" >&2; exit 1
+  fi
+  sj=$(cat "$WORK/streams-$i.json")
+  mcfg=$(curl -fsS "http://127.0.0.1:$MSPORT/_mock/config" 2>/dev/null || echo '{}')
+  for k in "${wpids[@]}"; do stop "$k"; done
+  stop "$apid"
+  $B emit "$RUNS_FILE" streams run="$i" words="$STREAMS_WORDS" workers="$STREAMS_WORKERS" enqueue="$enqj" \
+    s="$sj" mock="$mcfg" loadavg="\"$la\"" >/dev/null
+  log "streams run $i: $($B summary "$RUNS_FILE")"
+}
+
+if [[ -n $MAIN_PHASES ]]; then
+  for i in $(seq "$RUNS"); do phase_enqueue "$i"; done
+  for i in $(seq "$RUNS"); do phase_drain drain "$i" "$DRAIN_N" "$DRAIN_CONC" "$M0PORT" "$MOCK0_PID"; done
+  for i in $(seq "$RUNS"); do phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"; done
+  for i in $(seq "$RUNS"); do phase_latency "$i"; done
+  if (( WF_NODES > 0 )); then
+    for i in $(seq "$RUNS"); do phase_workflow "$i"; done
+  fi
+fi
+if (( STREAMS_N > 0 )); then
+  for i in $(seq "$RUNS"); do phase_streams "$i"; done
 fi
 
 $B report "$RUNS_FILE" "$OUT" "$MODE" "$RUNS" "$WORK/meta.json"

@@ -82,10 +82,17 @@ async fn a_task_carries_the_whole_chat_request() -> Result<()> {
         .context("object")?
         .keys()
         .map(String::as_str)
-        .chain(["messages", "model"])
+        // streamed (AGENTQ_STREAM=on), with the usage chunk asked for
+        .chain(["messages", "model", "stream", "stream_options"])
         .collect();
     want.sort_unstable();
     ensure!(keys == want, "sent {keys:?}, want {want:?}");
+    ensure!(sent["stream"] == true, "{}", sent["stream"]);
+    ensure!(
+        sent["stream_options"] == json!({"include_usage": true}),
+        "{}",
+        sent["stream_options"]
+    );
     assert_no_panic(&s);
     Ok(())
 }

@@ -343,14 +343,18 @@ for _, key in ipairs(redis.call('KEYS', p .. 'inflight:*')) do
   end
 end
 local running = {}
-local tasks = redis.call('KEYS', p .. 'task:*')
-for _, key in ipairs(tasks) do
-  local t = redis.call('HMGET', key, 'status', 'worker')
-  if t[1] == 'running' then
-    running[#running + 1] = string.sub(key, #p + 6) .. ' ' .. (t[2] or '')
+local tasks = 0
+for _, key in ipairs(redis.call('KEYS', p .. 'task:*')) do
+  -- a task's event stream sits beside its record: '<record key>:events'
+  if string.sub(key, -7) ~= ':events' then
+    tasks = tasks + 1
+    local t = redis.call('HMGET', key, 'status', 'worker')
+    if t[1] == 'running' then
+      running[#running + 1] = string.sub(key, #p + 6) .. ' ' .. (t[2] or '')
+    end
   end
 end
-return {pending, delayed, dead, active, inflight, running, #tasks, throttled}
+return {pending, delayed, dead, active, inflight, running, tasks, throttled}
 "#;
 
 #[derive(Debug, Default)]

@@ -136,7 +136,11 @@ fn check_invariants(c: &mut redis::Connection) -> Result<()> {
     ensure!(twice.is_empty(), "ids in more than one place: {twice:?}");
     let active: HashSet<String> = zrange(c, ACTIVE)?.into_iter().collect();
     let mut running = HashSet::new();
-    for key in keys(c, &format!("{TASK_PREFIX}*"))? {
+    // records only: a task's event stream sits beside it as `<record key>:events`
+    for key in keys(c, &format!("{TASK_PREFIX}*"))?
+        .into_iter()
+        .filter(|k| !k.ends_with(":events"))
+    {
         let id = key.trim_start_matches(TASK_PREFIX).to_owned();
         let (status, worker): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(&key)

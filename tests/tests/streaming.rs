@@ -8,29 +8,11 @@
 
 use std::time::{Duration, Instant};
 
+use agentq_tests::sse::{kept_text, names, read as read_at, Ev};
 use agentq_tests::{assert_no_panic, log_tails, task_key, MockConfig, Stack};
-use anyhow::{bail, ensure, Context, Result};
-use eventsource_stream::Eventsource;
-use futures::StreamExt;
+use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
-/// One SSE event as a client saw it.
-#[derive(Debug, Clone, PartialEq)]
-struct Ev {
-    id: String,
-    event: String,
-    data: Value,
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("a client")
-}
-
-/// Reads `path`'s events until the server ends the stream, or (with `stop_after`) drops the
-/// connection after that many events. `last` is sent as `Last-Event-ID`.
 async fn read(
     s: &Stack,
     path: &str,
@@ -42,54 +24,11 @@ async fn read(
         .with_context(|| log_tails(s))
 }
 
-async fn read_at(
-    api: &str,
-    path: &str,
-    last: Option<&str>,
-    stop_after: Option<usize>,
-) -> Result<Vec<Ev>> {
-    let mut req = client().get(format!("{api}{path}"));
-    if let Some(l) = last {
-        req = req.header("Last-Event-ID", l);
-    }
-    let r = req.send().await?;
-    ensure!(
-        r.status() == 200,
-        "{path}: {} {}",
-        r.status(),
-        r.text().await?
-    );
-    let ct = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    ensure!(ct.starts_with("text/event-stream"), "content-type {ct}");
-    let mut events = r.bytes_stream().eventsource();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
-    loop {
-        if stop_after.is_some_and(|n| out.len() >= n) {
-            return Ok(out);
-        }
-        let next = tokio::time::timeout_at(deadline, events.next())
-            .await
-            .with_context(|| format!("{path}: stream did not end; got {out:#?}"))?;
-        match next {
-            None => return Ok(out),
-            Some(Err(e)) => bail!("{path}: {e}"),
-            Some(Ok(e)) => {
-                let data = serde_json::from_str(&e.data)
-                    .with_context(|| format!("data of {:?} is JSON: {}", e.event, e.data))?;
-                out.push(Ev {
-                    id: e.id,
-                    event: e.event,
-                    data,
-                })
-            }
-        }
-    }
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("a client")
 }
 
 fn text_of(events: &[Ev], attempt: u64) -> String {
@@ -98,23 +37,6 @@ fn text_of(events: &[Ev], attempt: u64) -> String {
         .filter(|e| e.event == "delta" && e.data["attempt"] == attempt)
         .map(|e| e.data["text"].as_str().unwrap_or_default())
         .collect()
-}
-
-/// The text a client keeps: the deltas after the last `attempt_started`.
-fn kept_text(events: &[Ev]) -> String {
-    let from = events
-        .iter()
-        .rposition(|e| e.event == "attempt_started")
-        .map_or(0, |i| i + 1);
-    events[from..]
-        .iter()
-        .filter(|e| e.event == "delta")
-        .map(|e| e.data["text"].as_str().unwrap_or_default())
-        .collect()
-}
-
-fn names(events: &[Ev]) -> Vec<&str> {
-    events.iter().map(|e| e.event.as_str()).collect()
 }
 
 /// Ids of events that have one, as the stream numbered them.

@@ -417,7 +417,15 @@ async fn requests_carry_the_output_cap_and_no_empty_bearer() -> Result<()> {
             .as_object()
             .map(|o| o.keys().collect())
             .unwrap_or_default();
-        let mut want = vec!["messages", "model"];
+        // streamed (AGENTQ_STREAM=on, the default), with the usage chunk asked for
+        let mut want = vec!["messages", "model", "stream", "stream_options"];
+        assert_eq!(r.body["stream"], true, "{prompt}: {}", r.body);
+        assert_eq!(
+            r.body["stream_options"],
+            serde_json::json!({"include_usage": true}),
+            "{prompt}: {}",
+            r.body
+        );
         want.extend(max_tokens.map(|_| "max_tokens"));
         want.extend(max_completion.map(|_| "max_completion_tokens"));
         want.sort_unstable();

@@ -444,6 +444,10 @@ async fn c_tool_calls_missing_usage_and_groq_bodies_complete_with_their_fields(
         &[
             ("AGENTQ_MAX_TOKENS", "777"),
             ("AGENTQ_MAX_TOKENS_PARAM", "max_completion_tokens"),
+            // the non-streamed bodies as LiteLLM rewrites them (its `mock_response` deployments
+            // cannot stream in 1.81.16: a 500 "'async for' requires an object with __aiter__
+            // method"); streaming through LiteLLM is `f_streamed_answers_...`
+            ("AGENTQ_STREAM", "off"),
         ],
     )
     .await?;
@@ -729,6 +733,9 @@ async fn d_injected_5xx_408_and_timeouts_use_every_attempt_then_dead_letter() ->
             ("AGENTQ_LLM_TIMEOUT_SECS", "3"),
             ("AGENTQ_MAX_RATE_LIMITED", "4"),
             ("WORKER_CONCURRENCY", "16"),
+            // LiteLLM's canned failures as it answers non-streamed calls (streamed, a relayed
+            // error object becomes a 503 MidStreamFallbackError instead of its 500)
+            ("AGENTQ_STREAM", "off"),
         ],
     )
     .await?;
@@ -959,6 +966,60 @@ async fn d_injected_5xx_408_and_timeouts_use_every_attempt_then_dead_letter() ->
         "LiteLLM logged {ok} 200s\n{}",
         log_tails(&s)
     );
+    assert_no_panic(&s);
+    Ok(())
+}
+
+/// Streaming through LiteLLM: the worker's `stream: true` call relayed to the mock, which streams
+/// OpenAI chunks at 200 tokens/s; a client follows the task over SSE. The text it keeps is the
+/// result, LiteLLM's usage chunk is counted, and a stream that breaks mid-answer upstream (an
+/// error event after 5 chunks, relayed however LiteLLM relays it) is retried: 2 calls, the result
+/// is the second attempt's text only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_streamed_answers_through_litellm_add_up_and_a_broken_stream_is_retried(
+) -> anyhow::Result<()> {
+    use agentq_tests::sse;
+    let (s, _ll, _w) = start(
+        |s| vec![upstream("mock-gpt", s, json!({}))],
+        json!({}),
+        &[("mock-gpt", "warm up")],
+        &[],
+    )
+    .await?;
+    let words: String = (0..40).map(|i| format!("s{i} ")).collect();
+    let plain = format!("{words}[[stream_rate:200]]");
+    let broken = format!("{words}[[stream_rate:200]] [[midfail:5:1]]");
+    let ids = [
+        submit(&s, "mock-gpt", &plain, 2).await?,
+        submit(&s, "mock-gpt", &broken, 2).await?,
+    ];
+    let mut seen = Vec::new();
+    for id in &ids {
+        seen.push(sse::read(&s.api_url, &format!("/v1/tasks/{id}/events"), None, None).await?);
+    }
+    let done = finals(&s, &ids, Duration::from_secs(30)).await?;
+    for ((t, events), prompt) in done.iter().zip(&seen).zip([&plain, &broken]) {
+        assert_eq!(t["status"], "succeeded", "{t}\n{}", log_tails(&s));
+        let content = t["result"]["content"].as_str().unwrap_or_default();
+        assert!(content.starts_with("echo: s0 s1"), "{t}");
+        assert_eq!(sse::kept_text(events), content, "{:?}", sse::names(events));
+        assert_eq!(sse::names(events).last(), Some(&"done"));
+        // LiteLLM passed the stream and the usage chunk on
+        assert!(t["usage"]["completion_tokens"].as_u64() > Some(0), "{t}");
+        let bodies = s.request_bodies(prompt);
+        assert!(
+            bodies.iter().all(|b| b["stream"] == true),
+            "LiteLLM streamed from the mock: {bodies:?}"
+        );
+    }
+    assert_eq!(done[0]["attempts"], 1, "{}", done[0]);
+    assert_eq!(s.mock.calls(&plain), 1);
+    assert_eq!(done[1]["attempts"], 2, "{}", done[1]);
+    assert_eq!(s.mock.calls(&broken), 2, "one broken stream, one whole");
+    let restarted = seen[1]
+        .iter()
+        .any(|e| e.event == "attempt_started" && e.data["attempt"] == 2);
+    assert!(restarted, "{:?}", sse::names(&seen[1]));
     assert_no_panic(&s);
     Ok(())
 }

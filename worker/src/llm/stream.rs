@@ -283,6 +283,9 @@ struct Answer {
     refusal: String,
     tool_calls: Vec<ToolCall>,
     finish_reason: Option<String>,
+    /// A `finish_reason: ""` was seen: kept verbatim when no named reason follows (the
+    /// non-streamed reply of such a server says `""` too).
+    empty_reason: bool,
     /// The last usage object seen (OpenAI's own chunk with `choices: []`; some servers repeat a
     /// running total in every chunk).
     usage: Option<Value>,
@@ -315,6 +318,8 @@ impl Answer {
             // "" and null mean "not yet" in some servers' chunks; only a named reason ends.
             if let Some(reason) = text(choice, "finish_reason") {
                 self.finish_reason = Some(reason.to_owned());
+            } else if choice.get("finish_reason").and_then(Value::as_str) == Some("") {
+                self.empty_reason = true;
             }
             let Some(delta) = choice.get("delta") else {
                 continue;
@@ -442,7 +447,10 @@ impl Answer {
         let mut choice = Map::new();
         choice.insert("index".into(), 0.into());
         choice.insert("message".into(), message.into());
-        choice.insert("finish_reason".into(), self.finish_reason.into());
+        let reason = self
+            .finish_reason
+            .or_else(|| self.empty_reason.then(String::new));
+        choice.insert("finish_reason".into(), reason.into());
         let mut completion = Map::new();
         completion.insert("choices".into(), Value::Array(vec![choice.into()]));
         if let Some(m) = self.model {
