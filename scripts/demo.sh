@@ -145,7 +145,11 @@ sid=$(post -d "{\"prompt\": \"Stream this answer to the terminal one piece at a 
 ids+=("$sid")
 curl -fsSN "$api/v1/tasks/$sid/events" | python3 -u -c '
 import json, sys
-event = None
+event, midline = None, False
+def say(s):
+    global midline
+    print(("\n" if midline else "") + "    " + s)
+    midline = False
 for line in sys.stdin:
     line = line.rstrip("\n")
     if line.startswith("event:"):
@@ -153,13 +157,16 @@ for line in sys.stdin:
     elif line.startswith("data:"):
         d = json.loads(line[5:])
         if event == "delta":
+            if not midline:
+                sys.stdout.write("    ")
             sys.stdout.write(d["text"]); sys.stdout.flush()
+            midline = True
         elif event == "status":
-            print("    [status %s%s]" % (d["status"], " attempt %d" % d["attempt"] if "attempt" in d else ""))
-        elif event == "attempt_started":
-            sys.stdout.write("    ")
+            say("[status %s%s]" % (d["status"], " attempt %d" % d["attempt"] if "attempt" in d else ""))
+        elif event == "attempt_started" and midline:
+            say("[attempt %d starts over]" % d["attempt"])
         elif event in ("done", "error"):
-            print("\n    [%s: %s]" % (event, d.get("status")))
+            say("[%s: %s]" % (event, d.get("status")))
 '
 
 echo "==> workflows (POST /v1/workflows): a chain, a fan-out with a join, a planner and its workers"

@@ -238,6 +238,13 @@ def proc_kib(pid, field):
     return 0
 
 
+def machine_jiffies():
+    """(busy, total) jiffies of all CPUs from /proc/stat (idle and iowait are not busy)."""
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
 def redis_cpu_s(r):
     """Redis's own CPU seconds (INFO cpu: used_cpu_sys + used_cpu_user, main thread and others)."""
     c = r.info("cpu")
@@ -385,6 +392,7 @@ async def _streams(api, api_pid, port, mock_pid, ids_path, ready_path, go_path, 
     c0 = {"api": proc_cpu_s(api_pid), "redis_proc": proc_cpu_s(r.info("server")["process_id"]),
           "mock": proc_cpu_s(mock_pid)}
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    mj0 = machine_jiffies()
     tw0 = time.monotonic()
     with open(ready_path + ".tmp", "w") as fh:
         fh.write("ready\n")
@@ -407,6 +415,7 @@ async def _streams(api, api_pid, port, mock_pid, ids_path, ready_path, go_path, 
     tw1 = time.monotonic()
     out["window_s"] = round(tw1 - tw0, 3)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    mj1 = machine_jiffies()
     rc1 = redis_cpu_s(r)
     out["api_cpu_s"] = proc_cpu_s(api_pid) - c0["api"]
     out["redis_cpu_s"] = rc1 - rc0
@@ -415,6 +424,8 @@ async def _streams(api, api_pid, port, mock_pid, ids_path, ready_path, go_path, 
     out["worker_cpu_s"] = sum(proc_cpu_s(p) for p in worker_pids)  # since its start
     out["worker_vmhwm_kib"] = sum(proc_kib(p, "VmHWM") for p in worker_pids)
     out["client_cpu_s"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    # how busy the whole machine was (every process, other sessions' too), in % of all its CPUs
+    out["machine_busy_pct"] = round(100.0 * (mj1[0] - mj0[0]) / max(mj1[1] - mj0[1], 1), 1)
     sampler.cancel()
     out["api_vmhwm_kib"] = proc_kib(api_pid, "VmHWM")
     out["api_rss_peak_sampled_kib"] = max(peak[0], proc_kib(api_pid, "VmRSS"))
@@ -690,6 +701,12 @@ def streams_figures(rec):
     rec["api_cpu_us_per_event"] = d(rec["api_cpu_s"], rec["events"]) * 1e6
     rec["redis_cpu_us_per_token"] = d(rec["redis_cpu_s"], tokens) * 1e6
     rec["redis_cpu_us_per_delta"] = d(rec["redis_cpu_s"], rec["deltas"]) * 1e6
+    rec["tokens_per_delta"] = d(tokens, rec["deltas"])
+    rec["machine_busy_pct"] = rec.get("s_machine_busy_pct", 0.0)
+    # commandstats `usec` is wall time inside each command (inflated when Redis is descheduled on a
+    # busy machine, and a script's inner commands are counted again on their own lines), so only a
+    # share is used: the api hub's XREADs against the scripts (the queue's and the worker's emit.lua)
+    rec["redis_xread_share_pct"] = d(usec("xread"), usec("xread") + usec("evalsha")) * 100
     rec["xadd_per_token"] = d(calls("xadd"), tokens)
     rec["evalsha_per_token"] = d(calls("evalsha"), tokens)
     rec["xread_calls"] = calls("xread")
@@ -1006,6 +1023,13 @@ TABLE = [
     ("streams_redis_cpu_us_per_token", "streams", "redis_cpu_us_per_token", "us/token", None),
     ("streams_xadd_per_token", "streams", "xadd_per_token", "calls", None),
     ("streams_evalsha_per_token", "streams", "evalsha_per_token", "calls", None),
+    ("streams_tokens_per_delta", "streams", "tokens_per_delta", "tokens", None),
+    ("streams_redis_cpu_us_per_delta", "streams", "redis_cpu_us_per_delta", "us/delta", None),
+    ("streams_redis_xread_share_pct", "streams", "redis_xread_share_pct", "%", None),
+    ("streams_worker_cpu_s", "streams", "worker_cpu_s", "CPU s", None),
+    ("streams_mock_cpu_s", "streams", "mock_cpu_s", "CPU s", None),
+    ("streams_client_cpu_s", "streams", "client_cpu_s", "CPU s", None),
+    ("streams_machine_busy_pct", "streams", "machine_busy_pct", "%", None),
     ("streams_full_text_ok_pct", "streams", "full_text_ok_pct", "%", None),
 ]
 

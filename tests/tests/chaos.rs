@@ -29,6 +29,9 @@ use tokio::sync::Semaphore;
 #[path = "chaos_parts/workflows.rs"]
 mod wf;
 
+#[path = "chaos_parts/streams.rs"]
+mod streams;
+
 /// Key prefix of the default queue.
 const PREFIX: &str = "agentq:{default}:";
 const WORKERS: usize = 3;
@@ -154,6 +157,14 @@ fn plan_tasks(cfg: &Config) -> Vec<Spec> {
             // is frozen, killed or drained.
             if roll < 77 && rng.random_bool(0.25) {
                 prompt.push_str(&format!(" [[sleep:{}]]", rng.random_range(100..=1500u32)));
+            }
+            // Answers streamed slowly (the worker streams every call): a fault lands mid-stream,
+            // and the event-stream invariants (chaos_parts/streams.rs) must still hold.
+            if rng.random_bool(0.2) {
+                prompt.push_str(&format!(
+                    " some words to stream [[stream_rate:{}]]",
+                    rng.random_range(5..=60u32)
+                ));
             }
             let max_attempts = rng.random_range(1..=4u32);
             let cancel_after = rng
@@ -955,6 +966,7 @@ async fn run(cfg: Config) -> Result<()> {
         t0,
     );
     violations.extend(report.violations.iter().cloned());
+    violations.extend(streams::check(&client, &ids).await?);
 
     // Global checks.
     violations.extend(lane_violations(&specs, &submissions, &records));

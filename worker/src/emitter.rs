@@ -117,24 +117,25 @@ impl<'a> Emitter<'a> {
     }
 
     /// What `complete.lua` appends with the result: the text not written yet. A batch whose
-    /// write never got an answer is tried once more first; if it still fails its text goes with
-    /// the result (a stream with that text twice is better than one with a gap).
+    /// write never got an answer is tried once more first; if that fails too it goes with the
+    /// result, and `complete.lua` writes it only if it did not land after all.
     pub(crate) async fn rest(&mut self) -> StreamRest {
         if self.unacked.is_some() {
             self.resend().await;
         }
-        let mut text = String::new();
-        if let Some((_, events)) = self.unacked.take() {
-            for e in events.into_iter().filter(|e| e.kind == "delta") {
-                text.push_str(&e.data);
-            }
-        }
-        text.push_str(&self.text);
-        self.text.clear();
+        let unacked = self.unacked.take().map(|(batch, events)| {
+            let text: String = events
+                .into_iter()
+                .filter(|e| e.kind == "delta")
+                .map(|e| e.data)
+                .collect();
+            (batch, text)
+        });
         self.since = None;
         StreamRest {
-            text,
+            text: std::mem::take(&mut self.text),
             step: self.step,
+            unacked,
         }
     }
 

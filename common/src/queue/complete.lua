@@ -6,12 +6,13 @@
 -- is a workflow node (else ''), ARGV[10] its output, ARGV[11] a plan's children (JSON, see
 -- wf_final in wf.lua) or '', ARGV[12] the answer's text not yet on the task's event stream (the
 -- worker batches deltas; the rest goes with the result, so the stream's deltas of the winning
--- attempt add up to the result), ARGV[13] the run's step number, ARGV[14..] messages to append
--- to memory
+-- attempt add up to the result), ARGV[13] the run's step number, ARGV[14] the number of a batch
+-- of this run whose write got no answer, or '', ARGV[15] that batch's text (written here only if
+-- it did not land: see emit.lua's 'evbatch'), ARGV[16..] messages to append to memory
 -- Returns 'ok'; or, writing nothing: the verdict this run already got (a resend after a lost reply),
 -- the final status ('succeeded', 'failed', 'cancelled'), 'missing', or 'stale' (another run owns it).
 local token = ARGV[2]
-local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', 'attempts')
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', 'attempts', 'evbatch')
 local refused = fence(KEYS[1], KEYS[2], ARGV[1], token, t[1], t[2], t[3])
 if refused then return refused end
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -44,11 +45,18 @@ else
 end
 redis.call('HDEL', KEYS[1], 'error', 'token')
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-if ARGV[12] and ARGV[12] ~= '' then ev_delta(KEYS[1], ARGV[12], t[5], ARGV[13]) end
+local rest = ARGV[12] or ''
+if ARGV[14] and ARGV[14] ~= '' then
+  local last_token, last_batch = string.match(t[6] or '', '^(%d+)|(%d+)$')
+  if not (last_token == token and tonumber(last_batch) >= tonumber(ARGV[14])) then
+    rest = ARGV[15] .. rest
+  end
+end
+if rest ~= '' then ev_delta(KEYS[1], rest, t[5], ARGV[13]) end
 if usage ~= '' then ev_usage(KEYS[1], usage) end
 ev_final(KEYS[1], 'succeeded', tonumber(ARGV[5]), nil, ARGV[4])
-if #KEYS == 4 and #ARGV > 13 then
-  for i = 14, #ARGV do
+if #KEYS == 4 and #ARGV > 15 then
+  for i = 16, #ARGV do
     redis.call('RPUSH', KEYS[4], ARGV[i])
   end
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[6]), -1)

@@ -159,6 +159,9 @@ pub struct StreamRest {
     pub text: String,
     /// The run's step number (the deltas' `step`).
     pub step: u32,
+    /// A batch of deltas whose write got no answer (number, text): it may have landed or not,
+    /// and `complete.lua` writes its text before `text` only if it did not (no gap, no twice).
+    pub unacked: Option<(u64, String)>,
 }
 
 /// One event a run appends to its task's stream with [`Broker::emit`]: a `delta`'s data is the
@@ -541,6 +544,10 @@ impl Broker {
             None => inv.arg("").arg("").arg(""),
         };
         inv.arg(&rest.text).arg(rest.step);
+        match &rest.unacked {
+            Some((batch, text)) => inv.arg(*batch).arg(text),
+            None => inv.arg("").arg(""),
+        };
         if let Some(m) = memory {
             for msg in &m.messages {
                 inv.arg(msg);
