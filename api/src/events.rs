@@ -775,6 +775,60 @@ mod tests {
         }
     }
 
+    fn entry(seq: u64, kind: &str) -> Entry {
+        Entry {
+            id: EntryId(1, seq),
+            kind: kind.to_owned(),
+            data: "{}".to_owned(),
+        }
+    }
+
+    /// A client whose queue is full is dropped (its response ends, it resumes with
+    /// Last-Event-ID); the others get every entry past their own cursor; a terminal entry ends
+    /// a client's place.
+    #[test]
+    fn slow_clients_are_dropped_and_each_client_reads_from_its_cursor() {
+        let (fast_tx, mut fast) = mpsc::channel(16);
+        let (slow_tx, mut slow) = mpsc::channel(1);
+        let (late_tx, mut late) = mpsc::channel(16);
+        let mut subs = HashMap::new();
+        for (cursor, tx) in [(0, fast_tx), (0, slow_tx), (2, late_tx)] {
+            add(
+                &mut subs,
+                Join {
+                    key: "k".to_owned(),
+                    cursor: EntryId(1, cursor),
+                    tx,
+                },
+            );
+        }
+        deliver(
+            &mut subs,
+            vec![(
+                "k".to_owned(),
+                vec![entry(1, "delta"), entry(2, "delta"), entry(3, "delta")],
+            )],
+        );
+        assert_eq!(subs["k"].len(), 2, "the slow client lost its place");
+        let got = |rx: &mut mpsc::Receiver<Arc<Entry>>| {
+            let mut v = Vec::new();
+            while let Ok(e) = rx.try_recv() {
+                v.push(e.id.1);
+            }
+            v
+        };
+        assert_eq!(got(&mut fast), [1, 2, 3]);
+        assert_eq!(got(&mut late), [3]);
+        assert_eq!(got(&mut slow), [1]);
+        assert!(
+            slow.try_recv().is_err() && slow.is_closed(),
+            "its queue is closed"
+        );
+        deliver(&mut subs, vec![("k".to_owned(), vec![entry(4, "done")])]);
+        assert!(subs.is_empty(), "the terminal event ends every place");
+        assert_eq!(got(&mut fast), [4]);
+    }
+
     #[test]
     fn error_events_name_their_code() {
         let d = with_error_code(r#"{"status":"cancelled","error":"cancelled by request"}"#);

@@ -357,6 +357,35 @@ async fn a_client_side_tool_round_trip_over_http() -> Result<()> {
         "outputs for a finished task: {status} {reply}"
     );
 
+    // its event stream: the call, the wait, the resume, the answer (step 1) and the end
+    let events =
+        agentq_tests::sse::read(&s.api_url, &format!("/v1/tasks/{id}/events"), None, None).await?;
+    let names = agentq_tests::sse::names(&events);
+    let at = |name: &str, pred: &dyn Fn(&Value) -> bool| {
+        events
+            .iter()
+            .position(|e| e.event == name && pred(&e.data))
+            .with_context(|| format!("{name} in {names:?}"))
+    };
+    let call_at = at("tool_call", &|d| {
+        d["step"] == 0 && d["tool_calls"][0]["id"] == "call_1_0"
+    })?;
+    let wait_at = at("status", &|d| {
+        d["status"] == "requires_action" && d["pending_tool_calls"][0]["id"] == "call_1_0"
+    })?;
+    let resumed_at = at("status", &|d| {
+        d["status"] == "queued" && d["reason"] == "tool_outputs"
+    })?;
+    ensure!(call_at < wait_at && wait_at < resumed_at, "{names:?}");
+    ensure!(names.last() == Some(&"done"), "{names:?}");
+    let answer: String = events[resumed_at..]
+        .iter()
+        .filter(|e| e.event == "delta" && e.data["step"] == 1)
+        .map(|e| e.data["text"].as_str().unwrap_or_default())
+        .collect();
+    ensure!(answer == "tool results: 5", "{events:?}");
+    ensure!(agentq_tests::sse::kept_text(&events) == "tool results: 5");
+
     // the model's second call read its first reply and the client's result, in order
     let sent = s.request_bodies(prompt);
     ensure!(sent.len() == 2, "two model calls: {sent:?}");

@@ -97,6 +97,44 @@ async fn mcp_tools_answer_the_model_and_the_task_succeeds() -> Result<()> {
     let mut calls = mcp.tool_calls();
     calls.sort();
     ensure!(calls == ["echo", "get-sum"], "{calls:?}");
+    // the event stream shows the step: what the model asked for, what the tools said, then the
+    // answer's text (step 1), which is the result
+    let events =
+        agentq_tests::sse::read(&s.api_url, &format!("/v1/tasks/{id}/events"), None, None).await?;
+    let names = agentq_tests::sse::names(&events);
+    let call = events
+        .iter()
+        .position(|e| e.event == "tool_call")
+        .with_context(|| format!("{names:?}"))?;
+    let result = events
+        .iter()
+        .position(|e| e.event == "tool_result")
+        .with_context(|| format!("{names:?}"))?;
+    ensure!(call < result, "{names:?}");
+    ensure!(
+        events[call].data["step"] == 0
+            && events[call].data["tool_calls"].as_array().map(Vec::len) == Some(2),
+        "{:?}",
+        events[call]
+    );
+    let results = &events[result].data["results"];
+    ensure!(
+        results.as_array().map(Vec::len) == Some(2)
+            && results
+                .as_array()
+                .is_some_and(|r| r.iter().any(|x| x["content"] == "Echo: hi there")),
+        "{results}"
+    );
+    let answer: String = events
+        .iter()
+        .filter(|e| e.event == "delta")
+        .map(|e| {
+            ensure!(e.data["step"] == 1, "only the answer streams text: {e:?}");
+            Ok(e.data["text"].as_str().unwrap_or_default())
+        })
+        .collect::<Result<_>>()?;
+    ensure!(answer == content, "{answer:?} != {content:?}");
+    ensure!(names.last() == Some(&"done"), "{names:?}");
     ensure!(
         mcp.seen()
             .iter()

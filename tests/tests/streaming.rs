@@ -491,3 +491,29 @@ async fn a_workflow_streams_its_nodes_status() -> Result<()> {
         .is_some_and(|t| t.starts_with("default.")));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_streaming_off_the_text_comes_whole_with_the_result() -> Result<()> {
+    let mut s = Stack::new(MockConfig {
+        record: true,
+        ..MockConfig::default()
+    })
+    .await?;
+    s.start_api(&[]).await?;
+    let _w = s.start_worker(&[("AGENTQ_STREAM", "off")]).await?;
+    let prompt = words(30, "o");
+    let id = s.submit(&prompt).await?;
+    let events = read(&s, &format!("/v1/tasks/{id}/events"), None, None).await?;
+    let task = s.task(&id).await?;
+    let result = task["result"]["content"].as_str().unwrap_or_default();
+    let deltas: Vec<&Ev> = events.iter().filter(|e| e.event == "delta").collect();
+    ensure!(deltas.len() == 1, "one piece: {:?}", names(&events));
+    ensure!(kept_text(&events) == result);
+    ensure!(names(&events).last() == Some(&"done"));
+    let sent = s.request_bodies(&prompt);
+    ensure!(
+        sent.len() == 1 && sent[0].get("stream").is_none(),
+        "no stream asked for: {sent:?}"
+    );
+    Ok(())
+}

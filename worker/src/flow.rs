@@ -362,7 +362,12 @@ impl Worker {
                 llm.chat_streamed(model, messages, &payload.params, events)
                     .await
             } else {
-                llm.chat(model, messages, &payload.params).await
+                let call = llm.chat(model, messages, &payload.params).await;
+                if let Ok(r) = &call.result {
+                    // not streamed: the whole text at once, so the stream still says it
+                    crate::llm::DeltaSink::push(&mut *events, &r.content).await;
+                }
+                call
             };
             in_flight.armed = false;
             if call.result.is_err() {

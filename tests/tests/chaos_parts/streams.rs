@@ -43,7 +43,10 @@ fn entries(v: &RValue) -> Vec<Entry> {
             };
             let (mut e, mut d) = (None, None);
             for kv in fields.chunks(2) {
-                match (kv.first().and_then(text).as_deref(), kv.get(1).and_then(text)) {
+                match (
+                    kv.first().and_then(text).as_deref(),
+                    kv.get(1).and_then(text),
+                ) {
                     (Some("e"), Some(v)) => e = Some(v),
                     (Some("d"), Some(v)) => d = serde_json::from_str(&v).ok(),
                     _ => {}
@@ -55,7 +58,12 @@ fn entries(v: &RValue) -> Vec<Entry> {
 }
 
 /// The violations of one task's stream; `record` is its HGETALL.
-pub fn violations_of(id: &str, record: &HashMap<String, String>, events: &[Entry], ttl: i64) -> Vec<String> {
+pub fn violations_of(
+    id: &str,
+    record: &HashMap<String, String>,
+    events: &[Entry],
+    ttl: i64,
+) -> Vec<String> {
     let mut out = Vec::new();
     let status = record.get("status").map_or("", String::as_str);
     if !matches!(status, "succeeded" | "failed" | "cancelled") {
@@ -79,7 +87,9 @@ pub fn violations_of(id: &str, record: &HashMap<String, String>, events: &[Entry
         other => last.0 == "error" && last.1["status"] == other,
     };
     if !agrees {
-        out.push(format!("stream of {id} ends with {last:?} but the task is {status}"));
+        out.push(format!(
+            "stream of {id} ends with {last:?} but the task is {status}"
+        ));
     }
     if ttl <= 0 {
         out.push(format!("stream of {id} ({status}) has no TTL ({ttl})"));
@@ -138,7 +148,10 @@ pub async fn check(client: &redis::Client, ids: &[String]) -> Result<Vec<String>
         for id in chunk {
             let key = format!("{PREFIX}task:{id}");
             pipe.cmd("HGETALL").arg(&key);
-            pipe.cmd("XRANGE").arg(format!("{key}:events")).arg("-").arg("+");
+            pipe.cmd("XRANGE")
+                .arg(format!("{key}:events"))
+                .arg("-")
+                .arg("+");
             pipe.cmd("TTL").arg(format!("{key}:events"));
         }
         let replies: Vec<RValue> = pipe.query_async(&mut conn).await?;
@@ -186,7 +199,10 @@ mod tests {
         assert!(violations_of("t", &rec("succeeded", "echo: x"), &good(), 10).is_empty());
         // a piece twice, a piece missing
         let mut twice = good();
-        twice.insert(6, ev("delta", json!({"text": "echo", "attempt": 2, "seq": 3})));
+        twice.insert(
+            6,
+            ev("delta", json!({"text": "echo", "attempt": 2, "seq": 3})),
+        );
         assert!(!violations_of("t", &rec("succeeded", "echo: x"), &twice, 10).is_empty());
         let mut gap = good();
         gap.remove(6);
