@@ -2,8 +2,8 @@
 # agentq benchmark suite (issue 7): the local stack (release binaries, a private redis-server)
 # under six loads. Prints a table and writes a JSON file of medians plus every run.
 #
-#   loadtest/bench/run.sh            full: 3 runs per phase, ~3 minutes; writes loadtest/bench/results.json
-#   loadtest/bench/run.sh --smoke    1 short run per phase, ~20 s after the build (CI);
+#   loadtest/bench/run.sh            full: 3 runs per phase, ~5 minutes; writes loadtest/bench/results.json
+#   loadtest/bench/run.sh --smoke    1 short run per phase, ~25 s after the build (CI);
 #                                    writes loadtest/out/bench/results-smoke.json (gitignored)
 #   loadtest/bench/run.sh --limiter  the flow limiter's cost per task (issue 12): only the drain, in
 #                                    interleaved variants (no limits file / a limits file / the build

@@ -15,11 +15,14 @@ local function ev_add(key, kind, data)
 end
 
 -- A task's status change: on its stream and, for a workflow's node, as a 'node' event on the
--- workflow's stream. fields: more data (a table) or nil.
-local function ev_status(tkey, status, fields)
+-- workflow's stream. fields: more data (a table) or nil; raw: a JSON member written as it is
+-- ('"name":<json>', for data cjson would not give back as it came, e.g. empty arrays), or nil.
+local function ev_status(tkey, status, fields, raw)
   local d = fields or {}
   d.status = status
-  ev_add(tkey .. ':events', 'status', cjson.encode(d))
+  local json = cjson.encode(d)
+  if raw then json = '{' .. raw .. ',' .. string.sub(json, 2) end
+  ev_add(tkey .. ':events', 'status', json)
   local w = redis.call('HMGET', tkey, 'wf', 'node')
   -- only while the workflow runs: a closed one's stream expires with it and must not be made anew
   if w[1] and w[2] and redis.call('HGET', w[1], 'status') == 'running' then

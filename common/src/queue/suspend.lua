@@ -27,6 +27,5 @@ redis.call('HSET', KEYS[1], 'status', 'requires_action', 'pending_tool_calls', A
   'waiting_until', ARGV[6], 'reported', token .. '|requires_action')
 redis.call('HDEL', KEYS[1], 'token', 'error')
 redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[1])
-ev_add(KEYS[1] .. ':events', 'status',
-  '{"status":"requires_action","pending_tool_calls":' .. ARGV[5] .. ',"due_ms":' .. tonumber(ARGV[6]) .. '}')
+ev_status(KEYS[1], 'requires_action', {due_ms = tonumber(ARGV[6])}, '"pending_tool_calls":' .. ARGV[5])
 return 'requires_action'
