@@ -227,7 +227,8 @@ lt_start_stack() {
   local latency="$1" error_rate="$2"
   REDIS_PORT="$(lt_free_port)"
   lt_spawn redis "$LT_OUT/redis.log" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
-    --save "" --appendonly no --daemonize no --dir "$LT_OUT" --loglevel warning
+    --save "" --appendonly no --daemonize no --dir "$LT_OUT" --loglevel warning \
+    --stream-node-max-bytes 512
   local rpid=$LT_LAST_PID deadline=$((SECONDS + 10))
   until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do
     lt_alive "$rpid" || lt_die "redis-server exited (see $LT_OUT/redis.log)"

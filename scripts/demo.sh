@@ -35,6 +35,7 @@ trap 'exit 130' INT TERM
 redis_port=$(free_port); api_port=$(free_port); worker_port=$(free_port); llm_port=$(free_port)
 echo "==> redis-server on 127.0.0.1:$redis_port (private, nothing persisted)"
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$run" \
+  --stream-node-max-bytes 512 \
   >"$run/redis.log" 2>&1 &
 pids+=($!)
 

@@ -37,6 +37,10 @@ use crate::AppState;
 const PAGE: usize = 256;
 /// How long the hub's `XREAD` blocks when nothing comes (a new client wakes it at once).
 const BLOCK: Duration = Duration::from_secs(2);
+/// The shortest time between two `XREAD`s while entries keep coming: each names every live
+/// stream, so with thousands of streams reading on every new entry would cost Redis far more
+/// than the entries; a few ms more latency on text already batched by 50 ms is nothing.
+const READ_GAP: Duration = Duration::from_millis(10);
 /// Comment lines that keep idle connections (and the proxies on their way) open.
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
@@ -67,19 +71,112 @@ pub(crate) struct Entry {
 
 impl Entry {
     fn terminal(&self) -> bool {
-        self.kind == "done" || self.kind == "error"
+        matches!(self.kind.as_str(), "final" | "done" | "error")
     }
 
-    fn to_event(&self) -> Event {
-        let data = if self.kind == "error" {
-            with_error_code(&self.data)
-        } else {
-            self.data.clone()
-        };
-        Event::default()
-            .id(self.id.to_string())
-            .event(&self.kind)
-            .data(data)
+    /// A task's `final` entry that says `succeeded`: its `done` event carries the record's result.
+    fn wants_result(&self) -> bool {
+        self.kind == "final"
+            && serde_json::from_str::<serde_json::Value>(&self.data)
+                .is_ok_and(|d| d["status"] == "succeeded")
+    }
+
+    /// The SSE events of this entry, from its sub-event `from` on. Two kinds of entry stand for
+    /// several events (one entry costs Redis less than several on every task's path):
+    /// `started` is `status` (running) and `attempt_started`; `final` is the last `delta`, the
+    /// `usage`, the `status` and `done` (with `result`, the record's) or `error`. The last event
+    /// of an entry has the entry id as its SSE id, the ones before it `<entry id>.<k>`, so
+    /// `Last-Event-ID` resumes even between the events of one entry.
+    fn events(&self, from: usize, result: Option<&str>) -> Vec<Event> {
+        let parts = self.parts(result);
+        let n = parts.len();
+        parts
+            .into_iter()
+            .enumerate()
+            .skip(from)
+            .map(|(k, (name, data))| {
+                let id = if k + 1 == n {
+                    self.id.to_string()
+                } else {
+                    format!("{}.{k}", self.id)
+                };
+                Event::default().id(id).event(name).data(data)
+            })
+            .collect()
+    }
+
+    fn parts(&self, result: Option<&str>) -> Vec<(String, String)> {
+        let parsed = || serde_json::from_str::<serde_json::Value>(&self.data).ok();
+        match self.kind.as_str() {
+            "started" => {
+                let Some(d) = parsed() else {
+                    return vec![(self.kind.clone(), self.data.clone())];
+                };
+                vec![
+                    (
+                        "status".to_owned(),
+                        serde_json::json!({"status": "running", "attempt": d["attempt"]})
+                            .to_string(),
+                    ),
+                    ("attempt_started".to_owned(), self.data.clone()),
+                ]
+            }
+            "final" => {
+                let Some(d) = parsed() else {
+                    return vec![(self.kind.clone(), self.data.clone())];
+                };
+                let status = d["status"].clone();
+                let mut out = Vec::with_capacity(4);
+                if d["delta"].is_object() {
+                    out.push(("delta".to_owned(), d["delta"].to_string()));
+                }
+                if d["usage"].is_object() {
+                    out.push(("usage".to_owned(), d["usage"].to_string()));
+                }
+                out.push((
+                    "status".to_owned(),
+                    serde_json::json!({ "status": status }).to_string(),
+                ));
+                if status == "succeeded" {
+                    let result = result
+                        .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+                        .unwrap_or(serde_json::Value::Null);
+                    out.push((
+                        "done".to_owned(),
+                        serde_json::json!({ "status": status, "result": result }).to_string(),
+                    ));
+                } else {
+                    let error = serde_json::json!({ "status": status, "error": d["error"] });
+                    out.push(("error".to_owned(), with_error_code(&error.to_string())));
+                }
+                out
+            }
+            "error" => vec![(self.kind.clone(), with_error_code(&self.data))],
+            _ => vec![(self.kind.clone(), self.data.clone())],
+        }
+    }
+}
+
+/// Where a client is: after a whole entry (`sub` None), or after sub-event `sub` of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cursor {
+    id: EntryId,
+    sub: Option<usize>,
+}
+
+impl Cursor {
+    /// A `Last-Event-ID`: `<ms>-<seq>` or `<ms>-<seq>.<k>`.
+    fn parse(s: &str) -> Option<Self> {
+        match s.split_once('.') {
+            Some((id, k)) => Some(Self {
+                id: EntryId::parse(id)?,
+                sub: Some(k.parse().ok()?),
+            }),
+            None => Some(Self {
+                id: EntryId::parse(s)?,
+                sub: None,
+            }),
+        }
     }
 }
 
@@ -286,13 +383,24 @@ async fn hub_loop(redis: Redis, mut joins: mpsc::Receiver<Join>, shared: Arc<Hub
             cmd.arg(min.to_string());
         }
         shared.blocked.store(true, Ordering::Release);
+        let started = tokio::time::Instant::now();
         let reply = tokio::select! {
             r = cmd.query_async::<Value>(&mut conn) => r,
             _ = shared.stop.cancelled() => return,
         };
         shared.blocked.store(false, Ordering::Release);
         match reply {
-            Ok(v) => deliver(&mut subs, streams(v)),
+            Ok(v) => {
+                let got = streams(v);
+                let busy = !got.is_empty();
+                deliver(&mut subs, got);
+                if busy {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(started + READ_GAP) => {}
+                        _ = shared.stop.cancelled() => return,
+                    }
+                }
+            }
             // CLIENT UNBLOCK makes the XREAD return nil, never an error; an error is Redis
             // trouble, after which the connection may be a new one with a new id
             Err(e) => {
@@ -371,8 +479,8 @@ struct Feed {
     state: AppState,
     of: Of,
     key: String,
-    /// The last entry sent (or the client's `Last-Event-ID`); `None` = from the start.
-    cursor: Option<EntryId>,
+    /// The last event sent (or the client's `Last-Event-ID`); `None` = from the start.
+    cursor: Option<Cursor>,
     out: VecDeque<Event>,
     phase: Phase,
     /// Entries sent on this connection.
@@ -413,8 +521,16 @@ impl Feed {
                             if e.terminal() {
                                 self.phase = Phase::Done;
                             }
-                            self.cursor = Some(e.id);
-                            return Some(e.to_event());
+                            self.cursor = Some(Cursor {
+                                id: e.id,
+                                sub: None,
+                            });
+                            let result = if e.wants_result() {
+                                self.result().await
+                            } else {
+                                None
+                            };
+                            self.out.extend(e.events(0, result.as_deref()));
                         }
                         None => {
                             self.phase = Phase::Done;
@@ -433,10 +549,28 @@ impl Feed {
         }
     }
 
+    /// The task's result, for its `done` event (`None` once the record is gone).
+    async fn result(&self) -> Option<String> {
+        let Of::Task(id) = &self.of else {
+            return None;
+        };
+        let key = self.state.broker.keys(id.queue()).task(id);
+        let mut conn = self.state.broker.redis().conn().await.ok()?;
+        redis::cmd("HGET")
+            .arg(key)
+            .arg("result")
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Entries after the cursor, one page; true when the page was full (more may follow).
     async fn page(&mut self) -> redis::RedisResult<(bool, bool)> {
+        // a cursor inside an entry reads that entry again, from the event after it
         let start = match self.cursor {
-            Some(c) => format!("({c}"),
+            Some(Cursor { id, sub: Some(_) }) => id.to_string(),
+            Some(Cursor { id, sub: None }) => format!("({id}"),
             None => "-".to_owned(),
         };
         let mut conn = self.state.broker.redis().conn().await?;
@@ -452,9 +586,21 @@ impl Feed {
         let full = list.len() >= PAGE;
         let mut terminal = false;
         for e in list {
-            self.cursor = Some(e.id);
+            let from = match self.cursor {
+                Some(Cursor { id, sub: Some(k) }) if id == e.id => k + 1,
+                _ => 0,
+            };
+            self.cursor = Some(Cursor {
+                id: e.id,
+                sub: None,
+            });
             self.sent += 1;
-            self.out.push_back(e.to_event());
+            let result = if e.wants_result() {
+                self.result().await
+            } else {
+                None
+            };
+            self.out.extend(e.events(from, result.as_deref()));
             if e.terminal() {
                 terminal = true;
                 break;
@@ -507,7 +653,7 @@ impl Feed {
         let (tx, rx) = mpsc::channel(self.state.hub.shared.buffer);
         let join = Join {
             key: self.key.clone(),
-            cursor: self.cursor.unwrap_or_default(),
+            cursor: self.cursor.map(|c| c.id).unwrap_or_default(),
             tx,
         };
         if self.state.hub.joins.send(join).await.is_err() {
@@ -621,7 +767,7 @@ pub(crate) struct EventsQuery {
 fn cursor(
     headers: &HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Option<EntryId>, ApiError> {
+) -> Result<Option<Cursor>, ApiError> {
     let from_query = match query {
         Ok(Query(q)) => q.last_event_id,
         Err(_) => {
@@ -644,7 +790,7 @@ fn cursor(
     };
     match raw.as_deref().map(str::trim) {
         None | Some("") => Ok(None),
-        Some(s) => EntryId::parse(s).map(Some).ok_or_else(|| {
+        Some(s) => Cursor::parse(s).map(Some).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_field",
@@ -710,7 +856,7 @@ fn serve(
     state: AppState,
     of: Of,
     key: String,
-    cursor: Option<EntryId>,
+    cursor: Option<Cursor>,
 ) -> Result<Response, ApiError> {
     let shared = state.hub.shared.clone();
     // the place is taken before the check, so two racing requests cannot both get the last one
@@ -827,6 +973,84 @@ mod tests {
         deliver(&mut subs, vec![("k".to_owned(), vec![entry(4, "done")])]);
         assert!(subs.is_empty(), "the terminal event ends every place");
         assert_eq!(got(&mut fast), [4]);
+    }
+
+    /// What a client reads of an entry: name, id and data of each event.
+    fn read(e: &Entry, from: usize, result: Option<&str>) -> Vec<String> {
+        e.events(from, result)
+            .into_iter()
+            // an axum Event's Debug holds its wire form, id included
+            .map(|ev| format!("{ev:?}"))
+            .collect()
+    }
+
+    #[test]
+    fn one_entry_stands_for_several_events_each_resumable() {
+        let started = Entry {
+            id: EntryId(5, 1),
+            kind: "started".to_owned(),
+            data: r#"{"attempt":2,"run":7}"#.to_owned(),
+        };
+        let parts = started.parts(None);
+        assert_eq!(parts[0].0, "status");
+        assert_eq!(parts[0].1, r#"{"attempt":2,"status":"running"}"#);
+        assert_eq!(
+            parts[1],
+            ("attempt_started".to_owned(), started.data.clone())
+        );
+        let fin = Entry {
+            id: EntryId(9, 0),
+            kind: "final".to_owned(),
+            data: r#"{"status":"succeeded","usage":{"calls":1},"delta":{"text":"end","attempt":2,"seq":4,"step":0}}"#
+                .to_owned(),
+        };
+        assert!(fin.terminal() && fin.wants_result());
+        let names: Vec<String> = fin
+            .parts(Some(r#"{"content":"the end"}"#))
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(names, ["delta", "usage", "status", "done"]);
+        let done = &fin.parts(Some(r#"{"content":"the end"}"#))[3].1;
+        assert_eq!(
+            done,
+            r#"{"result":{"content":"the end"},"status":"succeeded"}"#
+        );
+        // ids: <entry>.<k> for all but the last, which has the entry id; a resume inside the
+        // entry gets the rest only
+        let all = read(&fin, 0, None);
+        assert_eq!(all.len(), 4);
+        assert!(
+            all[0].contains("9-0.0") && all[2].contains("9-0.2"),
+            "{all:?}"
+        );
+        assert!(
+            all[3].contains("9-0") && !all[3].contains("9-0.3"),
+            "{all:?}"
+        );
+        assert_eq!(read(&fin, 2, None).len(), 2);
+        let failed = Entry {
+            id: EntryId(9, 1),
+            kind: "final".to_owned(),
+            data: r#"{"status":"cancelled","error":"cancelled by request"}"#.to_owned(),
+        };
+        assert!(!failed.wants_result());
+        let parts = failed.parts(None);
+        assert_eq!(parts.len(), 2);
+        let err: serde_json::Value = serde_json::from_str(&parts[1].1).expect("json");
+        assert_eq!(parts[1].0, "error");
+        assert_eq!(err["error_code"], "cancelled");
+        assert_eq!(
+            Cursor::parse("9-0.2"),
+            Some(Cursor {
+                id: EntryId(9, 0),
+                sub: Some(2)
+            })
+        );
+        assert_eq!(Cursor::parse("9-0").map(|c| c.sub), Some(None));
+        for bad in ["9-0.", "9-0.x", "9.0", "x"] {
+            assert!(Cursor::parse(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -220,7 +220,9 @@ port() { $B freeport; }
 
 # ---- the stack ----
 RPORT=$(port)
-spawn redis redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no
+# stream-node-max-bytes 512: the setting the README recommends for agentq (small per-task streams)
+spawn redis redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
+  --stream-node-max-bytes "${BENCH_STREAM_NODE_BYTES:-512}"
 REDIS_PID=$SPAWNED
 for _ in $(seq 100); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
 RCLI=(redis-cli -p "$RPORT")

@@ -48,9 +48,15 @@ fn ids(events: &[Ev]) -> Vec<String> {
         .collect()
 }
 
-fn id_key(id: &str) -> (u64, u64) {
-    let (a, b) = id.split_once('-').unwrap_or(("0", "0"));
-    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
+/// An event id as a sortable key: `<ms>-<seq>` is an entry's last (or only) event, `<ms>-<seq>.<k>`
+/// its event k before that.
+fn id_key(id: &str) -> (u64, u64, u64) {
+    let (entry, k) = match id.split_once('.') {
+        Some((e, k)) => (e, k.parse().unwrap_or(0)),
+        None => (id, u64::MAX),
+    };
+    let (a, b) = entry.split_once('-').unwrap_or(("0", "0"));
+    (a.parse().unwrap_or(0), b.parse().unwrap_or(0), k)
 }
 
 async fn stack(rate: u64) -> Result<Stack> {

@@ -14,17 +14,11 @@ local function ev_add(key, kind, data)
   return redis.call('XADD', key, 'MAXLEN', '~', EV_MAXLEN, '*', 'e', kind, 'd', data)
 end
 
--- A task's status change: on its stream and, for a workflow's node, as a 'node' event on the
--- workflow's stream. fields: more data (a table) or nil; raw: a JSON member written as it is
--- ('"name":<json>', for data cjson would not give back as it came, e.g. empty arrays), or nil.
-local function ev_status(tkey, status, fields, raw)
-  local d = fields or {}
-  d.status = status
-  local json = cjson.encode(d)
-  if raw then json = '{' .. raw .. ',' .. string.sub(json, 2) end
-  ev_add(tkey .. ':events', 'status', json)
+-- A status change of a workflow's node, as a 'node' event on the workflow's stream, only while
+-- the workflow runs (a closed one's stream expires with it and must not be made anew). d: the
+-- status data (a table; node and task_id are added).
+local function ev_node(tkey, d)
   local w = redis.call('HMGET', tkey, 'wf', 'node')
-  -- only while the workflow runs: a closed one's stream expires with it and must not be made anew
   if w[1] and w[2] and redis.call('HGET', w[1], 'status') == 'running' then
     d.node = w[2]
     d.task_id = string.match(tkey, '.*:task:(.+)$')
@@ -32,17 +26,51 @@ local function ev_status(tkey, status, fields, raw)
   end
 end
 
--- A task became final: its status, then the terminal event ('done' with the result, or 'error'),
--- and the stream expires with the record. result: the result JSON (succeeded) or nil.
-local function ev_final(tkey, status, ttl, err, result)
-  ev_status(tkey, status)
-  local key = tkey .. ':events'
-  if result then
-    ev_add(key, 'done', '{"status":"succeeded","result":' .. result .. '}')
-  else
-    ev_add(key, 'error', cjson.encode({status = status, error = err or status}))
+-- A task's status change: on its stream and on its workflow's. fields: more data (a table) or
+-- nil; raw: a JSON member written as it is ('"name":<json>', for data cjson would not give back
+-- as it came, e.g. empty arrays), or nil.
+local function ev_status(tkey, status, fields, raw)
+  local d = fields or {}
+  d.status = status
+  local json = cjson.encode(d)
+  if raw then json = '{' .. raw .. ',' .. string.sub(json, 2) end
+  ev_add(tkey .. ':events', 'status', json)
+  ev_node(tkey, d)
+end
+
+-- A run starts: one entry, 'started' {"attempt", "run"}, which the api sends as two events,
+-- `status` (running, with the attempt) and `attempt_started` (one entry costs Redis less than
+-- two on every task's path).
+-- node: false when the caller knows the task is no workflow's node (no lookup then).
+-- The JSON is built by hand on this path every task takes: cjson costs a table per event.
+local function ev_started(tkey, attempt, token, node)
+  ev_add(tkey .. ':events', 'started', '{"attempt":' .. attempt .. ',"run":' .. token .. '}')
+  if node ~= false then ev_node(tkey, {status = 'running', attempt = attempt}) end
+end
+
+-- A task became final: one entry, 'final' {"status", "error"?, "usage"?, "delta"?}, which the
+-- api sends as the events it holds: the last `delta`, the `usage`, the `status`, then `done` (with
+-- the result, read from the record) or `error`; and the stream expires with the record.
+-- err: the error (not succeeded); usage: the task's usage field or nil; text: the answer's text
+-- not written yet ('' or nil for none), of that attempt and step; node: false when the caller
+-- knows the task is no workflow's node.
+local function ev_final(tkey, status, ttl, err, usage, text, attempt, step, node)
+  local json = '{"status":"' .. status .. '"'
+  if status ~= 'succeeded' then json = json .. ',"error":' .. cjson.encode(err or status) end
+  local p, c, cached, calls, cost = string.match(usage or '', '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')
+  if p then
+    json = json .. ',"usage":{"prompt_tokens":' .. p .. ',"completion_tokens":' .. c ..
+      ',"cached_tokens":' .. cached .. ',"calls":' .. calls .. ',"cost_usd":' ..
+      string.format('%.9f', tonumber(cost) / 1e9) .. '}'
   end
+  if text and text ~= '' then
+    json = json .. ',"delta":{"text":' .. cjson.encode(text) .. ',"attempt":' .. (tonumber(attempt) or 0) ..
+      ',"seq":' .. redis.call('HINCRBY', tkey, 'evseq', 1) .. ',"step":' .. (tonumber(step) or 0) .. '}'
+  end
+  local key = tkey .. ':events'
+  ev_add(key, 'final', json .. '}')
   redis.call('EXPIRE', key, ttl)
+  if node ~= false then ev_node(tkey, {status = status}) end
 end
 
 -- A piece of a run's answer: {"text", "attempt", "seq", "step"}. seq counts the task's deltas

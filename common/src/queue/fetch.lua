@@ -38,7 +38,7 @@ end
 
 local function start(id)
   local tkey = ARGV[1] .. id
-  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error', 'created_at', 'turn')
+  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error', 'created_at', 'turn', 'wf')
   local status = t[1]
   if not status then
     redis.call('LREM', KEYS[2], 1, id)
@@ -67,8 +67,7 @@ local function start(id)
     'worker', ARGV[4], 'token', token)
   redis.call('ZADD', KEYS[3], now, id)
   -- a client streaming the task drops any partial text of an earlier attempt on attempt_started
-  ev_status(tkey, 'running', {attempt = attempts})
-  ev_add(tkey .. ':events', 'attempt_started', cjson.encode({attempt = attempts, run = token}))
+  ev_started(tkey, attempts, token, t[9] ~= false)
   out[#out + 1] = id
   out[#out + 1] = attempts
   out[#out + 1] = t[4] or ''

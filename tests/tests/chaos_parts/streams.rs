@@ -1,8 +1,9 @@
 //! Event streams under chaos: every task the chaos test acknowledged is checked against the
 //! invariants of its event stream (docs/architecture.md, "Streaming"), whatever the faults did
 //! (workers SIGKILLed or frozen mid-stream, Redis killed and restarted from its AOF, drains):
-//! - a final task's stream ends with exactly one terminal event, which agrees with its status
-//!   (`done` for `succeeded`, `error` with that status otherwise), and expires with the record;
+//! - a final task's stream ends with exactly one terminal entry (`final`, which the api sends as
+//!   the last delta, usage, status and `done` / `error`), which agrees with its status, and the
+//!   stream expires with the record;
 //! - after an `attempt_started` of attempt k, every delta up to the next one is of attempt k (a
 //!   fenced, stale run never writes one);
 //! - a succeeded task's deltas after its last `attempt_started` add up to its result's content
@@ -57,11 +58,28 @@ fn entries(v: &RValue) -> Vec<Entry> {
         .collect()
 }
 
-/// The violations of one task's stream; `record` is its HGETALL.
+/// The stored entries as the deltas and run starts they hold: a `final` entry's last text
+/// becomes a `delta` before it, `started` (a run's start) reads as `attempt_started`.
+fn flatten(stored: &[Entry]) -> Vec<Entry> {
+    let mut out = Vec::with_capacity(stored.len() + 1);
+    for (e, d) in stored {
+        match e.as_str() {
+            "final" if d["delta"].is_object() => {
+                out.push(("delta".to_owned(), d["delta"].clone()));
+                out.push((e.clone(), d.clone()));
+            }
+            "started" => out.push(("attempt_started".to_owned(), d.clone())),
+            _ => out.push((e.clone(), d.clone())),
+        }
+    }
+    out
+}
+
+/// The violations of one task's stream (its stored entries); `record` is its HGETALL.
 pub fn violations_of(
     id: &str,
     record: &HashMap<String, String>,
-    events: &[Entry],
+    stored: &[Entry],
     ttl: i64,
 ) -> Vec<String> {
     let mut out = Vec::new();
@@ -69,10 +87,8 @@ pub fn violations_of(
     if !matches!(status, "succeeded" | "failed" | "cancelled") {
         return out;
     }
-    let terminals: Vec<&Entry> = events
-        .iter()
-        .filter(|(e, _)| e == "done" || e == "error")
-        .collect();
+    let events = &flatten(stored)[..];
+    let terminals: Vec<&Entry> = events.iter().filter(|(e, _)| e == "final").collect();
     if terminals.len() != 1 {
         out.push(format!(
             "stream of {id} ({status}) has {} terminal events: {:?}",
@@ -82,10 +98,7 @@ pub fn violations_of(
         return out;
     }
     let last = &events[events.len() - 1];
-    let agrees = match status {
-        "succeeded" => last.0 == "done",
-        other => last.0 == "error" && last.1["status"] == other,
-    };
+    let agrees = last.0 == "final" && last.1["status"] == status;
     if !agrees {
         out.push(format!(
             "stream of {id} ends with {last:?} but the task is {status}"
@@ -182,15 +195,16 @@ mod tests {
 
     fn good() -> Vec<Entry> {
         vec![
-            ev("status", json!({"status": "running", "attempt": 1})),
-            ev("attempt_started", json!({"attempt": 1})),
+            ev("started", json!({"attempt": 1})),
             ev("delta", json!({"text": "ec", "attempt": 1, "seq": 1})),
             ev("status", json!({"status": "retrying"})),
-            ev("attempt_started", json!({"attempt": 2})),
+            ev("started", json!({"attempt": 2})),
             ev("delta", json!({"text": "echo", "attempt": 2, "seq": 2})),
-            ev("delta", json!({"text": ": x", "attempt": 2, "seq": 3})),
-            ev("status", json!({"status": "succeeded"})),
-            ev("done", json!({"status": "succeeded"})),
+            ev("delta", json!({"text": ": ", "attempt": 2, "seq": 3})),
+            ev(
+                "final",
+                json!({"status": "succeeded", "delta": {"text": "x", "attempt": 2, "seq": 4}}),
+            ),
         ]
     }
 
@@ -200,22 +214,22 @@ mod tests {
         // a piece twice, a piece missing
         let mut twice = good();
         twice.insert(
-            6,
+            5,
             ev("delta", json!({"text": "echo", "attempt": 2, "seq": 3})),
         );
         assert!(!violations_of("t", &rec("succeeded", "echo: x"), &twice, 10).is_empty());
         let mut gap = good();
-        gap.remove(6);
+        gap.remove(5);
         assert!(!violations_of("t", &rec("succeeded", "echo: x"), &gap, 10).is_empty());
         // a stale run's delta after the new attempt
         let mut stale = good();
-        stale.insert(6, ev("delta", json!({"text": "", "attempt": 1, "seq": 3})));
+        stale.insert(5, ev("delta", json!({"text": "", "attempt": 1, "seq": 3})));
         assert!(!violations_of("t", &rec("succeeded", "echo: x"), &stale, 10).is_empty());
-        // two terminal events, none, the wrong one, no TTL
+        // two terminal entries, none, the wrong one, no TTL
         let mut two = good();
-        two.push(ev("error", json!({"status": "failed"})));
+        two.push(ev("final", json!({"status": "failed"})));
         assert!(!violations_of("t", &rec("succeeded", "echo: x"), &two, 10).is_empty());
-        assert!(!violations_of("t", &rec("succeeded", "echo: x"), &good()[..7], 10).is_empty());
+        assert!(!violations_of("t", &rec("succeeded", "echo: x"), &good()[..6], 10).is_empty());
         assert!(!violations_of("t", &rec("failed", ""), &good(), 10).is_empty());
         assert!(!violations_of("t", &rec("succeeded", "echo: x"), &good(), -1).is_empty());
         // a task not final is not checked
