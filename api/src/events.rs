@@ -782,7 +782,7 @@ fn cursor(
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_field",
-                "Last-Event-ID must be a stream entry id, <ms>-<seq>",
+                "Last-Event-ID must be an event id this stream sent (<ms>-<seq> or <ms>-<seq>.<k>)",
             )
             .field("Last-Event-ID")
         })?),
@@ -794,7 +794,7 @@ fn cursor(
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_field",
-                "Last-Event-ID must be an event id this stream sent (<ms>-<seq>)",
+                "Last-Event-ID must be an event id this stream sent (<ms>-<seq> or <ms>-<seq>.<k>)",
             )
             .field("last_event_id")
         }),
