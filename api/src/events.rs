@@ -788,8 +788,9 @@ fn cursor(
         })?),
         None => from_query,
     };
+    // present but empty is refused like any other id that is not one (the document's pattern)
     match raw.as_deref().map(str::trim) {
-        None | Some("") => Ok(None),
+        None => Ok(None),
         Some(s) => Cursor::parse(s).map(Some).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
