@@ -165,10 +165,22 @@ pub(crate) struct Cursor {
 }
 
 impl Cursor {
-    /// A `Last-Event-ID`: `<ms>-<seq>` or `<ms>-<seq>.<k>`.
+    /// A `Last-Event-ID`: `<ms>-<seq>` or `<ms>-<seq>.<k>`, digits only (1–19, 1–19, 1–9 of
+    /// them: what the OpenAPI document says, and what fits the integers they are read into).
     fn parse(s: &str) -> Option<Self> {
-        match s.split_once('.') {
-            Some((id, k)) => Some(Self {
+        let digits = |p: &str, max: usize| {
+            !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit())
+        };
+        let (id, k) = match s.split_once('.') {
+            Some((id, k)) => (id, Some(k)),
+            None => (s, None),
+        };
+        let (ms, seq) = id.split_once('-')?;
+        if !digits(ms, 19) || !digits(seq, 19) || !k.is_none_or(|k| digits(k, 9)) {
+            return None;
+        }
+        match k {
+            Some(k) => Some(Self {
                 id: EntryId::parse(id)?,
                 sub: Some(k.parse().ok()?),
             }),
@@ -777,29 +789,30 @@ fn cursor(
             ))
         }
     };
-    let raw = match headers.get("last-event-id") {
-        Some(v) => Some(v.to_str().map(str::to_owned).map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                "Last-Event-ID must be an event id this stream sent (<ms>-<seq> or <ms>-<seq>.<k>)",
-            )
-            .field("Last-Event-ID")
-        })?),
-        None => from_query,
+    let bad = |field: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "Last-Event-ID must be an event id this stream sent (<ms>-<seq> or <ms>-<seq>.<k>)",
+        )
+        .field(field)
     };
-    // present but empty is refused like any other id that is not one (the document's pattern)
-    match raw.as_deref().map(str::trim) {
-        None => Ok(None),
-        Some(s) => Cursor::parse(s).map(Some).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                "Last-Event-ID must be an event id this stream sent (<ms>-<seq> or <ms>-<seq>.<k>)",
-            )
-            .field("last_event_id")
-        }),
-    }
+    // Each one given is checked, even when the header wins: present but empty, or anything
+    // else that is not an id, is refused (the document's pattern).
+    let query = match from_query {
+        Some(q) => Some(Cursor::parse(&q).ok_or_else(|| bad("last_event_id"))?),
+        None => None,
+    };
+    let header = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| Cursor::parse(s.trim()))
+                .ok_or_else(|| bad("Last-Event-ID"))?,
+        ),
+        None => None,
+    };
+    Ok(header.or(query))
 }
 
 /// `GET /v1/tasks/{id}/events`
@@ -1049,7 +1062,17 @@ mod tests {
             })
         );
         assert_eq!(Cursor::parse("9-0").map(|c| c.sub), Some(None));
-        for bad in ["9-0.", "9-0.x", "9.0", "x"] {
+        for bad in [
+            "9-0.",
+            "9-0.x",
+            "9.0",
+            "x",
+            "+9-0",
+            "9-+0",
+            "12345678901234567890-0",
+            "9-0.1234567890",
+            "",
+        ] {
             assert!(Cursor::parse(bad).is_none(), "{bad}");
         }
     }
