@@ -8,6 +8,7 @@
 mod budgets;
 pub mod error;
 mod events;
+pub mod openai;
 mod promote;
 mod routes;
 mod tools;

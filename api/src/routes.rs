@@ -89,6 +89,8 @@ pub fn app(state: AppState) -> Router {
                 .delete(crate::budgets::delete),
         )
         .route("/v1/usage", get(crate::budgets::usage))
+        .route("/v1/models", get(crate::openai::list_models))
+        .route("/v1/models/{model}", get(crate::openai::get_model))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -162,7 +164,7 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
 }
 
 /// Turns a serde error into the JSON field it is about ("body" when it is about the whole body).
-fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+pub(crate) fn body_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     // serde_path_to_error already ends the path with an unknown field's name; "?" and "." mean
     // the error is about the body as a whole (syntax, EOF, not an object).
     let path = e.path().to_string();

@@ -181,12 +181,19 @@ pub struct Payload {
     /// The workflow node this task is (set by `POST /v1/workflows`, never by a task body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<Box<crate::graph::NodeRef>>,
+    /// The model's tool calls are the task's answer (`result.tool_calls`, `finish_reason`
+    /// `tool_calls`), as a chat completion returns them, instead of a tool loop that suspends
+    /// for the client's outputs. Set by the OpenAI-compatible front door (`/v1/chat/completions`
+    /// and batches), never by a task body.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub return_tool_calls: bool,
 }
 
 impl Payload {
-    /// Whether the task runs a tool loop: it declared tools, or enabled MCP servers.
+    /// Whether the task runs a tool loop: it declared tools, or enabled MCP servers, and its
+    /// tool calls are not its answer.
     pub fn uses_tools(&self) -> bool {
-        self.params.tools.is_some() || !self.mcp.is_empty()
+        !self.return_tool_calls && (self.params.tools.is_some() || !self.mcp.is_empty())
     }
 
     pub fn max_steps(&self) -> u32 {
@@ -436,6 +443,7 @@ impl CreateTask {
                 tool_timeout_secs: self.tool_timeout_secs,
                 mcp,
                 workflow: None,
+                return_tool_calls: false,
             },
         })
     }

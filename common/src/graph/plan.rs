@@ -177,6 +177,7 @@ pub fn children(
             tool_timeout_secs: None,
             mcp,
             workflow: None,
+            return_tool_calls: false,
         });
     }
     Ok(out)
@@ -251,6 +252,7 @@ mod tests {
                 },
             ],
             workflow: None,
+            return_tool_calls: false,
         };
         let sub = |tools: &[&str], model: Option<&str>| Subtask {
             prompt: "p".into(),
