@@ -61,6 +61,60 @@ impl std::fmt::Display for EntryId {
     }
 }
 
+/// One event as a client gets it (an SSE event, or a comment line); the SSE routes send it as
+/// it is, the chat-completions front door reads it.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Ev {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub data: String,
+    /// A comment line instead of an event (`CLOSED`: the server ended the stream early).
+    pub comment: Option<&'static str>,
+}
+
+impl Ev {
+    fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    fn event(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    fn data(mut self, data: impl Into<String>) -> Self {
+        self.data = data.into();
+        self
+    }
+
+    fn comment(mut self, c: &'static str) -> Self {
+        self.comment = Some(c);
+        self
+    }
+
+    /// The event's name (`delta`, `status`, `done`, `error`...); `None` for a comment.
+    pub(crate) fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
+impl From<Ev> for Event {
+    fn from(e: Ev) -> Self {
+        if let Some(c) = e.comment {
+            return Event::default().comment(c);
+        }
+        let mut out = Event::default().data(e.data);
+        if let Some(n) = e.name {
+            out = out.event(n);
+        }
+        if let Some(id) = e.id {
+            out = out.id(id);
+        }
+        out
+    }
+}
+
 /// One event as stored: entry id, name (`e`) and JSON data (`d`).
 #[derive(Debug)]
 pub(crate) struct Entry {
@@ -87,7 +141,7 @@ impl Entry {
     /// `usage`, the `status` and `done` (with `result`, the record's) or `error`. The last event
     /// of an entry has the entry id as its SSE id, the ones before it `<entry id>.<k>`, so
     /// `Last-Event-ID` resumes even between the events of one entry.
-    fn events(&self, from: usize, result: Option<&str>) -> Vec<Event> {
+    fn events(&self, from: usize, result: Option<&str>) -> Vec<Ev> {
         let parts = self.parts(result);
         let n = parts.len();
         parts
@@ -100,7 +154,7 @@ impl Entry {
                 } else {
                     format!("{}.{k}", self.id)
                 };
-                Event::default().id(id).event(name).data(data)
+                Ev::default().id(id).event(name).data(data)
             })
             .collect()
     }
@@ -487,13 +541,13 @@ enum Phase {
 }
 
 /// One client's stream: its replay, then its place in the hub.
-struct Feed {
+pub(crate) struct Feed {
     state: AppState,
     of: Of,
     key: String,
     /// The last event sent (or the client's `Last-Event-ID`); `None` = from the start.
     cursor: Option<Cursor>,
-    out: VecDeque<Event>,
+    out: VecDeque<Ev>,
     phase: Phase,
     /// Entries sent on this connection.
     sent: usize,
@@ -501,7 +555,7 @@ struct Feed {
 }
 
 /// Holds one of the `AGENTQ_MAX_STREAMS` places while a stream is open.
-struct Slot {
+pub(crate) struct Slot {
     shared: Arc<HubShared>,
     gauge: prometheus::IntGauge,
 }
@@ -516,7 +570,7 @@ impl Drop for Slot {
 const CLOSED: &str = "closed by the server; reconnect with Last-Event-ID to resume";
 
 impl Feed {
-    async fn next(&mut self) -> Option<Event> {
+    pub(crate) async fn next(&mut self) -> Option<Ev> {
         loop {
             if let Some(e) = self.out.pop_front() {
                 return Some(e);
@@ -546,7 +600,7 @@ impl Feed {
                         }
                         None => {
                             self.phase = Phase::Done;
-                            return Some(Event::default().comment(CLOSED));
+                            return Some(Ev::default().comment(CLOSED));
                         }
                     }
                 }
@@ -554,7 +608,7 @@ impl Feed {
                     if let Err(e) = self.replay().await {
                         tracing::warn!(error = %e, "event stream replay failed");
                         self.phase = Phase::Done;
-                        return Some(Event::default().comment(CLOSED));
+                        return Some(Ev::default().comment(CLOSED));
                     }
                 }
             }
@@ -644,7 +698,7 @@ impl Feed {
                 // the stream expired or was never written (a task from before streams existed):
                 // the record says how it ended
                 self.out.push_back(
-                    Event::default()
+                    Ev::default()
                         .event("status")
                         .data(serde_json::json!({ "status": status }).to_string()),
                 );
@@ -657,7 +711,7 @@ impl Feed {
             // nothing happened yet (a task waiting in its queue): its status, with no id, so a
             // resume still starts from the beginning
             self.out.push_back(
-                Event::default()
+                Ev::default()
                     .event("status")
                     .data(serde_json::json!({ "status": status }).to_string()),
             );
@@ -670,7 +724,7 @@ impl Feed {
         };
         if self.state.hub.joins.send(join).await.is_err() {
             self.phase = Phase::Done;
-            self.out.push_back(Event::default().comment(CLOSED));
+            self.out.push_back(Ev::default().comment(CLOSED));
             return Ok(());
         }
         self.wake_hub().await;
@@ -733,7 +787,7 @@ impl Feed {
         Ok(status.map(|s| (s, v)))
     }
 
-    fn terminal_from(&self, status: &str, fields: &[Option<String>]) -> Event {
+    fn terminal_from(&self, status: &str, fields: &[Option<String>]) -> Ev {
         match (&self.of, status) {
             (Of::Task(_), "succeeded") => {
                 let result = fields
@@ -742,11 +796,11 @@ impl Feed {
                     .flatten()
                     .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
                     .unwrap_or(serde_json::Value::Null);
-                Event::default()
+                Ev::default()
                     .event("done")
                     .data(serde_json::json!({ "status": status, "result": result }).to_string())
             }
-            (Of::Workflow(_), "succeeded") => Event::default()
+            (Of::Workflow(_), "succeeded") => Ev::default()
                 .event("done")
                 .data(serde_json::json!({ "status": status }).to_string()),
             (of, _) => {
@@ -757,7 +811,7 @@ impl Feed {
                 .cloned()
                 .flatten()
                 .unwrap_or_else(|| status.to_owned());
-                Event::default().event("error").data(with_error_code(
+                Ev::default().event("error").data(with_error_code(
                     &serde_json::json!({ "status": status, "error": error }).to_string(),
                 ))
             }
@@ -866,34 +920,61 @@ pub async fn workflow_events(
     serve(state, Of::Workflow(id), key, cursor)
 }
 
+/// One of the `AGENTQ_MAX_STREAMS` places, or `None` when all are taken (counted in
+/// `agentq_sse_refused_total`).
+pub(crate) fn take_slot(state: &AppState) -> Option<Slot> {
+    let shared = state.hub.shared.clone();
+    // the place is taken before the check, so two racing requests cannot both get the last one
+    if shared.open.fetch_add(1, Ordering::Relaxed) >= shared.max {
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+        state.metrics.sse_refused.inc();
+        return None;
+    }
+    state.metrics.sse_streams.inc();
+    Some(Slot {
+        shared,
+        gauge: state.metrics.sse_streams.clone(),
+    })
+}
+
+pub(crate) fn too_many_streams(state: &AppState) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_streams",
+        format!(
+            "this api process serves at most {} event streams (AGENTQ_MAX_STREAMS); retry later or on another replica",
+            state.hub.shared.max
+        ),
+    )
+}
+
+/// A task's events from the start, for a reader inside the api (the chat-completions front
+/// door): the same replay and hub place as `GET /v1/tasks/{id}/events`, holding `slot`.
+pub(crate) fn task_feed(state: AppState, id: TaskId, slot: Slot) -> Feed {
+    let key = state.broker.keys(id.queue()).task_events(&id);
+    Feed {
+        state,
+        of: Of::Task(id),
+        key,
+        cursor: None,
+        out: VecDeque::new(),
+        phase: Phase::Replay,
+        sent: 0,
+        _slot: slot,
+    }
+}
+
 fn serve(
     state: AppState,
     of: Of,
     key: String,
     cursor: Option<Cursor>,
 ) -> Result<Response, ApiError> {
-    let shared = state.hub.shared.clone();
-    // the place is taken before the check, so two racing requests cannot both get the last one
-    if shared.open.fetch_add(1, Ordering::Relaxed) >= shared.max {
-        shared.open.fetch_sub(1, Ordering::Relaxed);
-        state.metrics.sse_refused.inc();
-        let mut r = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_streams",
-            format!(
-                "this api process serves at most {} event streams (AGENTQ_MAX_STREAMS); retry later or on another replica",
-                shared.max
-            ),
-        )
-        .into_response();
+    let Some(slot) = take_slot(&state) else {
+        let mut r = too_many_streams(&state).into_response();
         r.headers_mut()
             .insert("retry-after", HeaderValue::from_static("1"));
         return Ok(r);
-    }
-    state.metrics.sse_streams.inc();
-    let slot = Slot {
-        shared,
-        gauge: state.metrics.sse_streams.clone(),
     };
     let feed = Feed {
         state,
@@ -906,7 +987,9 @@ fn serve(
         _slot: slot,
     };
     let stream = futures::stream::unfold(feed, |mut f| async move {
-        f.next().await.map(|e| (Ok::<_, Infallible>(e), f))
+        f.next()
+            .await
+            .map(|e| (Ok::<_, Infallible>(Event::from(e)), f))
     });
     let mut r = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))

@@ -89,6 +89,7 @@ pub fn app(state: AppState) -> Router {
                 .delete(crate::budgets::delete),
         )
         .route("/v1/usage", get(crate::budgets::usage))
+        .route("/v1/chat/completions", post(crate::openai::chat::create))
         .route("/v1/models", get(crate::openai::list_models))
         .route("/v1/models/{model}", get(crate::openai::get_model))
         .route("/healthz", get(healthz))
@@ -355,17 +356,8 @@ async fn cancel_task(
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    match deadline(state.broker.cancel(&id, state.config.common.result_ttl)).await? {
+    match cancel(&state, &id).await? {
         CancelOutcome::Cancelled => {
-            // the agent's next task may run now (the lane sweep makes it if this fails)
-            if let Ok(Ok(Some(view))) =
-                tokio::time::timeout(std::time::Duration::from_secs(2), state.broker.get(&id)).await
-            {
-                if let Some(agent) = view.agent_id {
-                    let keys = state.broker.keys(id.queue());
-                    let _ = state.broker.lane_release(&keys, &agent).await;
-                }
-            }
             Ok(Json(json!({"id": raw, "status": "cancelled"})).into_response())
         }
         CancelOutcome::NotFound => Err(ApiError::not_found("task")),
@@ -376,6 +368,23 @@ async fn cancel_task(
         )
         .field("id")),
     }
+}
+
+/// Cancels a task, and lets its agent's next task run.
+pub(crate) async fn cancel(state: &AppState, id: &TaskId) -> Result<CancelOutcome, ApiError> {
+    let outcome = deadline(state.broker.cancel(id, state.config.common.result_ttl)).await?;
+    if outcome == CancelOutcome::Cancelled {
+        // the agent's next task may run now (the lane sweep makes it if this fails)
+        if let Ok(Ok(Some(view))) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), state.broker.get(id)).await
+        {
+            if let Some(agent) = view.agent_id {
+                let keys = state.broker.keys(id.queue());
+                let _ = state.broker.lane_release(&keys, &agent).await;
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 fn check_queue(state: &AppState, queue: &str) -> Result<(), ApiError> {

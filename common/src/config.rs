@@ -61,6 +61,33 @@ pub const ENV_STREAM_FLUSH_BYTES: &str = "AGENTQ_STREAM_FLUSH_BYTES";
 pub const ENV_MAX_STREAMS: &str = "AGENTQ_MAX_STREAMS";
 /// Events buffered for one SSE client before it counts as too slow and is closed.
 pub const ENV_STREAM_BUFFER: &str = "AGENTQ_STREAM_BUFFER";
+/// Longest `POST /v1/chat/completions` waits for its task before answering 202 with the task id.
+pub const ENV_CHAT_WAIT_SECS: &str = "AGENTQ_CHAT_WAIT_SECS";
+/// `on`: a chat-completions client that hangs up cancels its task (default `off`: it runs on).
+pub const ENV_CHAT_CANCEL_ON_DISCONNECT: &str = "AGENTQ_CHAT_CANCEL_ON_DISCONNECT";
+/// The Batch API (docs/architecture.md, "Batch API"): the largest file `POST /v1/files` takes.
+pub const ENV_FILE_MAX_BYTES: &str = "AGENTQ_FILE_MAX_BYTES";
+/// Most lines (requests) of one batch input file.
+pub const ENV_BATCH_MAX_REQUESTS: &str = "AGENTQ_BATCH_MAX_REQUESTS";
+/// How long a file is kept (its `expires_at`).
+pub const ENV_FILE_TTL_SECS: &str = "AGENTQ_FILE_TTL_SECS";
+/// The bytes all stored files may take together (uploads past it get 413).
+pub const ENV_FILES_MAX_TOTAL_BYTES: &str = "AGENTQ_FILES_MAX_TOTAL_BYTES";
+/// The queue batches fan out onto (default: the api's default queue; must be declared).
+pub const ENV_BATCH_QUEUE: &str = "AGENTQ_BATCH_QUEUE";
+/// Most batches not ended at once (past it `POST /v1/batches` gets 429).
+pub const ENV_BATCHES_MAX: &str = "AGENTQ_BATCHES_MAX";
+/// Lines per fan-out script, tasks per cancel script, requests per page of the output files.
+pub const ENV_BATCH_CHUNK: &str = "AGENTQ_BATCH_CHUNK";
+pub const DEFAULT_FILE_MAX_BYTES: u64 = 100 * 1024 * 1024;
+pub const DEFAULT_BATCH_MAX_REQUESTS: usize = 50_000;
+pub const DEFAULT_FILE_TTL_SECS: u64 = 30 * 86_400;
+pub const DEFAULT_FILES_MAX_TOTAL_BYTES: u64 = 1024 * 1024 * 1024;
+pub const DEFAULT_BATCHES_MAX: usize = 1000;
+pub const DEFAULT_BATCH_CHUNK: usize = 500;
+/// Below the official SDKs' 600 s request timeout, so the api answers (202 with the task id)
+/// before an SDK gives up and resends the request as a second task.
+pub const DEFAULT_CHAT_WAIT_SECS: u64 = 300;
 /// Output tokens the limiter reserves for a call that sends no output cap (`AGENTQ_MAX_TOKENS=0`).
 pub const DEFAULT_LIMITER_OUTPUT_TOKENS: u32 = 1024;
 
@@ -273,6 +300,57 @@ pub struct ApiConfig {
     pub max_streams: usize,
     /// `AGENTQ_STREAM_BUFFER`: events queued for one SSE client before it is dropped as slow.
     pub stream_buffer: usize,
+    /// `AGENTQ_CHAT_WAIT_SECS`: how long a chat completion waits for its task.
+    pub chat_wait: Duration,
+    /// `AGENTQ_CHAT_CANCEL_ON_DISCONNECT`: a client hanging up cancels its task.
+    pub chat_cancel_on_disconnect: bool,
+    /// The Batch API's limits and queue (`AGENTQ_FILE_*`, `AGENTQ_BATCH*`).
+    pub batch: BatchConfig,
+}
+
+/// The Batch API's settings (docs/architecture.md, "Batch API").
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    pub file_max_bytes: u64,
+    pub max_requests: usize,
+    pub file_ttl: Duration,
+    pub files_max_total_bytes: u64,
+    pub queue: String,
+    pub batches_max: usize,
+    pub chunk: usize,
+}
+
+impl BatchConfig {
+    fn from_env(env: &dyn Env, default_queue: &str, queues: &[String]) -> Result<Self, ConfigError> {
+        let queue = string(env, ENV_BATCH_QUEUE, default_queue);
+        if queues.binary_search(&queue).is_err() {
+            return Err(ConfigError {
+                var: ENV_BATCH_QUEUE,
+                message: format!("{queue:?} is not a declared queue (AGENTQ_QUEUES)"),
+            });
+        }
+        Ok(Self {
+            file_max_bytes: ranged(env, ENV_FILE_MAX_BYTES, DEFAULT_FILE_MAX_BYTES, 1024, 1 << 40)?,
+            max_requests: ranged(env, ENV_BATCH_MAX_REQUESTS, DEFAULT_BATCH_MAX_REQUESTS, 1, 10_000_000)?,
+            file_ttl: Duration::from_secs(ranged(
+                env,
+                ENV_FILE_TTL_SECS,
+                DEFAULT_FILE_TTL_SECS,
+                60,
+                365 * 86_400,
+            )?),
+            files_max_total_bytes: ranged(
+                env,
+                ENV_FILES_MAX_TOTAL_BYTES,
+                DEFAULT_FILES_MAX_TOTAL_BYTES,
+                1024,
+                1 << 44,
+            )?,
+            queue,
+            batches_max: ranged(env, ENV_BATCHES_MAX, DEFAULT_BATCHES_MAX, 1, 1_000_000)?,
+            chunk: ranged(env, ENV_BATCH_CHUNK, DEFAULT_BATCH_CHUNK, 1, 10_000)?,
+        })
+    }
 }
 
 impl ApiConfig {
@@ -319,8 +397,10 @@ impl ApiConfig {
             1,
             crate::task::MAX_STEPS_LIMIT as usize,
         )? as u32;
+        let batch = BatchConfig::from_env(env, &default_queue, &queues)?;
         Ok(Self {
             common,
+            batch,
             default_queue,
             queues,
             upstreams: std::sync::Arc::new(upstreams),
@@ -328,6 +408,25 @@ impl ApiConfig {
             mcp: crate::mcp::McpServers::from_env(env, false)?,
             max_streams: ranged(env, ENV_MAX_STREAMS, DEFAULT_MAX_STREAMS, 1, 1_000_000)?,
             stream_buffer: ranged(env, ENV_STREAM_BUFFER, DEFAULT_STREAM_BUFFER, 8, 65_536)?,
+            chat_wait: Duration::from_secs(ranged(
+                env,
+                ENV_CHAT_WAIT_SECS,
+                DEFAULT_CHAT_WAIT_SECS,
+                1,
+                86_400,
+            )?),
+            chat_cancel_on_disconnect: match string(env, ENV_CHAT_CANCEL_ON_DISCONNECT, "off")
+                .trim()
+            {
+                "on" => true,
+                "off" => false,
+                other => {
+                    return Err(ConfigError {
+                        var: ENV_CHAT_CANCEL_ON_DISCONNECT,
+                        message: format!("must be on or off (got {other:?})"),
+                    })
+                }
+            },
         })
     }
 

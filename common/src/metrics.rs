@@ -83,6 +83,19 @@ pub struct ApiMetrics {
     pub sse_streams: IntGauge,
     /// agentq_sse_refused_total: event streams refused with 503 (`AGENTQ_MAX_STREAMS`)
     pub sse_refused: prometheus::IntCounter,
+    /// agentq_chat_completions_total{mode,outcome}: `POST /v1/chat/completions` calls that got
+    /// past validation, by `mode` (`wait`, `stream`) and how they ended: `succeeded`, `failed`,
+    /// `cancelled`, `timeout` (answered 202 / a timeout chunk), `disconnected`, `diverged`,
+    /// `closed` (the server stopped first), `refused` (no stream place)
+    pub chat_completions: IntCounterVec,
+    /// agentq_batches_total{status}: batches created (`created`) and ended (`completed`,
+    /// `cancelled`, `expired`), counted by the replica that made the change
+    pub batches: IntCounterVec,
+    /// agentq_batch_requests_total{outcome}: requests of ended batches, by how they ended:
+    /// `succeeded`, `failed`, `cancelled`, `expired`
+    pub batch_requests: IntCounterVec,
+    /// agentq_files_bytes: the bytes stored files are charged together (read at scrape)
+    pub files_bytes: IntGauge,
 }
 
 fn budget_gauge(r: &Registry, name: &str, help: &str) -> GaugeVec {
@@ -165,6 +178,32 @@ impl ApiMetrics {
                 prometheus::IntCounter::new(
                     "agentq_sse_refused_total",
                     "Event streams refused with 503: the process serves AGENTQ_MAX_STREAMS already.",
+                )
+                .expect("static metric definition"),
+            ),
+            chat_completions: counter_vec(
+                &r,
+                "agentq_chat_completions_total",
+                "Chat completions (POST /v1/chat/completions) by mode (wait, stream) and outcome.",
+                &["mode", "outcome"],
+            ),
+            batches: counter_vec(
+                &r,
+                "agentq_batches_total",
+                "Batches (Batch API) created and ended, by status.",
+                &["status"],
+            ),
+            batch_requests: counter_vec(
+                &r,
+                "agentq_batch_requests_total",
+                "Requests of ended batches, by outcome.",
+                &["outcome"],
+            ),
+            files_bytes: reg(
+                &r,
+                IntGauge::new(
+                    "agentq_files_bytes",
+                    "Bytes stored files (Batch API) are charged together, read from Redis at scrape time.",
                 )
                 .expect("static metric definition"),
             ),

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 pub mod aimock;
 pub mod litellm;
 pub mod mcp;
+pub mod sdk;
 pub mod sse;
 
 pub use agentq_mock_llm::{MockConfig, MockLlm};

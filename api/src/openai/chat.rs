@@ -3,11 +3,24 @@
 //! OpenAI's `chat.completion` shape, or with `stream: true` its `chat.completion.chunk` SSE fed
 //! from the task's event stream. The conversion both ways lives here too, for the Batch API.
 
-use agentq_common::task::{CreateTask, NewTask, TaskResult, TaskView};
-use axum::http::StatusCode;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use agentq_common::keys::TaskId;
+use agentq_common::queue::Enqueued;
+use agentq_common::task::{CreateTask, NewTask, Status, TaskResult, TaskView};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::{model_not_found, OaiError};
+use crate::routes::deadline;
 use crate::AppState;
 
 /// Parameters of OpenAI's API that this front door does not pass on: refused by name rather
@@ -408,6 +421,519 @@ fn upstream_answer(error: &str) -> Option<(u16, &str)> {
     let rest = error.strip_prefix("llm answered ")?;
     let (status, body) = rest.split_once(": ")?;
     Some((status.parse().ok()?, body))
+}
+
+/// Where the request ended, for `agentq_chat_completions_total`.
+fn count(state: &AppState, stream: bool, outcome: &str) {
+    state
+        .metrics
+        .chat_completions
+        .with_label_values(&[if stream { "stream" } else { "wait" }, outcome])
+        .inc();
+}
+
+/// A header of ours: absent, or visible ASCII; the error names it.
+fn header(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, OaiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
+            _ => Err(OaiError::invalid(name, "must be visible ASCII, not empty")),
+        },
+    }
+}
+
+/// `X-Agentq-Wait-Secs` shortens the wait for one call (never past `AGENTQ_CHAT_WAIT_SECS`);
+/// `X-Agentq-Cancel-On-Disconnect: true|false` overrides `AGENTQ_CHAT_CANCEL_ON_DISCONNECT`.
+fn options(state: &AppState, headers: &HeaderMap) -> Result<(Duration, bool), OaiError> {
+    let max = state.config.chat_wait;
+    let wait = match header(headers, "x-agentq-wait-secs")? {
+        None => max,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if n >= 1 => Duration::from_secs(n).min(max),
+            _ => {
+                return Err(OaiError::invalid(
+                    "X-Agentq-Wait-Secs",
+                    format!("must be a whole number of seconds, 1 to {}", max.as_secs()),
+                ))
+            }
+        },
+    };
+    let cancel = match header(headers, "x-agentq-cancel-on-disconnect")?.as_deref() {
+        None => state.config.chat_cancel_on_disconnect,
+        Some("true") => true,
+        Some("false") => false,
+        Some(_) => {
+            return Err(OaiError::invalid(
+                "X-Agentq-Cancel-On-Disconnect",
+                "must be true or false",
+            ))
+        }
+    };
+    Ok((wait, cancel))
+}
+
+/// Counts (and, if asked to, cancels the task) when the client hangs up before its answer:
+/// dropped with the request's future (a wait) or its response stream (a stream) unless
+/// disarmed first.
+struct HangUp {
+    state: AppState,
+    id: TaskId,
+    armed: bool,
+    cancel: bool,
+    stream: bool,
+}
+
+impl HangUp {
+    /// The call ended as `outcome`: counted once, nothing to do when dropped.
+    fn end(&mut self, outcome: &str) {
+        if self.armed {
+            self.armed = false;
+            count(&self.state, self.stream, outcome);
+        }
+    }
+}
+
+impl Drop for HangUp {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        count(&self.state, self.stream, "disconnected");
+        if !self.cancel {
+            return;
+        }
+        let state = self.state.clone();
+        let id = self.id.clone();
+        tokio::spawn(async move {
+            match crate::routes::cancel(&state, &id).await {
+                Ok(_) => tracing::info!(task.id = %id, "chat client hung up; task cancelled"),
+                Err(e) => {
+                    tracing::debug!(task.id = %id, error = %e.message, "chat client hung up; not cancelled")
+                }
+            }
+        });
+    }
+}
+
+/// `POST /v1/chat/completions`
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match handle(state, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OaiError> {
+    let idem = crate::routes::idempotency_key(&headers)?;
+    let value: Value = crate::routes::json_body(&headers, body)?;
+    let routing = Routing {
+        queue: header(&headers, "x-agentq-queue")?,
+        agent_id: header(&headers, "x-agentq-agent-id")?,
+    };
+    let req = parse(&state, value, &routing)?;
+    let (wait, cancel) = options(&state, &headers)?;
+    // the stream place first: refused, nothing was written
+    let Some(slot) = crate::events::take_slot(&state) else {
+        count(&state, req.stream, "refused");
+        let mut e = OaiError::from(crate::events::too_many_streams(&state));
+        e.should_retry = Some(true);
+        return Err(e);
+    };
+    let ttl = state.config.common.result_ttl;
+    let (id, outcome) = deadline(state.broker.enqueue(&req.task, idem.as_deref(), ttl)).await?;
+    if outcome == Enqueued::Created {
+        state
+            .metrics
+            .enqueued
+            .with_label_values(&[&req.task.queue])
+            .inc();
+        crate::routes::register_queue(&state, &req.task.queue).await;
+    }
+    let tid = TaskId::parse(&id).map_err(|_| {
+        OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the queue gave a bad task id")
+    })?;
+    let created = agentq_common::time::now_ms() / 1000;
+    let hangup = HangUp {
+        state: state.clone(),
+        id: tid.clone(),
+        armed: true,
+        cancel,
+        stream: req.stream,
+    };
+    let feed = crate::events::task_feed(state.clone(), tid.clone(), slot);
+    let mut resp = if req.stream {
+        streamed(state, req, tid, created, feed, wait, hangup)
+    } else {
+        waited(state, tid, created, feed, wait, hangup).await?
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert("x-agentq-task-id", v.clone());
+        // the SDKs keep it as the response's request id (`_request_id`)
+        h.insert("x-request-id", v);
+    }
+    if outcome == Enqueued::Existing {
+        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// Waits for the task's end on its event stream, then answers from its record: the completion,
+/// the error it ended with, or (past the wait) 202 with the task id.
+async fn waited(
+    state: AppState,
+    id: TaskId,
+    created: i64,
+    mut feed: crate::events::Feed,
+    wait: Duration,
+    mut hangup: HangUp,
+) -> Result<Response, OaiError> {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(until, feed.next()).await {
+            // time is up, or the stream ended (the server is stopping): the record says where
+            // the task is
+            Err(_) | Ok(None) => break,
+            Ok(Some(ev)) => {
+                if ev.comment.is_some() || matches!(ev.name(), Some("done" | "error")) {
+                    break;
+                }
+            }
+        }
+    }
+    // the stream place goes back before the record is read
+    drop(feed);
+    let view = match deadline(state.broker.get(&id)).await {
+        Ok(v) => v,
+        Err(e) => {
+            hangup.end("unavailable");
+            return Err(e.into());
+        }
+    };
+    let Some(view) = view else {
+        hangup.end("failed");
+        return Err(OaiError::new(
+            StatusCode::NOT_FOUND,
+            format!("task {id} is gone (its record expired)"),
+        )
+        .should_retry(false));
+    };
+    match (view.status, &view.result) {
+        (Status::Succeeded, Some(result)) => {
+            hangup.end("succeeded");
+            Ok(Json(completion(&view.id, created, result)).into_response())
+        }
+        (s, _) if s.is_final() => {
+            hangup.end(if s == Status::Cancelled {
+                "cancelled"
+            } else {
+                "failed"
+            });
+            Err(task_error(&view))
+        }
+        _ => {
+            hangup.end("timeout");
+            Ok(still_running(&view, wait))
+        }
+    }
+}
+
+/// A task that outlived the wait: 202 and where to find it, rather than a connection held
+/// open without end. The task runs on; its result is the completion.
+fn still_running(view: &TaskView, waited: Duration) -> Response {
+    let task_url = format!("/v1/tasks/{}", view.id);
+    let body = json!({
+        "id": view.id,
+        "object": "agentq.task",
+        "status": view.status.as_str(),
+        "task_url": task_url,
+        "events_url": format!("{task_url}/events"),
+        "message": format!(
+            "the task is still {} after {} s (AGENTQ_CHAT_WAIT_SECS or X-Agentq-Wait-Secs); it runs on: GET task_url for its result, or follow events_url",
+            view.status.as_str(),
+            waited.as_secs()
+        ),
+    });
+    let mut r = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&task_url) {
+        r.headers_mut().insert(axum::http::header::LOCATION, v);
+    }
+    r
+}
+
+/// `stream: true`: OpenAI's chunks, fed from the task's event stream.
+fn streamed(
+    state: AppState,
+    req: ChatRequest,
+    id: TaskId,
+    created: i64,
+    feed: crate::events::Feed,
+    wait: Duration,
+    hangup: HangUp,
+) -> Response {
+    let chunks = Chunks {
+        state,
+        completion_id: format!("chatcmpl-{id}"),
+        id,
+        model: req.model,
+        created,
+        include_usage: req.include_usage,
+        feed,
+        hangup,
+        until: tokio::time::Instant::now() + wait,
+        sent: String::new(),
+        attempt: None,
+        current: String::new(),
+        out: VecDeque::new(),
+        started: false,
+        done: false,
+    };
+    let stream = futures::stream::unfold(chunks, |mut c| async move {
+        c.next()
+            .await
+            .map(|d| (Ok::<_, Infallible>(Event::default().data(d)), c))
+    });
+    let mut r = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    r.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// The chunks of one streamed completion.
+///
+/// The task's `delta` events carry the text of each attempt. A retried attempt starts its text
+/// again, and what a client already got cannot be taken back: the next attempt's text is sent
+/// on only while it repeats what was sent (a deterministic model, or a retry before any text)
+/// and continues it; an attempt whose text departs from it ends the stream with an error
+/// (`stream_diverged`, naming the task, which runs on), never a mixed answer.
+struct Chunks {
+    state: AppState,
+    id: TaskId,
+    completion_id: String,
+    model: String,
+    created: i64,
+    include_usage: bool,
+    feed: crate::events::Feed,
+    hangup: HangUp,
+    until: tokio::time::Instant,
+    /// The text the client has.
+    sent: String,
+    /// The attempt whose text `current` is.
+    attempt: Option<u64>,
+    current: String,
+    out: VecDeque<String>,
+    started: bool,
+    done: bool,
+}
+
+impl Chunks {
+    fn chunk(&self, delta: Value, finish_reason: Option<String>) -> String {
+        let mut c = json!({
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [{
+                "index": 0,
+                "delta": delta,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }],
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c.to_string()
+    }
+
+    /// Ends the stream with an OpenAI error object (the SDKs raise it as an `APIError`).
+    fn fail(&mut self, outcome: &str, error: &OaiError) {
+        self.out.push_back(error.body().to_string());
+        self.done = true;
+        self.hangup.end(outcome);
+    }
+
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(d) = self.out.pop_front() {
+                return Some(d);
+            }
+            if self.done {
+                return None;
+            }
+            if !self.started {
+                // OpenAI's first chunk: the role, before any text
+                self.started = true;
+                let first = self.chunk(json!({"role": "assistant", "content": ""}), None);
+                self.out.push_back(first);
+                continue;
+            }
+            let ev = match tokio::time::timeout_at(self.until, self.feed.next()).await {
+                Err(_) => {
+                    let e = OaiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "task {} is still running after the wait (AGENTQ_CHAT_WAIT_SECS); it runs on: GET /v1/tasks/{} for its result",
+                            self.id, self.id
+                        ),
+                    )
+                    .code("wait_timeout");
+                    self.fail("timeout", &e);
+                    continue;
+                }
+                Ok(Some(ev)) if ev.comment.is_none() => ev,
+                Ok(_) => {
+                    let e = OaiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "the server closed the stream; task {} runs on: GET /v1/tasks/{} for its result",
+                            self.id, self.id
+                        ),
+                    )
+                    .code("stream_closed");
+                    self.fail("closed", &e);
+                    continue;
+                }
+            };
+            match ev.name() {
+                Some("delta") => self.delta(&ev.data),
+                Some("done") => self.finish(&ev.data),
+                Some("error") => self.failed().await,
+                _ => {}
+            }
+        }
+    }
+
+    fn diverged(&mut self) {
+        let e = OaiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "task {} was retried after part of its answer was streamed, and the new attempt's text differs: the streamed text is void. The task runs on: GET /v1/tasks/{} for its result",
+                self.id, self.id
+            ),
+        )
+        .code("stream_diverged");
+        self.fail("diverged", &e);
+    }
+
+    /// Sends what `text` (the whole text the current attempt has now) adds to what was sent.
+    fn extend_to(&mut self, text: &str) -> bool {
+        if text.len() <= self.sent.len() {
+            return self.sent.starts_with(text);
+        }
+        if !text.starts_with(self.sent.as_str()) {
+            return false;
+        }
+        let more = &text[self.sent.len()..];
+        let c = self.chunk(json!({ "content": more }), None);
+        self.out.push_back(c);
+        self.sent = text.to_owned();
+        true
+    }
+
+    fn delta(&mut self, data: &str) {
+        let Ok(d) = serde_json::from_str::<Value>(data) else {
+            return;
+        };
+        let attempt = d["attempt"].as_u64();
+        if attempt != self.attempt {
+            self.attempt = attempt;
+            self.current.clear();
+        }
+        self.current.push_str(d["text"].as_str().unwrap_or_default());
+        let current = std::mem::take(&mut self.current);
+        let ok = self.extend_to(&current);
+        self.current = current;
+        if !ok {
+            self.diverged();
+        }
+    }
+
+    fn finish(&mut self, data: &str) {
+        let result = serde_json::from_str::<Value>(data)
+            .ok()
+            .and_then(|d| serde_json::from_value::<TaskResult>(d["result"].clone()).ok());
+        let Some(result) = result else {
+            let e = OaiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "task {} succeeded but its result could not be read: GET /v1/tasks/{}",
+                    self.id, self.id
+                ),
+            );
+            self.fail("failed", &e);
+            return;
+        };
+        // the answer must be the text sent so far, or go on from it: shorter is another answer
+        if result.content.len() < self.sent.len() || !self.extend_to(&result.content) {
+            self.diverged();
+            return;
+        }
+        if let Some(Value::Array(calls)) = &result.tool_calls {
+            let calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut c = c.clone();
+                    c["index"] = json!(i);
+                    c
+                })
+                .collect();
+            let c = self.chunk(json!({ "tool_calls": calls }), None);
+            self.out.push_back(c);
+        }
+        if let Some(r) = &result.refusal {
+            let c = self.chunk(json!({ "refusal": r }), None);
+            self.out.push_back(c);
+        }
+        let c = self.chunk(json!({}), Some(finish_reason(&result)));
+        self.out.push_back(c);
+        if self.include_usage {
+            let mut u: Value = serde_json::from_str(&self.chunk(json!({}), None))
+                .unwrap_or_else(|_| json!({}));
+            u["choices"] = json!([]);
+            u["usage"] = usage(&result.usage);
+            self.out.push_back(u.to_string());
+        }
+        self.out.push_back("[DONE]".to_owned());
+        self.done = true;
+        self.hangup.end("succeeded");
+    }
+
+    /// The task ended without an answer: its record says how.
+    async fn failed(&mut self) {
+        let view = match deadline(self.state.broker.get(&self.id)).await {
+            Ok(Some(v)) => v,
+            _ => {
+                let e = OaiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("task {} failed: GET /v1/tasks/{}", self.id, self.id),
+                );
+                self.fail("failed", &e);
+                return;
+            }
+        };
+        let outcome = if view.status == Status::Cancelled {
+            "cancelled"
+        } else {
+            "failed"
+        };
+        self.fail(outcome, &task_error(&view));
+    }
 }
 
 #[cfg(test)]
