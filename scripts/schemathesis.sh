@@ -74,6 +74,7 @@ env -i PATH="$PATH" \
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
     AGENTQ_LISTEN="127.0.0.1:$API_PORT" \
     AGENTQ_LOG_FORMAT=pretty RUST_LOG=warn \
+    AGENTQ_CHAT_WAIT_SECS=1 \
     "$API_BIN" >"$WORK/api.log" 2>&1 &
 API_PID=$!
 BASE="http://127.0.0.1:$API_PORT"

@@ -42,7 +42,10 @@ pub fn openapi_for(queues: &[String]) -> String {
                 else {
                     continue;
                 };
-                for param in params.iter_mut().filter(|p| p["name"] == "queue") {
+                for param in params
+                    .iter_mut()
+                    .filter(|p| p["name"] == "queue" || p["name"] == "X-Agentq-Queue")
+                {
                     param["schema"]["enum"] = json!(names);
                 }
             }
@@ -90,6 +93,31 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/usage", get(crate::budgets::usage))
         .route("/v1/chat/completions", post(crate::openai::chat::create))
+        .route(
+            "/v1/files",
+            post(crate::batch::files::upload)
+                .get(crate::batch::files::list)
+                // the upload streams: its limit is the file's, plus room for the multipart framing
+                .layer(DefaultBodyLimit::max(
+                    usize::try_from(state.config.batch.file_max_bytes)
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(64 * 1024),
+                )),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(crate::batch::files::get).delete(crate::batch::files::delete),
+        )
+        .route("/v1/files/{id}/content", get(crate::batch::files::content))
+        .route(
+            "/v1/batches",
+            post(crate::batch::batches::create).get(crate::batch::batches::list),
+        )
+        .route("/v1/batches/{id}", get(crate::batch::batches::get))
+        .route(
+            "/v1/batches/{id}/cancel",
+            post(crate::batch::batches::cancel),
+        )
         .route("/v1/models", get(crate::openai::list_models))
         .route("/v1/models/{model}", get(crate::openai::get_model))
         .route("/healthz", get(healthz))
