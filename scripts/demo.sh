@@ -170,6 +170,35 @@ for line in sys.stdin:
             say("[%s: %s]" % (event, d.get("status")))
 '
 
+echo "==> the OpenAI-compatible front door (POST /v1/chat/completions): any OpenAI SDK pointed at $api/v1"
+python3 - "$api" "${AGENTQ_MODEL:-gpt-4o-mini}" "${mock:-}" <<'PY'
+import json, sys, urllib.request
+api, model, mock = sys.argv[1], sys.argv[2], sys.argv[3]
+pace = " [[stream_rate:12]]" if mock else ""
+def call(body):
+    req = urllib.request.Request(api + "/v1/chat/completions", method="POST",
+                                 data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    return urllib.request.urlopen(req, timeout=120)
+r = call({"model": model, "messages": [{"role": "user", "content": "Say hello through the queue"}]})
+c = json.load(r)
+print("    %s -> %r (task %s, %d tokens)" % (c["object"], c["choices"][0]["message"]["content"],
+                                           r.headers["x-agentq-task-id"], c["usage"]["total_tokens"]))
+r = call({"model": model, "stream": True,
+          "messages": [{"role": "user", "content": "Stream this one as OpenAI chunks." + pace}]})
+sys.stdout.write("    stream: ")
+for line in r:
+    line = line.decode().strip()
+    if not line.startswith("data: "):
+        continue
+    if line == "data: [DONE]":
+        print("  [DONE]")
+        break
+    chunk = json.loads(line[6:])
+    for ch in chunk.get("choices", []):
+        sys.stdout.write(ch["delta"].get("content") or ""); sys.stdout.flush()
+PY
+
 echo "==> workflows (POST /v1/workflows): a chain, a fan-out with a join, a planner and its workers"
 python3 - "$api" "${mock:-}" <<'PY'
 import json, sys, time, urllib.request

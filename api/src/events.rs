@@ -104,14 +104,16 @@ impl From<Ev> for Event {
         if let Some(c) = e.comment {
             return Event::default().comment(c);
         }
-        let mut out = Event::default().data(e.data);
-        if let Some(n) = e.name {
-            out = out.event(n);
-        }
+        // the wire order stays `id:`, `event:`, `data:` (axum writes fields as they are set):
+        // a parser reading line by line sees the name before the data
+        let mut out = Event::default();
         if let Some(id) = e.id {
             out = out.id(id);
         }
-        out
+        if let Some(n) = e.name {
+            out = out.event(n);
+        }
+        out.data(e.data)
     }
 }
 
@@ -1158,6 +1160,22 @@ mod tests {
         ] {
             assert!(Cursor::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    /// The wire order is `id`, `event`, `data`, as before events were built apart from axum's
+    /// type: a client reading line by line (the demo's) sees the name before its data.
+    #[test]
+    fn events_keep_their_wire_order() {
+        let ev = Ev::default().id("1-0").event("status").data("{}");
+        let wire = format!("{:?}", Event::from(ev));
+        let (i, e, d) = (
+            wire.find("id: 1-0"),
+            wire.find("event: status"),
+            wire.find("data: {}"),
+        );
+        assert!(i < e && e < d && i.is_some(), "{wire}");
+        let c = format!("{:?}", Event::from(Ev::default().comment(CLOSED)));
+        assert!(c.contains(CLOSED) && !c.contains("data:"), "{c}");
     }
 
     #[test]

@@ -79,11 +79,13 @@ def tools():
 
 def stream(prompt):
     c = client()
+    fallback = os.environ.get("FALLBACK")
     s = c.chat.completions.create(
         model="mock-gpt",
         messages=[{"role": "user", "content": prompt}],
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"fallback_models": [fallback]} if fallback else None,
     )
     text, chunks, finish, usage, ids, roles = "", 0, None, None, set(), 0
     task_id = s.response.headers["x-agentq-task-id"]

@@ -177,6 +177,18 @@ async fn a_retried_stream_continues_the_same_answer_or_says_it_diverged() -> Res
     assert!(!first.is_empty(), "attempt 1 streamed nothing");
     assert!(r["text"].as_str().is_some_and(|t| t.starts_with(&first)));
 
+    // the same within one attempt: the model fails mid-stream and its fallback answers
+    let prompt = "sdk stream falls back to another model [[stream_rate:20]] [[midfail:6:1]]";
+    let r = py(&s, "stream", &[("PROMPT", prompt), ("FALLBACK", "mock-b")]).await?;
+    let id = r["task_id"].as_str().context("id")?.to_owned();
+    let t = s.task(&id).await?;
+    assert_eq!(t["status"], "succeeded", "{t}");
+    assert_eq!(t["attempts"], 1, "{t}");
+    assert_eq!(t["result"]["model"], "mock-b", "{t}");
+    assert_eq!(r["text"], t["result"]["content"], "{r} vs {t}");
+    assert_eq!(s.mock.calls(prompt), 2);
+    assert!(!attempt_text(&s, &id, 1)?.is_empty());
+
     // the retry answers with a refusal instead (the first call streams its text as `parts`):
     // the text already sent is void
     let prompt = "sdk stream diverges [[stream_rate:20]] [[midfail:6:1]] [[reply:parts:1]] \

@@ -810,6 +810,8 @@ impl Chunks {
                 }
             };
             match ev.name() {
+                // a new attempt, or a fallback model after text went out: its text starts over
+                Some("attempt_started") => self.current.clear(),
                 Some("delta") => self.delta(&ev.data),
                 Some("done") => self.finish(&ev.data),
                 Some("error") => self.failed().await,
