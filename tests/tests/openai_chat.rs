@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use agentq_tests::{assert_no_panic, log_tails, sdk, task_key, MockConfig, Stack};
+use agentq_tests::{assert_no_panic, log_tails, metric, sdk, task_key, MockConfig, Stack};
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
@@ -97,6 +97,21 @@ async fn the_python_sdk_gets_completions_tool_calls_streams_and_models() -> Resu
 
     let r = py(&s, "models", &[]).await?;
     assert_eq!(r["ids"], json!(["mock-gpt"]), "{r}");
+    let m = s
+        .http
+        .get(format!("{}/metrics", s.api_url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let series = |mode: &str| {
+        metric(
+            &m,
+            &format!("agentq_chat_completions_total{{mode=\"{mode}\",outcome=\"succeeded\"}}"),
+        )
+    };
+    assert_eq!(series("wait"), 2.0, "{m}");
+    assert_eq!(series("stream"), 1.0, "{m}");
     assert_no_panic(&s);
     Ok(())
 }
