@@ -221,7 +221,7 @@ async fn a_retried_stream_continues_the_same_answer_or_says_it_diverged() -> Res
     let last = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .last()
+        .next_back()
         .context("no data")?;
     let err: Value = serde_json::from_str(last).with_context(|| text.clone())?;
     assert_eq!(err["error"]["code"], "stream_diverged", "{text}");
