@@ -553,6 +553,9 @@ pub(crate) struct Feed {
     phase: Phase,
     /// Entries sent on this connection.
     sent: usize,
+    /// Dropped by the hub as too slow, read on from the cursor instead of ending (a reader
+    /// inside the api, which has no `Last-Event-ID` to reconnect with).
+    rejoin: bool,
     _slot: Slot,
 }
 
@@ -599,6 +602,11 @@ impl Feed {
                                 None
                             };
                             self.out.extend(e.events(0, result.as_deref()));
+                        }
+                        // dropped as slow: a reader inside the api reads on from its cursor
+                        // (replay, then a new place) where an SSE client would reconnect
+                        None if self.rejoin && !self.state.hub.shared.stop.is_cancelled() => {
+                            self.phase = Phase::Replay;
                         }
                         None => {
                             self.phase = Phase::Done;
@@ -962,6 +970,7 @@ pub(crate) fn task_feed(state: AppState, id: TaskId, slot: Slot) -> Feed {
         out: VecDeque::new(),
         phase: Phase::Replay,
         sent: 0,
+        rejoin: true,
         _slot: slot,
     }
 }
@@ -986,6 +995,7 @@ fn serve(
         out: VecDeque::new(),
         phase: Phase::Replay,
         sent: 0,
+        rejoin: false,
         _slot: slot,
     };
     let stream = futures::stream::unfold(feed, |mut f| async move {
