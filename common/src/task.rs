@@ -181,19 +181,26 @@ pub struct Payload {
     /// The workflow node this task is (set by `POST /v1/workflows`, never by a task body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<Box<crate::graph::NodeRef>>,
-    /// The model's tool calls are the task's answer (`result.tool_calls`, `finish_reason`
-    /// `tool_calls`), as a chat completion returns them, instead of a tool loop that suspends
-    /// for the client's outputs. Set by the OpenAI-compatible front door (`/v1/chat/completions`
-    /// and batches), never by a task body.
+    /// An OpenAI chat completion (set by the front door, `/v1/chat/completions` and batches,
+    /// never by a task body), with its semantics: the model's tool calls are the answer
+    /// (`result.tool_calls`, `finish_reason` `tool_calls`) instead of a tool loop that suspends
+    /// for the client's outputs, and the client owns the conversation (it sends the whole of it
+    /// each time), so no agent memory is read or written: `agent_id` still orders the agent's
+    /// tasks and counts their spend.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub return_tool_calls: bool,
+    pub chat_completion: bool,
 }
 
 impl Payload {
-    /// Whether the task runs a tool loop: it declared tools, or enabled MCP servers, and its
-    /// tool calls are not its answer.
+    /// Whether the task runs a tool loop: it declared tools, or enabled MCP servers, and is not
+    /// a chat completion (whose tool calls are its answer).
     pub fn uses_tools(&self) -> bool {
-        !self.return_tool_calls && (self.params.tools.is_some() || !self.mcp.is_empty())
+        !self.chat_completion && (self.params.tools.is_some() || !self.mcp.is_empty())
+    }
+
+    /// The agent whose memory the task reads and extends: none for a chat completion.
+    pub fn memory_agent(&self) -> Option<&str> {
+        self.agent_id.as_deref().filter(|_| !self.chat_completion)
     }
 
     pub fn max_steps(&self) -> u32 {
@@ -443,7 +450,7 @@ impl CreateTask {
                 tool_timeout_secs: self.tool_timeout_secs,
                 mcp,
                 workflow: None,
-                return_tool_calls: false,
+                chat_completion: false,
             },
         })
     }

@@ -16,6 +16,7 @@ const PY: &str = "chat.py";
 async fn stack(env: &[(&str, &str)]) -> Result<Stack> {
     let mut s = Stack::new(MockConfig {
         stream_rate: 200,
+        record: true,
         ..MockConfig::default()
     })
     .await?;
@@ -383,6 +384,26 @@ async fn idempotent_resends_are_one_task_and_redis_down_is_a_503() -> Result<()>
     }
     assert_eq!(ids[0], ids[1]);
     assert_eq!(s.mock.calls(prompt), 1);
+
+    // an agent's chat completions: the client sends the whole conversation, and the model gets
+    // exactly that (no agent memory added before it), one call at a time
+    for (i, turn) in ["sdk agent turn one", "sdk agent turn two"].iter().enumerate() {
+        let mut messages = vec![json!({"role": "user", "content": "sdk agent turn one"})];
+        if i == 1 {
+            messages.push(json!({"role": "assistant", "content": "echo: sdk agent turn one"}));
+            messages.push(json!({"role": "user", "content": turn}));
+        }
+        let r = http
+            .post(format!("{}/v1/chat/completions", s.api_url))
+            .header("x-agentq-agent-id", "support-bot")
+            .json(&json!({"model": "mock-gpt", "messages": messages}))
+            .send()
+            .await?;
+        assert_eq!(r.status().as_u16(), 200);
+        let sent = s.request_bodies(turn);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0]["messages"], json!(messages), "{}", sent[0]);
+    }
 
     s.redis.kill();
     let started = Instant::now();

@@ -198,7 +198,7 @@ impl Worker {
                 .unwrap_or_else(|| self.cfg.model.clone()),
         );
         models.extend(payload.fallback_models.iter().cloned());
-        let history = match &payload.agent_id {
+        let history = match payload.memory_agent() {
             Some(agent) => match self
                 .broker
                 .memory(&self.keys, agent, self.cfg.memory_messages)
@@ -506,7 +506,7 @@ impl Worker {
         };
         let result_json = serde_json::to_string(&result).unwrap_or_default();
         let mut exchange = Vec::new();
-        if payload.agent_id.is_some() && self.cfg.memory_messages > 0 {
+        if payload.memory_agent().is_some() && self.cfg.memory_messages > 0 {
             exchange.extend(
                 payload
                     .messages

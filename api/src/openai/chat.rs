@@ -243,7 +243,7 @@ pub fn parse(state: &AppState, body: Value, routing: &Routing) -> Result<ChatReq
         .param(param)
         .code("unknown_queue"));
     }
-    task.payload.return_tool_calls = true;
+    task.payload.chat_completion = true;
     Ok(ChatRequest {
         task,
         stream,

@@ -177,7 +177,7 @@ pub fn children(
             tool_timeout_secs: None,
             mcp,
             workflow: None,
-            return_tool_calls: false,
+            chat_completion: false,
         });
     }
     Ok(out)
@@ -252,7 +252,7 @@ mod tests {
                 },
             ],
             workflow: None,
-            return_tool_calls: false,
+            chat_completion: false,
         };
         let sub = |tools: &[&str], model: Option<&str>| Subtask {
             prompt: "p".into(),
