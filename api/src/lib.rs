@@ -5,6 +5,7 @@
 //! Failure policy: client mistakes get a 4xx naming the field and write nothing; Redis trouble
 //! gets a 503 within a few seconds (never a 500 or a hang); nothing here retries on its own.
 
+mod batch;
 mod budgets;
 pub mod error;
 mod events;

@@ -23,6 +23,9 @@ const LAG: Duration = Duration::from_secs(1);
 const LANES_PER_PASS: usize = 500;
 
 pub async fn run(state: AppState, stop: CancellationToken) {
+    // the Batch API's loop (fan-out resumed, cancels, expiry, finalization, files collected)
+    // beside this one, so a slow finalization never delays a promotion
+    tokio::spawn(crate::batch::run(state.clone(), stop.clone()));
     let mut lane_cursors: std::collections::HashMap<String, u64> = Default::default();
     loop {
         tokio::select! {

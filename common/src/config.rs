@@ -321,7 +321,11 @@ pub struct BatchConfig {
 }
 
 impl BatchConfig {
-    fn from_env(env: &dyn Env, default_queue: &str, queues: &[String]) -> Result<Self, ConfigError> {
+    fn from_env(
+        env: &dyn Env,
+        default_queue: &str,
+        queues: &[String],
+    ) -> Result<Self, ConfigError> {
         let queue = string(env, ENV_BATCH_QUEUE, default_queue);
         if queues.binary_search(&queue).is_err() {
             return Err(ConfigError {
@@ -330,8 +334,20 @@ impl BatchConfig {
             });
         }
         Ok(Self {
-            file_max_bytes: ranged(env, ENV_FILE_MAX_BYTES, DEFAULT_FILE_MAX_BYTES, 1024, 1 << 40)?,
-            max_requests: ranged(env, ENV_BATCH_MAX_REQUESTS, DEFAULT_BATCH_MAX_REQUESTS, 1, 10_000_000)?,
+            file_max_bytes: ranged(
+                env,
+                ENV_FILE_MAX_BYTES,
+                DEFAULT_FILE_MAX_BYTES,
+                1024,
+                1 << 40,
+            )?,
+            max_requests: ranged(
+                env,
+                ENV_BATCH_MAX_REQUESTS,
+                DEFAULT_BATCH_MAX_REQUESTS,
+                1,
+                10_000_000,
+            )?,
             file_ttl: Duration::from_secs(ranged(
                 env,
                 ENV_FILE_TTL_SECS,

@@ -210,6 +210,23 @@ impl Keys {
         format!("{}:memory:{agent_id}", self.base)
     }
 
+    /// HASH with one batch of the Batch API (`POST /v1/batches`): its OpenAI fields, the fan-out
+    /// cursor, the request counts the queue scripts keep (`events.lua`), the finalizer's file ids.
+    /// In the batch queue's slot, so one script fans a chunk of lines out as tasks.
+    pub fn batch(&self, id: &str) -> String {
+        format!("{}:batch:{id}", self.base)
+    }
+
+    /// LIST of a batch's task ids in input order (line i of the input file is element i).
+    pub fn batch_tasks(&self, id: &str) -> String {
+        format!("{}:tasks", self.batch(id))
+    }
+
+    /// STRING with a TTL: the api replica driving a batch (fan-out, cancel, finalize) holds it.
+    pub fn batch_lease(&self, id: &str) -> String {
+        format!("{}:lease", self.batch(id))
+    }
+
     /// Pub/sub channel (not a key: nothing is stored) on which `cancel.lua` publishes the id of a
     /// task it took away from a running run, so the worker running it aborts the run's LLM call.
     pub fn cancels(&self) -> String {
@@ -221,6 +238,55 @@ impl Keys {
 /// Written with single commands only (it is not in any queue's slot).
 pub fn queues_registry(prefix: &str) -> String {
     format!("{prefix}:queues")
+}
+
+/// HASH with one file of the Batch API (`POST /v1/files`): OpenAI's file object fields, its
+/// `status` (`uploading` until every line is stored), `lines`, and `charged` (bytes counted in
+/// [`files_bytes`]). The `{<file id>}` hash tag keeps a file's keys in one slot.
+pub fn file_meta(prefix: &str, id: &str) -> String {
+    format!("{prefix}:file:{{{id}}}")
+}
+
+/// LIST of a file's JSONL lines, in order, without their newlines.
+pub fn file_lines(prefix: &str, id: &str) -> String {
+    format!("{}:lines", file_meta(prefix, id))
+}
+
+/// SET of the batches reading a file (its input): the file is not deleted while one is live.
+pub fn file_users(prefix: &str, id: &str) -> String {
+    format!("{}:users", file_meta(prefix, id))
+}
+
+/// ZSET of stored files (member id, score = created ms), for `GET /v1/files`. Single commands only.
+pub fn files_index(prefix: &str) -> String {
+    format!("{prefix}:files")
+}
+
+/// ZSET of files the api's loop must look at (score = when, ms): a file's expiry, or for an
+/// upload in progress the time it counts as abandoned. Single commands only.
+pub fn files_gc(prefix: &str) -> String {
+    format!("{prefix}:files:gc")
+}
+
+/// STRING: the bytes every stored file is charged (`AGENTQ_FILES_MAX_TOTAL_BYTES` bounds it).
+pub fn files_bytes(prefix: &str) -> String {
+    format!("{prefix}:files:bytes")
+}
+
+/// ZSET of batches with a record (member id, score = created ms), for `GET /v1/batches`.
+pub fn batches_index(prefix: &str) -> String {
+    format!("{prefix}:batches")
+}
+
+/// ZSET of batches not ended yet (score = created ms): walked by the api's loop, and its size is
+/// what `AGENTQ_BATCHES_MAX` bounds.
+pub fn batches_live(prefix: &str) -> String {
+    format!("{prefix}:batches:live")
+}
+
+/// ZSET of ended batches by when their record expires (ms), to prune [`batches_index`].
+pub fn batches_gc(prefix: &str) -> String {
+    format!("{prefix}:batches:gc")
 }
 
 /// HASH with the flow limiter's state for a whole upstream (sliding-minute buckets and sums).
@@ -264,6 +330,18 @@ mod tests {
         assert_eq!(k.workflow("default.x"), "agentq:{default}:wf:default.x");
         assert_eq!(k.workflow_idempotency("k"), "agentq:{default}:wfidem:k");
         assert_eq!(k.cancels(), "agentq:{default}:cancels");
+        assert_eq!(k.batch("batch_x"), "agentq:{default}:batch:batch_x");
+        assert_eq!(
+            k.batch_tasks("batch_x"),
+            "agentq:{default}:batch:batch_x:tasks"
+        );
+        assert_eq!(
+            k.batch_lease("batch_x"),
+            "agentq:{default}:batch:batch_x:lease"
+        );
+        assert_eq!(file_meta("agentq", "file-1"), "agentq:file:{file-1}");
+        assert_eq!(file_lines("agentq", "file-1"), "agentq:file:{file-1}:lines");
+        assert_eq!(file_users("agentq", "file-1"), "agentq:file:{file-1}:users");
         assert_eq!(
             limiter_upstream("agentq", "openai"),
             "agentq:limiter:{openai}"

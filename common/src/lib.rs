@@ -1,6 +1,7 @@
 //! agentq-common: the queue itself, shared by `agentq-api` and `agentq-worker`.
 //!
 //! - [`keys`]: every Redis key name, built in one place (hash-tagged per queue).
+//! - [`batch`]: the Batch API's scripts (fan-out, stop, cancel pages, finalization, files).
 //! - [`queue`]: the queue operations (the broker); each is one Lua script (beside it in
 //!   `src/queue/`) or one pipeline.
 //! - [`flow`]: upstreams (which server serves a model) and the fleet-wide rate limiter.
@@ -12,6 +13,7 @@
 //! See docs/architecture.md for the task lifecycle and the guarantees under failure.
 
 pub mod backoff;
+pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod flow;

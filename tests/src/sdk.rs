@@ -16,7 +16,12 @@ fn tests_dir() -> PathBuf {
 /// Runs `tests/sdk/<script>` with `args` and `env` (plus `AGENTQ_BASE_URL` = `<api>/v1`) and
 /// returns the JSON of its last stdout line; a non-zero exit is an error carrying its stderr
 /// (the assertion that failed).
-pub async fn run(script: &str, args: &[&str], api_url: &str, env: &[(&str, &str)]) -> Result<Value> {
+pub async fn run(
+    script: &str,
+    args: &[&str],
+    api_url: &str,
+    env: &[(&str, &str)],
+) -> Result<Value> {
     let path = tests_dir().join("sdk").join(script);
     let (exe, install) = if script.ends_with(".py") {
         (
@@ -24,7 +29,10 @@ pub async fn run(script: &str, args: &[&str], api_url: &str, env: &[(&str, &str)
             "bash tests/peers/litellm/install.sh",
         )
     } else {
-        (PathBuf::from("node"), "bash tests/peers/openai-node/install.sh")
+        (
+            PathBuf::from("node"),
+            "bash tests/peers/openai-node/install.sh",
+        )
     };
     if script.ends_with(".mjs")
         && !tests_dir()
@@ -52,14 +60,19 @@ pub async fn run(script: &str, args: &[&str], api_url: &str, env: &[(&str, &str)
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
     let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
         .await
         .with_context(|| format!("{script} {args:?} ran past 120 s"))??;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!("{script} {args:?} failed ({}):\n{stderr}\n{stdout}", out.status);
+        bail!(
+            "{script} {args:?} failed ({}):\n{stderr}\n{stdout}",
+            out.status
+        );
     }
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).with_context(|| format!("{script} printed {stdout:?} ({stderr})"))

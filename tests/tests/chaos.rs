@@ -32,6 +32,9 @@ mod wf;
 #[path = "chaos_parts/streams.rs"]
 mod streams;
 
+#[path = "chaos_parts/chat.rs"]
+mod chat;
+
 /// Key prefix of the default queue.
 const PREFIX: &str = "agentq:{default}:";
 const WORKERS: usize = 3;
@@ -886,6 +889,38 @@ async fn run(cfg: Config) -> Result<()> {
             out
         })
     };
+    let chat_specs = Arc::new(chat::plan(cfg.seed, cfg.secs, cfg.tasks));
+    let chat_submitter = {
+        // a stream lasts as long as its task: no whole-request timeout short of the api's wait
+        let (http, api, specs) = (
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(8))
+                .timeout(Duration::from_secs(400))
+                .build()?,
+            s.api_url.clone(),
+            chat_specs.clone(),
+        );
+        let (seed, give_up) = (cfg.seed, chaos_end + SETTLE_LIMIT);
+        tokio::spawn(async move {
+            let mut handles = Vec::with_capacity(specs.len());
+            for i in 0..specs.len() {
+                tokio::time::sleep_until((t0 + specs[i].send_at).into()).await;
+                let (http, api, specs) = (http.clone(), api.clone(), specs.clone());
+                handles.push(tokio::spawn(async move {
+                    chat::submit(http, api, seed, &specs[i], give_up).await
+                }));
+            }
+            let mut out = Vec::with_capacity(handles.len());
+            for (n, h) in handles.into_iter().enumerate() {
+                out.push(h.await.unwrap_or_else(|e| chat::ChatSub {
+                    n,
+                    problems: vec![format!("chat {n}: submitter panicked: {e}")],
+                    ..chat::ChatSub::default()
+                }));
+            }
+            out
+        })
+    };
     let stop_watching = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch(s.redis.client()?, t0, stop_watching.clone()));
 
@@ -936,6 +971,20 @@ async fn run(cfg: Config) -> Result<()> {
             "workflow {id} is still running {SETTLE_LIMIT:?} after the faults ended"
         ));
     }
+    // Every streamed chat completion ends, and its task too.
+    let chat_subs = chat_submitter.await.context("chat submitter panicked")?;
+    let chat_ids: Vec<String> = chat_subs
+        .iter()
+        .filter_map(|c| c.id.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let left = settle_from.elapsed();
+    for (id, status) in wait_final(&client, &chat_ids, SETTLE_LIMIT.saturating_sub(left)).await? {
+        violations.push(format!(
+            "chat completion task {id} is still {status} {SETTLE_LIMIT:?} after the faults ended"
+        ));
+    }
     // Then the queue empties and every LLM call ends.
     let quiet = wait_quiet(&client, &s, QUIET_LIMIT).await;
     stop_watching.store(true, Ordering::SeqCst);
@@ -954,7 +1003,18 @@ async fn run(cfg: Config) -> Result<()> {
     let records = read_records(&client, &ids).await?;
     let wrep = wf::check(&client, cfg.seed, &wf_specs, &wf_subs, &s.mock.arrivals()).await?;
     violations.extend(wrep.violations.iter().cloned());
-    let journal = s.mock.journal();
+    // the calls of acknowledged chat completions are checked by chat::check, not as tasks
+    let chat_prompts: HashSet<&str> = chat_subs
+        .iter()
+        .filter(|c| c.id.is_some())
+        .map(|c| chat_specs[c.n].prompt.as_str())
+        .collect();
+    let journal: Vec<CallRecord> = s
+        .mock
+        .journal()
+        .into_iter()
+        .filter(|c| !chat_prompts.contains(c.prompt.as_str()))
+        .collect();
     let logs = read_worker_logs(&s)?;
     let report = check_tasks(
         &specs,
@@ -967,6 +1027,9 @@ async fn run(cfg: Config) -> Result<()> {
     );
     violations.extend(report.violations.iter().cloned());
     violations.extend(streams::check(&client, &ids).await?);
+    violations.extend(streams::check(&client, &chat_ids).await?);
+    violations.extend(chat::check(&client, &chat_subs).await?);
+    let chat_records = read_records(&client, &chat_ids).await?;
 
     // Global checks.
     violations.extend(lane_violations(&specs, &submissions, &records));
@@ -987,17 +1050,19 @@ async fn run(cfg: Config) -> Result<()> {
             distinct.len()
         ));
     }
-    if last.task_records != ids.len() + wrep.node_tasks.len() {
+    if last.task_records != ids.len() + wrep.node_tasks.len() + chat_ids.len() {
         violations.push(format!(
-            "{} task records in Redis for {} acknowledged tasks and {} workflow nodes (a 503'd POST retried with its key must not make a second task or workflow)",
+            "{} task records in Redis for {} acknowledged tasks, {} workflow nodes and {} chat completions (a 503'd POST retried with its key must not make a second task or workflow)",
             last.task_records,
             ids.len(),
-            wrep.node_tasks.len()
+            wrep.node_tasks.len(),
+            chat_ids.len()
         ));
     }
     let dead: HashSet<&str> = last.dead.iter().map(String::as_str).collect();
     let failed: HashSet<&str> = records
         .iter()
+        .chain(chat_records.iter())
         .filter(|(_, r)| field(r, "status") == "failed")
         .map(|(id, _)| id.as_str())
         .chain(wrep.failed_tasks.iter().map(String::as_str))
@@ -1045,6 +1110,20 @@ async fn run(cfg: Config) -> Result<()> {
         wf_subs.iter().filter(|w| w.cancelled).count(),
         wrep.by_status,
         wrep.node_states
+    );
+    let chat_endings = chat_subs.iter().fold(BTreeMap::new(), |mut m, c| {
+        let k = match &c.ending {
+            chat::Ending::Done(_) => "done".to_owned(),
+            chat::Ending::Error(code) => code.clone(),
+            chat::Ending::Nothing => "nothing".to_owned(),
+        };
+        *m.entry(k).or_insert(0u32) += 1;
+        m
+    });
+    println!(
+        "chaos chat completions: {} streamed calls ({} tries), endings {chat_endings:?}",
+        chat_subs.len(),
+        chat_subs.iter().map(|c| c.tries).sum::<u32>()
     );
     for e in &report.wider_429_examples {
         println!("chaos: a 429 accounted to a give-back or a cancel: {e}");

@@ -49,7 +49,10 @@ fn attempt_text(s: &Stack, id: &str, attempt: u64) -> Result<String> {
         .query(&mut c)?;
     let mut text = String::new();
     for (_, fields) in entries {
-        let kind = fields.iter().find(|(k, _)| k == "e").map(|(_, v)| v.as_str());
+        let kind = fields
+            .iter()
+            .find(|(k, _)| k == "e")
+            .map(|(_, v)| v.as_str());
         let data: Value = fields
             .iter()
             .find(|(k, _)| k == "d")
@@ -145,12 +148,22 @@ async fn sdk_errors_have_openai_classes_and_no_retry_storm() -> Result<()> {
             assert_eq!(e["param"], p, "{name}: {e}");
         }
     };
-    check("unsupported", "BadRequestError", 400, Some("frequency_penalty"));
+    check(
+        "unsupported",
+        "BadRequestError",
+        400,
+        Some("frequency_penalty"),
+    );
     check("bad_role", "BadRequestError", 400, Some("messages[0].role"));
     check("n", "BadRequestError", 400, Some("n"));
     check("unknown_model", "NotFoundError", 404, Some("model"));
     assert_eq!(r["unknown_model"]["code"], "model_not_found");
-    check("unknown_queue", "UnprocessableEntityError", 422, Some("X-Agentq-Queue"));
+    check(
+        "unknown_queue",
+        "UnprocessableEntityError",
+        422,
+        Some("X-Agentq-Queue"),
+    );
     check("too_large", "APIStatusError", 413, None);
     check("upstream_400", "BadRequestError", 400, None);
     check("upstream_500", "InternalServerError", 502, None);
@@ -380,14 +393,20 @@ async fn idempotent_resends_are_one_task_and_redis_down_is_a_503() -> Result<()>
                 .to_owned(),
         );
         let c: Value = r.json().await?;
-        assert_eq!(c["choices"][0]["message"]["content"], "echo: sdk idempotent");
+        assert_eq!(
+            c["choices"][0]["message"]["content"],
+            "echo: sdk idempotent"
+        );
     }
     assert_eq!(ids[0], ids[1]);
     assert_eq!(s.mock.calls(prompt), 1);
 
     // an agent's chat completions: the client sends the whole conversation, and the model gets
     // exactly that (no agent memory added before it), one call at a time
-    for (i, turn) in ["sdk agent turn one", "sdk agent turn two"].iter().enumerate() {
+    for (i, turn) in ["sdk agent turn one", "sdk agent turn two"]
+        .iter()
+        .enumerate()
+    {
         let mut messages = vec![json!({"role": "user", "content": "sdk agent turn one"})];
         if i == 1 {
             messages.push(json!({"role": "assistant", "content": "echo: sdk agent turn one"}));

@@ -559,7 +559,10 @@ async fn handle(
         crate::routes::register_queue(&state, &req.task.queue).await;
     }
     let tid = TaskId::parse(&id).map_err(|_| {
-        OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the queue gave a bad task id")
+        OaiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the queue gave a bad task id",
+        )
     })?;
     let created = agentq_common::time::now_ms() / 1000;
     let hangup = HangUp {
@@ -856,7 +859,8 @@ impl Chunks {
             self.attempt = attempt;
             self.current.clear();
         }
-        self.current.push_str(d["text"].as_str().unwrap_or_default());
+        self.current
+            .push_str(d["text"].as_str().unwrap_or_default());
         let current = std::mem::take(&mut self.current);
         let ok = self.extend_to(&current);
         self.current = current;
@@ -905,8 +909,8 @@ impl Chunks {
         let c = self.chunk(json!({}), Some(finish_reason(&result)));
         self.out.push_back(c);
         if self.include_usage {
-            let mut u: Value = serde_json::from_str(&self.chunk(json!({}), None))
-                .unwrap_or_else(|_| json!({}));
+            let mut u: Value =
+                serde_json::from_str(&self.chunk(json!({}), None)).unwrap_or_else(|_| json!({}));
             u["choices"] = json!([]);
             u["usage"] = usage(&result.usage);
             self.out.push_back(u.to_string());

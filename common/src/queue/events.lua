@@ -48,6 +48,22 @@ local function ev_started(tkey, attempt, token, node)
   if node ~= false then ev_node(tkey, {status = 'running', attempt = attempt}) end
 end
 
+-- A batch's request became final (docs/architecture.md, "Batch API"): every final transition
+-- passes ev_final exactly once, so this is where the batch's request_counts move: succeeded counts
+-- `completed`, failed and cancelled count `failed` (OpenAI's words), until the finalizer freezes
+-- the counts (`frozen`). The record is kept past the batch's end (`keep_until` + the TTL), so the
+-- finalizer still reads it when it writes the output file. A plain task pays one HGET.
+local function ev_batch(tkey, status, ttl)
+  local b = redis.call('HGET', tkey, 'batch')
+  if not b then return end
+  local s = redis.call('HMGET', b, 'frozen', 'keep_until')
+  if not s[2] then return end
+  if not s[1] then
+    redis.call('HINCRBY', b, status == 'succeeded' and 'completed' or 'failed', 1)
+  end
+  redis.call('EXPIREAT', tkey, tonumber(s[2]) + ttl, 'GT')
+end
+
 -- A task became final: one entry, 'final' {"status", "error"?, "usage"?, "delta"?}, which the
 -- api sends as the events it holds: the last `delta`, the `usage`, the `status`, then `done` (with
 -- the result, read from the record) or `error`; and the stream expires with the record.
@@ -55,6 +71,7 @@ end
 -- not written yet ('' or nil for none), of that attempt and step; node: false when the caller
 -- knows the task is no workflow's node.
 local function ev_final(tkey, status, ttl, err, usage, text, attempt, step, node)
+  ev_batch(tkey, status, ttl)
   local json = '{"status":"' .. status .. '"'
   if status ~= 'succeeded' then json = json .. ',"error":' .. cjson.encode(err or status) end
   local p, c, cached, calls, cost = string.match(usage or '', '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')

@@ -11,6 +11,12 @@ for _, id in ipairs(ids) do
     redis.call('HSET', tkey, 'status', 'queued', 'attempts', 0, 'rate_limited', 0)
     redis.call('HDEL', tkey, 'finished_at', 'started_at', 'result', 'token')
     redis.call('PERSIST', tkey)
+    -- a batch's request counted failed when it died: uncounted while the batch still counts, so
+    -- its next final state counts it once (after the finalizer froze the counts, nothing moves)
+    local b = redis.call('HGET', tkey, 'batch')
+    if b and redis.call('HEXISTS', b, 'keep_until') == 1 and redis.call('HEXISTS', b, 'frozen') == 0 then
+      redis.call('HINCRBY', b, 'failed', -1)
+    end
     -- its old stream ended with a terminal event; the new life starts a new one
     redis.call('DEL', tkey .. ':events')
     redis.call('LPUSH', KEYS[2], id)
