@@ -1,6 +1,6 @@
 //! The OpenAI-compatible surface (docs/architecture.md, "OpenAI-compatible front door"):
-//! `POST /v1/chat/completions` (a queued task the call waits for), `GET /v1/models`, and the
-//! Batch API (`files.rs`, `batches.rs`). Same process, port and queue as the rest of the api;
+//! `POST /v1/chat/completions` (a queued task the call waits for) and `GET /v1/models`; the
+//! Batch API (files and batches) is `crate::batch`, speaking the same dialect with `OaiError`. Same process, port and queue as the rest of the api;
 //! what differs is the dialect: OpenAI's request and response shapes, and its error shape
 //! `{"error":{"message","type","param","code"}}` with the statuses its SDKs map to exception
 //! classes (400 `BadRequestError`, 404 `NotFoundError`, 413, 422, 429 `RateLimitError`, 503...).
