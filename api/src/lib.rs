@@ -119,6 +119,14 @@ pub async fn run(
     tokio::spawn(check_stream_nodes(state.broker.redis().clone()));
     let stop = tokio_util::sync::CancellationToken::new();
     let promoter = tokio::spawn(promote::run(state.clone(), stop.clone()));
+    // Nagle off: an SSE event (and a chunked answer written in pieces) would otherwise wait for
+    // the client's delayed ACK, ~40 ms on a kept-alive connection (loadtest/bench/README.md,
+    // "front door")
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             shutdown.await;
