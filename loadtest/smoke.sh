@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# CI smoke of the load-test kit: enqueue.js, then e2e.js, each against a fresh private stack
-# (redis-server, mock LLM with 100 ms latency and 2 % injected 500s, agentq-api, 2 workers).
-# Low rates, about 40 s in all. Exits non-zero when a k6 threshold is crossed (99) or a task
-# was lost or failed (1).
+# CI smoke of the load-test kit: enqueue.js, e2e.js, then chat.js (POST /v1/chat/completions,
+# waited and streamed calls), each against a fresh private stack (redis-server, mock LLM with
+# 100 ms latency and 2 % injected 500s, agentq-api, 2 workers). Low rates, about 50 s in all.
+# Exits non-zero when a k6 threshold is crossed (99; chat.js allows no failed call) or a task was
+# lost or failed (1).
 #
 # Binaries: target/debug when present (CI has just built it with `cargo build --bins`; a release
 # build would cost minutes), else target/release, else it builds debug. AGENTQ_BIN_DIR overrides.
-# Knobs: SMOKE_DURATION (10s), SMOKE_ENQUEUE_RATE (20), SMOKE_E2E_RATE (10).
+# Knobs: SMOKE_DURATION (10s), SMOKE_ENQUEUE_RATE (20), SMOKE_E2E_RATE (10), SMOKE_CHAT_VUS (4),
+# SMOKE_CHAT_DURATION (5s), SMOKE_CHAT_STREAM_SHARE (0.5).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 start=$SECONDS
@@ -29,7 +31,13 @@ bash "$here/run.sh" e2e -e RATE="${SMOKE_E2E_RATE:-10}" -e DURATION="$dur"
 r=$?
 results+=("e2e.js exit $r")
 ((r == 0)) || rc=$r
+# chat.js: closed loop, each VU waits for its call's answer (run.sh's workers run the tasks)
+bash "$here/run.sh" "$here/k6/chat.js" -e VUS="${SMOKE_CHAT_VUS:-4}" -e DURATION="${SMOKE_CHAT_DURATION:-5s}" \
+  -e STREAM_SHARE="${SMOKE_CHAT_STREAM_SHARE:-0.5}" -e MAX_FAILED_RATE=0
+r=$?
+results+=("chat.js exit $r")
+((r == 0)) || rc=$r
 
 echo
-echo "== smoke: ${results[0]}, ${results[1]}; $((SECONDS - start))s in all: $([[ $rc -eq 0 ]] && echo PASSED || echo FAILED) =="
+echo "== smoke: ${results[0]}, ${results[1]}, ${results[2]}; $((SECONDS - start))s in all: $([[ $rc -eq 0 ]] && echo PASSED || echo FAILED) =="
 exit "$rc"

