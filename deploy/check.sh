@@ -4,8 +4,8 @@
 # Installs its tools into the gitignored .tools/bin and .venv at the repo root when they are missing
 # (and reuses them when present), then lints, renders and validates the Helm chart, scans the rendered
 # manifests with checkov, lints the Dockerfile with hadolint, checks that the chart's KEDA triggers
-# use the exact Redis keys the code uses, and checks the AGENTQ_UPSTREAMS wiring. Prints a summary;
-# exits non-zero if any step failed.
+# use the exact Redis keys the code uses (for the main and the batch queue's workers), and checks the
+# AGENTQ_UPSTREAMS wiring. Prints a summary; exits non-zero if any step failed.
 # It needs nothing but the repository and the package registries (PyPI): the KEDA and
 # prometheus-operator schemas come from pinned PyPI packages, not from CRD files beside the repo.
 #
@@ -129,8 +129,13 @@ declare -A VALUE_SETS=(
     [external-redis]="-f $CHART/ci/external-redis-values.yaml"
     [dev]="-f $CHART/values-dev.yaml"
     [prod]="-f $CHART/values-prod.yaml"
+    # batch.queue set: the api declares it, a second worker Deployment (<rel>-worker-batch) with its own
+    # ScaledObject, PDB, Service, ServiceMonitor and NetworkPolicy; over every optional part (in-cluster
+    # Redis with a password), and over an external TLS Redis whose password is in an existing Secret.
+    [batch]="-f $CHART/ci/all-on-values.yaml -f $CHART/ci/batch-values.yaml"
+    [external-redis-batch]="-f $CHART/ci/external-redis-values.yaml -f $CHART/ci/batch-values.yaml"
 )
-SET_NAMES=(default all-on external-redis dev prod)
+SET_NAMES=(default all-on external-redis dev prod batch external-redis-batch)
 TEMPLATE_ARGS=(--kube-version "$KUBE_VERSION" --api-versions keda.sh/v1alpha1 --api-versions monitoring.coreos.com/v1)
 
 lint_all() {
@@ -207,6 +212,17 @@ negative_values() {
         "--set upstreams.secretEnv[0].name=REDIS_URL --set upstreams.secretEnv[0].secretName=s --set upstreams.secretEnv[0].key=k"
         "--set-json monitoring.prometheusRule.budgetNearLimitRatio=1.5"
         "--set monitoring.prometheusRule.budgetExhaustedFor=soon"
+        "--set batch.queue=bad:queue"
+        "--set batch.queue=batch --set batch.workers.minReplicaCount=9 --set batch.workers.maxReplicaCount=3"
+        "--set batch.workers.replica=3"
+        "--set batch.fileTtlSeconds=59"
+        "--set batch.fileMaxBytes=1023"
+        "--set batch.filesMaxTotalBytes=17592186044417"
+        "--set batch.maxRequests=0"
+        "--set batch.maxBatches=1000001"
+        "--set config.extraEnv.AGENTQ_BATCH_QUEUE=batch"
+        "--set config.extraEnv.AGENTQ_FILE_MAX_BYTES=2048"
+        "--set batch.queue=batch --set api.extraEnv[0].name=AGENTQ_QUEUES --set api.extraEnv[0].value=default"
     )
     for args in "${cases[@]}"; do
         # shellcheck disable=SC2086
@@ -245,7 +261,7 @@ validate_core() {
 run_checkov() {
     local rc=0 name
     mkdir -p "$OUT/checkov" "$OUT/checkov-dev"
-    for name in default all-on external-redis prod; do
+    for name in default all-on external-redis prod batch external-redis-batch; do
         cp "$OUT/rendered/$name.yaml" "$OUT/checkov/"
     done
     # Checkov's annotations-based skips (checkov.io/skipN) are documented in the chart README.
@@ -273,7 +289,8 @@ check_keys() {
 }
 
 # A Redis password with URL-special characters: the chart percent-encodes it into the Secret's
-# <key>-urlencoded entry, and REDIS_URL as the kubelet expands it must decode back to it.
+# <key>-urlencoded entry, and REDIS_URL as the kubelet expands it must decode back to it (in the api,
+# the main workers and the batch queue's workers: rendered with ci/batch-values.yaml).
 redis_password_url() {
     local pw i=0 rc=0 values
     for pw in 'p@ss:w/rd%#?' "a b+c\$(HOME)\$\$&=;,'é/@:"; do
@@ -282,7 +299,7 @@ redis_password_url() {
         python -c 'import sys, yaml; yaml.safe_dump({"redis": {"auth": {"password": sys.argv[1]}}}, open(sys.argv[2], "w"))' \
             "$pw" "$values"
         if ! helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" -f "$values" \
-            > "$OUT/password-$i-rendered.yaml"; then
+            -f "$CHART/ci/batch-values.yaml" > "$OUT/password-$i-rendered.yaml"; then
             echo "FAIL helm template with redis.auth.password=$pw"
             rc=1
             continue
@@ -324,7 +341,33 @@ PY
     return $rc
 }
 
-step "helm lint --strict (default, all-on, external-redis, dev, prod)" lint_all
+# batch.queue adds objects for the batch queue's workers and touches nothing of the main workers:
+# every <rel>-worker object of the all-on render is byte-for-byte the same in the batch render (the
+# same values plus ci/batch-values.yaml), and the batch render has its own <rel>-worker-batch ones.
+batch_leaves_main_workers() {
+    python - "$OUT/rendered/all-on.yaml" "$OUT/rendered/batch.yaml" <<'PY'
+import sys, yaml
+def objects(path):
+    return {(d["kind"], d["metadata"]["name"]): yaml.safe_dump(d) for d in yaml.safe_load_all(open(path)) if d}
+base, batch = objects(sys.argv[1]), objects(sys.argv[2])
+full = next(name[:-len("-worker")] for kind, name in base if kind == "Deployment" and name.endswith("-worker"))
+kinds = ("Deployment", "ScaledObject", "Service", "PodDisruptionBudget", "ServiceMonitor", "NetworkPolicy")
+rc = 0
+for kind in kinds:
+    main, extra = (kind, f"{full}-worker"), (kind, f"{full}-worker-batch")
+    if main not in base or extra not in batch:
+        print(f"FAIL {kind}: {full}-worker in all-on: {main in base}, {full}-worker-batch in batch: {extra in batch}")
+        rc = 1
+    elif base[main] != batch.get(main):
+        print(f"FAIL {kind}/{full}-worker differs between the all-on and the batch render")
+        rc = 1
+    else:
+        print(f"ok   {kind}/{full}-worker unchanged by batch.queue; {kind}/{full}-worker-batch rendered")
+sys.exit(rc)
+PY
+}
+
+step "helm lint --strict (${SET_NAMES[*]})" lint_all
 step "helm template (kube $KUBE_VERSION, KEDA + prometheus-operator APIs)" render_all
 step "values.schema.json and template guards reject bad values" negative_values
 step "custom resources vs KEDA/prometheus-operator schemas (unknown fields rejected)" validate_crs
@@ -332,9 +375,10 @@ step "schema validation is strict: broken custom resources are rejected" validat
 step "core resources: kubernetes-validate --strict -k $KUBE_VERSION" validate_core
 step "checkov on rendered manifests" run_checkov
 step "hadolint deploy/Dockerfile" run_hadolint
-step "KEDA keys, trigger metadata, grace vs drain and preStop, REDIS_URL, metric names" check_keys
+step "KEDA keys per worker Deployment, trigger metadata, grace vs drain and preStop, REDIS_URL, metric names, queues and batch limits, per-Deployment selection" check_keys
 step "Redis password with URL-special characters survives REDIS_URL" redis_password_url
 step "upstreams: AGENTQ_UPSTREAMS, mount, key variables and checksum in api and worker; no key in a ConfigMap" upstreams_wiring
+step "batch.queue: a second worker fleet; the main worker's objects unchanged" batch_leaves_main_workers
 
 printf '\n==================== deploy/check.sh summary ====================\n'
 printf '%s\n' "${RESULTS[@]}"

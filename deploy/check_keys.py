@@ -19,7 +19,16 @@ For each rendered file:
     the kubelet's $(VAR) expansion) is a well-formed redis:// or rediss:// URL whose password
     percent-decodes to the very password redis-server and KEDA's TriggerAuthentication use (and to
     --redis-password when given);
-  * every agentq_* metric named in the PrometheusRule and the Grafana dashboard is one the code exports.
+  * every agentq_* metric named in the PrometheusRule and the Grafana dashboard is one the code exports;
+  * per worker Deployment (the main one, and <rel>-worker-batch when batch.queue is set): its own
+    ScaledObject whose triggers read that Deployment's AGENTQ_QUEUE keys, grace vs drain, and
+    exactly one headless Service, PodDisruptionBudget, ServiceMonitor and NetworkPolicy that select
+    its pods and no other workload's (no Deployment's selector takes another's pods), and the Redis
+    NetworkPolicy admits its pods;
+  * the api's queues as ApiConfig reads them: AGENTQ_BATCH_QUEUE (default AGENTQ_QUEUE) is declared
+    (AGENTQ_QUEUE + AGENTQ_QUEUES), every declared queue is served by a worker Deployment and every
+    worker's queue is declared, and the Batch API limits (AGENTQ_FILE_*, AGENTQ_BATCH*) are integers
+    inside the ranges common/src/config.rs accepts (parsed from its `ranged(...)` calls).
 
 The code's key names come from `cargo run -q -p agentq-common --example keys -- <prefix> <queue>`
 (JSON: {"pending": ..., "active": ..., ...}). If that example does not exist yet, or cargo is not
@@ -219,6 +228,146 @@ def check_redis_url(docs: list[dict], want_password: str | None, expect) -> None
                   f"{' and '.join(plain) or 'in the URL'} ({len(decoded)} characters)")
 
 
+def selects(selector: dict | None, labels: dict) -> bool:
+    """A LabelSelector (matchLabels + matchExpressions; or a plain map, as a Service's selector) against labels."""
+    if not selector:
+        return False
+    if "matchLabels" not in selector and "matchExpressions" not in selector:
+        selector = {"matchLabels": selector}
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], [str(v) for v in e.get("values") or []]
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def workloads(docs: list[dict]) -> dict[str, dict]:
+    """Pod labels of every Deployment and StatefulSet, by "<Kind>/<name>"."""
+    return {f"{d['kind']}/{d['metadata']['name']}": d["spec"]["template"]["metadata"].get("labels") or {}
+            for d in docs if d.get("kind") in ("Deployment", "StatefulSet")}
+
+
+def worker_deployments(docs: list[dict]) -> list[dict]:
+    """Deployments that run /usr/local/bin/agentq-worker (the main fleet and a batch queue's)."""
+    return [d for d in find(docs, "Deployment")
+            if any("agentq-worker" in " ".join(c.get("command") or []) for c in d["spec"]["template"]["spec"]["containers"])]
+
+
+# Batch API limits: env name -> (min, max) as ApiConfig accepts them; common/src/config.rs wins when present.
+BATCH_LIMITS = {
+    "AGENTQ_FILE_MAX_BYTES": (1024, 1 << 40), "AGENTQ_BATCH_MAX_REQUESTS": (1, 10_000_000),
+    "AGENTQ_FILE_TTL_SECS": (60, 365 * 86_400), "AGENTQ_FILES_MAX_TOTAL_BYTES": (1024, 1 << 44),
+    "AGENTQ_BATCHES_MAX": (1, 1_000_000),
+}
+
+
+def code_ranges(root: Path) -> tuple[dict[str, tuple[int, int]], str]:
+    """The (min, max) of each `ranged(env, ENV_X, default, min, max)` in common/src/config.rs, by env name."""
+    src = root / "common" / "src" / "config.rs"
+    if not src.is_file():
+        return dict(BATCH_LIMITS), "the documented ranges"
+    text = src.read_text()
+    names = dict(re.findall(r'pub const (ENV_\w+): &str = "(\w+)";', text))
+    num = r"([0-9_]+(?:\s*(?:<<|\*)\s*[0-9_]+)?)"
+    out: dict[str, tuple[int, int]] = {}
+    call = r"ranged\(\s*env,\s*(ENV_\w+),\s*[^,]+,\s*" + num + r",\s*" + num + r",?\s*\)"
+    for const, lo, hi in re.findall(call, text):
+        if const in names:
+            out[names[const]] = (eval(lo), eval(hi))  # integer literals with << and * only (matched above)
+    return out, str(src.relative_to(root))
+
+
+def check_queues(docs: list[dict], workers: list[tuple[dict, dict]], root: Path, expect) -> None:
+    """The api's declared queues and batch queue against the worker Deployments, and its batch limits."""
+    served = {env.get("AGENTQ_QUEUE", "default"): dep["metadata"]["name"] for dep, env in workers}
+    expect(len(served) == len(workers),
+           f"two worker Deployments serve one queue: {[e.get('AGENTQ_QUEUE') for _, e in workers]}")
+    ranges, ranges_from = code_ranges(root)
+    for api in find(docs, "Deployment", "-api"):
+        pod = api["spec"]["template"]["spec"]
+        container = next(c for c in pod["containers"] if c["name"] == "api")
+        env = container_env(docs, pod, container)
+        default = env.get("AGENTQ_QUEUE", "default")
+        declared = {default} | {q.strip() for q in env.get("AGENTQ_QUEUES", default).split(",") if q.strip()}
+        batch_queue = env.get("AGENTQ_BATCH_QUEUE", default)
+        expect(batch_queue in declared, f"api AGENTQ_BATCH_QUEUE {batch_queue!r} is not declared "
+                                        f"(AGENTQ_QUEUE + AGENTQ_QUEUES = {sorted(declared)})")
+        expect(batch_queue in served,
+               f"api AGENTQ_BATCH_QUEUE {batch_queue!r} is served by no worker Deployment ({served})")
+        for q in sorted(declared - set(served)):
+            expect(False, f"api declares queue {q!r}, which no worker Deployment serves ({served})")
+        for q in sorted(set(served) - declared):
+            expect(False, f"worker Deployment {served[q]} serves {q!r}, which the api does not accept "
+                          f"(declared {sorted(declared)})")
+        for name, (lo, hi) in sorted(BATCH_LIMITS.items()):
+            lo, hi = ranges.get(name, (lo, hi))
+            value = env.get(name)
+            expect(value is not None and value.isdigit() and lo <= int(value) <= hi,
+                   f"api {name}={value!r} is not an integer in [{lo}, {hi}] ({ranges_from})")
+        print(f"  api: declared queues {sorted(declared)}, batch queue {batch_queue!r} served by "
+              f"{served.get(batch_queue)}; batch limits in the ranges of {ranges_from}")
+
+
+def check_selection(docs: list[dict], workers: list[tuple[dict, dict]], expect) -> None:
+    """Each worker Deployment has its own Service, PDB, ServiceMonitor and NetworkPolicy, none of which
+    takes another workload's pods; the Redis NetworkPolicy lets its pods in."""
+    pods = workloads(docs)
+    for dep in find(docs, "Deployment"):
+        me = f"Deployment/{dep['metadata']['name']}"
+        for other, labels in pods.items():
+            if other != me:
+                expect(not selects(dep["spec"]["selector"], labels),
+                       f"{me}'s selector matches the pods of {other}")
+    services = find(docs, "Service")
+    monitors = find(docs, "ServiceMonitor")
+    pdbs = find(docs, "PodDisruptionBudget")
+    policies = find(docs, "NetworkPolicy")
+    worker_pods = [pods[f"Deployment/{d['metadata']['name']}"] for d, _ in workers]
+    worker_pdbs = [p for p in pdbs if any(selects(p["spec"]["selector"], labels) for labels in worker_pods)]
+    redis_pods = [labels for w, labels in pods.items() if w.startswith("StatefulSet/") and w.endswith("-redis")]
+    summary = []
+    for dep, _ in workers:
+        me = f"Deployment/{dep['metadata']['name']}"
+        mine = pods[me]
+        for kind, objs, sel, required in (
+            ("Service", services, lambda o: o["spec"].get("selector"), True),
+            ("PodDisruptionBudget", pdbs, lambda o: o["spec"]["selector"], bool(worker_pdbs)),
+            ("NetworkPolicy", policies, lambda o: o["spec"]["podSelector"], bool(policies)),
+        ):
+            chosen = [o for o in objs if selects(sel(o), mine)]
+            if required:
+                expect(len(chosen) == 1, f"{me}: {len(chosen)} {kind}s select its pods, want 1")
+            for o in chosen:
+                others = [w for w, labels in pods.items() if w != me and selects(sel(o), labels)]
+                expect(not others, f"{kind} {o['metadata']['name']} selects the pods of {me} and of {others}")
+        svc = [s for s in services if selects(s["spec"].get("selector"), mine)]
+        if monitors and svc:
+            by = [m for m in monitors if selects(m["spec"]["selector"], svc[0]["metadata"].get("labels") or {})]
+            expect(len(by) == 1,
+                   f"{me}: {len(by)} ServiceMonitors select its Service {svc[0]['metadata']['name']}, want 1")
+            for m in by:
+                other_svcs = [s["metadata"]["name"] for s in services
+                              if s is not svc[0] and selects(m["spec"]["selector"], s["metadata"].get("labels") or {})]
+                expect(not other_svcs,
+                       f"ServiceMonitor {m['metadata']['name']} selects {svc[0]['metadata']['name']} and {other_svcs}")
+        for np in policies:
+            if not any(selects(np["spec"]["podSelector"], labels) for labels in redis_pods):
+                continue
+            peers = [p.get("podSelector") for rule in np["spec"].get("ingress") or [] for p in rule.get("from") or []
+                     if "podSelector" in p and "namespaceSelector" not in p]
+            expect(any(selects(p, mine) for p in peers),
+                   f"NetworkPolicy {np['metadata']['name']} does not let {me}'s pods reach Redis")
+        summary.append(dep["metadata"]["name"])
+    print(f"  selection: {', '.join(summary)}: one Service{', PDB' if worker_pdbs else ''}"
+          f"{', ServiceMonitor' if monitors else ''}{', NetworkPolicy (and Redis ingress)' if policies else ''}"
+          " each, no selector across workloads")
+
+
 def check_file(path: Path, override: str | None, root: Path, redis_password: str | None = None) -> list[str]:
     errors: list[str] = []
     docs = docs_of(path)
@@ -227,23 +376,27 @@ def check_file(path: Path, override: str | None, root: Path, redis_password: str
         if not cond:
             errors.append(f"{path.name}: {msg}")
 
-    workers = find(docs, "Deployment", "-worker")
-    expect(len(workers) == 1, f"expected one worker Deployment, found {len(workers)}")
+    main = find(docs, "Deployment", "-worker")
+    expect(len(main) == 1, f"expected one main worker Deployment (<rel>-worker), found {len(main)}")
+    workers = []
+    for dep in worker_deployments(docs):
+        pod = dep["spec"]["template"]["spec"]
+        container = next(c for c in pod["containers"] if c["name"] == "worker")
+        workers.append((dep, container_env(docs, pod, container)))
     if not workers:
         return errors
-    worker = workers[0]
-    pod = worker["spec"]["template"]["spec"]
-    container = next(c for c in pod["containers"] if c["name"] == "worker")
-    env = container_env(docs, pod, container)
 
     # --- grace vs drain -------------------------------------------------------------------
-    drain = env.get("AGENTQ_DRAIN_TIMEOUT_SECS")
-    grace = pod.get("terminationGracePeriodSeconds", 30)
-    expect(drain is not None and drain.isdigit(), f"worker AGENTQ_DRAIN_TIMEOUT_SECS missing or not an integer: {drain!r}")
-    if drain is not None and drain.isdigit():
-        expect(int(grace) > int(drain),
-               f"worker terminationGracePeriodSeconds {grace} must exceed AGENTQ_DRAIN_TIMEOUT_SECS {drain}")
-        print(f"  grace: terminationGracePeriodSeconds {grace} > AGENTQ_DRAIN_TIMEOUT_SECS {drain}")
+    for dep, env in workers:
+        pod = dep["spec"]["template"]["spec"]
+        who = dep["metadata"]["name"]
+        drain = env.get("AGENTQ_DRAIN_TIMEOUT_SECS")
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        expect(drain is not None and drain.isdigit(), f"{who} AGENTQ_DRAIN_TIMEOUT_SECS missing or not an integer: {drain!r}")
+        if drain is not None and drain.isdigit():
+            expect(int(grace) > int(drain),
+                   f"{who} terminationGracePeriodSeconds {grace} must exceed AGENTQ_DRAIN_TIMEOUT_SECS {drain}")
+            print(f"  grace: {who} terminationGracePeriodSeconds {grace} > AGENTQ_DRAIN_TIMEOUT_SECS {drain}")
     for api in find(docs, "Deployment", "-api"):
         api_pod = api["spec"]["template"]["spec"]
         api_grace = api_pod.get("terminationGracePeriodSeconds", 30)
@@ -257,30 +410,43 @@ def check_file(path: Path, override: str | None, root: Path, redis_password: str
     # --- REDIS_URL as the pods see it ---------------------------------------------------------
     check_redis_url(docs, redis_password, expect)
 
+    # --- queues, batch queue and limits; per-Deployment objects -----------------------------
+    check_queues(docs, workers, root, expect)
+    check_selection(docs, workers, expect)
+
     # --- KEDA triggers vs code keys ---------------------------------------------------------
     scaled = find(docs, "ScaledObject")
     if not scaled:
         print(f"  keda: no ScaledObject in {path.name} (keda.enabled=false)")
+    by_name = {dep["metadata"]["name"]: env for dep, env in workers}
+    targets = [so["spec"]["scaleTargetRef"]["name"] for so in scaled]
+    if scaled:
+        for name in by_name:
+            expect(targets.count(name) == 1, f"worker Deployment {name} is the target of {targets.count(name)} ScaledObjects, want 1")
     for so in scaled:
         spec = so["spec"]
-        expect(spec["scaleTargetRef"]["name"] == worker["metadata"]["name"],
-               f"ScaledObject targets {spec['scaleTargetRef']['name']}, not the worker Deployment")
+        target = spec["scaleTargetRef"]["name"]
+        expect(spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment" and target in by_name,
+               f"ScaledObject {so['metadata']['name']} targets {target}, not a worker Deployment ({sorted(by_name)})")
+        if target not in by_name:
+            continue
+        env = by_name[target]
         prefix = env.get("AGENTQ_KEY_PREFIX", "agentq")
         queue = env.get("AGENTQ_QUEUE", "default")
         keys, source = code_keys(prefix, queue, override, root)
-        print(f"  keys for prefix={prefix} queue={queue} from {source}: "
+        print(f"  ScaledObject {so['metadata']['name']} -> {target}: keys for prefix={prefix} queue={queue} from {source}: "
               f"pending={keys.get('pending')} active={keys.get('active')}")
         triggers = {t.get("name"): t for t in spec["triggers"]}
         for tname, code_key in (("pending", "pending"), ("inflight", "active")):
             t = triggers.get(tname)
-            expect(t is not None, f"ScaledObject has no trigger named {tname!r}")
+            expect(t is not None, f"ScaledObject {so['metadata']['name']} has no trigger named {tname!r}")
             if t is None:
                 continue
             expect(t["type"] == "redis", f"trigger {tname} has type {t['type']}, want redis")
             want = keys.get(code_key)
             got = t["metadata"].get("listName")
             expect(want is not None, f"the code printed no {code_key!r} key")
-            expect(got == want, f"trigger {tname} listName {got!r} != code's {code_key} key {want!r}")
+            expect(got == want, f"ScaledObject {so['metadata']['name']}: trigger {tname} listName {got!r} != code's {code_key} key {want!r}")
             if got == want:
                 print(f"  trigger {tname}: listName {got} == code {code_key} key")
         # Work that cannot run now stays out of the replica count: retrying tasks (delayed) and tasks
@@ -304,6 +470,9 @@ def check_file(path: Path, override: str | None, root: Path, redis_password: str
                 expect("listName" in md, f"trigger {t.get('name')}: listName is required")
                 has_addr = any(k in md for k in ("address", "addresses", "host", "hosts", "addressFromEnv", "hostFromEnv"))
                 expect(has_addr, f"trigger {t.get('name')}: no address/host")
+            if t["type"] == "prometheus" and "agentq_task_duration_seconds" in md.get("query", ""):
+                expect(f'queue="{queue}"' in md["query"],
+                       f"ScaledObject {so['metadata']['name']}: latency query {md['query']!r} is not for its queue {queue!r}")
         mods = (spec.get("advanced") or {}).get("scalingModifiers")
         expect(mods is not None, "ScaledObject has no advanced.scalingModifiers (pending + in-flight)")
         if mods:

@@ -6,9 +6,9 @@ Usage: check_upstreams.py [--rolled OTHER.yaml] RENDERED.yaml [VALUES.yaml...]
 VALUES are the -f files of the render (the chart's values.yaml is read first, as helm does). With
 upstreams.config set:
   * ConfigMap <rel>-upstreams holds upstreams.yaml, and it parses back to exactly upstreams.config;
-  * the api and the worker both see AGENTQ_UPSTREAMS (container env after envFrom, as the pod gets
-    it) = <upstreams.mountPath>/upstreams.yaml, and that file is really there: a read-only mount of
-    that ConfigMap's key at that path;
+  * the api and every worker Deployment (a batch queue's too) see AGENTQ_UPSTREAMS (container env
+    after envFrom, as the pod gets it) = <upstreams.mountPath>/upstreams.yaml, and that file is
+    really there: a read-only mount of that ConfigMap's key at that path;
   * both pods carry a checksum/upstreams annotation, and with --rolled (a render of the same values
     with one limit changed) that checksum differs, so a changed file rolls the pods;
   * every "api_key: env:VAR" variable reaches both containers (an env entry from a Secret, or the
@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_keys import container_env, docs_of, find  # noqa: E402
+from check_keys import container_env, docs_of, find, worker_deployments  # noqa: E402
 
 CHART = Path(__file__).resolve().parent / "helm" / "agentq"
 KEY_SHAPED = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}")
@@ -54,10 +54,11 @@ def values_of(files: list[Path]) -> dict:
 
 
 def pods(docs: list[dict]) -> list[tuple[str, dict, dict, dict]]:
-    """(component, Deployment, pod spec, main container) of api and worker."""
+    """(component, Deployment, pod spec, main container) of the api and of every worker Deployment
+    (the main one and a batch queue's, <rel>-worker-batch)."""
     out = []
-    for component in ("api", "worker"):
-        for dep in find(docs, "Deployment", f"-{component}"):
+    for component, deps in (("api", find(docs, "Deployment", "-api")), ("worker", worker_deployments(docs))):
+        for dep in deps:
             pod = dep["spec"]["template"]["spec"]
             container = next(c for c in pod["containers"] if c["name"] == component)
             out.append((component, dep, pod, container))
@@ -79,7 +80,9 @@ def check(path: Path, value_files: list[Path], rolled: Path | None) -> list[str]
     want_path = f"{ups['mountPath']}/upstreams.yaml"
     cms = find(docs, "ConfigMap", "-upstreams")
     workloads = pods(docs)
-    expect(sorted(c for c, *_ in workloads) == ["api", "worker"], "expected one api and one worker Deployment")
+    components = [c for c, *_ in workloads]
+    expect(components.count("api") == 1 and components.count("worker") >= 1,
+           f"expected one api and one or more worker Deployments, found {components}")
 
     # --- no key in any ConfigMap ----------------------------------------------------------------
     api_key = (values.get("llm") or {}).get("apiKey") or ""

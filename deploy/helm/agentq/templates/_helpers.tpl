@@ -81,11 +81,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-Redis key names, exactly as common builds them: <prefix>:{<queue>}:<name>. The braces are a Redis
-Cluster hash tag, so every key of one queue lives in one slot.
+Redis key names, exactly as common builds them: <prefix>:{<queue>}:<name>, for config.queue
+or the "queue" given. The braces are a Redis Cluster hash tag, so every key of one queue lives in one
+slot.
 */}}
 {{- define "agentq.key" -}}
-{{- printf "%s:{%s}:%s" .ctx.Values.config.keyPrefix .ctx.Values.config.queue .name }}
+{{- printf "%s:{%s}:%s" .ctx.Values.config.keyPrefix (default .ctx.Values.config.queue (get . "queue")) .name }}
 {{- end }}
 
 {{/* ---------------------------------------------------------------- Redis connection ---- */}}
@@ -326,7 +327,12 @@ is still inside its drain window (the worker gives back unfinished tasks when th
 
 {{/* Tasks per worker replica that KEDA aims for: keda.listLength, or the worker concurrency. */}}
 {{- define "agentq.keda.listLength" -}}
-{{- if .Values.keda.listLength }}{{ int .Values.keda.listLength }}{{ else }}{{ int .Values.worker.concurrency }}{{ end }}
+{{- include "agentq.keda.listLengthFor" (dict "ctx" . "concurrency" .Values.worker.concurrency) }}
+{{- end }}
+
+{{/* The same for one worker Deployment: call with (dict "ctx" $ "concurrency" <its WORKER_CONCURRENCY>). */}}
+{{- define "agentq.keda.listLengthFor" -}}
+{{- if .ctx.Values.keda.listLength }}{{ int .ctx.Values.keda.listLength }}{{ else }}{{ int .concurrency }}{{ end }}
 {{- end }}
 
 {{/* ---------------------------------------------------------------- checkov skips ---- */}}
@@ -379,5 +385,81 @@ affinity:
 {{- with .topologySpreadConstraints }}
 topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Batch API ---- */}}
+
+{{/* "true" when batch.queue names a queue other than config.queue (it gets its own workers), else empty. */}}
+{{- define "agentq.batch.enabled" -}}
+{{- if and .Values.batch.queue (ne .Values.batch.queue .Values.config.queue) }}true{{ end }}
+{{- end }}
+
+{{/*
+The worker Deployments, as a JSON list for fromJsonArray: the main one (config.queue, worker.*,
+keda.*) and, with agentq.batch.enabled, the batch queue's (batch.workers.*). Every per-Deployment
+object (Deployment, ScaledObject, PDB, Service, ServiceMonitor, NetworkPolicy, alert) ranges over it.
+  name       object name (<fullname>-worker, <fullname>-worker-batch)
+  component  app.kubernetes.io/component of its pods, so no selector picks the other's pods
+  queue      the AGENTQ_QUEUE it serves; main=false means it is set in the container env, not
+             taken from the ConfigMap, and so is WORKER_CONCURRENCY
+*/}}
+{{- define "agentq.workers" -}}
+{{- $full := include "agentq.fullname" . }}
+{{- $w := .Values.worker }}
+{{- $workers := list (dict "name" (printf "%s-worker" $full) "component" "worker" "main" true "queue" .Values.config.queue
+  "concurrency" $w.concurrency "replicas" $w.replicas "resources" $w.resources
+  "minReplicaCount" .Values.keda.minReplicaCount "maxReplicaCount" .Values.keda.maxReplicaCount
+  "minValue" "keda.minReplicaCount" "maxValue" "keda.maxReplicaCount") }}
+{{- if include "agentq.batch.enabled" . }}
+{{- $b := .Values.batch.workers }}
+{{- $workers = append $workers (dict "name" (printf "%s-worker-batch" $full | trunc 63 | trimSuffix "-") "component" "worker-batch" "main" false "queue" .Values.batch.queue
+  "concurrency" $b.concurrency "replicas" $b.replicas "resources" $b.resources
+  "minReplicaCount" $b.minReplicaCount "maxReplicaCount" $b.maxReplicaCount
+  "minValue" "batch.workers.minReplicaCount" "maxValue" "batch.workers.maxReplicaCount") }}
+{{- end }}
+{{- toJson $workers }}
+{{- end }}
+
+{{/* The api's AGENTQ_QUEUES with a batch queue: config.queue, any queues config.extraEnv declares, the batch queue. */}}
+{{- define "agentq.batch.apiQueues" -}}
+{{- $queues := list .Values.config.queue }}
+{{- range splitList "," (toString (default "" (get .Values.config.extraEnv "AGENTQ_QUEUES"))) }}
+{{- with trim . }}{{ $queues = append $queues . }}{{ end }}
+{{- end }}
+{{- $queues = append $queues .Values.batch.queue }}
+{{- join "," (uniq $queues) }}
+{{- end }}
+
+{{/*
+redis.maxmemory of the in-cluster Redis in bytes, as redis-server reads it (k/m/g = 1000^n, kb/mb/gb =
+1024^n, no unit = bytes); empty with an external Redis, or for 0 (no limit).
+*/}}
+{{- define "agentq.redis.maxmemoryBytes" -}}
+{{- if .Values.redis.enabled }}
+{{- $m := lower (toString .Values.redis.maxmemory) }}
+{{- $n := int64 (regexFind "^[0-9]+" $m) }}
+{{- $unit := trimPrefix (regexFind "^[0-9]+" $m) $m }}
+{{- $mult := get (dict "" 1 "b" 1 "k" 1000 "kb" 1024 "m" 1000000 "mb" 1048576 "g" 1000000000 "gb" 1073741824) $unit }}
+{{- if and $n $mult }}{{ mul $n $mult }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Batch settings the chart sets itself, so no extraEnv may set them behind its back (the api's env
+entries would silently win over config.extraEnv, and a second api.extraEnv entry over them).
+*/}}
+{{- define "agentq.batch.check" -}}
+{{- $owned := list "AGENTQ_BATCH_QUEUE" "AGENTQ_FILE_MAX_BYTES" "AGENTQ_BATCH_MAX_REQUESTS" "AGENTQ_FILE_TTL_SECS" "AGENTQ_FILES_MAX_TOTAL_BYTES" "AGENTQ_BATCHES_MAX" }}
+{{- range $name := $owned }}
+{{- if hasKey $.Values.config.extraEnv $name }}
+{{- fail (printf "config.extraEnv: %s is set by the chart from batch.* (see values.yaml, batch)" $name) }}
+{{- end }}
+{{- end }}
+{{- $batchQueue := include "agentq.batch.enabled" $ }}
+{{- range $.Values.api.extraEnv }}
+{{- if or (has .name $owned) (and $batchQueue (eq .name "AGENTQ_QUEUES")) }}
+{{- fail (printf "api.extraEnv: %s is set by the chart (batch.*; with batch.queue, extra queues go in config.extraEnv.AGENTQ_QUEUES)" .name) }}
+{{- end }}
 {{- end }}
 {{- end }}
