@@ -861,65 +861,51 @@ async fn run(cfg: Config) -> Result<()> {
     ));
     let wf_specs = Arc::new(wf::plan(cfg.seed, cfg.secs, cfg.tasks));
     let wf_submitter = {
-        let (http, api, specs) = (
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(8))
-                .build()?,
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(8))
+            .build()?;
+        let (api, seed, give_up) = (
             s.api_url.clone(),
-            wf_specs.clone(),
+            cfg.seed,
+            chaos_end + Duration::from_secs(60),
         );
-        let (seed, give_up) = (cfg.seed, chaos_end + Duration::from_secs(60));
-        tokio::spawn(async move {
-            let mut handles = Vec::with_capacity(specs.len());
-            for i in 0..specs.len() {
-                tokio::time::sleep_until((t0 + specs[i].send_at).into()).await;
-                let (http, api, specs) = (http.clone(), api.clone(), specs.clone());
-                handles.push(tokio::spawn(async move {
-                    wf::submit(http, api, seed, &specs[i], give_up).await
-                }));
-            }
-            let mut out = Vec::with_capacity(handles.len());
-            for (w, h) in handles.into_iter().enumerate() {
-                out.push(h.await.unwrap_or_else(|e| wf::WfSubmission {
-                    w,
-                    problems: vec![format!("workflow {w}: submitter panicked: {e}")],
-                    ..wf::WfSubmission::default()
-                }));
-            }
-            out
-        })
+        paced(
+            wf_specs.clone(),
+            t0,
+            |w: &wf::WfSpec| w.send_at,
+            move |specs, i| {
+                let (http, api) = (http.clone(), api.clone());
+                async move { wf::submit(http, api, seed, &specs[i], give_up).await }
+            },
+            |w, e| wf::WfSubmission {
+                w,
+                problems: vec![format!("workflow {w}: submitter panicked: {e}")],
+                ..wf::WfSubmission::default()
+            },
+        )
     };
     let chat_specs = Arc::new(chat::plan(cfg.seed, cfg.secs, cfg.tasks));
     let chat_submitter = {
         // a stream lasts as long as its task: no whole-request timeout short of the api's wait
-        let (http, api, specs) = (
-            reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(8))
-                .timeout(Duration::from_secs(400))
-                .build()?,
-            s.api_url.clone(),
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(8))
+            .timeout(Duration::from_secs(400))
+            .build()?;
+        let (api, seed, give_up) = (s.api_url.clone(), cfg.seed, chaos_end + SETTLE_LIMIT);
+        paced(
             chat_specs.clone(),
-        );
-        let (seed, give_up) = (cfg.seed, chaos_end + SETTLE_LIMIT);
-        tokio::spawn(async move {
-            let mut handles = Vec::with_capacity(specs.len());
-            for i in 0..specs.len() {
-                tokio::time::sleep_until((t0 + specs[i].send_at).into()).await;
-                let (http, api, specs) = (http.clone(), api.clone(), specs.clone());
-                handles.push(tokio::spawn(async move {
-                    chat::submit(http, api, seed, &specs[i], give_up).await
-                }));
-            }
-            let mut out = Vec::with_capacity(handles.len());
-            for (n, h) in handles.into_iter().enumerate() {
-                out.push(h.await.unwrap_or_else(|e| chat::ChatSub {
-                    n,
-                    problems: vec![format!("chat {n}: submitter panicked: {e}")],
-                    ..chat::ChatSub::default()
-                }));
-            }
-            out
-        })
+            t0,
+            |c: &chat::ChatSpec| c.send_at,
+            move |specs, i| {
+                let (http, api) = (http.clone(), api.clone());
+                async move { chat::submit(http, api, seed, &specs[i], give_up).await }
+            },
+            |n, e| chat::ChatSub {
+                n,
+                problems: vec![format!("chat {n}: submitter panicked: {e}")],
+                ..chat::ChatSub::default()
+            },
+        )
     };
     let stop_watching = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch(s.redis.client()?, t0, stop_watching.clone()));
@@ -1145,6 +1131,36 @@ async fn run(cfg: Config) -> Result<()> {
             String::new()
         },
     )
+}
+
+/// Runs `submit(specs, i)` for every spec at its `send_at` from `t0`, each on its own tokio task
+/// (one stuck request holds up no other); the results in spec order, `lost(i, why)` for one whose
+/// task panicked.
+fn paced<S, R, F, Fut>(
+    specs: Arc<Vec<S>>,
+    t0: Instant,
+    send_at: fn(&S) -> Duration,
+    submit: F,
+    lost: fn(usize, tokio::task::JoinError) -> R,
+) -> tokio::task::JoinHandle<Vec<R>>
+where
+    S: Send + Sync + 'static,
+    R: Send + 'static,
+    F: Fn(Arc<Vec<S>>, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut handles = Vec::with_capacity(specs.len());
+        for i in 0..specs.len() {
+            tokio::time::sleep_until((t0 + send_at(&specs[i])).into()).await;
+            handles.push(tokio::spawn(submit(specs.clone(), i)));
+        }
+        let mut out = Vec::with_capacity(handles.len());
+        for (i, h) in handles.into_iter().enumerate() {
+            out.push(h.await.unwrap_or_else(|e| lost(i, e)));
+        }
+        out
+    })
 }
 
 /// Polls the statuses of `ids` until all are final; returns those that never were.

@@ -355,16 +355,7 @@ pub async fn list(
         .filter(|h| !h.is_empty())
         .map(batch_object)
         .collect();
-    let first = data.first().map(|d| d["id"].clone()).unwrap_or(Value::Null);
-    let last = data.last().map(|d| d["id"].clone()).unwrap_or(Value::Null);
-    Ok(Json(json!({
-        "object": "list",
-        "data": data,
-        "first_id": first,
-        "last_id": last,
-        "has_more": more,
-    }))
-    .into_response())
+    Ok(super::list_page(data, more))
 }
 
 /// `POST /v1/batches/{id}/cancel`: `cancelling` at once, then `cancelled` once its tasks are

@@ -709,16 +709,7 @@ pub async fn list(
             break;
         }
     }
-    let first = data.first().map(|d| d["id"].clone()).unwrap_or(Value::Null);
-    let last = data.last().map(|d| d["id"].clone()).unwrap_or(Value::Null);
-    Ok(Json(json!({
-        "object": "list",
-        "data": data,
-        "first_id": first,
-        "last_id": last,
-        "has_more": more,
-    }))
-    .into_response())
+    Ok(super::list_page(data, more))
 }
 
 /// `GET /v1/files/{id}/content`: the lines, streamed page by page (`LRANGE`), each with its

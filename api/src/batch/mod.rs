@@ -118,6 +118,21 @@ pub(crate) async fn page_of(
     Ok((ids, more))
 }
 
+/// OpenAI's list shape: `{object: "list", data, first_id, last_id, has_more}`.
+pub(crate) fn list_page(data: Vec<serde_json::Value>, more: bool) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let first = data.first().map(|d| d["id"].clone()).unwrap_or_default();
+    let last = data.last().map(|d| d["id"].clone()).unwrap_or_default();
+    axum::Json(serde_json::json!({
+        "object": "list",
+        "data": data,
+        "first_id": first,
+        "last_id": last,
+        "has_more": more,
+    }))
+    .into_response()
+}
+
 /// The loop of every api replica: drives the live batches that need it and collects what
 /// expired. Ends with `stop`.
 pub async fn run(state: AppState, stop: CancellationToken) {

@@ -17,15 +17,5 @@ node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.ex
   exit 1
 }
 
-# After a successful `npm ci` the lock file is copied to node_modules/.agentq-installed; when that
-# copy still equals package-lock.json and the CLI is there, nothing needs doing.
-stamp=node_modules/.agentq-installed
-if [ -f "$stamp" ] && [ -f node_modules/@copilotkit/aimock/dist/cli.js ] \
-  && cmp -s "$stamp" package-lock.json; then
-  exit 0
-fi
-
-echo "aimock install: npm ci in $(pwd)"
-npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
-cp package-lock.json "$stamp"
-echo "aimock install: $(node -p "require('./node_modules/@copilotkit/aimock/package.json').version") ready"
+exec bash "$(pwd)/../npm-ci.sh" "$(pwd)" aimock node_modules/@copilotkit/aimock/dist/cli.js \
+  @copilotkit/aimock
