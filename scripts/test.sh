@@ -41,7 +41,7 @@ step "unit and end-to-end tests (nextest)" cargo nextest run --workspace --locke
 step "API fuzzing (schemathesis vs /openapi.json)" bash scripts/schemathesis.sh
 step "deploy checks (helm, CRDs, checkov, hadolint, KEDA keys)" bash deploy/check.sh
 step "deploy checks from a copy with nothing beside it (no ../shared)" bash scripts/fresh-copy-check.sh
-step "k6 smoke (enqueue.js, e2e.js)" bash loadtest/smoke.sh
+step "k6 smoke (enqueue.js, e2e.js, chat.js)" bash loadtest/smoke.sh
 step "autoscaling replay (compressed)" bash loadtest/autoscale/run.sh --ci
 step "autoscaling replay under a provider quota (compressed)" bash loadtest/autoscale/run.sh --ci --scenario quota
 step "benchmark smoke" bash loadtest/bench/run.sh --smoke
