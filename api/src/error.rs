@@ -12,6 +12,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub field: Option<String>,
+    /// Seconds for `Retry-After` (a 429 quota refusal says when to come back).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -21,6 +23,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
 
@@ -39,6 +42,13 @@ impl ApiError {
             "not_found",
             format!("no such {what}"),
         )
+    }
+
+    /// 429 `quota_exceeded`: the tenant is over one of its quotas; nothing was written.
+    pub fn over_quota(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", message);
+        e.retry_after = Some(retry_after_secs.max(1));
+        e
     }
 
     pub fn unavailable() -> Self {
@@ -63,10 +73,13 @@ impl IntoResponse for ApiError {
         let body =
             json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
         let mut resp = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
+        if let Some(secs) = retry_after {
             resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from(secs),
             );
         }
         resp

@@ -291,6 +291,12 @@ async fn create_task(
             register_queue(&state, &task.queue).await;
             Status::Queued.as_str().to_owned()
         }
+        Enqueued::OverQuota { pending } => {
+            return Err(ApiError::over_quota(
+                format!("the tenant has {pending} tasks pending in this queue (its max_pending quota)"),
+                1,
+            ));
+        }
         Enqueued::Existing => {
             let current = match TaskId::parse(&id) {
                 Ok(tid) => deadline(state.broker.get(&tid)).await?.map(|v| v.status),

@@ -60,6 +60,12 @@ pub async fn create(
             tracing::info!(workflow = %id, nodes = wf.nodes.len(), "workflow accepted");
             "running".to_owned()
         }
+        Enqueued::OverQuota { pending } => {
+            return Err(ApiError::over_quota(
+                format!("the tenant has {pending} tasks pending in this queue (its max_pending quota)"),
+                1,
+            ));
+        }
         Enqueued::Existing => {
             let current = match TaskId::parse(&id) {
                 Ok(wid) => deadline(state.broker.workflow(&wid))

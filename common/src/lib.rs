@@ -6,6 +6,7 @@
 //!   `src/queue/`) or one pipeline.
 //! - [`flow`]: upstreams (which server serves a model) and the fleet-wide rate limiter.
 //! - [`task`]: what clients submit, what Redis stores, what the API shows.
+//! - [`tenant`]: tenant ids, the names they namespace, and what admission needs of a tenant.
 //! - [`chat`]: the chat-completions request a task carries (messages, tools, parameters).
 //! - [`config`]: environment variables, parsed once; bad values exit 64.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`backoff`]: shared plumbing.
@@ -25,6 +26,7 @@ pub mod queue;
 pub mod redis_conn;
 pub mod shutdown;
 pub mod task;
+pub mod tenant;
 pub mod telemetry;
 pub mod time;
 

@@ -189,6 +189,10 @@ pub struct Payload {
     /// tasks and counts their spend.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub chat_completion: bool,
+    /// The tenant the task belongs to (set by the api from the caller's token, never by a task
+    /// body); absent for the default tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl Payload {
@@ -201,6 +205,21 @@ impl Payload {
     /// The agent whose memory the task reads and extends: none for a chat completion.
     pub fn memory_agent(&self) -> Option<&str> {
         self.agent_id.as_deref().filter(|_| !self.chat_completion)
+    }
+
+    /// The tenant's id, [`crate::tenant::DEFAULT_TENANT`] when the task has none.
+    pub fn tenant(&self) -> &str {
+        self.tenant
+            .as_deref()
+            .unwrap_or(crate::tenant::DEFAULT_TENANT)
+    }
+
+    /// The name of the agent's lane and memory keys: namespaced by the tenant (see
+    /// [`crate::tenant::agent_key`]).
+    pub fn agent_key(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.agent_id
+            .as_deref()
+            .map(|a| crate::tenant::agent_key(self.tenant.as_deref(), a))
     }
 
     pub fn max_steps(&self) -> u32 {
@@ -264,6 +283,8 @@ pub struct NewTask {
     pub queue: String,
     pub max_attempts: u32,
     pub payload: Payload,
+    /// The tenant's weight and quotas in the queue (the api fills them from the tenant record).
+    pub admission: crate::tenant::Admission,
 }
 
 /// `metadata`: any JSON object, up to [`MAX_METADATA_BYTES`] serialized.
@@ -451,7 +472,9 @@ impl CreateTask {
                 mcp,
                 workflow: None,
                 chat_completion: false,
+                tenant: None,
             },
+            admission: Default::default(),
         })
     }
 }

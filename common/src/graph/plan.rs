@@ -178,6 +178,8 @@ pub fn children(
             mcp,
             workflow: None,
             chat_completion: false,
+            // a plan's children belong to the plan's tenant
+            tenant: plan.tenant.clone(),
         });
     }
     Ok(out)
@@ -253,6 +255,7 @@ mod tests {
             ],
             workflow: None,
             chat_completion: false,
+            tenant: None,
         };
         let sub = |tools: &[&str], model: Option<&str>| Subtask {
             prompt: "p".into(),

@@ -95,6 +95,9 @@ pub enum Enqueued {
     Created,
     /// The idempotency key had already created this task.
     Existing,
+    /// Nothing was written: the tenant already has `max_pending` tasks waiting in the queue
+    /// (`Admission::max_pending`); `pending` is how many.
+    OverQuota { pending: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
