@@ -283,8 +283,6 @@ pub struct NewTask {
     pub queue: String,
     pub max_attempts: u32,
     pub payload: Payload,
-    /// The tenant's weight and quotas in the queue (the api fills them from the tenant record).
-    pub admission: crate::tenant::Admission,
 }
 
 /// `metadata`: any JSON object, up to [`MAX_METADATA_BYTES`] serialized.
@@ -474,7 +472,6 @@ impl CreateTask {
                 chat_completion: false,
                 tenant: None,
             },
-            admission: Default::default(),
         })
     }
 }

@@ -53,10 +53,10 @@ pub fn idempotency_key<'a>(tenant: Option<&str>, key: &'a str) -> Cow<'a, str> {
     }
 }
 
-/// What enqueueing needs to know about the task's tenant: its weight in the queue's fair
-/// rotation and its per-queue quotas. The api passes it with every enqueue; the queue keeps the
-/// latest weight and running cap per tenant in its own slot (never in a global key), so the
-/// scripts that use them stay single-slot.
+/// What a queue needs to know about a tenant: its weight in the queue's fair rotation and its
+/// per-queue quotas. The api copies it into every declared queue's `tenants` hash (one slot per
+/// queue, never a global key) when a tenant is created or changed and at start, so the scripts
+/// that enforce it stay single-slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Admission {
     /// Turns per round in the queue's rotation across tenants with pending work (1..=100).
