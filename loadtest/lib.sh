@@ -258,6 +258,8 @@ lt_start_stack() {
   export AGENTQ_KEY_PREFIX="$LT_PREFIX" AGENTQ_QUEUE="$LT_QUEUE"
   export AGENTQ_HEARTBEAT_SECS="${AGENTQ_HEARTBEAT_SECS:-10}"
   export AGENTQ_DRAIN_TIMEOUT_SECS="${AGENTQ_DRAIN_TIMEOUT_SECS:-15}"
+  # A private stack on loopback: the api open (no tokens), as k6 and the replay send none.
+  export AGENTQ_AUTH="${AGENTQ_AUTH:-off}"
   # Quick retries, so injected LLM errors are retried within the run.
   export AGENTQ_RETRY_BASE_MS="${AGENTQ_RETRY_BASE_MS:-100}"
   export AGENTQ_RETRY_MAX_MS="${AGENTQ_RETRY_MAX_MS:-2000}"

@@ -71,13 +71,31 @@ else
 fi
 
 echo "==> agentq-api on 127.0.0.1:$api_port, agentq-worker (concurrency 4) probes on 127.0.0.1:$worker_port"
-AGENTQ_LISTEN=127.0.0.1:$api_port "$bin/agentq-api" >"$run/api.log" 2>&1 &
+# Auth on, as in production: a fresh admin token for this run only (never printed).
+admin_token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "    auth: on (AGENTQ_AUTH=on; a one-run admin token, a tenant \"demo\" with its own token)"
+AGENTQ_AUTH=on AGENTQ_ADMIN_TOKEN=$admin_token AGENTQ_LISTEN=127.0.0.1:$api_port "$bin/agentq-api" >"$run/api.log" 2>&1 &
 pids=("$!" "${pids[@]}")
 AGENTQ_LISTEN=127.0.0.1:$worker_port WORKER_CONCURRENCY=4 "$bin/agentq-worker" >"$run/worker.log" 2>&1 &
 pids=("$!" "${pids[@]}")
 api=http://127.0.0.1:$api_port
 wait_http "$api/readyz"
 wait_http "http://127.0.0.1:$worker_port/readyz"
+
+echo "==> tenants and tokens"
+echo "    no token: $(command curl -sS -o /dev/null -w '%{http_code}' -X POST "$api/v1/tasks" -H 'content-type: application/json' -d '{"prompt": "hi"}') (401)"
+command curl -fsS -X POST "$api/v1/admin/tenants" -H "Authorization: Bearer $admin_token" \
+  -H 'content-type: application/json' -d '{"id": "demo", "weight": 1, "quotas": {"enqueue_rate": 50}}' >/dev/null
+tenant_token=$(command curl -fsS -X POST "$api/v1/admin/tenants/demo/tokens" -H "Authorization: Bearer $admin_token" \
+  -H 'content-type: application/json' -d '{}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+echo "    tenant demo created by the admin, with a token shown once (agentq_<id>_...); every call below uses it"
+other=$(command curl -fsS -X POST "$api/v1/tasks" -H "Authorization: Bearer $admin_token" \
+  -H 'content-type: application/json' -d '{"prompt": "The operator'"'"'s own task"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+echo "    another tenant's task is invisible: GET $other with the demo token -> $(command curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tenant_token" "$api/v1/tasks/$other") (404)"
+# every request to the api from here on carries the tenant's token
+curl() { command curl -H "Authorization: Bearer $tenant_token" "$@"; }
+# (and the Python snippets' requests, through AGENTQ_TOKEN)
+export AGENTQ_TOKEN=$tenant_token
 
 post() { curl -fsS -X POST "$api/v1/tasks" -H 'content-type: application/json' "$@"; }
 id_of() { python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'; }
@@ -119,6 +137,7 @@ if [ -n "$mock" ]; then
   ids+=("$tool_id")
   python3 - "$api" "$tool_id" <<'PY'
 import json, sys, time, urllib.request
+_o = urllib.request.build_opener(); _o.addheaders = [("Authorization", "Bearer " + __import__("os").environ["AGENTQ_TOKEN"])]; urllib.request.install_opener(_o)
 api, tid = sys.argv[1], sys.argv[2]
 get = lambda path: json.load(urllib.request.urlopen(api + path, timeout=5))
 for _ in range(120):
@@ -173,6 +192,7 @@ for line in sys.stdin:
 echo "==> the OpenAI-compatible front door (POST /v1/chat/completions): any OpenAI SDK pointed at $api/v1"
 python3 - "$api" "${AGENTQ_MODEL:-gpt-4o-mini}" "${mock:-}" <<'PY'
 import json, sys, urllib.request
+_o = urllib.request.build_opener(); _o.addheaders = [("Authorization", "Bearer " + __import__("os").environ["AGENTQ_TOKEN"])]; urllib.request.install_opener(_o)
 api, model, mock = sys.argv[1], sys.argv[2], sys.argv[3]
 pace = " [[stream_rate:12]]" if mock else ""
 def call(body):
@@ -202,6 +222,7 @@ PY
 echo "==> workflows (POST /v1/workflows): a chain, a fan-out with a join, a planner and its workers"
 python3 - "$api" "${mock:-}" <<'PY'
 import json, sys, time, urllib.request
+_o = urllib.request.build_opener(); _o.addheaders = [("Authorization", "Bearer " + __import__("os").environ["AGENTQ_TOKEN"])]; urllib.request.install_opener(_o)
 api, mock = sys.argv[1], sys.argv[2] == "1"
 def call(method, path, body=None):
     req = urllib.request.Request(api + path, method=method,
@@ -249,6 +270,7 @@ PY
 echo "==> progress (GET /v1/queues/default and GET /v1/tasks/{id}, every 0.5 s)"
 python3 - "$api" "${ids[@]}" <<'PY'
 import json, sys, time, urllib.request
+_o = urllib.request.build_opener(); _o.addheaders = [("Authorization", "Bearer " + __import__("os").environ["AGENTQ_TOKEN"])]; urllib.request.install_opener(_o)
 api, ids = sys.argv[1], sys.argv[2:]
 get = lambda path: json.load(urllib.request.urlopen(api + path, timeout=5))
 for _ in range(240):

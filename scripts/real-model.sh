@@ -116,9 +116,10 @@ export OPENAI_BASE_URL=http://127.0.0.1:$llm_port/v1 OPENAI_API_KEY="" AGENTQ_MO
 concurrency=${WORKER_CONCURRENCY:-1}
 
 echo "==> agentq-api on 127.0.0.1:$api_port, agentq-worker (concurrency $concurrency) probes on 127.0.0.1:$worker_port"
+echo "    auth: off (AGENTQ_AUTH=off: a private api on loopback, no tokens)"
 echo "    OPENAI_BASE_URL=$OPENAI_BASE_URL OPENAI_API_KEY='' AGENTQ_MODEL=$AGENTQ_MODEL"
 echo "    AGENTQ_MAX_TOKENS=$AGENTQ_MAX_TOKENS AGENTQ_LLM_TIMEOUT_SECS=$AGENTQ_LLM_TIMEOUT_SECS"
-AGENTQ_LISTEN=127.0.0.1:$api_port "$bin/agentq-api" >"$run/api.log" 2>&1 &
+AGENTQ_AUTH=off AGENTQ_LISTEN=127.0.0.1:$api_port "$bin/agentq-api" >"$run/api.log" 2>&1 &
 pids=("$!" "${pids[@]}")
 AGENTQ_LISTEN=127.0.0.1:$worker_port WORKER_CONCURRENCY=$concurrency "$bin/agentq-worker" >"$run/worker.log" 2>&1 &
 pids=("$!" "${pids[@]}")

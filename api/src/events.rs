@@ -882,6 +882,7 @@ fn cursor(
 /// `GET /v1/tasks/{id}/events`
 pub async fn task_events(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     Path(raw): Path<String>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
@@ -889,17 +890,7 @@ pub async fn task_events(
     let id = crate::routes::parse_id(&raw)?;
     let cursor = cursor(&headers, query)?;
     let keys = state.broker.keys(id.queue());
-    let exists = deadline(async {
-        let mut conn = state.broker.redis().conn().await?;
-        redis::cmd("EXISTS")
-            .arg(keys.task(&id))
-            .query_async::<bool>(&mut conn)
-            .await
-    })
-    .await?;
-    if !exists {
-        return Err(ApiError::not_found("task"));
-    }
+    owned(&state, &caller, &keys.task(&id), "task").await?;
     let key = keys.task_events(&id);
     serve(state, Of::Task(id), key, cursor)
 }
@@ -907,6 +898,7 @@ pub async fn task_events(
 /// `GET /v1/workflows/{id}/events`
 pub async fn workflow_events(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     Path(raw): Path<String>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
@@ -914,20 +906,33 @@ pub async fn workflow_events(
     let id = TaskId::parse(&raw).map_err(|_| ApiError::not_found("workflow"))?;
     let cursor = cursor(&headers, query)?;
     let keys = state.broker.keys(id.queue());
-    let wf = keys.workflow(&id.to_string());
-    let exists = deadline(async {
+    owned(&state, &caller, &keys.workflow(&id.to_string()), "workflow").await?;
+    let key = keys.workflow_events(&id.to_string());
+    serve(state, Of::Workflow(id), key, cursor)
+}
+
+/// 404 unless the record at `key` (a task or workflow hash) exists and the caller sees it (its
+/// `tenant` field; another tenant's record answers like a missing one).
+pub(crate) async fn owned(
+    state: &AppState,
+    caller: &crate::auth::Caller,
+    key: &str,
+    what: &str,
+) -> Result<(), ApiError> {
+    let (exists, tenant): (bool, Option<String>) = deadline(async {
         let mut conn = state.broker.redis().conn().await?;
-        redis::cmd("EXISTS")
-            .arg(&wf)
-            .query_async::<bool>(&mut conn)
+        redis::pipe()
+            .exists(key)
+            .hget(key, "tenant")
+            .query_async(&mut conn)
             .await
     })
     .await?;
-    if !exists {
-        return Err(ApiError::not_found("workflow"));
+    if exists && caller.sees(tenant.as_deref()) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(what))
     }
-    let key = keys.workflow_events(&id.to_string());
-    serve(state, Of::Workflow(id), key, cursor)
 }
 
 /// One of the `AGENTQ_MAX_STREAMS` places, or `None` when all are taken (counted in

@@ -5,6 +5,7 @@
 //! Failure policy: client mistakes get a 4xx naming the field and write nothing; Redis trouble
 //! gets a 503 within a few seconds (never a 500 or a hang); nothing here retries on its own.
 
+pub mod auth;
 mod batch;
 mod budgets;
 pub mod error;
@@ -12,6 +13,7 @@ mod events;
 pub mod openai;
 mod promote;
 mod routes;
+mod tenants;
 mod tools;
 mod upstreams;
 mod workflows;
@@ -46,6 +48,8 @@ pub struct AppState {
     pub openapi: axum::body::Bytes,
     /// The reader of live event streams (`events.rs`).
     pub hub: events::Hub,
+    /// Tokens, blocked sources and the tenant cache (`auth.rs`, `tenants.rs`).
+    pub auth: auth::AuthState,
 }
 
 impl AppState {
@@ -66,6 +70,7 @@ impl AppState {
         )?;
         Ok(Self {
             hub,
+            auth: auth::AuthState::default(),
             limiter,
             budgets,
             openapi: routes::openapi_for(&config.queues).into(),
@@ -116,6 +121,25 @@ pub async fn run(
         prefix = %state.config.common.key_prefix,
         "agentq-api serving"
     );
+    if state.config.auth.enabled {
+        tracing::info!(auth = "on", "every /v1 route needs a bearer token (AGENTQ_AUTH=on)");
+    } else {
+        tracing::warn!(
+            auth = "off",
+            "AGENTQ_AUTH=off: the api is open to anyone who can reach it; use only on a trusted machine"
+        );
+    }
+    // the tenants' weights and caps into every declared queue, once (tenants.rs)
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            match tenants::sync_all(&state).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(tenants = n, "tenant admission settings synced to the queues"),
+                Err(e) => tracing::warn!(error = %e, "tenant admission settings not synced"),
+            }
+        });
+    }
     tokio::spawn(check_stream_nodes(state.broker.redis().clone()));
     let stop = tokio_util::sync::CancellationToken::new();
     let promoter = tokio::spawn(promote::run(state.clone(), stop.clone()));
@@ -127,7 +151,11 @@ pub async fn run(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     });
-    axum::serve(listener, app(state))
+    // the peer address: failed authentications are counted per source (auth.rs)
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
         .with_graceful_shutdown(async move {
             shutdown.await;
             streams.cancel();

@@ -17,6 +17,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::{AppState, MAX_BODY_BYTES};
 
@@ -118,6 +119,24 @@ pub fn app(state: AppState) -> Router {
             "/v1/batches/{id}/cancel",
             post(crate::batch::batches::cancel),
         )
+        .route(
+            "/v1/admin/tenants",
+            post(crate::tenants::create).get(crate::tenants::list),
+        )
+        .route(
+            "/v1/admin/tenants/{id}",
+            get(crate::tenants::get)
+                .patch(crate::tenants::patch)
+                .delete(crate::tenants::delete),
+        )
+        .route(
+            "/v1/admin/tenants/{id}/tokens",
+            post(crate::tenants::create_token).get(crate::tenants::list_tokens),
+        )
+        .route(
+            "/v1/admin/tenants/{id}/tokens/{token_id}",
+            axum::routing::delete(crate::tenants::revoke_token),
+        )
         .route("/v1/models", get(crate::openai::list_models))
         .route("/v1/models/{model}", get(crate::openai::get_model))
         .route("/healthz", get(healthz))
@@ -127,6 +146,11 @@ pub fn app(state: AppState) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // inside `track`: a refused request is still counted, by its route
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::layer,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -259,12 +283,14 @@ pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
 
 async fn create_task(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let idem = idempotency_key(&headers)?;
+    let idem = idempotency_key(&headers)?
+        .map(|k| agentq_common::tenant::idempotency_key(caller.tenant(), &k).into_owned());
     let req: CreateTask = json_body(&headers, body)?;
-    let task = req
+    let mut task = req
         .validate(
             &state.config.default_queue,
             state.config.common.max_attempts,
@@ -279,6 +305,8 @@ async fn create_task(
     if !state.config.declares(&task.queue) {
         return Err(undeclared(&task.queue));
     }
+    task.payload.tenant = caller.tenant().map(str::to_owned);
+    crate::tenants::admit(&state, &caller).await?;
     let ttl = state.config.common.result_ttl;
     let (id, outcome) = deadline(state.broker.enqueue(&task, idem.as_deref(), ttl)).await?;
     let status = match outcome {
@@ -291,12 +319,7 @@ async fn create_task(
             register_queue(&state, &task.queue).await;
             Status::Queued.as_str().to_owned()
         }
-        Enqueued::OverQuota { pending } => {
-            return Err(ApiError::over_quota(
-                format!("the tenant has {pending} tasks pending in this queue (its max_pending quota)"),
-                1,
-            ));
-        }
+        Enqueued::OverQuota { pending } => return Err(over_pending(&state, pending)),
         Enqueued::Existing => {
             let current = match TaskId::parse(&id) {
                 Ok(tid) => deadline(state.broker.get(&tid)).await?.map(|v| v.status),
@@ -319,6 +342,19 @@ async fn create_task(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(resp)
+}
+
+/// 429 for a tenant at its `max_pending` quota in the queue (nothing was written).
+pub(crate) fn over_pending(state: &AppState, pending: u64) -> ApiError {
+    state
+        .metrics
+        .quota_refusals
+        .with_label_values(&["max_pending"])
+        .inc();
+    ApiError::over_quota(
+        format!("the tenant has {pending} tasks pending in this queue (its max_pending quota)"),
+        1,
+    )
 }
 
 /// Adds a declared queue to the `agentq:queues` set on its first task; once per queue per process.
@@ -358,6 +394,7 @@ pub(crate) struct GetTaskQuery {
 
 async fn get_task(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
     query: Result<Query<GetTaskQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -380,16 +417,31 @@ async fn get_task(
         deadline(state.broker.get(&id)).await?
     };
     match view {
-        Some(view) => Ok(Json(view).into_response()),
-        None => Err(ApiError::not_found("task")),
+        Some(view) if caller.sees(view.tenant.as_deref()) => Ok(Json(view).into_response()),
+        _ => Err(ApiError::not_found("task")),
+    }
+}
+
+/// 404 unless the task exists and the caller sees it: another tenant's task answers exactly
+/// like a missing one.
+pub(crate) async fn check_task(
+    state: &AppState,
+    caller: &Caller,
+    id: &TaskId,
+) -> Result<agentq_common::task::TaskView, ApiError> {
+    match deadline(state.broker.get(id)).await? {
+        Some(v) if caller.sees(v.tenant.as_deref()) => Ok(v),
+        _ => Err(ApiError::not_found("task")),
     }
 }
 
 async fn cancel_task(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
+    check_task(&state, &caller, &id).await?;
     match cancel(&state, &id).await? {
         CancelOutcome::Cancelled => {
             Ok(Json(json!({"id": raw, "status": "cancelled"})).into_response())
@@ -414,7 +466,8 @@ pub(crate) async fn cancel(state: &AppState, id: &TaskId) -> Result<CancelOutcom
         {
             if let Some(agent) = view.agent_id {
                 let keys = state.broker.keys(id.queue());
-                let _ = state.broker.lane_release(&keys, &agent).await;
+                let lane = agentq_common::tenant::agent_key(view.tenant.as_deref(), &agent);
+                let _ = state.broker.lane_release(&keys, &lane).await;
             }
         }
     }
@@ -460,23 +513,86 @@ fn limit(
 
 async fn list_dead(
     State(state): State<AppState>,
+    caller: Caller,
     Path(queue): Path<String>,
     q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     check_queue(&state, &queue)?;
     let n = limit(q)?;
-    let tasks = deadline(state.broker.dead(&queue, n)).await?;
+    let tasks = match caller.tenant() {
+        // the admin sees every tenant's dead letters
+        None => deadline(state.broker.dead(&queue, n)).await?,
+        Some(t) => deadline(state.broker.dead_of(&queue, Some(t), n)).await?,
+    };
     Ok(Json(json!({"queue": queue, "tasks": tasks})).into_response())
+}
+
+/// `POST .../dead/redrive` body: the dead tasks to redrive (else the oldest `limit`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedriveBody {
+    ids: Option<Vec<String>>,
 }
 
 async fn redrive_dead(
     State(state): State<AppState>,
+    caller: Caller,
     Path(queue): Path<String>,
     q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
     check_queue(&state, &queue)?;
     let n = limit(q)?;
-    let (redriven, dropped) = deadline(state.broker.redrive(&queue, n)).await?;
+    let named = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let de = &mut serde_json::Deserializer::from_slice(&body);
+        let b: RedriveBody = serde_path_to_error::deserialize(de).map_err(body_error)?;
+        b.ids
+    };
+    let ids: Option<Vec<String>> = match named {
+        Some(ids) => {
+            if ids.is_empty() || ids.len() > MAX_LIST_LIMIT {
+                return Err(ApiError::invalid(
+                    "ids",
+                    format!("must name 1 to {MAX_LIST_LIMIT} task ids"),
+                ));
+            }
+            let mut own = Vec::with_capacity(ids.len());
+            for (i, raw) in ids.iter().enumerate() {
+                let id = TaskId::parse(raw).map_err(|_| {
+                    ApiError::invalid(format!("ids[{i}]"), "not a task id")
+                })?;
+                if id.queue() != queue {
+                    return Err(ApiError::invalid(
+                        format!("ids[{i}]"),
+                        format!("not a task of queue {queue:?}"),
+                    ));
+                }
+                // another tenant's id is skipped exactly like an id that is not dead
+                if let Some(v) = deadline(state.broker.get(&id)).await? {
+                    if caller.sees(v.tenant.as_deref()) {
+                        own.push(raw.clone());
+                    }
+                }
+            }
+            Some(own)
+        }
+        None => match caller.tenant() {
+            None => None,
+            Some(t) => Some(
+                deadline(state.broker.dead_of(&queue, Some(t), n))
+                    .await?
+                    .into_iter()
+                    .map(|d| d.id)
+                    .collect(),
+            ),
+        },
+    };
+    let (redriven, dropped) = match ids {
+        Some(ids) => deadline(state.broker.redrive_ids(&queue, &ids)).await?,
+        None => deadline(state.broker.redrive(&queue, n)).await?,
+    };
     Ok(Json(json!({"queue": queue, "redriven": redriven, "dropped": dropped})).into_response())
 }
 

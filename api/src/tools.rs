@@ -31,11 +31,13 @@ struct ToolOutput {
 
 pub(crate) async fn submit_tool_outputs(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     Path(raw): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
+    crate::routes::check_task(&state, &caller, &id).await?;
     let req: ToolOutputs = json_body(&headers, body)?;
     let keys = state.broker.keys(id.queue());
     let (status, pending) =

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::routes::{deadline, idempotency_key, json_body, register_queue, undeclared};
 use crate::AppState;
@@ -24,12 +25,14 @@ fn parse_workflow_id(raw: &str) -> Result<TaskId, ApiError> {
 /// and the nodes without parents are queued.
 pub async fn create(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let idem = idempotency_key(&headers)?;
+    let idem = idempotency_key(&headers)?
+        .map(|k| agentq_common::tenant::idempotency_key(caller.tenant(), &k).into_owned());
     let req: CreateWorkflow = json_body(&headers, body)?;
-    let wf = req
+    let mut wf = req
         .validate(
             &state.config.default_queue,
             state.config.common.max_attempts,
@@ -47,6 +50,11 @@ pub async fn create(
         n.task.check_mcp(&state.config.mcp).map_err(at)?;
     }
     debug_assert!(wf.nodes.len() <= MAX_NODES);
+    // every node (and the plans' children, which inherit it) belongs to the caller's tenant
+    for n in &mut wf.nodes {
+        n.task.payload.tenant = caller.tenant().map(str::to_owned);
+    }
+    crate::tenants::admit(&state, &caller).await?;
     let ttl = state.config.common.result_ttl;
     let (id, outcome) = deadline(state.broker.create_workflow(&wf, idem.as_deref(), ttl)).await?;
     let status = match outcome {
@@ -60,12 +68,7 @@ pub async fn create(
             tracing::info!(workflow = %id, nodes = wf.nodes.len(), "workflow accepted");
             "running".to_owned()
         }
-        Enqueued::OverQuota { pending } => {
-            return Err(ApiError::over_quota(
-                format!("the tenant has {pending} tasks pending in this queue (its max_pending quota)"),
-                1,
-            ));
-        }
+        Enqueued::OverQuota { pending } => return Err(crate::routes::over_pending(&state, pending)),
         Enqueued::Existing => {
             let current = match TaskId::parse(&id) {
                 Ok(wid) => deadline(state.broker.workflow(&wid))
@@ -96,9 +99,11 @@ pub async fn create(
 /// `GET /v1/workflows/{id}`.
 pub async fn get(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_workflow_id(&raw)?;
+    owner_check(&state, &caller, &id).await?;
     match deadline(state.broker.workflow(&id)).await? {
         Some(view) => Ok(Json(view).into_response()),
         None => Err(ApiError::not_found("workflow")),
@@ -109,9 +114,11 @@ pub async fn get(
 /// its call (the `cancels` channel).
 pub async fn cancel(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_workflow_id(&raw)?;
+    owner_check(&state, &caller, &id).await?;
     match deadline(
         state
             .broker
@@ -130,4 +137,10 @@ pub async fn cancel(
         )
         .field("id")),
     }
+}
+
+/// 404 unless the workflow exists and belongs to the caller's tenant (the admin sees all).
+async fn owner_check(state: &AppState, caller: &Caller, id: &TaskId) -> Result<(), ApiError> {
+    let key = state.broker.keys(id.queue()).workflow(&id.to_string());
+    crate::events::owned(state, caller, &key, "workflow").await
 }

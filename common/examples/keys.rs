@@ -14,6 +14,11 @@ fn main() {
     let k = Keys::new(&prefix, &queue);
     let json = serde_json::json!({
         "pending": k.pending(),
+        "tenant_pending_prefix": k.tenant_pending_prefix(),
+        "ring": k.ring(),
+        "turns": k.turns(),
+        "running": k.running(),
+        "tenants": k.tenants(),
         "active": k.active(),
         "delayed": k.delayed(),
         "throttled": k.throttled(),

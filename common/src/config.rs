@@ -65,6 +65,19 @@ pub const ENV_STREAM_BUFFER: &str = "AGENTQ_STREAM_BUFFER";
 pub const ENV_CHAT_WAIT_SECS: &str = "AGENTQ_CHAT_WAIT_SECS";
 /// `on`: a chat-completions client that hangs up cancels its task (default `off`: it runs on).
 pub const ENV_CHAT_CANCEL_ON_DISCONNECT: &str = "AGENTQ_CHAT_CANCEL_ON_DISCONNECT";
+/// `on` (default): every `/v1/*` route needs a bearer token; `off`: open, for local use.
+pub const ENV_AUTH: &str = "AGENTQ_AUTH";
+/// The admin token (manages tenants and their tokens, sees everything); required with auth on.
+pub const ENV_ADMIN_TOKEN: &str = "AGENTQ_ADMIN_TOKEN";
+/// Optional: a token `/metrics` then requires (unset: `/metrics` stays open).
+pub const ENV_METRICS_TOKEN: &str = "AGENTQ_METRICS_TOKEN";
+/// Failed authentications one source address may make per minute before it gets 429s.
+pub const ENV_AUTH_FAIL_LIMIT: &str = "AGENTQ_AUTH_FAIL_LIMIT";
+/// Most tenants, and most live tokens per tenant (admin-made state stays bounded too).
+pub const ENV_MAX_TENANTS: &str = "AGENTQ_MAX_TENANTS";
+pub const ENV_MAX_TOKENS_PER_TENANT: &str = "AGENTQ_MAX_TOKENS_PER_TENANT";
+/// Shortest admin or metrics token accepted: a short secret is a guessable one.
+pub const MIN_SECRET_LEN: usize = 16;
 /// The Batch API (docs/architecture.md, "Batch API"): the largest file `POST /v1/files` takes.
 pub const ENV_FILE_MAX_BYTES: &str = "AGENTQ_FILE_MAX_BYTES";
 /// Most lines (requests) of one batch input file.
@@ -306,6 +319,79 @@ pub struct ApiConfig {
     pub chat_cancel_on_disconnect: bool,
     /// The Batch API's limits and queue (`AGENTQ_FILE_*`, `AGENTQ_BATCH*`).
     pub batch: BatchConfig,
+    /// Tokens and tenants (`AGENTQ_AUTH`, `AGENTQ_ADMIN_TOKEN`, ...).
+    pub auth: AuthConfig,
+}
+
+/// Authentication settings. The secrets are [`SecretString`]s: they never reach a log line or
+/// an error message (a config error names the variable, not the value).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub enabled: bool,
+    pub admin_token: Option<SecretString>,
+    pub metrics_token: Option<SecretString>,
+    pub fail_limit: u32,
+    pub max_tenants: usize,
+    pub max_tokens_per_tenant: usize,
+}
+
+impl AuthConfig {
+    /// Auth off: everything open, as before tenants existed.
+    pub fn off() -> Self {
+        Self {
+            enabled: false,
+            admin_token: None,
+            metrics_token: None,
+            fail_limit: 20,
+            max_tenants: 1000,
+            max_tokens_per_tenant: 100,
+        }
+    }
+
+    fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let enabled = match string(env, ENV_AUTH, "on").trim() {
+            "on" => true,
+            "off" => false,
+            other => {
+                return Err(ConfigError {
+                    var: ENV_AUTH,
+                    message: format!("must be on or off (got {other:?})"),
+                })
+            }
+        };
+        let secret = |var: &'static str| -> Result<Option<SecretString>, ConfigError> {
+            match env.get(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
+                None => Ok(None),
+                // the value is never echoed: only its length is judged
+                Some(v) if v.len() < MIN_SECRET_LEN => Err(ConfigError {
+                    var,
+                    message: format!("must be at least {MIN_SECRET_LEN} characters"),
+                }),
+                Some(v) if !v.bytes().all(|b| b.is_ascii_graphic()) => Err(ConfigError {
+                    var,
+                    message: "must be printable ASCII without spaces".into(),
+                }),
+                Some(v) => Ok(Some(SecretString::from(v))),
+            }
+        };
+        let admin_token = secret(ENV_ADMIN_TOKEN)?;
+        if enabled && admin_token.is_none() {
+            return Err(ConfigError {
+                var: ENV_ADMIN_TOKEN,
+                message: "must be set while AGENTQ_AUTH is on (the default); set \
+                          AGENTQ_AUTH=off for an open api on a trusted machine"
+                    .into(),
+            });
+        }
+        Ok(Self {
+            enabled,
+            admin_token,
+            metrics_token: secret(ENV_METRICS_TOKEN)?,
+            fail_limit: ranged(env, ENV_AUTH_FAIL_LIMIT, 20, 1, 1_000_000)?,
+            max_tenants: ranged(env, ENV_MAX_TENANTS, 1000, 1, 100_000)?,
+            max_tokens_per_tenant: ranged(env, ENV_MAX_TOKENS_PER_TENANT, 100, 1, 10_000)?,
+        })
+    }
 }
 
 /// The Batch API's settings (docs/architecture.md, "Batch API").
@@ -415,6 +501,7 @@ impl ApiConfig {
         )? as u32;
         let batch = BatchConfig::from_env(env, &default_queue, &queues)?;
         Ok(Self {
+            auth: AuthConfig::from_env(env)?,
             common,
             batch,
             default_queue,
@@ -711,11 +798,37 @@ impl WorkerConfig {
 mod tests {
     use super::*;
 
+    /// The given variables; the api's checks below run with auth off unless they set it.
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
+        let mut m: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+            .collect();
+        m.entry(ENV_AUTH.to_owned()).or_insert_with(|| "off".into());
+        m
+    }
+
+    #[test]
+    fn auth_needs_an_admin_token_and_never_echoes_it() {
+        let mut e = env(&[]);
+        e.remove(ENV_AUTH);
+        let err = ApiConfig::from_env(&e).expect_err("auth on by default needs the admin token");
+        assert_eq!(err.var, ENV_ADMIN_TOKEN);
+        let err = ApiConfig::from_env(&env(&[(ENV_AUTH, "on"), (ENV_ADMIN_TOKEN, "short-secret")]))
+            .expect_err("too short");
+        assert_eq!(err.var, ENV_ADMIN_TOKEN);
+        assert!(!err.to_string().contains("short-secret"), "{err}");
+        let err = ApiConfig::from_env(&env(&[(ENV_AUTH, "maybe")])).expect_err("on|off");
+        assert_eq!(err.var, ENV_AUTH);
+        let a = ApiConfig::from_env(&env(&[
+            (ENV_AUTH, "on"),
+            (ENV_ADMIN_TOKEN, "0123456789abcdef-admin"),
+        ]))
+        .expect("valid");
+        assert!(a.auth.enabled);
+        assert!(!format!("{:?}", a.auth).contains("0123456789abcdef"));
+        let a = ApiConfig::from_env(&env(&[])).expect("off");
+        assert!(!a.auth.enabled);
     }
 
     #[test]

@@ -84,10 +84,47 @@ impl Keys {
         }
     }
 
-    /// LIST of task ids waiting to run. Producers LPUSH, workers move from the right: FIFO.
-    /// This is the key KEDA's redis scaler watches (`listName`).
+    /// LIST of tickets ([`TICKET`]), one per task id waiting in any tenant's line
+    /// ([`Self::tenant_pending`]), so its LLEN is the queue's pending work: the key KEDA's redis
+    /// scaler watches (`listName`) and the one a worker's blocking wait (BLMOVE) watches.
+    /// `fetch.lua` spends each ticket on the tenant whose turn it is (`common/src/queue/fair.lua`).
     pub fn pending(&self) -> String {
         format!("{}:pending", self.base)
+    }
+
+    /// LIST of one tenant's task ids waiting to run in this queue: LPUSH at the back, RPUSH at the
+    /// head (give-backs, parked turns), taken from the right: FIFO within the tenant.
+    pub fn tenant_pending(&self, tenant: &str) -> String {
+        format!("{}{tenant}", self.tenant_pending_prefix())
+    }
+
+    /// `tenant_pending(t)` without the tenant.
+    pub fn tenant_pending_prefix(&self) -> String {
+        format!("{}:pending:", self.base)
+    }
+
+    /// LIST of the tenants whose line ([`Self::tenant_pending`]) is not empty, each once, in turn
+    /// order (the head, at the left, is served next).
+    pub fn ring(&self) -> String {
+        format!("{}:ring", self.base)
+    }
+
+    /// HASH tenant → turns the ring's head tenant has taken in its current visit (only tenants
+    /// of weight above 1 have a field, and only mid-visit).
+    pub fn turns(&self) -> String {
+        format!("{}:turns", self.base)
+    }
+
+    /// HASH tenant → the tenant's runs in flight in this queue (started by `fetch.lua`, counted
+    /// off by whichever script removes the run's token), for `max_running`.
+    pub fn running(&self) -> String {
+        format!("{}:running", self.base)
+    }
+
+    /// HASH of the tenants' admission in this queue: `w:<tenant>` weight, `p:<tenant>` most
+    /// pending, `r:<tenant>` most running (absent: weight 1, no cap). Written by the api.
+    pub fn tenants(&self) -> String {
+        format!("{}:tenants", self.base)
     }
 
     /// ZSET of task ids being run (member id, score = start time in ms). Its ZCARD is the queue's
@@ -234,6 +271,10 @@ impl Keys {
     }
 }
 
+/// The element of a queue's `pending` list: one per task id waiting in a tenant's line. Never a
+/// task id (ids are `<queue>.<uuid>`).
+pub const TICKET: &str = "~";
+
 /// SET of queue names that have seen a task, for the api's queue-depth gauges.
 /// Written with single commands only (it is not in any queue's slot).
 pub fn queues_registry(prefix: &str) -> String {
@@ -315,6 +356,14 @@ mod tests {
     fn key_layout_is_stable() {
         let k = Keys::new("agentq", "default");
         assert_eq!(k.pending(), "agentq:{default}:pending");
+        assert_eq!(k.tenant_pending("acme"), "agentq:{default}:pending:acme");
+        assert_eq!(k.tenant_pending_prefix(), "agentq:{default}:pending:");
+        assert_eq!(k.ring(), "agentq:{default}:ring");
+        assert_eq!(k.turns(), "agentq:{default}:turns");
+        assert_eq!(k.running(), "agentq:{default}:running");
+        assert_eq!(k.tenants(), "agentq:{default}:tenants");
+        // the scripts derive these from the pending key: `<base>pending` minus 7 characters
+        assert_eq!(k.base(), &k.pending()[..k.pending().len() - 7]);
         assert_eq!(k.active(), "agentq:{default}:active");
         assert_eq!(k.delayed(), "agentq:{default}:delayed");
         assert_eq!(k.dead(), "agentq:{default}:dead");

@@ -96,6 +96,12 @@ pub struct ApiMetrics {
     pub batch_requests: IntCounterVec,
     /// agentq_files_bytes: the bytes stored files are charged together (read at scrape)
     pub files_bytes: IntGauge,
+    /// agentq_auth_failures_total: `/v1/*` requests refused 401 (no, bad, revoked or expired
+    /// token); the source is in the log line, never a label
+    pub auth_failures: prometheus::IntCounter,
+    /// agentq_quota_refusals_total{quota}: submissions refused 429 by a tenant quota:
+    /// `max_pending`, `enqueue_rate`, `budget`
+    pub quota_refusals: IntCounterVec,
 }
 
 fn budget_gauge(r: &Registry, name: &str, help: &str) -> GaugeVec {
@@ -186,6 +192,20 @@ impl ApiMetrics {
                 "agentq_chat_completions_total",
                 "Chat completions (POST /v1/chat/completions) by mode (wait, stream) and outcome.",
                 &["mode", "outcome"],
+            ),
+            auth_failures: reg(
+                &r,
+                prometheus::IntCounter::new(
+                    "agentq_auth_failures_total",
+                    "Requests refused 401: no, bad, revoked or expired bearer token.",
+                )
+                .expect("static metric definition"),
+            ),
+            quota_refusals: counter_vec(
+                &r,
+                "agentq_quota_refusals_total",
+                "Submissions refused 429 by a tenant quota (max_pending, enqueue_rate, budget).",
+                &["quota"],
             ),
             batches: counter_vec(
                 &r,

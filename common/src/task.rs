@@ -648,6 +648,9 @@ pub struct TaskView {
     /// For a workflow's node: the workflow and the node's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<WorkflowLink>,
+    /// The tenant that owns the task; absent for the default tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// The workflow a task belongs to (`GET /v1/workflows/{workflow_id}`), and which node it is.
@@ -769,6 +772,7 @@ impl TaskView {
                     workflow_id: w.workflow.clone(),
                     node: w.node.clone(),
                 }),
+            tenant: payload.as_ref().and_then(|p| p.tenant.clone()),
             metadata: payload.and_then(|p| p.metadata),
             steps: num("steps")
                 + u32::from(h.get("status").map(String::as_str) == Some("succeeded")),

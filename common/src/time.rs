@@ -19,3 +19,10 @@ pub fn format_ms(ms: i64) -> String {
         })
         .unwrap_or_else(|| ms.to_string())
 }
+
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

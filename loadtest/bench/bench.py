@@ -45,12 +45,24 @@ def uuid7():
 def load(port, n, script_path, target=PENDING):
     """Enqueues n tasks with the API's own enqueue.lua and the same arguments the API passes
     (id `default.<uuid v7>`, created_at ms, max_attempts 5, the serde payload, TTL 86400).
-    `target`: the list the ids go to (the limiter phase stages them outside `pending` and
-    RENAMEs them in once the worker is up and idle)."""
+    `target`: where `pending` ends up (the limiter phase stages it outside `pending` and RENAMEs
+    it in once the worker is up and idle). Since fair scheduling, `pending` holds one ticket per
+    id and the ids wait in their tenant's line (`pending:<tenant>`); with no tickets in
+    `pending` a worker takes nothing, so staging the tickets alone holds the work back.
+    With BENCH_TENANTS=N (> 1) the tasks are spread round robin over N tenants (`default`,
+    `t1`, ...), as the api would enqueue them for N tenants' tokens.
+    The fair-scheduling enqueue.lua has fair.lua prepended (as common/src/queue/mod.rs does) and
+    takes the tenant as ARGV[10]; an older script (no fair.lua beside it) is loaded as it is."""
     n = int(n)
+    tenants = max(1, int(os.environ.get("BENCH_TENANTS", "1") or 1))
     r = connect(port)
     with open(script_path, "rb") as fh:
-        sha = r.script_load(fh.read())
+        source = fh.read()
+    fair = os.path.join(os.path.dirname(script_path), "fair.lua")
+    if os.path.exists(fair):
+        with open(fair, "rb") as fh:
+            source = fh.read() + source
+    sha = r.script_load(source)
     payload = json.dumps({"messages": [{"role": "user", "content": PROMPT}]}, separators=(",", ":"))
     start = time.monotonic()
     chunk = 1000
@@ -59,15 +71,19 @@ def load(port, n, script_path, target=PENDING):
         # One round trip per chunk, no MULTI/EXEC; execute() raises the first error reply.
         pipe = r.pipeline(transaction=False)
         size = min(chunk, n - done)
-        for _ in range(size):
+        for i in range(size):
             tid = f"{QUEUE}.{uuid7()}"
             now = time.time_ns() // 1_000_000
-            pipe.evalsha(sha, 2, TASK_PREFIX + tid, target, tid, QUEUE, now, 5, payload, 86400)
+            k = (done + i) % tenants
+            tenant = "" if k == 0 else f"t{k}"
+            pipe.evalsha(sha, 2, TASK_PREFIX + tid, PENDING, tid, QUEUE, now, 5, payload, 86400, "0", "0", "", tenant)
         pipe.execute()
         done += size
     r.sadd(f"{PREFIX}:queues", QUEUE)
+    if target != PENDING:
+        r.rename(PENDING, target)
     took = time.monotonic() - start
-    return {"loaded": n, "pending": r.llen(target), "seconds": round(took, 3)}
+    return {"loaded": n, "tenants": tenants, "pending": r.llen(target), "seconds": round(took, 3)}
 
 
 # Task records are the hashes `<prefix>:{<queue>}:task:<id>`; the task's event stream
@@ -120,11 +136,14 @@ def wait_done(port, n, timeout, *pids):
     r = connect(port)
     deadline = time.monotonic() + float(timeout)
     cpu = None
+    busy = None
     while True:
         pending, active = r.pipeline(transaction=False).llen(PENDING).zcard(ACTIVE).execute()
         if pending == 0 and active == 0:
             if pids:
                 cpu = [proc_cpu_s(p, split=True) for p in pids]
+            # Redis's time inside commands since the phase's CONFIG RESETSTAT, before the scan
+            busy = redis_busy(r)
             rec = records(r)
             if rec["succeeded"] + rec["failed"] >= int(n):
                 break
@@ -139,6 +158,8 @@ def wait_done(port, n, timeout, *pids):
     rec["tasks_per_s"] = rec["succeeded"] / span if span > 0 else 0.0
     if cpu is not None:
         rec["cpu_s"] = cpu
+    if busy is not None:
+        rec["redis_busy_usec"], rec["redis_calls"], rec["redis_evalsha"] = busy
     return rec
 
 
@@ -882,6 +903,13 @@ def emit(path, phase, pairs):
         rec["tasks_per_s"] = rec["rec_tasks_per_s"]
         for who in ("worker", "mock", "redis"):
             rec[f"{who}_cpu_us_per_task"] = d(rec[f"{who}_cpu_s"], n) * 1e6
+        if "rec_redis_busy_usec" in rec:
+            # INFO commandstats: time inside commands and commands per task (wall time inside
+            # each command, so less noisy than the process's CPU ticks, but inflated when Redis
+            # is descheduled mid-command)
+            rec["redis_busy_us_per_task"] = d(rec["rec_redis_busy_usec"], n)
+            rec["redis_commands_per_task"] = d(rec["rec_redis_calls"], n)
+            rec["redis_evalsha_per_task"] = d(rec["rec_redis_evalsha"], n)
         if "worker_vmhwm_kib" in rec:
             rec["worker_vmhwm_mib"] = rec["worker_vmhwm_kib"] / 1024
     elif phase == "limiter":
@@ -1227,6 +1255,9 @@ TABLE = [
     ("drain_worker_cpu_us_per_task", "drain", "worker_cpu_us_per_task", "us/task", ("<=", 100)),
     ("drain_mock_cpu_us_per_task", "drain", "mock_cpu_us_per_task", "us/task", None),
     ("drain_redis_cpu_us_per_task", "drain", "redis_cpu_us_per_task", "us/task", None),
+    ("drain_redis_busy_us_per_task", "drain", "redis_busy_us_per_task", "us/task", None),
+    ("drain_redis_commands_per_task", "drain", "redis_commands_per_task", "cmds/task", None),
+    ("drain_redis_evalsha_per_task", "drain", "redis_evalsha_per_task", "calls/task", None),
     ("fanout_tasks_per_s", "fanout", "tasks_per_s", "tasks/s", (">=", 450)),
     ("fanout_worker_peak_rss_mib", "fanout", "worker_vmhwm_mib", "MiB", ("<=", 64)),
     ("fanout_worker_cpu_us_per_task", "fanout", "worker_cpu_us_per_task", "us/task", None),
@@ -1413,7 +1444,9 @@ def summary(runs_path):
     if p in ("drain", "fanout"):
         return (f"{r['rec_succeeded']}/{r['tasks']} succeeded in {r['rec_span_s']:.2f} s = {r['tasks_per_s']:.0f} tasks/s; "
                 f"CPU us/task: worker {r['worker_cpu_us_per_task']:.1f}, mock {r['mock_cpu_us_per_task']:.1f}, "
-                f"redis {r['redis_cpu_us_per_task']:.1f}; worker VmHWM {r['worker_vmhwm_mib']:.1f} MiB; load {r['loadavg']}")
+                f"redis {r['redis_cpu_us_per_task']:.1f}; redis inside commands {r.get('redis_busy_us_per_task', 0):.1f} us/task, "
+                f"{r.get('redis_commands_per_task', 0):.2f} commands/task, {r.get('redis_evalsha_per_task', 0):.2f} EVALSHA/task; "
+                f"worker VmHWM {r['worker_vmhwm_mib']:.1f} MiB; load {r['loadavg']}")
     if p == "frontdoor":
         return (f"{r['variant']}: {r['f_calls_ok']}/{r['f_calls']} calls ok at {r['load_model']} in {r['f_k6_run_s']:.2f} s = "
                 f"{r['calls_per_s']:.0f} calls/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; CPU us/call: api "

@@ -27,7 +27,10 @@
 # Exit: 0 ok; 1 broken (an HTTP error, a lost or failed task, a process that did not start);
 #       2 with --strict, a target missed. Targets are not enforced by default: this machine is shared.
 # Phases:  1 enqueue over HTTP (wrk, 64 connections) and redis-benchmark's raw EVAL limit;
-#          2 worker drain of pre-queued tasks (mock LLM 0 ms, concurrency 64);
+#          2 worker drain of pre-queued tasks (mock LLM 0 ms, concurrency 64): CPU per task, and
+#            Redis's time inside commands and commands per task (INFO commandstats);
+#            BENCH_TENANTS=N spreads the pre-queued tasks (phases 2, 3, --limiter) over N tenants
+#            (fair scheduling's rotation; default 1, the default tenant);
 #          3 wide fan-out (mock LLM 2 s, concurrency 1000);
 #          4 queue latency at a paced, moderate rate;
 #          5 a workflow fan-out of 1000 nodes (200 in --smoke): Redis time per node, and per plain
@@ -68,7 +71,7 @@ while [[ $# -gt 0 ]]; do
     --strict) export BENCH_STRICT=1 ;;
     --streams) STREAMS_ONLY=1 ;;
     --chat) CHAT_ONLY=1 ;;
-    -h|--help) sed -n '2,51p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,54p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
   esac
   shift
@@ -141,6 +144,8 @@ fi
 WRK_CONNS=64; WRK_THREADS=2; RB_CLIENTS=50
 DRAIN_CONC=64; FAN_CONC=1000; FAN_LATENCY_MS=2000
 BIN=${AGENTQ_BENCH_BIN_DIR:-$ROOT/target/release}
+# private stacks on loopback: the api open (no tokens), as the load generators send none
+export AGENTQ_AUTH=off
 # shellcheck source=loadtest/lib.sh
 source "$ROOT/loadtest/lib.sh"
 LT_NAME=bench
@@ -321,7 +326,7 @@ cat > "$WORK/meta.json" <<EOF
  "git": {"commit": "$GIT_COMMIT", "uncommitted_files_in_code": $GIT_DIRTY},
  "settings": {"wrk_seconds": $WRK_SECS, "wrk_connections": $WRK_CONNS, "wrk_threads": $WRK_THREADS,
   "redis_benchmark_requests": $RB_N, "redis_benchmark_clients": $RB_CLIENTS,
-  "drain_tasks": $DRAIN_N, "drain_concurrency": $DRAIN_CONC,
+  "drain_tasks": $DRAIN_N, "drain_concurrency": $DRAIN_CONC, "load_tenants": ${BENCH_TENANTS:-1},
   "fanout_tasks": $FAN_N, "fanout_concurrency": $FAN_CONC, "fanout_llm_latency_ms": $FAN_LATENCY_MS,
   "latency_rate_per_s": $LAT_RATE, "latency_seconds": $LAT_SECS, "workflow_nodes": $WF_NODES,
   "streams_clients": ${STREAMS_N:-0}, "streams_words": ${STREAMS_WORDS:-0}, "streams_mock_tokens_per_s": $STREAMS_RATE,
@@ -493,6 +498,8 @@ phase_drain() { # NAME RUN N CONCURRENCY MOCK_PORT MOCK_PID
   reset_redis
   loadj=$($B load "$RPORT" "$n" "$ROOT/common/src/queue/enqueue.lua")
   la=$(loadavg)
+  # Redis's time inside commands (INFO commandstats) from here to the empty queue
+  "${RCLI[@]}" CONFIG RESETSTAT >/dev/null
   m0=$(cpu_s "$mpid"); r0=$(cpu_s "$REDIS_PID")
   start_worker "$conc" "$mport"
   rec=$($B wait "$RPORT" "$n" 300)

@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 pub mod aimock;
+pub mod fair;
 pub mod litellm;
 pub mod mcp;
 pub mod sdk;
@@ -242,11 +243,17 @@ pub fn base_env(redis_url: &str, llm_url: &str) -> HashMap<String, String> {
         ("AGENTQ_DRAIN_TIMEOUT_SECS", "10"),
         ("AGENTQ_LOG_FORMAT", "pretty"),
         ("RUST_LOG", "info"),
+        // the api's default is on (a token on every /v1 route); tests about tokens and tenants
+        // start it with `start_api_auth`
+        ("AGENTQ_AUTH", "off"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect()
 }
+
+/// The admin token of an api started with [`Stack::start_api_auth`].
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 /// Redis, the mock LLM, and handles to start the api and workers against them.
 pub struct Stack {
@@ -306,6 +313,74 @@ impl Stack {
         self.api = Some(Proc::spawn("api", &mut cmd, self.logs.path())?);
         self.api_url = format!("http://127.0.0.1:{port}");
         self.wait_http(&format!("{}/healthz", self.api_url)).await
+    }
+
+    /// Starts the api with auth on (`AGENTQ_AUTH=on`, admin token [`ADMIN_TOKEN`]).
+    pub async fn start_api_auth(&mut self, extra: &[(&str, &str)]) -> Result<()> {
+        let mut all = vec![("AGENTQ_AUTH", "on"), ("AGENTQ_ADMIN_TOKEN", ADMIN_TOKEN)];
+        all.extend_from_slice(extra);
+        self.start_api(&all).await
+    }
+
+    /// Creates a tenant (`POST /v1/admin/tenants` with `body`, which must hold `id`) and one
+    /// token for it; returns the token.
+    pub async fn tenant(&self, body: &Value) -> Result<String> {
+        let (st, v) = self
+            .send_as(ADMIN_TOKEN, reqwest::Method::POST, "/v1/admin/tenants", Some(body))
+            .await?;
+        if st != 201 {
+            bail!("POST /v1/admin/tenants answered {st}: {v}");
+        }
+        let id = body["id"].as_str().context("tenant body without id")?;
+        let (st, v) = self
+            .send_as(
+                ADMIN_TOKEN,
+                reqwest::Method::POST,
+                &format!("/v1/admin/tenants/{id}/tokens"),
+                Some(&json!({})),
+            )
+            .await?;
+        if st != 201 {
+            bail!("POST tokens answered {st}: {v}");
+        }
+        v["token"].as_str().map(str::to_owned).context("201 without a token")
+    }
+
+    /// A request with `Authorization: Bearer <token>`; returns (status, JSON body or null).
+    pub async fn send_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.api_url))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Polls `GET /v1/tasks/{id}` with `token` until the task is final (20 s at most).
+    pub async fn wait_final_as(&self, token: &str, id: &str) -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (st, v) = self
+                .send_as(token, reqwest::Method::GET, &format!("/v1/tasks/{id}"), None)
+                .await?;
+            if st == 200 && matches!(v["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("task {id} not final: {st} {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Starts a worker and waits for its probe server.

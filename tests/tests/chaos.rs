@@ -341,10 +341,15 @@ async fn submit_all(
 // ---- snapshots of the queue ----
 
 /// Reads every structure of the queue in one script, so the snapshot is atomic. `KEYS` is fine
-/// here: a private, non-cluster Redis with a few thousand keys.
+/// here: a private, non-cluster Redis with a few thousand keys. Pending ids are those in the
+/// tenants' lines (`pending` holds tickets); the fair-scheduling invariants
+/// ([`agentq_tests::fair::FAIR_CHECK_LUA`], prepended) are checked in the same step.
 const SNAPSHOT_LUA: &str = r#"
 local p = ARGV[1]
-local pending = redis.call('LRANGE', p .. 'pending', 0, -1)
+local pending = {}
+for _, key in ipairs(redis.call('KEYS', p .. 'pending:*')) do
+  for _, id in ipairs(redis.call('LRANGE', key, 0, -1)) do pending[#pending + 1] = id end
+end
 local delayed = redis.call('ZRANGE', p .. 'delayed', 0, -1)
 local throttled = redis.call('ZRANGE', p .. 'throttled', 0, -1)
 local dead = redis.call('ZRANGE', p .. 'dead', 0, -1)
@@ -353,7 +358,8 @@ local inflight = {}
 for _, key in ipairs(redis.call('KEYS', p .. 'inflight:*')) do
   local worker = string.sub(key, #p + 10)
   for _, id in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    inflight[#inflight + 1] = worker .. ' ' .. id
+    -- a ticket a blocking wait moved is no id: fair_violations counts it
+    if id ~= '~' then inflight[#inflight + 1] = worker .. ' ' .. id end
   end
 end
 local running = {}
@@ -368,7 +374,7 @@ for _, key in ipairs(redis.call('KEYS', p .. 'task:*')) do
     end
   end
 end
-return {pending, delayed, dead, active, inflight, running, tasks, throttled}
+return {pending, delayed, dead, active, inflight, running, tasks, throttled, fair_violations(p)}
 "#;
 
 #[derive(Debug, Default)]
@@ -384,6 +390,9 @@ struct Snapshot {
     /// (id, worker) of every task whose status is `running`.
     running: Vec<(String, String)>,
     task_records: usize,
+    /// Broken invariants of fair scheduling: tickets against queued ids, the ring, the run
+    /// counts per tenant ([`agentq_tests::fair::FAIR_CHECK_LUA`]).
+    fair: Vec<String>,
 }
 
 fn pairs(v: Vec<String>) -> Vec<(String, String)> {
@@ -407,14 +416,16 @@ async fn snapshot(client: &redis::Client) -> Result<Snapshot> {
             Vec<String>,
             usize,
             Vec<String>,
+            Vec<String>,
         );
-        let raw: Raw = redis::Script::new(SNAPSHOT_LUA)
+        let lua = format!("{}\n{SNAPSHOT_LUA}", agentq_tests::fair::FAIR_CHECK_LUA);
+        let raw: Raw = redis::Script::new(&lua)
             .arg(PREFIX)
             .invoke_async(&mut conn)
             .await?;
         anyhow::Ok(raw)
     };
-    let (pending, delayed, dead, active, inflight, running, task_records, throttled) =
+    let (pending, delayed, dead, active, inflight, running, task_records, throttled, fair) =
         tokio::time::timeout(Duration::from_secs(2), work)
             .await
             .context("snapshot timed out")??;
@@ -427,6 +438,7 @@ async fn snapshot(client: &redis::Client) -> Result<Snapshot> {
         inflight: pairs(inflight),
         running: pairs(running),
         task_records,
+        fair,
     })
 }
 
@@ -451,7 +463,7 @@ fn structural_violations(s: &Snapshot) -> Vec<String> {
             .or_default()
             .push(format!("inflight:{worker}"));
     }
-    let mut out = Vec::new();
+    let mut out = s.fair.clone();
     for (id, at) in &places {
         if at.len() > 1 {
             out.push(format!(
@@ -1739,6 +1751,7 @@ mod checks {
             inflight: p(&[("w1", "e"), ("w2", "f")]),
             running: p(&[("e", "w1")]),
             task_records: 7,
+            fair: Vec::new(),
         }
     }
 
@@ -1750,7 +1763,10 @@ mod checks {
     #[test]
     fn every_structural_invariant_fires() {
         type Breakage = fn(&mut Snapshot);
-        let cases: [(&str, Breakage); 7] = [
+        let cases: [(&str, Breakage); 8] = [
+            ("a fair-scheduling invariant", |s| {
+                s.fair.push("tenant a is in the ring twice".into())
+            }),
             ("pending twice", |s| s.pending.push("a".into())),
             ("pending and in flight", |s| {
                 s.inflight.push(("w2".into(), "b".into()))

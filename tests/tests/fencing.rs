@@ -9,7 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentq_common::keys::TaskId;
+use agentq_common::keys::{TaskId, TICKET};
+use agentq_tests::fair::{fair_violations, pending_ids, push_pending};
 use agentq_common::time::now_ms;
 use agentq_tests::{
     assert_no_panic, llm_series, log_tails, metric, signal, submit_max, task_key, MockConfig,
@@ -21,6 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const PENDING: &str = "agentq:{default}:pending";
+/// The default tenant's line of pending ids (`pending` holds one ticket per id).
+const DEFAULT_LINE: &str = "agentq:{default}:pending:default";
 const ACTIVE: &str = "agentq:{default}:active";
 const DELAYED: &str = "agentq:{default}:delayed";
 const DEAD: &str = "agentq:{default}:dead";
@@ -109,7 +112,7 @@ fn keys(c: &mut redis::Connection, pattern: &str) -> Result<Vec<String>> {
 /// list's key.
 fn places(c: &mut redis::Connection) -> Result<HashMap<String, Vec<String>>> {
     let mut at: HashMap<String, Vec<String>> = HashMap::new();
-    for id in lrange(c, PENDING)? {
+    for id in pending_ids(c)? {
         at.entry(id).or_default().push("pending".to_owned());
     }
     for (key, name) in [(DELAYED, "delayed"), (DEAD, "dead")] {
@@ -118,7 +121,8 @@ fn places(c: &mut redis::Connection) -> Result<HashMap<String, Vec<String>>> {
         }
     }
     for list in keys(c, &format!("{INFLIGHT_PREFIX}*"))? {
-        for id in lrange(c, &list)? {
+        // a ticket a blocking wait moved is no id (fair_violations counts it)
+        for id in lrange(c, &list)?.into_iter().filter(|e| e != TICKET) {
             at.entry(id).or_default().push(list.clone());
         }
     }
@@ -173,6 +177,8 @@ fn check_invariants(c: &mut redis::Connection) -> Result<()> {
         active == running,
         "active {active:?} is not the set of running tasks {running:?}"
     );
+    let fair = fair_violations(c)?;
+    ensure!(fair.is_empty(), "fair scheduling's invariants: {fair:?}");
     Ok(())
 }
 
@@ -934,23 +940,17 @@ async fn duplicate_ids_on_pending_run_once_and_leave_the_lists_clean() -> Result
     let before = "pushed twice before the worker starts [[sleep:1500]]";
     let during = "pushed again while it runs [[sleep:1500]]";
     let x = s.submit(before).await?;
-    redis::cmd("LPUSH")
-        .arg(PENDING)
-        .arg(&x)
-        .query::<()>(&mut c)?;
-    assert_eq!(lrange(&mut c, PENDING)?, [x.clone(), x.clone()]);
+    push_pending(&mut c, &x)?;
+    assert_eq!(pending_ids(&mut c)?, [x.clone(), x.clone()]);
     let w = s.start_worker(&[("WORKER_CONCURRENCY", "4")]).await?;
     let y = s.submit(during).await?;
     calls_reach(&s.mock, during, 1).await?;
-    redis::cmd("LPUSH")
-        .arg(PENDING)
-        .arg(&y)
-        .query::<()>(&mut c)?;
+    push_pending(&mut c, &y)?;
     poll(
         "the second copy of y was taken",
         Duration::from_secs(5),
         Duration::from_millis(5),
-        || Ok(lrange(&mut c, PENDING)?.is_empty()),
+        || Ok(pending_ids(&mut c)?.is_empty()),
     )
     .await?;
     let ids = [x.clone(), y.clone()];
@@ -967,7 +967,7 @@ async fn duplicate_ids_on_pending_run_once_and_leave_the_lists_clean() -> Result
         Duration::from_secs(5),
         Duration::from_millis(20),
         || {
-            Ok(lrange(&mut c, PENDING)?.is_empty()
+            Ok(pending_ids(&mut c)?.is_empty()
                 && zrange(&mut c, ACTIVE)?.is_empty()
                 && lrange(&mut c, &inflight_key(&worker))?.is_empty())
         },
@@ -991,7 +991,7 @@ async fn duplicate_ids_on_pending_run_once_and_leave_the_lists_clean() -> Result
         assert_fields(p, &r, &[("runs", 1), ("attempts", 1), ("fenced", 0)]);
         assert_eq!(&r, was, "{p}: the record must not change afterwards");
     }
-    assert_eq!(lrange(&mut c, PENDING)?, Vec::<String>::new());
+    assert_eq!(pending_ids(&mut c)?, Vec::<String>::new());
     assert_eq!(zrange(&mut c, ACTIVE)?, Vec::<String>::new());
     assert_eq!(
         lrange(&mut c, &inflight_key(&worker))?,
@@ -1403,7 +1403,7 @@ async fn cancel_and_orphan_returns_keep_the_active_set_exact() -> Result<()> {
         ) = redis::pipe()
             .atomic()
             .cmd("LPOS")
-            .arg(PENDING)
+            .arg(DEFAULT_LINE)
             .arg(&orphan)
             .cmd("ZSCORE")
             .arg(ACTIVE)

@@ -12,11 +12,11 @@ use std::future::Future;
 use std::time::{Duration, Instant, SystemTime};
 
 use agentq_mock_llm::Rejection;
+use agentq_tests::fair::{pending_ids, push_pending, remove_pending};
 use agentq_tests::{assert_no_panic, log_tails, task_key, MockConfig, RedisServer, Stack, Worker};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-const PENDING: &str = "agentq:{default}:pending";
 const THROTTLED: &str = "agentq:{default}:throttled";
 const DELAYED: &str = "agentq:{default}:delayed";
 
@@ -1117,12 +1117,9 @@ async fn throttled_work_waits_outside_pending_and_the_api_promotes_it() -> Resul
         let id = s.submit(prompt).await?;
         // take it out of pending as a worker would park it, due 1.5 s from now (Redis's clock)
         let due = redis_now_ms(&mut c)? + 1500;
-        let (removed, _): (i64, i64) = redis::pipe()
-            .atomic()
-            .lrem(PENDING, 0, &id)
-            .zadd(set, &id, due)
-            .query(&mut c)?;
-        assert_eq!(removed, 1);
+        // no worker runs yet: nothing moves between the two steps
+        assert_eq!(remove_pending(&mut c, &id)?, 1);
+        let _: i64 = redis::cmd("ZADD").arg(set).arg(due).arg(&id).query(&mut c)?;
         let q = s.queue("default").await?;
         assert_eq!(q["pending"], 0, "{q}");
         if set == THROTTLED {
@@ -1140,11 +1137,7 @@ async fn throttled_work_waits_outside_pending_and_the_api_promotes_it() -> Resul
         }
         let deadline = Instant::now() + Duration::from_secs(4);
         let landed_ms = loop {
-            let pending: Vec<String> = redis::cmd("LRANGE")
-                .arg(PENDING)
-                .arg(0)
-                .arg(-1)
-                .query(&mut c)?;
+            let pending = pending_ids(&mut c)?;
             let now = redis_now_ms(&mut c)?;
             if pending.contains(&id) {
                 break now;
@@ -1171,12 +1164,12 @@ async fn throttled_work_waits_outside_pending_and_the_api_promotes_it() -> Resul
             "{q}"
         );
         // back out of the way for the next case
-        let _: () = redis::cmd("DEL").arg(PENDING).query(&mut c)?;
+        remove_pending(&mut c, &id)?;
         first.push(id);
     }
     // both again in pending for the worker below
     for id in &first {
-        let _: () = redis::cmd("LPUSH").arg(PENDING).arg(id).query(&mut c)?;
+        push_pending(&mut c, id)?;
     }
 
     // a worker at 120 rpm: two calls a second, the rest parked outside pending
@@ -1225,12 +1218,13 @@ async fn a_worker_starts_each_parked_task_at_its_turn() -> Result<()> {
     // promotion loop running and nothing due
     let far = redis_now_ms(&mut c)? + 600_000;
     for id in &ids {
-        let (removed, _): (i64, i64) = redis::pipe()
-            .atomic()
-            .lrem(PENDING, 0, id)
-            .zadd(THROTTLED, id, far)
+        // the worker starts only below: nothing moves between the two steps
+        assert_eq!(remove_pending(&mut c, id)?, 1);
+        let _: i64 = redis::cmd("ZADD")
+            .arg(THROTTLED)
+            .arg(far)
+            .arg(id)
             .query(&mut c)?;
-        assert_eq!(removed, 1);
     }
     let _w = s.start_worker(&[]).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -830,3 +830,289 @@ async fn batches_in_progress_are_capped() -> Result<()> {
     assert_no_panic(&s);
     Ok(())
 }
+
+/// `POST /v1/files` as `token` (auth on); returns (status, body).
+async fn upload_as(s: &Stack, token: &str, jsonl: &str) -> Result<(u16, Value)> {
+    let r = s
+        .http
+        .post(format!("{}/v1/files", s.api_url))
+        .bearer_auth(token)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(multipart(Some("batch"), Some(jsonl.as_bytes()), false))
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+fn batch_body(file: &str) -> Value {
+    json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+}
+
+fn hget(s: &Stack, key: &str, field: &str) -> Result<Option<String>> {
+    let mut c = s.redis.conn()?;
+    Ok(redis::cmd("HGET").arg(key).arg(field).query(&mut c)?)
+}
+
+fn zscore(s: &Stack, key: &str, member: &str) -> Result<Option<f64>> {
+    let mut c = s.redis.conn()?;
+    Ok(redis::cmd("ZSCORE").arg(key).arg(member).query(&mut c)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_files_and_batches_are_its_own_through_the_official_sdk() -> Result<()> {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/.venv-litellm/bin/python");
+    ensure!(
+        python.exists(),
+        "{} missing: run `bash tests/peers/litellm/install.sh` (it installs the openai package)",
+        python.display()
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/batch.py");
+    let mut s = Stack::new(MockConfig::default()).await?;
+    s.start_api_auth(&[]).await?;
+    let _w = s.start_worker(&[("WORKER_CONCURRENCY", "16")]).await?;
+    let a = s.tenant(&json!({"id": "a"})).await?;
+    let b = s.tenant(&json!({"id": "b"})).await?;
+    // the official SDK, each tenant with its own token as api_key
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg("--tenants")
+        .arg(format!("{}/v1", s.api_url))
+        .arg(&a)
+        .arg(&b)
+        .arg(agentq_tests::ADMIN_TOKEN)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "batch.py --tenants failed ({}):\n{stdout}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        log_tails(&s)
+    );
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .with_context(|| format!("summary: {stdout}"))?;
+    let batch_a = summary["batch_a"].as_str().context("batch_a")?;
+    let file_a = summary["file_a"].as_str().context("file_a")?;
+    let output_a = summary["output_a"].as_str().context("output_a")?;
+    let tasks: Vec<&str> = summary["tasks_a"]
+        .as_array()
+        .context("tasks_a")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(tasks.len() == 5, "{summary}");
+
+    // the tasks of A's batch are A's: B gets 404, A and the admin see them, tenant "a"
+    for t in &tasks {
+        let path = format!("/v1/tasks/{t}");
+        let (st, v) = s.send_as(&b, reqwest::Method::GET, &path, None).await?;
+        ensure!(st == 404, "B reading A's batch task {t}: {st} {v}");
+        let (st, v) = s.send_as(&a, reqwest::Method::GET, &path, None).await?;
+        ensure!(
+            st == 200 && v["tenant"] == "a" && v["status"] == "succeeded",
+            "A reading its batch task {t}: {st} {v}"
+        );
+        let (st, v) = s
+            .send_as(agentq_tests::ADMIN_TOKEN, reqwest::Method::GET, &path, None)
+            .await?;
+        ensure!(st == 200 && v["tenant"] == "a", "admin: {st} {v}");
+        ensure!(
+            hget(&s, &agentq_tests::task_key(t), "tenant")?.as_deref() == Some("a"),
+            "task record {t} without its tenant"
+        );
+        let payload: Value = serde_json::from_str(
+            &hget(&s, &agentq_tests::task_key(t), "payload")?.context("payload")?,
+        )?;
+        ensure!(payload["tenant"] == "a", "payload of {t}: {payload}");
+    }
+    // B's native calls on A's batch answer as for a batch that does not exist
+    let missing = format!("batch_default.{}", "0".repeat(32));
+    for id in [batch_a, missing.as_str()] {
+        let (st, v) = s
+            .send_as(&b, reqwest::Method::GET, &format!("/v1/batches/{id}"), None)
+            .await?;
+        ensure!(
+            st == 404 && v["error"]["code"] == "batch_not_found",
+            "{id}: {st} {v}"
+        );
+        let (st, v) = s
+            .send_as(
+                &b,
+                reqwest::Method::POST,
+                &format!("/v1/batches/{id}/cancel"),
+                Some(&json!({})),
+            )
+            .await?;
+        ensure!(
+            st == 404 && v["error"]["code"] == "batch_not_found",
+            "{id}: {st} {v}"
+        );
+    }
+    let (st, v) = s
+        .send_as(
+            &b,
+            reqwest::Method::POST,
+            "/v1/batches",
+            Some(&batch_body(file_a)),
+        )
+        .await?;
+    ensure!(
+        st == 404 && v["error"]["param"] == "input_file_id",
+        "B batching A's file: {st} {v}"
+    );
+    // the records carry the tenant: the batch (whence the fan-out), the input and output files
+    let batch_key = format!("agentq:{{default}}:batch:{batch_a}");
+    ensure!(hget(&s, &batch_key, "tenant")?.as_deref() == Some("a"));
+    ensure!(hget(&s, &format!("agentq:file:{{{file_a}}}"), "tenant")?.as_deref() == Some("a"));
+    ensure!(hget(&s, &format!("agentq:file:{{{output_a}}}"), "tenant")?.as_deref() == Some("a"));
+    ensure!(
+        hget(
+            &s,
+            &format!(
+                "agentq:{{default}}:batch:{}",
+                summary["batch_b"].as_str().unwrap_or("")
+            ),
+            "tenant"
+        )?
+        .as_deref()
+            == Some("b")
+    );
+    // the ended batch is collected from A's index too once its record's time is up
+    let member = format!("{batch_a}~a");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while zscore(&s, "agentq:batches:gc", &member)?.is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "{member} never entered batches:gc"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(zscore(&s, "agentq:batches:tenant:a", batch_a)?.is_some());
+    {
+        let mut c = s.redis.conn()?;
+        let _: i64 = redis::cmd("ZADD")
+            .arg("agentq:batches:gc")
+            .arg("XX")
+            .arg(0)
+            .arg(&member)
+            .query(&mut c)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while zscore(&s, "agentq:batches:tenant:a", batch_a)?.is_some()
+        || zscore(&s, "agentq:batches", batch_a)?.is_some()
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the collection left {batch_a} in the indexes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(zscore(&s, "agentq:batches:gc", &member)?.is_none());
+    let (st, v) = s
+        .send_as(&a, reqwest::Method::GET, "/v1/batches", None)
+        .await?;
+    ensure!(
+        st == 200 && v["data"].as_array().is_some_and(Vec::is_empty),
+        "{st} {v}"
+    );
+    assert_no_panic(&s);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_is_one_submission_against_its_tenants_quota() -> Result<()> {
+    let mut s = Stack::new(MockConfig::default()).await?;
+    s.start_api_auth(&[]).await?;
+    let q = s
+        .tenant(&json!({"id": "q", "quotas": {"enqueue_rate": 0.001, "enqueue_burst": 1}}))
+        .await?;
+    let other = s.tenant(&json!({"id": "other"})).await?;
+    let (st, v) = upload_as(&s, &other, &jsonl(&[request("o", "other's line")])).await?;
+    ensure!(st == 200, "{st} {v}");
+    let others = v["id"].as_str().context("id")?.to_owned();
+    // uploads are not submissions: two are fine
+    let mut mine = Vec::new();
+    for i in 0..2 {
+        let (st, v) =
+            upload_as(&s, &q, &jsonl(&[request("x", &format!("quota line {i}"))])).await?;
+        ensure!(st == 200 && v["purpose"] == "batch", "{st} {v}");
+        mine.push(v["id"].as_str().context("id")?.to_owned());
+    }
+    // another tenant's file: 404 before the quota is looked at, so it costs nothing
+    let (st, v) = s
+        .send_as(
+            &q,
+            reqwest::Method::POST,
+            "/v1/batches",
+            Some(&batch_body(&others)),
+        )
+        .await?;
+    ensure!(
+        st == 404 && v["error"]["code"] == "file_not_found",
+        "{st} {v}"
+    );
+    let (st, v) = s
+        .send_as(
+            &q,
+            reqwest::Method::POST,
+            "/v1/batches",
+            Some(&batch_body(&mine[0])),
+        )
+        .await?;
+    ensure!(st == 200 && v["status"] == "validating", "{st} {v}");
+    // the burst is spent: the next batch is refused in OpenAI's shape and writes nothing
+    let r = s
+        .http
+        .post(format!("{}/v1/batches", s.api_url))
+        .bearer_auth(&q)
+        .json(&batch_body(&mine[1]))
+        .send()
+        .await?;
+    let st = r.status().as_u16();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<u64>().ok());
+    let v: Value = r.json().await?;
+    ensure!(
+        st == 429 && v["error"]["type"] == "rate_limit_error" && retry_after.is_some_and(|s| s > 0),
+        "{st} {retry_after:?} {v}"
+    );
+    let (_, list) = s
+        .send_as(&q, reqwest::Method::GET, "/v1/batches", None)
+        .await?;
+    ensure!(list["data"].as_array().map(Vec::len) == Some(1), "{list}");
+    let mut c = s.redis.conn()?;
+    let live: i64 = redis::cmd("ZCARD")
+        .arg("agentq:batches:live")
+        .query(&mut c)?;
+    let users: i64 = redis::cmd("SCARD")
+        .arg(format!("agentq:file:{{{}}}:users", mine[1]))
+        .query(&mut c)?;
+    ensure!(
+        live == 1 && users == 0,
+        "live {live}, users of the refused file {users}"
+    );
+    // the other tenant sees none of it
+    let (_, list) = s
+        .send_as(&other, reqwest::Method::GET, "/v1/batches", None)
+        .await?;
+    ensure!(list["data"].as_array().is_some_and(Vec::is_empty), "{list}");
+    let (_, files) = s
+        .send_as(&other, reqwest::Method::GET, "/v1/files", None)
+        .await?;
+    let ids: Vec<&str> = files["data"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|f| f["id"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(ids == vec![others.as_str()], "{files}");
+    assert_no_panic(&s);
+    Ok(())
+}

@@ -42,7 +42,8 @@ impl BudgetState {
         self.any.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Of `candidates`, the scopes that have a budget.
+    /// Of `candidates` (`scopes_of`: a tenant's call names the fleet-wide scopes, its quota and
+    /// its own namespaced ones), the scopes that have a budget.
     pub fn applying(&self, candidates: Vec<String>) -> Vec<String> {
         let known = self
             .scopes
@@ -58,7 +59,9 @@ impl BudgetState {
             .collect()
     }
 
-    /// The label an agent's spend is counted under.
+    /// The label an agent's spend is counted under: `agent` is its namespaced key
+    /// (`<tenant>~<agent>` for a tenant's agent, so tenants' agents of one name are not summed),
+    /// and the first [`MAX_AGENT_LABELS`] keys a process sees get their own series.
     pub fn agent_label<'a>(&self, agent: &'a str) -> &'a str {
         let Ok(mut seen) = self.agents.lock() else {
             return "other";

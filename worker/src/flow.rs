@@ -152,7 +152,9 @@ impl Worker {
                 continue;
             }
             let scopes = if self.budget.any() {
+                // a tenant's call: the fleet-wide limits, its quota and its own budgets
                 self.budget.applying(scopes_of(
+                    payload.tenant.as_deref(),
                     &self.cfg.queue,
                     payload.agent_id.as_deref(),
                     model,
@@ -230,6 +232,7 @@ impl Worker {
                 task_id: &task.id,
                 hold: &lease,
                 scopes: &held,
+                tenant: payload.tenant.as_deref(),
                 agent: payload.agent_id.as_deref(),
                 model,
                 price,
@@ -503,6 +506,7 @@ impl Worker {
         if let Ok(mut batch) = self.budget.usage.lock() {
             batch.count(
                 now_ms(),
+                c.tenant,
                 c.agent,
                 &self.cfg.queue,
                 c.model,
@@ -513,9 +517,11 @@ impl Worker {
         }
         if cost > 0 {
             if let Some(agent) = c.agent {
+                // namespaced: two tenants' agents of one name are two series
+                let key = agentq_common::tenant::agent_key(c.tenant, agent);
                 self.metrics
                     .agent_cost
-                    .with_label_values(&[self.budget.agent_label(agent)])
+                    .with_label_values(&[self.budget.agent_label(&key)])
                     .inc_by(usd(cost));
             }
         }
@@ -527,6 +533,7 @@ impl Worker {
                 model = c.model,
                 task.id = c.task_id,
                 agent_id = c.agent.unwrap_or(""),
+                tenant = c.tenant.unwrap_or(agentq_common::tenant::DEFAULT_TENANT),
                 prompt_tokens = prompt,
                 completion_tokens = completion,
                 cached_tokens = usage.map_or(0, |u| u.cached),
@@ -761,6 +768,8 @@ struct ChargeBase<'a> {
     task_id: &'a str,
     hold: &'a str,
     scopes: &'a [String],
+    /// The task's tenant (`None`: the default), for the usage report and the agent label.
+    tenant: Option<&'a str>,
     agent: Option<&'a str>,
     model: &'a str,
     /// The model's price at this upstream (none: it costs nothing).

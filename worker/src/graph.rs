@@ -92,7 +92,8 @@ impl Worker {
                 "t": id.to_string(),
                 "p": serde_json::to_string(&p).map_err(|e| e.to_string())?,
                 "m": self.cfg.common.max_attempts,
-                "a": p.agent_id.as_deref().unwrap_or(""),
+                // the lane's name: per tenant, like every agent's lane
+                "a": p.agent_key().as_deref().unwrap_or(""),
             }));
         }
         tracing::info!(task.id = %task.id, workflow = %node.workflow, node = %node.node, children = spawn.len(), "plan accepted");

@@ -47,6 +47,11 @@ pub use llm::{parse_go_duration, parse_retry_after, Llm, LlmFailure, LlmSettings
 
 /// How long one blocking wait for work lasts; also the longest a drain waits for the fetch loop.
 const BLOCK: Duration = Duration::from_secs(1);
+/// How long the fetch loop waits before asking again when every tenant with pending work is at
+/// its `max_running` (`fetch.lua` handed the tickets back): unless a run of its own ends first.
+/// The tickets are still in `pending`, so a blocking wait would return at once: without this
+/// pause a worker would spin on them until another worker's run of that tenant ended.
+const CAPPED_PAUSE: Duration = Duration::from_millis(200);
 /// How long reports and give-backs may still take after the drain deadline.
 const GIVE_BACK_GRACE: Duration = Duration::from_secs(5);
 
@@ -94,6 +99,18 @@ struct Worker {
     /// Wakes the cancel poll at once (after the cancel channel was resubscribed: whatever was
     /// published while it was away is found by the poll).
     poll_cancels_now: tokio::sync::Notify,
+    /// Wakes the fetch loop when a run of this worker ends, while it waits out a fetch that found
+    /// every tenant with work at its `max_running` ([`CAPPED_PAUSE`]).
+    run_ended: tokio::sync::Notify,
+}
+
+/// What one [`Worker::fetch_some`] gave the fetch loop.
+struct FetchOutcome {
+    started: Vec<StartedTask>,
+    /// The loop must stop: the blocking wait returned after the stop began.
+    stop: bool,
+    /// Nothing started because every tenant with work is at its `max_running`.
+    capped: bool,
 }
 
 /// Runs a worker until `shutdown` resolves, then drains. `listener` serves the probes and metrics.
@@ -180,6 +197,7 @@ pub async fn run(
         healthy_since: Mutex::new(None),
         running: Running::default(),
         poll_cancels_now: tokio::sync::Notify::new(),
+        run_ended: tokio::sync::Notify::new(),
         id,
         cfg: config,
     });
@@ -497,40 +515,59 @@ impl Worker {
 
     /// Takes ids: first whatever is pending (up to the permits held), else one blocking wait.
     /// Returns the runs started; each is held (see [`Worker::held`]) before the operation ends.
+    /// The blocking wait moves a ticket (one per pending id, `common/src/queue/fair.lua`), and the
+    /// fetch after it spends that ticket on the tenant whose turn it is.
     async fn fetch_some(
         &self,
         n: usize,
         stop: &CancellationToken,
-    ) -> redis::RedisResult<(Vec<StartedTask>, bool)> {
+    ) -> redis::RedisResult<FetchOutcome> {
         self.fetches_started.fetch_add(1, Ordering::SeqCst);
         let _op = FetchOp(&self.fetches_finished);
         let hb = self.cfg.heartbeat;
-        let started = self
+        let fetched = self
             .broker
             .fetch(&self.keys, &self.id, n, None, self.ttl(), hb)
             .await?;
-        if !started.is_empty() {
-            self.hold_all(&started);
-            return Ok((started, false));
+        if !fetched.started.is_empty() || fetched.capped {
+            // capped: the tickets are still pending, so a blocking wait would return at once
+            self.hold_all(&fetched.started);
+            return Ok(FetchOutcome {
+                started: fetched.started,
+                stop: false,
+                capped: fetched.capped,
+            });
         }
-        // The blocking wait is never cancelled half-way, so an id it moved is never lost.
+        // The blocking wait is never cancelled half-way, so what it moved is never lost.
         let Some(id) = self
             .broker
             .wait_for_task(&self.blocking, &self.keys, &self.id, BLOCK)
             .await?
         else {
-            return Ok((Vec::new(), false));
+            return Ok(FetchOutcome {
+                started: Vec::new(),
+                stop: false,
+                capped: false,
+            });
         };
         if stop.is_cancelled() {
             self.give_back_unstarted(&id, None).await;
-            return Ok((Vec::new(), true));
+            return Ok(FetchOutcome {
+                started: Vec::new(),
+                stop: true,
+                capped: false,
+            });
         }
-        let started = self
+        let fetched = self
             .broker
             .fetch(&self.keys, &self.id, 0, Some(&id), self.ttl(), hb)
             .await?;
-        self.hold_all(&started);
-        Ok((started, false))
+        self.hold_all(&fetched.started);
+        Ok(FetchOutcome {
+            started: fetched.started,
+            stop: false,
+            capped: fetched.capped,
+        })
     }
 
     /// Holds are taken here and handed over to the runs (see `fetch_loop`); counting them now
@@ -565,10 +602,24 @@ impl Worker {
                 }
             }
             let started = match self.fetch_some(permits.len(), &stop).await {
-                Ok((_, true)) => break,
-                Ok((v, false)) => {
+                Ok(FetchOutcome { stop: true, .. }) => break,
+                Ok(FetchOutcome {
+                    started, capped, ..
+                }) => {
                     errors = 0;
-                    v
+                    if started.is_empty() && capped {
+                        // Every tenant with work is at its max_running: wait for a run of this
+                        // worker to end (which may free its tenant), or a little while (a run
+                        // elsewhere may end), instead of spinning on the tickets.
+                        drop(permits);
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = self.run_ended.notified() => {}
+                            _ = tokio::time::sleep(CAPPED_PAUSE) => {}
+                        }
+                        continue;
+                    }
+                    started
                 }
                 Err(e) => {
                     errors = errors.saturating_add(1);
@@ -599,6 +650,7 @@ impl Worker {
                     me.run_guarded(task, &hard).await;
                     drop(hold);
                     drop(permit);
+                    me.run_ended.notify_waiters();
                 });
             }
         }

@@ -18,6 +18,8 @@ use crate::{LlmFailure, Worker};
 pub(crate) enum Outcome {
     Success {
         result_json: String,
+        /// The key of the agent's memory (`Payload::agent_key`: `<tenant>~<agent>` for a
+        /// tenant's agent), appended to with the result.
         agent_id: Option<String>,
         exchange: Vec<String>,
         /// The answering call's usage, written with the result.
@@ -63,19 +65,22 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-/// The agent of a task's payload, read only when the payload names one (most do not, and a
-/// second full parse per task would show in the worker's cost per task).
+/// The lane name of a task's agent (namespaced by its tenant, `tenant::agent_key`), read only
+/// when the payload names an agent (most do not, and a second full parse per task would show
+/// in the worker's cost per task).
 fn agent_of(payload: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct AgentOnly {
         agent_id: Option<String>,
+        tenant: Option<String>,
     }
     if !payload.contains("\"agent_id\"") {
         return None;
     }
-    serde_json::from_str::<AgentOnly>(payload)
-        .ok()
-        .and_then(|a| a.agent_id)
+    serde_json::from_str::<AgentOnly>(payload).ok().and_then(|a| {
+        a.agent_id
+            .map(|id| agentq_common::tenant::agent_key(a.tenant.as_deref(), &id).into_owned())
+    })
 }
 
 /// When a task's tool outputs are due, from now.
@@ -198,7 +203,12 @@ impl Worker {
                 .unwrap_or_else(|| self.cfg.model.clone()),
         );
         models.extend(payload.fallback_models.iter().cloned());
-        let history = match payload.memory_agent() {
+        // the agent's memory is its tenant's: `<tenant>~<agent>` (two tenants' agents of one name
+        // never read each other's)
+        let memory_key = payload
+            .memory_agent()
+            .map(|agent| agentq_common::tenant::agent_key(payload.tenant.as_deref(), agent));
+        let history = match memory_key.as_deref() {
             Some(agent) => match self
                 .broker
                 .memory(&self.keys, agent, self.cfg.memory_messages)
@@ -533,7 +543,8 @@ impl Worker {
         }
         Outcome::Success {
             result_json,
-            agent_id: payload.agent_id.clone(),
+            // the memory's key, namespaced like the read in `execute`
+            agent_id: payload.agent_key().map(std::borrow::Cow::into_owned),
             exchange,
             usage,
             node,

@@ -4,13 +4,24 @@
 //! written from the task records in input order). Whoever drives a batch holds its lease: the
 //! POST that created it (in a task of its own), else the loop of any replica, which also resumes
 //! the work of a replica that died. Every step is idempotent or fenced, so a redo is safe.
+//!
+//! Batches are per tenant: `POST /v1/batches` takes only a file of the caller's tenant (another
+//! tenant's file id answers as a missing one), counts as one submission against the tenant's
+//! quotas (`tenants::admit`), and records the tenant on the batch hash (`tenant`, absent for the
+//! default tenant), whence `fanout.lua` copies it onto every task record and the fan-out puts it
+//! in every task's payload (`Payload::tenant`, read by the worker for budgets); the output and
+//! error files are the tenant's. Another tenant's batch id answers 404 to get and cancel; a
+//! tenant's list pages its own index (`batches:tenant:<id>`); the admin sees all.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use agentq_common::batch::{Fanout, FanoutLine, Finalize};
+use agentq_common::batch::{
+    batches_gc_member, parse_batches_gc_member, tenant_batches_index, Fanout, FanoutLine, Finalize,
+};
 use agentq_common::keys::{self, Keys, TaskId};
 use agentq_common::task::{TaskResult, TaskView};
+use agentq_common::tenant::non_default;
 use agentq_common::time::now_ms;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -22,6 +33,7 @@ use serde_json::{json, Map, Value};
 
 use super::files::{self, PURPOSE_BATCH, PURPOSE_OUTPUT};
 use super::{dl, now_secs, page_of, query, ListQuery};
+use crate::auth::Caller;
 use crate::openai::chat;
 use crate::openai::OaiError;
 use crate::AppState;
@@ -109,7 +121,18 @@ fn batch_object(h: &HashMap<String, String>) -> Value {
     })
 }
 
-async fn read(state: &AppState, id: &str) -> Result<HashMap<String, String>, OaiError> {
+/// The tenant a batch's hash names (`None`: the default tenant).
+fn owner(h: &HashMap<String, String>) -> Option<&str> {
+    non_default(h.get("tenant").map(String::as_str))
+}
+
+/// The batch's hash, or 404 when there is none or the caller does not see it (another tenant's
+/// batch answers exactly as a missing one).
+async fn read(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<HashMap<String, String>, OaiError> {
     let Some(queue) = parse_id(id) else {
         return Err(not_found(id));
     };
@@ -119,7 +142,7 @@ async fn read(state: &AppState, id: &str) -> Result<HashMap<String, String>, Oai
         state.broker.keys(&queue).batch(id),
     ))
     .await?;
-    if h.is_empty() {
+    if h.is_empty() || !caller.sees(owner(&h)) {
         return Err(not_found(id));
     }
     Ok(h)
@@ -158,12 +181,14 @@ fn string_param<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str, 
     }
 }
 
-/// `POST /v1/batches`
+/// `POST /v1/batches`: a batch of the caller's tenant, over a file of that tenant.
 pub async fn create(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OaiError> {
+    let tenant = non_default(caller.tenant());
     let obj: Map<String, Value> = crate::routes::json_body(&headers, body)?;
     if let Some(k) = obj.keys().find(|k| {
         !matches!(
@@ -214,10 +239,27 @@ pub async fn create(
     if !files::valid_file_id(&file_id) {
         return Err(file_missing());
     }
+    let p = state.broker.prefix().to_owned();
+    // another tenant's file is a missing one (a file's tenant never changes, so reading it
+    // before file_use.lua takes the file is no race)
+    let file_owner: Option<String> = {
+        let mut conn = dl(state.broker.redis().conn()).await?;
+        dl(redis::AsyncCommands::hget(
+            &mut conn,
+            keys::file_meta(&p, &file_id),
+            "tenant",
+        ))
+        .await?
+    };
+    if !caller.sees(non_default(file_owner.as_deref())) {
+        return Err(file_missing());
+    }
+    // one submission against the tenant's quotas (spend budget, enqueue rate); refused, nothing
+    // is written
+    crate::tenants::admit(&state, &caller).await?;
     let cfg = &state.config.batch;
     let queue = cfg.queue.clone();
     let id = new_id(&queue);
-    let p = state.broker.prefix().to_owned();
     let now = now_ms();
     // the cap on batches not ended: take a place, give it back when over (one place per
     // batch, so concurrent POSTs never end above the cap)
@@ -286,6 +328,10 @@ pub async fn create(
     if let Some(m) = metadata {
         fields.push(("metadata", m));
     }
+    if let Some(t) = tenant {
+        // fanout.lua copies it onto every task record of the batch
+        fields.push(("tenant", t.to_owned()));
+    }
     let keys = state.broker.keys(&queue);
     {
         let mut conn = dl(state.broker.redis().conn()).await?;
@@ -295,13 +341,12 @@ pub async fn create(
             &fields,
         ))
         .await?;
-        let _: i64 = dl(redis::AsyncCommands::zadd(
-            &mut conn,
-            keys::batches_index(&p),
-            &id,
-            now,
-        ))
-        .await?;
+        let mut pipe = redis::pipe();
+        pipe.zadd(keys::batches_index(&p), &id, now).ignore();
+        if let Some(t) = tenant {
+            pipe.zadd(tenant_batches_index(&p, t), &id, now).ignore();
+        }
+        dl(pipe.query_async::<()>(&mut conn)).await?;
     }
     state.metrics.batches.with_label_values(&["created"]).inc();
     crate::routes::register_queue(&state, &queue).await;
@@ -315,14 +360,18 @@ pub async fn create(
 /// `GET /v1/batches/{id}`
 pub async fn get(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, OaiError> {
-    Ok(Json(batch_object(&read(&state, &id).await?)).into_response())
+    Ok(Json(batch_object(&read(&state, &caller, &id).await?)).into_response())
 }
 
-/// `GET /v1/batches`: newest first.
+/// `GET /v1/batches`: newest first. A tenant's token pages its tenant's own index
+/// (`batches:tenant:<id>`: a page costs what its own batches do, and is full while more
+/// follow); the admin pages the index of every batch.
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, OaiError> {
     let q = query(q)?;
@@ -334,7 +383,11 @@ pub async fn list(
     }
     let limit = q.limit(20)?;
     let newest_first = q.newest_first()?;
-    let index = keys::batches_index(state.broker.prefix());
+    let p = state.broker.prefix();
+    let tenant_index = non_default(caller.tenant()).map(|t| tenant_batches_index(p, t));
+    let index = tenant_index
+        .clone()
+        .unwrap_or_else(|| keys::batches_index(p));
     let (ids, more) = page_of(&state, &index, q.after.as_deref(), limit, newest_first).await?;
     let mut pipe = redis::pipe();
     let mut listed = Vec::new();
@@ -350,9 +403,20 @@ pub async fn list(
         let mut conn = dl(state.broker.redis().conn()).await?;
         dl(pipe.query_async(&mut conn)).await?
     };
+    // a tenant's entry whose record expired before the collection took it off is dropped now
+    let gone: Vec<&&String> = listed
+        .iter()
+        .zip(&hashes)
+        .filter(|(_, h)| h.is_empty())
+        .map(|(id, _)| id)
+        .collect();
+    if let (Some(ti), false) = (&tenant_index, gone.is_empty()) {
+        let mut conn = dl(state.broker.redis().conn()).await?;
+        let _: i64 = dl(redis::AsyncCommands::zrem(&mut conn, ti, &gone)).await?;
+    }
     let data: Vec<Value> = hashes
         .iter()
-        .filter(|h| !h.is_empty())
+        .filter(|h| !h.is_empty() && caller.sees(owner(h)))
         .map(batch_object)
         .collect();
     Ok(super::list_page(data, more))
@@ -363,11 +427,14 @@ pub async fn list(
 /// is; one that ended otherwise (or is finalizing) is a 409.
 pub async fn cancel(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, OaiError> {
     let Some(queue) = parse_id(&id) else {
         return Err(not_found(&id));
     };
+    // another tenant's batch is a missing one: nothing is stopped
+    read(&state, &caller, &id).await?;
     let keys = state.broker.keys(&queue);
     match dl(state.broker.batch_stop(&keys, &id, "cancelled"))
         .await?
@@ -387,7 +454,7 @@ pub async fn cancel(
             .code("batch_not_cancellable"))
         }
     }
-    Ok(Json(batch_object(&read(&state, &id).await?)).into_response())
+    Ok(Json(batch_object(&read(&state, &caller, &id).await?)).into_response())
 }
 
 /// Drives one batch while this replica holds its lease: whatever it needs next, until it waits
@@ -493,7 +560,7 @@ async fn settle(state: &AppState, id: &str, h: &HashMap<String, String>) -> Resu
     let mut pipe = redis::pipe();
     pipe.zrem(keys::batches_live(p), id)
         .ignore()
-        .zadd(keys::batches_gc(p), id, until)
+        .zadd(keys::batches_gc(p), batches_gc_member(id, owner(h)), until)
         .ignore();
     if let Some(f) = h.get("input_file_id") {
         pipe.srem(keys::file_users(p, f), id).ignore();
@@ -502,12 +569,14 @@ async fn settle(state: &AppState, id: &str, h: &HashMap<String, String>) -> Resu
     dl(pipe.query_async::<()>(&mut conn)).await
 }
 
-/// A line made ready for the fan-out: its task, or the error that keeps it from running.
-fn prepare(state: &AppState, queue: &str, text: &str) -> FanoutLine {
+/// A line made ready for the fan-out: its task (of the batch's `tenant`: the worker reads the
+/// payload's tenant for budgets), or the error that keeps it from running.
+fn prepare(state: &AppState, queue: &str, tenant: Option<&str>, text: &str) -> FanoutLine {
     let task_id = TaskId::generate(queue).map_or_else(|_| String::new(), |t| t.to_string());
     match files::check_line(state, 0, text) {
         Ok((custom_id, mut task)) => {
             task.queue = queue.to_owned();
+            task.payload.tenant = tenant.map(str::to_owned);
             match serde_json::to_string(&task.payload) {
                 Ok(p) => FanoutLine {
                     task_id,
@@ -580,7 +649,11 @@ async fn fan_out(
         ))
         .await?
     };
-    let mut lines: Vec<FanoutLine> = texts.iter().map(|t| prepare(state, &queue, t)).collect();
+    let tenant = owner(h);
+    let mut lines: Vec<FanoutLine> = texts
+        .iter()
+        .map(|t| prepare(state, &queue, tenant, t))
+        .collect();
     // the input file is kept while the batch lives; lines missing anyway still get a place
     while (lines.len() as u64) < n {
         let tid = TaskId::generate(&queue).map_or_else(|_| String::new(), |t| t.to_string());
@@ -620,20 +693,23 @@ struct Outcomes {
 }
 
 /// An output or error file being written by the finalizer.
+/// It belongs to the batch's tenant.
 struct OutFile {
     id: String,
+    tenant: Option<String>,
     lines: u64,
     bytes: u64,
     page: Vec<String>,
 }
 
 impl OutFile {
-    async fn start(state: &AppState, id: String) -> Result<Self, OaiError> {
+    async fn start(state: &AppState, id: String, tenant: Option<&str>) -> Result<Self, OaiError> {
         // a finalizer that died wrote part of it: it is written again from the start
-        dl(files::discard(state, &id)).await?;
-        dl(files::begin_file(state, &id, PURPOSE_OUTPUT)).await?;
+        dl(files::discard(state, &id, tenant)).await?;
+        dl(files::begin_file(state, &id, PURPOSE_OUTPUT, tenant)).await?;
         Ok(Self {
             id,
+            tenant: tenant.map(str::to_owned),
             lines: 0,
             bytes: 0,
             page: Vec::new(),
@@ -651,12 +727,13 @@ impl OutFile {
 
     /// Stored, or dropped when empty (a batch omits an empty file, as OpenAI does).
     async fn finish(&self, state: &AppState, filename: &str) -> Result<bool, OaiError> {
+        let tenant = self.tenant.as_deref();
         if self.lines == 0 {
-            dl(files::discard(state, &self.id)).await?;
+            dl(files::discard(state, &self.id, tenant)).await?;
             return Ok(false);
         }
         dl(files::commit_file(
-            state, &self.id, filename, self.bytes, self.lines,
+            state, &self.id, filename, self.bytes, self.lines, tenant,
         ))
         .await
     }
@@ -686,8 +763,8 @@ async fn finalize(
         Finalize::Lease | Finalize::Missing | Finalize::Open => return Ok(false),
     };
     let ending = (!ending.is_empty()).then_some(ending);
-    let mut out = OutFile::start(state, out_id).await?;
-    let mut err = OutFile::start(state, err_id).await?;
+    let mut out = OutFile::start(state, out_id, owner(h)).await?;
+    let mut err = OutFile::start(state, err_id, owner(h)).await?;
     let total = field(h, "total").max(0) as u64;
     let made = field(h, "cursor").max(0) as u64;
     let input = h.get("input_file_id").cloned().unwrap_or_default();
@@ -968,7 +1045,8 @@ pub(crate) async fn tick(state: &AppState) -> Result<(), OaiError> {
     Ok(())
 }
 
-/// Drops ended batches whose records expired from the list's index.
+/// Drops ended batches whose records expired from the list's index, and a tenant's batch from
+/// its tenant's index too (the tenant travels in the collection's member).
 pub(crate) async fn gc(state: &AppState) -> Result<(), OaiError> {
     let p = state.broker.prefix();
     let mut conn = dl(state.broker.redis().conn()).await?;
@@ -984,11 +1062,20 @@ pub(crate) async fn gc(state: &AppState) -> Result<(), OaiError> {
     if due.is_empty() {
         return Ok(());
     }
-    dl(redis::pipe()
-        .zrem(keys::batches_index(p), &due)
-        .ignore()
-        .zrem(keys::batches_gc(p), &due)
-        .ignore()
-        .query_async::<()>(&mut conn))
-    .await
+    let mut ids: Vec<&str> = Vec::with_capacity(due.len());
+    let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
+    for m in &due {
+        let (id, tenant) = parse_batches_gc_member(m);
+        ids.push(id);
+        if let Some(t) = tenant {
+            by_tenant.entry(t).or_default().push(id);
+        }
+    }
+    let mut pipe = redis::pipe();
+    pipe.zrem(keys::batches_index(p), &ids).ignore();
+    for (t, tids) in &by_tenant {
+        pipe.zrem(tenant_batches_index(p, t), tids).ignore();
+    }
+    pipe.zrem(keys::batches_gc(p), &due).ignore();
+    dl(pipe.query_async::<()>(&mut conn)).await
 }

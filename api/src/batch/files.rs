@@ -6,13 +6,21 @@
 //! stored (also when the client goes away: a guard does it), and a replica killed mid-upload
 //! leaves an entry in `files:gc` the loop collects. Every stored file is charged its bytes plus
 //! a fixed overhead in `files:bytes`, bounded by `AGENTQ_FILES_MAX_TOTAL_BYTES`.
+//!
+//! Files are per tenant: an upload records the caller's tenant (`tenant` on the file's hash,
+//! only for a tenant other than the default) and indexes the file in the tenant's own list
+//! (`files:tenant:<id>`) beside the global one; a batch's output and error files belong to the
+//! batch's tenant. A tenant's token sees, reads and deletes only its tenant's files, lists them
+//! from its own index, and another tenant's file id answers 404 exactly as a missing one; the
+//! admin sees every file.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
-use agentq_common::batch::FileDelete;
+use agentq_common::batch::{tenant_files_index, FileDelete};
 use agentq_common::keys;
+use agentq_common::tenant::non_default;
 use agentq_common::time::now_ms;
 use axum::body::Body;
 use axum::extract::multipart::{Field, MultipartRejection};
@@ -23,6 +31,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::{dl, page_of, query, ListQuery};
+use crate::auth::Caller;
 use crate::openai::chat::{self, Routing};
 use crate::openai::OaiError;
 use crate::AppState;
@@ -101,21 +110,38 @@ fn too_large(message: String) -> OaiError {
         .code("file_too_large")
 }
 
-/// Deletes a file's keys whatever holds it and gives its bytes back: an upload that failed or
-/// was abandoned, a batch's output file being rewritten.
-pub(crate) async fn discard(state: &AppState, id: &str) -> Result<(), redis::RedisError> {
-    let deleted = state.broker.file_delete(id, true).await?;
-    unindex(state, id, deleted).await
+/// The tenant a file's hash names (`None`: the default tenant).
+fn owner(h: &HashMap<String, String>) -> Option<&str> {
+    non_default(h.get("tenant").map(String::as_str))
 }
 
-/// Takes a deleted file out of the indexes and its bytes off the total.
-async fn unindex(state: &AppState, id: &str, deleted: FileDelete) -> Result<(), redis::RedisError> {
+/// Deletes a file's keys whatever holds it and gives its bytes back: an upload that failed or
+/// was abandoned, a batch's output file being rewritten. `tenant` is the file's.
+pub(crate) async fn discard(
+    state: &AppState,
+    id: &str,
+    tenant: Option<&str>,
+) -> Result<(), redis::RedisError> {
+    let deleted = state.broker.file_delete(id, true).await?;
+    unindex(state, id, tenant, deleted).await
+}
+
+/// Takes a deleted file out of the indexes (its tenant's too) and its bytes off the total.
+async fn unindex(
+    state: &AppState,
+    id: &str,
+    tenant: Option<&str>,
+    deleted: FileDelete,
+) -> Result<(), redis::RedisError> {
     let p = state.broker.prefix();
     let mut pipe = redis::pipe();
     pipe.zrem(keys::files_index(p), id)
         .ignore()
         .zrem(keys::files_gc(p), id)
         .ignore();
+    if let Some(t) = non_default(tenant) {
+        pipe.zrem(tenant_files_index(p, t), id).ignore();
+    }
     if let FileDelete::Deleted(n) = deleted {
         pipe.cmd("DECRBY").arg(keys::files_bytes(p)).arg(n).ignore();
     }
@@ -123,20 +149,20 @@ async fn unindex(state: &AppState, id: &str, deleted: FileDelete) -> Result<(), 
     pipe.query_async::<()>(&mut conn).await
 }
 
-/// Starts a file: its hash (status `uploading`), its overhead charged, and an entry in
-/// `files:gc` so a replica dying now leaves nothing the loop does not find. Returns the total
-/// of every file's bytes after the charge.
+/// Starts a file of `tenant` (`None`: the default tenant): its hash (status `uploading`, and
+/// `tenant` for another tenant), its overhead charged, and an entry in `files:gc` so a replica
+/// dying now leaves nothing the loop does not find. Returns the total of every file's bytes
+/// after the charge.
 pub(crate) async fn begin_file(
     state: &AppState,
     id: &str,
     purpose: &str,
+    tenant: Option<&str>,
 ) -> Result<u64, redis::RedisError> {
     let p = state.broker.prefix();
     let now = now_ms();
-    let mut conn = state.broker.redis().conn().await?;
-    let (total,): (u64,) = redis::pipe()
-        .cmd("HSET")
-        .arg(keys::file_meta(p, id))
+    let mut hset = redis::cmd("HSET");
+    hset.arg(keys::file_meta(p, id))
         .arg("status")
         .arg("uploading")
         .arg("purpose")
@@ -144,7 +170,13 @@ pub(crate) async fn begin_file(
         .arg("created_at")
         .arg(now / 1000)
         .arg("charged")
-        .arg(FILE_OVERHEAD)
+        .arg(FILE_OVERHEAD);
+    if let Some(t) = non_default(tenant) {
+        hset.arg("tenant").arg(t);
+    }
+    let mut conn = state.broker.redis().conn().await?;
+    let (total,): (u64,) = redis::pipe()
+        .add_command(hset)
         .ignore()
         .zadd(keys::files_gc(p), id, now + UPLOAD_STALE.as_millis() as i64)
         .ignore()
@@ -191,14 +223,15 @@ pub(crate) async fn append_lines(
     Ok(total)
 }
 
-/// Makes a written file a stored one: its object's fields, then the indexes (listing, expiry).
-/// False when the upload was collected as abandoned meanwhile.
+/// Makes a written file a stored one: its object's fields, then the indexes (listing, its
+/// tenant's listing, expiry). False when the upload was collected as abandoned meanwhile.
 pub(crate) async fn commit_file(
     state: &AppState,
     id: &str,
     filename: &str,
     bytes: u64,
     lines: u64,
+    tenant: Option<&str>,
 ) -> Result<bool, redis::RedisError> {
     let now = now_ms();
     let ttl = state.config.batch.file_ttl;
@@ -220,14 +253,16 @@ pub(crate) async fn commit_file(
         return Ok(false);
     }
     let p = state.broker.prefix();
-    let mut conn = state.broker.redis().conn().await?;
-    redis::pipe()
-        .zadd(keys::files_index(p), id, now)
+    let mut pipe = redis::pipe();
+    pipe.zadd(keys::files_index(p), id, now)
         .ignore()
         .zadd(keys::files_gc(p), id, expires)
-        .ignore()
-        .query_async::<()>(&mut conn)
-        .await?;
+        .ignore();
+    if let Some(t) = non_default(tenant) {
+        pipe.zadd(tenant_files_index(p, t), id, now).ignore();
+    }
+    let mut conn = state.broker.redis().conn().await?;
+    pipe.query_async::<()>(&mut conn).await?;
     Ok(true)
 }
 
@@ -236,6 +271,7 @@ pub(crate) async fn commit_file(
 struct UploadGuard {
     state: AppState,
     id: String,
+    tenant: Option<String>,
     armed: bool,
 }
 
@@ -246,8 +282,9 @@ impl Drop for UploadGuard {
         }
         let state = self.state.clone();
         let id = std::mem::take(&mut self.id);
+        let tenant = self.tenant.take();
         tokio::spawn(async move {
-            if let Err(e) = discard(&state, &id).await {
+            if let Err(e) = discard(&state, &id, tenant.as_deref()).await {
                 // the loop collects it when its gc entry is due
                 tracing::warn!(error = %e, file.id = %id, "could not delete a failed upload");
             }
@@ -255,11 +292,13 @@ impl Drop for UploadGuard {
     }
 }
 
-/// `POST /v1/files`
+/// `POST /v1/files`: the file is the caller's tenant's.
 pub async fn upload(
     State(state): State<AppState>,
+    caller: Caller,
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, OaiError> {
+    let tenant = non_default(caller.tenant());
     let mut mp = mp.map_err(|e| {
         OaiError::new(
             StatusCode::BAD_REQUEST,
@@ -291,7 +330,7 @@ pub async fn upload(
                 if stored.is_some() {
                     return Err(OaiError::invalid("file", "only one file per upload"));
                 }
-                stored = Some(store(&state, field).await?);
+                stored = Some(store(&state, tenant, field).await?);
             }
             other => {
                 let shown: String = other.unwrap_or("").chars().take(64).collect();
@@ -316,7 +355,7 @@ pub async fn upload(
         ));
     };
     let id = guard.id.clone();
-    if !dl(commit_file(&state, &id, &filename, bytes, lines)).await? {
+    if !dl(commit_file(&state, &id, &filename, bytes, lines, tenant)).await? {
         return Err(OaiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the upload took too long and was dropped; upload the file again",
@@ -392,6 +431,7 @@ fn digest(s: &str) -> u128 {
 /// deletes it unless committed, the filename, the bytes received and the lines stored.
 async fn store(
     state: &AppState,
+    tenant: Option<&str>,
     mut field: Field<'_>,
 ) -> Result<(UploadGuard, String, u64, u64), OaiError> {
     let cfg = &state.config.batch;
@@ -406,9 +446,10 @@ async fn store(
     let guard = UploadGuard {
         state: state.clone(),
         id: id.clone(),
+        tenant: tenant.map(str::to_owned),
         armed: true,
     };
-    let total = dl(begin_file(state, &id, PURPOSE_BATCH)).await?;
+    let total = dl(begin_file(state, &id, PURPOSE_BATCH, tenant)).await?;
     let over_total = || {
         too_large(format!(
             "the files stored here would take more than {} bytes together (AGENTQ_FILES_MAX_TOTAL_BYTES); delete files or wait for them to expire",
@@ -624,8 +665,13 @@ pub(crate) fn check_line(
     Ok((custom_id, req.task))
 }
 
-/// The stored file's hash, or 404 (an upload in progress is not a file yet).
-async fn stored_meta(state: &AppState, id: &str) -> Result<HashMap<String, String>, OaiError> {
+/// The stored file's hash, or 404: an upload in progress is not a file yet, and another
+/// tenant's file answers exactly as a missing one.
+async fn stored_meta(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<HashMap<String, String>, OaiError> {
     if !valid_file_id(id) {
         return Err(not_found(id));
     }
@@ -635,7 +681,7 @@ async fn stored_meta(state: &AppState, id: &str) -> Result<HashMap<String, Strin
         keys::file_meta(state.broker.prefix(), id),
     ))
     .await?;
-    if h.get("status").map(String::as_str) != Some("processed") {
+    if h.get("status").map(String::as_str) != Some("processed") || !caller.sees(owner(&h)) {
         return Err(not_found(id));
     }
     Ok(h)
@@ -644,15 +690,20 @@ async fn stored_meta(state: &AppState, id: &str) -> Result<HashMap<String, Strin
 /// `GET /v1/files/{id}`
 pub async fn get(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, OaiError> {
-    let h = stored_meta(&state, &id).await?;
+    let h = stored_meta(&state, &caller, &id).await?;
     Ok(Json(file_object(&id, &h)).into_response())
 }
 
-/// `GET /v1/files`: newest first by default; `purpose` filters.
+/// `GET /v1/files`: newest first by default; `purpose` filters. A tenant's token pages its
+/// tenant's own index (`files:tenant:<id>`), so its pages are full while more of its files
+/// follow and cost what its own files do (plus those a `purpose` filter passes over), whatever
+/// other tenants store; the admin pages the index of every file.
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, OaiError> {
     let q = query(q)?;
@@ -666,7 +717,9 @@ pub async fn list(
             ));
         }
     }
-    let index = keys::files_index(state.broker.prefix());
+    let p = state.broker.prefix();
+    let tenant_index = non_default(caller.tenant()).map(|t| tenant_files_index(p, t));
+    let index = tenant_index.clone().unwrap_or_else(|| keys::files_index(p));
     let mut after = q.after.clone();
     let mut data: Vec<Value> = Vec::new();
     let mut more = false;
@@ -684,8 +737,13 @@ pub async fn list(
             dl(pipe.query_async(&mut conn)).await?
         };
         let mut taken_all = true;
+        let mut gone: Vec<&String> = Vec::new();
         for (id, h) in ids.iter().zip(metas) {
-            if h.get("status").map(String::as_str) != Some("processed") {
+            if h.is_empty() {
+                gone.push(id);
+                continue;
+            }
+            if h.get("status").map(String::as_str) != Some("processed") || !caller.sees(owner(&h)) {
                 continue;
             }
             if q.purpose
@@ -699,6 +757,13 @@ pub async fn list(
                 break;
             }
             data.push(file_object(id, &h));
+        }
+        // a tenant's entry whose file is gone (a replica died between deleting it and taking
+        // it off the indexes) is dropped here; a file being rewritten is indexed again when
+        // committed, so this never loses a stored one
+        if let (Some(ti), false) = (&tenant_index, gone.is_empty()) {
+            let mut conn = dl(state.broker.redis().conn()).await?;
+            let _: i64 = dl(redis::AsyncCommands::zrem(&mut conn, ti, &gone)).await?;
         }
         after = ids.last().cloned();
         if !taken_all || (data.len() == limit && rest) {
@@ -716,9 +781,10 @@ pub async fn list(
 /// newline; never the whole file in memory. A file deleted while it streams ends early.
 pub async fn content(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, OaiError> {
-    stored_meta(&state, &id).await?;
+    stored_meta(&state, &caller, &id).await?;
     let key = keys::file_lines(state.broker.prefix(), &id);
     let redis = state.broker.redis().clone();
     let pages = futures::stream::try_unfold(0isize, move |at| {
@@ -749,9 +815,10 @@ pub async fn content(
 /// `DELETE /v1/files/{id}`: refused (409) while a batch not ended reads it.
 pub async fn delete(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, OaiError> {
-    stored_meta(&state, &id).await?;
+    let h = stored_meta(&state, &caller, &id).await?;
     dl(drop_ended_users(&state, &id)).await?;
     let deleted = dl(state.broker.file_delete(&id, false)).await?;
     match deleted {
@@ -763,7 +830,7 @@ pub async fn delete(
         .param("id")
         .code("file_in_use")),
         FileDelete::Deleted(_) => {
-            dl(unindex(&state, &id, deleted)).await?;
+            dl(unindex(&state, &id, owner(&h), deleted)).await?;
             Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
         }
     }
@@ -812,22 +879,33 @@ pub(crate) async fn gc(state: &AppState) -> Result<(), OaiError> {
             .query_async(&mut conn))
         .await?
     };
-    for id in due {
-        dl(drop_ended_users(state, &id)).await?;
-        match dl(state.broker.file_delete(&id, false)).await? {
+    // each file's tenant, read before its hash goes, to take it off its tenant's index too
+    let owners: Vec<Option<String>> = if due.is_empty() {
+        Vec::new()
+    } else {
+        let mut pipe = redis::pipe();
+        for id in &due {
+            pipe.hget(keys::file_meta(p, id), "tenant");
+        }
+        let mut conn = dl(state.broker.redis().conn()).await?;
+        dl(pipe.query_async(&mut conn)).await?
+    };
+    for (id, tenant) in due.iter().zip(owners) {
+        dl(drop_ended_users(state, id)).await?;
+        match dl(state.broker.file_delete(id, false)).await? {
             FileDelete::InUse => {
                 let mut conn = dl(state.broker.redis().conn()).await?;
                 let _: i64 = dl(redis::AsyncCommands::zadd(
                     &mut conn,
                     keys::files_gc(p),
-                    &id,
+                    id,
                     now + 3_600_000,
                 ))
                 .await?;
             }
             deleted => {
                 tracing::info!(file.id = %id, "file expired or abandoned: deleted");
-                dl(unindex(state, &id, deleted)).await?;
+                dl(unindex(state, id, tenant.as_deref(), deleted)).await?;
             }
         }
     }

@@ -519,10 +519,11 @@ impl Drop for HangUp {
 /// `POST /v1/chat/completions`
 pub async fn create(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match handle(state, headers, body).await {
+    match handle(state, caller, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -530,17 +531,21 @@ pub async fn create(
 
 async fn handle(
     state: AppState,
+    caller: crate::auth::Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OaiError> {
-    let idem = crate::routes::idempotency_key(&headers)?;
+    let idem = crate::routes::idempotency_key(&headers)?
+        .map(|k| agentq_common::tenant::idempotency_key(caller.tenant(), &k).into_owned());
     let value: Value = crate::routes::json_body(&headers, body)?;
     let routing = Routing {
         queue: header(&headers, "x-agentq-queue")?,
         agent_id: header(&headers, "x-agentq-agent-id")?,
     };
-    let req = parse(&state, value, &routing)?;
+    let mut req = parse(&state, value, &routing)?;
+    req.task.payload.tenant = caller.tenant().map(str::to_owned);
     let (wait, cancel) = options(&state, &headers)?;
+    crate::tenants::admit(&state, &caller).await?;
     // the stream place first: refused, nothing was written
     let Some(slot) = crate::events::take_slot(&state) else {
         count(&state, req.stream, "refused");
@@ -550,6 +555,9 @@ async fn handle(
     };
     let ttl = state.config.common.result_ttl;
     let (id, outcome) = deadline(state.broker.enqueue(&req.task, idem.as_deref(), ttl)).await?;
+    if let Enqueued::OverQuota { pending } = outcome {
+        return Err(crate::routes::over_pending(&state, pending).into());
+    }
     if outcome == Enqueued::Created {
         state
             .metrics

@@ -105,9 +105,19 @@ impl From<ApiError> for OaiError {
         };
         let mut out = Self::new(status, e.message).code(e.code);
         out.param = e.field;
+        out.retry_after = e.retry_after;
         if status == StatusCode::SERVICE_UNAVAILABLE {
             out.retry_after = Some(1);
             out.should_retry = Some(true);
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // a tenant quota refused it and nothing was written: a rate or pending quota frees
+            // up by the Retry-After, a spent budget does not within an SDK's retries
+            let spent = e.code == "budget_exceeded";
+            out.should_retry = Some(!spent);
+            if spent {
+                out.kind = "insufficient_quota";
+            }
         }
         out
     }

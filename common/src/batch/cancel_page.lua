@@ -1,7 +1,8 @@
--- Cancels the next page of a stopped batch's tasks (events.lua is prepended), as cancel.lua
+-- Cancels the next page of a stopped batch's tasks (events.lua and fair.lua are prepended), as cancel.lua
 -- cancels one: off every list but pending (fetch.lua drops a cancelled id when it comes up; an
 -- LREM per id would scan the list once per task), the run's token cleared, a running call
--- aborted through the queue's cancel channel. ev_final counts each in the batch's `failed`.
+-- aborted through the queue's cancel channel (and counted off the tenant's runs in flight, once:
+-- the token's HDEL says whether there was one). ev_final counts each in the batch's `failed`.
 -- Resumable: `ccur` in the batch hash is the next index, and cancelling a final task is a no-op.
 -- KEYS[1] batch hash, KEYS[2] its task list, KEYS[3] delayed zset, KEYS[4] active zset,
 -- KEYS[5] throttled zset, KEYS[6] waiting zset
@@ -13,11 +14,12 @@ local ids = redis.call('LRANGE', KEYS[2], at, at + tonumber(ARGV[2]) - 1)
 local ttl = tonumber(ARGV[4])
 for _, id in ipairs(ids) do
   local tkey = ARGV[1] .. 'task:' .. id
-  local t = redis.call('HMGET', tkey, 'status', 'worker')
+  local t = redis.call('HMGET', tkey, 'status', 'worker', 'tenant')
   local st = t[1]
   if st and st ~= 'succeeded' and st ~= 'failed' and st ~= 'cancelled' then
     redis.call('HSET', tkey, 'status', 'cancelled', 'finished_at', ARGV[3], 'error', ARGV[5])
-    redis.call('HDEL', tkey, 'token', 'pending_tool_calls', 'waiting_until')
+    if redis.call('HDEL', tkey, 'token') == 1 then fq_ended(ARGV[1] .. 'running', t[3]) end
+    redis.call('HDEL', tkey, 'pending_tool_calls', 'waiting_until')
     redis.call('EXPIRE', tkey, ttl)
     redis.call('ZREM', KEYS[3], id)
     redis.call('ZREM', KEYS[4], id)

@@ -27,11 +27,16 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    fanout: Script::new(include_str!("fanout.lua")),
+    // each task goes to its tenant's line (fair.lua, see queue/mod.rs)
+    fanout: Script::new(concat!(
+        include_str!("../queue/fair.lua"),
+        include_str!("fanout.lua")
+    )),
     stop: Script::new(include_str!("stop.lua")),
     // it makes tasks final, so it passes ev_final like every such script
     cancel_page: Script::new(concat!(
         include_str!("../queue/events.lua"),
+        include_str!("../queue/fair.lua"),
         include_str!("cancel_page.lua")
     )),
     finalize: Script::new(include_str!("finalize.lua")),
@@ -40,6 +45,40 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     file_delete: Script::new(include_str!("file_delete.lua")),
     file_commit: Script::new(include_str!("file_commit.lua")),
 });
+
+/// ZSET of one tenant's stored files (member id, score = created ms), beside
+/// [`keys::files_index`] (every file): `GET /v1/files` with a tenant's token pages this one, so
+/// a page costs what the tenant's own files do, however many files others hold. Written and
+/// pruned with the global index (single commands only); the default tenant has none (only the
+/// admin acts for it, and the admin lists everything).
+pub fn tenant_files_index(prefix: &str, tenant: &str) -> String {
+    format!("{prefix}:files:tenant:{tenant}")
+}
+
+/// ZSET of one tenant's batches with a record (member id, score = created ms), beside
+/// [`keys::batches_index`]: `GET /v1/batches` with a tenant's token pages this one. Single
+/// commands only.
+pub fn tenant_batches_index(prefix: &str, tenant: &str) -> String {
+    format!("{prefix}:batches:tenant:{tenant}")
+}
+
+/// The member of [`keys::batches_gc`] for an ended batch: its id, and for a tenant's batch
+/// `<id>~<tenant>` (`~` is in neither alphabet), so the collection also prunes
+/// [`tenant_batches_index`] after the record, and its `tenant` field, expired.
+pub fn batches_gc_member(batch_id: &str, tenant: Option<&str>) -> String {
+    match crate::tenant::non_default(tenant) {
+        None => batch_id.to_owned(),
+        Some(t) => format!("{batch_id}~{t}"),
+    }
+}
+
+/// A [`keys::batches_gc`] member back as (batch id, its tenant).
+pub fn parse_batches_gc_member(member: &str) -> (&str, Option<&str>) {
+    match member.split_once('~') {
+        Some((id, t)) if !t.is_empty() => (id, Some(t)),
+        _ => (member, None),
+    }
+}
 
 /// One input line made ready for [`Broker::batch_fanout`].
 #[derive(Debug, Clone)]
@@ -324,5 +363,26 @@ fn finalize_answer(v: Vec<String>) -> Finalize {
         Some("open") => Finalize::Open,
         Some("ended") => Finalize::Ended(at(1)),
         _ => Finalize::Missing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gc_members_carry_the_tenant() {
+        let id = "batch_default.0190a0b1c2d3e4f5a6b7c8d9e0f1a2b3";
+        assert_eq!(batches_gc_member(id, None), id);
+        assert_eq!(batches_gc_member(id, Some("default")), id);
+        assert_eq!(parse_batches_gc_member(id), (id, None));
+        let m = batches_gc_member(id, Some("team-a"));
+        assert_eq!(m, format!("{id}~team-a"));
+        assert_eq!(parse_batches_gc_member(&m), (id, Some("team-a")));
+        assert_eq!(tenant_files_index("agentq", "a"), "agentq:files:tenant:a");
+        assert_eq!(
+            tenant_batches_index("agentq", "a"),
+            "agentq:batches:tenant:a"
+        );
     }
 }

@@ -4,6 +4,11 @@
 //! them), and after the call the hold is released and what the call really cost is charged
 //! (`budget_settle.lua`). Every settlement also feeds the usage report (`GET /v1/usage`).
 //!
+//! Tenants (docs/architecture.md, "Budgets"): the operator's budgets are the scopes above (fleet
+//! wide) and `tenant:<id>` (a tenant's spend quota); a tenant's own budgets are stored under
+//! namespaced scopes `<tenant>~<scope>` (`acme~agent:bot`), so tenants never share one. Which of
+//! them bind a call is [`scopes_of`].
+//!
 //! Money is counted in nano-dollars (integers), so sums are exact and Lua's doubles hold them.
 //! All keys share the `{budgets}` hash tag: one script touches every budget of a call, and a
 //! Redis Cluster keeps them in one slot. docs/architecture.md ("Budgets") has the overspend bound.
@@ -24,8 +29,19 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("bud
 
 /// Nano-dollars in a dollar.
 pub const NANOS: f64 = 1e9;
-/// The most budgets a deployment keeps (each is a key, a metric series and a config entry).
+/// The most budgets the operator keeps over `global`, `queue:`, `agent:` and `model:` scopes (each
+/// is a key, a metric series and a config entry every worker rereads every second). Tenant
+/// quotas (`tenant:<id>`) are bounded by the tenant count instead.
 pub const MAX_BUDGETS: usize = 1000;
+/// The most budgets one tenant keeps under its own namespace (`<tenant>~<scope>`), so no tenant
+/// can fill the table the whole fleet shares.
+pub const MAX_TENANT_BUDGETS: usize = 100;
+/// The most budgets all tenants keep under their namespaces together: the table (and the
+/// workers' per-second reread of it) stays bounded whatever the tenant count.
+pub const MAX_TENANT_BUDGETS_TOTAL: usize = 1000;
+/// Between a tenant id and the scope it names in a tenant's own budget: in neither alphabet
+/// (tenant ids are `[a-z0-9_-]`, scope names have no `~`), so the split is unambiguous.
+pub const TENANT_SEP: char = '~';
 /// The largest limit a budget takes, in dollars.
 pub const MAX_LIMIT_USD: f64 = 1e9;
 const MIN_WINDOW_SECS: u64 = 60;
@@ -78,13 +94,13 @@ impl Mode {
     }
 }
 
-/// `PUT /v1/budgets/{scope}`'s body.
-#[derive(Debug, Clone, Deserialize)]
+/// `PUT /v1/budgets/{scope}`'s body (and a tenant's `quotas.budget`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetBody {
     pub limit_usd: Option<f64>,
     pub window: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
 }
 
@@ -126,8 +142,9 @@ impl Budget {
     }
 }
 
-/// A scope name: `global`, `queue:<name>`, `agent:<id>` or `model:<name>`.
-pub fn validate_scope(scope: &str) -> Result<(), FieldError> {
+/// A scope a tenant may name for its own budgets (and the operator for fleet-wide ones):
+/// `global`, `queue:<name>`, `agent:<id>` or `model:<name>`.
+pub fn validate_plain_scope(scope: &str) -> Result<(), FieldError> {
     if scope == "global" {
         return Ok(());
     }
@@ -148,6 +165,45 @@ pub fn validate_scope(scope: &str) -> Result<(), FieldError> {
     } else {
         Err(bad())
     }
+}
+
+/// Any scope a budget may be stored under (the admin's view): a plain scope
+/// ([`validate_plain_scope`]), `tenant:<id>` (a tenant's spend quota), or a tenant's own budget
+/// `<tenant>~<plain scope>`. A tenant's requests name plain scopes only; the api namespaces them.
+pub fn validate_scope(scope: &str) -> Result<(), FieldError> {
+    let bad = || {
+        FieldError::new(
+            "scope",
+            "must be global, queue:<name>, agent:<agent_id>, model:<model>, tenant:<id> or \
+             <tenant>~<one of the first four>",
+        )
+    };
+    if let Some(id) = scope.strip_prefix("tenant:") {
+        return if crate::tenant::valid_tenant_id(id) {
+            Ok(())
+        } else {
+            Err(bad())
+        };
+    }
+    if scope.contains(TENANT_SEP) {
+        return match split_tenant_scope(scope) {
+            Some((_, inner)) if validate_plain_scope(inner).is_ok() => Ok(()),
+            _ => Err(bad()),
+        };
+    }
+    validate_plain_scope(scope).map_err(|_| bad())
+}
+
+/// `acme~agent:bot` → `("acme", "agent:bot")`; `None` for a scope outside every tenant's
+/// namespace (an operator's scope, or `tenant:<id>`).
+pub fn split_tenant_scope(scope: &str) -> Option<(&str, &str)> {
+    let (tenant, inner) = scope.split_once(TENANT_SEP)?;
+    crate::tenant::valid_tenant_id(tenant).then_some((tenant, inner))
+}
+
+/// Where tenant `tenant`'s own budget over `scope` (a plain scope) is stored.
+pub fn tenant_scope(tenant: &str, scope: &str) -> String {
+    format!("{tenant}{TENANT_SEP}{scope}")
 }
 
 /// `30s`-style windows: a whole number of minutes (`m`), hours (`h`) or days (`d`), 1m to 30d.
@@ -225,13 +281,34 @@ pub struct BudgetView {
     pub remaining_usd: f64,
 }
 
-/// The scopes a call falls under, in a fixed order.
-pub fn scopes_of(queue: &str, agent: Option<&str>, model: &str) -> Vec<String> {
-    let mut s = vec!["global".to_owned(), format!("queue:{queue}")];
-    if let Some(a) = agent {
+/// The scopes a call falls under, in a fixed order. A call of the default tenant (`None`):
+/// `global`, `queue:<q>`, `agent:<a>`, `model:<m>`. A call of tenant `t`: the operator's fleet-wide
+/// `global`, `queue:<q>` and `model:<m>` (the operator's `agent:<a>` does not bind it: agent names
+/// are per tenant), the tenant's quota `tenant:<t>`, and the tenant's own budgets
+/// `t~global`, `t~queue:<q>`, `t~agent:<a>`, `t~model:<m>`. Only those that have a budget are held.
+pub fn scopes_of(
+    tenant: Option<&str>,
+    queue: &str,
+    agent: Option<&str>,
+    model: &str,
+) -> Vec<String> {
+    let tenant = crate::tenant::non_default(tenant);
+    let mut s = Vec::with_capacity(if tenant.is_some() { 8 } else { 4 });
+    s.push("global".to_owned());
+    s.push(format!("queue:{queue}"));
+    if let (Some(a), None) = (agent, tenant) {
         s.push(format!("agent:{a}"));
     }
     s.push(format!("model:{model}"));
+    if let Some(t) = tenant {
+        s.push(format!("tenant:{t}"));
+        s.push(tenant_scope(t, "global"));
+        s.push(format!("{t}{TENANT_SEP}queue:{queue}"));
+        if let Some(a) = agent {
+            s.push(format!("{t}{TENANT_SEP}agent:{a}"));
+        }
+        s.push(format!("{t}{TENANT_SEP}model:{model}"));
+    }
     s
 }
 
@@ -265,26 +342,30 @@ pub struct Charge<'a> {
 
 /// Calls counted for the usage report, summed in the worker and written every second
 /// ([`Budgets::record_usage`]): the report needs no per-call write. Counting a call allocates
-/// only for an (agent, model) pair new in its minute.
+/// only for a (tenant, queue, agent, model) combination new in its minute.
 #[derive(Debug, Default)]
 pub struct UsageBatch {
-    /// minute -> queue -> agent ('' none) -> model -> [cost n$, prompt, completion, calls]
-    minutes: HashMap<i64, ByQueue>,
+    /// minute -> tenant ('' the default) -> queue -> agent ('' none) -> model ->
+    /// [cost n$, prompt, completion, calls]
+    minutes: HashMap<i64, ByTenant>,
 }
 
 type ByModel = HashMap<String, [i64; 4]>;
 type ByQueue = HashMap<String, HashMap<String, ByModel>>;
+type ByTenant = HashMap<String, ByQueue>;
 
 impl UsageBatch {
     pub fn is_empty(&self) -> bool {
         self.minutes.is_empty()
     }
 
-    /// Adds one call.
+    /// Adds one call of `tenant`'s (`None`: the default tenant) `agent` (its id as the tenant
+    /// wrote it).
     #[allow(clippy::too_many_arguments)]
     pub fn count(
         &mut self,
         now_ms: i64,
+        tenant: Option<&str>,
         agent: Option<&str>,
         queue: &str,
         model: &str,
@@ -298,7 +379,8 @@ impl UsageBatch {
             }
             m.get_mut(k).expect("inserted above")
         }
-        let by_queue = self.minutes.entry(now_ms / 60_000).or_default();
+        let by_tenant = self.minutes.entry(now_ms / 60_000).or_default();
+        let by_queue = slot(by_tenant, crate::tenant::non_default(tenant).unwrap_or(""));
         let by_agent = slot(by_queue, queue);
         let by_model = slot(by_agent, agent.unwrap_or(""));
         let c = slot(by_model, model);
@@ -307,6 +389,16 @@ impl UsageBatch {
         c[2] = c[2].saturating_add(i64::try_from(completion).unwrap_or(i64::MAX));
         c[3] = c[3].saturating_add(1);
     }
+}
+
+/// Whose calls a usage report sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageView<'a> {
+    /// Every call of the fleet (the admin): `group_by` agent (tenants' agents as
+    /// `<tenant>~<agent>`), queue, model or tenant.
+    Fleet,
+    /// One tenant's calls only: `group_by` agent (as the tenant names them), queue or model.
+    Tenant(&'a str),
 }
 
 /// One group's spend in `GET /v1/usage`.
@@ -346,31 +438,60 @@ impl Budgets {
         format!("{}:{{budgets}}:usage:{grain}:{n}", self.prefix)
     }
 
-    /// Creates or replaces a budget; `Ok(true)` when it is new. Past [`MAX_BUDGETS`] a new one
-    /// is refused (`Err` with the field), an existing one can still change.
+    /// Creates or replaces a budget; `Ok(true)` when it is new. A new one is refused (`Err`
+    /// with the field) past its pool's cap: [`MAX_BUDGETS`] for the operator's own scopes,
+    /// [`MAX_TENANT_BUDGETS`] for one tenant's namespace and [`MAX_TENANT_BUDGETS_TOTAL`] for all
+    /// tenants' together (`tenant:<id>` quotas are bounded by the tenant count). An existing one
+    /// can always change.
     pub async fn put(&self, b: &Budget) -> RedisResult<Result<bool, FieldError>> {
         let mut conn = self.redis.conn().await?;
-        // one script: the count check and the write cannot interleave with another PUT
+        // one script: the counts and the write cannot interleave with another PUT. The counts
+        // walk the table's names (at most a few thousand, and PUTs are rare), so no counter can
+        // drift from what the table holds.
         let script = Script::new(
             "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then \
                redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 0 end \
-             if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return -1 end \
+             local mine, prefix = 0, ARGV[6] \
+             local own, tenants = 0, 0 \
+             for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do \
+               if string.find(k, '~', 1, true) then \
+                 tenants = tenants + 1 \
+                 if prefix ~= '' and string.sub(k, 1, #prefix) == prefix then mine = mine + 1 end \
+               elseif string.sub(k, 1, 7) ~= 'tenant:' then own = own + 1 end \
+             end \
+             if prefix == '' then \
+               if string.sub(ARGV[1], 1, 7) ~= 'tenant:' and own >= tonumber(ARGV[3]) then \
+                 return -1 end \
+             else \
+               if mine >= tonumber(ARGV[4]) then return -2 end \
+               if tenants >= tonumber(ARGV[5]) then return -3 end \
+             end \
              redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1",
         );
+        let prefix = split_tenant_scope(&b.scope)
+            .map(|(t, _)| tenant_scope(t, ""))
+            .unwrap_or_default();
         let r: i64 = script
             .key(self.conf_key())
             .arg(&b.scope)
             .arg(b.encode())
             .arg(MAX_BUDGETS)
+            .arg(MAX_TENANT_BUDGETS)
+            .arg(MAX_TENANT_BUDGETS_TOTAL)
+            .arg(&prefix)
             .invoke_async(&mut conn)
             .await?;
+        let full = |m: String| Err(FieldError::new("scope", m));
         Ok(match r {
             1 => Ok(true),
             0 => Ok(false),
-            _ => Err(FieldError::new(
-                "scope",
-                format!("at most {MAX_BUDGETS} budgets; delete one first"),
+            -2 => full(format!(
+                "at most {MAX_TENANT_BUDGETS} budgets per tenant; delete one first"
             )),
+            -3 => full(format!(
+                "at most {MAX_TENANT_BUDGETS_TOTAL} budgets over all tenants; delete one first"
+            )),
+            _ => full(format!("at most {MAX_BUDGETS} budgets; delete one first")),
         })
     }
 
@@ -523,14 +644,20 @@ impl Budgets {
 
     /// Writes a batch of usage counts (one pipeline). Minute buckets are kept a day, hour
     /// buckets 31 days.
+    ///
+    /// A bucket is a hash of `<group>|<key>|<c|p|o|n>` fields (cost n$, prompt and completion
+    /// tokens, calls). Fleet-wide groups, as before tenants existed: `agent|<agent key>` (a
+    /// tenant's agent as `<tenant>~<agent>`), `queue|<q>`, `model|<m>`, plus `tenant|<t>` (the
+    /// default tenant as `default`). A tenant's own: `<t>~agent|<a>`, `<t>~queue|<q>`,
+    /// `<t>~model|<m>`, one set per tenant (bounded by the tenant count).
     pub async fn record_usage(&self, batch: UsageBatch) -> RedisResult<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        // (bucket key, field) -> amount: each call counts under its agent, queue and model, in
-        // its minute's and its hour's bucket
+        // (bucket key, field) -> amount: each call counts under its groups, in its minute's and
+        // its hour's bucket
         let mut adds: HashMap<(String, String), i64> = HashMap::new();
-        let mut add = |key: &String, group: String, c: &[i64; 4]| {
+        let mut add = |key: &String, group: &str, c: &[i64; 4]| {
             for (what, v) in ["c", "p", "o", "n"].iter().zip(c) {
                 let e = adds
                     .entry((key.clone(), format!("{group}|{what}")))
@@ -538,20 +665,39 @@ impl Budgets {
                 *e = e.saturating_add(*v);
             }
         };
-        for (minute, queues) in &batch.minutes {
+        for (minute, tenants) in &batch.minutes {
             let keys = [
                 self.usage_key("m", *minute),
                 self.usage_key("h", minute / 60),
             ];
-            for (queue, agents) in queues {
-                for (agent, models) in agents {
-                    for (model, c) in models {
-                        for k in &keys {
-                            if !agent.is_empty() {
-                                add(k, format!("agent|{agent}"), c);
+            for (tenant, queues) in tenants {
+                let tenant = (!tenant.is_empty()).then_some(tenant.as_str());
+                let own = |group: &str| tenant.map(|t| format!("{t}{TENANT_SEP}{group}"));
+                let tenant_group =
+                    format!("tenant|{}", tenant.unwrap_or(crate::tenant::DEFAULT_TENANT));
+                for (queue, agents) in queues {
+                    let queue_group = format!("queue|{queue}");
+                    for (agent, models) in agents {
+                        let agent_group = (!agent.is_empty())
+                            .then(|| format!("agent|{}", crate::tenant::agent_key(tenant, agent)));
+                        for (model, c) in models {
+                            let model_group = format!("model|{model}");
+                            for k in &keys {
+                                if let Some(g) = &agent_group {
+                                    add(k, g, c);
+                                    if let Some(g) = own(&format!("agent|{agent}")) {
+                                        add(k, &g, c);
+                                    }
+                                }
+                                add(k, &queue_group, c);
+                                add(k, &model_group, c);
+                                add(k, &tenant_group, c);
+                                for g in
+                                    [own(&queue_group), own(&model_group)].into_iter().flatten()
+                                {
+                                    add(k, &g, c);
+                                }
                             }
-                            add(k, format!("queue|{queue}"), c);
-                            add(k, format!("model|{model}"), c);
                         }
                     }
                 }
@@ -577,11 +723,13 @@ impl Budgets {
         pipe.query_async(&mut conn).await
     }
 
-    /// Spend by `group_by` (`agent`, `queue` or `model`) over the last `window_secs`: minute
-    /// buckets for windows up to a day, hour buckets beyond (so the report's window is whole
-    /// minutes or hours, the current one included).
+    /// Spend by `group_by` (`agent`, `queue` or `model`, and for the fleet view `tenant`) over
+    /// the last `window_secs`, of the calls `view` covers: minute buckets for windows up to a
+    /// day, hour buckets beyond (so the report's window is whole minutes or hours, the current
+    /// one included).
     pub async fn usage(
         &self,
+        view: UsageView<'_>,
         group_by: &str,
         window_secs: u64,
         now_ms: i64,
@@ -600,7 +748,10 @@ impl Budgets {
         let mut conn = self.redis.conn().await?;
         let buckets: Vec<HashMap<String, i64>> = pipe.query_async(&mut conn).await?;
         let mut rows: BTreeMap<String, UsageRow> = BTreeMap::new();
-        let want = format!("{group_by}|");
+        let want = match view {
+            UsageView::Fleet => format!("{group_by}|"),
+            UsageView::Tenant(t) => format!("{t}{TENANT_SEP}{group_by}|"),
+        };
         for b in &buckets {
             for (field, v) in b {
                 let Some(rest) = field.strip_prefix(&want) else {
@@ -666,6 +817,11 @@ mod tests {
             "queue:default",
             "agent:a-1.b/c",
             "model:gpt-4o-mini",
+            "tenant:acme",
+            "acme~global",
+            "acme~agent:bot",
+            "a-1_b~queue:default",
+            "acme~model:m",
         ] {
             assert!(validate_scope(ok).is_ok(), "{ok}");
         }
@@ -678,6 +834,17 @@ mod tests {
             "agent:",
             "agent:a b",
             "model",
+            "tenant:",
+            "tenant:Acme",
+            "tenant:a~b",
+            "~global",
+            "Acme~global",
+            "acme~",
+            "acme~tenant:acme",
+            "acme~b~global",
+            "acme~agent:a~b",
+            "agent:a~b",
+            "acme:x~global",
         ] {
             assert_eq!(
                 validate_scope(bad).map_err(|e| e.field),
@@ -685,6 +852,72 @@ mod tests {
                 "{bad}"
             );
         }
+        // what a tenant may name: plain scopes only
+        for ok in ["global", "queue:q", "agent:bot", "model:m"] {
+            assert!(validate_plain_scope(ok).is_ok(), "{ok}");
+        }
+        for bad in ["tenant:acme", "acme~global", "x"] {
+            assert!(validate_plain_scope(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            split_tenant_scope("acme~agent:bot"),
+            Some(("acme", "agent:bot"))
+        );
+        assert_eq!(split_tenant_scope("agent:bot"), None);
+        assert_eq!(split_tenant_scope("tenant:acme"), None);
+        assert_eq!(tenant_scope("acme", "global"), "acme~global");
+    }
+
+    #[test]
+    fn a_tenants_call_falls_under_the_fleet_limits_its_quota_and_its_own_budgets() {
+        // the default tenant: as before tenants existed
+        let plain = ["global", "queue:q", "agent:bot", "model:m"];
+        assert_eq!(scopes_of(None, "q", Some("bot"), "m"), plain);
+        assert_eq!(scopes_of(Some("default"), "q", Some("bot"), "m"), plain);
+        assert_eq!(
+            scopes_of(None, "q", None, "m"),
+            ["global", "queue:q", "model:m"]
+        );
+        // a tenant: not the operator's agent:bot (another tenant's agent may be called bot)
+        assert_eq!(
+            scopes_of(Some("acme"), "q", Some("bot"), "m"),
+            [
+                "global",
+                "queue:q",
+                "model:m",
+                "tenant:acme",
+                "acme~global",
+                "acme~queue:q",
+                "acme~agent:bot",
+                "acme~model:m",
+            ]
+        );
+        assert_eq!(
+            scopes_of(Some("acme"), "q", None, "m"),
+            [
+                "global",
+                "queue:q",
+                "model:m",
+                "tenant:acme",
+                "acme~global",
+                "acme~queue:q",
+                "acme~model:m",
+            ]
+        );
+        for s in scopes_of(Some("acme"), "q", Some("a-1.b/c:d"), "gpt-4o") {
+            assert!(validate_scope(&s).is_ok(), "{s}");
+        }
+    }
+
+    #[test]
+    fn usage_batches_keep_tenants_apart() {
+        let mut b = UsageBatch::default();
+        b.count(60_000, None, Some("bot"), "q", "m", 1, 2, 3);
+        b.count(60_001, Some("default"), Some("bot"), "q", "m", 1, 2, 3);
+        b.count(60_002, Some("acme"), Some("bot"), "q", "m", 10, 20, 30);
+        let minute = &b.minutes[&1];
+        assert_eq!(minute[""]["q"]["bot"]["m"], [6, 2, 4, 2]);
+        assert_eq!(minute["acme"]["q"]["bot"]["m"], [30, 10, 20, 1]);
     }
 
     #[test]

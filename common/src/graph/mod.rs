@@ -535,9 +535,11 @@ pub struct WorkflowView {
     pub cost: f64,
 }
 
+// fair.lua before wf.lua: queued nodes go to their tenant's line (see queue/mod.rs)
 static CREATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("../queue/events.lua"),
+        include_str!("../queue/fair.lua"),
         include_str!("wf.lua"),
         include_str!("wf_create.lua")
     ))
@@ -545,6 +547,7 @@ static CREATE: LazyLock<Script> = LazyLock::new(|| {
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("../queue/events.lua"),
+        include_str!("../queue/fair.lua"),
         include_str!("wf.lua"),
         include_str!("wf_cancel.lua")
     ))
@@ -645,10 +648,17 @@ impl Broker {
                         .map_or(String::new(), |d| d.join(" ")),
                 )
                 .arg(n.on_failure.code())
-                .arg(n.task.payload.agent_id.as_deref().unwrap_or(""))
+                .arg(n.task.payload.agent_key().as_deref().unwrap_or(""))
                 .arg(if n.kind == Kind::Plan { "plan" } else { "" })
                 .arg(n.depends_on.join(" "));
         }
+        // every node belongs to the workflow's tenant: the api gives all nodes the caller's
+        inv.arg(
+            wf.nodes
+                .first()
+                .and_then(|n| crate::tenant::non_default(n.task.payload.tenant.as_deref()))
+                .unwrap_or(""),
+        );
         let mut conn = self.redis().conn().await?;
         let (created, id): (i64, String) = inv.invoke_async(&mut conn).await?;
         Ok((

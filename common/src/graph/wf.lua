@@ -7,7 +7,9 @@
 -- succeeded, failed, cancelled or skipped), p:n parents not final yet, d:n its dependents,
 -- f:n its on_failure (f fail_workflow, c continue, s skip), a:n its agent, k:n 'plan',
 -- par:n its depends_on, o:n its output, e:n its error, u:n its usage, c:n a plan's children.
--- Node tasks carry the fields wf (the workflow's key) and node.
+-- Node tasks carry the fields wf (the workflow's key) and node, and tenant when the workflow has one
+-- (field tenant of the workflow too: every node belongs to the workflow's tenant).
+-- fair.lua must be prepended before this file (queued nodes go to their tenant's line).
 -- The library is one function, `wf()`, returning the table of its functions: a script runs its
 -- top level on every call, and defining the functions there would cost every plain task's fetch
 -- and result a few closures it never uses; now they are built only where a workflow is touched.
@@ -22,22 +24,26 @@ local function wf()
     return out
   end
 
-  -- Writes a node's task record (status queued, in no list yet).
-  local function wf_task(base, wf, n, tid, queue, now, max_attempts, payload)
-    redis.call('HSET', base .. 'task:' .. tid,
+  -- Writes a node's task record (status queued, in no list yet). tenant: the workflow's, or nil
+  -- or '' for the default tenant (no field).
+  local function wf_task(base, wf, n, tid, queue, now, max_attempts, payload, tenant)
+    local tkey = base .. 'task:' .. tid
+    redis.call('HSET', tkey,
       'queue', queue, 'status', 'queued', 'attempts', 0, 'rate_limited', 0,
       'max_attempts', max_attempts, 'payload', payload, 'created_at', now, 'wf', wf, 'node', n)
+    if tenant and tenant ~= '' then redis.call('HSET', tkey, 'tenant', tenant) end
   end
 
   -- A node whose parents are all final goes in line: its agent's lane when it has one (only the
-  -- lane's head is pending, as in enqueue.lua), else pending.
+  -- lane's head is pending, as in enqueue.lua), else the back of its tenant's line.
   local function wf_ready(wf, base, n)
     local r = redis.call('HMGET', wf, 't:' .. n, 'a:' .. n)
     local tid, agent = r[1], r[2]
     redis.call('HSET', wf, 's:' .. n, 'queued')
     local tkey = base .. 'task:' .. tid
     -- a blocked node cancelled on its own (DELETE /v1/tasks/{id}) stays out
-    if redis.call('HGET', tkey, 'status') ~= 'queued' then return end
+    local t = redis.call('HMGET', tkey, 'status', 'tenant')
+    if t[1] ~= 'queued' then return end
     ev_add(wf .. ':events', 'node', cjson.encode({node = n, task_id = tid, status = 'queued'}))
     local runnable = true
     if agent and agent ~= '' then
@@ -45,7 +51,7 @@ local function wf()
       redis.call('SADD', base .. 'lanes', agent)
       if runnable then redis.call('HSET', tkey, 'lane_ready', 1) end
     end
-    if runnable then redis.call('LPUSH', base .. 'pending', tid) end
+    if runnable then fq_push(base, t[2], tid, false) end
   end
 
   -- Cancels a node's task as cancel.lua does, and tells a worker running it to drop the call
@@ -53,12 +59,14 @@ local function wf()
   -- up: removing it here would scan the list once per node.
   local function wf_cancel_task(base, tid, now, ttl, why)
     local tkey = base .. 'task:' .. tid
-    local t = redis.call('HMGET', tkey, 'status', 'worker')
+    local t = redis.call('HMGET', tkey, 'status', 'worker', 'tenant')
     local st = t[1]
     if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' then return end
     redis.call('HSET', tkey, 'status', 'cancelled', 'finished_at', now)
     if why then redis.call('HSET', tkey, 'error', why) end
-    redis.call('HDEL', tkey, 'token', 'pending_tool_calls', 'waiting_until')
+    -- the token's HDEL answers 1 only for a run in flight: it is counted off once
+    if redis.call('HDEL', tkey, 'token') == 1 then fq_ended(base .. 'running', t[3]) end
+    redis.call('HDEL', tkey, 'pending_tool_calls', 'waiting_until')
     redis.call('EXPIRE', tkey, ttl)
     ev_final(tkey, 'cancelled', ttl, why or 'cancelled')
     redis.call('ZREM', base .. 'delayed', tid)
@@ -108,7 +116,7 @@ local function wf()
     local w = redis.call('HMGET', tkey, 'wf', 'node', 'usage')
     local wf, n = w[1], w[2]
     if not wf or not n then return end
-    local h = redis.call('HMGET', wf, 'status', 's:' .. n, 'base', 'ttl', 'f:' .. n, 'd:' .. n, 'queue')
+    local h = redis.call('HMGET', wf, 'status', 's:' .. n, 'base', 'ttl', 'f:' .. n, 'd:' .. n, 'queue', 'tenant')
     if h[1] ~= 'running' or WF_FINAL[h[2]] then return end
     local base, ttl, policy = h[3], tonumber(h[4]) or 86400, h[5] or 'f'
     redis.call('HSET', wf, 's:' .. n, status)
@@ -148,7 +156,7 @@ local function wf()
         kids[#kids + 1] = c.n
         redis.call('HSET', wf, 't:' .. c.n, c.t, 's:' .. c.n, 'blocked', 'p:' .. c.n, 0,
           'd:' .. c.n, h[6] or '', 'f:' .. c.n, policy, 'a:' .. c.n, c.a, 'par:' .. c.n, n)
-        wf_task(base, wf, c.n, c.t, h[7], now, c.m, c.p)
+        wf_task(base, wf, c.n, c.t, h[7], now, c.m, c.p, h[8])
       end
       local all = kids[1]
       for i = 2, #kids do all = all .. ' ' .. kids[i] end

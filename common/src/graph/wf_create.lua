@@ -4,7 +4,9 @@
 -- nano-dollars or '', ARGV[5] result TTL seconds (kept after the workflow ends), ARGV[6] the
 -- queue's key base ('<prefix>:{<queue>}:'), ARGV[7] queue, ARGV[8] node count N, then per node
 -- 10 values: id, task id, payload JSON, max_attempts, parent count, dependents (space-separated),
--- on_failure (f/c/s), agent id or '', kind ('plan' or ''), depends_on (space-separated)
+-- on_failure (f/c/s), agent id or '', kind ('plan' or ''), depends_on (space-separated); then the
+-- tenant ('' for the default tenant; kept on the workflow and on every node's task, whose queued
+-- ids go to that tenant's line, fair.lua)
 -- Task keys are built from ARGV[6]: the queue's hash tag, so the same cluster slot as KEYS[1].
 -- Returns {1, id} when written, {0, existing id} when the Idempotency-Key was used already.
 if KEYS[2] then
@@ -16,9 +18,11 @@ local W = wf()
 local wf = KEYS[1]
 local now, base, queue = ARGV[2], ARGV[6], ARGV[7]
 local n = tonumber(ARGV[8])
+local tenant = ARGV[9 + n * 10] or ''
 local ids = {}
 redis.call('HSET', wf, 'status', 'running', 'created_at', now, 'base', base, 'ttl', ARGV[5],
   'queue', queue, 'open', n)
+if tenant ~= '' then redis.call('HSET', wf, 'tenant', tenant) end
 if ARGV[3] ~= '' then redis.call('HSET', wf, 'metadata', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', wf, 'max_cost', ARGV[4], 'cost_spent', 0) end
 local roots = {}
@@ -29,7 +33,7 @@ for i = 0, n - 1 do
   redis.call('HSET', wf, 't:' .. id, tid, 's:' .. id, 'blocked', 'p:' .. id, ARGV[a + 4],
     'd:' .. id, ARGV[a + 5], 'f:' .. id, ARGV[a + 6], 'a:' .. id, ARGV[a + 7],
     'k:' .. id, ARGV[a + 8], 'par:' .. id, ARGV[a + 9])
-  W.task(base, wf, id, tid, queue, now, ARGV[a + 3], ARGV[a + 2])
+  W.task(base, wf, id, tid, queue, now, ARGV[a + 3], ARGV[a + 2], tenant)
   if tonumber(ARGV[a + 4]) == 0 then roots[#roots + 1] = id end
 end
 redis.call('HSET', wf, 'nodes', table.concat(ids, ' '))

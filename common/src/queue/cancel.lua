@@ -1,20 +1,25 @@
 -- Cancel a task that has not finished. It is taken off every list now, including its running
 -- owner's in-flight list; the run's token is cleared, so the owner's report writes nothing.
--- KEYS[1] task hash, KEYS[2] pending list, KEYS[3] delayed zset, KEYS[4] active zset,
+-- KEYS[1] task hash, KEYS[2] pending list (tickets; the tenant's line, the ring and the `running`
+-- hash are built from it, fair.lua), KEYS[3] delayed zset, KEYS[4] active zset,
 -- KEYS[5] throttled zset, KEYS[6] waiting zset (tasks waiting for tool outputs)
 -- ARGV[1] id, ARGV[2] now ms, ARGV[3] result TTL seconds, ARGV[4] in-flight list key prefix
 -- (the owner's list is ARGV[4] .. worker; same hash tag, so the same slot), ARGV[5] the queue's
 -- cancel channel (optional): a running task's id is published there, so the worker running it
 -- aborts its LLM call now instead of paying for an answer nobody will keep
 -- Returns 'ok' when cancelled now, 'missing', or the final status the task already had.
-local t = redis.call('HMGET', KEYS[1], 'status', 'worker')
+local t = redis.call('HMGET', KEYS[1], 'status', 'worker', 'tenant')
 local status = t[1]
 if not status then return 'missing' end
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
+local F = fair()
+local base = fq_base(KEYS[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
-redis.call('HDEL', KEYS[1], 'token')
+F.end_run(base, KEYS[1], t[3])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-redis.call('LREM', KEYS[2], 0, ARGV[1])
+-- out of its tenant's line, with its ticket (an id queued before tickets existed, still in
+-- pending itself, is dropped by fetch.lua when it comes up)
+F.remove(base, t[3], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])

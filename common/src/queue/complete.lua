@@ -1,5 +1,6 @@
 -- Record a run's result, once, and only if that run still owns the task.
--- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] agent memory list (optional)
+-- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] the queue's
+-- `running` hash (runs in flight per tenant, fair.lua), KEYS[5] agent memory list (optional)
 -- ARGV[1] id, ARGV[2] run token, ARGV[3] now ms, ARGV[4] result JSON, ARGV[5] result TTL seconds,
 -- ARGV[6] memory length cap, ARGV[7] memory TTL seconds, ARGV[8] the run's call usage to add to the
 -- task's counters ("prompt|completion|cached|cost nano-dollars", or ''), ARGV[9] '1' when the task
@@ -12,10 +13,12 @@
 -- Returns 'ok'; or, writing nothing: the verdict this run already got (a resend after a lost reply),
 -- the final status ('succeeded', 'failed', 'cancelled'), 'missing', or 'stale' (another run owns it).
 local token = ARGV[2]
-local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', 'attempts', 'evbatch', 'wf')
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', 'attempts', 'evbatch', 'wf', 'tenant')
 local refused = fence(KEYS[1], KEYS[2], ARGV[1], token, t[1], t[2], t[3])
 if refused then return refused end
 redis.call('ZREM', KEYS[3], ARGV[1])
+-- the fence saw this run's token on the record, and the HDEL below removes it: the run ends here
+fq_ended(KEYS[4], t[8])
 -- the answering call's usage, in the same step as the result (a refused write adds nothing here:
 -- the worker adds it with usage.lua, since the call was paid for): one field,
 -- "prompt|completion|cached|calls|cost", so a task's first answer costs no extra command. The
@@ -55,22 +58,22 @@ end
 -- one entry: the last text, the usage, the status and the end (the api sends them as events)
 if usage == '' then usage = t[4] end
 ev_final(KEYS[1], 'succeeded', tonumber(ARGV[5]), nil, usage, rest, t[5], ARGV[13], t[7] ~= false)
-if #KEYS == 4 and #ARGV > 15 then
+if #KEYS == 5 and #ARGV > 15 then
   for i = 16, #ARGV do
-    redis.call('RPUSH', KEYS[4], ARGV[i])
+    redis.call('RPUSH', KEYS[5], ARGV[i])
   end
-  redis.call('LTRIM', KEYS[4], -tonumber(ARGV[6]), -1)
+  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[6]), -1)
   -- the trim may have cut a tool-call group: results whose call was trimmed away go too, so the
   -- stored history starts at a whole exchange (messages are JSON with `role` first)
   while true do
-    local head = redis.call('LINDEX', KEYS[4], 0)
+    local head = redis.call('LINDEX', KEYS[5], 0)
     if head and string.sub(head, 1, 15) == '{"role":"tool",' then
-      redis.call('LPOP', KEYS[4])
+      redis.call('LPOP', KEYS[5])
     else
       break
     end
   end
-  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7]))
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[7]))
 end
 -- a workflow's node: its dependents may run now (same step as the result, so no crash between)
 if ARGV[9] == '1' then

@@ -1,7 +1,8 @@
 -- A run did not succeed: retry later, dead-letter, or give the task back; only if that run still
 -- owns the task.
 -- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] delayed zset,
--- KEYS[5] dead zset, KEYS[6] pending list, KEYS[7] throttled zset
+-- KEYS[5] dead zset, KEYS[6] pending list (tickets; the tenant's line is built from it, fair.lua),
+-- KEYS[7] throttled zset, KEYS[8] the queue's `running` hash (runs in flight per tenant)
 -- ARGV[1] id, ARGV[2] run token, ARGV[3] now ms, ARGV[4] mode, ARGV[5] error text,
 -- ARGV[6] retry delay (ms), ARGV[7] result TTL seconds, ARGV[8] rate-limit cap
 -- Modes: 'transient' retry while attempts remain; 'rate_limited' retry without using an attempt,
@@ -15,11 +16,13 @@ local id = ARGV[1]
 local token = ARGV[2]
 local now = tonumber(ARGV[3])
 local mode = ARGV[4]
-local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'attempts', 'max_attempts', 'rate_limited')
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'attempts', 'max_attempts', 'rate_limited', 'tenant')
 local refused = fence(KEYS[1], KEYS[2], id, token, t[1], t[2], t[3])
 if refused then return refused end
 redis.call('ZREM', KEYS[3], id)
+-- the fence saw this run's token on the record: removing it ends the run
 redis.call('HDEL', KEYS[1], 'token')
+fq_ended(KEYS[8], t[7])
 local attempts = tonumber(t[4]) or 0
 local max = tonumber(t[5]) or 1
 local limited = tonumber(t[6]) or 0
@@ -59,7 +62,7 @@ if mode == 'throttled' then
 elseif mode == 'giveback' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
   redis.call('HINCRBY', KEYS[1], 'given_back', 1)
-  redis.call('RPUSH', KEYS[6], id)
+  fq_push(fq_base(KEYS[6]), t[7], id, true)
   ev_status(KEYS[1], 'queued', {reason = 'given_back'})
   return done('queued')
 elseif mode == 'permanent' then

@@ -13,6 +13,7 @@ use crate::redis_conn::Redis;
 use crate::task::{NewTask, StartedTask, TaskView};
 use crate::time::now_ms;
 
+mod dead;
 mod steps;
 pub use steps::{Resumed, Suspend, PENDING_FIELD, TRANSCRIPT_FIELD};
 
@@ -30,40 +31,48 @@ struct Scripts {
     emit: Script,
 }
 
+// Every script that queues an id, takes one out of pending work or ends a run goes through the
+// tenants' lines, the ring and the run counts of fair.lua (prepended: a Redis script cannot import
+// another); wf.lua uses it too, so it comes first.
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    enqueue: Script::new(include_str!("enqueue.lua")),
+    enqueue: Script::new(concat!(include_str!("fair.lua"), include_str!("enqueue.lua"))),
     // Every script that can make a task final ends with the workflow step of wf.lua.
     fetch: Script::new(concat!(
         include_str!("events.lua"),
+        include_str!("fair.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("fetch.lua")
     )),
-    // Both reports share the ownership check of fence.lua (a Redis script cannot import another).
+    // Both reports share the ownership check of fence.lua.
     complete: Script::new(concat!(
         include_str!("events.lua"),
+        include_str!("fair.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("fence.lua"),
         include_str!("complete.lua")
     )),
     fail: Script::new(concat!(
         include_str!("events.lua"),
+        include_str!("fair.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("fence.lua"),
         include_str!("fail.lua")
     )),
-    promote: Script::new(include_str!("promote.lua")),
+    promote: Script::new(concat!(include_str!("fair.lua"), include_str!("promote.lua"))),
     usage: Script::new(include_str!("usage.lua")),
     recover: Script::new(concat!(
         include_str!("events.lua"),
+        include_str!("fair.lua"),
         include_str!("recover.lua")
     )),
     cancel: Script::new(concat!(
         include_str!("events.lua"),
+        include_str!("fair.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("cancel.lua")
     )),
-    redrive: Script::new(include_str!("redrive.lua")),
-    give_back: Script::new(include_str!("return.lua")),
+    redrive: Script::new(concat!(include_str!("fair.lua"), include_str!("redrive.lua"))),
+    give_back: Script::new(concat!(include_str!("fair.lua"), include_str!("return.lua"))),
     emit: Script::new(concat!(
         include_str!("events.lua"),
         include_str!("emit.lua")
@@ -137,6 +146,9 @@ pub struct DeadTask {
     pub died_at: String,
     pub error: Option<String>,
     pub attempts: u32,
+    /// The tenant that owns the task; absent for the default tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// Agent memory to append when a task succeeds.
@@ -209,6 +221,19 @@ pub struct Promoted {
     pub next_due_ms: Option<i64>,
 }
 
+/// What one [`Broker::fetch`] did.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// The runs started, in the order taken.
+    pub started: Vec<StartedTask>,
+    /// Tickets were handed back because every tenant with pending work is at its
+    /// `max_running` in the queue.
+    pub capped: bool,
+}
+
+/// Most tenants [`Broker::oldest_pending_age`] looks at (the ring's first ones).
+pub const OLDEST_AGE_TENANTS: isize = 1000;
+
 /// The queue client shared by api and worker: a Redis handle and the key prefix.
 #[derive(Clone)]
 pub struct Broker {
@@ -237,8 +262,10 @@ impl Broker {
         &self.redis
     }
 
-    /// Writes the record and pushes the id in one script. With an idempotency key, a second
-    /// call returns the first task's id and writes nothing.
+    /// Writes the record and queues the id in its tenant's line (`task.payload.tenant`) in one
+    /// script. With an idempotency key, a second call returns the first task's id and writes
+    /// nothing. A tenant that already has its `max_pending` tasks waiting in the queue gets
+    /// [`Enqueued::OverQuota`] (after the idempotency check) and nothing is written.
     pub async fn enqueue(
         &self,
         task: &NewTask,
@@ -257,7 +284,9 @@ impl Broker {
         if let Some(k) = idempotency_key {
             inv.key(keys.idempotency(k));
         }
-        let agent = task.payload.agent_id.as_deref();
+        // lanes are per tenant: two tenants' agents of one name never wait on each other
+        let agent_key = task.payload.agent_key();
+        let agent = agent_key.as_deref();
         if let Some(a) = agent {
             inv.key(keys.lane(a)).key(keys.lanes());
         }
@@ -269,17 +298,99 @@ impl Broker {
             .arg(ttl.as_secs().max(1))
             .arg(if idempotency_key.is_some() { "1" } else { "0" })
             .arg(if agent.is_some() { "1" } else { "0" })
-            .arg(agent.unwrap_or(""));
+            .arg(agent.unwrap_or(""))
+            .arg(crate::tenant::non_default(task.payload.tenant.as_deref()).unwrap_or(""));
         let mut conn = self.redis.conn().await?;
-        let (created, id): (i64, String) = inv.invoke_async(&mut conn).await?;
-        Ok((
-            id,
-            if created == 1 {
-                Enqueued::Created
-            } else {
-                Enqueued::Existing
-            },
-        ))
+        let (code, value): (i64, String) = inv.invoke_async(&mut conn).await?;
+        Ok(match code {
+            1 => (value, Enqueued::Created),
+            2 => (
+                id.to_string(),
+                Enqueued::OverQuota {
+                    pending: value.parse().unwrap_or(0),
+                },
+            ),
+            _ => (value, Enqueued::Existing),
+        })
+    }
+
+    /// Copies a tenant's admission into the queue's `tenants` hash (its slot), where
+    /// `enqueue.lua` reads `max_pending` and `fetch.lua` the weight and `max_running`: present
+    /// fields are set, caps that are `None` removed. The weight is clamped to 1..=100.
+    pub async fn set_admission(
+        &self,
+        queue: &str,
+        tenant: &str,
+        a: &crate::tenant::Admission,
+    ) -> RedisResult<()> {
+        let key = self.keys(queue).tenants();
+        let weight = a.weight.clamp(1, crate::tenant::MAX_WEIGHT);
+        let mut set: Vec<(String, String)> = vec![(format!("w:{tenant}"), weight.to_string())];
+        let mut del: Vec<String> = Vec::new();
+        for (field, cap) in [("p", a.max_pending), ("r", a.max_running)] {
+            match cap {
+                Some(n) => set.push((format!("{field}:{tenant}"), n.to_string())),
+                None => del.push(format!("{field}:{tenant}")),
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().hset_multiple(&key, &set).ignore();
+        if !del.is_empty() {
+            pipe.hdel(&key, del).ignore();
+        }
+        let mut conn = self.redis.conn().await?;
+        pipe.query_async(&mut conn).await
+    }
+
+    /// Removes a tenant's admission from the queue (it schedules with weight 1 and no caps, as
+    /// a tenant never configured). Its run counts stay: runs in flight still end.
+    pub async fn clear_admission(&self, queue: &str, tenant: &str) -> RedisResult<()> {
+        let key = self.keys(queue).tenants();
+        let mut conn = self.redis.conn().await?;
+        conn.hdel(
+            key,
+            &[
+                format!("w:{tenant}"),
+                format!("p:{tenant}"),
+                format!("r:{tenant}"),
+            ],
+        )
+        .await
+    }
+
+    /// Per tenant of the queue: (tasks waiting in its line, runs in flight), for tenants with
+    /// either; one round trip for the ring and the counts, one for the lines' lengths.
+    pub async fn tenant_load(&self, queue: &str) -> RedisResult<Vec<(String, u64, u64)>> {
+        let keys = self.keys(queue);
+        let mut conn = self.redis.conn().await?;
+        let (ring, running): (Vec<String>, HashMap<String, u64>) = redis::pipe()
+            .lrange(keys.ring(), 0, -1)
+            .hgetall(keys.running())
+            .query_async(&mut conn)
+            .await?;
+        let mut names: Vec<String> = ring;
+        for (t, n) in &running {
+            if *n > 0 && !names.contains(t) {
+                names.push(t.clone());
+            }
+        }
+        let mut pipe = redis::pipe();
+        for t in &names {
+            pipe.llen(keys.tenant_pending(t));
+        }
+        let lens: Vec<u64> = if names.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        Ok(names
+            .into_iter()
+            .zip(lens)
+            .map(|(t, pending)| {
+                let run = running.get(&t).copied().unwrap_or(0);
+                (t, pending, run)
+            })
+            .collect())
     }
 
     pub async fn get(&self, id: &TaskId) -> RedisResult<Option<TaskView>> {
@@ -366,18 +477,45 @@ impl Broker {
         })
     }
 
-    /// Age in seconds of the task at the head of the pending list (the next to run), 0 if empty.
+    /// Age in seconds of the oldest task at the head of a tenant's line (the next each tenant
+    /// runs), 0 if nothing is pending. At most [`OLDEST_AGE_TENANTS`] tenants of the ring are
+    /// looked at (three round trips in all); an id left in `pending` itself from before tickets
+    /// existed counts too.
     pub async fn oldest_pending_age(&self, queue: &str) -> RedisResult<f64> {
         let keys = self.keys(queue);
         let mut conn = self.redis.conn().await?;
-        let head: Option<String> = conn.lindex(keys.pending(), -1).await?;
-        let Some(id) = head.and_then(|h| TaskId::parse(&h).ok()) else {
+        let (ring, legacy): (Vec<String>, Option<String>) = redis::pipe()
+            .lrange(keys.ring(), 0, OLDEST_AGE_TENANTS - 1)
+            .lindex(keys.pending(), -1)
+            .query_async(&mut conn)
+            .await?;
+        let mut heads: Vec<TaskId> = legacy
+            .filter(|h| h != crate::keys::TICKET)
+            .and_then(|h| TaskId::parse(&h).ok())
+            .into_iter()
+            .collect();
+        if !ring.is_empty() {
+            let mut pipe = redis::pipe();
+            for t in &ring {
+                pipe.lindex(keys.tenant_pending(t), -1);
+            }
+            let ids: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+            heads.extend(ids.into_iter().flatten().filter_map(|h| TaskId::parse(&h).ok()));
+        }
+        if heads.is_empty() {
             return Ok(0.0);
-        };
-        let created: Option<i64> = conn.hget(keys.task(&id), "created_at").await?;
+        }
+        let mut pipe = redis::pipe();
+        for id in &heads {
+            pipe.hget(keys.task(id), "created_at");
+        }
+        let created: Vec<Option<i64>> = pipe.query_async(&mut conn).await?;
+        let now = now_ms();
         Ok(created
-            .map(|c| ((now_ms() - c).max(0) as f64) / 1000.0)
-            .unwrap_or(0.0))
+            .into_iter()
+            .flatten()
+            .map(|c| ((now - c).max(0) as f64) / 1000.0)
+            .fold(0.0, f64::max))
     }
 
     pub async fn dead(&self, queue: &str, limit: usize) -> RedisResult<Vec<DeadTask>> {
@@ -391,9 +529,10 @@ impl Broker {
             pipe.cmd("HMGET")
                 .arg(format!("{}{id}", keys.task_prefix()))
                 .arg("error")
-                .arg("attempts");
+                .arg("attempts")
+                .arg("tenant");
         }
-        let fields: Vec<(Option<String>, Option<u32>)> = if entries.is_empty() {
+        let fields: Vec<(Option<String>, Option<u32>, Option<String>)> = if entries.is_empty() {
             Vec::new()
         } else {
             pipe.query_async(&mut conn).await?
@@ -401,11 +540,12 @@ impl Broker {
         Ok(entries
             .into_iter()
             .zip(fields)
-            .map(|((id, score), (error, attempts))| DeadTask {
+            .map(|((id, score), (error, attempts, tenant))| DeadTask {
                 id,
                 died_at: crate::time::format_ms(score as i64),
                 error,
                 attempts: attempts.unwrap_or(0),
+                tenant: tenant.filter(|t| !t.is_empty()),
             })
             .collect())
     }
@@ -440,8 +580,9 @@ impl Broker {
 
     // ---- worker side ----
 
-    /// Blocks up to `timeout` for one pending id and moves it into the worker's in-flight list.
-    /// `blocking` must be a connection reserved for blocking commands.
+    /// Blocks up to `timeout` for one pending ticket (or an id queued before tickets existed)
+    /// and moves it into the worker's in-flight list; pass what it returns to [`Self::fetch`] as
+    /// `claimed`. `blocking` must be a connection reserved for blocking commands.
     pub async fn wait_for_task(
         &self,
         blocking: &Redis,
@@ -461,7 +602,11 @@ impl Broker {
     }
 
     /// Takes up to `n` more pending tasks (plus `claimed`, already moved by [`Self::wait_for_task`])
-    /// and marks them running. The caller must hold a concurrency permit for each one it may get.
+    /// and marks them running, choosing across tenants by the queue's weighted round robin
+    /// (`fetch.lua`). The caller must hold a concurrency permit for each one it may get.
+    /// [`Fetched::capped`] says tickets were handed back because every tenant with pending work
+    /// is at its `max_running`: the caller should then wait a little (a run ending) instead of
+    /// blocking on `pending`, whose tickets would wake it at once.
     ///
     /// The same script registers the worker (`workers` and its heartbeat key), so a worker that
     /// holds tasks is always one that recovery can find.
@@ -474,7 +619,7 @@ impl Broker {
         claimed: Option<&str>,
         ttl: Duration,
         heartbeat: Duration,
-    ) -> RedisResult<Vec<StartedTask>> {
+    ) -> RedisResult<Fetched> {
         let mut conn = self.redis.conn().await?;
         let flat: Vec<redis::Value> = SCRIPTS
             .fetch
@@ -493,8 +638,12 @@ impl Broker {
             .arg(heartbeat.as_secs().max(1))
             .invoke_async(&mut conn)
             .await?;
-        let mut out = Vec::with_capacity(flat.len() / 7);
-        for chunk in flat.chunks_exact(7) {
+        let Some((flag, runs)) = flat.split_first() else {
+            return Ok(Fetched::default());
+        };
+        let capped = redis::from_redis_value_ref::<i64>(flag)? == 1;
+        let mut out = Vec::with_capacity(runs.len() / 7);
+        for chunk in runs.chunks_exact(7) {
             let id: String = redis::from_redis_value_ref(&chunk[0])?;
             let attempt: u32 = redis::from_redis_value_ref(&chunk[1])?;
             let payload: String = redis::from_redis_value_ref(&chunk[2])?;
@@ -505,7 +654,10 @@ impl Broker {
             started.turn_at_ms = redis::from_redis_value_ref(&chunk[6]).unwrap_or(0);
             out.push(started);
         }
-        Ok(out)
+        Ok(Fetched {
+            started: out,
+            capped,
+        })
     }
 
     /// Records a success, fenced by the run's token. Returns the script's verdict: "ok", or why the
@@ -528,7 +680,8 @@ impl Broker {
         let mut inv = SCRIPTS.complete.prepare_invoke();
         inv.key(keys.task_raw(id))
             .key(keys.inflight(worker_id))
-            .key(keys.active());
+            .key(keys.active())
+            .key(keys.running());
         if let Some(m) = memory {
             inv.key(keys.memory(m.agent_id));
         }
@@ -641,6 +794,7 @@ impl Broker {
             .key(keys.dead())
             .key(keys.pending())
             .key(keys.throttled())
+            .key(keys.running())
             .arg(id)
             .arg(token)
             .arg(now_ms())
@@ -777,7 +931,8 @@ impl Broker {
         pipe.query_async(&mut conn).await
     }
 
-    /// Ids still in this worker's in-flight list.
+    /// Ids still in this worker's in-flight list; a ticket ([`crate::keys::TICKET`]) there is one
+    /// a blocking wait moved and no fetch spent (yet): [`Self::return_unstarted`] puts it back.
     pub async fn inflight_ids(&self, keys: &Keys, worker_id: &str) -> RedisResult<Vec<String>> {
         let mut conn = self.redis.conn().await?;
         conn.lrange(keys.inflight(worker_id), 0, -1).await

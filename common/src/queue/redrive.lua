@@ -1,15 +1,31 @@
 -- Put dead-lettered tasks back on the pending list as new attempts.
--- KEYS[1] dead zset, KEYS[2] pending list
--- ARGV[1] task key prefix, ARGV[2] most tasks to move
+-- Each goes to the back of its tenant's line (fair.lua is prepended).
+-- KEYS[1] dead zset, KEYS[2] pending list (tickets; the tenants' lines are built from it)
+-- ARGV[1] task key prefix, ARGV[2] most tasks to move, then (optional) the exact ids to move:
+-- a tenant's redrive names its own dead ids, and only those still dead are moved
 -- Returns {redriven, dropped}; dropped ids had no record left (expired or never written).
-local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local ids
+if #ARGV > 2 then
+  ids = {}
+  for i = 3, math.min(#ARGV, 2 + tonumber(ARGV[2])) do ids[#ids + 1] = ARGV[i] end
+else
+  ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+end
 local moved, dropped = 0, 0
+local F = fair()
+local base = fq_base(KEYS[2])
 for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
+  -- an id that is no longer dead (redriven already, or never was) is left alone
+  local dead = redis.call('ZREM', KEYS[1], id) == 1
   local tkey = ARGV[1] .. id
-  if redis.call('EXISTS', tkey) == 1 and redis.call('HEXISTS', tkey, 'payload') == 1 then
+  if not dead then
+    -- nothing
+  elseif redis.call('EXISTS', tkey) == 1 and redis.call('HEXISTS', tkey, 'payload') == 1 then
     redis.call('HSET', tkey, 'status', 'queued', 'attempts', 0, 'rate_limited', 0)
-    redis.call('HDEL', tkey, 'finished_at', 'started_at', 'result', 'token')
+    redis.call('HDEL', tkey, 'finished_at', 'started_at', 'result')
+    local tenant = redis.call('HGET', tkey, 'tenant')
+    -- a dead task holds no run; were a token left, its run is counted off once
+    F.end_run(base, tkey, tenant)
     redis.call('PERSIST', tkey)
     -- a batch's request counted failed when it died: uncounted while the batch still counts, so
     -- its next final state counts it once (after the finalizer froze the counts, nothing moves)
@@ -19,7 +35,7 @@ for _, id in ipairs(ids) do
     end
     -- its old stream ended with a terminal event; the new life starts a new one
     redis.call('DEL', tkey .. ':events')
-    redis.call('LPUSH', KEYS[2], id)
+    fq_push(base, tenant, id, false)
     moved = moved + 1
   else
     redis.call('DEL', tkey)

@@ -29,26 +29,32 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("usage_add.lua"),
         include_str!("step.lua")
     )),
+    // fair.lua: a queued id goes to its tenant's line, and an ended run is counted off (see mod.rs)
     lane_release: Script::new(concat!(
+        include_str!("fair.lua"),
         include_str!("lane.lua"),
         include_str!("lane_release.lua")
     )),
     lane_sweep: Script::new(concat!(
+        include_str!("fair.lua"),
         include_str!("lane.lua"),
         include_str!("lane_sweep.lua")
     )),
     suspend: Script::new(concat!(
         include_str!("events.lua"),
+        include_str!("fair.lua"),
         include_str!("fence.lua"),
         include_str!("usage_add.lua"),
         include_str!("suspend.lua")
     )),
     resume: Script::new(concat!(
         include_str!("events.lua"),
+        include_str!("fair.lua"),
         include_str!("resume.lua")
     )),
     tool_timeout: Script::new(concat!(
         include_str!("events.lua"),
+        include_str!("fair.lua"),
         include_str!("../graph/wf.lua"),
         include_str!("tool_timeout.lua")
     )),
@@ -120,6 +126,7 @@ impl Broker {
             .key(keys.inflight(worker_id))
             .key(keys.active())
             .key(keys.waiting())
+            .key(keys.running())
             .arg(id)
             .arg(token)
             .arg(now_ms())

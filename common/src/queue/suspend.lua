@@ -1,16 +1,19 @@
 -- A run's model asked for client-side tools: record the step and wait for the client's outputs,
 -- holding no worker slot. Only if that run still owns the task (fence.lua is prepended).
--- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] waiting zset
+-- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] waiting zset,
+-- KEYS[5] the queue's `running` hash (runs in flight per tenant, fair.lua)
 -- ARGV[1] id, ARGV[2] run token, ARGV[3] now ms, ARGV[4] the step's messages to append to the
 -- transcript (JSON, one per line), ARGV[5] the pending tool calls (JSON array), ARGV[6] the time
 -- the outputs are due by (ms), ARGV[7] the step's call usage ("prompt|completion|cached|cost", or '')
 -- Returns 'requires_action'; or, writing nothing, the verdict a resend already got, the final
 -- status, 'missing' or 'stale' (see fence.lua).
 local token = ARGV[2]
-local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', 'transcript')
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', 'transcript', 'tenant')
 local refused = fence(KEYS[1], KEYS[2], ARGV[1], token, t[1], t[2], t[3])
 if refused then return refused end
 redis.call('ZREM', KEYS[3], ARGV[1])
+-- the fence saw this run's token, and the HDEL below removes it: the run ends here
+fq_ended(KEYS[5], t[6])
 local usage = add_usage(t[4], ARGV[7])
 if usage then
   redis.call('HSET', KEYS[1], 'usage', usage)

@@ -1,0 +1,89 @@
+//! Dead letters seen by one tenant: its newest dead tasks, and a redrive of exactly the ids it
+//! names (`redrive.lua` in its explicit-ids mode), so a tenant never lists or revives another's.
+
+use redis::RedisResult;
+
+use super::{Broker, DeadTask, SCRIPTS};
+
+/// Dead-set entries read per round trip while looking for one tenant's.
+const PAGE: isize = 500;
+/// Most dead-set entries one listing looks through: a tenant's list shows its newest dead tasks
+/// among the queue's newest this many, so one request's work stays bounded however large the
+/// dead set grows.
+pub const MAX_SCAN: isize = 20_000;
+
+impl Broker {
+    /// Up to `limit` of `tenant`'s dead tasks in `queue`, newest first (`None`: the default
+    /// tenant's).
+    pub async fn dead_of(
+        &self,
+        queue: &str,
+        tenant: Option<&str>,
+        limit: usize,
+    ) -> RedisResult<Vec<DeadTask>> {
+        let keys = self.keys(queue);
+        let want = crate::tenant::non_default(tenant);
+        let mut conn = self.redis.conn().await?;
+        let mut out = Vec::new();
+        let mut start = 0isize;
+        while out.len() < limit && start < MAX_SCAN {
+            let entries: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                .arg(keys.dead())
+                .arg(start)
+                .arg(start + PAGE - 1)
+                .arg("REV")
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await?;
+            if entries.is_empty() {
+                break;
+            }
+            start += PAGE;
+            let mut pipe = redis::pipe();
+            for (id, _) in &entries {
+                pipe.cmd("HMGET")
+                    .arg(format!("{}{id}", keys.task_prefix()))
+                    .arg("error")
+                    .arg("attempts")
+                    .arg("tenant");
+            }
+            let fields: Vec<(Option<String>, Option<u32>, Option<String>)> =
+                pipe.query_async(&mut conn).await?;
+            for ((id, score), (error, attempts, owner)) in entries.into_iter().zip(fields) {
+                let owner = owner.filter(|t| !t.is_empty());
+                if owner.as_deref() != want {
+                    continue;
+                }
+                out.push(DeadTask {
+                    id,
+                    died_at: crate::time::format_ms(score as i64),
+                    error,
+                    attempts: attempts.unwrap_or(0),
+                    tenant: owner,
+                });
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Redrives exactly `ids` (those still dead in `queue`); returns (redriven, dropped).
+    pub async fn redrive_ids(&self, queue: &str, ids: &[String]) -> RedisResult<(u64, u64)> {
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        let keys = self.keys(queue);
+        let mut conn = self.redis.conn().await?;
+        let mut inv = SCRIPTS.redrive.prepare_invoke();
+        inv.key(keys.dead())
+            .key(keys.pending())
+            .arg(keys.task_prefix())
+            .arg(ids.len());
+        for id in ids {
+            inv.arg(id);
+        }
+        inv.invoke_async(&mut conn).await
+    }
+}
