@@ -70,11 +70,18 @@ done
 redis-cli -p "$REDIS_PORT" ping >/dev/null || { log "redis-server did not start"; exit 1; }
 
 API_PORT="$(free_port)"
+# Auth on, as deployed: the fuzzer holds the admin token (every route, the admin ones included);
+# a fresh one per run, never printed. The fuzzer checks that every route refuses a request
+# without the header (401) thousands of times from one address: the failed-attempt limit (429
+# past it) is raised for this run, tests/tests/tenancy.rs checks it.
+ADMIN_TOKEN="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 env -i PATH="$PATH" \
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
     AGENTQ_LISTEN="127.0.0.1:$API_PORT" \
     AGENTQ_LOG_FORMAT=pretty RUST_LOG=warn \
     AGENTQ_CHAT_WAIT_SECS=1 \
+    AGENTQ_AUTH=on AGENTQ_ADMIN_TOKEN="$ADMIN_TOKEN" \
+    AGENTQ_AUTH_FAIL_LIMIT=1000000 \
     "$API_BIN" >"$WORK/api.log" 2>&1 &
 API_PID=$!
 BASE="http://127.0.0.1:$API_PORT"
@@ -104,6 +111,7 @@ log "schemathesis $ST_VERSION against $BASE/openapi.json (max $MAX_EXAMPLES exam
     --max-response-time 5 \
     --wait-for-schema 10 \
     --warnings off \
+    --header "Authorization: Bearer $ADMIN_TOKEN" \
     "$@"
 log "schemathesis: no failures"
 

@@ -211,14 +211,30 @@ pub struct AuthState {
     pub tenants: TenantCache,
 }
 
-fn too_many_failures(wait: Duration) -> Response {
+fn too_many_failures(path: &str, wait: Duration) -> Response {
     let mut e = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "too_many_auth_failures",
         "too many failed authentications from this address; retry later",
     );
     e.retry_after = Some(wait.as_secs().max(1));
-    e.into_response()
+    refuse(path, e)
+}
+
+/// The OpenAI-compatible routes answer in OpenAI's error shape (the SDKs read `error.type`),
+/// every other route in agentq's.
+fn refuse(path: &str, e: ApiError) -> Response {
+    let openai = ["/v1/chat/", "/v1/models", "/v1/files", "/v1/batches"]
+        .iter()
+        .any(|p| path.starts_with(p));
+    if openai {
+        let mut o = crate::openai::OaiError::from(e);
+        // a retry with the same credentials cannot succeed sooner than Retry-After says
+        o.should_retry = Some(false);
+        o.into_response()
+    } else {
+        e.into_response()
+    }
 }
 
 /// The middleware: authenticates `/v1/*` (and `/metrics` when it has a token), inserts the
@@ -231,7 +247,7 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
             let ok = bearer(&req)
                 .is_some_and(|t| same_secret(t.as_bytes(), want.expose_secret().as_bytes()));
             if !ok {
-                return unauthorized("/metrics needs its bearer token").into_response();
+                return refuse(path, unauthorized("/metrics needs its bearer token"));
             }
         }
         return next.run(req).await;
@@ -248,8 +264,9 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     if let Some(wait) = source.and_then(|ip| state.auth.blocked.until(ip)) {
-        return too_many_failures(wait);
+        return too_many_failures(path, wait);
     }
+    let path = path.to_owned();
     let verdict = match bearer(&req) {
         None => Err(AuthFail::Denied("missing bearer token")),
         Some(token) => authenticate(&state, token).await,
@@ -259,15 +276,15 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(AuthFail::Store(e)) => e.into_response(),
+        Err(AuthFail::Store(e)) => refuse(&path, e),
         Err(AuthFail::Denied(why)) => {
             if let Some(ip) = source {
                 if let Some(wait) = count_failure(&state, ip).await {
-                    return too_many_failures(wait);
+                    return too_many_failures(&path, wait);
                 }
             }
             state.metrics.auth_failures.inc();
-            unauthorized(why).into_response()
+            refuse(&path, unauthorized(why))
         }
     }
 }

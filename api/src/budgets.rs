@@ -98,10 +98,7 @@ pub async fn put(
     if let Some(id) = stored.strip_prefix("tenant:") {
         // one quota per tenant that exists: the admin cannot grow the table past the tenant count
         if state.auth.tenants.get(&state, id).await?.is_none() {
-            return Err(ApiError::invalid(
-                "scope",
-                format!("no tenant {id:?}: create it first (its quotas.budget sets this budget)"),
-            ));
+            return Err(ApiError::not_found("tenant").field("scope"));
         }
     }
     let created = deadline(state.budgets.put(&budget)).await?.map_err(|e| {

@@ -547,7 +547,11 @@ async fn redrive_dead(
         None
     } else {
         let de = &mut serde_json::Deserializer::from_slice(&body);
-        let b: RedriveBody = serde_path_to_error::deserialize(de).map_err(body_error)?;
+        let v: serde_json::Value = serde_path_to_error::deserialize(de).map_err(body_error)?;
+        if !v.is_object() {
+            return Err(ApiError::invalid("body", "must be a JSON object"));
+        }
+        let b: RedriveBody = serde_json::from_value(v).map_err(|e| ApiError::invalid("ids", e.to_string()))?;
         b.ids
     };
     let ids: Option<Vec<String>> = match named {
@@ -559,17 +563,12 @@ async fn redrive_dead(
                 ));
             }
             let mut own = Vec::with_capacity(ids.len());
-            for (i, raw) in ids.iter().enumerate() {
-                let id = TaskId::parse(raw).map_err(|_| {
-                    ApiError::invalid(format!("ids[{i}]"), "not a task id")
-                })?;
-                if id.queue() != queue {
-                    return Err(ApiError::invalid(
-                        format!("ids[{i}]"),
-                        format!("not a task of queue {queue:?}"),
-                    ));
-                }
-                // another tenant's id is skipped exactly like an id that is not dead
+            for raw in &ids {
+                // an id that is no task of this queue, or another tenant's, is skipped exactly
+                // like an id that is not dead
+                let Some(id) = TaskId::parse(raw).ok().filter(|id| id.queue() == queue) else {
+                    continue;
+                };
                 if let Some(v) = deadline(state.broker.get(&id)).await? {
                     if caller.sees(v.tenant.as_deref()) {
                         own.push(raw.clone());

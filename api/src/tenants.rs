@@ -49,20 +49,49 @@ const MAX_RATE: f64 = 1_000_000.0;
 #[serde(deny_unknown_fields)]
 pub struct Quotas {
     /// Most of its tasks waiting in one queue's pending work.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "opt_whole"
+    )]
     pub max_pending: Option<u64>,
     /// Most of its runs in flight at once in one queue.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "opt_whole"
+    )]
     pub max_running: Option<u64>,
     /// Submissions per second (a task, a chat completion, a workflow or a batch is one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enqueue_rate: Option<f64>,
     /// Submissions allowed at once above the rate (default: one second's worth, at least 1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "opt_whole_u32"
+    )]
     pub enqueue_burst: Option<u32>,
     /// A spend budget over all the tenant's calls (budget scope `tenant:<id>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetBody>,
+}
+
+/// `3` or `3.0` (JSON Schema's `integer` allows both), or null.
+fn opt_whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => whole(&v)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("expected a whole number, got {v}"))),
+    }
+}
+
+fn opt_whole_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    opt_whole(d)?
+        .map(|n| u32::try_from(n).map_err(|_| serde::de::Error::custom("too large")))
+        .transpose()
 }
 
 /// A tenant as stored and shown.
@@ -114,8 +143,10 @@ fn token_key(state: &AppState, token_id: &str) -> String {
 
 /// Tenant records by id, each kept [`CACHE_TTL`]; bounded by the tenant count
 /// (`AGENTQ_MAX_TENANTS`) because only ids that exist in Redis are ever cached.
+type Cached = HashMap<String, (Instant, Arc<Tenant>)>;
+
 #[derive(Default, Clone)]
-pub struct TenantCache(Arc<Mutex<HashMap<String, (Instant, Arc<Tenant>)>>>);
+pub struct TenantCache(Arc<Mutex<Cached>>);
 
 impl TenantCache {
     pub async fn get(&self, state: &AppState, id: &str) -> Result<Option<Arc<Tenant>>, ApiError> {
@@ -182,9 +213,28 @@ pub async fn token_record(state: &AppState, token_id: &str) -> Result<Option<Tok
     })
 }
 
+/// The body as `T`, refusing JSON arrays where objects belong (serde would read a struct from an
+/// array by position): the body itself, `quotas` and `quotas.budget`.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(crate::routes::body_error)
+    let v: serde_json::Value =
+        serde_path_to_error::deserialize(de).map_err(crate::routes::body_error)?;
+    let object_or_null = |v: Option<&serde_json::Value>, field: &str| match v {
+        None | Some(serde_json::Value::Null | serde_json::Value::Object(_)) => Ok(()),
+        Some(_) => Err(ApiError::invalid(field, "must be a JSON object")),
+    };
+    if !v.is_object() {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    }
+    object_or_null(v.get("quotas"), "quotas")?;
+    object_or_null(v.get("quotas").and_then(|q| q.get("budget")), "quotas.budget")?;
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let field = e.path().to_string();
+        ApiError::invalid(
+            if field == "." { "body".to_owned() } else { field },
+            e.inner().to_string(),
+        )
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,9 +252,20 @@ struct PatchTenant {
     quotas: Option<Quotas>,
 }
 
+/// A JSON whole number (`3` or `3.0`, as JSON Schema's `integer` allows both).
+fn whole(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= 9.0e15)
+            .map(|f| f as u64)
+    })
+}
+
 fn check_weight(w: Option<&serde_json::Value>) -> Result<Option<u32>, ApiError> {
-    let Some(v) = w else { return Ok(None) };
-    v.as_u64()
+    let Some(v) = w.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    whole(v)
         .filter(|n| (1..=u64::from(MAX_WEIGHT)).contains(n))
         .map(|n| Some(n as u32))
         .ok_or_else(|| {
@@ -499,6 +560,8 @@ pub async fn delete(
         deadline(state.broker.clear_admission(q, &id)).await?;
     }
     deadline(state.budgets.delete(&format!("tenant:{id}"))).await?;
+    // its own budgets too: a tenant re-created with this id starts with none
+    deadline(state.budgets.delete_tenant_budgets(&id)).await?;
     state.auth.tenants.forget(&id);
     tracing::info!(tenant = %id, "tenant deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -530,7 +593,7 @@ pub async fn create_token(
     let expires_in = match &b.expires_in_secs {
         None | Some(serde_json::Value::Null) => None,
         Some(v) => Some(
-            v.as_u64()
+            whole(v)
                 .filter(|n| (1..=MAX_TOKEN_SECS).contains(n))
                 .ok_or_else(|| {
                     ApiError::invalid(
@@ -741,7 +804,19 @@ async fn admit_spend(state: &AppState, caller: &Caller) -> Result<(), ApiError> 
     if t.quotas.budget.is_none() {
         return Ok(());
     }
-    let view = deadline(state.budgets.view(&format!("tenant:{}", t.id), now_ms())).await?;
+    let scope = format!("tenant:{}", t.id);
+    let now = now_ms();
+    // a call was refused for want of room: refuse submissions until the window frees it (a
+    // worst-case reservation can be refused while `remaining` is still above 0)
+    if let Some(until) = deadline(state.budgets.refusing(&scope, now)).await? {
+        let mut e = ApiError::over_quota(
+            "the tenant's budget has no room for another call until its window frees some",
+            u64::try_from((until - now).max(1)).unwrap_or(1).div_ceil(1000),
+        );
+        e.code = "budget_exceeded";
+        return Err(e);
+    }
+    let view = deadline(state.budgets.view(&scope, now)).await?;
     if let Some(v) = view {
         if v.remaining_usd <= 0.0 {
             let mut e = ApiError::over_quota(

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentq_mock_llm::{CallOutcome, CallRecord};
-use agentq_tests::{MockConfig, RedisServer, Stack, Worker};
+use agentq_tests::{MockConfig, RedisServer, Stack, Worker, ADMIN_TOKEN};
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -128,7 +128,15 @@ struct Spec {
     /// One of a few dozen agents, for about one task in ten: an agent's tasks must run one at a
     /// time (its lane), whatever the faults.
     agent: Option<String>,
+    /// Whose task it is (an index into [`TENANTS`]): the tasks are spread over three tenants, so
+    /// fair fetch's rotation and weights, the tickets and the per-tenant run counts meet every
+    /// fault. An agent's tasks all belong to one tenant (lanes are per tenant).
+    tenant: usize,
 }
+
+/// The chaos test's tenants: the default tenant (the admin token's tasks) and two made over the
+/// admin routes, of weights 1 and 2. (id, weight); the default tenant's weight is 1.
+const TENANTS: [(&str, u32); 3] = [("default", 1), ("chaos-a", 1), ("chaos-b", 2)];
 
 fn plan_tasks(cfg: &Config) -> Vec<Spec> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -173,9 +181,14 @@ fn plan_tasks(cfg: &Config) -> Vec<Spec> {
             let cancel_after = rng
                 .random_bool(0.01)
                 .then(|| Duration::from_millis(rng.random_range(0..3000)));
-            let agent = rng
+            let agent_n = rng
                 .random_bool(0.1)
-                .then(|| format!("chaos-agent-{}", rng.random_range(0..40u32)));
+                .then(|| rng.random_range(0..40u32));
+            let agent = agent_n.map(|a| format!("chaos-agent-{a}"));
+            let tenant = match agent_n {
+                Some(a) => a as usize % TENANTS.len(),
+                None => n % TENANTS.len(),
+            };
             Spec {
                 n,
                 prompt,
@@ -183,6 +196,7 @@ fn plan_tasks(cfg: &Config) -> Vec<Spec> {
                 send_at: span.mul_f64(n as f64 / cfg.tasks as f64),
                 cancel_after,
                 agent,
+                tenant,
             }
         })
         .collect()
@@ -217,6 +231,7 @@ async fn submit(
     api: String,
     seed: u64,
     spec: &Spec,
+    token: &str,
     give_up: Instant,
 ) -> Submission {
     let mut sub = Submission {
@@ -233,6 +248,7 @@ async fn submit(
         let reply = http
             .post(format!("{api}/v1/tasks"))
             .header("idempotency-key", &key)
+            .bearer_auth(token)
             .json(&body)
             .send()
             .await;
@@ -280,7 +296,12 @@ async fn submit(
     // sent), and then a retry finds the task already final: that 409 proves nothing.
     let mut unanswered = false;
     for _ in 0..5 {
-        let Ok(r) = http.delete(format!("{api}/v1/tasks/{id}")).send().await else {
+        let Ok(r) = http
+            .delete(format!("{api}/v1/tasks/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await
+        else {
             unanswered = true;
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
@@ -311,6 +332,7 @@ async fn submit_all(
     api: String,
     seed: u64,
     specs: Arc<Vec<Spec>>,
+    tokens: Arc<Vec<String>>,
     t0: Instant,
     give_up: Instant,
 ) -> Vec<Submission> {
@@ -321,10 +343,11 @@ async fn submit_all(
         let Ok(permit) = limit.clone().acquire_owned().await else {
             break;
         };
-        let (http, api, specs) = (http.clone(), api.clone(), specs.clone());
+        let (http, api, specs, tokens) = (http.clone(), api.clone(), specs.clone(), tokens.clone());
         handles.push(tokio::spawn(async move {
             let _permit = permit;
-            submit(http, api, seed, &specs[i], give_up).await
+            let token = &tokens[specs[i].tenant];
+            submit(http, api, seed, &specs[i], token, give_up).await
         }));
     }
     let mut out = Vec::with_capacity(handles.len());
@@ -850,7 +873,22 @@ async fn run(cfg: Config) -> Result<()> {
         "AGENTQ_UPSTREAMS".to_owned(),
         upstreams.to_string_lossy().into_owned(),
     );
-    s.start_api(&[]).await?;
+    // auth on: the plain tasks are spread over three tenants (their tokens), the workflows and
+    // chat completions are the admin's (the default tenant)
+    s.start_api_auth(&[]).await?;
+    let mut tokens = vec![ADMIN_TOKEN.to_owned()];
+    for (id, weight) in &TENANTS[1..] {
+        tokens.push(s.tenant(&json!({"id": id, "weight": weight})).await?);
+    }
+    let tokens = Arc::new(tokens);
+    let admin_headers = {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {ADMIN_TOKEN}"))?,
+        );
+        h
+    };
 
     let specs = Arc::new(plan_tasks(&cfg));
     let t0 = Instant::now();
@@ -868,6 +906,7 @@ async fn run(cfg: Config) -> Result<()> {
         s.api_url.clone(),
         cfg.seed,
         specs.clone(),
+        tokens.clone(),
         t0,
         chaos_end + Duration::from_secs(60),
     ));
@@ -875,6 +914,7 @@ async fn run(cfg: Config) -> Result<()> {
     let wf_submitter = {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(8))
+            .default_headers(admin_headers.clone())
             .build()?;
         let (api, seed, give_up) = (
             s.api_url.clone(),
@@ -902,6 +942,7 @@ async fn run(cfg: Config) -> Result<()> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(8))
             .timeout(Duration::from_secs(400))
+            .default_headers(admin_headers.clone())
             .build()?;
         let (api, seed, give_up) = (s.api_url.clone(), cfg.seed, chaos_end + SETTLE_LIMIT);
         paced(
@@ -1814,6 +1855,7 @@ mod checks {
             send_at: Duration::ZERO,
             cancel_after: None,
             agent: Some(agent.to_owned()),
+            tenant: 0,
         };
         let specs = vec![spec(0, "a"), spec(1, "a"), spec(2, "b")];
         let subs: Vec<Submission> = (0..3)
@@ -1878,6 +1920,7 @@ mod checks {
             send_at: Duration::ZERO,
             cancel_after: None,
             agent: None,
+            tenant: 0,
         }];
         let subs = vec![Submission {
             n: 0,

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use agentq_common::flow::budget::{cost_nanos, scopes_of, usd};
+use agentq_common::flow::budget::{cost_nanos, scope_shown_to, scopes_of, usd};
 use agentq_common::flow::{
     Admission, Charge, Estimate, Hold, Line, Reservation, Route, Settlement,
 };
@@ -191,6 +191,8 @@ impl Worker {
                             .with_label_values(&[&scope])
                             .inc();
                         fallbacks.push(skipped(model, up, "budget"));
+                        // a tenant reads its own budgets under the names it gave them
+                        let scope = scope_shown_to(payload.tenant.as_deref(), &scope);
                         if payload.on_budget == OnBudget::Wait || holds_only {
                             budget_wait = Some(
                                 budget_wait.map_or(eligible_at_ms, |e: i64| e.min(eligible_at_ms)),
@@ -212,6 +214,7 @@ impl Worker {
                             .with_label_values(&[&scope])
                             .inc();
                         fallbacks.push(skipped(model, up, "budget"));
+                        let scope = scope_shown_to(payload.tenant.as_deref(), &scope);
                         budget_failure.get_or_insert(LlmFailure::Permanent {
                             outcome: BUDGET_EXCEEDED,
                             message: format!(

@@ -201,6 +201,18 @@ pub fn split_tenant_scope(scope: &str) -> Option<(&str, &str)> {
     crate::tenant::valid_tenant_id(tenant).then_some((tenant, inner))
 }
 
+/// `scope` as tenant `tenant` names it (its own budgets without their namespace), for messages
+/// the tenant reads; every other scope as stored.
+pub fn scope_shown_to<'a>(tenant: Option<&str>, scope: &'a str) -> &'a str {
+    match (
+        split_tenant_scope(scope),
+        crate::tenant::non_default(tenant),
+    ) {
+        (Some((owner, inner)), Some(t)) if owner == t => inner,
+        _ => scope,
+    }
+}
+
 /// Where tenant `tenant`'s own budget over `scope` (a plain scope) is stored.
 pub fn tenant_scope(tenant: &str, scope: &str) -> String {
     format!("{tenant}{TENANT_SEP}{scope}")
@@ -449,7 +461,8 @@ impl Budgets {
         // walk the table's names (at most a few thousand, and PUTs are rare), so no counter can
         // drift from what the table holds.
         let script = Script::new(
-            "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then \
+            "redis.call('HDEL', KEYS[2], 'refused_until') \
+             if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then \
                redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 0 end \
              local mine, prefix = 0, ARGV[6] \
              local own, tenants = 0, 0 \
@@ -471,8 +484,10 @@ impl Budgets {
         let prefix = split_tenant_scope(&b.scope)
             .map(|(t, _)| tenant_scope(t, ""))
             .unwrap_or_default();
+        // a changed limit may fit what the old one refused: its refusal mark goes
         let r: i64 = script
             .key(self.conf_key())
+            .key(self.spend_key(&b.scope))
             .arg(&b.scope)
             .arg(b.encode())
             .arg(MAX_BUDGETS)
@@ -506,6 +521,47 @@ impl Budgets {
             .query_async(&mut conn)
             .await?;
         Ok(n > 0)
+    }
+
+    /// Deletes every budget in `tenant`'s own namespace (`<tenant>~<scope>`) with its counts,
+    /// for a tenant that is deleted; returns how many there were.
+    pub async fn delete_tenant_budgets(&self, tenant: &str) -> RedisResult<usize> {
+        let prefix = tenant_scope(tenant, "");
+        let scopes: Vec<String> = {
+            let mut conn = self.redis.conn().await?;
+            redis::cmd("HKEYS")
+                .arg(self.conf_key())
+                .query_async(&mut conn)
+                .await?
+        };
+        let mut n = 0;
+        for s in scopes.iter().filter(|s| s.starts_with(&prefix)) {
+            if self.delete(s).await? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Until when (ms since the epoch) the budget over `scope` refuses calls for what was
+    /// spent, if it does now: set when a call was refused because the window's settled spend
+    /// left no room for it (not merely calls in flight), cleared when a call fits or the budget
+    /// is replaced. The api answers a tenant's new work 429 while its quota (`tenant:<id>`) says
+    /// so, instead of queueing tasks that would fail `budget_exceeded`.
+    pub async fn refusing(&self, scope: &str, now_ms: i64) -> RedisResult<Option<i64>> {
+        let mut conn = self.redis.conn().await?;
+        let until: Option<String> = redis::cmd("HGET")
+            .arg(self.spend_key(scope))
+            .arg("refused_until")
+            .query_async(&mut conn)
+            .await?;
+        // written by Lua from a number: read leniently, an unreadable mark refuses nothing
+        let until = until.and_then(|t| {
+            t.parse::<i64>()
+                .ok()
+                .or_else(|| t.parse::<f64>().ok().map(|f| f as i64))
+        });
+        Ok(until.filter(|t| *t > now_ms))
     }
 
     /// Every budget's configuration.
@@ -866,6 +922,13 @@ mod tests {
         assert_eq!(split_tenant_scope("agent:bot"), None);
         assert_eq!(split_tenant_scope("tenant:acme"), None);
         assert_eq!(tenant_scope("acme", "global"), "acme~global");
+        assert_eq!(scope_shown_to(Some("acme"), "acme~agent:bot"), "agent:bot");
+        assert_eq!(scope_shown_to(Some("acme"), "tenant:acme"), "tenant:acme");
+        assert_eq!(
+            scope_shown_to(Some("b"), "acme~agent:bot"),
+            "acme~agent:bot"
+        );
+        assert_eq!(scope_shown_to(None, "acme~agent:bot"), "acme~agent:bot");
     }
 
     #[test]

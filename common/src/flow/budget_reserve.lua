@@ -1,10 +1,11 @@
 -- Budget admission: hold a call's worst-case cost against every budget that applies, atomically,
 -- or refuse it. All budget keys share the `{budgets}` hash tag (one cluster slot).
 -- KEYS[1] budget config hash (scope -> "limit_n|window_s|mode"), then per candidate scope i:
---   KEYS[2i] spend hash (b:<bucket> -> settled nano-dollars, held -> sum of holds, h:<id> -> hold),
+--   KEYS[2i] spend hash (b:<bucket> -> settled nano-dollars, held -> sum of holds, h:<id> -> hold,
+--   refused_until -> ms until which settled spend refuses calls of the last refused size),
 --   KEYS[2i+1] holds zset (hold id -> expiry ms)
 -- ARGV[1] now ms, ARGV[2] hold id, ARGV[3] worst-case cost (nano-dollars), ARGV[4] hold TTL ms,
--- ARGV[5..] the candidate scopes (global, queue:<q>, agent:<a>, model:<m>), in KEYS order.
+-- ARGV[5..] the candidate scopes (common/src/flow/budget.rs `scopes_of`), in KEYS order.
 -- Returns {1, scope, ...} held against the listed scopes (none: no budget applies);
 -- {0, eligible_ms, scope, limit_n, spent_n, held_n, holds_only} refused by `scope` until about
 -- eligible_ms (holds_only 1: the calls in flight are what is in the way, not settled spend);
@@ -92,12 +93,19 @@ for _, b in ipairs(budgets) do
     -- what they really cost may leave enough once they settle
     local holds_only = 0
     if b.spent + amount <= b.limit then holds_only = 1 end
+    if holds_only == 0 then
+      -- settled spend refuses calls of this size until `eligible`: the api refuses the new
+      -- work of a tenant whose quota says so until then (Budgets::refusing); a call that fits
+      -- clears it
+      redis.call('HSET', b.spend, 'refused_until', eligible)
+    end
     return {0, eligible, b.scope, b.limit, b.spent, b.held, holds_only}
   end
 end
 
 local out = {1}
 for _, b in ipairs(budgets) do
+  redis.call('HDEL', b.spend, 'refused_until')
   redis.call('HSET', b.spend, 'h:' .. id, amount)
   redis.call('HINCRBY', b.spend, 'held', amount)
   redis.call('ZADD', b.holds, now + ttl, id)
