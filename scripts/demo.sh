@@ -83,7 +83,7 @@ wait_http "$api/readyz"
 wait_http "http://127.0.0.1:$worker_port/readyz"
 
 echo "==> tenants and tokens"
-echo "    no token: $(command curl -sS -o /dev/null -w '%{http_code}' -X POST "$api/v1/tasks" -H 'content-type: application/json' -d '{"prompt": "hi"}') (401)"
+echo "    a task sent without a token is refused: HTTP $(command curl -sS -o /dev/null -w '%{http_code}' -X POST "$api/v1/tasks" -H 'content-type: application/json' -d '{"prompt": "hi"}')"
 command curl -fsS -X POST "$api/v1/admin/tenants" -H "Authorization: Bearer $admin_token" \
   -H 'content-type: application/json' -d '{"id": "demo", "weight": 1, "quotas": {"enqueue_rate": 50}}' >/dev/null
 tenant_token=$(command curl -fsS -X POST "$api/v1/admin/tenants/demo/tokens" -H "Authorization: Bearer $admin_token" \
@@ -91,7 +91,7 @@ tenant_token=$(command curl -fsS -X POST "$api/v1/admin/tenants/demo/tokens" -H 
 echo "    tenant demo created by the admin, with a token shown once (agentq_<id>_...); every call below uses it"
 other=$(command curl -fsS -X POST "$api/v1/tasks" -H "Authorization: Bearer $admin_token" \
   -H 'content-type: application/json' -d '{"prompt": "The operator'"'"'s own task"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-echo "    another tenant's task is invisible: GET $other with the demo token -> $(command curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tenant_token" "$api/v1/tasks/$other") (404)"
+echo "    another tenant's task is invisible: GET $other with the demo token -> HTTP $(command curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tenant_token" "$api/v1/tasks/$other")"
 # every request to the api from here on carries the tenant's token
 curl() { command curl -H "Authorization: Bearer $tenant_token" "$@"; }
 # (and the Python snippets' requests, through AGENTQ_TOKEN)
