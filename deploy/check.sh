@@ -122,9 +122,14 @@ if [[ -z "${KEEP_RENDERED:-}" ]]; then
     trap 'rm -rf "$OUT"' EXIT
 fi
 
+# The one value the defaults require (tokens are on by default and the admin token comes from an
+# existing Secret): every case below that starts from the defaults gives it, so a bad value is
+# rejected for its own reason.
+AUTH_OK="--set auth.existingSecret=agentq-admin"
+
 # The value sets every step covers: name -> extra helm arguments.
 declare -A VALUE_SETS=(
-    [default]=""
+    [default]="$AUTH_OK"
     [all-on]="-f $CHART/ci/all-on-values.yaml"
     [external-redis]="-f $CHART/ci/external-redis-values.yaml"
     [dev]="-f $CHART/values-dev.yaml"
@@ -134,8 +139,13 @@ declare -A VALUE_SETS=(
     # Redis with a password), and over an external TLS Redis whose password is in an existing Secret.
     [batch]="-f $CHART/ci/all-on-values.yaml -f $CHART/ci/batch-values.yaml"
     [external-redis-batch]="-f $CHART/ci/external-redis-values.yaml -f $CHART/ci/batch-values.yaml"
+    # The hardening switches (ci/security-values.yaml): Redis ACL users for api, worker and KEDA, tokens
+    # from an existing Secret, another key prefix; the in-cluster Redis on TLS only (over all-on, with the
+    # batch queue's workers too), and an external rediss:// Redis with a private CA bundle.
+    [security]="-f $CHART/ci/all-on-values.yaml -f $CHART/ci/batch-values.yaml -f $CHART/ci/security-values.yaml"
+    [external-redis-security]="-f $CHART/ci/external-redis-values.yaml -f $CHART/ci/security-values.yaml"
 )
-SET_NAMES=(default all-on external-redis dev prod batch external-redis-batch)
+SET_NAMES=(default all-on external-redis dev prod batch external-redis-batch security external-redis-security)
 TEMPLATE_ARGS=(--kube-version "$KUBE_VERSION" --api-versions keda.sh/v1alpha1 --api-versions monitoring.coreos.com/v1)
 
 lint_all() {
@@ -182,7 +192,7 @@ negative_values() {
     local -    # the [0] of the upstream cases is no glob
     set -f
     # shellcheck disable=SC2086
-    if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" $UPSTREAM_OK > /dev/null; then
+    if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" $AUTH_OK $UPSTREAM_OK > /dev/null; then
         echo "ok   accepted: $UPSTREAM_OK (the base of the upstream cases)"
     else
         echo "FAIL the base of the upstream cases is rejected: $UPSTREAM_OK"
@@ -223,10 +233,31 @@ negative_values() {
         "--set config.extraEnv.AGENTQ_BATCH_QUEUE=batch"
         "--set config.extraEnv.AGENTQ_FILE_MAX_BYTES=2048"
         "--set batch.queue=batch --set api.extraEnv[0].name=AGENTQ_QUEUES --set api.extraEnv[0].value=default"
+        # security: tokens on without the admin token's Secret; a token where the worker or a ConfigMap
+        # would get it; redis.tls without its certificate; a CA for a redis:// URL; ACL users over a
+        # prefix with a glob character, Redis' own default user, one name twice, a bad name
+        "--set auth.existingSecret="
+        "--set auth.enabled=maybe"
+        "--set config.extraEnv.AGENTQ_ADMIN_TOKEN=0123456789abcdef0123"
+        "--set worker.extraEnv[0].name=AGENTQ_ADMIN_TOKEN --set worker.extraEnv[0].value=0123456789abcdef0123"
+        "--set api.extraEnv[0].name=AGENTQ_AUTH --set api.extraEnv[0].value=off"
+        "--set redis.tls.enabled=true"
+        "--set redis.enabled=false --set externalRedis.url=redis://redis:6379/0 --set externalRedis.tls.caSecret=ca"
+        "--set redisAcl.enabled=true --set config.keyPrefix=agent*q"
+        "--set redisAcl.enabled=true --set redisAcl.users.api=default"
+        "--set redisAcl.enabled=true --set redisAcl.users.worker=agentq-api"
+        "--set redisAcl.enabled=true --set redisAcl.users.keda=bad:name"
     )
+    # shellcheck disable=SC2086
+    if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" > /dev/null 2>&1; then
+        echo "FAIL accepted the defaults without auth.existingSecret (tokens on need the admin token)"
+        rc=1
+    else
+        echo "ok   rejected: the defaults without auth.existingSecret"
+    fi
     for args in "${cases[@]}"; do
         # shellcheck disable=SC2086
-        if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" $args > /dev/null 2>&1; then
+        if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" $AUTH_OK $args > /dev/null 2>&1; then
             echo "FAIL accepted bad values: $args"
             rc=1
         else
@@ -261,7 +292,7 @@ validate_core() {
 run_checkov() {
     local rc=0 name
     mkdir -p "$OUT/checkov" "$OUT/checkov-dev"
-    for name in default all-on external-redis prod batch external-redis-batch; do
+    for name in default all-on external-redis prod batch external-redis-batch security external-redis-security; do
         cp "$OUT/rendered/$name.yaml" "$OUT/checkov/"
     done
     # Checkov's annotations-based skips (checkov.io/skipN) are documented in the chart README.
@@ -298,7 +329,8 @@ redis_password_url() {
         values="$OUT/password-$i.yaml"
         python -c 'import sys, yaml; yaml.safe_dump({"redis": {"auth": {"password": sys.argv[1]}}}, open(sys.argv[2], "w"))' \
             "$pw" "$values"
-        if ! helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" -f "$values" \
+        # shellcheck disable=SC2086
+        if ! helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" $AUTH_OK -f "$values" \
             -f "$CHART/ci/batch-values.yaml" > "$OUT/password-$i-rendered.yaml"; then
             echo "FAIL helm template with redis.auth.password=$pw"
             rc=1
@@ -316,7 +348,7 @@ redis_password_url() {
 # points and equal to the values, key variables from Secrets in both pods, no key in any ConfigMap,
 # and the pods' checksum changing with the file (all-on rendered again with one limit changed).
 upstreams_wiring() {
-    local name rc=0 f
+    local name rc=0 f prev
     local -a files
     "$VENV/bin/python" - "$CHART/ci/all-on-values.yaml" "$OUT/upstreams-changed.yaml" <<'PY'
 import sys, yaml
@@ -328,8 +360,10 @@ PY
         -f "$OUT/upstreams-changed.yaml" > "$OUT/all-on-upstreams-changed.yaml" || return 1
     for name in "${SET_NAMES[@]}"; do
         files=()
+        prev=""
         for f in ${VALUE_SETS[$name]}; do
-            [[ "$f" == -f ]] || files+=("$f")
+            [[ "$prev" == -f ]] && files+=("$f")
+            prev="$f"
         done
         if [[ "$name" == all-on ]]; then
             python "$ROOT/deploy/check_upstreams.py" --rolled "$OUT/all-on-upstreams-changed.yaml" \
@@ -367,6 +401,19 @@ sys.exit(rc)
 PY
 }
 
+# The admin token reaches the api only; the Redis ACL users are files/redis-users.acl rendered for
+# the values (as tests/tests/acl.rs renders it), each component logs in as its own user, and the
+# in-cluster Redis' startup script really boots a redis-server with them; TLS with its CA bundle.
+# Also renders redisAcl.existingSecret (a Secret the chart does not make) over the security values.
+security_wiring() {
+    local rc=0
+    # shellcheck disable=SC2086
+    helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" ${VALUE_SETS[security]} \
+        --set redisAcl.existingSecret=agentq-redis-users > "$OUT/security-existing-secret.yaml" || return 1
+    python "$ROOT/deploy/check_security.py" "$OUT"/rendered/*.yaml "$OUT/security-existing-secret.yaml" || rc=1
+    return $rc
+}
+
 step "helm lint --strict (${SET_NAMES[*]})" lint_all
 step "helm template (kube $KUBE_VERSION, KEDA + prometheus-operator APIs)" render_all
 step "values.schema.json and template guards reject bad values" negative_values
@@ -379,6 +426,7 @@ step "KEDA keys per worker Deployment, trigger metadata, grace vs drain and preS
 step "Redis password with URL-special characters survives REDIS_URL" redis_password_url
 step "upstreams: AGENTQ_UPSTREAMS, mount, key variables and checksum in api and worker; no key in a ConfigMap" upstreams_wiring
 step "batch.queue: a second worker fleet; the main worker's objects unchanged" batch_leaves_main_workers
+step "security: admin token only in the api, Redis ACL users rendered from files/redis-users.acl and booted in a real redis-server, TLS and its CA bundle" security_wiring
 
 printf '\n==================== deploy/check.sh summary ====================\n'
 printf '%s\n' "${RESULTS[@]}"

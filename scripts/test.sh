@@ -35,6 +35,7 @@ step() { # step NAME CMD...
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build binaries" cargo build --workspace --bins --locked
+step "cargo deny (licenses, bans, sources)" bash scripts/cargo-deny.sh
 step "third-party peers for the tests (LiteLLM proxy and the openai SDK, aimock, the reference MCP server, the openai Node SDK)" \
   bash -c 'bash tests/peers/litellm/install.sh && bash tests/peers/aimock/install.sh && bash tests/peers/mcp/install.sh && bash tests/peers/openai-node/install.sh'
 step "unit and end-to-end tests (nextest)" cargo nextest run --workspace --locked --no-fail-fast

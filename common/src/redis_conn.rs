@@ -5,17 +5,28 @@
 //! what a queue's many small scripts want, and deadpool-redis PINGs on every checkout, doubling the
 //! round trips per enqueue. The connection is made lazily so a process starts, serves its probes
 //! and reports not-ready while Redis is away, instead of crash-looping.
+//!
+//! Security (docs/security.md): a `rediss://` URL is TLS, verified against the system roots or,
+//! when [`ENV_REDIS_CA_FILE`] names a PEM bundle, against that bundle only (the LLM client keeps
+//! the system roots). The connection's handshake is AUTH (from the URL's user and password) and
+//! SELECT for a database other than 0, nothing else: `CLIENT SETINFO` is not sent, so the Redis
+//! ACL users of `deploy/helm/agentq/files/redis-users.acl` need no CLIENT permission for it (and
+//! they stay valid on Redis 7.0, which has no such subcommand).
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::RedisResult;
+use redis::{IntoConnectionInfo, RedisResult};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
 /// Longest a command may wait for its reply before it fails (and the caller answers 503 or retries).
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `AGENTQ_REDIS_CA_FILE`: a PEM file of the CA certificates a `rediss://` server's certificate
+/// must chain to, instead of the system roots (a private CA, mounted from a Secret by the chart).
+pub const ENV_REDIS_CA_FILE: &str = "AGENTQ_REDIS_CA_FILE";
 
 #[derive(Clone)]
 pub struct Redis {
@@ -38,7 +49,7 @@ impl Redis {
         url: &SecretString,
         timeout: Option<Duration>,
     ) -> RedisResult<Self> {
-        let client = redis::Client::open(url.expose_secret())?;
+        let client = client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(timeout)
@@ -94,5 +105,33 @@ impl Redis {
             .query_async::<String>(&mut conn)
             .await
             .is_ok()
+    }
+}
+
+/// The client for `url`: without `CLIENT SETINFO` in its handshake, and with the CA bundle of
+/// [`ENV_REDIS_CA_FILE`] as its only roots when that is set (a `redis://` URL ignores it).
+fn client(url: &SecretString) -> RedisResult<redis::Client> {
+    let info = url.expose_secret().into_connection_info()?;
+    let settings = info.redis_settings().clone().set_skip_set_lib_name();
+    let info = info.set_redis_settings(settings);
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    match std::env::var_os(ENV_REDIS_CA_FILE).filter(|p| tls && !p.is_empty()) {
+        None => redis::Client::open(info),
+        Some(path) => {
+            let root_cert = std::fs::read(&path).map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read the CA bundle named by AGENTQ_REDIS_CA_FILE",
+                    format!("{}: {e}", path.to_string_lossy()),
+                ))
+            })?;
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+        }
     }
 }

@@ -422,6 +422,10 @@ def load_setup(args) -> Setup:
             cmd += ["-f", f]
         for s in args.set:
             cmd += ["--set", s]
+        # The replay reads the worker's objects only; the api's admin-token Secret (auth.existingSecret,
+        # which the chart requires while tokens are on) is named so the chart renders.
+        if not any(s.startswith("auth.") for s in args.set):
+            cmd += ["--set", "auth.existingSecret=agentq-admin"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"helm template failed:\n{res.stderr}")

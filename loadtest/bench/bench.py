@@ -1473,6 +1473,77 @@ def summary(runs_path):
             f"p99 {r['hist_p99_ms']:.2f} ms; load {r['loadavg']}")
 
 
+def script_cost(port, src_dir, n, batch, tenants="1"):
+    """Redis's own time inside the two scripts every task passes at the worker, `fetch.lua` and
+    `complete.lua`, of the source tree `src_dir` (before or after a change), without a worker:
+    n tasks are queued with that tree's enqueue.lua (spread over `tenants` tenants where the tree
+    has fair scheduling), then taken `batch` at a time with its fetch.lua and each reported with
+    its complete.lua, straight from here. INFO commandstats' `usec` (time inside EVALSHA, no
+    network, no client) per task, split by script; the caller's Python speed does not enter it.
+    Run it on an otherwise idle private Redis (it FLUSHALLs)."""
+    import redis
+    n, batch, tenants = int(n), int(batch), int(tenants)
+    q = os.path.join(src_dir, "common", "src", "queue")
+    g = os.path.join(src_dir, "common", "src", "graph")
+    fair = os.path.exists(os.path.join(q, "fair.lua"))
+
+    def src(*parts):
+        return "".join(open(p).read() for p in parts)
+
+    pre = [os.path.join(q, "events.lua")] + ([os.path.join(q, "fair.lua")] if fair else []) + [os.path.join(g, "wf.lua")]
+    r = connect(port)
+    r.flushall()
+    enq_sha = r.script_load(src(*([os.path.join(q, "fair.lua")] if fair else []), os.path.join(q, "enqueue.lua")))
+    fetch = r.register_script(src(*pre, os.path.join(q, "fetch.lua")))
+    complete = r.register_script(src(*pre, os.path.join(q, "fence.lua"), os.path.join(q, "complete.lua")))
+    payload = json.dumps({"messages": [{"role": "user", "content": PROMPT}]}, separators=(",", ":"))
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        tid = f"{QUEUE}.{uuid7()}"
+        k = i % tenants
+        tenant = "" if k == 0 else f"t{k}"
+        pipe.evalsha(enq_sha, 2, TASK_PREFIX + tid, PENDING, tid, QUEUE, time.time_ns() // 1_000_000, 5,
+                     payload, 86400, "0", "0", "", tenant)
+        if len(pipe) >= 1000:
+            pipe.execute()
+    pipe.execute()
+    w = "bench-w"
+    fkeys = [PENDING, f"{BASE}:inflight:{w}", ACTIVE, f"{BASE}:dead", f"{BASE}:workers", f"{BASE}:worker:{w}"]
+
+    def evalsha_usec():
+        st = r.info("commandstats").get("cmdstat_evalsha", {})
+        return int(st.get("usec", 0)), int(st.get("calls", 0))
+
+    started = []
+    fetch_usec = fetch_calls = 0
+    while True:
+        r.config_resetstat()
+        out = fetch(keys=fkeys, args=[TASK_PREFIX, batch, time.time_ns() // 1_000_000, w, "", 86400, 60])
+        u, c = evalsha_usec()
+        fetch_usec += u
+        fetch_calls += c
+        runs = out[1:] if fair else out
+        got = [(runs[i], runs[i + 5]) for i in range(0, len(runs) - 6, 7)]
+        if not got:
+            break
+        started.extend(got)
+    complete_usec = 0
+    ckeys_tail = [f"{BASE}:running"] if fair else []
+    for tid, token in started:
+        r.config_resetstat()
+        v = complete(keys=[TASK_PREFIX + tid, f"{BASE}:inflight:{w}", ACTIVE] + ckeys_tail,
+                     args=[tid, token, time.time_ns() // 1_000_000, '{"content":"hi"}', 86400, 1, 1,
+                           "10|5|0|1000", "", "", "", "", 0, "", ""])
+        if v != "ok":
+            raise SystemExit(f"bench: complete.lua answered {v!r}")
+        complete_usec += evalsha_usec()[0]
+    done = len(started)
+    return {"src": src_dir, "fair": fair, "tasks": n, "batch": batch, "tenants": tenants, "started": done,
+            "fetch_calls": fetch_calls, "fetch_us_per_task": round(fetch_usec / max(done, 1), 3),
+            "complete_us_per_task": round(complete_usec / max(done, 1), 3),
+            "us_per_task": round((fetch_usec + complete_usec) / max(done, 1), 3)}
+
+
 def main(argv):
     cmd, args = argv[1], argv[2:]
     if cmd == "freeport":
@@ -1483,6 +1554,8 @@ def main(argv):
         return
     if cmd == "load":
         out = load(*args)
+    elif cmd == "script-cost":
+        out = script_cost(*args)
     elif cmd == "workflow":
         out = workflow(*args)
     elif cmd == "sse-enqueue":

@@ -21,7 +21,9 @@
 #          --runs N, --out FILE, --keep (leave the logs of this run in loadtest/out/bench/),
 #          --strict (exit 2 when a median misses its target; by default only a broken run fails).
 # --limiter environment: AGENTQ_BENCH_BEFORE_BIN_DIR (binaries before flow control; unset: those
-#          variants are skipped), AGENTQ_BENCH_BIN_COMMIT / AGENTQ_BENCH_BEFORE_COMMIT (recorded),
+#          variants are skipped), AGENTQ_BENCH_BEFORE_SRC_DIR (their source tree: its enqueue.lua
+#          queues their tasks, needed for a build from before fair scheduling, whose `pending`
+#          holds ids, not tickets), AGENTQ_BENCH_BIN_COMMIT / AGENTQ_BENCH_BEFORE_COMMIT (recorded),
 #          BENCH_LIMITER_VARIANTS=a,b (a subset), BENCH_SLOWLOG=1 (per-script µs from SLOWLOG;
 #          inflates CPU, diagnosis only), AGENTQ_BENCH_SRC_DIRS (source trees to name the scripts).
 # Exit: 0 ok; 1 broken (an HTTP error, a lost or failed task, a process that did not start);
@@ -71,7 +73,7 @@ while [[ $# -gt 0 ]]; do
     --strict) export BENCH_STRICT=1 ;;
     --streams) STREAMS_ONLY=1 ;;
     --chat) CHAT_ONLY=1 ;;
-    -h|--help) sed -n '2,54p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,56p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
   esac
   shift
@@ -361,7 +363,11 @@ phase_limiter() { # VARIANT ROUND BIN_DIR MODEL UPSTREAMS_FILE('' = none) [WINDO
   for try in 1 2 3; do
     ensure_mock0
     reset_redis
-    loadj=$($B load "$RPORT" "$n" "$ROOT/common/src/queue/enqueue.lua" "$STAGING")
+    # the queue's layout is the binaries': tasks for a build from before fair scheduling (ids in
+    # `pending`, no tenants' lines) are queued with that build's own enqueue.lua
+    local enq=$ROOT/common/src/queue/enqueue.lua
+    [[ $bin == "$BEFORE_BIN" && -n ${AGENTQ_BENCH_BEFORE_SRC_DIR:-} ]] && enq=$AGENTQ_BENCH_BEFORE_SRC_DIR/common/src/queue/enqueue.lua
+    loadj=$($B load "$RPORT" "$n" "$enq" "$STAGING")
     if [[ -n $ups ]]; then
       scopes=("agentq:limiter:{bench}:model:$model" "agentq:limiter:{bench}")
       $B seed "$RPORT" "$win" "${scopes[@]}" >/dev/null

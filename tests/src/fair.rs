@@ -110,10 +110,7 @@ pub fn push_pending(c: &mut redis::Connection, id: &str) -> Result<()> {
     let lua = format!(
         "{FAIR_LUA}\nfq_push(ARGV[1], redis.call('HGET', ARGV[1] .. 'task:' .. ARGV[2], 'tenant'), ARGV[2], false)"
     );
-    redis::Script::new(&lua)
-        .arg(BASE)
-        .arg(id)
-        .invoke::<()>(c)?;
+    redis::Script::new(&lua).arg(BASE).arg(id).invoke::<()>(c)?;
     Ok(())
 }
 

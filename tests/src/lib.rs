@@ -326,7 +326,12 @@ impl Stack {
     /// token for it; returns the token.
     pub async fn tenant(&self, body: &Value) -> Result<String> {
         let (st, v) = self
-            .send_as(ADMIN_TOKEN, reqwest::Method::POST, "/v1/admin/tenants", Some(body))
+            .send_as(
+                ADMIN_TOKEN,
+                reqwest::Method::POST,
+                "/v1/admin/tenants",
+                Some(body),
+            )
             .await?;
         if st != 201 {
             bail!("POST /v1/admin/tenants answered {st}: {v}");
@@ -343,7 +348,10 @@ impl Stack {
         if st != 201 {
             bail!("POST tokens answered {st}: {v}");
         }
-        v["token"].as_str().map(str::to_owned).context("201 without a token")
+        v["token"]
+            .as_str()
+            .map(str::to_owned)
+            .context("201 without a token")
     }
 
     /// A request with `Authorization: Bearer <token>`; returns (status, JSON body or null).
@@ -371,9 +379,19 @@ impl Stack {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let (st, v) = self
-                .send_as(token, reqwest::Method::GET, &format!("/v1/tasks/{id}"), None)
+                .send_as(
+                    token,
+                    reqwest::Method::GET,
+                    &format!("/v1/tasks/{id}"),
+                    None,
+                )
                 .await?;
-            if st == 200 && matches!(v["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            if st == 200
+                && matches!(
+                    v["status"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled")
+                )
+            {
                 return Ok(v);
             }
             if Instant::now() > deadline {

@@ -181,9 +181,7 @@ fn plan_tasks(cfg: &Config) -> Vec<Spec> {
             let cancel_after = rng
                 .random_bool(0.01)
                 .then(|| Duration::from_millis(rng.random_range(0..3000)));
-            let agent_n = rng
-                .random_bool(0.1)
-                .then(|| rng.random_range(0..40u32));
+            let agent_n = rng.random_bool(0.1).then(|| rng.random_range(0..40u32));
             let agent = agent_n.map(|a| format!("chaos-agent-{a}"));
             let tenant = match agent_n {
                 Some(a) => a as usize % TENANTS.len(),
@@ -1710,8 +1708,16 @@ fn summarize(
         .filter(|s| s.cancel == CancelReply::Cancelled)
         .count();
     let f = &chaos.faults;
+    // the tenant each record carries (none: the default tenant)
+    let mut tenants: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, r) in records {
+        let t = field(r, "tenant");
+        *tenants
+            .entry(if t.is_empty() { "default" } else { t })
+            .or_default() += 1;
+    }
     format!(
-        "chaos summary (seed {seed}, {secs} s): {acked} of {tasks} tasks acknowledged ({posts} POSTs), final {status:?}, {cancels} cancelled over HTTP\n\
+        "chaos summary (seed {seed}, {secs} s): {acked} of {tasks} tasks acknowledged ({posts} POSTs), final {status:?}, {cancels} cancelled over HTTP; tasks per tenant {tenants:?}\n\
          LLM calls: {calls} by outcome {outcomes:?}; calls overlapping an earlier one {overlapping}, explained by at least {stale} stale calls\n\
          faults: {stops} worker SIGSTOPs ({past} past the heartbeat TTL), {kills} worker SIGKILLs, {terms} worker SIGTERMs, {freezes} Redis SIGSTOPs, {rkills} Redis SIGKILLs + restarts, {skipped} skipped\n\
          runs recovered {recovered}, reports fenced {fenced}, runs given back {given_back}; report verdicts {verdicts:?}; ok lines lost to SIGKILL {lost}; 429 answers accounted to a give-back or cancel {given_429}\n\

@@ -24,7 +24,12 @@ async fn stack(mock: MockConfig) -> Result<Stack> {
 /// `GET /v1/queues/default` as the admin.
 async fn queue(s: &Stack) -> Result<Value> {
     let (status, v) = s
-        .send_as(ADMIN_TOKEN, reqwest::Method::GET, "/v1/queues/default", None)
+        .send_as(
+            ADMIN_TOKEN,
+            reqwest::Method::GET,
+            "/v1/queues/default",
+            None,
+        )
         .await?;
     ensure!(status == 200, "GET /v1/queues/default: {status} {v}");
     Ok(v)
@@ -184,7 +189,10 @@ async fn a_flooding_tenant_does_not_hold_back_a_small_one() -> Result<()> {
         FLOOD as f64 / took.as_secs_f64()
     );
     let q = queue(&s).await?;
-    ensure!(q["pending"] == json!(FLOOD), "all of A's tasks pending: {q}");
+    ensure!(
+        q["pending"] == json!(FLOOD),
+        "all of A's tasks pending: {q}"
+    );
 
     let _w = s
         .start_worker(&[("WORKER_CONCURRENCY", "16"), ("AGENTQ_LOG_FORMAT", "json")])
@@ -194,8 +202,14 @@ async fn a_flooding_tenant_does_not_hold_back_a_small_one() -> Result<()> {
     for i in 0..B_TASKS {
         let due = window + Duration::from_secs(i as u64);
         tokio::time::sleep_until(due.into()).await;
-        let (status, _, v) =
-            post_as(&s.http, &s.api_url, &b, &json!({"prompt": format!("b {i}")}), None).await?;
+        let (status, _, v) = post_as(
+            &s.http,
+            &s.api_url,
+            &b,
+            &json!({"prompt": format!("b {i}")}),
+            None,
+        )
+        .await?;
         ensure!(status == 202, "B's POST answered {status}: {v}");
         b_ids.push(v["id"].as_str().context("no id")?.to_owned());
     }
@@ -266,8 +280,22 @@ async fn weights_shift_throughput_as_configured() -> Result<()> {
     let heavy = tenant(&s, "heavy", 3, json!({})).await?;
     let light = tenant(&s, "light", 1, json!({})).await?;
     // light first: it is at the ring's head, and weights, not arrival, decide the shares
-    let light_ids = flood(&s, &light, EACH, 32, |i| json!({"prompt": format!("light {i}")})).await?;
-    let heavy_ids = flood(&s, &heavy, EACH, 32, |i| json!({"prompt": format!("heavy {i}")})).await?;
+    let light_ids = flood(
+        &s,
+        &light,
+        EACH,
+        32,
+        |i| json!({"prompt": format!("light {i}")}),
+    )
+    .await?;
+    let heavy_ids = flood(
+        &s,
+        &heavy,
+        EACH,
+        32,
+        |i| json!({"prompt": format!("heavy {i}")}),
+    )
+    .await?;
     let _w = s.start_worker(&[("WORKER_CONCURRENCY", "4")]).await?;
     let mut c = s.redis.conn()?;
     let started_of = |c: &mut redis::Connection, ids: &[String]| -> Result<Vec<i64>> {
@@ -362,7 +390,10 @@ async fn max_pending_refuses_with_429_and_writes_nothing() -> Result<()> {
         "429 without a usable Retry-After: {retry_after:?}"
     );
     ensure!(v["error"].is_object(), "a JSON error: {v}");
-    ensure!(count_keys(&mut c)? == keys_before, "a refused task wrote a key");
+    ensure!(
+        count_keys(&mut c)? == keys_before,
+        "a refused task wrote a key"
+    );
     ensure!(pending_ids(&mut c)? == pending_before, "pending changed");
     // a replay of an accepted task is no new task: the same id back
     let (status, _, v) = post_as(
@@ -378,12 +409,22 @@ async fn max_pending_refuses_with_429_and_writes_nothing() -> Result<()> {
         "idempotent replay at the cap: {status} {v}"
     );
     // other tenants are not held by it
-    let (status, _, v) = post_as(&s.http, &s.api_url, &other, &json!({"prompt": "other"}), None).await?;
+    let (status, _, v) = post_as(
+        &s.http,
+        &s.api_url,
+        &other,
+        &json!({"prompt": "other"}),
+        None,
+    )
+    .await?;
     ensure!(status == 202, "{status} {v}");
     let other_id = v["id"].as_str().context("no id")?.to_owned();
     // once its tasks ran, it may enqueue again
     let _w = s.start_worker(&[]).await?;
-    let mut all: Vec<(&str, &str)> = ids.iter().map(|id| (capped.as_str(), id.as_str())).collect();
+    let mut all: Vec<(&str, &str)> = ids
+        .iter()
+        .map(|id| (capped.as_str(), id.as_str()))
+        .collect();
     all.push((other.as_str(), other_id.as_str()));
     wait_final(&s, &all).await?;
     let (status, _, v) = post_as(
@@ -431,13 +472,21 @@ async fn max_running_caps_a_tenants_runs_in_flight() -> Result<()> {
     .await?;
     let narrow = tenant(&s, "narrow", 1, json!({"max_running": 2})).await?;
     let wide = tenant(&s, "wide", 1, json!({})).await?;
-    let narrow_ids = flood(&s, &narrow, EACH, 8, |i| {
-        json!({"prompt": format!("narrow {i} [[sleep:300]]")})
-    })
+    let narrow_ids = flood(
+        &s,
+        &narrow,
+        EACH,
+        8,
+        |i| json!({"prompt": format!("narrow {i} [[sleep:300]]")}),
+    )
     .await?;
-    let wide_ids = flood(&s, &wide, EACH, 8, |i| {
-        json!({"prompt": format!("wide {i} [[sleep:300]]")})
-    })
+    let wide_ids = flood(
+        &s,
+        &wide,
+        EACH,
+        8,
+        |i| json!({"prompt": format!("wide {i} [[sleep:300]]")}),
+    )
     .await?;
     let _w1 = s.start_worker(&[("WORKER_CONCURRENCY", "6")]).await?;
     let _w2 = s.start_worker(&[("WORKER_CONCURRENCY", "6")]).await?;
@@ -482,8 +531,14 @@ async fn max_running_caps_a_tenants_runs_in_flight() -> Result<()> {
         took.as_secs_f64()
     );
     ensure!(narrow_peak <= 2, "narrow had {narrow_peak} calls at once");
-    ensure!(most_counted <= 2, "narrow counted {most_counted} runs at once");
-    ensure!(narrow_peak == 2, "narrow should use its 2 slots: {narrow_peak}");
+    ensure!(
+        most_counted <= 2,
+        "narrow counted {most_counted} runs at once"
+    );
+    ensure!(
+        narrow_peak == 2,
+        "narrow should use its 2 slots: {narrow_peak}"
+    );
     ensure!(
         wide_peak > 2,
         "the other tenant used the free slots: {wide_peak}"
@@ -512,15 +567,23 @@ async fn max_running_caps_a_tenants_runs_in_flight() -> Result<()> {
 async fn a_worker_does_not_spin_while_every_tenant_with_work_is_capped() -> Result<()> {
     let mut s = stack(MockConfig::default()).await?;
     let one = tenant(&s, "one-at-a-time", 1, json!({"max_running": 1})).await?;
-    let ids = flood(&s, &one, 3, 3, |i| {
-        json!({"prompt": format!("capped {i} [[sleep:4000]]")})
-    })
+    let ids = flood(
+        &s,
+        &one,
+        3,
+        3,
+        |i| json!({"prompt": format!("capped {i} [[sleep:4000]]")}),
+    )
     .await?;
     let _w = s.start_worker(&[("WORKER_CONCURRENCY", "4")]).await?;
     let mut c = s.redis.conn()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while queue(&s).await?["inflight"] != 1 {
-        ensure!(Instant::now() < deadline, "nothing started\n{}", log_tails(&s));
+        ensure!(
+            Instant::now() < deadline,
+            "nothing started\n{}",
+            log_tails(&s)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // one run in flight, two tickets pending, nothing ends for the next few seconds
@@ -543,8 +606,14 @@ async fn a_worker_does_not_spin_while_every_tenant_with_work_is_capped() -> Resu
     ensure!(q["pending"] == 2 && q["inflight"] == 1, "{q}");
     // spinning would be thousands; waiting 200 ms between fetches is ~10 a second, plus the
     // promotion loop's 4 a second
-    ensure!(scripts < 80, "{scripts} script calls in {window:?}: the worker spins");
-    ensure!(blmoves < 20, "{blmoves} BLMOVEs in {window:?}: the worker spins");
+    ensure!(
+        scripts < 80,
+        "{scripts} script calls in {window:?}: the worker spins"
+    );
+    ensure!(
+        blmoves < 20,
+        "{blmoves} BLMOVEs in {window:?}: the worker spins"
+    );
     let all: Vec<(&str, &str)> = ids.iter().map(|id| (one.as_str(), id.as_str())).collect();
     let done = wait_final(&s, &all).await?;
     ensure!(done.iter().all(|t| t["status"] == "succeeded"));

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentq_common::keys::{TaskId, TICKET};
-use agentq_tests::fair::{fair_violations, pending_ids, push_pending};
 use agentq_common::time::now_ms;
+use agentq_tests::fair::{fair_violations, pending_ids, push_pending};
 use agentq_tests::{
     assert_no_panic, llm_series, log_tails, metric, signal, submit_max, task_key, MockConfig,
     MockLlm, Stack, Worker,

@@ -1119,7 +1119,11 @@ async fn throttled_work_waits_outside_pending_and_the_api_promotes_it() -> Resul
         let due = redis_now_ms(&mut c)? + 1500;
         // no worker runs yet: nothing moves between the two steps
         assert_eq!(remove_pending(&mut c, &id)?, 1);
-        let _: i64 = redis::cmd("ZADD").arg(set).arg(due).arg(&id).query(&mut c)?;
+        let _: i64 = redis::cmd("ZADD")
+            .arg(set)
+            .arg(due)
+            .arg(&id)
+            .query(&mut c)?;
         let q = s.queue("default").await?;
         assert_eq!(q["pending"], 0, "{q}");
         if set == THROTTLED {

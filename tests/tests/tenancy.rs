@@ -24,7 +24,11 @@ fn err_code(v: &Value) -> &str {
 
 #[test]
 fn auth_on_without_an_admin_token_exits_64_and_never_echoes_a_secret() -> anyhow::Result<()> {
-    for (auth, token) in [(None, None), (Some("on"), None), (Some("on"), Some("hunter2-short"))] {
+    for (auth, token) in [
+        (None, None),
+        (Some("on"), None),
+        (Some("on"), Some("hunter2-short")),
+    ] {
         let mut cmd = std::process::Command::new(agentq_tests::bin("agentq-api"));
         cmd.env_clear()
             .env("AGENTQ_LISTEN", "127.0.0.1:0")
@@ -93,14 +97,24 @@ async fn tokens_authenticate_expire_and_revoke() -> anyhow::Result<()> {
         (json!({"id": "Not OK"}), "id"),
         (json!({"id": "default"}), "id"),
         (json!({"id": "x", "weight": 0}), "weight"),
-        (json!({"id": "x", "quotas": {"max_pending": 0}}), "quotas.max_pending"),
-        (json!({"id": "x", "quotas": {"enqueue_rate": -1}}), "quotas.enqueue_rate"),
+        (
+            json!({"id": "x", "quotas": {"max_pending": 0}}),
+            "quotas.max_pending",
+        ),
+        (
+            json!({"id": "x", "quotas": {"enqueue_rate": -1}}),
+            "quotas.enqueue_rate",
+        ),
         (json!({"id": "x", "colour": "red"}), "colour"),
     ] {
         let (st, v) = s
             .send_as(ADMIN_TOKEN, Method::POST, "/v1/admin/tenants", Some(&body))
             .await?;
-        assert_eq!((st, v["error"]["field"].as_str()), (422, Some(field)), "{body}: {v}");
+        assert_eq!(
+            (st, v["error"]["field"].as_str()),
+            (422, Some(field)),
+            "{body}: {v}"
+        );
     }
     let (st, made) = s
         .send_as(
@@ -117,7 +131,12 @@ async fn tokens_authenticate_expire_and_revoke() -> anyhow::Result<()> {
 
     // the tenant enqueues and reads its own task; admin routes are not for it
     let (st, v) = s
-        .send_as(&token, Method::POST, "/v1/tasks", Some(&json!({"prompt": "hello"})))
+        .send_as(
+            &token,
+            Method::POST,
+            "/v1/tasks",
+            Some(&json!({"prompt": "hello"})),
+        )
         .await?;
     assert_eq!(st, 202, "{v}");
     let id = v["id"].as_str().unwrap_or_default().to_owned();
@@ -133,7 +152,12 @@ async fn tokens_authenticate_expire_and_revoke() -> anyhow::Result<()> {
 
     // the token list shows ids and times, never a secret; Redis holds only the digest
     let (st, v) = s
-        .send_as(ADMIN_TOKEN, Method::GET, "/v1/admin/tenants/acme/tokens", None)
+        .send_as(
+            ADMIN_TOKEN,
+            Method::GET,
+            "/v1/admin/tenants/acme/tokens",
+            None,
+        )
         .await?;
     assert_eq!(st, 200);
     assert_eq!(v["data"][0]["token_id"], json!(token_id));
@@ -194,13 +218,17 @@ async fn tokens_authenticate_expire_and_revoke() -> anyhow::Result<()> {
 
     // a deleted tenant's tokens die with it
     let t2 = s.tenant(&json!({"id": "gone"})).await?;
-    let (st, _) = s.send_as(&t2, Method::GET, "/v1/queues/default", None).await?;
+    let (st, _) = s
+        .send_as(&t2, Method::GET, "/v1/queues/default", None)
+        .await?;
     assert_eq!(st, 200);
     let (st, _) = s
         .send_as(ADMIN_TOKEN, Method::DELETE, "/v1/admin/tenants/gone", None)
         .await?;
     assert_eq!(st, 204);
-    let (st, _) = s.send_as(&t2, Method::GET, "/v1/queues/default", None).await?;
+    let (st, _) = s
+        .send_as(&t2, Method::GET, "/v1/queues/default", None)
+        .await?;
     assert_eq!(st, 401);
 
     // no token ever reaches a log line
@@ -220,7 +248,12 @@ async fn failed_attempts_are_limited_per_source() -> anyhow::Result<()> {
     let good = s.tenant(&json!({"id": "acme"})).await?;
     for _ in 0..3 {
         let (st, _) = s
-            .send_as("agentq_0123456789abcdef_guess", Method::GET, "/v1/queues/default", None)
+            .send_as(
+                "agentq_0123456789abcdef_guess",
+                Method::GET,
+                "/v1/queues/default",
+                None,
+            )
             .await?;
         assert_eq!(st, 401);
     }
@@ -241,7 +274,9 @@ async fn failed_attempts_are_limited_per_source() -> anyhow::Result<()> {
     let v: Value = r.json().await?;
     assert_eq!(err_code(&v), "too_many_auth_failures");
     // while blocked, even a valid token from this source is refused: guessing learns nothing
-    let (st, _) = s.send_as(&good, Method::GET, "/v1/queues/default", None).await?;
+    let (st, _) = s
+        .send_as(&good, Method::GET, "/v1/queues/default", None)
+        .await?;
     assert_eq!(st, 429);
     Ok(())
 }
@@ -261,7 +296,9 @@ async fn tenants_see_only_their_own_records() -> anyhow::Result<()> {
         let tok = tok.to_owned();
         let s = &s;
         async move {
-            let (st, v) = s.send_as(&tok, Method::POST, "/v1/tasks", Some(&body)).await?;
+            let (st, v) = s
+                .send_as(&tok, Method::POST, "/v1/tasks", Some(&body))
+                .await?;
             anyhow::ensure!(st == 202, "POST /v1/tasks: {st} {v}");
             Ok::<String, anyhow::Error>(v["id"].as_str().unwrap_or_default().to_owned())
         }
@@ -269,7 +306,11 @@ async fn tenants_see_only_their_own_records() -> anyhow::Result<()> {
 
     // A: a task with agent memory, a dead letter, a workflow, a task waiting for tool outputs
     let mem = post(&a, json!({"prompt": "my name is Ada", "agent_id": "bot"})).await?;
-    let dead = post(&a, json!({"prompt": "refused [[fail:400]]", "max_attempts": 1})).await?;
+    let dead = post(
+        &a,
+        json!({"prompt": "refused [[fail:400]]", "max_attempts": 1}),
+    )
+    .await?;
     s.wait_final_as(&a, &mem).await?;
     s.wait_final_as(&a, &dead).await?;
     let (st, wf) = s
@@ -305,7 +346,9 @@ async fn tenants_see_only_their_own_records() -> anyhow::Result<()> {
         assert_eq!((st, err_code(&v)), (404, "not_found"), "tool_outputs: {v}");
     }
     for m in [Method::GET, Method::DELETE] {
-        let (st, v) = s.send_as(&b, m, &format!("/v1/workflows/{wf}"), None).await?;
+        let (st, v) = s
+            .send_as(&b, m, &format!("/v1/workflows/{wf}"), None)
+            .await?;
         assert_eq!(st, 404, "{v}");
     }
     let (st, _) = s
@@ -314,7 +357,9 @@ async fn tenants_see_only_their_own_records() -> anyhow::Result<()> {
     assert_eq!(st, 404);
 
     // dead letters: B sees none and cannot redrive A's, by count or by id
-    let (_, v) = s.send_as(&b, Method::GET, "/v1/queues/default/dead", None).await?;
+    let (_, v) = s
+        .send_as(&b, Method::GET, "/v1/queues/default/dead", None)
+        .await?;
     assert_eq!(v["tasks"], json!([]), "{v}");
     let (st, v) = s
         .send_as(&b, Method::POST, "/v1/queues/default/dead/redrive", None)
@@ -334,7 +379,9 @@ async fn tenants_see_only_their_own_records() -> anyhow::Result<()> {
         .await?;
     assert_eq!(t["status"], "failed", "B's redrive moved A's task: {t}");
     // A sees and redrives its own, by id
-    let (_, v) = s.send_as(&a, Method::GET, "/v1/queues/default/dead", None).await?;
+    let (_, v) = s
+        .send_as(&a, Method::GET, "/v1/queues/default/dead", None)
+        .await?;
     assert_eq!(v["tasks"][0]["id"], json!(dead), "{v}");
     assert_eq!(v["tasks"][0]["tenant"], "a");
     let (st, v) = s
@@ -371,7 +418,10 @@ async fn tenants_see_only_their_own_records() -> anyhow::Result<()> {
         .into_iter()
         .find(|r| r.to_string().contains("what is my name?"))
         .unwrap_or_default();
-    assert!(!seen.to_string().contains("Ada"), "B's agent saw A's memory: {seen}");
+    assert!(
+        !seen.to_string().contains("Ada"),
+        "B's agent saw A's memory: {seen}"
+    );
 
     // the admin sees everything
     for id in [&mem, &ask] {
@@ -381,7 +431,12 @@ async fn tenants_see_only_their_own_records() -> anyhow::Result<()> {
         assert_eq!(st, 200);
     }
     let (st, v) = s
-        .send_as(ADMIN_TOKEN, Method::GET, &format!("/v1/workflows/{wf}"), None)
+        .send_as(
+            ADMIN_TOKEN,
+            Method::GET,
+            &format!("/v1/workflows/{wf}"),
+            None,
+        )
         .await?;
     assert_eq!(st, 200, "{v}");
     Ok(())
@@ -432,7 +487,12 @@ async fn enqueue_rate_quota_refuses_with_retry_after_and_writes_nothing() -> any
     // after the interval the tenant may submit again
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (st, v) = s
-        .send_as(&t, Method::POST, "/v1/tasks", Some(&json!({"prompt": "later"})))
+        .send_as(
+            &t,
+            Method::POST,
+            "/v1/tasks",
+            Some(&json!({"prompt": "later"})),
+        )
         .await?;
     assert_eq!(st, 202, "{v}");
     Ok(())

@@ -653,11 +653,10 @@ async fn bad_graphs_are_refused_with_nothing_written() -> Result<()> {
     let mut conn = s.redis.conn()?;
     let keys: Vec<String> = redis::cmd("KEYS").arg("agentq:*").query(&mut conn)?;
     ensure!(
-        keys.iter()
-            .all(|k| !k.contains(":task:")
-                && !k.contains(":wf:")
-                && !k.ends_with(":pending")
-                && !k.contains(":pending:")),
+        keys.iter().all(|k| !k.contains(":task:")
+            && !k.contains(":wf:")
+            && !k.ends_with(":pending")
+            && !k.contains(":pending:")),
         "written: {keys:?}"
     );
     for path in [

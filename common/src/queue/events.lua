@@ -52,9 +52,11 @@ end
 -- passes ev_final exactly once, so this is where the batch's request_counts move: succeeded counts
 -- `completed`, failed and cancelled count `failed` (OpenAI's words), until the finalizer freezes
 -- the counts (`frozen`). The record is kept past the batch's end (`keep_until` + the TTL), so the
--- finalizer still reads it when it writes the output file. A plain task pays one HGET.
-local function ev_batch(tkey, status, ttl)
-  local b = redis.call('HGET', tkey, 'batch')
+-- finalizer still reads it when it writes the output file. A plain task pays one HGET, or nothing
+-- when the caller read the record's `batch` field already (b: its value, false for none; nil: look
+-- it up).
+local function ev_batch(tkey, status, ttl, b)
+  if b == nil then b = redis.call('HGET', tkey, 'batch') end
   if not b then return end
   local s = redis.call('HMGET', b, 'frozen', 'keep_until')
   if not s[2] then return end
@@ -69,9 +71,10 @@ end
 -- the result, read from the record) or `error`; and the stream expires with the record.
 -- err: the error (not succeeded); usage: the task's usage field or nil; text: the answer's text
 -- not written yet ('' or nil for none), of that attempt and step; node: false when the caller
--- knows the task is no workflow's node.
-local function ev_final(tkey, status, ttl, err, usage, text, attempt, step, node)
-  ev_batch(tkey, status, ttl)
+-- knows the task is no workflow's node; batch: the record's `batch` field when the caller read it
+-- (false: none), nil to look it up.
+local function ev_final(tkey, status, ttl, err, usage, text, attempt, step, node, batch)
+  ev_batch(tkey, status, ttl, batch)
   local json = '{"status":"' .. status .. '"'
   if status ~= 'succeeded' then json = json .. ',"error":' .. cjson.encode(err or status) end
   local p, c, cached, calls, cost = string.match(usage or '', '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')

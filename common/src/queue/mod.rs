@@ -358,41 +358,6 @@ impl Broker {
         .await
     }
 
-    /// Per tenant of the queue: (tasks waiting in its line, runs in flight), for tenants with
-    /// either; one round trip for the ring and the counts, one for the lines' lengths.
-    pub async fn tenant_load(&self, queue: &str) -> RedisResult<Vec<(String, u64, u64)>> {
-        let keys = self.keys(queue);
-        let mut conn = self.redis.conn().await?;
-        let (ring, running): (Vec<String>, HashMap<String, u64>) = redis::pipe()
-            .lrange(keys.ring(), 0, -1)
-            .hgetall(keys.running())
-            .query_async(&mut conn)
-            .await?;
-        let mut names: Vec<String> = ring;
-        for (t, n) in &running {
-            if *n > 0 && !names.contains(t) {
-                names.push(t.clone());
-            }
-        }
-        let mut pipe = redis::pipe();
-        for t in &names {
-            pipe.llen(keys.tenant_pending(t));
-        }
-        let lens: Vec<u64> = if names.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut conn).await?
-        };
-        Ok(names
-            .into_iter()
-            .zip(lens)
-            .map(|(t, pending)| {
-                let run = running.get(&t).copied().unwrap_or(0);
-                (t, pending, run)
-            })
-            .collect())
-    }
-
     pub async fn get(&self, id: &TaskId) -> RedisResult<Option<TaskView>> {
         let key = self.keys(id.queue()).task(id);
         let mut conn = self.redis.conn().await?;

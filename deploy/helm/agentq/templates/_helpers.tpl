@@ -124,16 +124,127 @@ slot.
 {{- end }}
 {{- end }}
 
+{{/* "true" when the pods reach Redis over TLS (rediss://): the in-cluster one with redis.tls, or an external rediss:// url. */}}
 {{- define "agentq.redis.tls" -}}
-{{- if and (not .Values.redis.enabled) (hasPrefix "rediss://" .Values.externalRedis.url) }}true{{ else }}false{{ end }}
+{{- if .Values.redis.enabled }}{{ ternary "true" "false" (and .Values.redis.tls.enabled true) }}
+{{- else if hasPrefix "rediss://" .Values.externalRedis.url }}true{{ else }}false{{ end }}
+{{- end }}
+
+{{/*
+Secret and key of the CA bundle the pods (AGENTQ_REDIS_CA_FILE) and KEDA verify Redis' certificate
+against: the in-cluster Redis' TLS Secret (ca.crt), or externalRedis.tls.caSecret. Empty name = the
+system roots (or no TLS).
+*/}}
+{{- define "agentq.redis.caSecret" -}}
+{{- if eq (include "agentq.redis.tls" .) "true" }}
+{{- if .Values.redis.enabled }}{{ .Values.redis.tls.existingSecret }}{{ else }}{{ .Values.externalRedis.tls.caSecret }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{- define "agentq.redis.caKey" -}}
+{{- if .Values.redis.enabled }}ca.crt{{ else }}{{ .Values.externalRedis.tls.caKey }}{{ end }}
+{{- end }}
+
+{{/* Where api and worker find the CA bundle (a Secret volume). */}}
+{{- define "agentq.redis.caDir" -}}
+/etc/agentq/redis-ca
+{{- end }}
+
+{{/* The CA bundle's volumeMount and volume for api and worker: call with (dict "ctx" $ "part" "mount"|"volume"). */}}
+{{- define "agentq.redis.caVolume" -}}
+{{- $ctx := .ctx }}
+{{- with include "agentq.redis.caSecret" $ctx }}
+{{- if eq $.part "mount" }}
+- name: redis-ca
+  mountPath: {{ include "agentq.redis.caDir" $ctx }}
+  readOnly: true
+{{- else }}
+- name: redis-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0444
+    items:
+      - key: {{ include "agentq.redis.caKey" $ctx }}
+        path: ca.crt
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "agentq.redis.database" -}}
 {{- if .Values.redis.enabled }}0{{ else }}{{ $u := urlParse .Values.externalRedis.url }}{{ default "0" (trimPrefix "/" $u.path) }}{{ end }}
 {{- end }}
 
+{{/* The user of externalRedis.url (empty for the in-cluster Redis: its default user). */}}
 {{- define "agentq.redis.username" -}}
 {{- if not .Values.redis.enabled }}{{ $u := urlParse .Values.externalRedis.url }}{{ default "" $u.userinfo }}{{ end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Redis ACL users ---- */}}
+
+{{- define "agentq.redisAcl.name" -}}
+{{- printf "%s-redis-acl" (include "agentq.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Secret with the ACL users' passwords (keys api-password, worker-password, keda-password). */}}
+{{- define "agentq.redisAcl.secretName" -}}
+{{- default (include "agentq.redisAcl.name" .) .Values.redisAcl.existingSecret }}
+{{- end }}
+
+{{/* The ACL user of a component: call with (dict "ctx" $ "component" "api"|"worker"|"keda"). */}}
+{{- define "agentq.redisAcl.user" -}}
+{{- get .ctx.Values.redisAcl.users .component }}
+{{- end }}
+
+{{/*
+What values.schema.json cannot say about the ACL users: the key prefix goes into glob patterns, so
+it must not hold a glob character; the three names must differ.
+*/}}
+{{- define "agentq.redisAcl.check" -}}
+{{- if .Values.redisAcl.enabled }}
+{{- if regexMatch "[*?\\[\\]\\\\]" .Values.config.keyPrefix }}
+{{- fail (printf "redisAcl.enabled: config.keyPrefix %q holds a glob character (* ? [ ] \\); the ACL key patterns are globs over it" .Values.config.keyPrefix) }}
+{{- end }}
+{{- $u := .Values.redisAcl.users }}
+{{- if ne (len (uniq (list $u.api $u.worker $u.keda))) 3 }}
+{{- fail "redisAcl.users: api, worker and keda need three different user names" }}
+{{- end }}
+{{- if has "default" (list $u.api $u.worker $u.keda) }}
+{{- fail "redisAcl.users: \"default\" is Redis' own user (the admin); name agentq's users differently" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ACL users of files/redis-users.acl as Redis reads them: comment lines dropped, continuation
+lines (starting with spaces) joined, ${PREFIX}, the user names and ${SELECT} substituted, and KEDA's
+user only when keda.enabled. tests/tests/acl.rs renders the same file the same way. Call with
+(dict "ctx" $ "hashes" <dict API/WORKER/KEDA -> SHA-256 hex of the password>); without "hashes" the
+${*_PASSWORD_SHA256} placeholders stay, for the in-cluster Redis to fill in from the password
+Secret when it starts (templates/redis-statefulset.yaml).
+*/}}
+{{- define "agentq.redisAcl.render" -}}
+{{- $ctx := .ctx }}
+{{- $v := $ctx.Values }}
+{{- $joined := "" }}
+{{- range splitList "\n" ($ctx.Files.Get "files/redis-users.acl") }}
+{{- if or (hasPrefix "#" .) (eq (trim .) "") }}
+{{- else if regexMatch "^[ \t]" . }}
+{{- $joined = printf "%s %s" $joined (trim .) }}
+{{- else }}
+{{- $joined = printf "%s\n%s" $joined (trim .) }}
+{{- end }}
+{{- end }}
+{{- $select := ternary "" "+select" (eq (include "agentq.redis.database" $ctx) "0") }}
+{{- $out := $joined | replace "${PREFIX}" $v.config.keyPrefix | replace "${SELECT}" $select }}
+{{- $out = $out | replace "${API_USER}" $v.redisAcl.users.api | replace "${WORKER_USER}" $v.redisAcl.users.worker | replace "${KEDA_USER}" $v.redisAcl.users.keda }}
+{{- with .hashes }}
+{{- $out = $out | replace "${API_PASSWORD_SHA256}" .API | replace "${WORKER_PASSWORD_SHA256}" .WORKER | replace "${KEDA_PASSWORD_SHA256}" .KEDA }}
+{{- end }}
+{{- range splitList "\n" (trim $out) }}
+{{- if or $v.keda.enabled (not (hasPrefix (printf "user %s " $v.redisAcl.users.keda) .)) }}
+{{ regexReplaceAll " +" . " " }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Name and key of the Secret that holds the Redis password; empty name = no password. */}}
@@ -181,30 +292,107 @@ so every "+" left is a space.
 REDIS_URL as the pod builds it: the kubelet substitutes $(REDIS_PASSWORD_URLENCODED), an env var
 defined before it from the Secret's percent-encoded key, so the password never appears in a
 ConfigMap or in the manifest, and characters such as @ : / % # ? in it cannot break the URL.
+With redisAcl.enabled the user is the component's ACL user and the password its own (generated
+passwords are URL-safe, an existing Secret's must be). Call with (dict "ctx" $ "component" "api"|"worker").
 */}}
 {{- define "agentq.redis.url" -}}
-{{- $scheme := ternary "rediss" "redis" (eq (include "agentq.redis.tls" .) "true") }}
-{{- $user := include "agentq.redis.username" . }}
+{{- $ctx := .ctx }}
+{{- $scheme := ternary "rediss" "redis" (eq (include "agentq.redis.tls" $ctx) "true") }}
+{{- $user := include "agentq.redis.username" $ctx }}
 {{- $auth := "" }}
-{{- if include "agentq.redis.secretName" . }}
+{{- if $ctx.Values.redisAcl.enabled }}
+{{- $auth = printf "%s:$(REDIS_PASSWORD_URLENCODED)@" (include "agentq.redisAcl.user" .) }}
+{{- else if include "agentq.redis.secretName" $ctx }}
 {{- $auth = printf "%s:$(REDIS_PASSWORD_URLENCODED)@" $user }}
 {{- else if $user }}
 {{- $auth = printf "%s@" $user }}
 {{- end }}
-{{- printf "%s://%s%s/%s" $scheme $auth (include "agentq.redis.address" .) (include "agentq.redis.database" .) }}
+{{- printf "%s://%s%s/%s" $scheme $auth (include "agentq.redis.address" $ctx) (include "agentq.redis.database" $ctx) }}
 {{- end }}
 
-{{/* Env entries both api and worker need: the percent-encoded Redis password, then REDIS_URL. */}}
+{{/*
+Env entries api and worker need: the percent-encoded Redis password, then REDIS_URL, and the CA
+bundle's path when there is one. Call with (dict "ctx" $ "component" "api"|"worker").
+*/}}
 {{- define "agentq.redis.env" -}}
-{{- if include "agentq.redis.secretName" . }}
+{{- $ctx := .ctx }}
+{{- if $ctx.Values.redisAcl.enabled }}
 - name: REDIS_PASSWORD_URLENCODED
   valueFrom:
     secretKeyRef:
-      name: {{ include "agentq.redis.secretName" . }}
-      key: {{ include "agentq.redis.urlSecretKey" . }}
+      name: {{ include "agentq.redisAcl.secretName" $ctx }}
+      key: {{ printf "%s-password" .component }}
+{{- else if include "agentq.redis.secretName" $ctx }}
+- name: REDIS_PASSWORD_URLENCODED
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "agentq.redis.secretName" $ctx }}
+      key: {{ include "agentq.redis.urlSecretKey" $ctx }}
 {{- end }}
 - name: REDIS_URL
   value: {{ include "agentq.redis.url" . | quote }}
+{{- if include "agentq.redis.caSecret" $ctx }}
+- name: AGENTQ_REDIS_CA_FILE
+  value: {{ printf "%s/ca.crt" (include "agentq.redis.caDir" $ctx) | quote }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- tokens ---- */}}
+
+{{/*
+The api's AGENTQ_AUTH and, with auth on, AGENTQ_ADMIN_TOKEN from auth.existingSecret (never a
+value, never in the worker). Fails the render when auth is on without that Secret.
+*/}}
+{{- define "agentq.auth.env" -}}
+{{- if .Values.auth.enabled }}
+{{- if not .Values.auth.existingSecret }}
+{{- fail "auth.enabled (the default) needs auth.existingSecret: a Secret holding the admin token (key auth.adminTokenKey, 16+ characters), e.g. kubectl create secret generic agentq-admin --from-literal=admin-token=$(openssl rand -hex 32); or set auth.enabled=false for an open api on a trusted network" }}
+{{- end }}
+- name: AGENTQ_AUTH
+  value: "on"
+- name: AGENTQ_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.auth.existingSecret }}
+      key: {{ .Values.auth.adminTokenKey }}
+{{- else }}
+- name: AGENTQ_AUTH
+  value: "off"
+{{- end }}
+{{- end }}
+
+{{/*
+Settings of security the chart sets itself (auth.*, redisAcl.*, redis.tls / externalRedis.tls):
+no extraEnv may set them behind its back, and the admin token never reaches the worker or a
+ConfigMap. Also: redis.tls needs its Secret.
+*/}}
+{{- define "agentq.security.check" -}}
+{{- $owned := list "AGENTQ_AUTH" "AGENTQ_ADMIN_TOKEN" "AGENTQ_METRICS_TOKEN" "AGENTQ_REDIS_CA_FILE" }}
+{{- range $name := $owned }}
+{{- if hasKey $.Values.config.extraEnv $name }}
+{{- fail (printf "config.extraEnv: %s is not a ConfigMap setting (it would reach the worker too); the chart sets the api's from auth.* and the CA from redis.tls / externalRedis.tls" $name) }}
+{{- end }}
+{{- end }}
+{{- range $.Values.api.extraEnv }}
+{{- if has .name (list "AGENTQ_AUTH" "AGENTQ_ADMIN_TOKEN" "AGENTQ_REDIS_CA_FILE") }}
+{{- fail (printf "api.extraEnv: %s is set by the chart (auth.*, redis.tls / externalRedis.tls)" .name) }}
+{{- end }}
+{{- end }}
+{{- range $.Values.worker.extraEnv }}
+{{- if has .name (list "AGENTQ_ADMIN_TOKEN" "AGENTQ_METRICS_TOKEN") }}
+{{- fail (printf "worker.extraEnv: %s is the api's secret; the worker never gets it" .name) }}
+{{- end }}
+{{- if eq .name "AGENTQ_REDIS_CA_FILE" }}
+{{- fail "worker.extraEnv: AGENTQ_REDIS_CA_FILE is set by the chart (redis.tls / externalRedis.tls)" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.redis.enabled .Values.redis.tls.enabled (not .Values.redis.tls.existingSecret) }}
+{{- fail "redis.tls.enabled needs redis.tls.existingSecret: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt for the Redis service's name" }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.tls.caSecret (ne (include "agentq.redis.tls" .) "true") }}
+{{- fail "externalRedis.tls.caSecret is set, but externalRedis.url is not rediss://" }}
+{{- end }}
+{{- include "agentq.redisAcl.check" . }}
 {{- end }}
 
 {{- define "agentq.llm.secretName" -}}
@@ -349,7 +537,7 @@ checkov.io/skip{{ $n }}: "CKV_K8S_43=image is pinned by tag; its digest is only 
 {{- end }}
 {{- if .secretEnv }}
 {{- $n = add1 $n }}
-checkov.io/skip{{ $n }}: "CKV_K8S_35=agentq reads its settings only from environment variables (REDIS_URL embeds the password via $(REDIS_PASSWORD_URLENCODED)); the secret is referenced with secretKeyRef, never inlined"
+checkov.io/skip{{ $n }}: "CKV_K8S_35=agentq reads its settings only from environment variables (REDIS_URL embeds the password via $(REDIS_PASSWORD_URLENCODED); the api's admin token); each secret is referenced with secretKeyRef, never inlined"
 {{- end }}
 {{- end }}
 

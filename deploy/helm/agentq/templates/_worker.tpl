@@ -87,7 +87,7 @@ spec:
             - name: WORKER_CONCURRENCY
               value: {{ int $w.concurrency | quote }}
             {{- end }}
-            {{- include "agentq.redis.env" $ctx | trim | nindent 12 }}
+            {{- include "agentq.redis.env" (dict "ctx" $ctx "component" "worker") | trim | nindent 12 }}
             - name: OPENAI_API_KEY
               valueFrom:
                 secretKeyRef:
@@ -107,6 +107,9 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            {{- with include "agentq.redis.caVolume" (dict "ctx" $ctx "part" "mount") | trim }}
+            {{- . | nindent 12 }}
+            {{- end }}
             {{- if include "agentq.upstreams.enabled" $ctx }}
             - name: upstreams
               mountPath: {{ $ctx.Values.upstreams.mountPath }}
@@ -116,6 +119,9 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
+        {{- with include "agentq.redis.caVolume" (dict "ctx" $ctx "part" "volume") | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
         {{- if include "agentq.upstreams.enabled" $ctx }}
         - name: upstreams
           configMap:
@@ -191,7 +197,8 @@ spec:
         activationListLength: "0"
         databaseIndex: {{ include "agentq.redis.database" $ctx | quote }}
         enableTLS: {{ include "agentq.redis.tls" $ctx | quote }}
-        {{- with include "agentq.redis.username" $ctx }}
+        {{- $user := ternary (include "agentq.redisAcl.user" (dict "ctx" $ctx "component" "keda")) (include "agentq.redis.username" $ctx) $ctx.Values.redisAcl.enabled }}
+        {{- with $user }}
         username: {{ . | quote }}
         {{- end }}
       {{- with $.auth }}
