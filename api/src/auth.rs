@@ -155,7 +155,9 @@ fn split_token(token: &str) -> Option<(&str, &str)> {
     let rest = token.strip_prefix(TOKEN_PREFIX)?;
     let (id, secret) = rest.split_once('_')?;
     (id.len() == TOKEN_ID_BYTES * 2
-        && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         && !secret.is_empty()
         && secret.len() <= 128)
         .then_some((id, secret))
@@ -164,7 +166,9 @@ fn split_token(token: &str) -> Option<(&str, &str)> {
 /// Equal secrets, in time that depends on neither: both sides are hashed first, so not even
 /// the length of the expected one shows.
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    Sha256::digest(given).ct_eq(&Sha256::digest(expected)).into()
+    Sha256::digest(given)
+        .ct_eq(&Sha256::digest(expected))
+        .into()
 }
 
 fn bearer(req: &Request) -> Option<&str> {

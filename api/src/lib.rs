@@ -122,7 +122,10 @@ pub async fn run(
         "agentq-api serving"
     );
     if state.config.auth.enabled {
-        tracing::info!(auth = "on", "every /v1 route needs a bearer token (AGENTQ_AUTH=on)");
+        tracing::info!(
+            auth = "on",
+            "every /v1 route needs a bearer token (AGENTQ_AUTH=on)"
+        );
     } else {
         tracing::warn!(
             auth = "off",
@@ -135,7 +138,10 @@ pub async fn run(
         tokio::spawn(async move {
             match tenants::sync_all(&state).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(tenants = n, "tenant admission settings synced to the queues"),
+                Ok(n) => tracing::info!(
+                    tenants = n,
+                    "tenant admission settings synced to the queues"
+                ),
                 Err(e) => tracing::warn!(error = %e, "tenant admission settings not synced"),
             }
         });
@@ -156,11 +162,11 @@ pub async fn run(
         listener,
         app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            streams.cancel();
-        })
-        .await?;
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        streams.cancel();
+    })
+    .await?;
     stop.cancel();
     let _ = promoter.await;
     tracing::info!("agentq-api stopped");

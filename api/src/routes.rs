@@ -551,7 +551,8 @@ async fn redrive_dead(
         if !v.is_object() {
             return Err(ApiError::invalid("body", "must be a JSON object"));
         }
-        let b: RedriveBody = serde_json::from_value(v).map_err(|e| ApiError::invalid("ids", e.to_string()))?;
+        let b: RedriveBody =
+            serde_json::from_value(v).map_err(|e| ApiError::invalid("ids", e.to_string()))?;
         b.ids
     };
     let ids: Option<Vec<String>> = match named {

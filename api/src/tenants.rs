@@ -172,10 +172,7 @@ impl TenantCache {
     }
 
     fn forget(&self, id: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 }
 
@@ -196,7 +193,10 @@ pub struct TokenRecord {
     pub expires_at: Option<i64>,
 }
 
-pub async fn token_record(state: &AppState, token_id: &str) -> Result<Option<TokenRecord>, ApiError> {
+pub async fn token_record(
+    state: &AppState,
+    token_id: &str,
+) -> Result<Option<TokenRecord>, ApiError> {
     let key = token_key(state, token_id);
     let h: HashMap<String, String> = deadline(async {
         let mut conn = state.broker.redis().conn().await?;
@@ -227,11 +227,18 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
         return Err(ApiError::invalid("body", "must be a JSON object"));
     }
     object_or_null(v.get("quotas"), "quotas")?;
-    object_or_null(v.get("quotas").and_then(|q| q.get("budget")), "quotas.budget")?;
+    object_or_null(
+        v.get("quotas").and_then(|q| q.get("budget")),
+        "quotas.budget",
+    )?;
     serde_path_to_error::deserialize(v).map_err(|e| {
         let field = e.path().to_string();
         ApiError::invalid(
-            if field == "." { "body".to_owned() } else { field },
+            if field == "." {
+                "body".to_owned()
+            } else {
+                field
+            },
             e.inner().to_string(),
         )
     })
@@ -312,7 +319,9 @@ fn check_quotas(q: &Quotas, id: &str) -> Result<(), ApiError> {
     if let Some(b) = &q.budget {
         b.clone()
             .validate(&format!("tenant:{id}"))
-            .map_err(|e: FieldError| ApiError::invalid(format!("quotas.budget.{}", e.field), e.message))?;
+            .map_err(|e: FieldError| {
+                ApiError::invalid(format!("quotas.budget.{}", e.field), e.message)
+            })?;
     }
     Ok(())
 }
@@ -386,9 +395,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let b: CreateTenant = parse_body(&body)?;
-    let id = b
-        .id
-        .ok_or_else(|| ApiError::invalid("id", "is required"))?;
+    let id = b.id.ok_or_else(|| ApiError::invalid("id", "is required"))?;
     if !valid_tenant_id(&id) {
         return Err(ApiError::invalid(
             "id",
@@ -654,7 +661,9 @@ pub async fn create_token(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "limit_reached",
-            format!("at most {max} live tokens per tenant (AGENTQ_MAX_TOKENS_PER_TENANT); revoke one"),
+            format!(
+                "at most {max} live tokens per tenant (AGENTQ_MAX_TOKENS_PER_TENANT); revoke one"
+            ),
         ));
     }
     tracing::info!(tenant = %id, token_id = %minted.token_id, "token created");
@@ -741,7 +750,11 @@ pub async fn revoke_token(
 pub async fn admit(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
     if let Err(e) = admit_spend(state, caller).await {
         if e.status == StatusCode::TOO_MANY_REQUESTS {
-            state.metrics.quota_refusals.with_label_values(&["budget"]).inc();
+            state
+                .metrics
+                .quota_refusals
+                .with_label_values(&["budget"])
+                .inc();
         }
         return Err(e);
     }
@@ -811,7 +824,9 @@ async fn admit_spend(state: &AppState, caller: &Caller) -> Result<(), ApiError> 
     if let Some(until) = deadline(state.budgets.refusing(&scope, now)).await? {
         let mut e = ApiError::over_quota(
             "the tenant's budget has no room for another call until its window frees some",
-            u64::try_from((until - now).max(1)).unwrap_or(1).div_ceil(1000),
+            u64::try_from((until - now).max(1))
+                .unwrap_or(1)
+                .div_ceil(1000),
         );
         e.code = "budget_exceeded";
         return Err(e);

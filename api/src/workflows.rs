@@ -68,7 +68,9 @@ pub async fn create(
             tracing::info!(workflow = %id, nodes = wf.nodes.len(), "workflow accepted");
             "running".to_owned()
         }
-        Enqueued::OverQuota { pending } => return Err(crate::routes::over_pending(&state, pending)),
+        Enqueued::OverQuota { pending } => {
+            return Err(crate::routes::over_pending(&state, pending))
+        }
         Enqueued::Existing => {
             let current = match TaskId::parse(&id) {
                 Ok(wid) => deadline(state.broker.workflow(&wid))

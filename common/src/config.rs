@@ -360,7 +360,11 @@ impl AuthConfig {
             }
         };
         let secret = |var: &'static str| -> Result<Option<SecretString>, ConfigError> {
-            match env.get(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
+            match env
+                .get(var)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+            {
                 None => Ok(None),
                 // the value is never echoed: only its length is judged
                 Some(v) if v.len() < MIN_SECRET_LEN => Err(ConfigError {

@@ -26,8 +26,8 @@ pub mod queue;
 pub mod redis_conn;
 pub mod shutdown;
 pub mod task;
-pub mod tenant;
 pub mod telemetry;
+pub mod tenant;
 pub mod time;
 
 pub use queue::Broker;

@@ -24,8 +24,7 @@ pub fn valid_tenant_id(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_TENANT_LEN
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-'))
 }
 

@@ -77,10 +77,12 @@ fn agent_of(payload: &str) -> Option<String> {
     if !payload.contains("\"agent_id\"") {
         return None;
     }
-    serde_json::from_str::<AgentOnly>(payload).ok().and_then(|a| {
-        a.agent_id
-            .map(|id| agentq_common::tenant::agent_key(a.tenant.as_deref(), &id).into_owned())
-    })
+    serde_json::from_str::<AgentOnly>(payload)
+        .ok()
+        .and_then(|a| {
+            a.agent_id
+                .map(|id| agentq_common::tenant::agent_key(a.tenant.as_deref(), &id).into_owned())
+        })
 }
 
 /// When a task's tool outputs are due, from now.

@@ -35,7 +35,10 @@ struct Scripts {
 // tenants' lines, the ring and the run counts of fair.lua (prepended: a Redis script cannot import
 // another); wf.lua uses it too, so it comes first.
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    enqueue: Script::new(concat!(include_str!("fair.lua"), include_str!("enqueue.lua"))),
+    enqueue: Script::new(concat!(
+        include_str!("fair.lua"),
+        include_str!("enqueue.lua")
+    )),
     // Every script that can make a task final ends with the workflow step of wf.lua.
     fetch: Script::new(concat!(
         include_str!("events.lua"),
@@ -58,7 +61,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("fence.lua"),
         include_str!("fail.lua")
     )),
-    promote: Script::new(concat!(include_str!("fair.lua"), include_str!("promote.lua"))),
+    promote: Script::new(concat!(
+        include_str!("fair.lua"),
+        include_str!("promote.lua")
+    )),
     usage: Script::new(include_str!("usage.lua")),
     recover: Script::new(concat!(
         include_str!("events.lua"),
@@ -71,8 +77,14 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("../graph/wf.lua"),
         include_str!("cancel.lua")
     )),
-    redrive: Script::new(concat!(include_str!("fair.lua"), include_str!("redrive.lua"))),
-    give_back: Script::new(concat!(include_str!("fair.lua"), include_str!("return.lua"))),
+    redrive: Script::new(concat!(
+        include_str!("fair.lua"),
+        include_str!("redrive.lua")
+    )),
+    give_back: Script::new(concat!(
+        include_str!("fair.lua"),
+        include_str!("return.lua")
+    )),
     emit: Script::new(concat!(
         include_str!("events.lua"),
         include_str!("emit.lua")
@@ -106,7 +118,9 @@ pub enum Enqueued {
     Existing,
     /// Nothing was written: the tenant already has `max_pending` tasks waiting in the queue
     /// (`Admission::max_pending`); `pending` is how many.
-    OverQuota { pending: u64 },
+    OverQuota {
+        pending: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,7 +479,11 @@ impl Broker {
                 pipe.lindex(keys.tenant_pending(t), -1);
             }
             let ids: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
-            heads.extend(ids.into_iter().flatten().filter_map(|h| TaskId::parse(&h).ok()));
+            heads.extend(
+                ids.into_iter()
+                    .flatten()
+                    .filter_map(|h| TaskId::parse(&h).ok()),
+            );
         }
         if heads.is_empty() {
             return Ok(0.0);
