@@ -1039,73 +1039,7 @@ fn the_prefix_is_substituted_into_every_pattern() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_users_over_tls_with_a_private_ca() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
-    let (ca_key, ca, key, csr, cert, ext) = (
-        p("ca.key"),
-        p("ca.crt"),
-        p("server.key"),
-        p("server.csr"),
-        p("server.crt"),
-        p("ext.cnf"),
-    );
-    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
-    let steps: Vec<Vec<&str>> = vec![
-        vec![
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=agentq-acl-test-ca",
-            "-keyout",
-            &ca_key,
-            "-out",
-            &ca,
-        ],
-        vec![
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-        ],
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &cert,
-            "-extfile",
-            &ext,
-        ],
-    ];
-    for args in steps {
-        let out = Command::new("openssl")
-            .args(&args)
-            .output()
-            .context("openssl")?;
-        ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let agentq_tests::TlsFiles { ca, cert, key } = agentq_tests::tls_files(dir.path())?;
     let tls_port = agentq_tests::free_port();
     let tls_port_s = tls_port.to_string();
     let redis = redis_with_users(

@@ -575,70 +575,7 @@ async fn password_protected_tls_redis_works_and_the_password_stays_out_of_logs(
 ) -> anyhow::Result<()> {
     // a private CA and a server certificate it signed, as a real deployment has
     let certs = tempfile::tempdir()?;
-    let p = |name: &str| certs.path().join(name).display().to_string();
-    let (ca_key, ca, key, csr, cert, ext) = (
-        p("ca.key"),
-        p("ca.pem"),
-        p("server.key"),
-        p("server.csr"),
-        p("server.pem"),
-        p("ext.cnf"),
-    );
-    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n")?;
-    let steps: [Vec<&str>; 3] = [
-        vec![
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=agentq-test-ca",
-            "-keyout",
-            &ca_key,
-            "-out",
-            &ca,
-        ],
-        vec![
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-        ],
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &cert,
-            "-extfile",
-            &ext,
-        ],
-    ];
-    for args in steps {
-        let out = std::process::Command::new("openssl").args(&args).output()?;
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let agentq_tests::TlsFiles { ca, cert, key } = agentq_tests::tls_files(certs.path())?;
     let tls_port = agentq_tests::free_port().to_string();
     let password = "s3cr3t-redis-pw";
     let redis = agentq_tests::RedisServer::start_with(

@@ -21,8 +21,24 @@ impl Broker {
         tenant: Option<&str>,
         limit: usize,
     ) -> RedisResult<Vec<DeadTask>> {
+        self.dead_scan(queue, Some(crate::tenant::non_default(tenant)), limit)
+            .await
+    }
+
+    /// Up to `limit` dead tasks of `queue`, newest first, whoever owns them.
+    pub async fn dead(&self, queue: &str, limit: usize) -> RedisResult<Vec<DeadTask>> {
+        self.dead_scan(queue, None, limit).await
+    }
+
+    /// The newest dead tasks owned by `only` (`Some(None)`: the default tenant's), or by anyone
+    /// (`None`).
+    async fn dead_scan(
+        &self,
+        queue: &str,
+        only: Option<Option<&str>>,
+        limit: usize,
+    ) -> RedisResult<Vec<DeadTask>> {
         let keys = self.keys(queue);
-        let want = crate::tenant::non_default(tenant);
         let mut conn = self.redis.conn().await?;
         let mut out = Vec::new();
         let mut start = 0isize;
@@ -51,7 +67,7 @@ impl Broker {
                 pipe.query_async(&mut conn).await?;
             for ((id, score), (error, attempts, owner)) in entries.into_iter().zip(fields) {
                 let owner = owner.filter(|t| !t.is_empty());
-                if owner.as_deref() != want {
+                if only.is_some_and(|want| owner.as_deref() != want) {
                     continue;
                 }
                 out.push(DeadTask {

@@ -501,38 +501,6 @@ impl Broker {
             .fold(0.0, f64::max))
     }
 
-    pub async fn dead(&self, queue: &str, limit: usize) -> RedisResult<Vec<DeadTask>> {
-        let keys = self.keys(queue);
-        let mut conn = self.redis.conn().await?;
-        let entries: Vec<(String, f64)> = conn
-            .zrevrange_withscores(keys.dead(), 0, limit.saturating_sub(1) as isize)
-            .await?;
-        let mut pipe = redis::pipe();
-        for (id, _) in &entries {
-            pipe.cmd("HMGET")
-                .arg(format!("{}{id}", keys.task_prefix()))
-                .arg("error")
-                .arg("attempts")
-                .arg("tenant");
-        }
-        let fields: Vec<(Option<String>, Option<u32>, Option<String>)> = if entries.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut conn).await?
-        };
-        Ok(entries
-            .into_iter()
-            .zip(fields)
-            .map(|((id, score), (error, attempts, tenant))| DeadTask {
-                id,
-                died_at: crate::time::format_ms(score as i64),
-                error,
-                attempts: attempts.unwrap_or(0),
-                tenant: tenant.filter(|t| !t.is_empty()),
-            })
-            .collect())
-    }
-
     /// Moves up to `limit` dead tasks back to pending with fresh attempts.
     /// Returns (redriven, dropped because their record was gone).
     pub async fn redrive(&self, queue: &str, limit: usize) -> RedisResult<(u64, u64)> {
