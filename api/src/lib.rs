@@ -12,9 +12,12 @@ pub mod error;
 mod events;
 pub mod openai;
 mod promote;
+mod queues;
 mod routes;
+mod tasks;
 mod tenants;
 mod tools;
+mod ui;
 mod upstreams;
 mod workflows;
 

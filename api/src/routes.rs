@@ -65,7 +65,10 @@ pub fn openapi_for(queues: &[String]) -> String {
 
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/v1/tasks", post(create_task))
+        .route(
+            "/v1/tasks",
+            post(create_task).get(crate::tasks::list),
+        )
         .route("/v1/tasks/{id}", get(get_task).delete(cancel_task))
         .route("/v1/tasks/{id}/events", get(crate::events::task_events))
         .route(
@@ -81,6 +84,7 @@ pub fn app(state: AppState) -> Router {
             "/v1/workflows/{id}",
             get(crate::workflows::get).delete(crate::workflows::cancel),
         )
+        .route("/v1/queues", get(crate::queues::list))
         .route("/v1/queues/{queue}", get(queue_stats))
         .route("/v1/queues/{queue}/dead", get(list_dead))
         .route("/v1/queues/{queue}/dead/redrive", post(redrive_dead))
@@ -143,6 +147,7 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .merge(crate::ui::routes())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

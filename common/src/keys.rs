@@ -9,6 +9,9 @@ use std::fmt;
 
 /// Longest queue name accepted; keeps keys and metric labels short.
 pub const MAX_QUEUE_LEN: usize = 64;
+/// Most entries a queue's `recent` index keeps (the newest; `enqueue.lua` and `wf.lua` trim it in
+/// the step that adds one, and hard-code the same number). About 100 bytes of Redis memory each.
+pub const RECENT_CAP: usize = 10_000;
 
 /// Why a queue name or task id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,6 +139,14 @@ impl Keys {
     /// ZSET of task ids waiting for a retry (score = due time in ms).
     pub fn delayed(&self) -> String {
         format!("{}:delayed", self.base)
+    }
+
+    /// ZSET of the queue's newest tasks for `GET /v1/tasks` (the web console's task search):
+    /// member `<task id>~<tenant>~<agent id>` (tenant and agent empty when absent), all scores
+    /// 0, so it sorts by id, and a UUID v7 id sorts by creation time. Written and capped at
+    /// [`RECENT_CAP`] by the scripts that create tasks (`enqueue.lua`, workflow nodes).
+    pub fn recent(&self) -> String {
+        format!("{}:recent", self.base)
     }
 
     /// ZSET of dead-lettered task ids (score = time of death in ms).

@@ -32,6 +32,10 @@ local function wf()
       'queue', queue, 'status', 'queued', 'attempts', 0, 'rate_limited', 0,
       'max_attempts', max_attempts, 'payload', payload, 'created_at', now, 'wf', wf, 'node', n)
     if tenant and tenant ~= '' then redis.call('HSET', tkey, 'tenant', tenant) end
+    -- the queue's newest tasks, as in enqueue.lua (a:n, the lane name, was written just before)
+    local agent = string.match(redis.call('HGET', wf, 'a:' .. n) or '', '[^~]*$')
+    redis.call('ZADD', base .. 'recent', 0, tid .. '~' .. (tenant or '') .. '~' .. agent)
+    redis.call('ZREMRANGEBYRANK', base .. 'recent', 0, -10001)
   end
 
   -- A node whose parents are all final goes in line: its agent's lane when it has one (only the

@@ -39,6 +39,12 @@ else
     'queue', ARGV[2], 'status', 'queued', 'attempts', 0, 'rate_limited', 0,
     'max_attempts', ARGV[4], 'payload', ARGV[5], 'created_at', ARGV[3], 'tenant', tenant)
 end
+-- the newest tasks, for GET /v1/tasks (keys.rs `recent`): '<id>~<tenant>~<agent id>' (the agent
+-- key's last part: the lane name carries the tenant), score 0 so it sorts by id (UUID v7, by
+-- time); kept to the newest 10000 (keys.rs RECENT_CAP) in this same step
+redis.call('ZADD', base .. 'recent', 0,
+  ARGV[1] .. '~' .. tenant .. '~' .. string.match(ARGV[9] or '', '[^~]*$'))
+redis.call('ZREMRANGEBYRANK', base .. 'recent', 0, -10001)
 local runnable = true
 if ARGV[8] == '1' then
   local lane = idem and KEYS[4] or KEYS[3]

@@ -14,7 +14,9 @@ use crate::task::{NewTask, StartedTask, TaskView};
 use crate::time::now_ms;
 
 mod dead;
+mod recent;
 mod steps;
+pub use recent::{RecentFilter, RecentPage, TaskSummary, MAX_SCAN as RECENT_MAX_SCAN};
 pub use steps::{Resumed, Suspend, PENDING_FIELD, TRANSCRIPT_FIELD};
 
 struct Scripts {
