@@ -40,6 +40,7 @@ step "third-party peers for the tests (LiteLLM proxy and the openai SDK, aimock,
   bash -c 'bash tests/peers/litellm/install.sh && bash tests/peers/aimock/install.sh && bash tests/peers/mcp/install.sh && bash tests/peers/openai-node/install.sh'
 step "unit and end-to-end tests (nextest)" cargo nextest run --workspace --locked --no-fail-fast
 step "API fuzzing (schemathesis vs /openapi.json)" bash scripts/schemathesis.sh
+step "web console in headless Chromium (Playwright)" bash scripts/ui-test.sh
 step "deploy checks (helm, CRDs, checkov, hadolint, KEDA keys)" bash deploy/check.sh
 step "deploy checks from a copy with nothing beside it (no ../shared)" bash scripts/fresh-copy-check.sh
 step "k6 smoke (enqueue.js, e2e.js, chat.js)" bash loadtest/smoke.sh
