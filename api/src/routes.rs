@@ -65,10 +65,7 @@ pub fn openapi_for(queues: &[String]) -> String {
 
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route(
-            "/v1/tasks",
-            post(create_task).get(crate::tasks::list),
-        )
+        .route("/v1/tasks", post(create_task).get(crate::tasks::list))
         .route("/v1/tasks/{id}", get(get_task).delete(cancel_task))
         .route("/v1/tasks/{id}/events", get(crate::events::task_events))
         .route(

@@ -39,12 +39,16 @@ pub async fn list(
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    let queue = q.queue.unwrap_or_else(|| state.config.default_queue.clone());
+    let queue = q
+        .queue
+        .unwrap_or_else(|| state.config.default_queue.clone());
     if !state.config.declares(&queue) {
         return Err(undeclared(&queue));
     }
+    // an empty value is refused like any other that names nothing (the console leaves a blank
+    // filter out of the query)
     let status = match q.status.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
             ApiError::invalid(
                 "status",
@@ -53,7 +57,7 @@ pub async fn list(
         })?),
     };
     let agent = match q.agent.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(a) if valid_name(a) => Some(a),
         Some(_) => {
             return Err(ApiError::invalid(
@@ -75,7 +79,7 @@ pub async fn list(
         },
     };
     let cursor = match q.cursor.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(c) => match TaskId::parse(c) {
             Ok(id) if id.queue() == queue => Some(id.to_string()),
             _ => {

@@ -71,8 +71,12 @@ async fn task_listing_is_per_tenant_filtered_and_paged() -> Result<()> {
         acme_ids.push(submit_as(&s, &acme, json!({"prompt": prompt, "agent_id": agent})).await?);
     }
     // permanent failure: dead at once
-    let acme_failed =
-        submit_as(&s, &acme, json!({"prompt": "a4 [[fail:400]]", "max_attempts": 1})).await?;
+    let acme_failed = submit_as(
+        &s,
+        &acme,
+        json!({"prompt": "a4 [[fail:400]]", "max_attempts": 1}),
+    )
+    .await?;
     acme_ids.push(acme_failed.clone());
     let mut globex_ids = Vec::new();
     for prompt in ["g1", "g2"] {
@@ -125,7 +129,9 @@ async fn task_listing_is_per_tenant_filtered_and_paged() -> Result<()> {
     let (_, v) = list(&s, &acme, "?status=failed").await?;
     assert_eq!(ids(&v), vec![acme_failed.clone()], "{v}");
     assert!(
-        v["tasks"][0]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        v["tasks"][0]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
         "{v}"
     );
     let (_, v) = list(&s, &acme, "?status=succeeded&agent=y").await?;
@@ -150,6 +156,7 @@ async fn task_listing_is_per_tenant_filtered_and_paged() -> Result<()> {
         ("?limit=201", "limit"),
         ("?limit=ten", "limit"),
         ("?status=done", "status"),
+        ("?status=", "status"),
         ("?agent=a%20b", "agent"),
         ("?cursor=nonsense", "cursor"),
         ("?queue=nope", "queue"),
@@ -166,7 +173,11 @@ async fn task_listing_is_per_tenant_filtered_and_paged() -> Result<()> {
         "?cursor=other.01a20936-5193-76dc-9284-680e3300c0dd",
     )
     .await?;
-    assert_eq!((st, v["error"]["field"].as_str()), (422, Some("cursor")), "{v}");
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (422, Some("cursor")),
+        "{v}"
+    );
     // without a token: 401, and nothing listed
     let r = s.http.get(format!("{}/v1/tasks", s.api_url)).send().await?;
     assert_eq!(r.status().as_u16(), 401);
@@ -236,7 +247,9 @@ async fn recent_index_is_capped_in_the_enqueue_step_and_a_listing_is_bounded() -
     want.sort();
     want.reverse();
     assert_eq!(ids(&v), want, "{v}");
-    let cursor = v["next_cursor"].as_str().context("a cursor: the scan stopped early")?;
+    let cursor = v["next_cursor"]
+        .as_str()
+        .context("a cursor: the scan stopped early")?;
     assert!(cursor.starts_with("default.00000000-"), "{cursor}");
     // GET /v1/queues: the declared queues, the last minute's tasks
     let (st, q) = s
@@ -283,7 +296,10 @@ async fn the_console_is_open_static_and_served_with_a_strict_policy() -> Result<
         ] {
             assert!(csp.contains(part), "{path}: {csp}");
         }
-        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+        assert!(
+            !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+            "{csp}"
+        );
         assert_eq!(get("x-content-type-options"), "nosniff", "{path}");
         assert_eq!(get("x-frame-options"), "DENY", "{path}");
         assert!(get("set-cookie").is_empty(), "{path}: no cookie");
@@ -292,7 +308,10 @@ async fn the_console_is_open_static_and_served_with_a_strict_policy() -> Result<
         let body = r.text().await?;
         if ctype == "text/html" {
             // every script is a file of this origin: no inline script, no handler attribute
-            assert!(body.contains(r#"<script type="module" src="/ui/app.js">"#), "{body}");
+            assert!(
+                body.contains(r#"<script type="module" src="/ui/app.js">"#),
+                "{body}"
+            );
             assert_eq!(body.matches("<script").count(), 1, "{body}");
             assert!(
                 !body
@@ -302,8 +321,16 @@ async fn the_console_is_open_static_and_served_with_a_strict_policy() -> Result<
             );
         }
         if path == "/ui/app.js" {
-            for sink in [".innerHTML", ".outerHTML", "insertAdjacentHTML", "document.write"] {
-                assert!(!body.contains(sink), "app.js must build the DOM from text: {sink}");
+            for sink in [
+                ".innerHTML",
+                ".outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+            ] {
+                assert!(
+                    !body.contains(sink),
+                    "app.js must build the DOM from text: {sink}"
+                );
             }
         }
         // revalidation

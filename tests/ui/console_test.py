@@ -74,9 +74,12 @@ def test_without_a_token_only_the_login_shows(b):
     page.click("#login-form button[type=submit]")
     expect(page.locator("#login-error")).to_contain_text("refused")
     expect(page.locator("#view")).to_be_hidden()
-    # the right one: the queues page, the token in this tab's sessionStorage only, no cookie
+    # the right one: the page asked for (the last, #/usage), the token in this tab's
+    # sessionStorage only, no cookie
     page.fill("#token", st.ADMIN_TOKEN)
     page.click("#login-form button[type=submit]")
+    expect(page.locator("#view h1")).to_have_text("Budgets and usage")
+    page.click("#nav a[data-page=queues]")
     expect(page.locator("#queues [data-queue=default]")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('agentq.token')") == st.ADMIN_TOKEN
     assert page.evaluate("localStorage.length") == 0

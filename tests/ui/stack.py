@@ -77,7 +77,8 @@ class Stack:
     def start(self):
         rport = free_port()
         self._spawn("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1",
-                              "--save", "", "--appendonly", "no", "--dir", self.dir], {})
+                              "--save", "", "--appendonly", "no", "--stream-node-max-bytes", "512",
+                              "--dir", self.dir], {})
         self._wait_port(rport)
         lport = free_port()
         self._spawn("mock-llm", [os.path.join(BIN, "agentq-mock-llm")],

@@ -54,9 +54,11 @@ pub struct RecentPage {
 
 /// `<id>~<tenant>~<agent>` → its parts (`None` for an empty tenant or agent).
 fn split_member(m: &str) -> Option<(&str, Option<&str>, Option<&str>)> {
+    fn some(s: &str) -> Option<&str> {
+        (!s.is_empty()).then_some(s)
+    }
     let (id, rest) = m.split_once('~')?;
     let (tenant, agent) = rest.split_once('~')?;
-    let some = |s: &str| -> Option<&str> { (!s.is_empty()).then_some(s) };
     // agent ids never hold `~`, so whatever follows the second one is the agent's
     Some((id, some(tenant), some(agent)))
 }
@@ -127,8 +129,10 @@ impl Broker {
                     Option<String>,
                 );
                 let rows: Vec<Row> = pipe.query_async(&mut conn).await?;
-                for ((id, tenant, agent), (status, attempts, max_attempts, created, finished, error)) in
-                    wanted.into_iter().zip(rows)
+                for (
+                    (id, tenant, agent),
+                    (status, attempts, max_attempts, created, finished, error),
+                ) in wanted.into_iter().zip(rows)
                 {
                     // expired records stay in the index until trimmed
                     let Some(status) = status.as_deref().and_then(Status::parse) else {

@@ -50,6 +50,14 @@ function add(el, kids) {
   }
 }
 
+// append / replace the children: null, undefined and false are skipped, arrays flattened (the DOM's
+// own append would turn them into the text "null")
+const app = (el, ...kids) => add(el, kids);
+function put(el, ...kids) {
+  el.replaceChildren();
+  add(el, kids);
+}
+
 // A link to one of the console's own pages: the parts are encoded, so no data makes a URL.
 const route = (...parts) => '#/' + parts.map((p) => encodeURIComponent(p)).join('/');
 const link = (text, ...parts) => h('a', { href: route(...parts) }, text);
@@ -174,7 +182,7 @@ function learnQueues(q) {
 
 function showLogin(message) {
   $('#view').hidden = true;
-  $('#view').replaceChildren();
+  put($('#view'));
   $('#nav').hidden = true;
   $('#logout').hidden = true;
   $('#login').hidden = false;
@@ -260,17 +268,17 @@ async function render() {
     else a.removeAttribute('aria-current');
   }
   const view = $('#view');
-  view.replaceChildren();
+  put(view);
   view.dataset.page = page;
   setLive('');
   if (!fn) {
-    view.append(h('h1', {}, 'Not found'), h('p', {}, 'No such page. ', link('Queues', 'queues')));
+    app(view, h('h1', {}, 'Not found'), h('p', {}, 'No such page. ', link('Queues', 'queues')));
     return;
   }
   try {
     await fn(view, arg, params, ctl.signal);
   } catch (e) {
-    if (!ctl.signal.aborted && !(e instanceof ApiError && e.status === 401)) view.append(notice(String(e.message || e), 'error'));
+    if (!ctl.signal.aborted && !(e instanceof ApiError && e.status === 401)) app(view, notice(String(e.message || e), 'error'));
   }
 }
 
@@ -282,22 +290,22 @@ function queueSelect(name, selected) {
 // ---- queues ----
 
 async function pageQueues(view, _arg, _params, signal) {
-  view.append(h('h1', {}, 'Queues'));
+  app(view, h('h1', {}, 'Queues'));
   const queues = h('div', { id: 'queues' });
   const ups = h('div', { id: 'upstreams' });
   const err = h('div');
-  view.append(err, queues, h('h2', {}, 'Upstreams and the flow limiter'), ups);
+  app(view, err, queues, h('h2', {}, 'Upstreams and the flow limiter'), ups);
   await every(2000, async () => {
     const [q, u] = await Promise.all([
       api('/v1/queues', { signal }),
       api('/v1/upstreams', { signal }).catch((e) => e),
     ]);
     learnQueues(q);
-    queues.replaceChildren(...q.queues.map(queueCard));
-    ups.replaceChildren(u instanceof Error ? notice(u.message, 'error') : upstreamTable(u.upstreams));
-    err.replaceChildren();
+    put(queues, ...q.queues.map(queueCard));
+    put(ups, u instanceof Error ? notice(u.message, 'error') : upstreamTable(u.upstreams));
+    put(err);
     setLive(`live · updated ${new Date().toLocaleTimeString()}`);
-  }, signal, (e) => err.replaceChildren(notice(e.message, 'error')));
+  }, signal, (e) => put(err, notice(e.message, 'error')));
 }
 
 function queueCard(q) {
@@ -345,7 +353,7 @@ async function pageTasks(view, _arg, params, signal) {
   const queue = params.get('queue') || state.defaultQueue;
   const status = params.get('status') || '';
   const agent = params.get('agent') || '';
-  view.append(h('h1', {}, 'Tasks'));
+  app(view, h('h1', {}, 'Tasks'));
   const form = h('form', { class: 'filters', id: 'task-search' },
     h('div', {}, h('label', { for: 'f-id' }, 'Task id'),
       h('input', { id: 'f-id', name: 'id', placeholder: 'default.0193…', size: 30, spellcheck: 'false' })),
@@ -366,7 +374,7 @@ async function pageTasks(view, _arg, params, signal) {
   const err = h('div');
   const body = h('tbody', { id: 'task-rows' });
   const more = h('button', { type: 'button', class: 'quiet', hidden: true }, 'Older tasks');
-  view.append(form, err,
+  app(view, form, err,
     h('div', { class: 'table-wrap' }, h('table', {},
       h('thead', {}, h('tr', {}, h('th', {}, 'task'), h('th', {}, 'status'), h('th', {}, 'agent'),
         h('th', { class: 'hide-narrow' }, 'tenant'), h('th', { class: 'num hide-narrow' }, 'attempts'),
@@ -385,9 +393,9 @@ async function pageTasks(view, _arg, params, signal) {
   let paged = false;
   more.addEventListener('click', async () => {
     paged = true;
-    const page = await api(url(cursor), { signal }).catch((e) => { err.replaceChildren(notice(e.message, 'error')); return null; });
+    const page = await api(url(cursor), { signal }).catch((e) => { put(err, notice(e.message, 'error')); return null; });
     if (!page) return;
-    body.append(...page.tasks.map(row));
+    app(body, ...page.tasks.map(row));
     cursor = page.next_cursor;
     more.hidden = !cursor;
   });
@@ -395,14 +403,14 @@ async function pageTasks(view, _arg, params, signal) {
   await every(3000, async () => {
     if (paged) return;
     const page = await api(url(null), { signal });
-    body.replaceChildren(...page.tasks.map(row));
-    if (!page.tasks.length) body.append(h('tr', {}, h('td', { colspan: 7, class: 'muted' },
+    put(body, ...page.tasks.map(row));
+    if (!page.tasks.length) app(body, h('tr', {}, h('td', { colspan: 7, class: 'muted' },
       page.next_cursor ? 'None among the newest tasks looked at: try older ones.' : 'No tasks match.')));
     cursor = page.next_cursor;
     more.hidden = !cursor;
-    err.replaceChildren();
+    put(err);
     setLive(`live · updated ${new Date().toLocaleTimeString()}`);
-  }, signal, (e) => err.replaceChildren(notice(e.message, 'error')));
+  }, signal, (e) => put(err, notice(e.message, 'error')));
 }
 
 // ---- one task, and its live view ----
@@ -429,7 +437,7 @@ function messageView(m) {
 
 async function pageTask(view, id, _params, signal) {
   if (!id) { location.hash = '#/tasks'; return; }
-  view.append(h('h1', {}, 'Task ', h('span', { class: 'id', id: 'task-id' }, id)));
+  app(view, h('h1', {}, 'Task ', h('span', { class: 'id', id: 'task-id' }, id)));
   const actions = h('div', { class: 'row' });
   const msg = h('div');
   const record = h('div', { id: 'record' });
@@ -437,7 +445,7 @@ async function pageTask(view, id, _params, signal) {
   const liveState = h('span', { id: 'live-state', class: 'muted' }, 'connecting…');
   const events = h('ol', { class: 'events', id: 'events' });
   const transcript = h('div', { id: 'transcript' });
-  view.append(actions, msg, record,
+  app(view, actions, msg, record,
     h('section', { class: 'card', id: 'live-view' }, h('h2', {}, 'Live ', liveState),
       h('p', { class: 'muted' }, 'The answer as it streams (the current attempt and step):'), liveText,
       h('details', {}, h('summary', {}, 'Events'), events)),
@@ -449,12 +457,12 @@ async function pageTask(view, id, _params, signal) {
     drawRecord(task);
   };
   const drawRecord = (t) => {
-    actions.replaceChildren(
+    put(actions, 
       FINAL.has(t.status) ? null : h('button', { type: 'button', class: 'danger', id: 'cancel', onclick: cancel }, 'Cancel task'),
       t.workflow ? h('a', { href: route('workflow', t.workflow.workflow_id) }, `Workflow ${t.workflow.workflow_id} (node ${t.workflow.node})`) : null,
       t.status === 'failed' ? h('a', { href: query('dead', { queue: t.queue }) }, 'Dead letters of this queue') : null);
     const u = t.usage;
-    record.replaceChildren(h('section', { class: 'card' }, h('dl', { class: 'kv' },
+    put(record, h('section', { class: 'card' }, h('dl', { class: 'kv' },
       h('dt', {}, 'status'), h('dd', { id: 'task-status' }, badge(t.status)),
       h('dt', {}, 'queue'), h('dd', { class: 'mono' }, t.queue),
       h('dt', {}, 'agent'), h('dd', { class: 'mono' }, dash(t.agent_id)),
@@ -476,15 +484,15 @@ async function pageTask(view, id, _params, signal) {
     t.required_action ? h('section', { class: 'card' }, h('h2', {}, 'Waiting for tool outputs'),
       h('pre', { class: 'text' }, JSON.stringify(t.required_action.submit_tool_outputs.tool_calls, null, 1))) : null);
     const msgs = t.transcript || [];
-    transcript.replaceChildren(...(msgs.length ? msgs.map(messageView) : [h('p', { class: 'muted' }, 'No steps recorded yet.')]));
+    put(transcript, ...(msgs.length ? msgs.map(messageView) : [h('p', { class: 'muted' }, 'No steps recorded yet.')]));
   };
   const cancel = async () => {
     if (!(await confirmDialog(`Cancel task ${id}? A running call is aborted.`))) return;
     try {
       await api(`/v1/tasks/${encodeURIComponent(id)}`, { method: 'DELETE', signal });
-      msg.replaceChildren(notice('Task cancelled.'));
+      put(msg, notice('Task cancelled.'));
     } catch (e) {
-      msg.replaceChildren(notice(e.message, 'error'));
+      put(msg, notice(e.message, 'error'));
     }
     await load().catch(() => {});
   };
@@ -497,7 +505,7 @@ async function pageTask(view, id, _params, signal) {
   let refresh = null;
   const later = () => { clearTimeout(refresh); refresh = setTimeout(() => load().catch(() => {}), 300); };
   const logEvent = (ev) => {
-    events.append(h('li', {}, h('code', {}, ev.event), ' ', ev.data.length > 300 ? ev.data.slice(0, 300) + '…' : ev.data));
+    app(events, h('li', {}, h('code', {}, ev.event), ' ', ev.data.length > 300 ? ev.data.slice(0, 300) + '…' : ev.data));
     while (events.childElementCount > MAX_EVENTS_SHOWN) events.firstElementChild.remove();
   };
   const ended = await readEvents(`/v1/tasks/${encodeURIComponent(id)}/events`, {
@@ -512,11 +520,11 @@ async function pageTask(view, id, _params, signal) {
       if (ev.event === 'delta') {
         if (step !== null && d.step !== step) liveText.textContent = '';
         step = d.step;
-        liveText.append(document.createTextNode(d.text || ''));
+        app(liveText, document.createTextNode(d.text || ''));
       }
       if (ev.event === 'status' && d.status) {
         const st = $('#task-status');
-        if (st) st.replaceChildren(badge(d.status));
+        if (st) put(st, badge(d.status));
         if (d.status !== 'running') later();
       }
       if (ev.event === 'usage') {
@@ -534,7 +542,7 @@ async function pageTask(view, id, _params, signal) {
 
 async function pageDead(view, _arg, params, signal) {
   const queue = params.get('queue') || state.defaultQueue;
-  view.append(h('h1', {}, 'Dead letters'));
+  app(view, h('h1', {}, 'Dead letters'));
   const pick = queueSelect('d-queue', queue);
   pick.addEventListener('change', () => { location.hash = query('dead', { queue: pick.value }); });
   const selected = new Set();
@@ -544,7 +552,7 @@ async function pageDead(view, _arg, params, signal) {
   const msg = h('div', { id: 'dead-msg' });
   const body = h('tbody', { id: 'dead-rows' });
   const all = h('input', { type: 'checkbox', id: 'select-all', 'aria-label': 'select every listed task' });
-  view.append(h('div', { class: 'row' }, h('div', {}, h('label', { for: 'd-queue' }, 'Queue'), pick), redriveSel, redriveAll), msg,
+  app(view, h('div', { class: 'row' }, h('div', {}, h('label', { for: 'd-queue' }, 'Queue'), pick), redriveSel, redriveAll), msg,
     h('div', { class: 'table-wrap' }, h('table', {},
       h('thead', {}, h('tr', {}, h('th', {}, all), h('th', {}, 'task'), h('th', {}, 'died'),
         h('th', { class: 'num' }, 'attempts'), h('th', {}, 'error'))), body)));
@@ -564,13 +572,13 @@ async function pageDead(view, _arg, params, signal) {
   const load = async () => {
     const d = await api(`/v1/queues/${encodeURIComponent(queue)}/dead?limit=200`, { signal });
     listed = d.tasks.map((t) => t.id);
-    body.replaceChildren(...d.tasks.map((t) => {
+    put(body, ...d.tasks.map((t) => {
       const cb = h('input', { type: 'checkbox', 'aria-label': `select ${t.id}`, checked: selected.has(t.id) });
       cb.addEventListener('change', () => { if (cb.checked) selected.add(t.id); else selected.delete(t.id); sync(); });
       return h('tr', { 'data-id': t.id }, h('td', {}, cb), h('td', { class: 'id' }, link(t.id, 'task', t.id)),
         h('td', {}, when(t.died_at)), h('td', { class: 'num' }, num(t.attempts)), h('td', { class: 'err' }, dash(t.error)));
     }));
-    if (!d.tasks.length) body.append(h('tr', {}, h('td', { colspan: 5, class: 'muted' }, 'No dead letters in this queue.')));
+    if (!d.tasks.length) app(body, h('tr', {}, h('td', { colspan: 5, class: 'muted' }, 'No dead letters in this queue.')));
     sync();
     setLive(`live · updated ${new Date().toLocaleTimeString()}`);
   };
@@ -579,16 +587,16 @@ async function pageDead(view, _arg, params, signal) {
     if (!(await confirmDialog(`Redrive ${n} dead task${n === 1 ? '' : 's'}? They go back to pending with fresh attempts.`))) return;
     try {
       const r = await api(`/v1/queues/${encodeURIComponent(queue)}/dead/redrive`, { method: 'POST', body: { ids }, signal });
-      msg.replaceChildren(notice(`Redriven: ${r.redriven}. Dropped (record gone): ${r.dropped}.`));
+      put(msg, notice(`Redriven: ${r.redriven}. Dropped (record gone): ${r.dropped}.`));
       selected.clear();
     } catch (e) {
-      msg.replaceChildren(notice(e.message, 'error'));
+      put(msg, notice(e.message, 'error'));
     }
     await load().catch(() => {});
   };
   redriveSel.addEventListener('click', () => redrive([...selected]));
   redriveAll.addEventListener('click', () => redrive([...listed]));
-  await every(4000, load, signal, (e) => msg.replaceChildren(notice(e.message, 'error')));
+  await every(4000, load, signal, (e) => put(msg, notice(e.message, 'error')));
 }
 
 // ---- workflows ----
@@ -601,14 +609,14 @@ function rememberWorkflow(id) {
 }
 
 async function pageWorkflows(view) {
-  view.append(h('h1', {}, 'Workflows'));
+  app(view, h('h1', {}, 'Workflows'));
   const form = h('form', { class: 'filters', id: 'wf-open' },
     h('div', {}, h('label', { for: 'wf-id' }, 'Workflow id'), h('input', { id: 'wf-id', size: 40, spellcheck: 'false', required: true })),
     h('button', { type: 'submit' }, 'Open'));
   form.addEventListener('submit', (ev) => { ev.preventDefault(); location.hash = route('workflow', $('#wf-id').value.trim()); });
   let list = [];
   try { list = JSON.parse(sessionStorage.getItem(RECENT_WF_KEY) || '[]'); } catch { list = []; }
-  view.append(form, h('p', { class: 'muted' }, 'A task that belongs to a workflow links to it too.'),
+  app(view, form, h('p', { class: 'muted' }, 'A task that belongs to a workflow links to it too.'),
     list.length ? [h('h2', {}, 'Opened in this tab'), h('ul', {}, list.map((id) => h('li', { class: 'id' }, link(id, 'workflow', id))))] : null);
 }
 
@@ -680,23 +688,23 @@ function graphSvg(wf) {
 async function pageWorkflow(view, id, _params, signal) {
   if (!id) { location.hash = '#/workflows'; return; }
   rememberWorkflow(id);
-  view.append(h('h1', {}, 'Workflow ', h('span', { class: 'id' }, id)));
+  app(view, h('h1', {}, 'Workflow ', h('span', { class: 'id' }, id)));
   const head = h('div');
   const graph = h('div', { id: 'graph' });
   const nodes = h('div');
   const msg = h('div');
-  view.append(msg, head, graph, h('h2', {}, 'Nodes'), nodes);
+  app(view, msg, head, graph, h('h2', {}, 'Nodes'), nodes);
   const cancel = async () => {
     if (!(await confirmDialog(`Cancel workflow ${id}? Every node not final is cancelled.`))) return;
     try {
       await api(`/v1/workflows/${encodeURIComponent(id)}`, { method: 'DELETE', signal });
-      msg.replaceChildren(notice('Workflow cancelled.'));
-    } catch (e) { msg.replaceChildren(notice(e.message, 'error')); }
+      put(msg, notice('Workflow cancelled.'));
+    } catch (e) { put(msg, notice(e.message, 'error')); }
     await load().catch(() => {});
   };
   const load = async () => {
     const wf = await api(`/v1/workflows/${encodeURIComponent(id)}`, { signal });
-    head.replaceChildren(h('section', { class: 'card' }, h('dl', { class: 'kv' },
+    put(head, h('section', { class: 'card' }, h('dl', { class: 'kv' },
       h('dt', {}, 'status'), h('dd', { id: 'wf-status' }, badge(wf.status)),
       h('dt', {}, 'queue'), h('dd', { class: 'mono' }, wf.queue),
       h('dt', {}, 'created'), h('dd', {}, when(wf.created_at)),
@@ -704,8 +712,8 @@ async function pageWorkflow(view, id, _params, signal) {
       h('dt', {}, 'cost'), h('dd', {}, usd(wf.cost), wf.max_cost_usd ? ` of at most ${usd(wf.max_cost_usd)}` : ''),
       wf.error ? [h('dt', {}, 'error'), h('dd', { class: 'error' }, wf.error)] : null),
     wf.status === 'running' ? h('p', {}, h('button', { type: 'button', class: 'danger', onclick: cancel }, 'Cancel workflow')) : null));
-    graph.replaceChildren(graphSvg(wf));
-    nodes.replaceChildren(table(['node', 'status', 'task', { text: 'cost', cls: 'num' }, 'error'], wf.nodes.map((n) =>
+    put(graph, graphSvg(wf));
+    put(nodes, table(['node', 'status', 'task', { text: 'cost', cls: 'num' }, 'error'], wf.nodes.map((n) =>
       h('tr', {}, h('td', { class: 'mono' }, n.id, n.kind === 'plan' ? ' (plan)' : ''), h('td', {}, badge(n.status)),
         h('td', { class: 'id' }, n.task_id ? link(n.task_id, 'task', n.task_id) : '—'),
         h('td', { class: 'num' }, usd(n.cost)), h('td', { class: 'err' }, dash(n.error))))));
@@ -745,7 +753,7 @@ function barChart(groups) {
 async function pageUsage(view, _arg, params, signal) {
   const groupBy = params.get('group_by') || 'agent';
   const windowV = params.get('window') || '1h';
-  view.append(h('h1', {}, 'Budgets and usage'));
+  app(view, h('h1', {}, 'Budgets and usage'));
   const gb = h('select', { id: 'u-group' }, ['agent', 'model', 'queue', 'tenant'].map((g) => h('option', { value: g, selected: g === groupBy }, g)));
   const wn = h('select', { id: 'u-window' }, ['15m', '1h', '6h', '24h', '7d', '30d'].map((w) => h('option', { value: w, selected: w === windowV }, w)));
   const go = () => { location.hash = query('usage', { group_by: gb.value, window: wn.value }); };
@@ -756,7 +764,7 @@ async function pageUsage(view, _arg, params, signal) {
   const tbl = h('div');
   const budgets = h('div', { id: 'budgets' });
   const err = h('div');
-  view.append(h('div', { class: 'row' }, h('div', {}, h('label', { for: 'u-group' }, 'Spend by'), gb),
+  app(view, h('div', { class: 'row' }, h('div', {}, h('label', { for: 'u-group' }, 'Spend by'), gb),
     h('div', {}, h('label', { for: 'u-window' }, 'over the last'), wn)), err, total,
   h('div', { class: 'split' }, h('section', { class: 'card' }, chart), tbl), h('h2', {}, 'Budgets'), budgets);
   await every(5000, async () => {
@@ -765,17 +773,17 @@ async function pageUsage(view, _arg, params, signal) {
       api('/v1/budgets', { signal }).catch((e) => e),
     ]);
     if (u instanceof Error) {
-      err.replaceChildren(notice(u.message, 'error'));
-      total.replaceChildren(); chart.replaceChildren(); tbl.replaceChildren();
+      put(err, notice(u.message, 'error'));
+      put(total); put(chart); put(tbl);
     } else {
-      err.replaceChildren();
+      put(err);
       total.textContent = `${usd(u.total_cost_usd)} spent over the last ${u.window}, by ${u.group_by}.`;
-      chart.replaceChildren(u.groups.length ? barChart(u.groups) : notice('No spend in this window.'));
-      tbl.replaceChildren(table([u.group_by, { text: 'cost', cls: 'num' }, { text: 'calls', cls: 'num' }, { text: 'prompt', cls: 'num' }, { text: 'completion', cls: 'num' }],
+      put(chart, u.groups.length ? barChart(u.groups) : notice('No spend in this window.'));
+      put(tbl, table([u.group_by, { text: 'cost', cls: 'num' }, { text: 'calls', cls: 'num' }, { text: 'prompt', cls: 'num' }, { text: 'completion', cls: 'num' }],
         u.groups.map((g) => h('tr', {}, h('td', { class: 'mono' }, g.key), h('td', { class: 'num' }, usd(g.cost_usd)),
           h('td', { class: 'num' }, num(g.calls)), h('td', { class: 'num' }, num(g.prompt_tokens)), h('td', { class: 'num' }, num(g.completion_tokens))))));
     }
-    budgets.replaceChildren(b instanceof Error ? notice(b.message, 'error') : !b.budgets.length ? notice('No budgets set (PUT /v1/budgets/{scope}).')
+    put(budgets, b instanceof Error ? notice(b.message, 'error') : !b.budgets.length ? notice('No budgets set (PUT /v1/budgets/{scope}).')
       : table(['scope', 'window', { text: 'limit', cls: 'num' }, { text: 'spent', cls: 'num' }, { text: 'reserved', cls: 'num' }, 'used'],
         b.budgets.map((x) => {
           const used = x.limit_usd > 0 ? Math.min(1, x.spent_usd / x.limit_usd) : 0;
@@ -784,7 +792,7 @@ async function pageUsage(view, _arg, params, signal) {
             h('td', {}, h('meter', { min: 0, max: 1, value: used, title: `${Math.round(used * 100)}%` }), ` ${Math.round(used * 100)}%`));
         })));
     setLive(`live · updated ${new Date().toLocaleTimeString()}`);
-  }, signal, (e) => err.replaceChildren(notice(e.message, 'error')));
+  }, signal, (e) => put(err, notice(e.message, 'error')));
 }
 
 boot();
