@@ -108,7 +108,7 @@ def test_every_page_opens(b):
     # queues: counts and the limiter's upstream
     expect(page.locator("#queues [data-queue=default] [data-stat=workers] .n")).to_have_text("1")
     expect(page.locator("#upstreams")).to_contain_text("mock")
-    expect(page.locator("#upstreams")).to_contain_text("600 rpm")
+    expect(page.locator("#upstreams")).to_contain_text("6000 rpm")
     # tasks: the task is listed and the filters narrow the list
     page.click("#nav a[data-page=tasks]")
     expect(page.locator(f"#task-rows tr[data-id='{tid}']")).to_be_visible()

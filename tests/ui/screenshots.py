@@ -42,16 +42,17 @@ def demo(s):
         {"id": "publish", "prompt": "publish [[sleep:120000]]", "depends_on": ["report"]},
     ]})
     assert st_ == 202, wf
-    for scope, body in [("global", {"limit_usd": 5, "window": "1h"}),
-                        ("agent:support-bot", {"limit_usd": 0.5, "window": "1d"}),
-                        ("model:mock-mini", {"limit_usd": 2, "window": "1h"})]:
-        st_, v = s.call("PUT", f"/v1/budgets/{scope}", body)
-        assert st_ in (200, 201), v
     words = " ".join(["the", "queue", "hands", "each", "tenant", "its", "turn,", "and", "the", "worker",
                       "streams", "every", "token", "to", "the", "console", "as", "it", "arrives."] * 6)
     live = s.submit({"prompt": f"[[stream_rate:6]] {words}", "agent_id": "writer"})
     for tid in ids.values():
         s.wait_status(tid, {"succeeded"})
+    # budgets once the demo's calls are paid (a reservation is the call's worst case)
+    for scope, body in [("global", {"limit_usd": 5, "window": "1h"}),
+                        ("agent:support-bot", {"limit_usd": 0.01, "window": "1d"}),
+                        ("model:mock-mini", {"limit_usd": 0.002, "window": "1h"})]:
+        st_, v = s.call("PUT", f"/v1/budgets/{scope}", body)
+        assert st_ in (200, 201), v
     return ids, wf["id"], live
 
 

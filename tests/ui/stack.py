@@ -89,10 +89,10 @@ class Stack:
             json.dump({"upstreams": [{
                 "name": "mock", "base_url": f"http://127.0.0.1:{lport}/v1",
                 "api_key": "env:OPENAI_API_KEY", "models": [MODEL, "mock-mini"],
-                "limits": {"rpm": 600, "tpm": 200000, "concurrency": 8},
-                "model_limits": {"mock-mini": {"rpm": 120}},
-                "prices": {MODEL: {"prompt": 150, "completion": 600},
-                           "mock-mini": {"prompt": 15, "completion": 60}},
+                "limits": {"rpm": 6000, "tpm": 2000000, "concurrency": 16},
+                "model_limits": {"mock-mini": {"rpm": 1200}},
+                "prices": {MODEL: {"prompt": 15, "completion": 60},
+                           "mock-mini": {"prompt": 1.5, "completion": 6}},
             }]}, f)
         common = {
             "REDIS_URL": f"redis://127.0.0.1:{rport}",

@@ -68,6 +68,7 @@ const query = (page, params) => {
   return '#/' + page + (qs ? '?' + qs : '');
 };
 
+const clip = (t, n) => (t.length > n ? t.slice(0, n - 1) + '…' : t);
 const dash = (v) => (v === null || v === undefined || v === '' ? '—' : v);
 const num = (v) => (typeof v === 'number' ? v.toLocaleString('en-US') : dash(v));
 const usd = (v) => (typeof v === 'number' ? '$' + (v < 0.01 && v > 0 ? v.toPrecision(3) : v.toFixed(4)) : '—');
@@ -378,14 +379,15 @@ async function pageTasks(view, _arg, params, signal) {
     h('div', { class: 'table-wrap' }, h('table', {},
       h('thead', {}, h('tr', {}, h('th', {}, 'task'), h('th', {}, 'status'), h('th', {}, 'agent'),
         h('th', { class: 'hide-narrow' }, 'tenant'), h('th', { class: 'num hide-narrow' }, 'attempts'),
-        h('th', { class: 'hide-narrow' }, 'created'), h('th', {}, 'error'))),
+        h('th', { class: 'hide-narrow' }, 'created'), h('th', { class: 'hide-narrow' }, 'error'))),
       body)),
     h('p', {}, more));
   const row = (t) => h('tr', { 'data-id': t.id },
     h('td', { class: 'id' }, link(t.id, 'task', t.id)), h('td', {}, badge(t.status)),
     h('td', { class: 'mono' }, dash(t.agent_id)), h('td', { class: 'hide-narrow' }, dash(t.tenant)),
     h('td', { class: 'num hide-narrow' }, `${t.attempts}/${t.max_attempts}`),
-    h('td', { class: 'hide-narrow' }, when(t.created_at)), h('td', { class: 'err' }, dash(t.error)));
+    h('td', { class: 'hide-narrow' }, when(t.created_at)),
+    h('td', { class: 'err hide-narrow', title: t.error || null }, t.error ? clip(t.error, 140) : '—'));
   const url = (cursor) => '/v1/tasks?' + new URLSearchParams(Object.entries({
     queue, status, agent, limit: '50', cursor: cursor || '',
   }).filter(([, v]) => v)).toString();
@@ -554,8 +556,8 @@ async function pageDead(view, _arg, params, signal) {
   const all = h('input', { type: 'checkbox', id: 'select-all', 'aria-label': 'select every listed task' });
   app(view, h('div', { class: 'row' }, h('div', {}, h('label', { for: 'd-queue' }, 'Queue'), pick), redriveSel, redriveAll), msg,
     h('div', { class: 'table-wrap' }, h('table', {},
-      h('thead', {}, h('tr', {}, h('th', {}, all), h('th', {}, 'task'), h('th', {}, 'died'),
-        h('th', { class: 'num' }, 'attempts'), h('th', {}, 'error'))), body)));
+      h('thead', {}, h('tr', {}, h('th', {}, all), h('th', {}, 'task'), h('th', { class: 'hide-narrow' }, 'died'),
+        h('th', { class: 'num hide-narrow' }, 'attempts'), h('th', { class: 'hide-narrow' }, 'error'))), body)));
   let listed = [];
   const sync = () => {
     for (const id of [...selected]) if (!listed.includes(id)) selected.delete(id);
@@ -575,8 +577,12 @@ async function pageDead(view, _arg, params, signal) {
     put(body, ...d.tasks.map((t) => {
       const cb = h('input', { type: 'checkbox', 'aria-label': `select ${t.id}`, checked: selected.has(t.id) });
       cb.addEventListener('change', () => { if (cb.checked) selected.add(t.id); else selected.delete(t.id); sync(); });
-      return h('tr', { 'data-id': t.id }, h('td', {}, cb), h('td', { class: 'id' }, link(t.id, 'task', t.id)),
-        h('td', {}, when(t.died_at)), h('td', { class: 'num' }, num(t.attempts)), h('td', { class: 'err' }, dash(t.error)));
+      // on a phone the error goes under the id (its own column is hidden)
+      return h('tr', { 'data-id': t.id }, h('td', {}, cb),
+        h('td', { class: 'id' }, link(t.id, 'task', t.id),
+          h('div', { class: 'show-narrow muted' }, `${num(t.attempts)} attempt(s) · ${t.error ? clip(t.error, 120) : 'no error'}`)),
+        h('td', { class: 'hide-narrow' }, when(t.died_at)), h('td', { class: 'num hide-narrow' }, num(t.attempts)),
+        h('td', { class: 'err hide-narrow', title: t.error || null }, t.error ? clip(t.error, 200) : '—'));
     }));
     if (!d.tasks.length) app(body, h('tr', {}, h('td', { colspan: 5, class: 'muted' }, 'No dead letters in this queue.')));
     sync();
@@ -662,16 +668,15 @@ function graphSvg(wf) {
       edges.push(s('path', { class: 'edge', d: `M${x1},${y1} C${x1},${my} ${x2},${my} ${x2},${y2 - 6}`, 'marker-end': 'url(#arrow)' }));
     }
   }
-  const cut = (t, n) => (t.length > n ? t.slice(0, n - 1) + '…' : t);
   const boxes = wf.nodes.map((n) => {
     const { x, y } = pos.get(n.id);
     const cls = `node s-${n.status}${n.status === 'blocked' || n.kind === 'plan' ? ' dashed' : ''}`;
     const inner = [
       s('title', {}, `${n.id}: ${n.status}${n.error ? ' — ' + n.error : ''}`),
       s('rect', { x, y, width: W, height: H, rx: 8 }),
-      s('text', { x: x + 10, y: y + 18, 'font-weight': 600 }, cut(n.id + (n.kind === 'plan' ? ' (plan)' : ''), 22)),
+      s('text', { x: x + 10, y: y + 18, 'font-weight': 600 }, clip(n.id + (n.kind === 'plan' ? ' (plan)' : ''), 22)),
       s('text', { x: x + 10, y: y + 36 }, `${SYMBOL[n.status] || '•'} ${n.status}`),
-      s('text', { x: x + 10, y: y + 53, class: 'muted' }, n.cost ? usd(n.cost) : n.task_id ? 'no cost yet' : ''),
+      s('text', { x: x + 10, y: y + 53 }, n.cost ? usd(n.cost) : FINAL.has(n.status) ? 'no cost' : 'no cost yet'),
     ];
     const g = n.task_id
       ? s('a', { href: route('task', n.task_id), class: cls, 'data-node': n.id, 'aria-label': `node ${n.id}, ${n.status}: open its task` }, inner)
@@ -713,10 +718,13 @@ async function pageWorkflow(view, id, _params, signal) {
       wf.error ? [h('dt', {}, 'error'), h('dd', { class: 'error' }, wf.error)] : null),
     wf.status === 'running' ? h('p', {}, h('button', { type: 'button', class: 'danger', onclick: cancel }, 'Cancel workflow')) : null));
     put(graph, graphSvg(wf));
-    put(nodes, table(['node', 'status', 'task', { text: 'cost', cls: 'num' }, 'error'], wf.nodes.map((n) =>
-      h('tr', {}, h('td', { class: 'mono' }, n.id, n.kind === 'plan' ? ' (plan)' : ''), h('td', {}, badge(n.status)),
-        h('td', { class: 'id' }, n.task_id ? link(n.task_id, 'task', n.task_id) : '—'),
-        h('td', { class: 'num' }, usd(n.cost)), h('td', { class: 'err' }, dash(n.error))))));
+    // the node's name links to its task, so the long task id can give way on a phone
+    put(nodes, table(['node', 'status', { text: 'cost', cls: 'num' }, { text: 'task', cls: 'hide-narrow' }, { text: 'error', cls: 'hide-narrow' }],
+      wf.nodes.map((n) => h('tr', { 'data-node': n.id },
+        h('td', { class: 'mono' }, n.task_id ? link(n.id, 'task', n.task_id) : n.id, n.kind === 'plan' ? ' (plan)' : ''),
+        h('td', {}, badge(n.status)), h('td', { class: 'num' }, usd(n.cost)),
+        h('td', { class: 'id hide-narrow' }, dash(n.task_id)),
+        h('td', { class: 'err hide-narrow', title: n.error || null }, n.error ? clip(n.error, 200) : '—')))));
   };
   await load();
   setLive('live');
