@@ -10,7 +10,8 @@ use std::fmt;
 /// Longest queue name accepted; keeps keys and metric labels short.
 pub const MAX_QUEUE_LEN: usize = 64;
 /// Most entries a queue's `recent` index keeps (the newest; `enqueue.lua` and `wf.lua` trim it in
-/// the step that adds one, and hard-code the same number). About 100 bytes of Redis memory each.
+/// the step that adds one, and hard-code the same number). About 160 bytes of Redis memory each
+/// (1.6 MB when full).
 pub const RECENT_CAP: usize = 10_000;
 
 /// Why a queue name or task id was refused.

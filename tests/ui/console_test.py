@@ -299,16 +299,29 @@ def test_phone_width(b):
         assert width <= 392, f"{frag}: the page is {width}px wide at 390"
 
 
+def auth_off_test_the_console_opens_without_a_login(b):
+    """With AGENTQ_AUTH=off (its own stack) there is no token to ask for: the pages show at once,
+    and no Sign out is offered."""
+    tid = b.s.submit({"prompt": "open api"}, token=None)
+    page = b.page()
+    page.goto(b.s.url + "/ui#/tasks")
+    expect(page.locator(f"#task-rows tr[data-id='{tid}']")).to_be_visible()
+    expect(page.locator("#login")).to_be_hidden()
+    expect(page.locator("#logout")).to_be_hidden()
+    assert page.evaluate("sessionStorage.length") == 0
+
+
 TESTS = [v for k, v in list(globals().items()) if k.startswith("test_")]
+AUTH_OFF_TESTS = [v for k, v in list(globals().items()) if k.startswith("auth_off_test_")]
 
 
-def main(names):
-    chosen = [t for t in TESTS if not names or any(n in t.__name__ for n in names)]
-    failed = []
-    t0 = time.time()
-    with st.Stack() as s, sync_playwright() as pw:
+def run(tests, auth, failed):
+    if not tests:
+        return
+    with st.Stack(auth=auth) as s, sync_playwright() as pw:
         b = Browser(pw, s)
-        for t in chosen:
+        before = len(failed)
+        for t in tests:
             t1 = time.time()
             b.problems = []
             try:
@@ -320,11 +333,20 @@ def main(names):
                 print(f"FAIL {t.__name__} ({time.time() - t1:.1f} s)", flush=True)
                 traceback.print_exc()
         b.browser.close()
-        if failed:
+        if len(failed) > before:
             s.dump_logs()
         if "panicked" in s.logs():
             failed.append("a process panicked")
-    print(f"{len(chosen) - len(failed)} passed, {len(failed)} failed in {time.time() - t0:.1f} s")
+
+
+def main(names):
+    pick = lambda ts: [t for t in ts if not names or any(n in t.__name__ for n in names)]
+    failed = []
+    t0 = time.time()
+    run(pick(TESTS), True, failed)
+    run(pick(AUTH_OFF_TESTS), False, failed)
+    n = len(pick(TESTS)) + len(pick(AUTH_OFF_TESTS))
+    print(f"{n - len(failed)} passed, {len(failed)} failed in {time.time() - t0:.1f} s")
     return 1 if failed else 0
 
 

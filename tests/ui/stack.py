@@ -1,5 +1,5 @@
 """A private agentq stack for the browser tests and the screenshots: redis-server, the mock LLM,
-agentq-api (auth on) and one agentq-worker, each on a free port, from the debug binaries in
+agentq-api (auth on, unless `auth=False`) and one agentq-worker, each on a free port, from the debug binaries in
 $CARGO_TARGET_DIR (default ./target). Everything is stopped, and its temporary directory removed,
 when the `with` block ends; logs are printed when it ends with an exception."""
 
@@ -28,7 +28,8 @@ def free_port():
 
 
 class Stack:
-    def __init__(self, worker_env=None):
+    def __init__(self, worker_env=None, auth=True):
+        self.auth = auth
         self.dir = tempfile.mkdtemp(prefix="agentq-ui-")
         self.procs = []
         self.worker_env = worker_env or {}
@@ -110,7 +111,8 @@ class Stack:
         self.url = f"http://127.0.0.1:{aport}"
         self._spawn("api", [os.path.join(BIN, "agentq-api")], {
             **common, "AGENTQ_LISTEN": f"127.0.0.1:{aport}",
-            "AGENTQ_AUTH": "on", "AGENTQ_ADMIN_TOKEN": ADMIN_TOKEN,
+            **({"AGENTQ_AUTH": "on", "AGENTQ_ADMIN_TOKEN": ADMIN_TOKEN} if self.auth
+               else {"AGENTQ_AUTH": "off"}),
         })
         self._wait(self.url + "/healthz")
         wport = free_port()
