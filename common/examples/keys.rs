@@ -23,6 +23,7 @@ fn main() {
         "delayed": k.delayed(),
         "throttled": k.throttled(),
         "dead": k.dead(),
+        "recent": k.recent(),
         "workers": k.workers(),
         "task_prefix": k.task_prefix(),
     });
