@@ -165,6 +165,22 @@ def test_redrive_a_dead_letter_from_the_page(b):
     done = s.wait_status(tid, {"succeeded"})
     assert done["result"]["content"].startswith("echo: redrive me"), done
     expect(row).to_have_count(0)
+    # many at once: select every listed one
+    more = [s.submit({"prompt": f"redrive us {i} [[fail:400:1]]", "max_attempts": 1}) for i in range(3)]
+    for t in more:
+        s.wait_status(t, {"failed"})
+    for t in more:
+        expect(page.locator(f"#dead-rows tr[data-id='{t}']")).to_be_visible()
+    listed = page.locator("#dead-rows tr[data-id]").count()
+    page.locator("#select-all").check()
+    expect(page.locator("#selected-count")).to_have_text(str(listed))
+    page.click("#redrive-selected")
+    expect(page.locator("#confirm-text")).to_contain_text(f"Redrive {listed} dead tasks?")
+    confirm(page)
+    expect(page.locator("#dead-msg")).to_contain_text(f"Redriven: {listed}")
+    for t in more:
+        s.wait_status(t, {"succeeded"})
+    expect(page.locator("#dead-rows tr[data-id]")).to_have_count(0)
 
 
 def test_a_streaming_task_text_grows(b):
