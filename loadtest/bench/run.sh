@@ -224,6 +224,10 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# A command that fails under `set -e` says which one it was (a smoke in CI once stopped with no
+# word between two phases); -E carries the trap into functions.
+set -E
+trap 'rc_err=$?; echo "run.sh: line $LINENO: \"$BASH_COMMAND\" failed with exit $rc_err" >&2' ERR
 
 spawn() { # NAME CMD... ; sets SPAWNED
   local name=$1; shift
@@ -488,9 +492,18 @@ phase_enqueue() {
   local pending
   pending=$("${RCLI[@]}" LLEN 'agentq:{default}:pending')
   reset_redis
-  redis-benchmark -p "$RPORT" -c "$RB_CLIENTS" -n "$RB_N" -r 1000000 --csv \
-    EVAL "redis.call('HSET',KEYS[1],'a',ARGV[1]) redis.call('LPUSH',KEYS[2],ARGV[1]) return 1" 2 'k:__rand_int__' l v \
-    > "$WORK/rb-$i.csv" 2>/dev/null
+  # redis-benchmark's own errors are kept; a failed run is tried once more before the phase fails
+  local try
+  for try in 1 2; do
+    if redis-benchmark -p "$RPORT" -c "$RB_CLIENTS" -n "$RB_N" -r 1000000 --csv \
+      EVAL "redis.call('HSET',KEYS[1],'a',ARGV[1]) redis.call('LPUSH',KEYS[2],ARGV[1]) return 1" 2 'k:__rand_int__' l v \
+      > "$WORK/rb-$i.csv" 2> "$WORK/rb-$i.err"; then
+      break
+    fi
+    log "enqueue run $i: redis-benchmark failed (try $try): $(tail -c 300 "$WORK/rb-$i.err")"
+    [[ $try -eq 2 ]] && { echo "run.sh: redis-benchmark failed twice" >&2; exit 1; }
+    reset_redis; sleep 1
+  done
   rbj=$($B rbench "$WORK/rb-$i.csv")
   $B emit "$RUNS_FILE" enqueue run="$i" wrk="$wrkj" rb="$rbj" api_cpu_s="$(minus "$a1" "$a0")" \
     redis_cpu_s="$(minus "$r1" "$r0")" wrk_cpu_s="$wcpu" queued_after="$pending" \
