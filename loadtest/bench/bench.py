@@ -1544,6 +1544,23 @@ def script_cost(port, src_dir, n, batch, tenants="1"):
             "us_per_task": round((fetch_usec + complete_usec) / max(done, 1), 3)}
 
 
+def enqueue_cost(port, src_dir, n, prefill="12000"):
+    """Redis's own time inside `enqueue.lua` of the source tree `src_dir`, per call: `prefill`
+    tasks first (past the `recent` index's cap of 10,000, so its trim runs as in steady
+    operation), then n more, pipelined as `load` sends them; INFO commandstats' `usec` per EVALSHA
+    of those n. Run it on an otherwise idle private Redis (it FLUSHALLs)."""
+    r = connect(port)
+    r.flushall()
+    path = os.path.join(src_dir, "common", "src", "queue", "enqueue.lua")
+    load(port, int(prefill), path)
+    r.config_resetstat()
+    load(port, int(n), path)
+    st = r.info("commandstats").get("cmdstat_evalsha", {})
+    calls = int(st.get("calls", 0))
+    return {"src": src_dir, "tasks": int(n), "prefill": int(prefill),
+            "us_per_enqueue": round(int(st.get("usec", 0)) / max(calls, 1), 3)}
+
+
 def main(argv):
     cmd, args = argv[1], argv[2:]
     if cmd == "freeport":
@@ -1556,6 +1573,8 @@ def main(argv):
         out = load(*args)
     elif cmd == "script-cost":
         out = script_cost(*args)
+    elif cmd == "enqueue-cost":
+        out = enqueue_cost(*args)
     elif cmd == "workflow":
         out = workflow(*args)
     elif cmd == "sse-enqueue":
