@@ -401,20 +401,35 @@ async fn get_task(
     query: Result<Query<GetTaskQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    let steps = match query {
-        Ok(Query(GetTaskQuery { include: None })) => false,
+    // `include` is a comma-separated list (OpenAPI: an array, `explode: false`), each value once
+    let (mut steps, mut input) = (false, false);
+    let bad = || {
+        ApiError::invalid(
+            "include",
+            "a comma-separated list of \"steps\" (the transcript of the task's steps) and \"input\" (its request)",
+        )
+    };
+    match query {
+        Ok(Query(GetTaskQuery { include: None })) => {}
         Ok(Query(GetTaskQuery {
             include: Some(ref i),
-        })) if i == "steps" => true,
-        _ => {
-            return Err(ApiError::invalid(
-                "include",
-                "the only value is \"steps\" (the transcript of the task's steps)",
-            ))
+        })) => {
+            for part in i.split(',') {
+                let seen = match part {
+                    "steps" => &mut steps,
+                    "input" => &mut input,
+                    _ => return Err(bad()),
+                };
+                if *seen {
+                    return Err(bad());
+                }
+                *seen = true;
+            }
         }
-    };
-    let view = if steps {
-        deadline(state.broker.get_with_steps(&id)).await?
+        Err(_) => return Err(bad()),
+    }
+    let view = if steps || input {
+        deadline(state.broker.get_including(&id, steps, input)).await?
     } else {
         deadline(state.broker.get(&id)).await?
     };

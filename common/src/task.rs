@@ -645,6 +645,11 @@ pub struct TaskView {
     /// the final answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transcript: Option<Vec<Message>>,
+    /// With `?include=input`: the request the task runs, as the api stored it: a task body's
+    /// fields (`messages`, a body's `prompt` turned into a user message; the chat parameters at
+    /// the top level), for a console or a client that wants to see what was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
     /// For a workflow's node: the workflow and the node's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<WorkflowLink>,
@@ -732,6 +737,30 @@ impl TaskView {
         self
     }
 
+    /// The task's stored request (see [`Self::input`]). The fields the api sets itself and never
+    /// takes from a body (`tenant`, `workflow`, `chat_completion`) are left out: they are shown
+    /// elsewhere in the view, or are the api's own bookkeeping. A payload that does not parse
+    /// leaves `input` absent, like the other unreadable fields of [`Self::from_hash`].
+    pub fn with_input(mut self, h: &HashMap<String, String>) -> Self {
+        if let Some(Value::Object(mut m)) = h
+            .get("payload")
+            .and_then(|p| serde_json::from_str::<Value>(p).ok())
+        {
+            for internal in ["tenant", "workflow", "chat_completion"] {
+                m.remove(internal);
+            }
+            // the chat parameters are stored together but sent in a task body at its top level
+            // (`temperature`, `tools`, ...): shown where the body had them
+            if let Some(Value::Object(params)) = m.remove("params") {
+                for (k, v) in params {
+                    m.entry(k).or_insert(v);
+                }
+            }
+            self.input = Some(Value::Object(m));
+        }
+        self
+    }
+
     /// Builds the view from the task hash (HGETALL). Fields that do not parse are shown as absent
     /// rather than failing the read: a half-broken record must still be inspectable.
     pub fn from_hash(id: &TaskId, h: &HashMap<String, String>) -> Self {
@@ -787,6 +816,7 @@ impl TaskView {
                     expires_at: ts("waiting_until"),
                 }),
             transcript: None,
+            input: None,
         }
     }
 }

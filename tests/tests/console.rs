@@ -353,3 +353,91 @@ async fn the_console_is_open_static_and_served_with_a_strict_policy() -> Result<
     assert_eq!(r.headers()["location"], "/ui");
     Ok(())
 }
+
+/// `?include=input` (the console's "Input" card): the owner reads the request its task runs, its
+/// messages with the chat parameters at the top level as in the body, and none of the api's own
+/// bookkeeping; another tenant gets the same 404 as for a missing task; a bad or repeated value
+/// is a 422 naming `include`. `steps,input` gives both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_input_is_shown_to_its_owner_only() -> Result<()> {
+    let mut s = Stack::new(MockConfig::default()).await?;
+    s.start_api_auth(&[]).await?;
+    let _w = s.start_worker(&[]).await?;
+    let acme = s.tenant(&json!({"id": "acme"})).await?;
+    let globex = s.tenant(&json!({"id": "globex"})).await?;
+    let prompt = "<script>window.__xss=1</script> summarise";
+    let id = submit_as(
+        &s,
+        &acme,
+        json!({"messages": [{"role": "system", "content": "be brief"},
+                            {"role": "user", "content": prompt}],
+               "agent_id": "bot", "metadata": {"ticket": 7}, "temperature": 0.5}),
+    )
+    .await?;
+    s.wait_final_as(&acme, &id).await?;
+
+    let path = format!("/v1/tasks/{id}?include=input");
+    let (st, v) = s.send_as(&acme, Method::GET, &path, None).await?;
+    assert_eq!(st, 200, "{v}");
+    let input = &v["input"];
+    assert_eq!(input["messages"][0]["role"], "system", "{v}");
+    assert_eq!(input["messages"][0]["content"], "be brief", "{v}");
+    assert_eq!(input["messages"][1]["role"], "user", "{v}");
+    assert_eq!(input["messages"][1]["content"], prompt, "{v}");
+    assert_eq!(input["temperature"], 0.5, "{v}");
+    assert_eq!(input["metadata"]["ticket"], 7, "{v}");
+    assert_eq!(input["agent_id"], "bot", "{v}");
+    for internal in ["tenant", "workflow", "chat_completion", "params"] {
+        assert!(input.get(internal).is_none(), "{internal} leaked: {v}");
+    }
+    assert!(
+        v.get("transcript").is_none(),
+        "only what was asked for: {v}"
+    );
+    // without include, no input; both together
+    let (_, plain) = s
+        .send_as(&acme, Method::GET, &format!("/v1/tasks/{id}"), None)
+        .await?;
+    assert!(plain.get("input").is_none(), "{plain}");
+    let (st, both) = s
+        .send_as(
+            &acme,
+            Method::GET,
+            &format!("/v1/tasks/{id}?include=steps,input"),
+            None,
+        )
+        .await?;
+    assert_eq!(st, 200, "{both}");
+    assert!(both["input"]["messages"].is_array(), "{both}");
+    assert!(both["transcript"].is_array(), "{both}");
+    // the admin sees it; another tenant cannot tell it exists
+    let (st, _) = s.send_as(ADMIN_TOKEN, Method::GET, &path, None).await?;
+    assert_eq!(st, 200);
+    let (st, other) = s.send_as(&globex, Method::GET, &path, None).await?;
+    assert_eq!(st, 404, "{other}");
+    let (_, missing) = s
+        .send_as(
+            &globex,
+            Method::GET,
+            "/v1/tasks/default.01900000-0000-7000-8000-000000000000?include=input",
+            None,
+        )
+        .await?;
+    assert_eq!(
+        other, missing,
+        "another tenant's task answers like a missing one"
+    );
+    for bad in ["inputs", "input,input", "steps,", ""] {
+        let (st, e) = s
+            .send_as(
+                &acme,
+                Method::GET,
+                &format!("/v1/tasks/{id}?include={bad}"),
+                None,
+            )
+            .await?;
+        assert_eq!(st, 422, "include={bad}: {e}");
+        assert_eq!(e["error"]["field"], "include", "include={bad}: {e}");
+    }
+    Ok(())
+}

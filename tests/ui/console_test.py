@@ -262,6 +262,8 @@ def test_user_strings_are_text_and_run_nothing(b):
     page = b.signed_in()
     page.goto(s.url + f"/ui#/task/{tid}")
     expect(page.locator("#task-result")).to_have_text("echo: " + XSS)
+    # the prompt itself, as the request's user message
+    expect(page.locator("#task-input")).to_contain_text(XSS)
     expect(page.locator("#task-metadata")).to_contain_text('"note": ' + '"<script>')
     expect(page.locator("#live-text")).to_have_text("echo: " + XSS)
     expect(page.locator("#transcript")).to_contain_text(XSS)

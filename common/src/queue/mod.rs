@@ -384,15 +384,28 @@ impl Broker {
         Ok(Some(TaskView::from_hash(id, &h)))
     }
 
-    /// [`Self::get`] with the transcript of the task's steps.
-    pub async fn get_with_steps(&self, id: &TaskId) -> RedisResult<Option<TaskView>> {
+    /// [`Self::get`] with what `?include=` asks for: the transcript of the task's steps
+    /// (`steps`) and the request it runs (`input`), from the same one read.
+    pub async fn get_including(
+        &self,
+        id: &TaskId,
+        steps: bool,
+        input: bool,
+    ) -> RedisResult<Option<TaskView>> {
         let key = self.keys(id.queue()).task(id);
         let mut conn = self.redis.conn().await?;
         let h: HashMap<String, String> = conn.hgetall(key).await?;
         if h.is_empty() {
             return Ok(None);
         }
-        Ok(Some(TaskView::from_hash(id, &h).with_transcript(&h)))
+        let mut view = TaskView::from_hash(id, &h);
+        if steps {
+            view = view.with_transcript(&h);
+        }
+        if input {
+            view = view.with_input(&h);
+        }
+        Ok(Some(view))
     }
 
     pub async fn cancel(&self, id: &TaskId, ttl: Duration) -> RedisResult<CancelOutcome> {

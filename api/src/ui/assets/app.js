@@ -447,7 +447,9 @@ async function pageTask(view, id, _params, signal) {
   const liveState = h('span', { id: 'live-state', class: 'muted' }, 'connecting…');
   const events = h('ol', { class: 'events', id: 'events' });
   const transcript = h('div', { id: 'transcript' });
+  const input = h('div', { id: 'task-input' });
   app(view, actions, msg, record,
+    h('section', { class: 'card' }, h('h2', {}, 'Input'), input),
     h('section', { class: 'card', id: 'live-view' }, h('h2', {}, 'Live ', liveState),
       h('p', { class: 'muted' }, 'The answer as it streams (the current attempt and step):'), liveText,
       h('details', {}, h('summary', {}, 'Events'), events)),
@@ -455,7 +457,7 @@ async function pageTask(view, id, _params, signal) {
 
   let task = null;
   const load = async () => {
-    task = await api(`/v1/tasks/${encodeURIComponent(id)}?include=steps`, { signal });
+    task = await api(`/v1/tasks/${encodeURIComponent(id)}?include=steps,input`, { signal });
     drawRecord(task);
   };
   const drawRecord = (t) => {
@@ -485,6 +487,9 @@ async function pageTask(view, id, _params, signal) {
       h('pre', { class: 'text', id: 'task-result' }, t.result.content || (t.result.refusal ? `refusal: ${t.result.refusal}` : ''))) : null,
     t.required_action ? h('section', { class: 'card' }, h('h2', {}, 'Waiting for tool outputs'),
       h('pre', { class: 'text' }, JSON.stringify(t.required_action.submit_tool_outputs.tool_calls, null, 1))) : null);
+    // what was asked: the request's messages (a body's prompt and system became messages)
+    const asked = (t.input && Array.isArray(t.input.messages)) ? t.input.messages : [];
+    put(input, ...(asked.length ? asked.map(messageView) : [h('p', { class: 'muted' }, 'No input recorded.')]));
     const msgs = t.transcript || [];
     put(transcript, ...(msgs.length ? msgs.map(messageView) : [h('p', { class: 'muted' }, 'No steps recorded yet.')]));
   };
