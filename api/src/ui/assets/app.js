@@ -449,7 +449,6 @@ async function pageTask(view, id, _params, signal) {
   const transcript = h('div', { id: 'transcript' });
   const input = h('div', { id: 'task-input' });
   app(view, actions, msg, record,
-    h('section', { class: 'card' }, h('h2', {}, 'Input'), input),
     h('section', { class: 'card', id: 'live-view' }, h('h2', {}, 'Live ', liveState),
       h('p', { class: 'muted' }, 'The answer as it streams (the current attempt and step):'), liveText,
       h('details', {}, h('summary', {}, 'Events'), events)),
@@ -481,6 +480,7 @@ async function pageTask(view, id, _params, signal) {
       h('dt', {}, 'cost'), h('dd', {}, usd(t.cost)),
       t.result ? [h('dt', {}, 'model'), h('dd', { class: 'mono' }, dash(t.result.model), t.result.upstream ? ` via ${t.result.upstream}` : '')] : null,
       t.metadata ? [h('dt', {}, 'metadata'), h('dd', {}, h('pre', { class: 'text', id: 'task-metadata' }, JSON.stringify(t.metadata, null, 1)))] : null)),
+    h('section', { class: 'card' }, h('h2', {}, 'Input'), input),
     t.error ? h('section', { class: 'card' }, h('h2', {}, 'Error', t.error_code ? ` (${t.error_code})` : ''),
       h('pre', { class: 'text error', id: 'task-error' }, t.error)) : null,
     t.result ? h('section', { class: 'card' }, h('h2', {}, 'Result'),
