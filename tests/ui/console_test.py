@@ -107,6 +107,10 @@ def test_every_page_opens(b):
     page = b.signed_in()
     # queues: counts and the limiter's upstream
     expect(page.locator("#queues [data-queue=default] [data-stat=workers] .n")).to_have_text("1")
+    # rates: the last minute's LLM calls and spend (the worker writes its usage report each second)
+    calls = page.locator("#queues [data-queue=default] [data-stat='LLM calls / min'] .n")
+    expect(calls).not_to_have_text("0", timeout=10_000)
+    expect(page.locator("#queues [data-queue=default] [data-stat='spend / min'] .n")).to_contain_text("$")
     expect(page.locator("#upstreams")).to_contain_text("mock")
     expect(page.locator("#upstreams")).to_contain_text("6000 rpm")
     # tasks: the task is listed and the filters narrow the list

@@ -297,19 +297,23 @@ async function pageQueues(view, _arg, _params, signal) {
   const err = h('div');
   app(view, err, queues, h('h2', {}, 'Upstreams and the flow limiter'), ups);
   await every(2000, async () => {
-    const [q, u] = await Promise.all([
+    // the last minute's LLM calls and spend per queue come from the usage report (a tenant's
+    // token: its own calls), the queue's counts from GET /v1/queues
+    const [q, u, use] = await Promise.all([
       api('/v1/queues', { signal }),
       api('/v1/upstreams', { signal }).catch((e) => e),
+      api('/v1/usage?group_by=queue&window=1m', { signal }).catch((e) => e),
     ]);
     learnQueues(q);
-    put(queues, ...q.queues.map(queueCard));
+    const perQueue = new Map((use instanceof Error ? [] : use.groups).map((g) => [g.key, g]));
+    put(queues, ...q.queues.map((x) => queueCard(x, perQueue.get(x.queue))));
     put(ups, u instanceof Error ? notice(u.message, 'error') : upstreamTable(u.upstreams));
     put(err);
     setLive(`live · updated ${new Date().toLocaleTimeString()}`);
   }, signal, (e) => put(err, notice(e.message, 'error')));
 }
 
-function queueCard(q) {
+function queueCard(q, used) {
   const stat = (k, v, href) => h('div', { class: 'stat', 'data-stat': k },
     h('div', { class: 'n' }, href ? h('a', { href }, num(v)) : num(v)), h('div', { class: 'k' }, k));
   return h('section', { class: 'card', 'data-queue': q.queue },
@@ -323,7 +327,9 @@ function queueCard(q) {
       stat('waiting for tools', q.requires_action),
       stat('dead', q.dead, query('dead', { queue: q.queue })),
       stat('workers', q.workers),
-      stat('created / min', q.created_last_minute)));
+      stat('created / min', q.created_last_minute),
+      stat('LLM calls / min', used ? used.calls : 0),
+      stat('spend / min', usd(used ? used.cost_usd : 0))));
 }
 
 function upstreamTable(ups) {
