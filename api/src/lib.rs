@@ -8,6 +8,7 @@
 pub mod auth;
 mod batch;
 mod budgets;
+mod bulk;
 pub mod error;
 mod events;
 pub mod openai;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub hub: events::Hub,
     /// Tokens, blocked sources and the tenant cache (`auth.rs`, `tenants.rs`).
     pub auth: auth::AuthState,
+    /// The group commit of single enqueues (`AGENTQ_ENQUEUE_GROUP_MAX`; `None` when 0).
+    pub group: Option<agentq_common::queue::GroupCommit>,
 }
 
 impl AppState {
@@ -71,15 +74,30 @@ impl AppState {
             config.stream_buffer,
             stop,
         )?;
+        let metrics = ApiMetrics::new();
+        let group = (config.enqueue_group_max > 0).then(|| {
+            let sizes = metrics.enqueue_group.with_label_values(&["single"]);
+            agentq_common::queue::GroupCommit::start(
+                broker.clone(),
+                agentq_common::queue::GroupConfig {
+                    max_items: config.enqueue_group_max,
+                    in_flight: config.enqueue_group_inflight,
+                    ..Default::default()
+                },
+                config.common.result_ttl,
+                Some(Arc::new(move |n: usize| sizes.observe(n as f64))),
+            )
+        });
         Ok(Self {
             hub,
+            group,
             auth: auth::AuthState::default(),
             limiter,
             budgets,
             openapi: routes::openapi_for(&config.queues).into(),
             broker,
             config: Arc::new(config),
-            metrics: ApiMetrics::new(),
+            metrics,
             known_queues: Arc::default(),
         })
     }

@@ -66,6 +66,11 @@ pub fn openapi_for(queues: &[String]) -> String {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/tasks", post(create_task).get(crate::tasks::list))
+        .route(
+            "/v1/tasks/batch",
+            post(crate::bulk::create)
+                .layer(DefaultBodyLimit::max(crate::bulk::MAX_BATCH_BODY_BYTES)),
+        )
         .route("/v1/tasks/{id}", get(get_task).delete(cancel_task))
         .route("/v1/tasks/{id}/events", get(crate::events::task_events))
         .route(
@@ -207,15 +212,22 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_header",
-            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+            IDEMPOTENCY_KEY_RULE.to_owned(),
         )
         .field("Idempotency-Key")
     };
     let s = v.to_str().map_err(|_| bad())?;
-    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY || !s.bytes().all(|b| b.is_ascii_graphic()) {
+    if !valid_idempotency_key(s) {
         return Err(bad());
     }
     Ok(Some(s.to_owned()))
+}
+
+pub(crate) const IDEMPOTENCY_KEY_RULE: &str = "must be 1 to 255 visible ASCII characters";
+
+/// An idempotency key's shape, for the header and a batch item's `idempotency_key` alike.
+pub(crate) fn valid_idempotency_key(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_IDEMPOTENCY_KEY && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Turns a serde error into the JSON field it is about ("body" when it is about the whole body).
@@ -255,12 +267,21 @@ pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
+    json_body_limited(headers, body, MAX_BODY_BYTES)
+}
+
+/// [`json_body`] for a route with its own body limit (`limit`, named in the 413).
+pub(crate) fn json_body_limited<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
     let body = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
-                format!("body must be at most {MAX_BODY_BYTES} bytes"),
+                format!("body must be at most {limit} bytes"),
             )
             .field("body")
         } else {
@@ -292,33 +313,26 @@ async fn create_task(
     let idem = idempotency_key(&headers)?
         .map(|k| agentq_common::tenant::idempotency_key(caller.tenant(), &k).into_owned());
     let req: CreateTask = json_body(&headers, body)?;
-    let mut task = req
-        .validate(
-            &state.config.default_queue,
-            state.config.common.max_attempts,
-        )
+    req.refuse_idempotency_field("a single task takes the Idempotency-Key header")
         .map_err(|e| ApiError::invalid(e.field, e.message))?;
-    task.check_models(&state.config.upstreams)
-        .map_err(|e| ApiError::invalid(e.field, e.message))?;
-    task.check_steps(state.config.max_steps_cap)
-        .map_err(|e| ApiError::invalid(e.field, e.message))?;
-    task.check_mcp(&state.config.mcp)
-        .map_err(|e| ApiError::invalid(e.field, e.message))?;
-    if !state.config.declares(&task.queue) {
-        return Err(undeclared(&task.queue));
-    }
-    task.payload.tenant = caller.tenant().map(str::to_owned);
+    let task = check_new_task(&state, &caller, req)?;
     crate::tenants::admit(&state, &caller).await?;
     let ttl = state.config.common.result_ttl;
-    let (id, outcome) = deadline(state.broker.enqueue(&task, idem.as_deref(), ttl)).await?;
+    let queue = task.queue.clone();
+    let (id, outcome) = match &state.group {
+        Some(group) => {
+            let item = agentq_common::queue::EnqueueItem {
+                task,
+                idempotency_key: idem,
+            };
+            deadline(group.enqueue(item)).await?
+        }
+        None => deadline(state.broker.enqueue(&task, idem.as_deref(), ttl)).await?,
+    };
     let status = match outcome {
         Enqueued::Created => {
-            state
-                .metrics
-                .enqueued
-                .with_label_values(&[&task.queue])
-                .inc();
-            register_queue(&state, &task.queue).await;
+            state.metrics.enqueued.with_label_values(&[&queue]).inc();
+            register_queue(&state, &queue).await;
             Status::Queued.as_str().to_owned()
         }
         Enqueued::OverQuota { pending } => return Err(over_pending(&state, pending)),
@@ -346,6 +360,33 @@ async fn create_task(
     Ok(resp)
 }
 
+/// A task body checked as `POST /v1/tasks` checks it (and each item of `POST /v1/tasks/batch`):
+/// valid, its models served, its steps and MCP servers allowed, its queue declared; owned by the
+/// caller's tenant. Errors name the body's field.
+pub(crate) fn check_new_task(
+    state: &AppState,
+    caller: &Caller,
+    req: CreateTask,
+) -> Result<agentq_common::task::NewTask, ApiError> {
+    let mut task = req
+        .validate(
+            &state.config.default_queue,
+            state.config.common.max_attempts,
+        )
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    task.check_models(&state.config.upstreams)
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    task.check_steps(state.config.max_steps_cap)
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    task.check_mcp(&state.config.mcp)
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    if !state.config.declares(&task.queue) {
+        return Err(undeclared(&task.queue));
+    }
+    task.payload.tenant = caller.tenant().map(str::to_owned);
+    Ok(task)
+}
+
 /// 429 for a tenant at its `max_pending` quota in the queue (nothing was written).
 pub(crate) fn over_pending(state: &AppState, pending: u64) -> ApiError {
     state
@@ -353,10 +394,11 @@ pub(crate) fn over_pending(state: &AppState, pending: u64) -> ApiError {
         .quota_refusals
         .with_label_values(&["max_pending"])
         .inc();
-    ApiError::over_quota(
-        format!("the tenant has {pending} tasks pending in this queue (its max_pending quota)"),
-        1,
-    )
+    ApiError::over_quota(over_pending_message(pending), 1)
+}
+
+pub(crate) fn over_pending_message(pending: u64) -> String {
+    format!("the tenant has {pending} tasks pending in this queue (its max_pending quota)")
 }
 
 /// Adds a declared queue to the `agentq:queues` set on its first task; once per queue per process.

@@ -748,6 +748,13 @@ pub async fn revoke_token(
 /// A tenant's submission quotas, before anything is written: its spend budget, then its
 /// enqueue rate (`max_pending` is checked by the enqueue script itself, atomically).
 pub async fn admit(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    admit_many(state, caller, 1).await
+}
+
+/// [`admit`] for `count` submissions at once (`POST /v1/tasks/batch`): the enqueue-rate quota
+/// counts each. A count above the tenant's `enqueue_burst` could never be admitted: 422 naming
+/// `tasks`, so the client splits the batch instead of retrying it forever.
+pub async fn admit_many(state: &AppState, caller: &Caller, count: u32) -> Result<(), ApiError> {
     if let Err(e) = admit_spend(state, caller).await {
         if e.status == StatusCode::TOO_MANY_REQUESTS {
             state
@@ -758,7 +765,7 @@ pub async fn admit(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
         }
         return Err(e);
     }
-    if let Err(e) = admit_submission(state, caller).await {
+    if let Err(e) = admit_submission(state, caller, count).await {
         if e.status == StatusCode::TOO_MANY_REQUESTS {
             state
                 .metrics
@@ -774,7 +781,7 @@ pub async fn admit(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
 /// The enqueue-rate quota (GCRA on `<p>:tenant:{<id>}:rate`, one key, one script): `Ok` when
 /// the submission may go ahead, else 429 with `Retry-After`. Nothing else is written when it
 /// refuses.
-async fn admit_submission(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+async fn admit_submission(state: &AppState, caller: &Caller, count: u32) -> Result<(), ApiError> {
     let Some(t) = caller.tenant_record() else {
         return Ok(());
     };
@@ -785,6 +792,12 @@ async fn admit_submission(state: &AppState, caller: &Caller) -> Result<(), ApiEr
         .quotas
         .enqueue_burst
         .unwrap_or_else(|| (rate.ceil() as u32).max(1));
+    if count > burst {
+        return Err(ApiError::invalid(
+            "tasks",
+            format!("{count} tasks are more than the tenant's enqueue_burst quota ({burst}) allows at once; send at most {burst} per request"),
+        ));
+    }
     let interval_us = (1_000_000.0 / rate).max(1.0) as i64;
     let wait_us: i64 = deadline(async {
         let mut conn = state.broker.redis().conn().await?;
@@ -792,6 +805,7 @@ async fn admit_submission(state: &AppState, caller: &Caller) -> Result<(), ApiEr
             .arg(agentq_common::time::now_us())
             .arg(interval_us)
             .arg(i64::from(burst))
+            .arg(count)
             .invoke_async(&mut conn)
             .await
     })

@@ -65,6 +65,14 @@ pub const ENV_STREAM_BUFFER: &str = "AGENTQ_STREAM_BUFFER";
 pub const ENV_CHAT_WAIT_SECS: &str = "AGENTQ_CHAT_WAIT_SECS";
 /// `on`: a chat-completions client that hangs up cancels its task (default `off`: it runs on).
 pub const ENV_CHAT_CANCEL_ON_DISCONNECT: &str = "AGENTQ_CHAT_CANCEL_ON_DISCONNECT";
+/// Most concurrent `POST /v1/tasks` written by one script call (group commit); `0` writes each
+/// request with its own call, as before group commit.
+pub const ENV_ENQUEUE_GROUP_MAX: &str = "AGENTQ_ENQUEUE_GROUP_MAX";
+pub const DEFAULT_ENQUEUE_GROUP_MAX: usize = 64;
+/// Most group-commit script calls out at once; requests arriving while all are out form the next
+/// group.
+pub const ENV_ENQUEUE_GROUP_INFLIGHT: &str = "AGENTQ_ENQUEUE_GROUP_INFLIGHT";
+pub const DEFAULT_ENQUEUE_GROUP_INFLIGHT: usize = 2;
 /// `on` (default): every `/v1/*` route needs a bearer token; `off`: open, for local use.
 pub const ENV_AUTH: &str = "AGENTQ_AUTH";
 /// The admin token (manages tenants and their tokens, sees everything); required with auth on.
@@ -317,6 +325,10 @@ pub struct ApiConfig {
     pub chat_wait: Duration,
     /// `AGENTQ_CHAT_CANCEL_ON_DISCONNECT`: a client hanging up cancels its task.
     pub chat_cancel_on_disconnect: bool,
+    /// `AGENTQ_ENQUEUE_GROUP_MAX`: most single enqueues per group-commit call (0: no grouping).
+    pub enqueue_group_max: usize,
+    /// `AGENTQ_ENQUEUE_GROUP_INFLIGHT`: group-commit calls out at once.
+    pub enqueue_group_inflight: usize,
     /// The Batch API's limits and queue (`AGENTQ_FILE_*`, `AGENTQ_BATCH*`).
     pub batch: BatchConfig,
     /// Tokens and tenants (`AGENTQ_AUTH`, `AGENTQ_ADMIN_TOKEN`, ...).
@@ -522,6 +534,20 @@ impl ApiConfig {
                 1,
                 86_400,
             )?),
+            enqueue_group_max: ranged(
+                env,
+                ENV_ENQUEUE_GROUP_MAX,
+                DEFAULT_ENQUEUE_GROUP_MAX,
+                0,
+                crate::queue::ITEMS_PER_CALL,
+            )?,
+            enqueue_group_inflight: ranged(
+                env,
+                ENV_ENQUEUE_GROUP_INFLIGHT,
+                DEFAULT_ENQUEUE_GROUP_INFLIGHT,
+                1,
+                64,
+            )?,
             chat_cancel_on_disconnect: match string(env, ENV_CHAT_CANCEL_ON_DISCONNECT, "off")
                 .trim()
             {

@@ -102,6 +102,9 @@ pub struct ApiMetrics {
     /// agentq_quota_refusals_total{quota}: submissions refused 429 by a tenant quota:
     /// `max_pending`, `enqueue_rate`, `budget`
     pub quota_refusals: IntCounterVec,
+    /// agentq_enqueue_group_size{path}: tasks written by one enqueue script call: `single`
+    /// (the group commit of concurrent `POST /v1/tasks`) or `batch` (`POST /v1/tasks/batch`)
+    pub enqueue_group: HistogramVec,
 }
 
 fn budget_gauge(r: &Registry, name: &str, help: &str) -> GaugeVec {
@@ -206,6 +209,13 @@ impl ApiMetrics {
                 "agentq_quota_refusals_total",
                 "Submissions refused 429 by a tenant quota (max_pending, enqueue_rate, budget).",
                 &["quota"],
+            ),
+            enqueue_group: histogram_vec(
+                &r,
+                "agentq_enqueue_group_size",
+                "Tasks written by one enqueue script call: path=single is the group commit of concurrent POST /v1/tasks, path=batch a part of POST /v1/tasks/batch.",
+                &["path"],
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0],
             ),
             batches: counter_vec(
                 &r,

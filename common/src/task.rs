@@ -78,6 +78,24 @@ pub struct CreateTask {
     pub tool_timeout_secs: Option<u32>,
     /// MCP servers (declared in `AGENTQ_MCP_SERVERS`) whose tools the model is offered.
     pub mcp: Option<Vec<crate::mcp::McpUse>>,
+    /// An item of `POST /v1/tasks/batch` only: its idempotency key (a single task takes the
+    /// `Idempotency-Key` header; elsewhere this field is refused by name, see
+    /// [`CreateTask::refuse_idempotency_field`]).
+    pub idempotency_key: Option<String>,
+}
+
+impl CreateTask {
+    /// 422 naming `idempotency_key` where the body's field has no meaning (a single task, a
+    /// workflow node): it belongs to batch items.
+    pub fn refuse_idempotency_field(&self, instead: &str) -> Result<(), FieldError> {
+        match self.idempotency_key {
+            Some(_) => Err(FieldError::new(
+                "idempotency_key",
+                format!("only an item of POST /v1/tasks/batch takes this field; {instead}"),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What a task does when a budget refuses its call.

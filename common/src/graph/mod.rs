@@ -334,6 +334,8 @@ fn node_from(
             format!("not a valid task body: {e}"),
         )
     })?;
+    body.refuse_idempotency_field("a workflow's nodes are created once with it")
+        .map_err(|e| FieldError::new(&at(&e.field), e.message))?;
     let task = body
         .validate(queue, default_max_attempts)
         .map_err(|e| FieldError::new(&at(&e.field), e.message))?;

@@ -14,8 +14,12 @@ use crate::task::{NewTask, StartedTask, TaskView};
 use crate::time::now_ms;
 
 mod dead;
+mod enqueue;
+mod group;
 mod recent;
 mod steps;
+pub use enqueue::{EnqueueItem, ITEMS_PER_CALL};
+pub use group::{GroupCommit, GroupConfig, SizeObserver};
 pub use recent::{RecentFilter, RecentPage, TaskSummary, MAX_SCAN as RECENT_MAX_SCAN};
 pub use steps::{Resumed, Suspend, PENDING_FIELD, TRANSCRIPT_FIELD};
 
@@ -39,6 +43,7 @@ struct Scripts {
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     enqueue: Script::new(concat!(
         include_str!("fair.lua"),
+        include_str!("enqueue_item.lua"),
         include_str!("enqueue.lua")
     )),
     // Every script that can make a task final ends with the workflow step of wf.lua.
