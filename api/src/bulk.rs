@@ -41,7 +41,7 @@ pub const MAX_BATCH_BODY_BYTES: usize = 8 * 1024 * 1024;
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchBody {
-    tasks: Vec<Box<RawValue>>,
+    tasks: Option<Vec<Box<RawValue>>>,
 }
 
 /// An item's fate before the write: refused with an error, or to be written (its index among
@@ -58,6 +58,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let BatchBody { tasks } = json_body_limited(&headers, body, MAX_BATCH_BODY_BYTES)?;
+    let tasks = tasks.unwrap_or_default();
     if tasks.is_empty() || tasks.len() > MAX_BATCH_TASKS {
         return Err(ApiError::invalid(
             "tasks",

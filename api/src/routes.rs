@@ -54,7 +54,12 @@ pub fn openapi_for(queues: &[String]) -> String {
     }
     let mut with_null = names.clone();
     with_null.push(serde_json::Value::Null);
-    for schema in ["CreateTask", "CreateWorkflow", "WorkflowNode"] {
+    for schema in [
+        "CreateTask",
+        "BatchTaskItem",
+        "CreateWorkflow",
+        "WorkflowNode",
+    ] {
         let body_queue = &mut doc["components"]["schemas"][schema]["properties"]["queue"];
         if body_queue.is_object() {
             body_queue["enum"] = json!(with_null);

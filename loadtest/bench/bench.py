@@ -58,10 +58,13 @@ def load(port, n, script_path, target=PENDING):
     r = connect(port)
     with open(script_path, "rb") as fh:
         source = fh.read()
-    fair = os.path.join(os.path.dirname(script_path), "fair.lua")
-    if os.path.exists(fair):
-        with open(fair, "rb") as fh:
-            source = fh.read() + source
+    # prepended as common/src/queue/mod.rs does: fair.lua, then (since the group enqueue of
+    # issue 20) the shared step enqueue_item.lua; an older tree has neither or only fair.lua
+    for lib in ("enqueue_item.lua", "fair.lua"):
+        path = os.path.join(os.path.dirname(script_path), lib)
+        if os.path.exists(path):
+            with open(path, "rb") as fh:
+                source = fh.read() + source
     sha = r.script_load(source)
     payload = json.dumps({"messages": [{"role": "user", "content": PROMPT}]}, separators=(",", ":"))
     start = time.monotonic()
@@ -1493,7 +1496,8 @@ def script_cost(port, src_dir, n, batch, tenants="1"):
     pre = [os.path.join(q, "events.lua")] + ([os.path.join(q, "fair.lua")] if fair else []) + [os.path.join(g, "wf.lua")]
     r = connect(port)
     r.flushall()
-    enq_sha = r.script_load(src(*([os.path.join(q, "fair.lua")] if fair else []), os.path.join(q, "enqueue.lua")))
+    item = [os.path.join(q, "enqueue_item.lua")] if os.path.exists(os.path.join(q, "enqueue_item.lua")) else []
+    enq_sha = r.script_load(src(*([os.path.join(q, "fair.lua")] if fair else []), *item, os.path.join(q, "enqueue.lua")))
     fetch = r.register_script(src(*pre, os.path.join(q, "fetch.lua")))
     complete = r.register_script(src(*pre, os.path.join(q, "fence.lua"), os.path.join(q, "complete.lua")))
     payload = json.dumps({"messages": [{"role": "user", "content": PROMPT}]}, separators=(",", ":"))
