@@ -892,7 +892,16 @@ def emit(path, phase, pairs):
         else:
             rec[k] = val
     d = lambda a, b: a / b if b else 0.0  # noqa: E731
-    if phase == "enqueue":
+    if phase == "bulk":
+        n = rec["wrk_requests"] * rec["per_request"]
+        rec["tasks_per_s"] = rec["wrk_rps"] * rec["per_request"]
+        rec["p50_ms"] = rec["wrk_p50_ms"]
+        rec["p99_ms"] = rec["wrk_p99_ms"]
+        rec["api_cpu_us_per_task"] = d(rec["api_cpu_s"], n) * 1e6
+        rec["redis_cpu_us_per_task"] = d(rec["redis_cpu_s"], n) * 1e6
+        rec["raw_hset_rps"] = rec["rb_rps"]
+        rec["pct_of_raw"] = d(rec["tasks_per_s"], rec["rb_rps"]) * 100
+    if phase in ("enqueue", "enqueue-nogroup"):
         rec["rps"] = rec["wrk_rps"]
         rec["p50_ms"] = rec["wrk_p50_ms"]
         rec["p99_ms"] = rec["wrk_p99_ms"]
@@ -1254,6 +1263,15 @@ TABLE = [
     ("enqueue_redis_cpu_s_per_1k", "enqueue", "redis_cpu_s_per_1k", "CPU s/1k", None),
     ("redis_eval_limit_rps", "enqueue", "redis_eval_rps", "req/s", None),
     ("enqueue_pct_of_redis_limit", "enqueue", "pct_of_limit", "%", (">=", 40)),
+    ("enqueue_nogroup_http_rps", "enqueue-nogroup", "rps", "req/s", None),
+    ("enqueue_nogroup_redis_cpu_s_per_1k", "enqueue-nogroup", "redis_cpu_s_per_1k", "CPU s/1k", None),
+    ("enqueue_nogroup_pct_of_redis_limit", "enqueue-nogroup", "pct_of_limit", "%", None),
+    ("bulk_tasks_per_s", "bulk", "tasks_per_s", "tasks/s", (">=", 250000)),
+    ("bulk_request_p99_ms", "bulk", "p99_ms", "ms", None),
+    ("bulk_api_cpu_us_per_task", "bulk", "api_cpu_us_per_task", "us/task", None),
+    ("bulk_redis_cpu_us_per_task", "bulk", "redis_cpu_us_per_task", "us/task", None),
+    ("raw_pipelined_hset_rps", "bulk", "raw_hset_rps", "records/s", None),
+    ("bulk_pct_of_raw_limit", "bulk", "pct_of_raw", "%", None),
     ("drain_tasks_per_s", "drain", "tasks_per_s", "tasks/s", (">=", 10000)),
     ("drain_worker_cpu_us_per_task", "drain", "worker_cpu_us_per_task", "us/task", ("<=", 100)),
     ("drain_mock_cpu_us_per_task", "drain", "mock_cpu_us_per_task", "us/task", None),
@@ -1358,7 +1376,13 @@ def report(runs_path, out_path, mode, n_runs, meta_path):
     broken = []
     for r in runs:
         tag = f"{r['phase']} run {r.get('run')}"
-        if r["phase"] == "enqueue":
+        if r["phase"] == "bulk":
+            if r.get("wrk_non_2xx") or r.get("wrk_socket_errors"):
+                broken.append(f"{tag}: {r.get('wrk_non_2xx')} non-2xx answers, {r.get('wrk_socket_errors')} socket errors")
+            want = r.get("wrk_requests", 0) * r.get("per_request", 0)
+            if r.get("queued_after", 0) < want:
+                broken.append(f"{tag}: {r.get('queued_after')} ids queued for {want} tasks in answered requests")
+        if r["phase"] in ("enqueue", "enqueue-nogroup"):
             if r.get("wrk_non_2xx") or r.get("wrk_socket_errors"):
                 broken.append(f"{tag}: {r.get('wrk_non_2xx')} non-2xx answers, {r.get('wrk_socket_errors')} socket errors")
             if r.get("queued_after", 0) < r.get("wrk_requests", 0):
@@ -1433,7 +1457,12 @@ def summary(runs_path):
     with open(runs_path) as fh:
         r = json.loads(fh.read().strip().splitlines()[-1])
     p = r["phase"]
-    if p == "enqueue":
+    if p == "bulk":
+        return (f"{r['tasks_per_s']:.0f} tasks/s ({r['wrk_rps']:.1f} req/s of {r['per_request']}), p50 {r['p50_ms']:.1f} ms, "
+                f"p99 {r['p99_ms']:.1f} ms; CPU us/task: api {r['api_cpu_us_per_task']:.2f}, redis {r['redis_cpu_us_per_task']:.2f}; "
+                f"raw pipelined HSET {r['raw_hset_rps']:.0f} records/s ({r['pct_of_raw']:.0f}% of it); queued "
+                f"{r['queued_after']}; load {r['loadavg']}")
+    if p in ("enqueue", "enqueue-nogroup"):
         return (f"{r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; redis EVAL limit "
                 f"{r['redis_eval_rps']:.0f}/s ({r['pct_of_limit']:.0f}%); CPU s/1k req: api {r['api_cpu_s_per_1k']:.3f}, "
                 f"redis {r['redis_cpu_s_per_1k']:.3f}, wrk {r['wrk_cpu_s_per_1k']:.3f}; non-2xx {r['wrk_non_2xx']}, "
@@ -1572,6 +1601,11 @@ def main(argv):
         s.bind(("127.0.0.1", 0))
         print(s.getsockname()[1])
         s.close()
+        return
+    if cmd == "bulk-body":
+        # POST /v1/tasks/batch's body for phase 8: n tasks like phase 1's
+        n = int(args[0])
+        print(json.dumps({"tasks": [{"prompt": "hello from the bench"} for _ in range(n)]}))
         return
     if cmd == "load":
         out = load(*args)

@@ -144,6 +144,9 @@ if [[ -n ${STREAMS_ONLY:-} ]] && (( STREAMS_N <= 0 )); then
   echo "run.sh: --streams with BENCH_STREAMS=$STREAMS_N runs nothing" >&2; exit 64
 fi
 WRK_CONNS=64; WRK_THREADS=2; RB_CLIENTS=50
+# phase 8 (bulk enqueue): tasks per POST /v1/tasks/batch and connections; BENCH_BULK=0 skips it
+# and phase 1's run without group commit (binaries from before issue 20)
+BULK=${BENCH_BULK:-1000}; BULK_CONNS=4
 DRAIN_CONC=64; FAN_CONC=1000; FAN_LATENCY_MS=2000
 BIN=${AGENTQ_BENCH_BIN_DIR:-$ROOT/target/release}
 # private stacks on loopback: the api open (no tokens), as the load generators send none
@@ -292,6 +295,15 @@ if [[ -n $MAIN_PHASES ]] || (( CHAT_N > 0 )); then
   API_PID=$SPAWNED
   wait_http "$API/healthz"
   wait_http "$API/readyz"
+fi
+if [[ -n $MAIN_PHASES ]] && (( BULK > 0 )); then
+  # the same api with group commit off (one script call per POST /v1/tasks, as before issue 20),
+  # for phase 1's before/after in the same run
+  A0PORT=$(port)
+  API0=http://127.0.0.1:$A0PORT
+  spawn api-nogroup env AGENTQ_LISTEN=127.0.0.1:$A0PORT REDIS_URL="$REDIS_URL" AGENTQ_ENQUEUE_GROUP_MAX=0 "$BIN/agentq-api"
+  API0_PID=$SPAWNED
+  wait_http "$API0/readyz"
 fi
 if (( STREAMS_N > 0 )); then
   # phase 6's LLM: no latency, answers streamed at STREAMS_RATE tokens (words) per second
@@ -474,21 +486,22 @@ wrk.path = "/v1/tasks"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"prompt":"hello from the bench"}'
 EOF
-phase_enqueue() {
-  local i=$1 a0 r0 a1 r1 wrkj rbj la
+phase_enqueue() { # RUN [PHASE API_URL API_PID]: phase `enqueue` is the api as configured (group
+  # commit on), `enqueue-nogroup` the second api with AGENTQ_ENQUEUE_GROUP_MAX=0
+  local i=$1 name=${2:-enqueue} api=${3:-$API} apid=${4:-$API_PID} a0 r0 a1 r1 wrkj rbj la
   reset_redis
   la=$(loadavg)
-  for _ in $(seq 20); do curl -fsS -o /dev/null -H 'Content-Type: application/json' -d '{"prompt":"warm"}' "$API/v1/tasks"; done
-  a0=$(cpu_s "$API_PID"); r0=$(cpu_s "$REDIS_PID")
-  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WRK_SECS}s" --latency -s "$WORK/post.lua" "$API" > "$WORK/wrk-$i.txt" 2>&1 &
+  for _ in $(seq 20); do curl -fsS -o /dev/null -H 'Content-Type: application/json' -d '{"prompt":"warm"}' "$api/v1/tasks"; done
+  a0=$(cpu_s "$apid"); r0=$(cpu_s "$REDIS_PID")
+  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WRK_SECS}s" --latency -s "$WORK/post.lua" "$api" > "$WORK/wrk-$name-$i.txt" 2>&1 &
   local wrkpid=$! wcpu=0
   # sample wrk's own CPU just before it exits
   while kill -0 "$wrkpid" 2>/dev/null; do
     wcpu=$(cpu_s "$wrkpid" 2>/dev/null || echo "$wcpu"); sleep 0.2
   done
   wait "$wrkpid"
-  a1=$(cpu_s "$API_PID"); r1=$(cpu_s "$REDIS_PID")
-  wrkj=$($B wrk "$WORK/wrk-$i.txt")
+  a1=$(cpu_s "$apid"); r1=$(cpu_s "$REDIS_PID")
+  wrkj=$($B wrk "$WORK/wrk-$name-$i.txt")
   local pending
   pending=$("${RCLI[@]}" LLEN 'agentq:{default}:pending')
   reset_redis
@@ -505,10 +518,54 @@ phase_enqueue() {
     reset_redis; sleep 1
   done
   rbj=$($B rbench "$WORK/rb-$i.csv")
-  $B emit "$RUNS_FILE" enqueue run="$i" wrk="$wrkj" rb="$rbj" api_cpu_s="$(minus "$a1" "$a0")" \
+  $B emit "$RUNS_FILE" "$name" run="$i" wrk="$wrkj" rb="$rbj" api_cpu_s="$(minus "$a1" "$a0")" \
     redis_cpu_s="$(minus "$r1" "$r0")" wrk_cpu_s="$wcpu" queued_after="$pending" \
     loadavg="\"$la\"" >/dev/null
-  log "enqueue run $i: $($B summary "$RUNS_FILE")"
+  log "$name run $i: $($B summary "$RUNS_FILE")"
+}
+
+# ---- 8. bulk enqueue: POST /v1/tasks/batch with 1,000 tasks per request, and the raw limit ----
+phase_bulk() { # RUN
+  local i=$1 a0 r0 a1 r1 wrkj rbj la pending
+  $B bulk-body "$BULK" > "$WORK/bulk.json"
+  cat > "$WORK/bulk.lua" <<EOF
+wrk.method = "POST"
+wrk.path = "/v1/tasks/batch"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open("$WORK/bulk.json", "r")
+wrk.body = f:read("*a")
+f:close()
+EOF
+  reset_redis
+  la=$(loadavg)
+  curl -fsS -o /dev/null -H 'Content-Type: application/json' --data-binary "@$WORK/bulk.json" "$API/v1/tasks/batch"
+  reset_redis
+  a0=$(cpu_s "$API_PID"); r0=$(cpu_s "$REDIS_PID")
+  wrk -t1 -c"$BULK_CONNS" -d"${WRK_SECS}s" --latency -s "$WORK/bulk.lua" "$API" > "$WORK/wrk-bulk-$i.txt" 2>&1
+  a1=$(cpu_s "$API_PID"); r1=$(cpu_s "$REDIS_PID")
+  wrkj=$($B wrk "$WORK/wrk-bulk-$i.txt")
+  pending=$("${RCLI[@]}" LLEN 'agentq:{default}:pending')
+  reset_redis
+  # the raw limit: the same task records written by pipelined HSETs (100 per round trip), no
+  # script, no queueing, no HTTP
+  local try
+  for try in 1 2; do
+    if redis-benchmark -p "$RPORT" -c 4 -P 100 -n "$((RB_N * 2))" -r 100000000 --csv \
+      HSET 'agentq:{raw}:task:__rand_int__' queue default status queued attempts 0 rate_limited 0 \
+      max_attempts 3 payload '{"messages":[{"role":"user","content":"hello from the bench"}]}' \
+      created_at 1764950400000 > "$WORK/rbraw-$i.csv" 2> "$WORK/rbraw-$i.err"; then
+      break
+    fi
+    log "bulk run $i: redis-benchmark failed (try $try): $(tail -c 300 "$WORK/rbraw-$i.err")"
+    [[ $try -eq 2 ]] && { echo "run.sh: redis-benchmark failed twice" >&2; exit 1; }
+    reset_redis; sleep 1
+  done
+  rbj=$($B rbench "$WORK/rbraw-$i.csv")
+  reset_redis
+  $B emit "$RUNS_FILE" bulk run="$i" per_request="$BULK" wrk="$wrkj" rb="$rbj" \
+    api_cpu_s="$(minus "$a1" "$a0")" redis_cpu_s="$(minus "$r1" "$r0")" queued_after="$pending" \
+    loadavg="\"$la\"" >/dev/null
+  log "bulk run $i: $($B summary "$RUNS_FILE")"
 }
 
 # ---- 2. worker drain / 3. fan-out: pre-queued tasks, one worker ----
@@ -631,7 +688,13 @@ phase_chat() { # VARIANT ROUND
 }
 
 if [[ -n $MAIN_PHASES ]]; then
-  for i in $(seq "$RUNS"); do phase_enqueue "$i"; done
+  for i in $(seq "$RUNS"); do
+    phase_enqueue "$i"
+    if (( BULK > 0 )); then phase_enqueue "$i" enqueue-nogroup "$API0" "$API0_PID"; fi
+  done
+  if (( BULK > 0 )); then
+    for i in $(seq "$RUNS"); do phase_bulk "$i"; done
+  fi
   for i in $(seq "$RUNS"); do phase_drain drain "$i" "$DRAIN_N" "$DRAIN_CONC" "$M0PORT" "$MOCK0_PID"; done
   for i in $(seq "$RUNS"); do phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"; done
   for i in $(seq "$RUNS"); do phase_latency "$i"; done
