@@ -548,7 +548,8 @@ EOF
   reset_redis
   # the raw limit: the same task records written by pipelined HSETs (100 per round trip), no
   # script, no queueing, no HTTP
-  local try
+  local try rr0 rr1
+  rr0=$(cpu_s "$REDIS_PID")
   for try in 1 2; do
     if redis-benchmark -p "$RPORT" -c 4 -P 100 -n "$((RB_N * 2))" -r 100000000 --csv \
       HSET 'agentq:{raw}:task:__rand_int__' queue default status queued attempts 0 rate_limited 0 \
@@ -560,9 +561,11 @@ EOF
     [[ $try -eq 2 ]] && { echo "run.sh: redis-benchmark failed twice" >&2; exit 1; }
     reset_redis; sleep 1
   done
+  rr1=$(cpu_s "$REDIS_PID")
   rbj=$($B rbench "$WORK/rbraw-$i.csv")
   reset_redis
   $B emit "$RUNS_FILE" bulk run="$i" per_request="$BULK" wrk="$wrkj" rb="$rbj" \
+    raw_records="$((RB_N * 2))" raw_redis_cpu_s="$(minus "$rr1" "$rr0")" \
     api_cpu_s="$(minus "$a1" "$a0")" redis_cpu_s="$(minus "$r1" "$r0")" queued_after="$pending" \
     loadavg="\"$la\"" >/dev/null
   log "bulk run $i: $($B summary "$RUNS_FILE")"
