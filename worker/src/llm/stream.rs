@@ -1212,6 +1212,12 @@ mod tests {
             sse.feed(p).expect("utf-8");
         }
         let ours = sse.ready.drain(..).map(|e| (e.kind, e.data)).collect();
+        // eventsource-stream panics on a byte order mark (it slices inside the character), so it
+        // reads the body without one, whole
+        let pieces = match body.strip_prefix(b"\xEF\xBB\xBF") {
+            Some(rest) => vec![rest.to_vec()],
+            None => pieces,
+        };
         let stream = futures::stream::iter(pieces.into_iter().map(Ok::<_, std::io::Error>));
         let theirs = futures::executor::block_on(
             eventsource_stream::Eventsource::eventsource(stream)
