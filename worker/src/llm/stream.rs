@@ -1255,7 +1255,9 @@ mod tests {
     /// The run spawns its calls: the streamed call must be `Send` like `chat`.
     /// Events as `Sse` reads them from `body` cut into pieces at `cuts`, and as eventsource-stream
     /// (the parser it replaced) reads them: the same, for every way of cutting the body.
-    fn both_parsers(body: &[u8], cuts: &[usize]) -> (Vec<(Kind, String)>, Vec<(Kind, String)>) {
+    type Events = Vec<(Kind, String)>;
+
+    fn both_parsers(body: &[u8], cuts: &[usize]) -> (Events, Events) {
         let mut pieces = Vec::new();
         let mut at = 0;
         for &c in cuts.iter().chain([body.len()].iter()) {
