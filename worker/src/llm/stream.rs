@@ -2,8 +2,8 @@
 //! [`DeltaSink`] as it arrives.
 //!
 //! The chunks are accumulated and rebuilt into the completion a non-streamed call would have
-//! read, which [`wire::parse`] then reads: a streamed reply and a non-streamed one mean the same
-//! usage, refusal, tool calls, finish reason and failures.
+//! read, which [`wire::parse_value`] then reads: a streamed reply and a non-streamed one mean the
+//! same usage, refusal, tool calls, finish reason and failures.
 
 use std::time::Instant;
 
