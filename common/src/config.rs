@@ -22,6 +22,8 @@ pub const ENV_OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
 pub const ENV_OPENAI_API_KEY: &str = "OPENAI_API_KEY";
 pub const ENV_MODEL: &str = "AGENTQ_MODEL";
 pub const ENV_CONCURRENCY: &str = "WORKER_CONCURRENCY";
+/// The worker's async runtime threads (see [`worker_threads`]).
+pub const ENV_WORKER_THREADS: &str = "WORKER_THREADS";
 pub const ENV_MAX_ATTEMPTS: &str = "AGENTQ_MAX_ATTEMPTS";
 pub const ENV_HEARTBEAT_SECS: &str = "AGENTQ_HEARTBEAT_SECS";
 pub const ENV_DRAIN_TIMEOUT_SECS: &str = "AGENTQ_DRAIN_TIMEOUT_SECS";
@@ -235,6 +237,19 @@ impl FromStr for LogFormat {
 /// Reads `AGENTQ_LOG_FORMAT` alone, so logging can start before the rest of the config is read.
 pub fn log_format(env: &dyn Env) -> Result<LogFormat, ConfigError> {
     parse(env, ENV_LOG_FORMAT, LogFormat::Pretty)
+}
+
+/// The default of `WORKER_THREADS`: a worker waits on the network almost all the time (a run is
+/// ~50 µs of CPU per LLM call), so two threads keep up with what one Redis can feed it, and every
+/// further thread costs memory (its allocator cache and arena, its stack) without adding
+/// throughput: loadtest/bench/README.md, "Memory and CPU per call in flight (issue 20)".
+pub const DEFAULT_MAX_WORKER_THREADS: usize = 2;
+
+/// `WORKER_THREADS`: the worker's runtime threads, read before the runtime starts (so outside
+/// [`WorkerConfig`]); by default the machine's cores, at most [`DEFAULT_MAX_WORKER_THREADS`].
+pub fn worker_threads(env: &dyn Env, cores: usize) -> Result<usize, ConfigError> {
+    let default = cores.clamp(1, DEFAULT_MAX_WORKER_THREADS);
+    ranged(env, ENV_WORKER_THREADS, default, 1, 1024)
 }
 
 /// Settings shared by the api and the worker.
@@ -914,6 +929,18 @@ mod tests {
         let err =
             ApiConfig::from_env(&env(&[(ENV_QUEUES, &many.join(","))])).expect_err("too many");
         assert_eq!(err.var, ENV_QUEUES);
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_cores_up_to_two() {
+        let threads = |pairs: &[(&str, &str)], cores| worker_threads(&env(pairs), cores).ok();
+        assert_eq!(threads(&[], 1), Some(1));
+        assert_eq!(threads(&[], 16), Some(2));
+        assert_eq!(threads(&[(ENV_WORKER_THREADS, "8")], 2), Some(8));
+        for bad in ["0", "lots", "-1", "1025"] {
+            let err = worker_threads(&env(&[(ENV_WORKER_THREADS, bad)]), 2).expect_err(bad);
+            assert_eq!(err.var, ENV_WORKER_THREADS);
+        }
     }
 
     #[test]

@@ -540,10 +540,12 @@ fn bad_configuration_exits_64_naming_the_variable() -> anyhow::Result<()> {
     for binary in ["agentq-api", "agentq-worker"] {
         for (var, value) in [
             ("WORKER_CONCURRENCY", "many"),
+            ("WORKER_THREADS", "0"),
+            ("WORKER_THREADS", "lots"),
             ("AGENTQ_LOG_FORMAT", "xml"),
             ("REDIS_URL", "mysql://u:hunter2@x"),
         ] {
-            if binary == "agentq-api" && var == "WORKER_CONCURRENCY" {
+            if binary == "agentq-api" && var.starts_with("WORKER_") {
                 continue;
             }
             let out = std::process::Command::new(agentq_tests::bin(binary))

@@ -1,7 +1,7 @@
 //! `agentq-worker`: reads configuration from the environment (exit 64 on a bad value), binds the
 //! probe/metrics port `AGENTQ_LISTEN`, runs tasks until SIGTERM or SIGINT, drains, exits 0.
 
-use agentq_common::config::{self, ProcessEnv, WorkerConfig, EXIT_CONFIG};
+use agentq_common::config::{self, ConfigError, ProcessEnv, WorkerConfig, EXIT_CONFIG};
 use agentq_common::{shutdown, telemetry};
 
 /// jemalloc instead of glibc malloc: the request paths allocate many small, short-lived buffers
@@ -11,24 +11,39 @@ use agentq_common::{shutdown, telemetry};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let format = match config::log_format(&ProcessEnv) {
         Ok(f) => f,
-        Err(e) => {
-            eprintln!("agentq-worker: {e}");
-            std::process::exit(EXIT_CONFIG);
-        }
+        Err(e) => refuse(&e),
     };
     telemetry::init(format);
     let config = match WorkerConfig::from_env(&ProcessEnv) {
         Ok(c) => c,
+        Err(e) => refuse(&e),
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match config::worker_threads(&ProcessEnv, cores) {
+        Ok(t) => t,
+        Err(e) => refuse(&e),
+    };
+    // Threads, not cores: a worker waits on the network almost all the time, and each runtime
+    // thread costs memory of its own (config::DEFAULT_MAX_WORKER_THREADS).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
         Err(e) => {
-            tracing::error!(variable = e.var, error = %e, "bad configuration");
-            eprintln!("agentq-worker: {e}");
-            std::process::exit(EXIT_CONFIG);
+            tracing::error!(error = %e, "cannot start the async runtime");
+            std::process::exit(1);
         }
     };
+    tracing::debug!(threads, cores, "async runtime");
+    runtime.block_on(serve(config));
+}
+
+async fn serve(config: WorkerConfig) {
     let listener = match tokio::net::TcpListener::bind(config.common.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -43,4 +58,11 @@ async fn main() {
         tracing::error!(error = %e, "agentq-worker failed");
         std::process::exit(1);
     }
+}
+
+/// A bad setting: logged, printed (the log may not be set up, or not read), exit 64.
+fn refuse(e: &ConfigError) -> ! {
+    tracing::error!(variable = e.var, error = %e, "bad configuration");
+    eprintln!("agentq-worker: {e}");
+    std::process::exit(EXIT_CONFIG);
 }

@@ -198,8 +198,10 @@ async fn error_head(response: &mut reqwest::Response) -> String {
 #[derive(Clone)]
 pub struct Llm {
     http: reqwest::Client,
-    /// `<OPENAI_BASE_URL>/chat/completions`, built once.
-    url: std::sync::Arc<str>,
+    /// `<OPENAI_BASE_URL>/chat/completions`, built and parsed once: reqwest takes a `&str` by
+    /// parsing it again on every call (a WHATWG parse with IDNA, ~6,000 instructions), a `Url`
+    /// by a clone.
+    url: reqwest::Url,
     /// `Bearer <key>`, marked sensitive; `None` when no key is configured: then no
     /// `Authorization` header is sent at all (an empty bearer is a malformed key to LiteLLM).
     auth: Option<HeaderValue>,
@@ -247,9 +249,13 @@ impl Llm {
             v.set_sensitive(true);
             Some(v)
         };
+        let url = format!("{}/chat/completions", s.base_url.trim_end_matches('/'));
+        // Never shown: a base URL may carry credentials.
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| anyhow::anyhow!("the LLM base URL does not parse: {e}"))?;
         Ok(Self {
             http,
-            url: format!("{}/chat/completions", s.base_url.trim_end_matches('/')).into(),
+            url,
             auth,
             timeout: s.timeout,
             max_tokens: (s.max_tokens > 0).then_some((s.max_tokens_param, s.max_tokens)),
@@ -407,7 +413,7 @@ impl Llm {
         })?;
         let mut request = self
             .http
-            .post(&*self.url)
+            .post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(body);
         if let Some(auth) = &self.auth {

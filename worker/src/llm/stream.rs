@@ -2,18 +2,14 @@
 //! [`DeltaSink`] as it arrives.
 //!
 //! The chunks are accumulated and rebuilt into the completion a non-streamed call would have
-//! read, which [`wire::parse`] then reads: a streamed reply and a non-streamed one mean the same
-//! usage, refusal, tool calls, finish reason and failures.
+//! read, which [`wire::parse_value`] then reads: a streamed reply and a non-streamed one mean the
+//! same usage, refusal, tool calls, finish reason and failures.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use agentq_common::chat::ChatParams;
 use agentq_common::task::{Message, Usage};
 use async_openai::types::chat::ChatCompletionStreamOptions;
-use eventsource_stream::{EventStreamError, Eventsource};
-use futures::StreamExt;
 use reqwest::header::CONTENT_TYPE;
 use serde_json::{Map, Value};
 
@@ -99,22 +95,12 @@ impl Llm {
         if response.content_length().is_some_and(|n| n > limit as u64) {
             return (None, Err(too_large(limit)));
         }
+        let mut response = response;
         // The cap bounds what is held, as for a body read whole: the answer accumulated so far
-        // (counted by `Answer`) and the bytes the parser holds before they make a whole event
-        // (counted here). SSE framing (~200 bytes a chunk) is not held, so it does not count:
-        // a streamed answer fits wherever the same answer non-streamed would.
-        let pending = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&pending);
-        let mut events = response
-            .bytes_stream()
-            .map(move |chunk| {
-                let chunk = chunk.map_err(BodyError::Http)?;
-                if counter.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len() > limit {
-                    return Err(BodyError::TooLarge);
-                }
-                Ok(chunk)
-            })
-            .eventsource();
+        // (counted by `Answer`) and what the parser holds before it makes a whole event (its
+        // `held`). SSE framing (~200 bytes a chunk) is not held, so it does not count: a
+        // streamed answer fits wherever the same answer non-streamed would.
+        let mut sse = Sse::default();
         let mut answer = Answer::default();
         let mut may_flush = true;
         loop {
@@ -131,60 +117,39 @@ impl Llm {
                         may_flush = false;
                         continue;
                     }
-                    next = events.next() => next,
+                    next = sse.next(&mut response, limit) => next,
                 },
-                None => events.next().await,
+                None => sse.next(&mut response, limit).await,
             };
             may_flush = true;
             let event = match next {
-                Some(Ok(event)) => event,
-                None => return answer.end(model, limit, None),
-                Some(Err(EventStreamError::Transport(BodyError::Http(e)))) => {
-                    return answer.end(model, limit, Some(&e))
-                }
-                Some(Err(EventStreamError::Transport(BodyError::TooLarge))) => {
-                    return (answer.usage(), Err(too_large(limit)))
-                }
-                Some(Err(EventStreamError::Utf8(e))) => {
-                    return (answer.usage(), Err(not_events(&e.to_string())))
-                }
-                Some(Err(EventStreamError::Parser(e))) => {
+                Ok(Some(event)) => event,
+                Ok(None) => return answer.end(model, limit, None),
+                Err(BodyError::Http(e)) => return answer.end(model, limit, Some(&e)),
+                Err(BodyError::TooLarge) => return (answer.usage(), Err(too_large(limit))),
+                Err(BodyError::NotUtf8(e)) => {
                     return (answer.usage(), Err(not_events(&e.to_string())))
                 }
             };
-            pending.store(0, Ordering::Relaxed);
             // Other event types (pings, vendors' extras) carry no part of the answer.
-            if event.event != "message" && event.event != "error" {
+            if event.kind == Kind::Other {
                 continue;
             }
             if event.data.trim() == "[DONE]" {
                 return answer.finish(model, limit);
             }
-            let chunk: Value = match serde_json::from_str(&event.data) {
-                Ok(v @ Value::Object(_)) => v,
-                Ok(_) => {
-                    return (
-                        answer.usage(),
-                        Err(not_a_chunk("not an object", &event.data)),
-                    )
-                }
-                Err(e) => {
-                    return (
-                        answer.usage(),
-                        Err(not_a_chunk(&e.to_string(), &event.data)),
-                    )
-                }
+            let chunk = match Chunk::read(&event) {
+                Ok(c) => c,
+                Err(f) => return (answer.usage(), Err(f)),
             };
             // An upstream that fails mid-answer (a proxy's relay) says so in an error object.
-            let error = match chunk.get("error").filter(|e| !e.is_null()) {
-                Some(error) => Some(error),
-                None if event.event == "error" => Some(&chunk),
-                None => None,
-            };
-            if let Some(error) = error {
-                return (answer.usage(), Err(wire::classify_error_object(error)));
+            if !chunk.error.is_null() {
+                return (
+                    answer.usage(),
+                    Err(wire::classify_error_object(&chunk.error)),
+                );
             }
-            let text = answer.add(&chunk);
+            let text = answer.add(chunk);
             if answer.held > limit {
                 return (answer.usage(), Err(too_large(limit)));
             }
@@ -195,10 +160,220 @@ impl Llm {
     }
 }
 
-/// Why the body stream stopped early: the transport failed, or the cap was passed.
+/// The parts of a chunk the answer is made of. Every other key (`id`, `object`, `created`,
+/// `system_fingerprint`, vendors' extras) is skipped unread instead of being built into a map:
+/// parsing whole chunks into `Value`s cost ~8,000 instructions a chunk, a fifth of the worker's
+/// CPU per task. Each part is still read as a `Value`, so a part of an unexpected type reads as
+/// absent, as before.
+#[derive(Default, serde::Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    model: Value,
+    #[serde(default)]
+    usage: Value,
+    /// The error object of an upstream that failed mid-answer (`null`: none).
+    #[serde(default)]
+    error: Value,
+    #[serde(default)]
+    choices: Value,
+}
+
+impl Chunk {
+    fn read(event: &Event) -> Result<Self, LlmFailure> {
+        let data = &event.data;
+        // a derived struct would also read a JSON array, which is no chunk
+        if !data.trim_start().starts_with('{') {
+            let why = match serde_json::from_str::<serde::de::IgnoredAny>(data) {
+                Ok(_) => "not an object".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            return Err(not_a_chunk(&why, data));
+        }
+        if event.kind == Kind::Error {
+            // a proxy's `error` event: its object is the error, or holds it under `error`
+            let mut v: Value =
+                serde_json::from_str(data).map_err(|e| not_a_chunk(&e.to_string(), data))?;
+            let error = match v.get_mut("error").filter(|e| !e.is_null()) {
+                Some(e) => e.take(),
+                None => v,
+            };
+            return Ok(Self {
+                error,
+                ..Self::default()
+            });
+        }
+        serde_json::from_str(data).map_err(|e| not_a_chunk(&e.to_string(), data))
+    }
+}
+
+/// Counts the bytes written to it.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Why the body stream stopped early: the transport failed, the cap was passed, or a line was
+/// not UTF-8.
 enum BodyError {
     Http(reqwest::Error),
     TooLarge,
+    NotUtf8(std::str::Utf8Error),
+}
+
+/// The kinds of event a chat stream has: the answer's chunks come as `message` (the default), a
+/// proxy's failure may come as `error`, anything else (pings, vendors' extras) is skipped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    #[default]
+    Message,
+    Error,
+    Other,
+}
+
+impl Kind {
+    fn of(name: &str) -> Self {
+        match name {
+            // an empty `event:` field leaves the default type, as the spec says
+            "" | "message" => Self::Message,
+            "error" => Self::Error,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// One whole server-sent event.
+#[derive(Debug, PartialEq, Eq)]
+struct Event {
+    kind: Kind,
+    data: String,
+}
+
+/// The server-sent events of a body, parsed as the WHATWG spec says (lines end with CRLF, LF or
+/// CR; a blank line ends an event; `data` lines are joined with LF; comments, `id`, `retry` and
+/// unknown fields are skipped; an event without data is none), fed chunk by chunk.
+///
+/// It replaces eventsource-stream, whose nom parser copied the rest of its buffer at every line
+/// and checked each character twice: ~60,000 instructions per call, 17 % of the worker's CPU per
+/// drained task (loadtest/bench/README.md, "Memory and CPU per call in flight").
+#[derive(Default)]
+struct Sse {
+    /// The bytes of a line not yet ended.
+    line: Vec<u8>,
+    /// The last byte fed ended a line with CR: a LF first in the next chunk belongs to it.
+    after_cr: bool,
+    /// A line was read (a byte order mark is skipped only before the first).
+    started: bool,
+    kind: Kind,
+    data: String,
+    /// Whole events not yet taken.
+    ready: std::collections::VecDeque<Event>,
+}
+
+impl Sse {
+    /// Bytes held that are not yet part of an event taken: the line not yet ended and the data
+    /// of the event not yet ended.
+    fn held(&self) -> usize {
+        self.line.len() + self.data.len()
+    }
+
+    /// The next whole event of the body; `None` at its end (an event the body did not end is
+    /// dropped, as the spec says). Cancel-safe: a chunk is parsed in the poll that reads it.
+    async fn next(
+        &mut self,
+        response: &mut reqwest::Response,
+        limit: usize,
+    ) -> Result<Option<Event>, BodyError> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Ok(Some(event));
+            }
+            match response.chunk().await.map_err(BodyError::Http)? {
+                Some(chunk) => {
+                    self.feed(&chunk).map_err(BodyError::NotUtf8)?;
+                    if self.held() > limit {
+                        return Err(BodyError::TooLarge);
+                    }
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), std::str::Utf8Error> {
+        if std::mem::take(&mut self.after_cr) {
+            if let [b'\n', rest @ ..] = bytes {
+                bytes = rest;
+            }
+        }
+        // memchr: a streamed answer is mostly JSON between line ends, scanned a word at a time
+        while let Some(at) = memchr::memchr2(b'\n', b'\r', bytes) {
+            if self.line.is_empty() {
+                self.end_line(&bytes[..at])?;
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&bytes[..at]);
+                let ended = self.end_line(&line);
+                // the buffer is kept for the next line
+                line.clear();
+                self.line = line;
+                ended?;
+            }
+            let cr = bytes[at] == b'\r';
+            bytes = &bytes[at + 1..];
+            if cr {
+                match bytes {
+                    [b'\n', rest @ ..] => bytes = rest,
+                    [] => self.after_cr = true,
+                    _ => {}
+                }
+            }
+        }
+        self.line.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn end_line(&mut self, line: &[u8]) -> Result<(), std::str::Utf8Error> {
+        let mut line = line;
+        if !std::mem::replace(&mut self.started, true) {
+            line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+        }
+        if line.is_empty() {
+            let kind = std::mem::take(&mut self.kind);
+            if !self.data.is_empty() {
+                let mut data = std::mem::take(&mut self.data);
+                data.pop(); // the LF after the last data line
+                self.ready.push_back(Event { kind, data });
+            }
+            return Ok(());
+        }
+        let line = std::str::from_utf8(line)?;
+        if line.starts_with(':') {
+            return Ok(()); // a comment
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => self.kind = Kind::of(value),
+            "data" => {
+                // one allocation per event's data in the usual case of one `data` line
+                self.data.reserve(value.len() + 1);
+                self.data.push_str(value);
+                self.data.push('\n');
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 fn is_event_stream(response: &reqwest::Response) -> bool {
@@ -295,15 +470,19 @@ struct Answer {
 
 impl Answer {
     /// Adds a chunk; returns its content, for the sink.
-    fn add(&mut self, chunk: &Value) -> String {
+    fn add(&mut self, chunk: Chunk) -> String {
         if self.model.is_none() {
-            self.model = text(chunk, "model").map(str::to_owned);
+            self.model = chunk
+                .model
+                .as_str()
+                .filter(|m| !m.is_empty())
+                .map(str::to_owned);
         }
-        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
-            self.usage = Some(usage.clone());
+        if chunk.usage.is_object() {
+            self.usage = Some(chunk.usage);
         }
         let mut added = String::new();
-        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+        let Some(choices) = chunk.choices.as_array() else {
             return added;
         };
         for choice in choices {
@@ -396,7 +575,7 @@ impl Answer {
         let usage = self.usage.as_ref()?;
         let mut body = Map::new();
         body.insert("usage".into(), usage.clone());
-        wire::parse(Value::from(body).to_string().as_bytes(), "").usage
+        wire::parse_value(body.into(), "").usage
     }
 
     /// The body ended, cleanly or not (`error`): complete if a finish reason was seen (some
@@ -459,21 +638,23 @@ impl Answer {
         if let Some(u) = self.usage {
             completion.insert("usage".into(), u);
         }
-        let body = match serde_json::to_vec(&Value::from(completion)) {
-            Ok(b) => b,
+        let completion = Value::from(completion);
+        // Its size as the body a non-streamed call would have read, counted without writing it
+        // out; the answer is read from the value itself, not from a text of it parsed again.
+        let mut size = ByteCount(0);
+        let rebuilt = serde_json::to_writer(&mut size, &completion);
+        let parsed = wire::parse_value(completion, model);
+        if let Err(e) = rebuilt {
             // unreachable for a Value (string keys only), but not worth a panic
-            Err(e) => {
-                return (
-                    None,
-                    Err(LlmFailure::Permanent {
-                        outcome: "bad_response",
-                        message: format!("llm stream does not rebuild: {e}"),
-                    }),
-                )
-            }
-        };
-        let parsed = wire::parse(&body, model);
-        if body.len() > limit {
+            return (
+                None,
+                Err(LlmFailure::Permanent {
+                    outcome: "bad_response",
+                    message: format!("llm stream does not rebuild: {e}"),
+                }),
+            );
+        }
+        if size.0 > limit {
             // the same answer non-streamed would have been refused as too large
             return (parsed.usage, Err(too_large(limit)));
         }
@@ -484,8 +665,10 @@ impl Answer {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
+
+    use futures::StreamExt;
 
     use agentq_common::config::MaxTokensParam;
     use agentq_common::metrics::WorkerMetrics;
@@ -1070,6 +1253,94 @@ mod tests {
     }
 
     /// The run spawns its calls: the streamed call must be `Send` like `chat`.
+    /// Events as `Sse` reads them from `body` cut into pieces at `cuts`, and as eventsource-stream
+    /// (the parser it replaced) reads them: the same, for every way of cutting the body.
+    type Events = Vec<(Kind, String)>;
+
+    fn both_parsers(body: &[u8], cuts: &[usize]) -> (Events, Events) {
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for &c in cuts.iter().chain([body.len()].iter()) {
+            let c = c.clamp(at, body.len());
+            pieces.push(body[at..c].to_vec());
+            at = c;
+        }
+        let mut sse = Sse::default();
+        for p in &pieces {
+            sse.feed(p).expect("utf-8");
+        }
+        let ours = sse.ready.drain(..).map(|e| (e.kind, e.data)).collect();
+        // eventsource-stream panics on a byte order mark (it slices inside the character), so it
+        // reads the body without one, whole
+        let pieces = match body.strip_prefix(b"\xEF\xBB\xBF") {
+            Some(rest) => vec![rest.to_vec()],
+            None => pieces,
+        };
+        let stream = futures::stream::iter(pieces.into_iter().map(Ok::<_, std::io::Error>));
+        let theirs = futures::executor::block_on(
+            eventsource_stream::Eventsource::eventsource(stream)
+                .map(|e| {
+                    let e = e.expect("parses");
+                    (Kind::of(&e.event), e.data)
+                })
+                .collect::<Vec<_>>(),
+        );
+        (ours, theirs)
+    }
+
+    #[test]
+    fn the_sse_parser_reads_what_eventsource_stream_read() {
+        let bodies: [&[u8]; 9] = [
+            b"data: {\"a\":1}\n\ndata: [DONE]\n\n",
+            b"\xEF\xBB\xBFdata: bom\r\n\r\ndata:no space\r\rdata:  two spaces\r\n\n",
+            b": comment\nevent: ping\ndata: x\n\nevent: error\ndata: {\"error\":{}}\n\n",
+            b"data: one\ndata: two\n\ndata\n\ndata:\n\nid: 7\nretry: 10\n\n",
+            b"event:\ndata: default type\n\nevent: message\ndata: m\n\nfield without colon\n\n",
+            b"data: \xC3\xA9t\xC3\xA9 \xE2\x9C\x93\n\ndata: not ended",
+            b"data: cr only\r\rdata: lf\n\n\n\n\ndata: last\r\n\r\n",
+            b"event: x\n\ndata: kind reset after a blank line\n\n",
+            b"",
+        ];
+        for body in bodies {
+            // whole, then cut at every place, then cut at every pair of places
+            let (ours, theirs) = both_parsers(body, &[]);
+            assert_eq!(ours, theirs, "{:?}", String::from_utf8_lossy(body));
+            for i in 0..=body.len() {
+                let (ours, theirs) = both_parsers(body, &[i]);
+                assert_eq!(
+                    ours,
+                    theirs,
+                    "{:?} cut at {i}",
+                    String::from_utf8_lossy(body)
+                );
+                for j in i..=body.len() {
+                    let (ours, _) = both_parsers(body, &[i, j]);
+                    assert_eq!(
+                        ours,
+                        theirs,
+                        "{:?} cut at {i}, {j}",
+                        String::from_utf8_lossy(body)
+                    );
+                }
+            }
+        }
+        // a line that is not UTF-8 is refused, whole or cut
+        let mut sse = Sse::default();
+        assert!(sse.feed(b"data: \xFF\n\n").is_err());
+        let mut sse = Sse::default();
+        sse.feed(b"data: \xC3")
+            .expect("half a character is not yet a line");
+        sse.feed(b"\xA9\n\n").expect("the rest of it");
+        assert_eq!(
+            sse.ready.pop_front().map(|e| e.data).as_deref(),
+            Some("\u{e9}")
+        );
+        // what is held: the line not ended and the event's data, not what was taken
+        let mut sse = Sse::default();
+        sse.feed(b"data: abc\n\ndata: de\ndata: f").expect("utf-8");
+        assert_eq!(sse.held(), "de\n".len() + "data: f".len());
+    }
+
     #[test]
     fn the_streamed_call_is_send() {
         fn send<T: Send>(_: &T) {}

@@ -171,6 +171,25 @@ pub fn parse(body: &[u8], model: &str) -> Parsed {
             };
         }
     };
+    read(completion, model)
+}
+
+/// A completion already in hand as a JSON value (a streamed answer rebuilt), read as [`parse`]
+/// reads the same completion's text.
+pub fn parse_value(body: Value, model: &str) -> Parsed {
+    match Completion::deserialize(body) {
+        Ok(completion) => read(completion, model),
+        Err(e) => Parsed {
+            usage: None,
+            result: Err(LlmFailure::Permanent {
+                outcome: "bad_response",
+                message: format!("llm answer is not a chat completion ({e})"),
+            }),
+        },
+    }
+}
+
+fn read(completion: Completion, model: &str) -> Parsed {
     let usage = completion.usage.map(Usage::from);
     let choices = completion.choices.unwrap_or_default();
     if choices.is_empty() {
