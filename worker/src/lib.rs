@@ -32,7 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentq_common::backoff::full_jitter;
-use agentq_common::config::WorkerConfig;
+use agentq_common::config::{ConfigError, WorkerConfig};
+use agentq_common::queue::{BatchSettings, CompleteBatcher};
 use agentq_common::keys::Keys;
 use agentq_common::metrics::WorkerMetrics;
 use agentq_common::task::StartedTask;
@@ -54,6 +55,54 @@ const BLOCK: Duration = Duration::from_secs(1);
 const CAPPED_PAUSE: Duration = Duration::from_millis(200);
 /// How long reports and give-backs may still take after the drain deadline.
 const GIVE_BACK_GRACE: Duration = Duration::from_secs(5);
+
+/// `WORKER_COMPLETE_BATCH`: most results one `complete_many.lua` call writes (1: every result
+/// is its own `complete.lua` call, as before batching).
+pub const ENV_COMPLETE_BATCH: &str = "WORKER_COMPLETE_BATCH";
+/// `WORKER_COMPLETE_WAIT_MS`: how long a result may wait for others before its group is written
+/// (0: only the results that gathered while the previous call was in flight go with it).
+pub const ENV_COMPLETE_WAIT_MS: &str = "WORKER_COMPLETE_WAIT_MS";
+pub const DEFAULT_COMPLETE_BATCH: usize = 64;
+pub const DEFAULT_COMPLETE_WAIT_MS: u64 = 0;
+
+/// The completion batcher's settings from the environment; `None` when batching is off
+/// (`WORKER_COMPLETE_BATCH=1`). A bad value is a [`ConfigError`] naming the variable.
+pub fn complete_batch_settings(
+    env: &dyn agentq_common::config::Env,
+) -> Result<Option<BatchSettings>, ConfigError> {
+    fn ranged(
+        env: &dyn agentq_common::config::Env,
+        var: &'static str,
+        default: u64,
+        (min, max): (u64, u64),
+    ) -> Result<u64, ConfigError> {
+        let Some(raw) = env.get(var).filter(|v| !v.trim().is_empty()) else {
+            return Ok(default);
+        };
+        let v: u64 = raw.trim().parse().map_err(|e| ConfigError {
+            var,
+            message: format!("{e} (got {raw:?})"),
+        })?;
+        if v < min || v > max {
+            return Err(ConfigError {
+                var,
+                message: format!("must be between {min} and {max} (got {v})"),
+            });
+        }
+        Ok(v)
+    }
+    let max_items = ranged(
+        env,
+        ENV_COMPLETE_BATCH,
+        DEFAULT_COMPLETE_BATCH as u64,
+        (1, 1000),
+    )?;
+    let wait = ranged(env, ENV_COMPLETE_WAIT_MS, DEFAULT_COMPLETE_WAIT_MS, (0, 1000))?;
+    Ok((max_items > 1).then(|| BatchSettings {
+        max_items: usize::try_from(max_items).unwrap_or(DEFAULT_COMPLETE_BATCH),
+        max_wait: Duration::from_millis(wait),
+    }))
+}
 
 /// Learned (rpm, tpm) of one upstream and model, and when this worker last told Redis.
 type Learned = ((u64, u64), Instant);
@@ -102,6 +151,9 @@ struct Worker {
     /// Wakes the fetch loop when a run of this worker ends, while it waits out a fetch that found
     /// every tenant with work at its `max_running` ([`CAPPED_PAUSE`]).
     run_ended: tokio::sync::Notify,
+    /// Writes successes in groups (`complete_many.lua`); `None`: each with its own `complete.lua`
+    /// call (`WORKER_COMPLETE_BATCH=1`).
+    completer: Option<CompleteBatcher>,
 }
 
 /// What one [`Worker::fetch_some`] gave the fetch loop.
@@ -119,6 +171,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // parsed here, beside the worker code it tunes; a bad value exits like any bad configuration
+    let complete_batch = match complete_batch_settings(&agentq_common::config::ProcessEnv) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(variable = e.var, error = %e, "bad configuration");
+            eprintln!("agentq-worker: {e}");
+            std::process::exit(agentq_common::config::EXIT_CONFIG);
+        }
+    };
     let metrics = WorkerMetrics::new();
     let redis = Redis::open(&config.common.redis_url)?;
     let blocking = Redis::with_response_timeout(
@@ -174,9 +235,21 @@ pub async fn run(
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let id = format!("{}-{}", sanitize(&host), uuid::Uuid::new_v4().simple());
     metrics.concurrency.set(config.concurrency as i64);
+    let keys = Keys::new(&config.common.key_prefix, &config.queue);
+    let broker = Broker::new(redis.clone(), config.common.key_prefix.clone());
+    let completer = complete_batch.map(|settings| {
+        CompleteBatcher::spawn(
+            broker.clone(),
+            keys.clone(),
+            id.clone(),
+            config.common.result_ttl,
+            settings,
+        )
+    });
     let worker = Arc::new(Worker {
-        keys: Keys::new(&config.common.key_prefix, &config.queue),
-        broker: Broker::new(redis.clone(), config.common.key_prefix.clone()),
+        keys,
+        broker,
+        completer,
         blocking,
         llms,
         limiter,
@@ -205,6 +278,8 @@ pub async fn run(
         worker.id = %worker.id,
         queue = %worker.cfg.queue,
         concurrency = worker.cfg.concurrency,
+        complete_batch = complete_batch.map_or(1, |s| s.max_items),
+        complete_wait_ms = complete_batch.map_or(0, |s| s.max_wait.as_millis() as u64),
         redis = %worker.cfg.common.redis_display(),
         upstreams = %worker
             .cfg
@@ -595,6 +670,10 @@ impl Worker {
                 p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
             let mut permits = vec![first];
+            // A group of results (complete_many.lua) ends many runs at once: their tasks are
+            // woken together, so let them release their slots before counting the free ones,
+            // and one fetch takes work for all of them instead of one fetch per slot.
+            tokio::task::yield_now().await;
             while permits.len() < self.cfg.fetch_batch {
                 match self.permits.clone().try_acquire_owned() {
                     Ok(p) => permits.push(p),
@@ -865,6 +944,42 @@ pub fn now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn complete_batch_settings_default_on_and_refuse_bad_values() {
+        let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let s = complete_batch_settings(&env(&[]))
+            .expect("defaults")
+            .expect("on by default");
+        assert_eq!(s.max_items, DEFAULT_COMPLETE_BATCH);
+        assert_eq!(s.max_wait, Duration::from_millis(DEFAULT_COMPLETE_WAIT_MS));
+        let s = complete_batch_settings(&env(&[
+            (ENV_COMPLETE_BATCH, "16"),
+            (ENV_COMPLETE_WAIT_MS, " 3 "),
+        ]))
+        .expect("valid")
+        .expect("on");
+        assert_eq!((s.max_items, s.max_wait), (16, Duration::from_millis(3)));
+        // 1: every result on its own, as before batching
+        assert!(complete_batch_settings(&env(&[(ENV_COMPLETE_BATCH, "1")]))
+            .expect("valid")
+            .is_none());
+        for (var, bad) in [
+            (ENV_COMPLETE_BATCH, "0"),
+            (ENV_COMPLETE_BATCH, "1001"),
+            (ENV_COMPLETE_BATCH, "many"),
+            (ENV_COMPLETE_WAIT_MS, "-1"),
+            (ENV_COMPLETE_WAIT_MS, "1001"),
+        ] {
+            let e = complete_batch_settings(&env(&[(var, bad)])).expect_err(bad);
+            assert_eq!(e.var, var, "{bad}");
+        }
+    }
 
     #[test]
     fn a_cancel_aborts_every_run_of_its_id_and_only_those() {

@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use agentq_common::backoff;
-use agentq_common::queue::{FailMode, MemoryAppend};
+use agentq_common::queue::{Completion, FailMode, MemoryAppend, MemoryWrite};
 use agentq_common::task::{Message, Payload, Role, StartedTask};
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
@@ -567,7 +567,7 @@ impl Worker {
         hard: &CancellationToken,
     ) {
         let attempt = counts.0;
-        let (mode, delay, error, what) = match &outcome {
+        let outcome = match outcome {
             Outcome::Success {
                 result_json,
                 agent_id,
@@ -576,44 +576,29 @@ impl Worker {
                 node,
                 rest,
             } => {
-                let memory = agent_id
-                    .as_deref()
-                    .filter(|_| !exchange.is_empty())
-                    .map(|agent| MemoryAppend {
-                        agent_id: agent,
-                        messages: exchange.clone(),
-                        keep: self.cfg.memory_messages,
-                        ttl: self.cfg.memory_ttl,
-                    });
-                let verdict = self
-                    .persist("complete", hard, || {
-                        self.broker.complete(
-                            &self.keys,
-                            &self.id,
-                            id,
-                            token,
-                            result_json,
-                            self.ttl(),
-                            memory.as_ref(),
-                            usage.as_ref(),
-                            node.as_deref(),
-                            rest,
-                        )
-                    })
-                    .await;
-                if verdict.as_deref().is_some_and(|v| v != "ok") {
-                    // not this run's write: its call was still paid for
-                    self.add_task_usage(id, usage.as_ref()).await;
-                }
-                let status = |v: &str| match v {
-                    "ok" => "succeeded",
-                    "cancelled" => "cancelled",
-                    "stale" => "fenced",
-                    _ => "duplicate",
+                let done = Completion {
+                    id: id.to_owned(),
+                    token: token.to_owned(),
+                    result_json,
+                    memory: agent_id.filter(|_| !exchange.is_empty()).map(|agent_key| {
+                        MemoryWrite {
+                            agent_key,
+                            messages: exchange,
+                            keep: self.cfg.memory_messages,
+                            ttl: self.cfg.memory_ttl,
+                        }
+                    }),
+                    usage,
+                    node: node.map(|n| *n),
+                    rest,
                 };
-                self.finish(id, token, attempt, verdict, status, started);
+                self.report_success(done, attempt, started, hard).await;
                 return;
             }
+            other => other,
+        };
+        let (mode, delay, error, what) = match &outcome {
+            Outcome::Success { .. } => unreachable!("a success is reported above"),
             Outcome::Failure(f) => {
                 let (mode, delay) = self.retry_plan(f, counts);
                 (mode, delay, f.message().to_owned(), f.outcome())
@@ -723,6 +708,60 @@ impl Worker {
                 "task run failed"
             );
         }
+    }
+
+    /// Writes a success with the run's token: with the next group of results when batching is on
+    /// (`complete_many.lua`, each item fenced alone), else with its own `complete.lua` call.
+    async fn report_success(
+        &self,
+        done: Completion,
+        attempt: u32,
+        started: Instant,
+        hard: &CancellationToken,
+    ) {
+        // shared with the batcher's queue; a resend after an error sends it again
+        let done = std::sync::Arc::new(done);
+        let (id, token, usage) = (done.id.as_str(), done.token.as_str(), done.usage);
+        let verdict = match &self.completer {
+            Some(batcher) => {
+                self.persist("complete", hard, || batcher.complete(done.clone()))
+                    .await
+            }
+            None => {
+                let memory = done.memory.as_ref().map(|m| MemoryAppend {
+                    agent_id: &m.agent_key,
+                    messages: m.messages.clone(),
+                    keep: m.keep,
+                    ttl: m.ttl,
+                });
+                self.persist("complete", hard, || {
+                    self.broker.complete(
+                        &self.keys,
+                        &self.id,
+                        id,
+                        token,
+                        &done.result_json,
+                        self.ttl(),
+                        memory.as_ref(),
+                        usage.as_ref(),
+                        done.node.as_ref(),
+                        &done.rest,
+                    )
+                })
+                .await
+            }
+        };
+        if verdict.as_deref().is_some_and(|v| v != "ok") {
+            // not this run's write: its call was still paid for
+            self.add_task_usage(id, usage.as_ref()).await;
+        }
+        let status = |v: &str| match v {
+            "ok" => "succeeded",
+            "cancelled" => "cancelled",
+            "stale" => "fenced",
+            _ => "duplicate",
+        };
+        self.finish(id, token, attempt, verdict, status, started);
     }
 
     /// Mode and delay for a failed run. Every delay is capped by `AGENTQ_RETRY_MAX_MS`, including

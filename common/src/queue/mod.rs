@@ -13,11 +13,13 @@ use crate::redis_conn::Redis;
 use crate::task::{NewTask, StartedTask, TaskView};
 use crate::time::now_ms;
 
+mod complete_batch;
 mod dead;
 mod enqueue;
 mod group;
 mod recent;
 mod steps;
+pub use complete_batch::{BatchSettings, CompleteBatcher, Completion, MemoryWrite};
 pub use enqueue::{EnqueueItem, ITEMS_PER_CALL};
 pub use group::{GroupCommit, GroupConfig, SizeObserver};
 pub use recent::{RecentFilter, RecentPage, TaskSummary, MAX_SCAN as RECENT_MAX_SCAN};
