@@ -33,9 +33,9 @@ use std::time::{Duration, Instant};
 
 use agentq_common::backoff::full_jitter;
 use agentq_common::config::{ConfigError, WorkerConfig};
-use agentq_common::queue::{BatchSettings, CompleteBatcher};
 use agentq_common::keys::Keys;
 use agentq_common::metrics::WorkerMetrics;
+use agentq_common::queue::{BatchSettings, CompleteBatcher};
 use agentq_common::task::StartedTask;
 use agentq_common::time::now_ms;
 use agentq_common::{Broker, Redis};
@@ -97,7 +97,12 @@ pub fn complete_batch_settings(
         DEFAULT_COMPLETE_BATCH as u64,
         (1, 1000),
     )?;
-    let wait = ranged(env, ENV_COMPLETE_WAIT_MS, DEFAULT_COMPLETE_WAIT_MS, (0, 1000))?;
+    let wait = ranged(
+        env,
+        ENV_COMPLETE_WAIT_MS,
+        DEFAULT_COMPLETE_WAIT_MS,
+        (0, 10_000),
+    )?;
     Ok((max_items > 1).then(|| BatchSettings {
         max_items: usize::try_from(max_items).unwrap_or(DEFAULT_COMPLETE_BATCH),
         max_wait: Duration::from_millis(wait),
@@ -974,7 +979,7 @@ mod tests {
             (ENV_COMPLETE_BATCH, "1001"),
             (ENV_COMPLETE_BATCH, "many"),
             (ENV_COMPLETE_WAIT_MS, "-1"),
-            (ENV_COMPLETE_WAIT_MS, "1001"),
+            (ENV_COMPLETE_WAIT_MS, "10001"),
         ] {
             let e = complete_batch_settings(&env(&[(var, bad)])).expect_err(bad);
             assert_eq!(e.var, var, "{bad}");
