@@ -1,19 +1,19 @@
 //! Completions recorded in groups: one `complete_many.lua` call for many runs' results
 //! (docs/architecture.md, "The protocol", Complete).
 //!
-//! Why: during a drain each result was its own `EVALSHA` of `complete.lua`, and the per-call part
-//! of that (the command, its reply, the script's start) was most of Redis's time per task. The
-//! worker's runs hand their result to a [`CompleteBatcher`] and wait for their own verdict; one
-//! flusher takes whatever is waiting (up to a count and a byte size) and writes it with one
-//! script call, in which every item passes `complete.lua`'s fence on its own. While one call is
-//! in flight the next group gathers, so the groups grow with the load and an idle worker's single
-//! result goes at once (no wait unless one is configured).
+//! Why: during a drain each result was its own `EVALSHA` of `complete.lua` (a call, a reply, a
+//! round trip and a wake-up on both sides per task). The worker's runs hand their result to a
+//! [`CompleteBatcher`] and wait for their own verdict; a flusher takes whatever is waiting (up to
+//! a count and a byte size) and writes it with one script call, in which every item passes
+//! `complete.lua`'s fence on its own. While calls are in flight (at most [`MAX_IN_FLIGHT`]) the
+//! next group gathers, so the groups grow with the load and an idle worker's single result goes
+//! at once (no wait unless one is configured).
 //!
-//! Measured, the call itself was the smaller part: most of Redis's time per result is the
-//! commands inside the script. So a plain result (the drain's) also takes fewer of them: its id
-//! leaves `active` and its run is counted off `running` with one command for the whole group.
-//! Any other result (agent memory, a workflow node, a stream batch left unanswered) runs
-//! `complete.lua`'s own body inside the group.
+//! Measured (loadtest/bench/README.md, "Batched completion"), the call itself was the smaller
+//! part: most of Redis's time per result is the commands inside the script. So a plain result
+//! (the drain's) also takes fewer of them: its id leaves `active` and its run is counted off
+//! `running` with one command for the whole group. Any other result (agent memory, a workflow
+//! node, a stream batch left unanswered) runs `complete.lua`'s own body inside the group.
 //!
 //! Nothing changes for crash safety: a run releases its slot only after its own verdict came
 //! back, so a worker that dies before the call leaves the run in its in-flight list, recovered as
@@ -24,7 +24,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::{ErrorKind, RedisError, RedisResult, Script};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{NodeDone, StreamRest, UsageAdd};
 use crate::keys::Keys;
@@ -50,6 +50,11 @@ static COMPLETE_MANY: LazyLock<Script> = LazyLock::new(|| {
 /// Most bytes of results one call carries (past the first item): a group of large answers is
 /// split, so one reply of Redis never holds many megabytes and a call stays short.
 const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Group calls in flight at once: while one is inside Redis the next is already on its way, so
+/// a result waits behind at most one call, and the groups still grow with the load (a group
+/// gathers while both are busy).
+const MAX_IN_FLIGHT: usize = 2;
 
 /// An agent's memory to append with a result (owned: it waits in the batcher's queue).
 #[derive(Debug, Clone)]
@@ -297,24 +302,18 @@ struct Flusher {
 }
 
 impl Flusher {
+    /// Gathers a group, waits for a call slot (gathering on meanwhile), sends it, repeats.
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        let mut jobs: Vec<Job> = Vec::with_capacity(self.max_items);
+        let me = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         while let Some(first) = rx.recv().await {
+            let mut jobs: Vec<Job> = Vec::with_capacity(me.max_items);
             let mut bytes = first.item.size();
             jobs.push(first);
-            // what gathered while the previous call was in flight
-            while jobs.len() < self.max_items && bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(j) => {
-                        bytes += j.item.size();
-                        jobs.push(j);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if jobs.len() < self.max_items && bytes < MAX_BATCH_BYTES && !self.max_wait.is_zero() {
-                let until = tokio::time::Instant::now() + self.max_wait;
-                while jobs.len() < self.max_items && bytes < MAX_BATCH_BYTES {
+            me.take_waiting(&mut rx, &mut jobs, &mut bytes);
+            if me.room(&jobs, bytes) && !me.max_wait.is_zero() {
+                let until = tokio::time::Instant::now() + me.max_wait;
+                while me.room(&jobs, bytes) {
                     match tokio::time::timeout_at(until, rx.recv()).await {
                         Ok(Some(j)) => {
                             bytes += j.item.size();
@@ -324,7 +323,38 @@ impl Flusher {
                     }
                 }
             }
-            self.flush(&mut jobs).await;
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            // what arrived while both slots were busy goes too
+            me.take_waiting(&mut rx, &mut jobs, &mut bytes);
+            let flusher = me.clone();
+            tokio::spawn(async move {
+                flusher.flush(&mut jobs).await;
+                drop(slot);
+            });
+        }
+    }
+
+    fn room(&self, jobs: &[Job], bytes: usize) -> bool {
+        jobs.len() < self.max_items && bytes < MAX_BATCH_BYTES
+    }
+
+    /// Adds what is waiting in the channel now, as far as the group has room.
+    fn take_waiting(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<Job>,
+        jobs: &mut Vec<Job>,
+        bytes: &mut usize,
+    ) {
+        while self.room(jobs, *bytes) {
+            match rx.try_recv() {
+                Ok(j) => {
+                    *bytes += j.item.size();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
         }
     }
 
