@@ -3,7 +3,10 @@
 //! Loop: take a concurrency permit, then (and only then) move task ids from the pending list into
 //! this worker's in-flight list (reliable fetch, `fetch.lua`), which starts a *run* of each with a
 //! fencing token; run each in its own tokio task (`run.rs`) and report the outcome with the token
-//! (`complete.lua` / `fail.lua`), so a run that no longer owns its task writes nothing. Beside it,
+//! (`complete.lua` / `fail.lua`), so a run that no longer owns its task writes nothing. Successes
+//! are written in groups (`complete_many.lua`, each item fenced on its own) by the completion
+//! batcher (`agentq_common::queue::CompleteBatcher`); each run still waits for its own verdict
+//! before it releases its slot. Beside it,
 //! the heartbeat keeps its own timer and connection, and a maintenance loop promotes due retries,
 //! recovers the tasks of workers whose heartbeat expired and returns orphaned ids
 //! (`maintenance.rs`). A cancel aborts the run it concerns at once: `cancel.lua` publishes the id
