@@ -20,25 +20,8 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 -- the fence saw this run's token on the record, and the HDEL below removes it: the run ends here
 fq_ended(KEYS[4], t[8])
 -- the answering call's usage, in the same step as the result (a refused write adds nothing here:
--- the worker adds it with usage.lua, since the call was paid for): one field,
--- "prompt|completion|cached|calls|cost", so a task's first answer costs no extra command. The
--- first call's field is built by concatenation: a table and gmatch cost ~10 us a call here.
-local usage = ''
-local p, c, cached, cost = string.match(ARGV[8] or '', '^(%d+)|(%d+)|(%d+)|(%d+)$')
-if p then
-  if t[4] then
-    local add = {tonumber(p), tonumber(c), tonumber(cached), 1, tonumber(cost)}
-    local i = 0
-    for v in string.gmatch(t[4], '%d+') do
-      i = i + 1
-      if add[i] then add[i] = add[i] + tonumber(v) end
-    end
-    usage = table.concat(add, '|')
-  else
-    -- a task's first call (the common case): the field is the call's own usage
-    usage = p .. '|' .. c .. '|' .. cached .. '|1|' .. cost
-  end
-end
+-- the worker adds it with usage.lua, since the call was paid for); see usage_after (fence.lua)
+local usage = usage_after(t[4], ARGV[8])
 if usage ~= '' then
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'result', ARGV[4], 'finished_at', ARGV[3],
     'reported', token .. '|ok', 'usage', usage)

@@ -32,21 +32,7 @@ local function plain(tkey, id, token, result, call_usage, rest, step)
   if not tenant or tenant == '' then tenant = 'default' end
   by_tenant[tenant] = (by_tenant[tenant] or 0) + 1
   -- the answering call's usage, added to the task's as complete.lua does
-  local usage = ''
-  local p, c, cached, cost = string.match(call_usage, '^(%d+)|(%d+)|(%d+)|(%d+)$')
-  if p then
-    if t[4] then
-      local add = {tonumber(p), tonumber(c), tonumber(cached), 1, tonumber(cost)}
-      local i = 0
-      for v in string.gmatch(t[4], '%d+') do
-        i = i + 1
-        if add[i] then add[i] = add[i] + tonumber(v) end
-      end
-      usage = table.concat(add, '|')
-    else
-      usage = p .. '|' .. c .. '|' .. cached .. '|1|' .. cost
-    end
-  end
+  local usage = usage_after(t[4], call_usage)
   if usage ~= '' then
     redis.call('HSET', tkey, 'status', 'succeeded', 'result', result, 'finished_at', now,
       'reported', token .. '|ok', 'usage', usage)

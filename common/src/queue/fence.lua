@@ -25,3 +25,23 @@ local function fence(tkey, inflight, id, token, status, current, reported)
   end
   return nil
 end
+
+-- A success's usage field: the answering call's usage ("prompt|completion|cached|cost", '' or
+-- nil when it reported none) added to the task's (`prev`, "prompt|completion|cached|calls|cost",
+-- nil before its first answer); '' when there is nothing to write. One field, so a task's first
+-- answer costs no extra command; that first field is built by concatenation (a table and gmatch
+-- cost ~10 us a call here).
+local function usage_after(prev, call_usage)
+  local p, c, cached, cost = string.match(call_usage or '', '^(%d+)|(%d+)|(%d+)|(%d+)$')
+  if not p then return '' end
+  if not prev then
+    return p .. '|' .. c .. '|' .. cached .. '|1|' .. cost
+  end
+  local add = {tonumber(p), tonumber(c), tonumber(cached), 1, tonumber(cost)}
+  local i = 0
+  for v in string.gmatch(prev, '%d+') do
+    i = i + 1
+    if add[i] then add[i] = add[i] + tonumber(v) end
+  end
+  return table.concat(add, '|')
+end
