@@ -14,6 +14,11 @@ echo "    .venv and .tools: expect about 30 minutes on a 2-core machine, most of
 echo "    progress is shown. Later runs reuse the builds."
 ensure_redis
 ensure_cmd curl curl
+# A clean clone compiles everything once: incremental caches would only take disk (a CI runner ran
+# out of it mid-build), so they are off unless the caller asks for them.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+disk_free() { df -Pk . | awk 'NR == 2 { printf "%.1f GiB free", $4 / 1048576 }'; }
+echo "    disk: $(disk_free) here at the start"
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 passed=0 failed=0 failures=()
@@ -24,11 +29,11 @@ step() { # step NAME CMD...
   echo "==> $name"
   if "$@"; then
     passed=$((passed + 1))
-    echo "<== $name: ok ($((SECONDS - t0)) s)"
+    echo "<== $name: ok ($((SECONDS - t0)) s; $(disk_free))"
   else
     failed=$((failed + 1))
     failures+=("$name")
-    echo "<== $name: FAILED ($((SECONDS - t0)) s)"
+    echo "<== $name: FAILED ($((SECONDS - t0)) s; $(disk_free))"
   fi
 }
 
