@@ -41,6 +41,8 @@ const BLOCK: Duration = Duration::from_secs(2);
 /// stream, so with thousands of streams reading on every new entry would cost Redis far more
 /// than the entries; a few ms more latency on text already batched by 50 ms is nothing.
 const READ_GAP: Duration = Duration::from_millis(10);
+/// Cluster mode: how long the hub waits between reads when nothing came (see `read_cluster`).
+const CLUSTER_POLL: Duration = Duration::from_millis(50);
 /// Comment lines that keep idle connections (and the proxies on their way) open.
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
@@ -358,6 +360,8 @@ struct HubShared {
     client_id: AtomicI64,
     /// The hub is inside `XREAD` now (one wake per block is enough).
     blocked: AtomicBool,
+    /// Cluster mode: wakes the hub's pause between reads when a client joins.
+    joined: tokio::sync::Notify,
     /// Streams being served (the `AGENTQ_MAX_STREAMS` count).
     open: AtomicUsize,
     max: usize,
@@ -368,20 +372,21 @@ struct HubShared {
 impl Hub {
     /// Starts the hub's task; it ends when `stop` is cancelled, and so does every stream.
     pub fn start(
-        url: &secrecy::SecretString,
+        target: &agentq_common::redis_conn::RedisTarget,
         max: usize,
         buffer: usize,
         stop: CancellationToken,
     ) -> anyhow::Result<Self> {
         // a connection of its own: its replies may take the whole block
-        let redis = Redis::with_response_timeout(
-            url,
+        let redis = Redis::connect(
+            target,
             Some(BLOCK + agentq_common::redis_conn::RESPONSE_TIMEOUT),
         )?;
         let (joins, rx) = mpsc::channel(1024);
         let shared = Arc::new(HubShared {
             client_id: AtomicI64::new(0),
             blocked: AtomicBool::new(false),
+            joined: tokio::sync::Notify::new(),
             open: AtomicUsize::new(0),
             max,
             buffer,
@@ -423,6 +428,27 @@ async fn hub_loop(redis: Redis, mut joins: mpsc::Receiver<Join>, shared: Arc<Hub
                 continue;
             }
         };
+        if redis.is_cluster() {
+            match read_cluster(&mut conn, &subs).await {
+                Ok(got) => {
+                    let busy = !got.is_empty();
+                    deliver(&mut subs, got);
+                    let wait = if busy { READ_GAP } else { CLUSTER_POLL };
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shared.joined.notified() => {}
+                        _ = shared.stop.cancelled() => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "event hub: XREAD failed");
+                    if pause(&shared.stop).await {
+                        return;
+                    }
+                }
+            }
+            continue;
+        }
         if !known_id {
             match redis::cmd("CLIENT")
                 .arg("ID")
@@ -480,6 +506,52 @@ async fn hub_loop(redis: Redis, mut joins: mpsc::Receiver<Join>, shared: Arc<Hub
             }
         }
     }
+}
+
+/// Cluster mode's read: an `XREAD` names keys of one slot only, and a blocking one holds its
+/// node's connection (every other read to that node would wait behind it), so the hub reads each
+/// slot's streams with a non-blocking `XREAD`, all slots at once, and pauses [`CLUSTER_POLL`] when
+/// nothing came (a client joining wakes it). A stream's key carries its queue's hash tag, so a
+/// group is a queue: a read per queue with live clients, 20 a second at most.
+async fn read_cluster(
+    conn: &mut agentq_common::redis_conn::Conn,
+    subs: &HashMap<String, Vec<Sub>>,
+) -> redis::RedisResult<Vec<(String, Vec<Entry>)>> {
+    let mut groups: HashMap<&str, Vec<&String>> = HashMap::new();
+    for k in subs.keys() {
+        groups.entry(hash_tag(k)).or_default().push(k);
+    }
+    let reads = groups.into_values().map(|keys| {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(PAGE).arg("STREAMS");
+        for k in &keys {
+            cmd.arg(k.as_str());
+        }
+        for k in &keys {
+            let min = subs[*k].iter().map(|s| s.cursor).min().unwrap_or_default();
+            cmd.arg(min.to_string());
+        }
+        let mut conn = conn.clone();
+        async move { cmd.query_async::<Value>(&mut conn).await }
+    });
+    let mut got = Vec::new();
+    for v in futures::future::try_join_all(reads).await? {
+        got.extend(streams(v));
+    }
+    Ok(got)
+}
+
+/// A key's hash tag (what Redis Cluster hashes): the text inside its first `{...}` when that is
+/// not empty, else the whole key.
+fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
 }
 
 /// Waits a moment after Redis trouble; true when the hub is stopping.
@@ -745,6 +817,8 @@ impl Feed {
     /// `CLIENT UNBLOCK` the hub's `XREAD`, so it reads the new stream now.
     async fn wake_hub(&self) {
         let shared = &self.state.hub.shared;
+        // cluster mode's hub never blocks in Redis; it pauses between reads (read_cluster)
+        shared.joined.notify_one();
         let id = shared.client_id.load(Ordering::Relaxed);
         if id == 0 || !shared.blocked.swap(false, Ordering::AcqRel) {
             return;
@@ -1200,6 +1274,15 @@ mod tests {
         assert_eq!(v["error_code"], "cancelled");
         // not JSON: passed on as it is
         assert_eq!(with_error_code("x"), "x");
+    }
+
+    #[test]
+    fn hash_tags_are_what_the_cluster_hashes() {
+        assert_eq!(hash_tag("agentq:{default}:task:1:events"), "default");
+        assert_eq!(hash_tag("agentq:{}:x"), "agentq:{}:x");
+        assert_eq!(hash_tag("plain"), "plain");
+        assert_eq!(hash_tag("a{b"), "a{b");
+        assert_eq!(hash_tag("a{b}{c}"), "b");
     }
 
     #[test]

@@ -64,12 +64,12 @@ impl AppState {
         config: ApiConfig,
         stop: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Self> {
-        let redis = Redis::open(&config.common.redis_url)?;
+        let redis = Redis::open_target(&config.common.redis_target())?;
         let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix);
         let budgets = agentq_common::flow::Budgets::new(redis.clone(), &config.common.key_prefix);
         let broker = Broker::new(redis, config.common.key_prefix.clone());
         let hub = events::Hub::start(
-            &config.common.redis_url,
+            &config.common.redis_target(),
             config.max_streams,
             config.stream_buffer,
             stop,
@@ -142,6 +142,9 @@ pub async fn run(
         prefix = %state.config.common.key_prefix,
         "agentq-api serving"
     );
+    if !state.config.common.redis_cluster_nodes.is_empty() {
+        tracing::info!("cluster mode: REDIS_CLUSTER_NODES is set, so REDIS_URL is ignored");
+    }
     if state.config.auth.enabled {
         tracing::info!(
             auth = "on",

@@ -15,6 +15,10 @@ use crate::keys::validate_queue;
 use crate::task::MAX_ATTEMPTS_LIMIT;
 
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
+/// Cluster mode: the comma-separated seed URLs of a Redis Cluster (`REDIS_URL` is then ignored).
+pub const ENV_REDIS_CLUSTER_NODES: &str = "REDIS_CLUSTER_NODES";
+/// Most seed URLs `REDIS_CLUSTER_NODES` may list (the client learns the rest from the cluster).
+pub const MAX_CLUSTER_SEEDS: usize = 64;
 pub const ENV_LISTEN: &str = "AGENTQ_LISTEN";
 pub const ENV_KEY_PREFIX: &str = "AGENTQ_KEY_PREFIX";
 pub const ENV_QUEUE: &str = "AGENTQ_QUEUE";
@@ -256,6 +260,8 @@ pub fn worker_threads(env: &dyn Env, cores: usize) -> Result<usize, ConfigError>
 #[derive(Debug, Clone)]
 pub struct CommonConfig {
     pub redis_url: SecretString,
+    /// `REDIS_CLUSTER_NODES`'s seeds; empty: one server at `redis_url`.
+    pub redis_cluster_nodes: Vec<SecretString>,
     pub listen: SocketAddr,
     pub key_prefix: String,
     pub result_ttl: Duration,
@@ -273,6 +279,7 @@ impl CommonConfig {
                 message: format!("not a redis:// or rediss:// URL ({})", e.category()),
             });
         }
+        let redis_cluster_nodes = cluster_nodes(env)?;
         let default_listen: SocketAddr = default_listen.parse().map_err(|_| ConfigError {
             var: ENV_LISTEN,
             message: "bad built-in default".to_owned(),
@@ -286,6 +293,7 @@ impl CommonConfig {
         }
         Ok(Self {
             redis_url: SecretString::from(redis_url),
+            redis_cluster_nodes,
             listen: parse(env, ENV_LISTEN, default_listen)?,
             key_prefix,
             result_ttl: Duration::from_secs(ranged(
@@ -306,10 +314,73 @@ impl CommonConfig {
         })
     }
 
-    /// The Redis address without credentials, for logs.
+    /// The Redis address without credentials, for logs: the URL, or `cluster(<seeds>)`.
     pub fn redis_display(&self) -> String {
-        redact_url(self.redis_url.expose_secret())
+        if self.redis_cluster_nodes.is_empty() {
+            return redact_url(self.redis_url.expose_secret());
+        }
+        let seeds: Vec<String> = self
+            .redis_cluster_nodes
+            .iter()
+            .map(|u| redact_url(u.expose_secret()))
+            .collect();
+        format!("cluster({})", seeds.join(","))
     }
+
+    /// Where Redis is: the cluster's seeds when `REDIS_CLUSTER_NODES` is set, else `REDIS_URL`.
+    pub fn redis_target(&self) -> crate::redis_conn::RedisTarget {
+        if self.redis_cluster_nodes.is_empty() {
+            crate::redis_conn::RedisTarget::Single(self.redis_url.clone())
+        } else {
+            crate::redis_conn::RedisTarget::Cluster(self.redis_cluster_nodes.clone())
+        }
+    }
+}
+
+/// `REDIS_CLUSTER_NODES`: unset or blank for one server; else 1 to [`MAX_CLUSTER_SEEDS`] seed
+/// URLs, comma-separated, each `redis://[user:password@]host:port` or `rediss://...`, agreeing on
+/// credentials and TLS (the cluster client speaks to every node the same way). No database number:
+/// a cluster has only database 0. Messages never repeat a URL (it may hold a password).
+fn cluster_nodes(env: &dyn Env) -> Result<Vec<SecretString>, ConfigError> {
+    let Some(raw) = env
+        .get(ENV_REDIS_CLUSTER_NODES)
+        .filter(|v| !v.trim().is_empty())
+    else {
+        return Ok(Vec::new());
+    };
+    let err = |message: String| ConfigError {
+        var: ENV_REDIS_CLUSTER_NODES,
+        message,
+    };
+    let seeds: Vec<&str> = raw.split(',').map(str::trim).collect();
+    if seeds.len() > MAX_CLUSTER_SEEDS {
+        return Err(err(format!("at most {MAX_CLUSTER_SEEDS} seed URLs")));
+    }
+    let mut infos = Vec::with_capacity(seeds.len());
+    for (i, url) in seeds.iter().enumerate() {
+        let n = i + 1;
+        if url.is_empty() {
+            return Err(err(format!("seed {n} is empty")));
+        }
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(err(format!("seed {n} is not a redis:// or rediss:// URL")));
+        }
+        let info = redis::IntoConnectionInfo::into_connection_info(*url)
+            .map_err(|e| err(format!("seed {n} is not a Redis URL ({})", e.category())))?;
+        if info.redis_settings().db() != 0 {
+            return Err(err(format!(
+                "seed {n} names a database; a cluster has only database 0"
+            )));
+        }
+        infos.push(info);
+    }
+    // the same checks the cluster client makes when it is built, here at start with the variable named
+    redis::cluster::ClusterClient::new(infos)
+        .map_err(|e| err(format!("the seeds disagree ({})", e.category())))?;
+    Ok(seeds
+        .into_iter()
+        .map(|u| SecretString::from(u.to_owned()))
+        .collect())
 }
 
 /// `scheme://host:port/db` with any user and password removed.
@@ -957,6 +1028,11 @@ mod tests {
             (ENV_PRICES, "{"),
             (ENV_MAX_RESPONSE_BYTES, "10"),
             (ENV_REDIS_URL, "mysql://x"),
+            (ENV_REDIS_CLUSTER_NODES, "redis://a:1,,redis://b:2"),
+            (ENV_REDIS_CLUSTER_NODES, "redis://a:1,http://b:2"),
+            (ENV_REDIS_CLUSTER_NODES, "redis://a:1/3"),
+            (ENV_REDIS_CLUSTER_NODES, "redis://a:1,rediss://b:2"),
+            (ENV_REDIS_CLUSTER_NODES, "redis://:x@a:1,redis://:y@b:2"),
             (ENV_CANCEL_POLL_MS, "10"),
             (ENV_CANCEL_POLL_MS, "600001"),
             (ENV_CANCEL_POLL_MS, "soon"),
@@ -980,6 +1056,36 @@ mod tests {
                 c.common.redis_display()
             );
         }
+    }
+
+    #[test]
+    fn cluster_seeds_are_read_and_redacted() {
+        let c = ApiConfig::from_env(&env(&[(
+            ENV_REDIS_CLUSTER_NODES,
+            " redis://:pw@10.0.0.1:7000 , redis://:pw@10.0.0.2:7001",
+        )]))
+        .expect("two seeds");
+        assert_eq!(c.common.redis_cluster_nodes.len(), 2);
+        assert_eq!(
+            c.common.redis_display(),
+            "cluster(redis://10.0.0.1:7000,redis://10.0.0.2:7001)"
+        );
+        assert!(matches!(
+            c.common.redis_target(),
+            crate::redis_conn::RedisTarget::Cluster(ref s) if s.len() == 2
+        ));
+        let single = ApiConfig::from_env(&env(&[(ENV_REDIS_CLUSTER_NODES, "  ")])).expect("blank");
+        assert!(single.common.redis_cluster_nodes.is_empty());
+        let many = vec!["redis://h:1"; MAX_CLUSTER_SEEDS + 1].join(",");
+        let err = ApiConfig::from_env(&env(&[(ENV_REDIS_CLUSTER_NODES, many.as_str())]))
+            .expect_err("too many seeds");
+        assert_eq!(err.var, ENV_REDIS_CLUSTER_NODES);
+        let err = ApiConfig::from_env(&env(&[(
+            ENV_REDIS_CLUSTER_NODES,
+            "redis://:hunter2@a:1,redis://:other@b:2",
+        )]))
+        .expect_err("different passwords");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

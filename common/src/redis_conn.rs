@@ -1,6 +1,13 @@
 //! The Redis connection: one multiplexed, auto-reconnecting connection shared by every task
 //! (and, for a subscriber, a pub/sub connection of its own: [`Redis::pubsub`]).
 //!
+//! Cluster mode (`REDIS_CLUSTER_NODES`, [`RedisTarget::Cluster`]): the same [`Redis`] handle holds
+//! the `redis` crate's async cluster connection instead, which keeps a connection per node, routes
+//! every command and script by its first key's slot, follows MOVED/ASK and re-reads the slot map
+//! after a failover. Callers see one [`Conn`] either way. What a cluster asks of callers: a
+//! pipeline's commands share one slot (a queue's keys do: they carry its `{queue}` hash tag), and
+//! a blocking command gets a [`Redis`] of its own (it holds its node's connection while it waits).
+//!
 //! Why not a pool: a multiplexed connection pipelines concurrent commands on one socket, which is
 //! what a queue's many small scripts want, and deadpool-redis PINGs on every checkout, doubling the
 //! round trips per enqueue. The connection is made lazily so a process starts, serves its probes
@@ -16,7 +23,9 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, RedisResult};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Value};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
@@ -28,18 +37,69 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// must chain to, instead of the system roots (a private CA, mounted from a Secret by the chart).
 pub const ENV_REDIS_CA_FILE: &str = "AGENTQ_REDIS_CA_FILE";
 
+/// Where Redis is: one server (`REDIS_URL`), or a Redis Cluster (or Valkey cluster) reached
+/// through its seed nodes (`REDIS_CLUSTER_NODES`; the client learns the rest from them).
+#[derive(Clone, Debug)]
+pub enum RedisTarget {
+    Single(SecretString),
+    Cluster(Vec<SecretString>),
+}
+
+/// A connection to the single server or to the cluster; cheap to clone (both are handles to a
+/// multiplexed connection), and usable wherever the `redis` crate takes an async connection.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Redis {
     inner: std::sync::Arc<Inner>,
 }
 
-struct Inner {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    conn: OnceCell<ConnectionManager>,
+enum Inner {
+    Single {
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+        conn: OnceCell<ConnectionManager>,
+    },
+    Cluster {
+        client: ClusterClient,
+        conn: OnceCell<ClusterConnection>,
+    },
 }
 
 impl Redis {
+    /// One server at `url`.
     pub fn open(url: &SecretString) -> RedisResult<Self> {
         Self::with_response_timeout(url, Some(RESPONSE_TIMEOUT))
     }
@@ -49,41 +109,99 @@ impl Redis {
         url: &SecretString,
         timeout: Option<Duration>,
     ) -> RedisResult<Self> {
-        let client = client(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(timeout)
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        Ok(Self {
-            inner: std::sync::Arc::new(Inner {
-                client,
-                config,
+        Self::connect(&RedisTarget::Single(url.clone()), timeout)
+    }
+
+    /// The single server or the cluster of `target`, with the usual response timeout.
+    pub fn open_target(target: &RedisTarget) -> RedisResult<Self> {
+        Self::connect(target, Some(RESPONSE_TIMEOUT))
+    }
+
+    /// The single server or the cluster of `target`; a reply may take `timeout` (None: no limit).
+    pub fn connect(target: &RedisTarget, timeout: Option<Duration>) -> RedisResult<Self> {
+        let inner = match target {
+            RedisTarget::Single(url) => {
+                let client = client(url)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(timeout)
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(2));
+                Inner::Single {
+                    client,
+                    config,
+                    conn: OnceCell::new(),
+                }
+            }
+            RedisTarget::Cluster(seeds) => Inner::Cluster {
+                client: cluster_client(seeds, timeout)?,
                 conn: OnceCell::new(),
-            }),
+            },
+        };
+        Ok(Self {
+            inner: std::sync::Arc::new(inner),
         })
     }
 
+    /// True in cluster mode.
+    pub fn is_cluster(&self) -> bool {
+        matches!(*self.inner, Inner::Cluster { .. })
+    }
+
     /// The shared connection, connecting on first use. Cloning it is cheap.
-    pub async fn conn(&self) -> RedisResult<ConnectionManager> {
-        let inner = &self.inner;
-        inner
-            .conn
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(inner.client.clone(), inner.config.clone())
-            })
-            .await
-            .cloned()
+    pub async fn conn(&self) -> RedisResult<Conn> {
+        match &*self.inner {
+            Inner::Single {
+                client,
+                config,
+                conn,
+            } => conn
+                .get_or_try_init(|| {
+                    ConnectionManager::new_with_config(client.clone(), config.clone())
+                })
+                .await
+                .cloned()
+                .map(Conn::Single),
+            Inner::Cluster { client, conn } => {
+                // connecting reads the slot map from a seed; bounded like a single connection
+                let connect = async {
+                    match tokio::time::timeout(
+                        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
+                        client.get_async_connection(),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "cluster connection timed out",
+                        )
+                        .into()),
+                    }
+                };
+                conn.get_or_try_init(|| connect)
+                    .await
+                    .cloned()
+                    .map(Conn::Cluster)
+            }
+        }
     }
 
     /// A pub/sub connection of its own, from the same client (same URL, credentials and TLS):
     /// SUBSCRIBE takes a connection over, so the shared one cannot carry it. It does not
     /// reconnect by itself: its message stream ends when the connection drops, and the caller
     /// subscribes again. Connecting (with the handshake) is bounded like every other connection.
+    /// Single-server mode only (nothing in agentq subscribes on a cluster).
     pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
+        let Inner::Single { client, .. } = &*self.inner else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "pub/sub is not offered in cluster mode",
+            )));
+        };
         match tokio::time::timeout(
             CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
-            self.inner.client.get_async_pubsub(),
+            client.get_async_pubsub(),
         )
         .await
         {
@@ -134,4 +252,45 @@ fn client(url: &SecretString) -> RedisResult<redis::Client> {
             )
         }
     }
+}
+
+/// The cluster client for `seeds`: the same handshake rules and CA bundle as [`client`] (the
+/// credentials and TLS mode come from the seeds, which must agree on them). Retries are few and
+/// bounded by the response timeout, so a command during a failover fails (503) within it instead
+/// of queueing for long; the slot map is re-read on MOVED and on a lost node.
+fn cluster_client(seeds: &[SecretString], timeout: Option<Duration>) -> RedisResult<ClusterClient> {
+    let mut infos = Vec::with_capacity(seeds.len());
+    let mut tls = false;
+    for url in seeds {
+        let info = url.expose_secret().into_connection_info()?;
+        let settings = info.redis_settings().clone().set_skip_set_lib_name();
+        tls |= matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        infos.push(info.set_redis_settings(settings));
+    }
+    let mut builder = ClusterClient::builder(infos)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .retries(3)
+        .min_retry_wait(50)
+        .max_retry_wait(500);
+    if let Some(t) = timeout {
+        builder = builder
+            .response_timeout(t)
+            .overall_response_timeout(Some(t + RESPONSE_TIMEOUT));
+    } else {
+        builder = builder.overall_response_timeout(None);
+    }
+    if let Some(path) = std::env::var_os(ENV_REDIS_CA_FILE).filter(|p| tls && !p.is_empty()) {
+        let root_cert = std::fs::read(&path).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot read the CA bundle named by AGENTQ_REDIS_CA_FILE",
+                format!("{}: {e}", path.to_string_lossy()),
+            ))
+        })?;
+        builder = builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        });
+    }
+    builder.build()
 }

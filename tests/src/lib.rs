@@ -229,6 +229,146 @@ impl RedisServer {
     }
 }
 
+/// A local Redis Cluster as a test's peer: six `redis-server`s on free ports, made into 3 masters
+/// with one replica each by `redis-cli --cluster create` (the tool an operator uses), with a 1 s
+/// node timeout so a killed master's replica takes over within a few seconds.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+/// `cluster-node-timeout` of [`RedisCluster`]: how long a master may be silent before it is
+/// marked failed and its replica promoted.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
+
+impl RedisCluster {
+    pub fn start() -> Result<Self> {
+        let timeout = CLUSTER_NODE_TIMEOUT_MS.to_string();
+        let mut nodes = Vec::with_capacity(6);
+        for _ in 0..6 {
+            nodes.push(RedisServer::start_with(
+                false,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    &timeout,
+                ],
+            )?);
+        }
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let c = Self { nodes };
+        c.wait_ready(Duration::from_secs(30))?;
+        Ok(c)
+    }
+
+    /// `REDIS_CLUSTER_NODES` for the binaries: every node as a seed.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and every master has a replica in sync.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.ready() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster was not ready after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn ready(&self) -> bool {
+        let live: Vec<&RedisServer> = self.nodes.iter().filter(|n| n.pid().is_some()).collect();
+        let mut masters = 0;
+        for n in &live {
+            let Ok(mut c) = n.conn() else { return false };
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut c)
+                .unwrap_or_default();
+            if !info.contains("cluster_state:ok") {
+                return false;
+            }
+            let repl: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut c)
+                .unwrap_or_default();
+            if repl.contains("role:master") {
+                masters += 1;
+                if !repl.contains("connected_slaves:1") || !repl.contains("state=online") {
+                    return false;
+                }
+            }
+        }
+        masters == 3
+    }
+
+    /// The node that serves `key`'s slot as master now (asked of a live node).
+    pub fn master_of(&self, key: &str) -> Result<usize> {
+        let live = self
+            .nodes
+            .iter()
+            .find(|n| n.pid().is_some())
+            .ok_or_else(|| anyhow::anyhow!("no live node"))?;
+        let mut c = live.conn()?;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut c)?;
+        // CLUSTER SLOTS: [[start, end, [ip, port, id], replicas...], ...]
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut c)?;
+        for range in slots {
+            let redis::Value::Array(r) = range else {
+                continue;
+            };
+            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
+                (r.first(), r.get(1))
+            else {
+                continue;
+            };
+            if (*start..=*end).contains(&slot) {
+                if let Some(redis::Value::Array(master)) = r.get(2) {
+                    if let Some(redis::Value::Int(port)) = master.get(1) {
+                        if let Some(i) = self.nodes.iter().position(|n| i64::from(n.port) == *port)
+                        {
+                            return Ok(i);
+                        }
+                    }
+                }
+            }
+        }
+        bail!("no master serves slot {slot} of {key}")
+    }
+
+    /// A cluster client for the test's own reads (the binaries use their own).
+    pub fn client(&self) -> Result<redis::cluster::ClusterClient> {
+        Ok(redis::cluster::ClusterClient::new(
+            self.nodes.iter().map(RedisServer::url).collect::<Vec<_>>(),
+        )?)
+    }
+}
+
 /// Base environment for both binaries in tests: fast heartbeats and retries, pretty logs.
 pub fn base_env(redis_url: &str, llm_url: &str) -> HashMap<String, String> {
     [

@@ -44,7 +44,7 @@ fn route(u: &Upstream) -> Route<'_> {
     }
 }
 
-async fn setup() -> Result<(RedisServer, Limiter, redis::aio::ConnectionManager)> {
+async fn setup() -> Result<(RedisServer, Limiter, agentq_common::redis_conn::Conn)> {
     let redis = RedisServer::start()?;
     let url = SecretString::from(redis.url());
     let r = Redis::open(&url)?;
@@ -59,13 +59,13 @@ async fn reserve(l: &Limiter, r: &Route<'_>, tokens: u64, lease: &str, park: boo
         .expect("reserve.lua runs")
 }
 
-async fn redis_ms(conn: &mut redis::aio::ConnectionManager) -> Result<i64> {
+async fn redis_ms(conn: &mut agentq_common::redis_conn::Conn) -> Result<i64> {
     let (s, us): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
     Ok(s * 1000 + us / 1000)
 }
 
 /// Waits until Redis's clock is just past a second boundary, so a test's steps fall in one second.
-async fn start_of_second(conn: &mut redis::aio::ConnectionManager) -> Result<()> {
+async fn start_of_second(conn: &mut agentq_common::redis_conn::Conn) -> Result<()> {
     let ms = redis_ms(conn).await? % 1000;
     tokio::time::sleep(Duration::from_millis((1000 - ms as u64) + 20)).await;
     Ok(())
@@ -80,7 +80,7 @@ fn admitted(a: Admission) -> Result<Reservation> {
 
 /// Concurrency slots a scope holds: its leases, a grant's weighing its slots (`gextra` counts
 /// what grants' leases weigh beyond one each).
-async fn slots_held(conn: &mut redis::aio::ConnectionManager, scope: &str) -> Result<i64> {
+async fn slots_held(conn: &mut agentq_common::redis_conn::Conn, scope: &str) -> Result<i64> {
     let leases: i64 = conn.zcard(format!("{scope}:leases")).await?;
     let extra: Option<i64> = conn.hget(scope, "gextra").await?;
     Ok(leases + extra.unwrap_or(0))
@@ -111,7 +111,7 @@ async fn settle_together(l: &Limiter, held: Vec<Reservation>, latency: Duration)
 }
 
 /// Script calls Redis has run so far (every limiter step is one EVALSHA).
-async fn evalsha_calls(conn: &redis::aio::ConnectionManager) -> Result<u64> {
+async fn evalsha_calls(conn: &agentq_common::redis_conn::Conn) -> Result<u64> {
     let mut c = conn.clone();
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
@@ -244,7 +244,7 @@ async fn settlement_returns_unused_tokens_and_unserved_requests() -> Result<()> 
     ));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let key = "agentq:limiter:{up}:model:m";
-    let sums = |c: &mut redis::aio::ConnectionManager| {
+    let sums = |c: &mut agentq_common::redis_conn::Conn| {
         let mut c = c.clone();
         async move {
             let v: (i64, i64) = c.hmget(key, &["rsum", "tsum"][..]).await?;

@@ -189,13 +189,14 @@ pub async fn run(
         }
     };
     let metrics = WorkerMetrics::new();
-    let redis = Redis::open(&config.common.redis_url)?;
-    let blocking = Redis::with_response_timeout(
-        &config.common.redis_url,
+    let target = config.common.redis_target();
+    let redis = Redis::open_target(&target)?;
+    let blocking = Redis::connect(
+        &target,
         Some(BLOCK + agentq_common::redis_conn::RESPONSE_TIMEOUT),
     )?;
     // Its own connection: a heartbeat never queues behind a slow script or a big reply.
-    let beat_conn = Redis::open(&config.common.redis_url)?;
+    let beat_conn = Redis::open_target(&target)?;
     let known_models: std::collections::HashSet<String> = config
         .upstreams
         .list
@@ -300,6 +301,9 @@ pub async fn run(
         listen = %listener.local_addr()?,
         "agentq-worker starting"
     );
+    if !worker.cfg.common.redis_cluster_nodes.is_empty() {
+        tracing::info!("cluster mode: REDIS_CLUSTER_NODES is set, so REDIS_URL is ignored");
+    }
 
     let probe_stop = CancellationToken::new();
     let probe = tokio::spawn(probe::serve(listener, worker.clone(), probe_stop.clone()));

@@ -965,7 +965,7 @@ fn admission(
 /// Models of the implicit upstream worth showing: the default one and any with limiter state
 /// (found by a bounded SCAN; this is an operator's endpoint, not a hot path).
 async fn implicit_models(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_conn::Conn,
     prefix: &str,
     u: &Upstream,
     upstreams: &Upstreams,
@@ -1020,7 +1020,7 @@ struct Extra {
 }
 
 async fn scope_state(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_conn::Conn,
     key: &str,
     sec: i64,
     now_ms: i64,
