@@ -67,7 +67,11 @@ impl AppState {
         let redis = Redis::open_target(&config.common.redis_target())?;
         let limiter = agentq_common::flow::Limiter::new(redis.clone(), &config.common.key_prefix);
         let budgets = agentq_common::flow::Budgets::new(redis.clone(), &config.common.key_prefix);
-        let broker = Broker::new(redis, config.common.key_prefix.clone());
+        let mut broker = Broker::new(redis, config.common.key_prefix.clone());
+        if let Some(wait) = config.enqueue_replicas {
+            let writes = Redis::open_target(&config.common.redis_target())?;
+            broker = broker.with_replica_wait(writes, wait);
+        }
         let hub = events::Hub::start(
             &config.common.redis_target(),
             config.max_streams,

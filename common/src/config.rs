@@ -79,6 +79,12 @@ pub const DEFAULT_ENQUEUE_GROUP_MAX: usize = 64;
 /// group.
 pub const ENV_ENQUEUE_GROUP_INFLIGHT: &str = "AGENTQ_ENQUEUE_GROUP_INFLIGHT";
 pub const DEFAULT_ENQUEUE_GROUP_INFLIGHT: usize = 2;
+/// Replicas an enqueue waits for (`WAIT`) before it is acknowledged with 202; default 1 in
+/// cluster mode, 0 (no wait) with one server.
+pub const ENV_ENQUEUE_REPLICAS: &str = "AGENTQ_ENQUEUE_REPLICAS";
+/// How long an enqueue waits for those replicas before it answers 503 instead.
+pub const ENV_ENQUEUE_REPLICA_TIMEOUT_MS: &str = "AGENTQ_ENQUEUE_REPLICA_TIMEOUT_MS";
+pub const DEFAULT_ENQUEUE_REPLICA_TIMEOUT_MS: u64 = 1000;
 /// `on` (default): every `/v1/*` route needs a bearer token; `off`: open, for local use.
 pub const ENV_AUTH: &str = "AGENTQ_AUTH";
 /// The admin token (manages tenants and their tokens, sees everything); required with auth on.
@@ -415,6 +421,9 @@ pub struct ApiConfig {
     pub enqueue_group_max: usize,
     /// `AGENTQ_ENQUEUE_GROUP_INFLIGHT`: group-commit calls out at once.
     pub enqueue_group_inflight: usize,
+    /// `AGENTQ_ENQUEUE_REPLICAS` and `AGENTQ_ENQUEUE_REPLICA_TIMEOUT_MS`: replicas an enqueue
+    /// waits for before it is acknowledged; `None`: it is acknowledged once its master wrote it.
+    pub enqueue_replicas: Option<crate::queue::ReplicaWait>,
     /// The Batch API's limits and queue (`AGENTQ_FILE_*`, `AGENTQ_BATCH*`).
     pub batch: BatchConfig,
     /// Tokens and tenants (`AGENTQ_AUTH`, `AGENTQ_ADMIN_TOKEN`, ...).
@@ -560,6 +569,7 @@ impl BatchConfig {
 impl ApiConfig {
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let common = CommonConfig::from_env(env, DEFAULT_API_LISTEN)?;
+        let cluster = !common.redis_cluster_nodes.is_empty();
         let default_queue = string(env, ENV_QUEUE, DEFAULT_QUEUE);
         validate_queue(&default_queue).map_err(|e| ConfigError {
             var: ENV_QUEUE,
@@ -634,6 +644,22 @@ impl ApiConfig {
                 1,
                 64,
             )?,
+            enqueue_replicas: {
+                let default = u32::from(cluster);
+                let replicas: u32 = ranged(env, ENV_ENQUEUE_REPLICAS, default, 0, 16)?;
+                // below the api's 4 s Redis deadline, with room for the write before it
+                let timeout = ranged(
+                    env,
+                    ENV_ENQUEUE_REPLICA_TIMEOUT_MS,
+                    DEFAULT_ENQUEUE_REPLICA_TIMEOUT_MS,
+                    1,
+                    3000,
+                )?;
+                (replicas > 0).then(|| crate::queue::ReplicaWait {
+                    replicas,
+                    timeout: Duration::from_millis(timeout),
+                })
+            },
             chat_cancel_on_disconnect: match string(env, ENV_CHAT_CANCEL_ON_DISCONNECT, "off")
                 .trim()
             {
@@ -1086,6 +1112,44 @@ mod tests {
         )]))
         .expect_err("different passwords");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn enqueues_wait_for_a_replica_by_default_only_in_cluster_mode() {
+        let single = ApiConfig::from_env(&env(&[])).expect("defaults");
+        assert_eq!(single.enqueue_replicas, None);
+        let seeds = (ENV_REDIS_CLUSTER_NODES, "redis://a:1,redis://b:2");
+        let cluster = ApiConfig::from_env(&env(&[seeds])).expect("cluster");
+        assert_eq!(
+            cluster.enqueue_replicas,
+            Some(crate::queue::ReplicaWait {
+                replicas: 1,
+                timeout: Duration::from_millis(DEFAULT_ENQUEUE_REPLICA_TIMEOUT_MS)
+            })
+        );
+        let off = ApiConfig::from_env(&env(&[seeds, (ENV_ENQUEUE_REPLICAS, "0")])).expect("off");
+        assert_eq!(off.enqueue_replicas, None);
+        let two = ApiConfig::from_env(&env(&[
+            (ENV_ENQUEUE_REPLICAS, "2"),
+            (ENV_ENQUEUE_REPLICA_TIMEOUT_MS, "250"),
+        ]))
+        .expect("two with one server (a Sentinel setup)");
+        assert_eq!(
+            two.enqueue_replicas,
+            Some(crate::queue::ReplicaWait {
+                replicas: 2,
+                timeout: Duration::from_millis(250)
+            })
+        );
+        for (var, bad) in [
+            (ENV_ENQUEUE_REPLICAS, "17"),
+            (ENV_ENQUEUE_REPLICAS, "-1"),
+            (ENV_ENQUEUE_REPLICA_TIMEOUT_MS, "0"),
+            (ENV_ENQUEUE_REPLICA_TIMEOUT_MS, "3001"),
+        ] {
+            let err = ApiConfig::from_env(&env(&[(var, bad)])).expect_err(bad);
+            assert_eq!(err.var, var);
+        }
     }
 
     #[test]

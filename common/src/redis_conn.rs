@@ -81,6 +81,35 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
+impl Conn {
+    /// `WAIT replicas timeout` on the connection that carried this client's writes to the node
+    /// holding `key` (in a cluster, the master of its slot): how many replicas acknowledged every
+    /// write sent on it so far. WAIT counts the writes of its own connection only, which is why it
+    /// must ride the same multiplexed connection as the write it vouches for.
+    pub async fn wait_replicas(
+        &mut self,
+        key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> RedisResult<u32> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout.as_millis() as u64);
+        let acked: i64 = match self {
+            Conn::Single(c) => cmd.query_async(c).await?,
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                // the crate would send WAIT to every master and keep the least: ask only the
+                // master that took the write
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(key, SlotAddr::Master),
+                ));
+                redis::from_redis_value(c.route_command(cmd, route).await?)?
+            }
+        };
+        Ok(u32::try_from(acked).unwrap_or(0))
+    }
+}
+
 #[derive(Clone)]
 pub struct Redis {
     inner: std::sync::Arc<Inner>,

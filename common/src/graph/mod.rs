@@ -661,8 +661,9 @@ impl Broker {
                 .and_then(|n| crate::tenant::non_default(n.task.payload.tenant.as_deref()))
                 .unwrap_or(""),
         );
-        let mut conn = self.redis().conn().await?;
+        let mut conn = self.write_conn().await?;
         let (created, id): (i64, String) = inv.invoke_async(&mut conn).await?;
+        self.replicated(&mut conn, &keys.pending()).await?;
         Ok((
             id,
             if created == 1 {

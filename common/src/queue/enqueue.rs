@@ -27,6 +27,16 @@ static ENQUEUE_MANY: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+/// Replicas an acknowledged enqueue waits for (`AGENTQ_ENQUEUE_REPLICAS`,
+/// `AGENTQ_ENQUEUE_REPLICA_TIMEOUT_MS`): with Redis's asynchronous replication, a master lost
+/// right after it answered takes unreplicated writes with it; `WAIT` after the write closes that
+/// window for what the api acknowledges (see README "Redis Cluster" for what it does not cover).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaWait {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
 /// One task of a group: the validated task and its idempotency key (already scoped to its
 /// tenant, as `tenant::idempotency_key` makes it).
 #[derive(Debug, Clone)]
@@ -58,7 +68,7 @@ impl Broker {
         for (chunk, chunk_ids) in items.chunks(ITEMS_PER_CALL).zip(ids.chunks(ITEMS_PER_CALL)) {
             calls.push(self.enqueue_call(queue, chunk, chunk_ids, created, ttl)?);
         }
-        let conn = self.redis().conn().await?;
+        let mut conn = self.write_conn().await?;
         // The multiplexed connection writes concurrent calls back to back: one round trip's wait
         // for all of them.
         let replies = futures::future::try_join_all(calls.iter().map(|inv| {
@@ -66,6 +76,9 @@ impl Broker {
             async move { inv.invoke_async::<Vec<redis::Value>>(&mut conn).await }
         }))
         .await?;
+        // one WAIT for the whole group: it covers every write sent on the connection before it
+        self.replicated(&mut conn, &self.keys(queue).pending())
+            .await?;
         let mut out = Vec::with_capacity(items.len());
         let mut ids = ids.into_iter();
         for (reply, chunk) in replies.iter().zip(items.chunks(ITEMS_PER_CALL)) {
@@ -97,6 +110,42 @@ impl Broker {
             }
         }
         Ok(out)
+    }
+
+    /// The connection enqueues are written on: the replica-waiting one when there is one.
+    pub(crate) async fn write_conn(&self) -> RedisResult<crate::redis_conn::Conn> {
+        match &self.durable {
+            Some(d) => d.0.conn().await,
+            None => self.redis.conn().await,
+        }
+    }
+
+    /// With a replica wait configured: `WAIT` on `conn` (which carried the write) at the node of
+    /// `key`; fewer replicas than asked within the timeout is an error, so the api answers 503
+    /// and the client resends (with its Idempotency-Key, the same task). The write itself stays:
+    /// it may still reach the replica, and it runs unless its master is lost first.
+    pub(crate) async fn replicated(
+        &self,
+        conn: &mut crate::redis_conn::Conn,
+        key: &str,
+    ) -> RedisResult<()> {
+        let Some(d) = &self.durable else {
+            return Ok(());
+        };
+        let wait = d.1;
+        let acked = conn.wait_replicas(key, wait.replicas, wait.timeout).await?;
+        if acked < wait.replicas {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "enqueue not acknowledged by enough replicas",
+                format!(
+                    "{acked} of {} within {} ms",
+                    wait.replicas,
+                    wait.timeout.as_millis()
+                ),
+            )));
+        }
+        Ok(())
     }
 
     fn enqueue_call(

@@ -20,7 +20,7 @@ mod group;
 mod recent;
 mod steps;
 pub use complete_batch::{BatchSettings, CompleteBatcher, Completion, MemoryWrite};
-pub use enqueue::{EnqueueItem, ITEMS_PER_CALL};
+pub use enqueue::{EnqueueItem, ReplicaWait, ITEMS_PER_CALL};
 pub use group::{GroupCommit, GroupConfig, SizeObserver};
 pub use recent::{RecentFilter, RecentPage, TaskSummary, MAX_SCAN as RECENT_MAX_SCAN};
 pub use steps::{Resumed, Suspend, PENDING_FIELD, TRANSCRIPT_FIELD};
@@ -263,6 +263,8 @@ pub struct Broker {
     redis: Redis,
     /// Shared, so that cloning the broker (once per request in the api's state) does not allocate.
     prefix: std::sync::Arc<str>,
+    /// Enqueues wait for replicas (`AGENTQ_ENQUEUE_REPLICAS`) on a connection of their own.
+    durable: Option<std::sync::Arc<(Redis, ReplicaWait)>>,
 }
 
 impl Broker {
@@ -270,7 +272,16 @@ impl Broker {
         Self {
             redis,
             prefix: prefix.into().into(),
+            durable: None,
         }
+    }
+
+    /// Enqueues are written on `writes` and acknowledged only once `wait` replicas have them.
+    /// A connection of their own: `WAIT` blocks the connection it is sent on until the replicas
+    /// answer (up to its timeout while one is down), and reads must not queue behind it.
+    pub fn with_replica_wait(mut self, writes: Redis, wait: ReplicaWait) -> Self {
+        self.durable = Some(std::sync::Arc::new((writes, wait)));
+        self
     }
 
     pub fn keys(&self, queue: &str) -> Keys {
@@ -323,8 +334,9 @@ impl Broker {
             .arg(if agent.is_some() { "1" } else { "0" })
             .arg(agent.unwrap_or(""))
             .arg(crate::tenant::non_default(task.payload.tenant.as_deref()).unwrap_or(""));
-        let mut conn = self.redis.conn().await?;
+        let mut conn = self.write_conn().await?;
         let (code, value): (i64, String) = inv.invoke_async(&mut conn).await?;
+        self.replicated(&mut conn, &keys.pending()).await?;
         Ok(match code {
             1 => (value, Enqueued::Created),
             2 => (
