@@ -4,7 +4,8 @@
 # Installs its tools into the gitignored .tools/bin and .venv at the repo root when they are missing
 # (and reuses them when present), then lints, renders and validates the Helm chart, scans the rendered
 # manifests with checkov, lints the Dockerfile with hadolint, checks that the chart's KEDA triggers
-# use the exact Redis keys the code uses (for the main and the batch queue's workers), and checks the
+# use the exact Redis keys the code uses (for the main and the batch queue's workers), that cluster
+# mode (an external Redis Cluster) uses redis-cluster triggers on the same keys, and checks the
 # AGENTQ_UPSTREAMS wiring. Prints a summary; exits non-zero if any step failed.
 # It needs nothing but the repository and the package registries (PyPI): the KEDA and
 # prometheus-operator schemas come from pinned PyPI packages, not from CRD files beside the repo.
@@ -144,8 +145,16 @@ declare -A VALUE_SETS=(
     # batch queue's workers too), and an external rediss:// Redis with a private CA bundle.
     [security]="-f $CHART/ci/all-on-values.yaml -f $CHART/ci/batch-values.yaml -f $CHART/ci/security-values.yaml"
     [external-redis-security]="-f $CHART/ci/external-redis-values.yaml -f $CHART/ci/security-values.yaml"
+    # Cluster mode (ci/cluster-values.yaml): an external Redis Cluster over TLS, REDIS_CLUSTER_NODES in
+    # api and workers, KEDA triggers of type redis-cluster; with the batch queue's workers, and with
+    # the hardening switches (ACL users, a private CA). Each is the cluster twin of an external-redis*
+    # set above, which cluster_mode compares it with.
+    [cluster]="-f $CHART/ci/cluster-values.yaml"
+    [cluster-batch]="-f $CHART/ci/cluster-values.yaml -f $CHART/ci/batch-values.yaml"
+    [cluster-security]="-f $CHART/ci/cluster-values.yaml -f $CHART/ci/security-values.yaml"
 )
-SET_NAMES=(default all-on external-redis dev prod batch external-redis-batch security external-redis-security)
+SET_NAMES=(default all-on external-redis dev prod batch external-redis-batch security external-redis-security
+    cluster cluster-batch cluster-security)
 TEMPLATE_ARGS=(--kube-version "$KUBE_VERSION" --api-versions keda.sh/v1alpha1 --api-versions monitoring.coreos.com/v1)
 
 lint_all() {
@@ -186,11 +195,39 @@ UP0="upstreams.config.upstreams[0]"
 UP1="upstreams.config.upstreams[1]"
 UPSTREAM_OK="--set $UP0.name=a --set $UP0.base_url=https://llm.example/v1 --set $UP0.models[0]=gpt-4o-mini"
 
+# Cluster mode over an external Redis: the base of the cluster cases (valid once it has a seed).
+CLUSTER_OFF="--set redis.enabled=false --set externalRedis.url="
+CLUSTER_ON="$CLUSTER_OFF --set externalRedis.cluster.enabled=true"
+SEEDS_65="[$(for i in $(seq 0 64); do printf '"n%d.example:6379"%s' "$i" "$([[ $i -lt 64 ]] && echo ,)"; done)]"
+SEEDS_64="[$(for i in $(seq 0 63); do printf '"n%d.example:6379"%s' "$i" "$([[ $i -lt 63 ]] && echo ,)"; done)]"
+
 # The schema must reject bad values, not only accept good ones.
 negative_values() {
-    local rc=0 args
+    local rc=0 args err
     local -    # the [0] of the upstream cases is no glob
     set -f
+    # cluster mode: 64 seeds are the most, and accepted; the in-chart Redis (redis.enabled) beside
+    # cluster mode fails with the template's message, not a schema error.
+    # shellcheck disable=SC2086
+    if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" $AUTH_OK $CLUSTER_ON \
+        --set-json "externalRedis.cluster.nodes=$SEEDS_64" > /dev/null; then
+        echo "ok   accepted: cluster mode with 64 seeds (the most REDIS_CLUSTER_NODES takes)"
+    else
+        echo "FAIL cluster mode with 64 seeds is rejected"
+        rc=1
+    fi
+    # shellcheck disable=SC2086
+    if err="$(helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" $AUTH_OK \
+        --set redis.enabled=true --set externalRedis.cluster.enabled=true \
+        --set externalRedis.cluster.nodes[0]=a.example:6379 2>&1 > /dev/null)"; then
+        echo "FAIL accepted redis.enabled=true with externalRedis.cluster.enabled=true"
+        rc=1
+    elif grep -q "mutually exclusive" <<< "$err"; then
+        echo "ok   rejected: redis.enabled=true with externalRedis.cluster.enabled=true ($(grep -o 'externalRedis.cluster.enabled=true and redis.enabled=true are mutually exclusive' <<< "$err"))"
+    else
+        echo "FAIL redis.enabled=true with cluster mode failed for another reason: $err"
+        rc=1
+    fi
     # shellcheck disable=SC2086
     if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" $AUTH_OK $UPSTREAM_OK > /dev/null; then
         echo "ok   accepted: $UPSTREAM_OK (the base of the upstream cases)"
@@ -247,6 +284,19 @@ negative_values() {
         "--set redisAcl.enabled=true --set redisAcl.users.api=default"
         "--set redisAcl.enabled=true --set redisAcl.users.worker=agentq-api"
         "--set redisAcl.enabled=true --set redisAcl.users.keda=bad:name"
+        # cluster mode: no seed; a seed with a scheme, a password or a database; a seed twice; 65 seeds;
+        # externalRedis.url beside it; a CA for redis:// seeds; REDIS_CLUSTER_NODES from an extraEnv
+        "$CLUSTER_OFF --set externalRedis.cluster.enabled=true"
+        "$CLUSTER_ON --set externalRedis.cluster.nodes[0]=redis://a.example:6379"
+        "$CLUSTER_ON --set externalRedis.cluster.nodes[0]=u:pw@a.example:6379"
+        "$CLUSTER_ON --set externalRedis.cluster.nodes[0]=a.example:6379/0"
+        "$CLUSTER_ON --set externalRedis.cluster.nodes[0]=a.example"
+        "$CLUSTER_ON --set externalRedis.cluster.nodes[0]=a.example:6379 --set externalRedis.cluster.nodes[1]=a.example:6379"
+        "$CLUSTER_ON --set-json externalRedis.cluster.nodes=$SEEDS_65"
+        "$CLUSTER_ON --set externalRedis.cluster.nodes[0]=a.example:6379 --set externalRedis.url=redis://r:6379/0"
+        "$CLUSTER_ON --set externalRedis.cluster.nodes[0]=a.example:6379 --set externalRedis.tls.caSecret=ca"
+        "$CLUSTER_ON --set externalRedis.cluster.nodes[0]=a.example:6379 --set externalRedis.cluster.username=a:b"
+        "$CLUSTER_ON --set externalRedis.cluster.nodes[0]=a.example:6379 --set upstreams.secretEnv[0].name=REDIS_CLUSTER_NODES --set upstreams.secretEnv[0].secretName=s --set upstreams.secretEnv[0].key=k"
     )
     # shellcheck disable=SC2086
     if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" "${TEMPLATE_ARGS[@]}" > /dev/null 2>&1; then
@@ -292,7 +342,8 @@ validate_core() {
 run_checkov() {
     local rc=0 name
     mkdir -p "$OUT/checkov" "$OUT/checkov-dev"
-    for name in default all-on external-redis prod batch external-redis-batch security external-redis-security; do
+    for name in default all-on external-redis prod batch external-redis-batch security external-redis-security \
+        cluster cluster-batch cluster-security; do
         cp "$OUT/rendered/$name.yaml" "$OUT/checkov/"
     done
     # Checkov's annotations-based skips (checkov.io/skipN) are documented in the chart README.
@@ -414,6 +465,16 @@ security_wiring() {
     return $rc
 }
 
+# Cluster mode (externalRedis.cluster): each cluster render against its single-node twin (the same
+# values without cluster mode): every ScaledObject trigger is redis-cluster, names every seed of
+# REDIS_CLUSTER_NODES, and counts the same {queue} keys with the same thresholds.
+cluster_mode() {
+    python "$ROOT/deploy/check_keys.py" --cluster-vs \
+        "$OUT/rendered/external-redis.yaml" "$OUT/rendered/cluster.yaml" \
+        "$OUT/rendered/external-redis-batch.yaml" "$OUT/rendered/cluster-batch.yaml" \
+        "$OUT/rendered/external-redis-security.yaml" "$OUT/rendered/cluster-security.yaml"
+}
+
 step "helm lint --strict (${SET_NAMES[*]})" lint_all
 step "helm template (kube $KUBE_VERSION, KEDA + prometheus-operator APIs)" render_all
 step "values.schema.json and template guards reject bad values" negative_values
@@ -427,6 +488,7 @@ step "Redis password with URL-special characters survives REDIS_URL" redis_passw
 step "upstreams: AGENTQ_UPSTREAMS, mount, key variables and checksum in api and worker; no key in a ConfigMap" upstreams_wiring
 step "batch.queue: a second worker fleet; the main worker's objects unchanged" batch_leaves_main_workers
 step "security: admin token only in the api, Redis ACL users rendered from files/redis-users.acl and booted in a real redis-server, TLS and its CA bundle" security_wiring
+step "cluster mode: redis-cluster triggers on every seed, the same {queue} keys as the single-node render" cluster_mode
 
 printf '\n==================== deploy/check.sh summary ====================\n'
 printf '%s\n' "${RESULTS[@]}"

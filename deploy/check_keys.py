@@ -19,7 +19,9 @@ For each rendered file:
     the kubelet's $(VAR) expansion) is a well-formed redis:// or rediss:// URL whose password
     percent-decodes to the very password redis-server and KEDA's TriggerAuthentication use (and to
     --redis-password when given; with Redis ACL users each component has its own password, which
-    check_security.py compares);
+    check_security.py compares); in cluster mode REDIS_CLUSTER_NODES instead (and no REDIS_URL):
+    1 to 64 such seed URLs without a database, one scheme and user, and KEDA's triggers are of type
+    redis-cluster with `addresses` = exactly the seeds' host:port, in order;
   * every agentq_* metric named in the PrometheusRule and the Grafana dashboard is one the code exports;
   * per worker Deployment (the main one, and <rel>-worker-batch when batch.queue is set): its own
     ScaledObject whose triggers read that Deployment's AGENTQ_QUEUE keys, grace vs drain, and
@@ -35,6 +37,11 @@ The code's key names come from `cargo run -q -p agentq-common --example keys -- 
 (JSON: {"pending": ..., "active": ..., ...}). If that example does not exist yet, or cargo is not
 installed, the documented layout `<prefix>:{<queue>}:<name>` is used and a WARN line says so.
 --keys-json (or AGENTQ_KEYS_JSON) gives the JSON directly, for a known prefix/queue pair.
+
+check_keys.py --cluster-vs SINGLE.yaml CLUSTER.yaml compares a cluster-mode render with the
+single-node render of the same values: the same ScaledObjects, every trigger of the cluster render
+of type redis-cluster (never redis) naming all seed addresses of REDIS_CLUSTER_NODES, and the same
+listName ({queue} keys), listLength and activationListLength per trigger as the single-node render.
 """
 
 from __future__ import annotations
@@ -213,27 +220,102 @@ def check_redis_url(docs: list[dict], want_password: str | None, expect) -> None
         pod = dep["spec"]["template"]["spec"]
         for container in pod["containers"]:
             env = container_env(docs, pod, container)
-            url = env.get("REDIS_URL")
-            if url is None:
+            name = f"{dep['metadata']['name']}/{container['name']}"
+            if "REDIS_CLUSTER_NODES" in env:
+                expect("REDIS_URL" not in env, f"{name}: REDIS_URL beside REDIS_CLUSTER_NODES (the pods ignore it)")
+                seeds = env["REDIS_CLUSTER_NODES"].split(",")
+                expect(1 <= len(seeds) <= 64, f"{name}: REDIS_CLUSTER_NODES has {len(seeds)} seeds, want 1 to 64")
+                heads = {urlsplit(u).scheme + "://" + urlsplit(u).netloc.rpartition("@")[0] for u in seeds}
+                expect(len(heads) == 1, f"{name}: the REDIS_CLUSTER_NODES seeds disagree on scheme or credentials")
+                urls = [(f"{name} REDIS_CLUSTER_NODES seed {i + 1}", u, r"") for i, u in enumerate(seeds)]
+            elif "REDIS_URL" in env:
+                urls = [(f"{name} REDIS_URL", env["REDIS_URL"], r"/\d+")]
+            else:
                 continue
-            who = f"{dep['metadata']['name']}/{container['name']} REDIS_URL"
-            if "$(" in url:
-                print(f"  {who}: password from a Secret that is not rendered (existing Secret), not decoded")
+            for who, url, path_re in urls:
+                check_one_url(who, url, path_re, plain, expect)
+
+
+def check_one_url(who: str, url: str, path_re: str, plain: dict[str, str], expect) -> None:
+    """One Redis URL (REDIS_URL, or a seed of REDIS_CLUSTER_NODES: path_re "" = no database)."""
+    if "$(" in url:
+        print(f"  {who}: password from a Secret that is not rendered (existing Secret), not decoded")
+        return
+    parts = urlsplit(url)
+    expect(parts.scheme in ("redis", "rediss") and bool(parts.hostname) and parts.port is not None
+           and re.fullmatch(path_re, parts.path) is not None and not parts.query and not parts.fragment,
+           f"{who} is not scheme://[user[:password]@]host:port{'/db' if path_re else ''} once expanded")
+    if parts.password is None:
+        print(f"  {who}: no password")
+        return
+    expect(URL_SAFE.fullmatch(parts.password) is not None,
+           f"{who}: the password part is not percent-encoded")
+    decoded = unquote(parts.password, errors="strict")
+    for source, value in plain.items():
+        expect(decoded == value, f"{who}: the password decodes to {decoded!r}, but {source} has {value!r}")
+    print(f"  {who}: host {parts.hostname}:{parts.port}{parts.path}, password percent-decodes to the one "
+          f"{' and '.join(plain) or 'in the URL'} ({len(decoded)} characters)")
+
+
+def seed_addresses(nodes: str) -> list[str]:
+    """host:port of each seed URL of REDIS_CLUSTER_NODES, in order (the password may still be a $(VAR))."""
+    return [u.split("://", 1)[-1].rpartition("@")[2].split("/", 1)[0] for u in nodes.split(",")]
+
+
+def compare_cluster(single_path: Path, cluster_path: Path) -> list[str]:
+    """A cluster-mode render against the single-node render of the same values: the same
+    ScaledObjects and triggers, each trigger of the cluster render a redis-cluster one naming every
+    seed of the worker's REDIS_CLUSTER_NODES, with the same {queue} keys and thresholds."""
+    errors: list[str] = []
+
+    def expect(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(f"{cluster_path.name} vs {single_path.name}: {msg}")
+
+    single, cluster = docs_of(single_path), docs_of(cluster_path)
+    envs = {}
+    for dep in worker_deployments(cluster):
+        pod = dep["spec"]["template"]["spec"]
+        container = next(c for c in pod["containers"] if c["name"] == "worker")
+        envs[dep["metadata"]["name"]] = container_env(cluster, pod, container)
+    for name, env in envs.items():
+        expect("REDIS_CLUSTER_NODES" in env and "REDIS_URL" not in env,
+               f"worker {name} is not in cluster mode (REDIS_CLUSTER_NODES without REDIS_URL)")
+    for dep in find(single, "Deployment"):
+        for c in dep["spec"]["template"]["spec"]["containers"]:
+            expect("REDIS_CLUSTER_NODES" not in {e["name"] for e in c.get("env", [])},
+                   f"the single-node render's {dep['metadata']['name']} has REDIS_CLUSTER_NODES")
+    so_single = {so["metadata"]["name"]: so for so in find(single, "ScaledObject")}
+    so_cluster = {so["metadata"]["name"]: so for so in find(cluster, "ScaledObject")}
+    expect(bool(so_cluster), "no ScaledObject in the cluster render")
+    expect(set(so_single) == set(so_cluster),
+           f"ScaledObjects differ: single {sorted(so_single)}, cluster {sorted(so_cluster)}")
+    for name in sorted(set(so_single) & set(so_cluster)):
+        ts = {t["name"]: t for t in so_single[name]["spec"]["triggers"]}
+        tc = {t["name"]: t for t in so_cluster[name]["spec"]["triggers"]}
+        expect(set(ts) == set(tc), f"{name}: triggers differ: {sorted(ts)} vs {sorted(tc)}")
+        env = envs.get(so_cluster[name]["spec"]["scaleTargetRef"]["name"], {})
+        seeds = seed_addresses(env.get("REDIS_CLUSTER_NODES", ""))
+        for tname in sorted(set(ts) & set(tc)):
+            a, b = ts[tname], tc[tname]
+            if a["type"] != "redis":
+                expect(a == b, f"{name}: the non-Redis trigger {tname} differs")
                 continue
-            parts = urlsplit(url)
-            expect(parts.scheme in ("redis", "rediss") and bool(parts.hostname)
-                   and re.fullmatch(r"/\d+", parts.path) is not None and not parts.query and not parts.fragment,
-                   f"{who} is not scheme://[user[:password]@]host:port/db once expanded")
-            if parts.password is None:
-                print(f"  {who}: no password")
-                continue
-            expect(URL_SAFE.fullmatch(parts.password) is not None,
-                   f"{who}: the password part is not percent-encoded")
-            decoded = unquote(parts.password, errors="strict")
-            for source, value in plain.items():
-                expect(decoded == value, f"{who}: the password decodes to {decoded!r}, but {source} has {value!r}")
-            print(f"  {who}: host {parts.hostname}:{parts.port}{parts.path}, password percent-decodes to the one "
-                  f"{' and '.join(plain) or 'in the URL'} ({len(decoded)} characters)")
+            expect(b["type"] == "redis-cluster", f"{name}: trigger {tname} has type {b['type']}, want redis-cluster")
+            ma, mb = a["metadata"], b["metadata"]
+            addresses = mb.get("addresses", "").split(",")
+            expect(addresses == seeds, f"{name}: trigger {tname} addresses {addresses} != the seeds {seeds}")
+            for k in ("listName", "listLength", "activationListLength", "enableTLS", "username"):
+                expect(ma.get(k) == mb.get(k), f"{name}: trigger {tname} {k} {mb.get(k)!r} != single-node {ma.get(k)!r}")
+            expect(re.fullmatch(r"[^{}]+:\{[^{}]+\}:[a-z_]+", mb.get("listName", "")) is not None,
+                   f"{name}: trigger {tname} listName {mb.get('listName')!r} carries no {{queue}} hash tag")
+            expect(a.get("authenticationRef") == b.get("authenticationRef"),
+                   f"{name}: trigger {tname} authenticationRef differs")
+        if not errors:
+            keys = ", ".join(f"{t} {tc[t]['metadata'].get('listName')}" for t in sorted(tc) if tc[t]["type"] == "redis-cluster")
+            print(f"  ScaledObject {name}: redis-cluster triggers {keys} on all {len(seeds)} seeds; "
+                  f"the same keys and thresholds as {single_path.name}")
+    return errors
 
 
 def selects(selector: dict | None, labels: dict) -> bool:
@@ -450,7 +532,15 @@ def check_file(path: Path, override: str | None, root: Path, redis_password: str
             expect(t is not None, f"ScaledObject {so['metadata']['name']} has no trigger named {tname!r}")
             if t is None:
                 continue
-            expect(t["type"] == "redis", f"trigger {tname} has type {t['type']}, want redis")
+            want_type = "redis-cluster" if "REDIS_CLUSTER_NODES" in env else "redis"
+            expect(t["type"] == want_type, f"trigger {tname} has type {t['type']}, want {want_type}")
+            if "REDIS_CLUSTER_NODES" in env:
+                seeds = seed_addresses(env["REDIS_CLUSTER_NODES"])
+                md = t.get("metadata") or {}
+                expect(md.get("addresses") == ",".join(seeds),
+                       f"trigger {tname}: addresses {md.get('addresses')!r} are not the REDIS_CLUSTER_NODES seeds {seeds}")
+                stray = {"address", "host", "hosts", "port", "ports", "databaseIndex"} & set(md)
+                expect(not stray, f"trigger {tname}: {sorted(stray)} beside addresses in cluster mode")
             want = keys.get(code_key)
             got = t["metadata"].get("listName")
             expect(want is not None, f"the code printed no {code_key!r} key")
@@ -520,10 +610,26 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys-json", default=os.environ.get("AGENTQ_KEYS_JSON"))
     parser.add_argument("--redis-password", help="the Redis password the renders were given")
+    parser.add_argument("--cluster-vs", action="store_true",
+                        help="compare SINGLE.yaml CLUSTER.yaml (pairs of renders) instead")
     parser.add_argument("rendered", nargs="+", type=Path)
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
     all_errors: list[str] = []
+    if args.cluster_vs:
+        if len(args.rendered) % 2:
+            parser.error("--cluster-vs takes pairs: SINGLE.yaml CLUSTER.yaml ...")
+        pairs = list(zip(args.rendered[::2], args.rendered[1::2]))
+        for single, cluster in pairs:
+            print(f"{cluster.name} vs {single.name}:")
+            try:
+                all_errors += compare_cluster(single, cluster)
+            except (AssertionError, KeyError, StopIteration) as exc:
+                all_errors.append(f"{cluster.name}: {type(exc).__name__}: {exc}")
+        for e in all_errors:
+            print(f"FAIL {e}")
+        print(f"check_keys --cluster-vs: {len(pairs)} pairs compared, {len(all_errors)} errors")
+        return 1 if all_errors else 0
     for path in args.rendered:
         print(f"{path.name}:")
         try:

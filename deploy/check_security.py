@@ -10,14 +10,15 @@ For each rendered file:
   * Redis ACL users (redisAcl.enabled): the users ConfigMap is files/redis-users.acl rendered as
     tests/tests/acl.rs renders it (the same comment/continuation rules, the prefix, user names and
     SELECT of these values), with only the password hashes left as placeholders; the chart's Secret
-    holds URL-safe passwords and users.acl with their SHA-256; the api's REDIS_URL is the api user's,
-    every worker's the worker user's, KEDA's triggers and TriggerAuthentication the KEDA user's, each
+    holds URL-safe passwords and users.acl with their SHA-256; the api's REDIS_URL (or each seed of
+    REDIS_CLUSTER_NODES) is the api user's, every worker's the worker user's, KEDA's triggers and TriggerAuthentication the KEDA user's, each
     with its own password key. With the in-cluster Redis, its startup script is run as the
     container would run it (paths moved to a temporary folder) and a real redis-server is started
     on the config it writes: each user logs in with its password and KEDA's user may count the
     pending list and nothing more (skipped with --no-redis or without redis-server);
-  * TLS: with a rediss:// REDIS_URL and a CA Secret, api and every worker get AGENTQ_REDIS_CA_FILE
-    pointing at a mounted copy of it, and KEDA's TriggerAuthentication passes it as `ca`; the
+  * TLS: with a rediss:// REDIS_URL (in cluster mode: rediss:// REDIS_CLUSTER_NODES seeds, all of
+    one scheme) and a CA Secret, api and every worker get AGENTQ_REDIS_CA_FILE pointing at a
+    mounted copy of it, and KEDA's TriggerAuthentication passes it as `ca`; the
     in-cluster Redis (redis.tls) listens on TLS only and its probes speak TLS.
 Exits non-zero on the first file with a failure, after printing every failure of that file.
 """
@@ -142,7 +143,8 @@ def check_file(path: Path, run_redis: bool) -> list[str]:
 
     # ---- ACL users ----
     acl_maps = [d for d in find(docs, "ConfigMap", "-redis-acl")]
-    triggers = [t for so in find(docs, "ScaledObject") for t in so["spec"]["triggers"] if t["type"] == "redis"]
+    triggers = [t for so in find(docs, "ScaledObject") for t in so["spec"]["triggers"]
+                if t["type"] in ("redis", "redis-cluster")]
     if acl_maps:
         check_acl(docs, acl_maps[0], apis, workers, triggers, configmaps, run_redis, expect)
     else:
@@ -153,15 +155,25 @@ def check_file(path: Path, run_redis: bool) -> list[str]:
     return errors
 
 
+def urls_of(c: dict) -> list[str]:
+    """The Redis URLs a container is given: REDIS_URL, or in cluster mode every seed of REDIS_CLUSTER_NODES."""
+    env = env_of(c)
+    if "REDIS_CLUSTER_NODES" in env:
+        return env["REDIS_CLUSTER_NODES"]["value"].split(",")
+    return [env["REDIS_URL"]["value"]]
+
+
 def url_of(c: dict, docs: list[dict]) -> str:
-    return env_of(c)["REDIS_URL"]["value"]
+    """The first of urls_of (check_acl compares every one's user and password part)."""
+    return urls_of(c)[0]
 
 
 def check_acl(docs, cm, apis, workers, triggers, configmaps, run_redis, expect) -> None:
     name = cm["metadata"]["name"]
     tpl = cm["data"]["users.acl.tpl"].strip().splitlines()
     api_url = urlsplit(url_of(apis[0][2], docs))
-    worker_urls = {urlsplit(url_of(c, docs)).username for _, _, c in workers}
+    worker_urls = {urlsplit(u).username for _, _, c in workers for u in urls_of(c)}
+    expect(len({urlsplit(u).username for u in urls_of(apis[0][2])}) == 1, "every api seed URL names one user")
     expect(len(worker_urls) == 1, f"every worker Deployment connects as one user: {worker_urls}")
     users = {"API": api_url.username, "WORKER": next(iter(worker_urls)), "KEDA": None}
     keda_users = {t["metadata"].get("username") for t in triggers}
@@ -201,9 +213,10 @@ def check_acl(docs, cm, apis, workers, triggers, configmaps, run_redis, expect) 
         expect(len(pw) == 1 and pw[0]["name"] == secret_name and pw[0]["key"] == "keda-password",
                f"KEDA's password is keda-password of {secret_name}: {pw}")
     for _, _, c in apis + workers:
-        u = urlsplit(url_of(c, docs))
-        expect(u.password == "$(REDIS_PASSWORD_URLENCODED)", f"REDIS_URL password part: {u.password}")
-    print(f"  ok   REDIS_URL users: api {users['API']}, workers {users['WORKER']}; KEDA {users['KEDA']}; "
+        for url in urls_of(c):
+            u = urlsplit(url)
+            expect(u.password == "$(REDIS_PASSWORD_URLENCODED)", f"Redis URL password part: {u.password}")
+    print(f"  ok   Redis URL users: api {users['API']}, workers {users['WORKER']}; KEDA {users['KEDA']}; "
           f"passwords from Secret {secret_name} (api-password, worker-password, keda-password)")
 
     data = secret_data(docs, secret_name)
@@ -301,7 +314,9 @@ def boot_redis(docs, sts, acl_secret, pws, users, prefix, keda, run_redis, expec
 
 
 def check_tls(docs, comps, expect) -> None:
-    tls = [c for _, _, c in comps if urlsplit(env_of(c)["REDIS_URL"]["value"]).scheme == "rediss"]
+    schemes = {urlsplit(u).scheme for _, _, c in comps for u in urls_of(c)}
+    expect(len(schemes) == 1, f"every Redis URL (REDIS_URL, each REDIS_CLUSTER_NODES seed) has one scheme: {schemes}")
+    tls = [c for _, _, c in comps if all(urlsplit(u).scheme == "rediss" for u in urls_of(c))]
     if not tls:
         print("  --   Redis without TLS")
         return

@@ -95,8 +95,49 @@ slot.
 {{- printf "%s-redis" (include "agentq.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+"true" in cluster mode (externalRedis.cluster.enabled): api and worker get REDIS_CLUSTER_NODES
+instead of REDIS_URL, and KEDA's triggers are of type redis-cluster. Empty otherwise. Cluster mode
+is for an external Redis Cluster only: with the in-chart single Redis (redis.enabled) it fails.
+*/}}
+{{- define "agentq.redis.cluster" -}}
+{{- $c := (.Values.externalRedis.cluster | default dict) }}
+{{- if $c.enabled }}
+{{- if .Values.redis.enabled }}
+{{- fail "externalRedis.cluster.enabled=true and redis.enabled=true are mutually exclusive: the in-chart Redis is one server, not a cluster. For an external Redis Cluster set redis.enabled=false (and externalRedis.cluster.nodes); for the in-chart Redis set externalRedis.cluster.enabled=false" }}
+{{- end }}
+{{- if .Values.externalRedis.url }}
+{{- fail "externalRedis.cluster.enabled=true: leave externalRedis.url empty (cluster mode reaches Redis through externalRedis.cluster.nodes; the pods would ignore REDIS_URL)" }}
+{{- end }}
+{{- $nodes := $c.nodes | default list }}
+{{- if not $nodes }}
+{{- fail "externalRedis.cluster.enabled=true needs externalRedis.cluster.nodes: the seed nodes as host:port (1 to 64)" }}
+{{- end }}
+{{- if gt (len $nodes) 64 }}
+{{- fail (printf "externalRedis.cluster.nodes lists %d seeds; agentq takes at most 64 (it learns the other nodes from the cluster)" (len $nodes)) }}
+{{- end }}
+{{- if ne (len (uniq $nodes)) (len $nodes) }}
+{{- fail "externalRedis.cluster.nodes lists a seed twice" }}
+{{- end }}
+{{- range $nodes }}
+{{- if not (regexMatch "^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$" .) }}
+{{- fail (printf "externalRedis.cluster.nodes: %q is not host:port (no scheme, user, password or database: those come from externalRedis.cluster.tls / .username and externalRedis.existingSecret)" .) }}
+{{- end }}
+{{- end }}
+{{- print "true" }}
+{{- end }}
+{{- end }}
+
+{{/* The seed nodes of the external Redis Cluster as host:port, comma-separated (KEDA's "addresses"). */}}
+{{- define "agentq.redis.clusterAddresses" -}}
+{{- join "," .Values.externalRedis.cluster.nodes }}
+{{- end }}
+
 {{/* Parsed external Redis URL (a dict from urlParse); fails on a URL that carries a password. */}}
 {{- define "agentq.externalRedis.check" -}}
+{{- if include "agentq.redis.cluster" . }}
+{{- fail "internal: agentq.redis.address used in cluster mode (use agentq.redis.clusterAddresses)" }}
+{{- end }}
 {{- if not .Values.externalRedis.url }}
 {{- fail "redis.enabled=false needs externalRedis.url (redis://host:6379/0 or rediss://host:6380/0)" }}
 {{- end }}
@@ -124,9 +165,10 @@ slot.
 {{- end }}
 {{- end }}
 
-{{/* "true" when the pods reach Redis over TLS (rediss://): the in-cluster one with redis.tls, or an external rediss:// url. */}}
+{{/* "true" when the pods reach Redis over TLS (rediss://): the in-cluster one with redis.tls, an external rediss:// url, or externalRedis.cluster.tls. */}}
 {{- define "agentq.redis.tls" -}}
 {{- if .Values.redis.enabled }}{{ ternary "true" "false" (and .Values.redis.tls.enabled true) }}
+{{- else if include "agentq.redis.cluster" . }}{{ ternary "true" "false" (and .Values.externalRedis.cluster.tls true) }}
 {{- else if hasPrefix "rediss://" .Values.externalRedis.url }}true{{ else }}false{{ end }}
 {{- end }}
 
@@ -171,12 +213,13 @@ system roots (or no TLS).
 {{- end }}
 
 {{- define "agentq.redis.database" -}}
-{{- if .Values.redis.enabled }}0{{ else }}{{ $u := urlParse .Values.externalRedis.url }}{{ default "0" (trimPrefix "/" $u.path) }}{{ end }}
+{{- if or .Values.redis.enabled (include "agentq.redis.cluster" .) }}0{{ else }}{{ $u := urlParse .Values.externalRedis.url }}{{ default "0" (trimPrefix "/" $u.path) }}{{ end }}
 {{- end }}
 
-{{/* The user of externalRedis.url (empty for the in-cluster Redis: its default user). */}}
+{{/* The user of externalRedis.url or externalRedis.cluster.username (empty for the in-cluster Redis: its default user). */}}
 {{- define "agentq.redis.username" -}}
-{{- if not .Values.redis.enabled }}{{ $u := urlParse .Values.externalRedis.url }}{{ default "" $u.userinfo }}{{ end }}
+{{- if include "agentq.redis.cluster" . }}{{ .Values.externalRedis.cluster.username }}
+{{- else if not .Values.redis.enabled }}{{ $u := urlParse .Values.externalRedis.url }}{{ default "" $u.userinfo }}{{ end }}
 {{- end }}
 
 {{/* ---------------------------------------------------------------- Redis ACL users ---- */}}
@@ -297,6 +340,15 @@ passwords are URL-safe, an existing Secret's must be). Call with (dict "ctx" $ "
 */}}
 {{- define "agentq.redis.url" -}}
 {{- $ctx := .ctx }}
+{{- printf "%s%s/%s" (include "agentq.redis.urlPrefix" .) (include "agentq.redis.address" $ctx) (include "agentq.redis.database" $ctx) }}
+{{- end }}
+
+{{/*
+"scheme://[user[:$(REDIS_PASSWORD_URLENCODED)]@]" of REDIS_URL and of every REDIS_CLUSTER_NODES seed.
+Call with (dict "ctx" $ "component" "api"|"worker").
+*/}}
+{{- define "agentq.redis.urlPrefix" -}}
+{{- $ctx := .ctx }}
 {{- $scheme := ternary "rediss" "redis" (eq (include "agentq.redis.tls" $ctx) "true") }}
 {{- $user := include "agentq.redis.username" $ctx }}
 {{- $auth := "" }}
@@ -307,12 +359,27 @@ passwords are URL-safe, an existing Secret's must be). Call with (dict "ctx" $ "
 {{- else if $user }}
 {{- $auth = printf "%s@" $user }}
 {{- end }}
-{{- printf "%s://%s%s/%s" $scheme $auth (include "agentq.redis.address" $ctx) (include "agentq.redis.database" $ctx) }}
+{{- printf "%s://%s" $scheme $auth }}
 {{- end }}
 
 {{/*
-Env entries api and worker need: the percent-encoded Redis password, then REDIS_URL, and the CA
-bundle's path when there is one. Call with (dict "ctx" $ "component" "api"|"worker").
+REDIS_CLUSTER_NODES (cluster mode): one seed URL per externalRedis.cluster.nodes entry, each built
+as REDIS_URL is (the same scheme, user and $(REDIS_PASSWORD_URLENCODED), which the kubelet
+substitutes in every seed), without a database number: a cluster has only database 0.
+*/}}
+{{- define "agentq.redis.clusterNodes" -}}
+{{- $prefix := include "agentq.redis.urlPrefix" . }}
+{{- $seeds := list }}
+{{- range .ctx.Values.externalRedis.cluster.nodes }}
+{{- $seeds = append $seeds (printf "%s%s" $prefix .) }}
+{{- end }}
+{{- join "," $seeds }}
+{{- end }}
+
+{{/*
+Env entries api and worker need: the percent-encoded Redis password, then REDIS_URL (in cluster
+mode REDIS_CLUSTER_NODES instead), and the CA bundle's path when there is one. Call with
+(dict "ctx" $ "component" "api"|"worker").
 */}}
 {{- define "agentq.redis.env" -}}
 {{- $ctx := .ctx }}
@@ -329,8 +396,14 @@ bundle's path when there is one. Call with (dict "ctx" $ "component" "api"|"work
       name: {{ include "agentq.redis.secretName" $ctx }}
       key: {{ include "agentq.redis.urlSecretKey" $ctx }}
 {{- end }}
+{{- if include "agentq.redis.cluster" $ctx }}
+# Cluster mode: the seeds of the external Redis Cluster (REDIS_URL is not set; the pods would ignore it).
+- name: REDIS_CLUSTER_NODES
+  value: {{ include "agentq.redis.clusterNodes" . | quote }}
+{{- else }}
 - name: REDIS_URL
   value: {{ include "agentq.redis.url" . | quote }}
+{{- end }}
 {{- if include "agentq.redis.caSecret" $ctx }}
 - name: AGENTQ_REDIS_CA_FILE
   value: {{ printf "%s/ca.crt" (include "agentq.redis.caDir" $ctx) | quote }}
@@ -390,9 +463,10 @@ ConfigMap. Also: redis.tls needs its Secret.
 {{- fail "redis.tls.enabled needs redis.tls.existingSecret: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt for the Redis service's name" }}
 {{- end }}
 {{- if and (not .Values.redis.enabled) .Values.externalRedis.tls.caSecret (ne (include "agentq.redis.tls" .) "true") }}
-{{- fail "externalRedis.tls.caSecret is set, but externalRedis.url is not rediss://" }}
+{{- fail (ternary "externalRedis.tls.caSecret is set, but externalRedis.cluster.tls is false (the seeds are redis://, not rediss://)" "externalRedis.tls.caSecret is set, but externalRedis.url is not rediss://" (not (not (include "agentq.redis.cluster" .)))) }}
 {{- end }}
 {{- include "agentq.redisAcl.check" . }}
+{{- $_ := include "agentq.redis.cluster" . }}
 {{- end }}
 
 {{- define "agentq.llm.secretName" -}}
@@ -427,7 +501,7 @@ model_limits only for a model that upstream serves, AGENTQ_MODEL (llm.model) ser
 shadowing a setting the chart sets itself.
 */}}
 {{- define "agentq.upstreams.check" -}}
-{{- $reserved := list "OPENAI_API_KEY" "OPENAI_BASE_URL" "REDIS_URL" "REDIS_PASSWORD_URLENCODED" "WORKER_CONCURRENCY" }}
+{{- $reserved := list "OPENAI_API_KEY" "OPENAI_BASE_URL" "REDIS_URL" "REDIS_CLUSTER_NODES" "REDIS_PASSWORD_URLENCODED" "WORKER_CONCURRENCY" }}
 {{- $provided := dict "OPENAI_API_KEY" "llm.apiKey / llm.existingSecret" }}
 {{- range .Values.upstreams.secretEnv }}
 {{- if or (has .name $reserved) (hasPrefix "AGENTQ_" .name) }}
@@ -537,7 +611,7 @@ checkov.io/skip{{ $n }}: "CKV_K8S_43=image is pinned by tag; its digest is only 
 {{- end }}
 {{- if .secretEnv }}
 {{- $n = add1 $n }}
-checkov.io/skip{{ $n }}: "CKV_K8S_35=agentq reads its settings only from environment variables (REDIS_URL embeds the password via $(REDIS_PASSWORD_URLENCODED); the api's admin token); each secret is referenced with secretKeyRef, never inlined"
+checkov.io/skip{{ $n }}: "CKV_K8S_35=agentq reads its settings only from environment variables (REDIS_URL, or each seed of REDIS_CLUSTER_NODES, embeds the password via $(REDIS_PASSWORD_URLENCODED); the api's admin token); each secret is referenced with secretKeyRef, never inlined"
 {{- end }}
 {{- end }}
 

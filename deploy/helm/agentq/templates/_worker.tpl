@@ -147,9 +147,14 @@ The ScaledObject of one worker Deployment: call with (dict "ctx" $ "w" <an entry
 {{- if gt (int $w.minReplicaCount) (int $w.maxReplicaCount) }}
 {{- fail (printf "%s (%d) must not exceed %s (%d)" $w.minValue (int $w.minReplicaCount) $w.maxValue (int $w.maxReplicaCount)) }}
 {{- end }}
+{{- $cluster := include "agentq.redis.cluster" $ctx }}
 # Worker replicas follow ceil((pending + in-flight) / {{ $listLength }}): the redis scaler alone sees only
 # the pending LIST, so a busy fleet with an empty list would be scaled down mid-task. The in-flight
 # ZSET (ZCARD) closes that gap; scalingModifiers sums both into one composite metric.
+{{- if $cluster }}
+# Cluster mode: KEDA's redis-cluster scaler, seeded with every node of externalRedis.cluster.nodes;
+# both keys carry the queue's {hash tag}, so they live in one slot, on one master.
+{{- end }}
 apiVersion: keda.sh/v1alpha1
 kind: ScaledObject
 metadata:
@@ -188,14 +193,20 @@ spec:
       metricType: AverageValue
   triggers:
     {{- range $trigger := list (dict "name" "pending" "key" "pending") (dict "name" "inflight" "key" "active") }}
-    - type: redis
+    - type: {{ ternary "redis-cluster" "redis" (not (not $cluster)) }}
       name: {{ $trigger.name }}
       metadata:
+        {{- if $cluster }}
+        addresses: {{ include "agentq.redis.clusterAddresses" $ctx | quote }}
+        {{- else }}
         address: {{ include "agentq.redis.address" $ctx | quote }}
+        {{- end }}
         listName: {{ include "agentq.key" (dict "ctx" $ctx "queue" $w.queue "name" $trigger.key) | quote }}
         listLength: {{ $listLength | quote }}
         activationListLength: "0"
+        {{- if not $cluster }}
         databaseIndex: {{ include "agentq.redis.database" $ctx | quote }}
+        {{- end }}
         enableTLS: {{ include "agentq.redis.tls" $ctx | quote }}
         {{- $user := ternary (include "agentq.redisAcl.user" (dict "ctx" $ctx "component" "keda")) (include "agentq.redis.username" $ctx) $ctx.Values.redisAcl.enabled }}
         {{- with $user }}
