@@ -44,6 +44,15 @@ step "cargo deny (licenses, bans, sources)" bash scripts/cargo-deny.sh
 step "third-party peers for the tests (LiteLLM proxy and the openai SDK, aimock, the reference MCP server, the openai Node SDK)" \
   bash -c 'bash tests/peers/litellm/install.sh && bash tests/peers/aimock/install.sh && bash tests/peers/mcp/install.sh && bash tests/peers/openai-node/install.sh'
 step "unit and end-to-end tests (nextest)" cargo nextest run --workspace --locked --no-fail-fast
+# The same suite with every test's Redis a one-node Redis Cluster and the binaries in cluster
+# mode (tests/src/lib.rs, cluster_sweep): Redis then refuses any script or command whose keys span
+# two slots, as a real cluster would. Left out: the ACL and TLS tests and the password test, which
+# configure Redis through REDIS_URL itself (users, TLS, requirepass), the 2 MB maxmemory test (a
+# cluster node's own structures take about that), and tests/tests/cluster.rs (real clusters of
+# their own, run above).
+step "end-to-end suite in cluster mode (one-node Redis Cluster, AGENTQ_TEST_REDIS=cluster)" \
+  env AGENTQ_TEST_REDIS=cluster cargo nextest run -p agentq-tests --locked --no-fail-fast \
+  -E 'not (binary(acl) | binary(cluster) | test(=password_protected_tls_redis_works_and_the_password_stays_out_of_logs) | test(=redis_out_of_memory_gets_503_and_paid_results_still_land))'
 step "API fuzzing (schemathesis vs /openapi.json)" bash scripts/schemathesis.sh
 step "web console in headless Chromium (Playwright)" bash scripts/ui-test.sh
 step "deploy checks (helm, CRDs, checkov, hadolint, KEDA keys)" bash deploy/check.sh

@@ -69,6 +69,20 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) if !cmd.is_transaction() && spans_slots(cmd) => {
+                // A plain pipeline only batches round trips; the cluster client refuses one whose
+                // keys are in several slots, so its commands go one by one, all at once, each to
+                // its own node, and the replies come back in order as the pipeline's would.
+                let c = c.clone();
+                Box::pin(async move {
+                    let replies = futures::future::try_join_all(cmd.cmd_iter().map(|one| {
+                        let mut c = c.clone();
+                        async move { c.req_packed_command(one).await }
+                    }))
+                    .await?;
+                    Ok(replies.into_iter().skip(offset).take(count).collect())
+                })
+            }
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
@@ -79,6 +93,48 @@ impl redis::aio::ConnectionLike for Conn {
             Conn::Cluster(c) => c.get_db(),
         }
     }
+}
+
+/// True when a pipeline's commands name keys of more than one slot. The key is where our
+/// pipelines put it: the first argument, or EVALSHA/EVAL's first key; commands without a key
+/// (PING, TIME, SCRIPT, ...) go anywhere and do not count.
+fn spans_slots(pipe: &Pipeline) -> bool {
+    use redis::cluster_routing::{Route, SlotAddr};
+    let mut first = None;
+    for cmd in pipe.cmd_iter() {
+        let args: Vec<&[u8]> = cmd
+            .args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        let Some(name) = args.first() else { continue };
+        let key = match name.to_ascii_uppercase().as_slice() {
+            b"PING" | b"TIME" | b"SCRIPT" | b"CLIENT" | b"INFO" | b"CONFIG" | b"WAIT"
+            | b"MULTI" | b"EXEC" | b"CLUSTER" | b"ECHO" => None,
+            b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" => {
+                let keys = std::str::from_utf8(args.get(2).copied().unwrap_or_default())
+                    .ok()
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if keys > 0 {
+                    args.get(3).copied()
+                } else {
+                    None
+                }
+            }
+            _ => args.get(1).copied(),
+        };
+        let Some(key) = key else { continue };
+        let route = Route::with_key(key, SlotAddr::Master);
+        match first {
+            None => first = Some(route),
+            Some(r) if r != route => return true,
+            Some(_) => {}
+        }
+    }
+    false
 }
 
 impl Conn {
@@ -124,6 +180,8 @@ enum Inner {
     Cluster {
         client: ClusterClient,
         conn: OnceCell<ClusterConnection>,
+        /// The seeds, for pub/sub (see [`Redis::pubsub`]).
+        seeds: Vec<SecretString>,
     },
 }
 
@@ -165,6 +223,7 @@ impl Redis {
             RedisTarget::Cluster(seeds) => Inner::Cluster {
                 client: cluster_client(seeds, timeout)?,
                 conn: OnceCell::new(),
+                seeds: seeds.clone(),
             },
         };
         Ok(Self {
@@ -191,7 +250,7 @@ impl Redis {
                 .await
                 .cloned()
                 .map(Conn::Single),
-            Inner::Cluster { client, conn } => {
+            Inner::Cluster { client, conn, .. } => {
                 // connecting reads the slot map from a seed; bounded like a single connection
                 let connect = async {
                     match tokio::time::timeout(
@@ -220,26 +279,30 @@ impl Redis {
     /// SUBSCRIBE takes a connection over, so the shared one cannot carry it. It does not
     /// reconnect by itself: its message stream ends when the connection drops, and the caller
     /// subscribes again. Connecting (with the handshake) is bounded like every other connection.
-    /// Single-server mode only (nothing in agentq subscribes on a cluster).
+    /// In cluster mode it is a plain connection to the first seed that answers: a cluster
+    /// delivers every PUBLISH to subscribers on all its nodes, so any node will do, and when that
+    /// one is lost the caller's next subscribe moves on to another.
     pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
-        let Inner::Single { client, .. } = &*self.inner else {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "pub/sub is not offered in cluster mode",
-            )));
-        };
-        match tokio::time::timeout(
-            CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
-            client.get_async_pubsub(),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "pub/sub connection timed out",
-            )
-            .into()),
+        match &*self.inner {
+            Inner::Single { client, .. } => bounded_pubsub(client).await,
+            Inner::Cluster { seeds, .. } => {
+                let mut last = None;
+                for url in seeds.iter() {
+                    match client(url) {
+                        Ok(c) => match bounded_pubsub(&c).await {
+                            Ok(ps) => return Ok(ps),
+                            Err(e) => last = Some(e),
+                        },
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "no cluster seed to subscribe on",
+                    ))
+                }))
+            }
         }
     }
 
@@ -252,6 +315,23 @@ impl Redis {
             .query_async::<String>(&mut conn)
             .await
             .is_ok()
+    }
+}
+
+/// A pub/sub connection from `client`, connecting within the usual bounds.
+async fn bounded_pubsub(client: &redis::Client) -> RedisResult<redis::aio::PubSub> {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
+        client.get_async_pubsub(),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "pub/sub connection timed out",
+        )
+        .into()),
     }
 }
 
@@ -322,4 +402,41 @@ fn cluster_client(seeds: &[SecretString], timeout: Option<Duration>) -> RedisRes
         });
     }
     builder.build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spans_slots;
+
+    #[test]
+    fn a_pipeline_spans_slots_only_when_its_keys_do() {
+        let mut same = redis::pipe();
+        same.hset("agentq:{q}:task:1", "a", 1)
+            .zadd("agentq:{q}:recent", "1", 0)
+            .cmd("PING")
+            .cmd("EVALSHA")
+            .arg("abc")
+            .arg(1)
+            .arg("agentq:{q}:pending");
+        assert!(!spans_slots(&same));
+
+        let mut two = redis::pipe();
+        two.hset("agentq:{q}:task:1", "a", 1)
+            .incr("agentq:files:bytes", 1);
+        assert!(spans_slots(&two));
+
+        let mut script = redis::pipe();
+        script
+            .get("agentq:{a}:x")
+            .cmd("EVALSHA")
+            .arg("abc")
+            .arg(1)
+            .arg("agentq:{b}:y");
+        assert!(spans_slots(&script));
+
+        // a script without keys goes anywhere
+        let mut keyless = redis::pipe();
+        keyless.get("agentq:{a}:x").cmd("EVALSHA").arg("abc").arg(0);
+        assert!(!spans_slots(&keyless));
+    }
 }

@@ -137,6 +137,8 @@ pub struct RedisServer {
     durable: bool,
     extra: Vec<String>,
     proc: Option<Proc>,
+    /// A one-node cluster of the sweep whose slots are assigned: a restart waits for it to be ok.
+    one_node_cluster: bool,
 }
 
 impl RedisServer {
@@ -145,15 +147,54 @@ impl RedisServer {
     }
 
     pub fn start_with(durable: bool, extra: &[&str]) -> Result<Self> {
+        let mut extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        // the suite's cluster sweep: every server is a one-node cluster owning every slot
+        let one_node_cluster = cluster_sweep() && !extra.iter().any(|a| a == "--cluster-enabled");
+        if one_node_cluster {
+            extra.extend(
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ]
+                .map(str::to_owned),
+            );
+        }
         let mut r = Self {
             port: free_port(),
             dir: tempfile::tempdir()?,
             durable,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            extra,
             proc: None,
+            one_node_cluster: false,
         };
         r.resume()?;
+        if one_node_cluster {
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(0)
+                .arg(16383)
+                .query::<()>(&mut r.conn()?)?;
+            r.one_node_cluster = true;
+            r.wait_cluster_ok()?;
+        }
         Ok(r)
+    }
+
+    fn wait_cluster_ok(&self) -> Result<()> {
+        let mut c = self.conn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c)?;
+            if info.contains("cluster_state:ok") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the one-node cluster never became ok");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn url(&self) -> String {
@@ -182,6 +223,10 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if self.ping() {
+                if self.one_node_cluster {
+                    // its slots come back from nodes.conf, a moment after it answers
+                    self.wait_cluster_ok()?;
+                }
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -369,9 +414,17 @@ impl RedisCluster {
     }
 }
 
+/// `AGENTQ_TEST_REDIS=cluster`: the suite's cluster sweep. Every test's Redis is a one-node
+/// Redis Cluster owning all 16384 slots, and the binaries run in cluster mode against it
+/// (`REDIS_CLUSTER_NODES`). A one-node cluster refuses exactly what a real one would: a script
+/// or command whose keys are in more than one slot (CROSSSLOT, "do not hash to the same slot").
+pub fn cluster_sweep() -> bool {
+    std::env::var("AGENTQ_TEST_REDIS").is_ok_and(|v| v == "cluster")
+}
+
 /// Base environment for both binaries in tests: fast heartbeats and retries, pretty logs.
 pub fn base_env(redis_url: &str, llm_url: &str) -> HashMap<String, String> {
-    [
+    let mut env: HashMap<String, String> = [
         ("REDIS_URL", redis_url),
         ("OPENAI_BASE_URL", llm_url),
         ("OPENAI_API_KEY", "sk-test-secret"),
@@ -389,7 +442,13 @@ pub fn base_env(redis_url: &str, llm_url: &str) -> HashMap<String, String> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
+    .collect();
+    if cluster_sweep() {
+        env.insert("REDIS_CLUSTER_NODES".to_owned(), redis_url.to_owned());
+        // a one-node cluster has no replica to wait for
+        env.insert("AGENTQ_ENQUEUE_REPLICAS".to_owned(), "0".to_owned());
+    }
+    env
 }
 
 /// The admin token of an api started with [`Stack::start_api_auth`].
