@@ -138,6 +138,28 @@ fn spans_slots(pipe: &Pipeline) -> bool {
 }
 
 impl Conn {
+    /// Sends `cmd`, which names no key of its own (SCAN), to the node holding `key`'s slot; with
+    /// one server, to it. In a cluster a keyless command would go to any node, and a SCAN there
+    /// would see only that node's keys.
+    pub async fn query_at<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &Cmd,
+        key: &str,
+    ) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(key, SlotAddr::Master),
+                ));
+                Ok(redis::from_redis_value(
+                    c.route_command(cmd.clone(), route).await?,
+                )?)
+            }
+        }
+    }
+
     /// `WAIT replicas timeout` on the connection that carried this client's writes to the node
     /// holding `key` (in a cluster, the master of its slot): how many replicas acknowledged every
     /// write sent on it so far. WAIT counts the writes of its own connection only, which is why it

@@ -161,6 +161,11 @@ impl RedisServer {
                 .map(str::to_owned),
             );
         }
+        if extra.iter().any(|a| a == "--cluster-enabled") {
+            // the cluster bus listens on a port of its own, port + 10000 unless told: a free one
+            // instead, so it never collides with another test's server
+            extra.extend(["--cluster-port".to_owned(), free_port().to_string()]);
+        }
         let mut r = Self {
             port: free_port(),
             dir: tempfile::tempdir()?,

@@ -974,14 +974,14 @@ async fn implicit_models(
     let mut models = vec![upstreams.default_model.clone()];
     let mut cursor: u64 = 0;
     for _ in 0..100 {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
             .arg("MATCH")
             .arg(format!("{base}*"))
             .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
+            .arg(1000);
+        // the upstream's keys share its hash tag: in a cluster they are all on that slot's node
+        let (next, found): (u64, Vec<String>) = conn.query_at(&scan, &base).await?;
         for k in found {
             if let Some(m) = k.strip_prefix(&base) {
                 if !m.ends_with(":leases") && !models.iter().any(|x| x == m) && models.len() < 100 {
