@@ -274,21 +274,7 @@ impl Redis {
                 .map(Conn::Single),
             Inner::Cluster { client, conn, .. } => {
                 // connecting reads the slot map from a seed; bounded like a single connection
-                let connect = async {
-                    match tokio::time::timeout(
-                        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
-                        client.get_async_connection(),
-                    )
-                    .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "cluster connection timed out",
-                        )
-                        .into()),
-                    }
-                };
+                let connect = bounded(client.get_async_connection(), "cluster connection");
                 conn.get_or_try_init(|| connect)
                     .await
                     .cloned()
@@ -342,19 +328,38 @@ impl Redis {
 
 /// A pub/sub connection from `client`, connecting within the usual bounds.
 async fn bounded_pubsub(client: &redis::Client) -> RedisResult<redis::aio::PubSub> {
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
-        client.get_async_pubsub(),
-    )
-    .await
-    {
+    bounded(client.get_async_pubsub(), "pub/sub connection").await
+}
+
+/// `connect` (a connection being made, with its handshake), given up after the connect and reply
+/// timeouts: a Redis that accepts and never answers must not hold a caller forever.
+async fn bounded<T>(
+    connect: impl std::future::Future<Output = RedisResult<T>>,
+    what: &'static str,
+) -> RedisResult<T> {
+    match tokio::time::timeout(CONNECT_TIMEOUT + RESPONSE_TIMEOUT, connect).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "pub/sub connection timed out",
-        )
-        .into()),
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "connecting timed out",
+            what.to_owned(),
+        ))),
     }
+}
+
+/// The PEM bundle `AGENTQ_REDIS_CA_FILE` names, for a TLS connection (`None`: the system roots,
+/// also for a `redis://` URL, which ignores it).
+fn ca_bundle(tls: bool) -> RedisResult<Option<Vec<u8>>> {
+    let Some(path) = std::env::var_os(ENV_REDIS_CA_FILE).filter(|p| tls && !p.is_empty()) else {
+        return Ok(None);
+    };
+    std::fs::read(&path).map(Some).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "cannot read the CA bundle named by AGENTQ_REDIS_CA_FILE",
+            format!("{}: {e}", path.to_string_lossy()),
+        ))
+    })
 }
 
 /// The client for `url`: without `CLIENT SETINFO` in its handshake, and with the CA bundle of
@@ -364,24 +369,15 @@ fn client(url: &SecretString) -> RedisResult<redis::Client> {
     let settings = info.redis_settings().clone().set_skip_set_lib_name();
     let info = info.set_redis_settings(settings);
     let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
-    match std::env::var_os(ENV_REDIS_CA_FILE).filter(|p| tls && !p.is_empty()) {
+    match ca_bundle(tls)? {
         None => redis::Client::open(info),
-        Some(path) => {
-            let root_cert = std::fs::read(&path).map_err(|e| {
-                redis::RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "cannot read the CA bundle named by AGENTQ_REDIS_CA_FILE",
-                    format!("{}: {e}", path.to_string_lossy()),
-                ))
-            })?;
-            redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            )
-        }
+        Some(root_cert) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        ),
     }
 }
 
@@ -410,14 +406,7 @@ fn cluster_client(seeds: &[SecretString], timeout: Option<Duration>) -> RedisRes
     } else {
         builder = builder.overall_response_timeout(None);
     }
-    if let Some(path) = std::env::var_os(ENV_REDIS_CA_FILE).filter(|p| tls && !p.is_empty()) {
-        let root_cert = std::fs::read(&path).map_err(|e| {
-            redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "cannot read the CA bundle named by AGENTQ_REDIS_CA_FILE",
-                format!("{}: {e}", path.to_string_lossy()),
-            ))
-        })?;
+    if let Some(root_cert) = ca_bundle(tls)? {
         builder = builder.certs(redis::TlsCertificates {
             client_tls: None,
             root_cert: Some(root_cert),
