@@ -269,12 +269,8 @@ def _nodes(spec, node_pids):
     return out
 
 
-def emit_enqueue(runs_path, mode, rnd, spec, node_pids, api_pid, seconds, wrk_path, c0, c1,
-                 before, after, la0, la1):
-    c0, c1, before, after = json.loads(c0), json.loads(c1), json.loads(before), json.loads(after)
-    w = bench.wrk(wrk_path)
-    per_q = {q: after[q]["pending"] - before[q]["pending"] for q in after}
-    total = sum(per_q.values())
+def _node_split(spec, node_pids, c0, c1, per_q, total):
+    """Each Redis node's CPU over a run, per task of the whole workload and per task of its own queues."""
     nodes = []
     for port, pid, qs in _nodes(spec, node_pids):
         d = _delta(c0, c1, pid)
@@ -282,6 +278,16 @@ def emit_enqueue(runs_path, mode, rnd, spec, node_pids, api_pid, seconds, wrk_pa
         nodes.append({"port": port, "queues": qs, "cpu_s": d, "tasks": own,
                       "us_per_task_of_all": round(d * 1e6 / max(total, 1), 3),
                       "us_per_own_task": round(d * 1e6 / max(own, 1), 3)})
+    return nodes
+
+
+def emit_enqueue(runs_path, mode, rnd, spec, node_pids, api_pid, seconds, wrk_path, c0, c1,
+                 before, after, la0, la1):
+    c0, c1, before, after = json.loads(c0), json.loads(c1), json.loads(before), json.loads(after)
+    w = bench.wrk(wrk_path)
+    per_q = {q: after[q]["pending"] - before[q]["pending"] for q in after}
+    total = sum(per_q.values())
+    nodes = _node_split(spec, node_pids, c0, c1, per_q, total)
     rsum = sum(nd["cpu_s"] for nd in nodes)
     api_cpu = _delta(c0, c1, api_pid)
     rec = {"phase": "enqueue", "mode": mode, "round": int(rnd), "seconds": float(seconds),
@@ -301,13 +307,7 @@ def emit_drain(runs_path, mode, rnd, spec, node_pids, worker_pids, mock_pid, n_p
     c0, c1 = waitj.pop("cpu_start"), waitj.pop("cpu_end")
     per_q = {q: waitj["per_queue"][q]["succeeded"] + waitj["per_queue"][q]["failed"] for q in waitj["per_queue"]}
     total = waitj["succeeded"] + waitj["failed"]
-    nodes = []
-    for port, pid, qs in _nodes(spec, node_pids):
-        d = _delta(c0, c1, pid)
-        own = sum(per_q[q] for q in qs)
-        nodes.append({"port": port, "queues": qs, "cpu_s": d, "tasks": own,
-                      "us_per_task_of_all": round(d * 1e6 / max(total, 1), 3),
-                      "us_per_own_task": round(d * 1e6 / max(own, 1), 3)})
+    nodes = _node_split(spec, node_pids, c0, c1, per_q, total)
     rsum = sum(nd["cpu_s"] for nd in nodes)
     wcpu = [_delta(c0, c1, p) for p in worker_pids.split(",")]
     mcpu = _delta(c0, c1, mock_pid)
