@@ -28,7 +28,7 @@ mod probe;
 mod run;
 mod tools;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -778,9 +778,20 @@ impl Worker {
             .lock()
             .map(|mut a| std::mem::take(&mut *a))
             .unwrap_or_default();
+        // A run still going after the grace (its report stuck behind a slow Redis) may have called
+        // the LLM: returning its id tokenless would uncount that attempt. It is left in the list,
+        // so the worker stays registered and recovery takes it over, counted.
+        let still_held: HashSet<String> = self
+            .held
+            .lock()
+            .map(|h| h.keys().cloned().collect())
+            .unwrap_or_default();
         for id in &left {
             match abandoned.get(id) {
                 Some(token) => self.give_back_run(id, token).await,
+                None if still_held.contains(id) => {
+                    tracing::warn!(task.id = %id, "a run still holds this id at exit; leaving it to recovery")
+                }
                 None => self.give_back_unstarted(id, None).await,
             }
         }

@@ -121,10 +121,17 @@ impl Worker {
         // Read after the list: any operation that moved an id in it had started by now.
         let started = self.fetches_started.load(Ordering::SeqCst);
         let finished = self.fetches_finished.load(Ordering::SeqCst);
+        // An abandoned run (its report never landed after the drain's hard stop) called the LLM:
+        // it is given back at exit with its token, counted as a give-back. Returning it here,
+        // tokenless, would uncount an attempt that was paid for (chaos caught this in cluster mode,
+        // where reports after a Redis restart give up at spread-out times).
         let unheld: HashSet<String> = {
             let Ok(held) = self.held.lock() else { return };
+            let Ok(abandoned) = self.abandoned.lock() else {
+                return;
+            };
             ids.into_iter()
-                .filter(|id| !held.contains_key(id))
+                .filter(|id| !held.contains_key(id) && !abandoned.contains_key(id))
                 .collect()
         };
         suspects.retain(|id, _| unheld.contains(id));
