@@ -41,8 +41,8 @@ step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build binaries" cargo build --workspace --bins --locked
 step "cargo deny (licenses, bans, sources)" bash scripts/cargo-deny.sh
-step "third-party peers for the tests (LiteLLM proxy and the openai SDK, aimock, the reference MCP server, the openai Node SDK)" \
-  bash -c 'bash tests/peers/litellm/install.sh && bash tests/peers/aimock/install.sh && bash tests/peers/mcp/install.sh && bash tests/peers/openai-node/install.sh'
+step "third-party peers for the tests (LiteLLM proxy and the openai SDK, aimock, the reference MCP server, the openai Node SDK, k6)" \
+  bash -c 'bash tests/peers/litellm/install.sh && bash tests/peers/aimock/install.sh && bash tests/peers/mcp/install.sh && bash tests/peers/openai-node/install.sh && bash tests/peers/k6/install.sh'
 step "unit and end-to-end tests (nextest)" cargo nextest run --workspace --locked --no-fail-fast
 # The same suite with every test's Redis a one-node Redis Cluster and the binaries in cluster
 # mode (tests/src/lib.rs, cluster_sweep): Redis then refuses any script or command whose keys span

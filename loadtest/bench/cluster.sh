@@ -93,35 +93,10 @@ mkdir -p "$WORK"
 RUNS_FILE=$WORK/runs.jsonl
 : > "$RUNS_FILE"
 
-# ---- processes: every pid started here, stopped on exit ----
-PIDS=()
-cleanup() {
-  local rc=$? pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [[ -n ${WORK:-} ]]; then
-    if [[ $rc -eq 0 && -z ${KEEP:-} ]]; then rm -rf "$WORK"; else echo "cluster.sh: logs kept in $WORK" >&2; fi
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-set -E
-trap 'rc_err=$?; echo "cluster.sh: line $LINENO: \"$BASH_COMMAND\" failed with exit $rc_err" >&2' ERR
-
-spawn() { # NAME CMD... ; sets SPAWNED
-  local name=$1; shift
-  "$@" >"$WORK/$name.log" 2>&1 &
-  SPAWNED=$!
-  PIDS+=("$SPAWNED")
-}
-stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
-wait_http() {
-  for _ in $(seq 200); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.05; done
-  echo "cluster.sh: $1 did not come up" >&2; return 1
-}
+# ---- processes: every pid started here, stopped on exit (lib.sh) ----
+BENCH_NAME=cluster.sh
+# shellcheck source=loadtest/bench/lib.sh
+source "$HERE/lib.sh"
 wait_ping() {
   for _ in $(seq 100); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
   echo "cluster.sh: redis on $1 did not come up" >&2; return 1

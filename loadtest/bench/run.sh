@@ -212,46 +212,10 @@ RUNS_FILE=$WORK/runs.jsonl
 : > "$RUNS_FILE"
 TCK=$(getconf CLK_TCK)
 
-# ---- processes: every pid started here, stopped on exit ----
-PIDS=()
-cleanup() {
-  local rc=$? pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [[ -n ${WORK:-} ]]; then
-    if [[ $rc -eq 0 && -z ${KEEP:-} ]]; then rm -rf "$WORK"; else echo "run.sh: logs kept in $WORK" >&2; fi
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-# A command that fails under `set -e` says which one it was (a smoke in CI once stopped with no
-# word between two phases); -E carries the trap into functions.
-set -E
-trap 'rc_err=$?; echo "run.sh: line $LINENO: \"$BASH_COMMAND\" failed with exit $rc_err" >&2' ERR
-
-spawn() { # NAME CMD... ; sets SPAWNED
-  local name=$1; shift
-  "$@" >"$WORK/$name.log" 2>&1 &
-  SPAWNED=$!
-  PIDS+=("$SPAWNED")
-}
-
-stop() { # PID: SIGTERM and wait for it
-  local pid=$1
-  kill -TERM "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-
-wait_http() { # URL
-  for _ in $(seq 200); do
-    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "run.sh: $1 did not come up" >&2; return 1
-}
+# ---- processes: every pid started here, stopped on exit (lib.sh) ----
+BENCH_NAME=run.sh
+# shellcheck source=loadtest/bench/lib.sh
+source "$HERE/lib.sh"
 
 cpu_s() { # PID -> CPU seconds (utime+stime) from /proc/PID/stat, as a decimal
   local line rest

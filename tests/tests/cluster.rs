@@ -156,15 +156,27 @@ async fn live_streams_of_queues_on_different_masters() -> anyhow::Result<()> {
 }
 
 /// What the load of the failover test saw.
-#[derive(Default)]
-struct Load {
-    /// (prompt, task id, acknowledged after the old master came back as a replica)
-    acked: Vec<(String, String, bool)>,
-    unavailable: usize,
-    other: Vec<String>,
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Issue 19's proof: a master SIGKILLed under load (clients enqueueing, workers draining). Its
+/// k6 from the repo's `.venv` (`bash tests/peers/k6/install.sh`), or `K6` when set.
+fn k6() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("K6") {
+        return Ok(p.into());
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/k6");
+    anyhow::ensure!(
+        p.exists(),
+        "{} missing: run `bash tests/peers/k6/install.sh`",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// Issue 19's proof: a master SIGKILLed under load (k6 enqueueing, workers draining). Its
 /// replica takes over; every task the api acknowledged with 202 reaches `succeeded`, with one
 /// final record and one final event; the api answers 503 while it cannot vouch for a write (never
 /// 500); the same worker processes go on without a restart. With the replica promoted and the old
@@ -172,8 +184,7 @@ struct Load {
 /// the old master rejoins as the new one's replica: that refusal is the guarantee working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_master_killed_under_load_loses_no_acknowledged_task() -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    let k6 = k6()?;
     let mut c = RedisCluster::start()?;
     let queues = queues_on_three_masters(&c)?;
     let q = queues[0].clone();
@@ -195,68 +206,28 @@ async fn a_master_killed_under_load_loses_no_acknowledged_task() -> anyhow::Resu
     }
     let worker_pids: Vec<u32> = workers.iter().map(|w| w.proc.pid()).collect();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let rejoined = Arc::new(AtomicBool::new(false));
-    let load = Arc::new(Mutex::new(Load::default()));
-    let mut posters = Vec::new();
-    for k in 0..4 {
-        let (http, url, q) = (s.http.clone(), s.api_url.clone(), q.clone());
-        let (stop, rejoined, load) = (stop.clone(), rejoined.clone(), load.clone());
-        posters.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let prompt = format!("fo-{k}-{i}");
-                i += 1;
-                // a 503 is resent with the same Idempotency-Key until it is acknowledged
-                let deadline = std::time::Instant::now() + Duration::from_secs(40);
-                while std::time::Instant::now() < deadline {
-                    let r = http
-                        .post(format!("{url}/v1/tasks"))
-                        .header("Idempotency-Key", &prompt)
-                        .json(&json!({"prompt": prompt, "queue": q}))
-                        .send()
-                        .await;
-                    let (status, body) = match r {
-                        Ok(r) => {
-                            let st = r.status().as_u16();
-                            (st, r.json::<serde_json::Value>().await.unwrap_or_default())
-                        }
-                        Err(e) => (0, json!({"transport": e.to_string()})),
-                    };
-                    let acked = {
-                        let mut l = load.lock().expect("load");
-                        match status {
-                            202 => {
-                                let id = body["id"].as_str().unwrap_or_default().to_owned();
-                                l.acked.push((
-                                    prompt.clone(),
-                                    id,
-                                    rejoined.load(Ordering::Relaxed),
-                                ));
-                                true
-                            }
-                            503 => {
-                                l.unavailable += 1;
-                                false
-                            }
-                            _ => {
-                                l.other.push(format!("{status} {body}"));
-                                true
-                            }
-                        }
-                    };
-                    if acked {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }));
-    }
-
+    // 4 k6 clients for 20 s; every iteration ends (its 503s resent for up to 40 s) before k6 does
+    let answers_file = s.logs.path().join("k6-answers.jsonl");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../loadtest/k6/failover.js");
+    let mut k6_proc = agentq_tests::Proc::spawn(
+        "k6",
+        std::process::Command::new(&k6)
+            .arg("run")
+            .arg("--quiet")
+            .arg("--no-usage-report")
+            .arg("--no-color")
+            .arg(format!("--console-output={}", answers_file.display()))
+            .arg("--log-format=raw")
+            .args(["-e", &format!("BASE_URL={}", s.api_url)])
+            .args(["-e", &format!("QUEUE={q}")])
+            .args(["-e", "VUS=4", "-e", "DURATION=20s"])
+            .arg(&script),
+        s.logs.path(),
+    )?;
+    let t0 = unix_ms();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before_kill = load.lock().expect("load").acked.len();
+    let killed_at = unix_ms();
     c.nodes[victim].kill();
     // the replica is promoted: another node serves the slot
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -271,29 +242,62 @@ async fn a_master_killed_under_load_loses_no_acknowledged_task() -> anyhow::Resu
     // the old master comes back (same port, same nodes.conf) as the new master's replica
     c.nodes[victim].resume()?;
     c.wait_ready(Duration::from_secs(30))?;
-    rejoined.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for p in posters {
-        p.await?;
-    }
-    let load = std::mem::take(&mut *load.lock().expect("load"));
-    assert!(
-        load.other.is_empty(),
-        "answers other than 202/503: {:?}",
-        load.other
+    let rejoined_at = unix_ms();
+    anyhow::ensure!(
+        rejoined_at < t0 + 16_000,
+        "the cluster took {} ms to fail over and take the old master back: too late for k6's 20 s",
+        rejoined_at - t0
     );
-    assert!(before_kill > 0, "no load before the kill");
-    assert!(
-        load.acked.iter().any(|a| a.2),
-        "nothing acknowledged after the old master rejoined"
+    let k6_status = tokio::task::spawn_blocking(move || {
+        let st = k6_proc.wait_exit(Duration::from_secs(90));
+        (k6_proc, st)
+    });
+    let (k6_proc, k6_status) = k6_status.await?;
+    let k6_status = k6_status?;
+    anyhow::ensure!(
+        k6_status.success(),
+        "k6 exited {k6_status}: {}",
+        k6_proc.tail()
     );
 
-    let ids: Vec<String> = load.acked.iter().map(|a| a.1.clone()).collect();
+    let text = std::fs::read_to_string(&answers_file)?;
+    let mut acked: Vec<(String, String, u64)> = Vec::new();
+    let (mut unavailable, mut other) = (0usize, Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        // {"prompt", "status", "id" (202), "body" (others), "at": Unix ms}
+        let a: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("k6 answer line {line:?}: {e}"))?;
+        let (prompt, id) = (
+            a["prompt"].as_str().unwrap_or_default().to_owned(),
+            a["id"].as_str().unwrap_or_default().to_owned(),
+        );
+        match a["status"].as_u64() {
+            Some(202) if !id.is_empty() => {
+                acked.push((prompt, id, a["at"].as_u64().unwrap_or_default()))
+            }
+            Some(503) => unavailable += 1,
+            _ => other.push(line.to_owned()),
+        }
+    }
+    assert!(other.is_empty(), "answers other than 202/503: {:?}", other);
+    let before_kill = acked.iter().filter(|a| a.2 < killed_at).count();
+    assert!(before_kill > 0, "no load before the kill");
+    assert!(
+        acked.iter().any(|a| a.2 > rejoined_at),
+        "nothing acknowledged after the old master rejoined"
+    );
+    let prompts: HashSet<&str> = acked.iter().map(|a| a.0.as_str()).collect();
+    assert_eq!(
+        prompts.len(),
+        acked.len(),
+        "a prompt acknowledged twice by k6"
+    );
+
+    let ids: Vec<String> = acked.iter().map(|a| a.1.clone()).collect();
     let done = s.wait_final(&ids, Duration::from_secs(90)).await?;
     let mut conn = c.client()?.get_async_connection().await?;
     let mut seen = HashSet::new();
-    for ((prompt, id, _), t) in load.acked.iter().zip(&done) {
+    for ((prompt, id, _), t) in acked.iter().zip(&done) {
         assert_eq!(t["status"], "succeeded", "{prompt}: {t}");
         assert_eq!(t["result"]["content"], format!("echo: {prompt}"), "{t}");
         assert!(seen.insert(id.clone()), "{id} acknowledged for two prompts");
@@ -329,10 +333,10 @@ async fn a_master_killed_under_load_loses_no_acknowledged_task() -> anyhow::Resu
     assert!(!logs.contains("CROSSSLOT"), "CROSSSLOT in the logs");
     agentq_tests::assert_no_panic(&s);
     eprintln!(
-        "failover: {} acknowledged ({} before the kill), {} answers 503, {calls} LLM calls",
+        "failover (k6): {} acknowledged ({} before the kill), {} answers 503, {calls} LLM calls",
         ids.len(),
         before_kill,
-        load.unavailable
+        unavailable
     );
     Ok(())
 }
