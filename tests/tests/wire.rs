@@ -5,6 +5,7 @@
 //! empty bearer. The same cases against third-party servers are in `wire_litellm.rs` and
 //! `wire_aimock.rs`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use agentq_mock_llm::CallOutcome;
@@ -126,6 +127,7 @@ async fn waits_without_a_hint_grow_with_the_count_of_429s() -> Result<()> {
         .start_worker(&[
             ("AGENTQ_RETRY_BASE_MS", "50"),
             ("AGENTQ_RETRY_MAX_MS", "2000"),
+            ("AGENTQ_LOG_FORMAT", "json"),
         ])
         .await?;
     let prompts: Vec<String> = (0..10)
@@ -139,21 +141,53 @@ async fn waits_without_a_hint_grow_with_the_count_of_429s() -> Result<()> {
         .wait_final(&ids, Duration::from_secs(40))
         .await
         .with_context(|| log_tails(&s))?;
+    // The waits the worker chose after each 429, from its "task run failed" lines. The gaps
+    // between calls are no measure of them: every 429 also blocks the model for the whole fleet
+    // (flow control), so with ten tasks at it a retry often waits behind the others' blocks and
+    // turns, and a first gap measured anywhere from 0.25 to 2 s. The waits themselves must grow
+    // with the task's count of 429s, and every gap must be at least its wait.
+    let mut waits: HashMap<String, Vec<f64>> = HashMap::new();
+    for line in w.proc.log_text().lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v["message"] == "task run failed" && v["status"] == "rate_limited" {
+            if let (Some(id), Some(ms)) = (v["task.id"].as_str(), v["retry_in_ms"].as_f64()) {
+                waits.entry(id.to_owned()).or_default().push(ms);
+            }
+        }
+    }
     let (mut first, mut sixth) = (Vec::new(), Vec::new());
-    for (p, t) in prompts.iter().zip(&done) {
+    for ((p, id), t) in prompts.iter().zip(&ids).zip(&done) {
         assert_eq!(t["status"], "succeeded", "{t}");
         assert_eq!(t["rate_limited"], 6, "{t}");
         assert_eq!(t["attempts"], 1, "{t}");
         let calls = call_starts(&s, p);
         assert_eq!(calls.len(), 7, "six 429s and one success: {calls:?}");
-        let gap = |n: usize| (calls[n].1 - calls[n - 1].1).as_secs_f64() * 1000.0;
-        first.push(gap(1));
-        sixth.push(gap(6));
+        let w = waits.get(id).cloned().unwrap_or_default();
+        assert_eq!(w.len(), 6, "{id}: the worker logged waits {w:?}");
+        for (n, wait) in w.iter().enumerate() {
+            // full jitter on the nth 429: 5 ms (base / 10) up to 50 ms × 2^(n-1), capped at 2 s
+            let cap = (50.0 * f64::from(1u32 << n)).min(2000.0);
+            assert!(
+                (5.0..=cap).contains(wait),
+                "{id}: wait {wait} ms after 429 #{} is outside 5..={cap}",
+                n + 1
+            );
+            let gap = (calls[n + 1].1 - calls[n].1).as_secs_f64() * 1000.0;
+            assert!(
+                gap + 2.0 >= *wait,
+                "{id}: called again {gap:.0} ms after 429 #{}, before its wait of {wait} ms",
+                n + 1
+            );
+        }
+        first.push(w[0]);
+        sixth.push(w[5]);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (m1, m6) = (mean(&first), mean(&sixth));
-    println!("wire: mean wait after the 1st 429 {m1:.0} ms, after the 6th {m6:.0} ms");
-    // expected: m1 ≈ 25 ms + promotion, m6 ≈ 800 ms + promotion (sd of the mean ≈ 150 ms)
+    println!("wire: mean wait chosen after the 1st 429 {m1:.0} ms, after the 6th {m6:.0} ms");
+    // expected: m1 ≈ 27 ms, m6 ≈ 800 ms (sd of a mean of ten ≈ 146 ms)
     assert!(
         m6 > m1 + 300.0,
         "waits did not grow: after the 1st 429 {m1:.0} ms, after the 6th {m6:.0} ms"
