@@ -48,14 +48,12 @@ step "unit and end-to-end tests (nextest)" cargo nextest run --workspace --locke
 # mode (tests/src/lib.rs, cluster_sweep): Redis then refuses any script or command whose keys span
 # two slots, as a real cluster would. Left out: the ACL and TLS tests and the password test, which
 # configure Redis through REDIS_URL itself (users, TLS, requirepass), the 2 MB maxmemory test (a
-# cluster node's own structures take about that), tests/tests/cluster.rs (real clusters of
-# their own, run above), and the Batch API test that SIGKILLs the api mid-upload: the files' byte
-# total and each file's charge are in two slots, so in cluster mode a kill between the two writes
-# can leave the total off by that request's bytes (README, "Redis Cluster", not yet). The seeded
-# chaos test runs here too (a fresh seed each run, printed on failure).
+# cluster node's own structures take about that) and tests/tests/cluster.rs (real clusters of
+# their own, run above). The seeded chaos test runs here too (a fresh seed each run, printed on
+# failure).
 step "end-to-end suite in cluster mode (one-node Redis Cluster, AGENTQ_TEST_REDIS=cluster)" \
   env AGENTQ_TEST_REDIS=cluster cargo nextest run -p agentq-tests --locked --no-fail-fast \
-  -E 'not (binary(acl) | binary(cluster) | test(=password_protected_tls_redis_works_and_the_password_stays_out_of_logs) | test(=redis_out_of_memory_gets_503_and_paid_results_still_land) | test(=an_api_killed_during_fan_out_and_finalize_still_ends_every_line_once))'
+  -E 'not (binary(acl) | binary(cluster) | test(=password_protected_tls_redis_works_and_the_password_stays_out_of_logs) | test(=redis_out_of_memory_gets_503_and_paid_results_still_land))'
 step "API fuzzing (schemathesis vs /openapi.json)" bash scripts/schemathesis.sh
 step "web console in headless Chromium (Playwright)" bash scripts/ui-test.sh
 step "deploy checks (helm, CRDs, checkov, hadolint, KEDA keys)" bash deploy/check.sh

@@ -326,6 +326,14 @@ pub fn files_bytes(prefix: &str) -> String {
     format!("{prefix}:files:bytes")
 }
 
+/// HASH of each file's charge (file id -> bytes) in the same slot as [`files_bytes`] (its hash
+/// tag is that key's whole name; the `<prefix>:files:` start keeps it under the api's ACL
+/// pattern), so the total and the charges change together in one script
+/// (`common/src/batch/file_charge.lua`) and a crash cannot leave them apart.
+pub fn files_charges(prefix: &str) -> String {
+    format!("{prefix}:files:charges:{{{}}}", files_bytes(prefix))
+}
+
 /// ZSET of batches with a record (member id, score = created ms), for `GET /v1/batches`.
 pub fn batches_index(prefix: &str) -> String {
     format!("{prefix}:batches")
@@ -363,6 +371,16 @@ pub fn limiter_leases(scope_key: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_files_charges_share_the_totals_slot() {
+        use redis::cluster_routing::Slot;
+        let (total, charges) = (files_bytes("agentq"), files_charges("agentq"));
+        assert_eq!(charges, "agentq:files:charges:{agentq:files:bytes}");
+        let slot = |k: &str| Slot::for_key(k.as_bytes());
+        assert_eq!(slot(&total), slot(&charges));
+        assert_ne!(slot(&total), slot(&file_meta("agentq", "file-abc")));
+    }
 
     #[test]
     fn key_layout_is_stable() {

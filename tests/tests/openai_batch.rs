@@ -661,15 +661,25 @@ async fn an_api_killed_during_fan_out_and_finalize_still_ends_every_line_once() 
         list.len()
     );
     let metas: Vec<String> = redis::cmd("KEYS").arg("agentq:file:{*}").query(&mut c)?;
+    let ledger: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg("agentq:files:charges:{agentq:files:bytes}")
+        .query(&mut c)?;
     let mut charged = 0i64;
     for m in &metas {
         let v: Option<i64> = redis::cmd("HGET").arg(m).arg("charged").query(&mut c)?;
         charged += v.unwrap_or(0);
+        // the file's own count and its entry in the total's ledger agree
+        let id = m.trim_start_matches("agentq:file:{").trim_end_matches('}');
+        ensure!(
+            ledger.get(id).copied() == v,
+            "file {id}: charged {v:?}, ledger {:?}",
+            ledger.get(id)
+        );
     }
     let total: i64 = redis::cmd("GET").arg("agentq:files:bytes").query(&mut c)?;
     ensure!(
-        metas.len() == 2 && total == charged,
-        "{} files charged {charged}, total {total}",
+        metas.len() == 2 && total == charged && ledger.len() == 2,
+        "{} files charged {charged}, total {total}, ledger {ledger:?}",
         metas.len()
     );
     assert_no_panic(&s);

@@ -134,6 +134,14 @@ async fn unindex(
     deleted: FileDelete,
 ) -> Result<(), redis::RedisError> {
     let p = state.broker.prefix();
+    // The charge first, while the file's gc entry still stands: an api killed between the two
+    // leaves the entry, and the loop's next look finds the file gone and releases again (a no-op
+    // once done, see file_charge.lua).
+    let reported = match deleted {
+        FileDelete::Deleted(n) => n,
+        _ => 0,
+    };
+    state.broker.file_release(id, reported).await?;
     let mut pipe = redis::pipe();
     pipe.zrem(keys::files_index(p), id)
         .ignore()
@@ -141,9 +149,6 @@ async fn unindex(
         .ignore();
     if let Some(t) = non_default(tenant) {
         pipe.zrem(tenant_files_index(p, t), id).ignore();
-    }
-    if let FileDelete::Deleted(n) = deleted {
-        pipe.cmd("DECRBY").arg(keys::files_bytes(p)).arg(n).ignore();
     }
     let mut conn = state.broker.redis().conn().await?;
     pipe.query_async::<()>(&mut conn).await
@@ -175,17 +180,16 @@ pub(crate) async fn begin_file(
         hset.arg("tenant").arg(t);
     }
     let mut conn = state.broker.redis().conn().await?;
-    let (total,): (u64,) = redis::pipe()
+    // The file and its gc entry before the charge: a crash between leaves an upload the loop
+    // collects, never a charge for a file nobody will delete.
+    redis::pipe()
         .add_command(hset)
         .ignore()
         .zadd(keys::files_gc(p), id, now + UPLOAD_STALE.as_millis() as i64)
         .ignore()
-        .cmd("INCRBY")
-        .arg(keys::files_bytes(p))
-        .arg(FILE_OVERHEAD)
-        .query_async(&mut conn)
+        .query_async::<()>(&mut conn)
         .await?;
-    Ok(total)
+    state.broker.file_charge(id, FILE_OVERHEAD).await
 }
 
 /// Appends lines to a file being written, charging their bytes (each line and its newline).
@@ -201,7 +205,9 @@ pub(crate) async fn append_lines(
     let p = state.broker.prefix();
     let bytes: u64 = lines.iter().map(|l| l.len() as u64 + 1).sum();
     let mut conn = state.broker.redis().conn().await?;
-    let (total,): (u64,) = redis::pipe()
+    // Lines first, then the charge (file_charge.lua): a crash between leaves an unfinished
+    // upload, which is discarded whole with whatever it was charged.
+    redis::pipe()
         .rpush(keys::file_lines(p, id), lines)
         .ignore()
         .cmd("HINCRBY")
@@ -215,12 +221,9 @@ pub(crate) async fn append_lines(
             now_ms() + UPLOAD_STALE.as_millis() as i64,
         )
         .ignore()
-        .cmd("INCRBY")
-        .arg(keys::files_bytes(p))
-        .arg(bytes)
-        .query_async(&mut conn)
+        .query_async::<()>(&mut conn)
         .await?;
-    Ok(total)
+    state.broker.file_charge(id, bytes).await
 }
 
 /// Makes a written file a stored one: its object's fields, then the indexes (listing, its

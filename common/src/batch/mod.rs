@@ -24,6 +24,7 @@ struct Scripts {
     file_use: Script,
     file_delete: Script,
     file_commit: Script,
+    file_charge: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -44,6 +45,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     file_use: Script::new(include_str!("file_use.lua")),
     file_delete: Script::new(include_str!("file_delete.lua")),
     file_commit: Script::new(include_str!("file_commit.lua")),
+    file_charge: Script::new(include_str!("file_charge.lua")),
 });
 
 /// ZSET of one tenant's stored files (member id, score = created ms), beside
@@ -339,6 +341,38 @@ impl Broker {
             Some("in_use") => FileDelete::InUse,
             _ => FileDelete::Missing,
         })
+    }
+
+    /// Charges `bytes` to a file and to the files' total (`file_charge.lua`); returns the total.
+    pub async fn file_charge(&self, file_id: &str, bytes: u64) -> RedisResult<u64> {
+        let p = self.prefix();
+        let mut conn = self.redis().conn().await?;
+        let total: i64 = SCRIPTS
+            .file_charge
+            .key(keys::files_bytes(p))
+            .key(keys::files_charges(p))
+            .arg(file_id)
+            .arg(bytes)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(u64::try_from(total).unwrap_or(0))
+    }
+
+    /// Takes a deleted file's charge off the total (`file_charge.lua`, idempotent). `reported` is
+    /// what its deletion returned, used only for a file charged before the charges ledger existed.
+    pub async fn file_release(&self, file_id: &str, reported: u64) -> RedisResult<()> {
+        let p = self.prefix();
+        let mut conn = self.redis().conn().await?;
+        let _: i64 = SCRIPTS
+            .file_charge
+            .key(keys::files_bytes(p))
+            .key(keys::files_charges(p))
+            .arg(file_id)
+            .arg("release")
+            .arg(reported)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Turns an upload in progress into a stored file (`file_commit.lua`); false when the
