@@ -345,34 +345,29 @@ impl Broker {
 
     /// Charges `bytes` to a file and to the files' total (`file_charge.lua`); returns the total.
     pub async fn file_charge(&self, file_id: &str, bytes: u64) -> RedisResult<u64> {
-        let p = self.prefix();
-        let mut conn = self.redis().conn().await?;
-        let total: i64 = SCRIPTS
-            .file_charge
-            .key(keys::files_bytes(p))
-            .key(keys::files_charges(p))
-            .arg(file_id)
-            .arg(bytes)
-            .invoke_async(&mut conn)
-            .await?;
+        let total = self.charge_script(file_id, &bytes.to_string(), 0).await?;
         Ok(u64::try_from(total).unwrap_or(0))
     }
 
     /// Takes a deleted file's charge off the total (`file_charge.lua`, idempotent). `reported` is
     /// what its deletion returned, used only for a file charged before the charges ledger existed.
     pub async fn file_release(&self, file_id: &str, reported: u64) -> RedisResult<()> {
+        self.charge_script(file_id, "release", reported).await?;
+        Ok(())
+    }
+
+    async fn charge_script(&self, file_id: &str, what: &str, reported: u64) -> RedisResult<i64> {
         let p = self.prefix();
         let mut conn = self.redis().conn().await?;
-        let _: i64 = SCRIPTS
+        SCRIPTS
             .file_charge
             .key(keys::files_bytes(p))
             .key(keys::files_charges(p))
             .arg(file_id)
-            .arg("release")
+            .arg(what)
             .arg(reported)
             .invoke_async(&mut conn)
-            .await?;
-        Ok(())
+            .await
     }
 
     /// Turns an upload in progress into a stored file (`file_commit.lua`); false when the
