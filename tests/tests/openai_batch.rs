@@ -56,6 +56,15 @@ async fn upload_raw(s: &Stack, body: Vec<u8>) -> Result<(u16, Value)> {
         .send()
         .await?;
     let status = r.status().as_u16();
+    // a refusal may leave the body unread, so it must tell the client not to reuse the connection
+    let close = r
+        .headers()
+        .get("connection")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    ensure!(
+        status < 400 || close,
+        "upload refused with {status} but without Connection: close"
+    );
     Ok((status, r.json().await.unwrap_or(Value::Null)))
 }
 

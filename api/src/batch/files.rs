@@ -296,8 +296,31 @@ impl Drop for UploadGuard {
 }
 
 /// `POST /v1/files`: the file is the caller's tenant's.
+///
+/// An upload is refused as soon as a line is bad, with the rest of the body unread: the server
+/// then closes the connection after the answer, and a client that put it back in its pool sent
+/// its next request into a closed socket (the openai SDK's `APIConnectionError`, seen in CI). So
+/// every refusal says `Connection: close`, as a server answering early must.
 pub async fn upload(
     State(state): State<AppState>,
+    caller: Caller,
+    mp: Result<Multipart, MultipartRejection>,
+) -> Response {
+    match upload_file(state, caller, mp).await {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = e.into_response();
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            r
+        }
+    }
+}
+
+async fn upload_file(
+    state: AppState,
     caller: Caller,
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, OaiError> {
