@@ -51,6 +51,16 @@ pub const ENV_MAX_TOKENS: &str = "AGENTQ_MAX_TOKENS";
 pub const ENV_MAX_TOKENS_PARAM: &str = "AGENTQ_MAX_TOKENS_PARAM";
 pub const ENV_LIMITER_OUTPUT_TOKENS: &str = "AGENTQ_LIMITER_OUTPUT_TOKENS";
 pub const ENV_LIMITER_GRANTS: &str = "AGENTQ_LIMITER_GRANTS";
+/// Which HTTP the worker speaks to LLM upstreams: `auto` (default: HTTP/2 where a TLS upstream
+/// offers it in ALPN, else HTTP/1.1), `http1` (HTTP/1.1 only, one connection per call in flight),
+/// `http2` (HTTP/2 everywhere; a plain `http://` upstream must then speak h2c with prior
+/// knowledge: vLLM behind Envoy, the mock LLM, ...).
+pub const ENV_LLM_HTTP: &str = "AGENTQ_LLM_HTTP";
+/// Calls one HTTP/2 connection carries at once: the worker opens about concurrency ÷ this many
+/// connections per upstream and spreads its calls over them, since one connection never carries
+/// more than the server's SETTINGS_MAX_CONCURRENT_STREAMS (and hyper queues the rest instead of
+/// opening another). 100 is the least RFC 9113 asks servers to allow.
+pub const ENV_LLM_HTTP2_STREAMS: &str = "AGENTQ_LLM_HTTP2_STREAMS";
 /// How often a worker checks that the tasks it runs were not cancelled (or finished elsewhere)
 /// behind its back: the backstop of the cancel channel, which misses what is published while it
 /// reconnects.
@@ -146,6 +156,7 @@ pub const DEFAULT_MCP_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_MCP_MAX_RESULT_BYTES: usize = 16 * 1024;
 pub const DEFAULT_MEMORY_TTL_SECS: u64 = 3_600;
 pub const DEFAULT_FETCH_BATCH: usize = 32;
+pub const DEFAULT_LLM_HTTP2_STREAMS: usize = 100;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_CANCEL_POLL_MS: u64 = 2_000;
 pub const DEFAULT_STREAM_FLUSH_MS: u64 = 50;
@@ -721,6 +732,17 @@ pub enum MaxTokensParam {
     MaxCompletionTokens,
 }
 
+/// `AGENTQ_LLM_HTTP`: the HTTP versions the worker offers its LLM upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmHttp {
+    /// HTTP/2 when a TLS upstream picks it in ALPN, else HTTP/1.1.
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only (prior knowledge on plain `http://`).
+    Http2,
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub common: CommonConfig,
@@ -766,6 +788,10 @@ pub struct WorkerConfig {
     pub stream_flush: Duration,
     /// `AGENTQ_STREAM_FLUSH_BYTES`: text written at once without waiting.
     pub stream_flush_bytes: usize,
+    /// `AGENTQ_LLM_HTTP`.
+    pub llm_http: LlmHttp,
+    /// `AGENTQ_LLM_HTTP2_STREAMS`: calls per HTTP/2 connection.
+    pub llm_http2_streams: usize,
 }
 
 impl WorkerConfig {
@@ -809,6 +835,17 @@ impl WorkerConfig {
                 return Err(ConfigError {
                     var: ENV_MAX_TOKENS_PARAM,
                     message: "must be max_tokens or max_completion_tokens".to_owned(),
+                })
+            }
+        };
+        let llm_http = match string(env, ENV_LLM_HTTP, "auto").trim() {
+            "auto" => LlmHttp::Auto,
+            "http1" => LlmHttp::Http1,
+            "http2" => LlmHttp::Http2,
+            _ => {
+                return Err(ConfigError {
+                    var: ENV_LLM_HTTP,
+                    message: "must be auto, http1 or http2".to_owned(),
                 })
             }
         };
@@ -886,6 +923,14 @@ impl WorkerConfig {
             )?,
             max_tokens: ranged(env, ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS, 0, 10_000_000)?,
             max_tokens_param,
+            llm_http,
+            llm_http2_streams: ranged(
+                env,
+                ENV_LLM_HTTP2_STREAMS,
+                DEFAULT_LLM_HTTP2_STREAMS,
+                1,
+                100_000,
+            )?,
             mcp: crate::mcp::McpServers::from_env(env, true)?,
             mcp_timeout: Duration::from_secs(ranged(
                 env,
@@ -992,6 +1037,25 @@ mod tests {
             (c.max_tokens, c.max_tokens_param),
             (4096, MaxTokensParam::MaxTokens)
         );
+        assert_eq!((c.llm_http, c.llm_http2_streams), (LlmHttp::Auto, 100));
+    }
+
+    #[test]
+    fn llm_http_versions() {
+        for (raw, want) in [
+            ("auto", LlmHttp::Auto),
+            ("http1", LlmHttp::Http1),
+            (" http2 ", LlmHttp::Http2),
+        ] {
+            let c = WorkerConfig::from_env(&env(&[(ENV_LLM_HTTP, raw)])).expect("valid");
+            assert_eq!(c.llm_http, want, "{raw}");
+        }
+        for bad in ["h2", "HTTP/2", "2"] {
+            let err = WorkerConfig::from_env(&env(&[(ENV_LLM_HTTP, bad)])).expect_err(bad);
+            assert_eq!(err.var, ENV_LLM_HTTP);
+        }
+        let err = WorkerConfig::from_env(&env(&[(ENV_LLM_HTTP2_STREAMS, "0")])).expect_err("0");
+        assert_eq!(err.var, ENV_LLM_HTTP2_STREAMS);
     }
 
     #[test]

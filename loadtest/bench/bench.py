@@ -915,7 +915,7 @@ def emit(path, phase, pairs):
         rec["wrk_cpu_s_per_1k"] = d(rec["wrk_cpu_s"], rec["wrk_requests"]) * 1000
         rec["redis_eval_rps"] = rec["rb_rps"]
         rec["pct_of_limit"] = d(rec["rps"], rec["rb_rps"]) * 100
-    elif phase in ("drain", "fanout"):
+    elif phase in ("drain", "fanout", "fanout-h2"):
         n = rec["rec_succeeded"]
         rec["tasks_per_s"] = rec["rec_tasks_per_s"]
         for who in ("worker", "mock", "redis"):
@@ -1291,6 +1291,11 @@ TABLE = [
     ("fanout_worker_peak_rss_mib", "fanout", "worker_vmhwm_mib", "MiB", ("<=", 64)),
     ("fanout_worker_cpu_us_per_task", "fanout", "worker_cpu_us_per_task", "us/task", None),
     ("fanout_mock_cpu_us_per_task", "fanout", "mock_cpu_us_per_task", "us/task", None),
+    # the same fan-out with AGENTQ_LLM_HTTP=http2 (h2c to the mock): issue 20's memory target
+    ("fanout_h2_tasks_per_s", "fanout-h2", "tasks_per_s", "tasks/s", (">=", 490)),
+    ("fanout_h2_worker_peak_rss_mib", "fanout-h2", "worker_vmhwm_mib", "MiB", ("<=", 40)),
+    ("fanout_h2_worker_cpu_us_per_task", "fanout-h2", "worker_cpu_us_per_task", "us/task", None),
+    ("fanout_h2_mock_cpu_us_per_task", "fanout-h2", "mock_cpu_us_per_task", "us/task", None),
     ("queue_wait_p50_ms", "latency", "p50_ms", "ms", None),
     ("queue_wait_p99_ms", "latency", "p99_ms", "ms", ("<=", 5)),
     ("queue_wait_hist_p50_ms", "latency", "hist_p50_ms", "ms", None),
@@ -1395,7 +1400,7 @@ def report(runs_path, out_path, mode, n_runs, meta_path):
                 broken.append(f"{tag}: {r.get('wrk_non_2xx')} non-2xx answers, {r.get('wrk_socket_errors')} socket errors")
             if r.get("queued_after", 0) < r.get("wrk_requests", 0):
                 broken.append(f"{tag}: {r.get('queued_after')} ids queued for {r.get('wrk_requests')} answered requests")
-        elif r["phase"] in ("drain", "fanout"):
+        elif r["phase"] in ("drain", "fanout", "fanout-h2"):
             if r.get("rec_succeeded") != r.get("tasks") or r.get("rec_timed_out"):
                 broken.append(f"{tag}: {r.get('rec_succeeded')} of {r.get('tasks')} tasks succeeded")
         elif r["phase"] == "workflow":
@@ -1482,7 +1487,7 @@ def summary(runs_path):
                 f"redis {r['redis_cpu_us_per_task']:.1f}, mock {r['mock_cpu_us_per_task']:.1f}; EVALSHA/task "
                 f"{r['evalsha_per_task']:.2f} at {r['evalsha_usec_per_call']:.1f} us; admitted {r['flow_limiter_admitted']:.0f}, "
                 f"throttled {r['flow_limiter_throttled']:.0f}; load {r['loadavg']}")
-    if p in ("drain", "fanout"):
+    if p in ("drain", "fanout", "fanout-h2"):
         return (f"{r['rec_succeeded']}/{r['tasks']} succeeded in {r['rec_span_s']:.2f} s = {r['tasks_per_s']:.0f} tasks/s; "
                 f"CPU us/task: worker {r['worker_cpu_us_per_task']:.1f}, mock {r['mock_cpu_us_per_task']:.1f}, "
                 f"redis {r['redis_cpu_us_per_task']:.1f}; redis inside commands {r.get('redis_busy_us_per_task', 0):.1f} us/task, "

@@ -33,7 +33,8 @@
 #            Redis's time inside commands and commands per task (INFO commandstats);
 #            BENCH_TENANTS=N spreads the pre-queued tasks (phases 2, 3, --limiter) over N tenants
 #            (fair scheduling's rotation; default 1, the default tenant);
-#          3 wide fan-out (mock LLM 2 s, concurrency 1000);
+#          3 wide fan-out (mock LLM 2 s, concurrency 1000), over HTTP/1.1 and again over HTTP/2
+#            (AGENTQ_LLM_HTTP=http2; BENCH_H2=0 skips it);
 #          4 queue latency at a paced, moderate rate;
 #          5 a workflow fan-out of 1000 nodes (200 in --smoke): Redis time per node, and per plain
 #            task for scale (BENCH_WF_NODES=0 skips it, for binaries from before workflows);
@@ -536,15 +537,15 @@ EOF
 }
 
 # ---- 2. worker drain / 3. fan-out: pre-queued tasks, one worker ----
-phase_drain() { # NAME RUN N CONCURRENCY MOCK_PORT MOCK_PID
-  local name=$1 i=$2 n=$3 conc=$4 mport=$5 mpid=$6 m0 r0 w1 m1 r1 rec hwm la loadj
+phase_drain() { # NAME RUN N CONCURRENCY MOCK_PORT MOCK_PID [VAR=VALUE for the worker]
+  local name=$1 i=$2 n=$3 conc=$4 mport=$5 mpid=$6 extra=${7:-} m0 r0 w1 m1 r1 rec hwm la loadj
   reset_redis
   loadj=$($B load "$RPORT" "$n" "$ROOT/common/src/queue/enqueue.lua")
   la=$(loadavg)
   # Redis's time inside commands (INFO commandstats) from here to the empty queue
   "${RCLI[@]}" CONFIG RESETSTAT >/dev/null
   m0=$(cpu_s "$mpid"); r0=$(cpu_s "$REDIS_PID")
-  start_worker "$conc" "$mport"
+  start_worker "$conc" "$mport" "$BIN" mock-gpt "" "$extra"
   rec=$($B wait "$RPORT" "$n" 300)
   w1=$(cpu_s "$WORKER_PID"); m1=$(cpu_s "$mpid"); r1=$(cpu_s "$REDIS_PID")
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$WORKER_PID/status")
@@ -663,7 +664,14 @@ if [[ -n $MAIN_PHASES ]]; then
     for i in $(seq "$RUNS"); do phase_bulk "$i"; done
   fi
   for i in $(seq "$RUNS"); do phase_drain drain "$i" "$DRAIN_N" "$DRAIN_CONC" "$M0PORT" "$MOCK0_PID"; done
-  for i in $(seq "$RUNS"); do phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"; done
+  # HTTP/1.1 (the default for a plain http:// upstream) and HTTP/2 (h2c) to the same mock,
+  # interleaved; BENCH_H2=0 skips the second (binaries from before AGENTQ_LLM_HTTP)
+  for i in $(seq "$RUNS"); do
+    phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"
+    if (( ${BENCH_H2:-1} > 0 )); then
+      phase_drain fanout-h2 "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID" AGENTQ_LLM_HTTP=http2
+    fi
+  done
   for i in $(seq "$RUNS"); do phase_latency "$i"; done
   if (( WF_NODES > 0 )); then
     for i in $(seq "$RUNS"); do phase_workflow "$i"; done

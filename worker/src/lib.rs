@@ -222,9 +222,18 @@ pub async fn run(
                 max_tokens: config.max_tokens,
                 max_tokens_param: config.max_tokens_param,
                 known_models: known_models.clone(),
+                http: config.llm_http,
+                http2_streams: config.llm_http2_streams,
+                concurrency: config.concurrency,
             },
             metrics.clone(),
         )?;
+        tracing::info!(
+            upstream = %u.name,
+            http = ?config.llm_http,
+            connections_for_http2 = llm.lanes(),
+            "llm upstream"
+        );
         llms.insert(u.name.clone(), llm);
     }
     // A tokenizer is built (a quarter of a second, some 50 MiB) only for configured models that

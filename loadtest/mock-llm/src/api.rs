@@ -1043,6 +1043,9 @@ async fn calls(State(mock): State<MockLlm>, Query(query): Query<CallsQuery>) -> 
                 "quota_rejections": mock.quota_rejections(),
                 "blocked_rejections": mock.blocked_rejections(),
                 "aborted": mock.aborted(),
+                "connections": mock.connections(),
+                "http2_connections": mock.http2_connections(),
+                "http2_requests": mock.http2_requests(),
             }))
             .into_response()
         }

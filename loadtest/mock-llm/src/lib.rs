@@ -327,7 +327,14 @@ pub struct MockConfig {
     /// second; 0 sends them as fast as possible. `[[stream_rate:N]]`
     /// overrides it per call.
     pub stream_rate: u64,
+    /// HTTP/2 (h2c, prior knowledge: the server reads the preface and answers either protocol
+    /// on one port): the calls one connection may carry at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`). 0: [`DEFAULT_H2_MAX_STREAMS`].
+    pub h2_max_streams: u32,
 }
+
+/// hyper's own default, and near what public LLM APIs announce (100–256).
+pub const DEFAULT_H2_MAX_STREAMS: u32 = 200;
 
 /// Shared handle to one mock's state; clones observe the same counters.
 #[derive(Clone)]
@@ -363,6 +370,12 @@ struct Inner {
     epoch: Instant,
     /// End of the `block_for` storm in nanoseconds since `epoch`; 0: none.
     blocked_until_nanos: AtomicU64,
+    h2_max_streams: u32,
+    /// TCP connections accepted by [`serve`], and requests that came over HTTP/2 (any path):
+    /// what a client's connection reuse and protocol look like from the server.
+    connections: AtomicU64,
+    http2_connections: AtomicU64,
+    http2_requests: AtomicU64,
 }
 
 impl std::fmt::Debug for MockLlm {
@@ -407,6 +420,14 @@ impl MockLlm {
             aborted: AtomicU64::new(0),
             epoch: Instant::now(),
             blocked_until_nanos: AtomicU64::new(0),
+            h2_max_streams: if config.h2_max_streams == 0 {
+                DEFAULT_H2_MAX_STREAMS
+            } else {
+                config.h2_max_streams
+            },
+            connections: AtomicU64::new(0),
+            http2_connections: AtomicU64::new(0),
+            http2_requests: AtomicU64::new(0),
         };
         let mock = Self {
             inner: Arc::new(inner),
@@ -568,7 +589,7 @@ impl MockLlm {
         self.arrivals().into_iter().map(|a| a.at).collect()
     }
 
-    /// Clears call counters (the aborted count too), recorded requests, the
+    /// Clears call counters (the aborted, connection and HTTP/2 counts too), recorded requests, the
     /// journal, the quota's window and rejection counters, and ends a storm (not latency, error
     /// rate or the quota's limits; calls in progress are journaled when they
     /// end).
@@ -585,7 +606,40 @@ impl MockLlm {
         self.inner.quota_rejections.store(0, Ordering::Relaxed);
         self.inner.blocked_rejections.store(0, Ordering::Relaxed);
         self.inner.aborted.store(0, Ordering::Relaxed);
+        self.inner.connections.store(0, Ordering::Relaxed);
+        self.inner.http2_requests.store(0, Ordering::Relaxed);
+        self.inner.http2_connections.store(0, Ordering::Relaxed);
         self.block_for(Duration::ZERO);
+    }
+
+    /// TCP connections accepted since the start (or the last reset).
+    pub fn connections(&self) -> u64 {
+        self.inner.connections.load(Ordering::Relaxed)
+    }
+
+    /// Requests (any path) that came over HTTP/2, since the start (or the last reset).
+    pub fn http2_requests(&self) -> u64 {
+        self.inner.http2_requests.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_connection(&self) {
+        self.inner.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections that carried HTTP/2 (counted at their first request).
+    pub fn http2_connections(&self) -> u64 {
+        self.inner.http2_connections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_http2(&self, first_on_connection: bool) {
+        self.inner.http2_requests.fetch_add(1, Ordering::Relaxed);
+        if first_on_connection {
+            self.inner.http2_connections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn h2_max_streams(&self) -> u32 {
+        self.inner.h2_max_streams
     }
 
     pub(crate) fn latency(&self) -> Duration {

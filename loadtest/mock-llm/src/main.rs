@@ -16,7 +16,10 @@
 //! `MOCK_LLM_STREAM_RATE` (or `MOCK_STREAM_RATE`) / `--stream-rate`: content
 //! chunks per second of streamed (`"stream": true`) answers (unset, empty or
 //! 0: as fast as possible; change at runtime with `POST /_mock/config`
-//! `{"stream_rate": N}`).
+//! `{"stream_rate": N}`),
+//! `MOCK_LLM_H2_MAX_STREAMS` / `--h2-max-streams`: the calls one HTTP/2
+//! connection may carry at once (default 200). The port answers HTTP/1.1 and
+//! HTTP/2 with prior knowledge (h2c) alike.
 //! Invalid configuration exits with code 64 (EX_USAGE).
 
 use std::io::Write;
@@ -30,9 +33,10 @@ use tokio::net::TcpListener;
 const EX_USAGE: u8 = 64;
 
 const USAGE: &str = "usage: agentq-mock-llm [--listen ADDR] [--latency-ms MS] [--error-rate R] \
-[--api-key KEY] [--record] [--rpm N] [--tpm N] [--stream-rate TOKENS_PER_S]
+[--api-key KEY] [--record] [--rpm N] [--tpm N] [--stream-rate TOKENS_PER_S] [--h2-max-streams N]
 env: MOCK_LLM_LISTEN, MOCK_LLM_LATENCY_MS, MOCK_LLM_ERROR_RATE, MOCK_LLM_API_KEY, MOCK_LLM_RECORD,
-MOCK_LLM_RPM (or MOCK_RPM), MOCK_LLM_TPM (or MOCK_TPM), MOCK_LLM_STREAM_RATE (or MOCK_STREAM_RATE)";
+MOCK_LLM_RPM (or MOCK_RPM), MOCK_LLM_TPM (or MOCK_TPM), MOCK_LLM_STREAM_RATE (or MOCK_STREAM_RATE),
+MOCK_LLM_H2_MAX_STREAMS";
 
 struct Settings {
     listen: SocketAddr,
@@ -141,6 +145,7 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
     let mut rpm = either("MOCK_LLM_RPM", "MOCK_RPM");
     let mut tpm = either("MOCK_LLM_TPM", "MOCK_TPM");
     let mut stream_rate = either("MOCK_LLM_STREAM_RATE", "MOCK_STREAM_RATE");
+    let mut h2_streams = env("MOCK_LLM_H2_MAX_STREAMS").map(|v| ("MOCK_LLM_H2_MAX_STREAMS", v));
 
     let mut args = args;
     while let Some(arg) = args.next() {
@@ -165,6 +170,7 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
             "--rpm" => rpm = Some(value("--rpm")?),
             "--tpm" => tpm = Some(value("--tpm")?),
             "--stream-rate" => stream_rate = Some(value("--stream-rate")?),
+            "--h2-max-streams" => h2_streams = Some(value("--h2-max-streams")?),
             _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
         }
     }
@@ -206,6 +212,17 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
     let tpm = parse_limit(tpm)?;
     // A rate limit like the quotas: empty or 0 means none, i.e. unpaced.
     let stream_rate = parse_limit(stream_rate)?.unwrap_or(0);
+    let h2_max_streams = match h2_streams {
+        None => 0,
+        Some((name, v)) => match v.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                return Err(format!(
+                    "invalid {name}={v:?}: expected an integer of at least 1"
+                ))
+            }
+        },
+    };
 
     Ok(Some(Settings {
         listen,
@@ -219,6 +236,7 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
             rpm,
             tpm,
             stream_rate,
+            h2_max_streams,
         },
     }))
 }

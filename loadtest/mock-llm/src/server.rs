@@ -1,5 +1,9 @@
-//! Accept loop: hyper HTTP/1.1 per connection, so `[[drop]]` can really close
-//! a connection without a response, which `axum::serve` cannot do.
+//! Accept loop: hyper per connection, so `[[drop]]` can really close a
+//! connection without a response, which `axum::serve` cannot do. Each
+//! connection speaks HTTP/1.1, or HTTP/2 when it opens with the HTTP/2 preface
+//! (h2c with prior knowledge, as a worker with `AGENTQ_LLM_HTTP=http2` sends):
+//! one port for both, like vLLM behind Envoy. Under HTTP/2 `[[drop]]` resets
+//! the call's stream (the connection carries other calls).
 
 use std::future::Future;
 use std::io;
@@ -9,8 +13,8 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,10 +54,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let router = mock.router();
-    let mut http = http1::Builder::new();
+    let mut http = auto::Builder::new(TokioExecutor::new());
     // No header-read timeout: it needs a timer per request and would close
     // idle pooled connections under clients that expect them to stay open.
-    http.keep_alive(true).header_read_timeout(None);
+    http.http1().keep_alive(true).header_read_timeout(None);
+    http.http2()
+        .max_concurrent_streams(mock.h2_max_streams())
+        .timer(hyper_util::rt::TokioTimer::new());
 
     let graceful = CancellationToken::new();
     let hard_stop = CancellationToken::new();
@@ -76,8 +83,10 @@ pub async fn serve(
         // Best effort: without NODELAY small responses wait on Nagle, which
         // only costs latency, never correctness.
         let _ = stream.set_nodelay(true);
+        mock.count_connection();
         tracker.spawn(serve_connection(
             stream,
+            mock.clone(),
             router.clone(),
             http.clone(),
             graceful.clone(),
@@ -121,13 +130,20 @@ fn is_per_connection_error(e: &io::Error) -> bool {
 
 async fn serve_connection(
     stream: TcpStream,
+    mock: MockLlm,
     router: Router,
-    http: http1::Builder,
+    http: auto::Builder<TokioExecutor>,
     graceful: CancellationToken,
     hard_stop: CancellationToken,
 ) {
+    // counted as an HTTP/2 connection at its first HTTP/2 request
+    let h2_seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let router = router.clone();
+        if req.version() == hyper::Version::HTTP_2 {
+            let first = !h2_seen.swap(true, std::sync::atomic::Ordering::Relaxed);
+            mock.count_http2(first);
+        }
         async move {
             let Ok(response) = router.oneshot(req).await;
             if response.extensions().get::<DropConnection>().is_some() {

@@ -548,7 +548,8 @@ async fn control_endpoints_count_configure_and_reset() {
 
     assert_eq!(
         get_json(format!("{root}/_mock/calls")).await,
-        json!({"total": 3, "by_prompt": {"a": 2, odd: 1}, "quota_rejections": 0, "blocked_rejections": 0, "aborted": 0})
+        json!({"total": 3, "by_prompt": {"a": 2, odd: 1}, "quota_rejections": 0, "blocked_rejections": 0, "aborted": 0,
+            "connections": 1, "http2_connections": 0, "http2_requests": 0})
     );
     let url =
         reqwest::Url::parse_with_params(&format!("{root}/_mock/calls"), [("prompt", odd)]).unwrap();
@@ -597,7 +598,8 @@ async fn control_endpoints_count_configure_and_reset() {
     assert_eq!(mock.calls("a"), 0);
     assert_eq!(
         get_json(format!("{root}/_mock/calls")).await,
-        json!({"total": 0, "by_prompt": {}, "quota_rejections": 0, "blocked_rejections": 0, "aborted": 0})
+        json!({"total": 0, "by_prompt": {}, "quota_rejections": 0, "blocked_rejections": 0, "aborted": 0,
+            "connections": 0, "http2_connections": 0, "http2_requests": 0})
     );
     // Reset keeps scripted windows usable again from call 1.
     mock.set_latency(Duration::ZERO);
@@ -837,4 +839,65 @@ async fn scripted_tool_calls_and_strict_tool_order() {
     assert_eq!(orphan.status(), StatusCode::BAD_REQUEST);
     let bad_marker = post(json!([{"role": "user", "content": "[[call:no spaces]]"}])).await;
     assert_eq!(bad_marker.status(), StatusCode::BAD_REQUEST);
+}
+
+/// One port answers HTTP/2 with prior knowledge (h2c) as well as HTTP/1.1; the streams of one
+/// connection are independent: a `[[drop]]` resets its own stream only, and the calls around it
+/// answer on the same connection. The stream limit is announced (calls past it wait their turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_with_prior_knowledge_multiplexes_calls_on_one_connection() {
+    let (base, _, mock) = start(MockConfig {
+        latency: Duration::from_millis(200),
+        h2_max_streams: 4,
+        ..MockConfig::default()
+    })
+    .await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let calls = (0..8).map(|i| {
+        let h2 = h2.clone();
+        let base = base.clone();
+        async move {
+            let prompt = if i == 3 {
+                "dropped [[drop]]".to_owned()
+            } else {
+                format!("p{i}")
+            };
+            let sent = h2
+                .post(format!("{base}/chat/completions"))
+                .json(&chat_body(&prompt))
+                .send()
+                .await;
+            (i, sent)
+        }
+    });
+    let started = Instant::now();
+    for (i, sent) in futures::future::join_all(calls).await {
+        if i == 3 {
+            let e = sent.expect_err("a dropped call is reset, not answered");
+            assert!(!e.is_connect(), "{e}");
+            continue;
+        }
+        let resp = sent.unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            format!("echo: p{i}")
+        );
+    }
+    // 8 calls at 4 streams a connection on one connection: two rounds of the latency
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(mock.total_calls(), 8);
+    assert_eq!(mock.http2_requests(), 8);
+    assert_eq!(mock.http2_connections(), 1);
+    assert_eq!(mock.connections(), 1);
+    // HTTP/1.1 on the same port still works and is not counted as HTTP/2
+    let resp = chat(&reqwest::Client::new(), &base, "one").await;
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    assert_eq!(mock.http2_requests(), 8);
+    assert_eq!(mock.connections(), 2);
 }

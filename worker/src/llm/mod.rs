@@ -8,6 +8,7 @@
 //! async-openai's strict response type, which fails on fields real servers send (see
 //! docs/architecture.md, "The LLM wire").
 
+mod lanes;
 mod ratelimit;
 mod stream;
 pub mod tokens;
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use agentq_common::chat::{ChatParams, Content};
-use agentq_common::config::{MaxTokensParam, Price};
+use agentq_common::config::{LlmHttp, MaxTokensParam, Price};
 use agentq_common::metrics::WorkerMetrics;
 use agentq_common::task::{Message, Role, TaskResult, Usage};
 use async_openai::types::chat::{
@@ -195,9 +196,30 @@ async fn error_head(response: &mut reqwest::Response) -> String {
     truncate(String::from_utf8_lossy(&head).into_owned(), MAX_ERROR_BODY)
 }
 
+/// A 2xx response whose body is still to be read, with the lane it holds until then: on HTTP/2
+/// the call's stream is open until its body ends.
+struct Answer {
+    response: reqwest::Response,
+    lane: lanes::Taken,
+}
+
+impl std::ops::Deref for Answer {
+    type Target = reqwest::Response;
+    fn deref(&self) -> &reqwest::Response {
+        &self.response
+    }
+}
+
+impl std::ops::DerefMut for Answer {
+    fn deref_mut(&mut self) -> &mut reqwest::Response {
+        &mut self.response
+    }
+}
+
 #[derive(Clone)]
 pub struct Llm {
-    http: reqwest::Client,
+    /// The upstream's HTTP clients (more than one where calls may go over HTTP/2: `lanes`).
+    http: std::sync::Arc<lanes::Lanes>,
     /// `<OPENAI_BASE_URL>/chat/completions`, built and parsed once: reqwest takes a `&str` by
     /// parsing it again on every call (a WHATWG parse with IDNA, ~6,000 instructions), a `Url`
     /// by a clone.
@@ -229,17 +251,15 @@ pub struct LlmSettings<'a> {
     pub max_tokens_param: MaxTokensParam,
     /// Models named in `AGENTQ_UPSTREAMS` (bounded by the file, so fine as label values).
     pub known_models: std::sync::Arc<std::collections::HashSet<String>>,
+    /// `AGENTQ_LLM_HTTP`, `AGENTQ_LLM_HTTP2_STREAMS` and the worker's concurrency: how many
+    /// clients the upstream gets (`lanes`).
+    pub http: LlmHttp,
+    pub http2_streams: usize,
+    pub concurrency: usize,
 }
 
 impl Llm {
     pub fn new(s: LlmSettings<'_>, metrics: WorkerMetrics) -> anyhow::Result<Self> {
-        // No total timeout here: `chat` bounds the whole call (send and body) with one timer, so
-        // a timed-out attempt always reads the same "timed out after" error.
-        let http = reqwest::Client::builder()
-            .connect_timeout(s.timeout.min(Duration::from_secs(10)))
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()?;
         let key = s.api_key.expose_secret();
         let auth = if key.is_empty() {
             None
@@ -253,8 +273,15 @@ impl Llm {
         // Never shown: a base URL may carry credentials.
         let url = reqwest::Url::parse(&url)
             .map_err(|e| anyhow::anyhow!("the LLM base URL does not parse: {e}"))?;
+        let count = lanes::lane_count(
+            s.http,
+            url.scheme() == "http",
+            s.concurrency,
+            s.http2_streams,
+        );
+        let http = lanes::Lanes::new(s.http, count, s.timeout.min(Duration::from_secs(10)))?;
         Ok(Self {
-            http,
+            http: std::sync::Arc::new(http),
             url,
             auth,
             timeout: s.timeout,
@@ -265,6 +292,11 @@ impl Llm {
             default_model: s.default_model.into(),
             known_models: s.known_models,
         })
+    }
+
+    /// How many HTTP clients (lanes) the upstream has.
+    pub fn lanes(&self) -> usize {
+        self.http.len()
     }
 
     /// The `model` label for a task's model: a client names models freely, so any model the
@@ -406,13 +438,14 @@ impl Llm {
         body: Result<Vec<u8>, serde_json::Error>,
         reported: &mut Reported,
         reached: &mut bool,
-    ) -> Result<reqwest::Response, LlmFailure> {
+    ) -> Result<Answer, LlmFailure> {
         let body = body.map_err(|e| LlmFailure::Permanent {
             outcome: "client_error",
             message: format!("request does not serialize: {e}"),
         })?;
-        let mut request = self
-            .http
+        let lane = self.http.take();
+        let mut request = lane
+            .http()
             .post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(body);
@@ -443,7 +476,7 @@ impl Llm {
             let body = error_head(&mut response).await;
             return Err(classify_status(status, hint.map(|h| h.wait), body));
         }
-        Ok(response)
+        Ok(Answer { response, lane })
     }
 
     /// A 2xx body read whole (up to the cap) and parsed as a chat completion.
@@ -547,6 +580,9 @@ mod tests {
                 max_tokens,
                 max_tokens_param: MaxTokensParam::MaxTokens,
                 known_models: Default::default(),
+                http: LlmHttp::Auto,
+                http2_streams: 100,
+                concurrency: 1,
             },
             WorkerMetrics::new(),
         )

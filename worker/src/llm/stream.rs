@@ -82,7 +82,11 @@ impl Llm {
             }
             return (usage, result);
         }
-        self.read_events(response, model, sink).await
+        // the lane stays taken until the stream's last event is read
+        let super::Answer { response, lane } = response;
+        let outcome = self.read_events(response, model, sink).await;
+        drop(lane);
+        outcome
     }
 
     async fn read_events<D: DeltaSink>(
@@ -763,6 +767,9 @@ mod tests {
                 max_tokens: 0,
                 max_tokens_param: MaxTokensParam::MaxTokens,
                 known_models: Default::default(),
+                http: agentq_common::config::LlmHttp::Auto,
+                http2_streams: 100,
+                concurrency: 1,
             },
             WorkerMetrics::new(),
         )
@@ -1355,6 +1362,9 @@ mod tests {
                 max_tokens: 0,
                 max_tokens_param: MaxTokensParam::MaxTokens,
                 known_models: Default::default(),
+                http: agentq_common::config::LlmHttp::Auto,
+                http2_streams: 100,
+                concurrency: 1,
             },
             WorkerMetrics::new(),
         )
