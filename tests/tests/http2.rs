@@ -4,6 +4,8 @@
 //!
 //! - `auto` (the default) keeps plain `http://` upstreams on HTTP/1.1; `http2` carries every call
 //!   over HTTP/2, spread over concurrency ÷ streams connections.
+//! - Over TLS, `auto` takes HTTP/2 when the server offers it in ALPN (as OpenAI's endpoints do),
+//!   with the same spread; `http1` never offers it.
 //! - The failures of one call (a 5xx, a reset stream, a hang past the timeout) stay that call's
 //!   on a shared connection, and count as on HTTP/1.1.
 //! - An upstream killed with every call in flight on two connections: each call fails once and
@@ -12,7 +14,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agentq_tests::{bin, free_port, llm_series, metric, MockConfig, Proc, Stack};
+use agentq_tests::{bin, free_port, llm_series, metric, tls_files, MockConfig, Proc, Stack};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
@@ -236,5 +238,67 @@ async fn an_upstream_killed_mid_calls_fails_each_stream_once() -> anyhow::Result
     for i in 0..16 {
         assert_eq!(v["by_prompt"][format!("killed {i}")], 1, "{v}");
     }
+    Ok(())
+}
+
+/// An HTTPS upstream offering h2 and http/1.1 in ALPN (the mock with a certificate of a private
+/// CA, trusted through `SSL_CERT_FILE`): the default `auto` negotiates HTTP/2 and spreads the
+/// calls over concurrency ÷ streams connections; `http1` stays on HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_takes_http2_where_a_tls_upstream_offers_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let files = tls_files(dir.path())?;
+    let tls = agentq_mock_llm::tls_config(
+        std::path::Path::new(&files.cert),
+        std::path::Path::new(&files.key),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut s = Stack::new(MockConfig {
+        latency: Duration::from_millis(300),
+        tls: Some(tls),
+        ..MockConfig::default()
+    })
+    .await?;
+    assert!(s.llm_url.starts_with("https://"), "{}", s.llm_url);
+    s.env.insert("SSL_CERT_FILE".into(), files.ca.clone());
+    s.start_api(&[]).await?;
+
+    let mut w = s
+        .start_worker(&[("WORKER_CONCURRENCY", "16"), ("AGENTQ_LLM_HTTP", "http1")])
+        .await?;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(s.submit(&format!("tls h1 {i}")).await?);
+    }
+    for t in s.wait_final(&ids, Duration::from_secs(30)).await? {
+        assert_eq!(t["status"], "succeeded", "{t}");
+    }
+    assert_eq!(s.mock.total_calls(), 8);
+    assert_eq!(s.mock.http2_requests(), 0, "http1 never offers HTTP/2");
+    w.proc.sigterm();
+    w.proc.wait_exit(Duration::from_secs(20))?;
+    s.mock.reset();
+
+    let _w = s
+        .start_worker(&[
+            ("WORKER_CONCURRENCY", "16"),
+            ("AGENTQ_LLM_HTTP2_STREAMS", "8"),
+        ])
+        .await?;
+    let mut ids = Vec::new();
+    for i in 0..48 {
+        ids.push(s.submit(&format!("tls auto {i}")).await?);
+    }
+    for t in s.wait_final(&ids, Duration::from_secs(30)).await? {
+        assert_eq!(t["status"], "succeeded", "{t}");
+        assert_eq!(t["attempts"], 1, "{t}");
+    }
+    assert_eq!(s.mock.total_calls(), 48);
+    assert_eq!(
+        s.mock.http2_requests(),
+        48,
+        "auto took the HTTP/2 the server offered"
+    );
+    assert_eq!(s.mock.http2_connections(), 2, "16 calls at 8 a connection");
     Ok(())
 }

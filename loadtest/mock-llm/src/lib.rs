@@ -331,6 +331,39 @@ pub struct MockConfig {
     /// on one port): the calls one connection may carry at once
     /// (`SETTINGS_MAX_CONCURRENT_STREAMS`). 0: [`DEFAULT_H2_MAX_STREAMS`].
     pub h2_max_streams: u32,
+    /// Serve HTTPS with this configuration (its ALPN decides HTTP/2 or HTTP/1.1: [`tls_config`])
+    /// instead of plain HTTP.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+/// A TLS server configuration from PEM files (a certificate chain, a private key) offering
+/// HTTP/2 and HTTP/1.1 in ALPN, as OpenAI's endpoints do.
+pub fn tls_config(
+    cert_pem: &std::path::Path,
+    key_pem: &std::path::Path,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert_pem)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!(
+                "cannot read the certificates in {}: {e}",
+                cert_pem.display()
+            )
+        })?;
+    let key = PrivateKeyDer::from_pem_file(key_pem)
+        .map_err(|e| format!("cannot read the private key in {}: {e}", key_pem.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key do not fit: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// hyper's own default, and near what public LLM APIs announce (100–256).
@@ -371,6 +404,7 @@ struct Inner {
     /// End of the `block_for` storm in nanoseconds since `epoch`; 0: none.
     blocked_until_nanos: AtomicU64,
     h2_max_streams: u32,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     /// TCP connections accepted by [`serve`], and requests that came over HTTP/2 (any path):
     /// what a client's connection reuse and protocol look like from the server.
     connections: AtomicU64,
@@ -425,6 +459,7 @@ impl MockLlm {
             } else {
                 config.h2_max_streams
             },
+            tls: config.tls.map(tokio_rustls::TlsAcceptor::from),
             connections: AtomicU64::new(0),
             http2_connections: AtomicU64::new(0),
             http2_requests: AtomicU64::new(0),
@@ -636,6 +671,10 @@ impl MockLlm {
         if first_on_connection {
             self.inner.http2_connections.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub(crate) fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.inner.tls.as_ref()
     }
 
     pub(crate) fn h2_max_streams(&self) -> u32 {

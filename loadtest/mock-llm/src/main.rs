@@ -20,6 +20,9 @@
 //! `MOCK_LLM_H2_MAX_STREAMS` / `--h2-max-streams`: the calls one HTTP/2
 //! connection may carry at once (default 200). The port answers HTTP/1.1 and
 //! HTTP/2 with prior knowledge (h2c) alike.
+//! `MOCK_LLM_TLS_CERT` / `--tls-cert` and `MOCK_LLM_TLS_KEY` / `--tls-key`
+//! (PEM files, both or neither): serve HTTPS instead, offering h2 and
+//! http/1.1 in ALPN as hosted LLM APIs do.
 //! Invalid configuration exits with code 64 (EX_USAGE).
 
 use std::io::Write;
@@ -33,10 +36,10 @@ use tokio::net::TcpListener;
 const EX_USAGE: u8 = 64;
 
 const USAGE: &str = "usage: agentq-mock-llm [--listen ADDR] [--latency-ms MS] [--error-rate R] \
-[--api-key KEY] [--record] [--rpm N] [--tpm N] [--stream-rate TOKENS_PER_S] [--h2-max-streams N]
+[--api-key KEY] [--record] [--rpm N] [--tpm N] [--stream-rate TOKENS_PER_S] [--h2-max-streams N] [--tls-cert PEM --tls-key PEM]
 env: MOCK_LLM_LISTEN, MOCK_LLM_LATENCY_MS, MOCK_LLM_ERROR_RATE, MOCK_LLM_API_KEY, MOCK_LLM_RECORD,
 MOCK_LLM_RPM (or MOCK_RPM), MOCK_LLM_TPM (or MOCK_TPM), MOCK_LLM_STREAM_RATE (or MOCK_STREAM_RATE),
-MOCK_LLM_H2_MAX_STREAMS";
+MOCK_LLM_H2_MAX_STREAMS, MOCK_LLM_TLS_CERT, MOCK_LLM_TLS_KEY";
 
 struct Settings {
     listen: SocketAddr,
@@ -94,7 +97,12 @@ async fn run(settings: Settings) -> ExitCode {
     };
     let mut stdout = std::io::stdout().lock();
     // Scripts wait for this line; a failed write only means nobody listens.
-    let _ = writeln!(stdout, "agentq-mock-llm listening on http://{addr}/v1");
+    let scheme = if settings.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let _ = writeln!(stdout, "agentq-mock-llm listening on {scheme}://{addr}/v1");
     let _ = stdout.flush();
     drop(stdout);
 
@@ -146,6 +154,8 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
     let mut tpm = either("MOCK_LLM_TPM", "MOCK_TPM");
     let mut stream_rate = either("MOCK_LLM_STREAM_RATE", "MOCK_STREAM_RATE");
     let mut h2_streams = env("MOCK_LLM_H2_MAX_STREAMS").map(|v| ("MOCK_LLM_H2_MAX_STREAMS", v));
+    let mut tls_cert = env("MOCK_LLM_TLS_CERT").filter(|v| !v.is_empty());
+    let mut tls_key = env("MOCK_LLM_TLS_KEY").filter(|v| !v.is_empty());
 
     let mut args = args;
     while let Some(arg) = args.next() {
@@ -171,6 +181,8 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
             "--tpm" => tpm = Some(value("--tpm")?),
             "--stream-rate" => stream_rate = Some(value("--stream-rate")?),
             "--h2-max-streams" => h2_streams = Some(value("--h2-max-streams")?),
+            "--tls-cert" => tls_cert = Some(value("--tls-cert")?.1),
+            "--tls-key" => tls_key = Some(value("--tls-key")?.1),
             _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
         }
     }
@@ -224,6 +236,14 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
         },
     };
 
+    let tls = match (tls_cert, tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(agentq_mock_llm::tls_config(
+            std::path::Path::new(&cert),
+            std::path::Path::new(&key),
+        )?),
+        _ => return Err(format!("--tls-cert and --tls-key go together\n{USAGE}")),
+    };
     Ok(Some(Settings {
         listen,
         config: MockConfig {
@@ -237,6 +257,7 @@ fn settings(args: impl Iterator<Item = String>) -> Result<Option<Settings>, Stri
             tpm,
             stream_rate,
             h2_max_streams,
+            tls,
         },
     }))
 }

@@ -15,7 +15,7 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -26,6 +26,9 @@ use crate::{MockConfig, MockLlm};
 /// After shutdown, in-flight requests get this long to finish; `[[hang]]`
 /// requests would otherwise hold the process for an hour.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A TLS handshake that takes longer is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Backoff when `accept` fails for a reason that is not the peer's fault
 /// (e.g. out of file descriptors), so the loop does not spin.
@@ -84,14 +87,23 @@ pub async fn serve(
         // only costs latency, never correctness.
         let _ = stream.set_nodelay(true);
         mock.count_connection();
-        tracker.spawn(serve_connection(
-            stream,
-            mock.clone(),
-            router.clone(),
-            http.clone(),
-            graceful.clone(),
-            hard_stop.clone(),
-        ));
+        let (mock, router, http) = (mock.clone(), router.clone(), http.clone());
+        let (graceful, hard_stop) = (graceful.clone(), hard_stop.clone());
+        tracker.spawn(async move {
+            match mock.tls().cloned() {
+                None => serve_connection(stream, mock, router, http, graceful, hard_stop).await,
+                Some(tls) => {
+                    // the handshake in the connection's own task, so a slow client never
+                    // holds up the accept loop; a failed one just ends the connection
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    serve_connection(stream, mock, router, http, graceful, hard_stop).await
+                }
+            }
+        });
     }
 
     drop(listener);
@@ -108,15 +120,21 @@ pub async fn serve(
 }
 
 /// Convenience for tests: bind 127.0.0.1:0, spawn the server on the current
-/// runtime, return (base_url like "http://127.0.0.1:PORT/v1", handle).
+/// runtime, return (base_url like "http://127.0.0.1:PORT/v1", or https:// with
+/// [`MockConfig::tls`], handle).
 ///
 /// The server runs until the runtime shuts down.
 pub async fn spawn(config: MockConfig) -> io::Result<(String, MockLlm)> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let mock = MockLlm::new(config);
     tokio::spawn(serve(listener, mock.clone(), std::future::pending()));
-    Ok((format!("http://{addr}/v1"), mock))
+    Ok((format!("{scheme}://{addr}/v1"), mock))
 }
 
 fn is_per_connection_error(e: &io::Error) -> bool {
@@ -128,14 +146,16 @@ fn is_per_connection_error(e: &io::Error) -> bool {
     )
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     mock: MockLlm,
     router: Router,
     http: auto::Builder<TokioExecutor>,
     graceful: CancellationToken,
     hard_stop: CancellationToken,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // counted as an HTTP/2 connection at its first HTTP/2 request
     let h2_seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
