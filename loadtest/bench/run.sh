@@ -16,6 +16,9 @@
 #   loadtest/bench/run.sh --chat     only phase 7 (the OpenAI-compatible front door against a direct
 #                                    task), 3 rounds; writes loadtest/bench/results-chat.json (with
 #                                    --smoke: 1 small round to loadtest/out/bench/results-chat-smoke.json)
+#   loadtest/bench/run.sh --fanout   only phase 3 (1000 concurrent 2 s calls), over HTTP/1.1 and
+#                                    HTTP/2 alternately, 3 rounds; writes
+#                                    loadtest/bench/results-fanout.json
 #
 # Options: --no-build (use the binaries in $AGENTQ_BENCH_BIN_DIR, default target/release),
 #          --runs N, --out FILE, --keep (leave the logs of this run in loadtest/out/bench/),
@@ -74,6 +77,7 @@ while [[ $# -gt 0 ]]; do
     --strict) export BENCH_STRICT=1 ;;
     --streams) STREAMS_ONLY=1 ;;
     --chat) CHAT_ONLY=1 ;;
+    --fanout) FANOUT_ONLY=1 ;;
     -h|--help) sed -n '2,56p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
   esac
@@ -103,6 +107,17 @@ elif [[ -n ${CHAT_ONLY:-} ]]; then
   fi
   MODE=chat-$MODE
   WRK_SECS=0; RB_N=0; DRAIN_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0; STREAMS_N=0; STREAMS_WORDS=0
+elif [[ -n ${FANOUT_ONLY:-} ]]; then
+  # only phase 3, over HTTP/1.1 and HTTP/2 alternately
+  if [[ $MODE == smoke ]]; then
+    RUNS=${RUNS:-1}; FAN_N=2000
+    OUT=${OUT:-$ROOT/loadtest/out/bench/results-fanout-smoke.json}
+  else
+    RUNS=${RUNS:-3}; FAN_N=10000
+    OUT=${OUT:-$HERE/results-fanout.json}
+  fi
+  MODE=fanout-$MODE
+  WRK_SECS=0; RB_N=0; DRAIN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0; STREAMS_N=0; STREAMS_WORDS=0; CHAT_N=0; BENCH_BULK=0
 elif [[ -n ${STREAMS_ONLY:-} ]]; then
   # only phase 6
   if [[ $MODE == smoke ]]; then
@@ -655,7 +670,20 @@ phase_chat() { # VARIANT ROUND
   log "front door round $i $($B summary "$RUNS_FILE")"
 }
 
-if [[ -n $MAIN_PHASES ]]; then
+# HTTP/1.1 (the default for a plain http:// upstream) and HTTP/2 (h2c) to the same mock,
+# interleaved; BENCH_H2=0 skips the second (binaries from before AGENTQ_LLM_HTTP)
+phase_fanouts() {
+  for i in $(seq "$RUNS"); do
+    phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"
+    if (( ${BENCH_H2:-1} > 0 )); then
+      phase_drain fanout-h2 "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID" AGENTQ_LLM_HTTP=http2
+    fi
+  done
+}
+
+if [[ -n ${FANOUT_ONLY:-} ]]; then
+  phase_fanouts
+elif [[ -n $MAIN_PHASES ]]; then
   for i in $(seq "$RUNS"); do
     phase_enqueue "$i"
     if (( BULK > 0 )); then phase_enqueue "$i" enqueue-nogroup "$API0" "$API0_PID"; fi
@@ -664,14 +692,7 @@ if [[ -n $MAIN_PHASES ]]; then
     for i in $(seq "$RUNS"); do phase_bulk "$i"; done
   fi
   for i in $(seq "$RUNS"); do phase_drain drain "$i" "$DRAIN_N" "$DRAIN_CONC" "$M0PORT" "$MOCK0_PID"; done
-  # HTTP/1.1 (the default for a plain http:// upstream) and HTTP/2 (h2c) to the same mock,
-  # interleaved; BENCH_H2=0 skips the second (binaries from before AGENTQ_LLM_HTTP)
-  for i in $(seq "$RUNS"); do
-    phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"
-    if (( ${BENCH_H2:-1} > 0 )); then
-      phase_drain fanout-h2 "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID" AGENTQ_LLM_HTTP=http2
-    fi
-  done
+  phase_fanouts
   for i in $(seq "$RUNS"); do phase_latency "$i"; done
   if (( WF_NODES > 0 )); then
     for i in $(seq "$RUNS"); do phase_workflow "$i"; done
