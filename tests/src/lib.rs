@@ -890,6 +890,24 @@ pub fn llm_series(model: &str, outcome: &str) -> String {
     format!("agentq_llm_requests_total{{model=\"{model}\",outcome=\"{outcome}\"}}")
 }
 
+/// Submits each prompt and checks that it succeeded after exactly its count of failed calls:
+/// `attempts` one more, as many calls at the mock, the echo as its result, no error left.
+pub async fn assert_recover(s: &Stack, cases: &[(&str, u64)]) -> Result<()> {
+    let mut ids = Vec::new();
+    for (p, _) in cases {
+        ids.push(s.submit(p).await?);
+    }
+    let done = s.wait_final(&ids, Duration::from_secs(30)).await?;
+    for ((p, n), t) in cases.iter().zip(&done) {
+        assert_eq!(t["status"], "succeeded", "{p}: {t}");
+        assert_eq!(t["attempts"], n + 1, "{p}: {t}");
+        assert_eq!(s.mock.calls(p), n + 1, "{p}");
+        assert_eq!(t["result"]["content"], format!("echo: {p}"));
+        assert!(t["error"].is_null(), "a success clears the error: {t}");
+    }
+    Ok(())
+}
+
 /// POSTs `{"prompt", "max_attempts"}` and returns the new task's id.
 pub async fn submit_max(s: &Stack, prompt: &str, max_attempts: u32) -> Result<String> {
     s.submit_json(&json!({"prompt": prompt, "max_attempts": max_attempts}))

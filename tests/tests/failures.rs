@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use agentq_common::keys::TaskId;
 use agentq_tests::{
-    assert_no_panic, llm_series, log_tails, metric, signal, submit_max, task_key, MockConfig,
-    MockLlm, RedisServer, Stack, Worker,
+    assert_no_panic, assert_recover, llm_series, log_tails, metric, signal, submit_max, task_key,
+    MockConfig, MockLlm, RedisServer, Stack, Worker,
 };
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -176,18 +176,7 @@ async fn transient_llm_errors_then_success_count_every_attempt() -> anyhow::Resu
         ("recovers hang [[hang:1]]", 1),
         ("recovers drop [[drop:2]]", 2),
     ];
-    let mut ids = Vec::new();
-    for (p, _) in &cases {
-        ids.push(s.submit(p).await?);
-    }
-    let done = s.wait_final(&ids, Duration::from_secs(30)).await?;
-    for ((p, n), t) in cases.iter().zip(&done) {
-        assert_eq!(t["status"], "succeeded", "{p}: {t}");
-        assert_eq!(t["attempts"], n + 1, "{p}: {t}");
-        assert_eq!(s.mock.calls(p), n + 1, "{p}");
-        assert_eq!(t["result"]["content"], format!("echo: {p}"));
-        assert!(t["error"].is_null(), "a success clears the error: {t}");
-    }
+    assert_recover(&s, &cases).await?;
     assert!(s.dead("default").await?.is_empty());
     Ok(())
 }

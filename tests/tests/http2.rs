@@ -14,7 +14,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agentq_tests::{bin, free_port, llm_series, metric, tls_files, MockConfig, Proc, Stack};
+use agentq_tests::{
+    assert_recover, bin, free_port, llm_series, metric, tls_files, MockConfig, Proc, Stack,
+};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
@@ -142,17 +144,7 @@ async fn one_calls_failure_stays_its_own_on_a_shared_connection() -> anyhow::Res
         ("h2 plain a", 0),
         ("h2 plain b", 0),
     ];
-    let mut ids = Vec::new();
-    for (p, _) in &cases {
-        ids.push(s.submit(p).await?);
-    }
-    let done = s.wait_final(&ids, Duration::from_secs(30)).await?;
-    for ((p, n), t) in cases.iter().zip(&done) {
-        assert_eq!(t["status"], "succeeded", "{p}: {t}");
-        assert_eq!(t["attempts"], n + 1, "{p}: {t}");
-        assert_eq!(s.mock.calls(p), n + 1, "{p}");
-        assert_eq!(t["result"]["content"], format!("echo: {p}"));
-    }
+    assert_recover(&s, &cases).await?;
     assert_eq!(
         s.mock.http2_requests(),
         s.mock.total_calls(),
