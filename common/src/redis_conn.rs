@@ -50,14 +50,85 @@ pub enum RedisTarget {
 #[derive(Clone)]
 pub enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, std::sync::Arc<Watch>),
+}
+
+/// Whether a cluster connection still answers. redis-rs's cluster connection can wedge: in a
+/// seeded chaos run (cluster mode, Redis SIGKILLed, restarted and SIGSTOPped in a row) its
+/// recovery began reconnecting just as Redis was thawed and never finished, and from then on
+/// every command of the api waited until the caller's deadline, for minutes, while a second
+/// connection of the same process recovered. So every command on it is watched: a command issued
+/// while no reply has come back since starts the clock, any reply (an answer or a Redis error;
+/// not a timeout) stops it, and [`Redis::conn`] replaces a connection whose clock has run past
+/// `wedge_after` with a fresh one from the same client. Commands already waiting on the old one
+/// end at their own deadlines.
+pub struct Watch {
+    base: std::time::Instant,
+    /// Milliseconds since `base`, plus 1, of the first command issued after the last reply; 0
+    /// while nothing waits unanswered.
+    waiting_since: std::sync::atomic::AtomicU64,
+    wedge_after: Duration,
+}
+
+impl Watch {
+    fn new(wedge_after: Duration) -> Self {
+        Self {
+            base: std::time::Instant::now(),
+            waiting_since: std::sync::atomic::AtomicU64::new(0),
+            wedge_after,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    fn issued(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self
+            .waiting_since
+            .compare_exchange(0, self.now(), Relaxed, Relaxed);
+    }
+
+    fn settled<T>(&self, result: &RedisResult<T>) {
+        if !matches!(result, Err(e) if e.is_timeout()) {
+            self.waiting_since
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// True when a command has waited `wedge_after` with no reply on the connection since.
+    pub fn wedged(&self) -> bool {
+        let since = self
+            .waiting_since
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let limit = u64::try_from(self.wedge_after.as_millis()).unwrap_or(u64::MAX);
+        since != 0 && self.now().saturating_sub(since) > limit
+    }
+
+    /// Restarts the clock (a replacement could not connect: the old connection gets another
+    /// `wedge_after` to answer before the next try).
+    fn rearm(&self) {
+        self.waiting_since
+            .store(self.now(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn watch<T>(
+        &self,
+        fut: impl std::future::Future<Output = RedisResult<T>>,
+    ) -> RedisResult<T> {
+        self.issued();
+        let result = fut.await;
+        self.settled(&result);
+        result
+    }
 }
 
 impl redis::aio::ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c, w) => Box::pin(w.watch(c.req_packed_command(cmd))),
         }
     }
 
@@ -69,28 +140,30 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) if !cmd.is_transaction() && spans_slots(cmd) => {
+            Conn::Cluster(c, w) if !cmd.is_transaction() && spans_slots(cmd) => {
                 // A plain pipeline only batches round trips; the cluster client refuses one whose
                 // keys are in several slots, so its commands go one by one, all at once, each to
                 // its own node, and the replies come back in order as the pipeline's would.
                 let c = c.clone();
+                let w = w.clone();
                 Box::pin(async move {
                     let replies = futures::future::try_join_all(cmd.cmd_iter().map(|one| {
                         let mut c = c.clone();
-                        async move { c.req_packed_command(one).await }
+                        let w = w.clone();
+                        async move { w.watch(c.req_packed_command(one)).await }
                     }))
                     .await?;
                     Ok(replies.into_iter().skip(offset).take(count).collect())
                 })
             }
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c, w) => Box::pin(w.watch(c.req_packed_commands(cmd, offset, count))),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c, _) => c.get_db(),
         }
     }
 }
@@ -148,13 +221,13 @@ impl Conn {
     ) -> RedisResult<T> {
         match self {
             Conn::Single(c) => cmd.query_async(c).await,
-            Conn::Cluster(c) => {
+            Conn::Cluster(c, w) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
                     Route::with_key(key, SlotAddr::Master),
                 ));
                 Ok(redis::from_redis_value(
-                    c.route_command(cmd.clone(), route).await?,
+                    w.watch(c.route_command(cmd.clone(), route)).await?,
                 )?)
             }
         }
@@ -174,14 +247,14 @@ impl Conn {
         cmd.arg(replicas).arg(timeout.as_millis() as u64);
         let acked: i64 = match self {
             Conn::Single(c) => cmd.query_async(c).await?,
-            Conn::Cluster(c) => {
+            Conn::Cluster(c, w) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                 // the crate would send WAIT to every master and keep the least: ask only the
                 // master that took the write
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
                     Route::with_key(key, SlotAddr::Master),
                 ));
-                redis::from_redis_value(c.route_command(cmd, route).await?)?
+                redis::from_redis_value(w.watch(c.route_command(cmd, route)).await?)?
             }
         };
         Ok(u32::try_from(acked).unwrap_or(0))
@@ -201,7 +274,12 @@ enum Inner {
     },
     Cluster {
         client: ClusterClient,
-        conn: OnceCell<ClusterConnection>,
+        /// The connection and its watch; replaced when it wedges (see [`Watch`]).
+        conn: std::sync::Mutex<Option<(ClusterConnection, std::sync::Arc<Watch>)>>,
+        /// One (re)connect at a time.
+        connecting: tokio::sync::Mutex<()>,
+        /// How long a command may wait with no reply on the connection before it is replaced.
+        wedge_after: Duration,
         /// The seeds, for pub/sub (see [`Redis::pubsub`]).
         seeds: Vec<SecretString>,
     },
@@ -244,7 +322,11 @@ impl Redis {
             }
             RedisTarget::Cluster(seeds) => Inner::Cluster {
                 client: cluster_client(seeds, timeout)?,
-                conn: OnceCell::new(),
+                conn: std::sync::Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                // twice the longest a reply may take (the crate's overall response timeout): a
+                // healthy connection answers something within that, even a blocking command
+                wedge_after: timeout.map_or(Duration::MAX, |t| (t + RESPONSE_TIMEOUT) * 2),
                 seeds: seeds.clone(),
             },
         };
@@ -272,13 +354,44 @@ impl Redis {
                 .await
                 .cloned()
                 .map(Conn::Single),
-            Inner::Cluster { client, conn, .. } => {
+            Inner::Cluster {
+                client,
+                conn,
+                connecting,
+                wedge_after,
+                ..
+            } => {
+                let current = || lock(conn).clone();
+                if let Some((c, w)) = current().filter(|(_, w)| !w.wedged()) {
+                    return Ok(Conn::Cluster(c, w));
+                }
+                let _one = connecting.lock().await;
+                let old = current();
+                if let Some((c, w)) = old.clone().filter(|(_, w)| !w.wedged()) {
+                    return Ok(Conn::Cluster(c, w));
+                }
                 // connecting reads the slot map from a seed; bounded like a single connection
-                let connect = bounded(client.get_async_connection(), "cluster connection");
-                conn.get_or_try_init(|| connect)
-                    .await
-                    .cloned()
-                    .map(Conn::Cluster)
+                match bounded(client.get_async_connection(), "cluster connection").await {
+                    Ok(c) => {
+                        if old.is_some() {
+                            tracing::warn!(
+                                wedge_after_s = wedge_after.as_secs(),
+                                "redis cluster connection gave no reply: replaced with a new one"
+                            );
+                        }
+                        let w = std::sync::Arc::new(Watch::new(*wedge_after));
+                        *lock(conn) = Some((c.clone(), w.clone()));
+                        Ok(Conn::Cluster(c, w))
+                    }
+                    Err(e) => match old {
+                        // the old one may still come back: it gets another while
+                        Some((c, w)) => {
+                            w.rearm();
+                            Ok(Conn::Cluster(c, w))
+                        }
+                        None => Err(e),
+                    },
+                }
             }
         }
     }
@@ -324,6 +437,11 @@ impl Redis {
             .await
             .is_ok()
     }
+}
+
+/// The slot's lock; a panic while it was held cannot leave its `Option` half-written.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A pub/sub connection from `client`, connecting within the usual bounds.
@@ -419,7 +537,43 @@ fn cluster_client(seeds: &[SecretString], timeout: Option<Duration>) -> RedisRes
 
 #[cfg(test)]
 mod tests {
-    use super::spans_slots;
+    use super::{spans_slots, Watch};
+    use std::time::Duration;
+
+    #[test]
+    fn a_connection_is_wedged_only_while_a_command_waits_unanswered_too_long() {
+        let w = Watch::new(Duration::from_millis(40));
+        let timeout = || -> redis::RedisResult<()> {
+            Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into())
+        };
+        assert!(!w.wedged(), "idle");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!w.wedged(), "idle for long is not wedged");
+        w.issued();
+        assert!(!w.wedged());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(w.wedged(), "a command waited past the limit");
+        w.settled(&Ok::<_, redis::RedisError>(()));
+        assert!(!w.wedged(), "a reply came back");
+        w.issued();
+        std::thread::sleep(Duration::from_millis(25));
+        // a later command does not restart the clock of the first one waiting
+        w.issued();
+        w.settled(&timeout());
+        std::thread::sleep(Duration::from_millis(25));
+        assert!(w.wedged(), "a timeout is no reply");
+        w.rearm();
+        assert!(!w.wedged(), "rearmed after a failed replacement");
+        let redis_error: redis::RedisResult<()> = Err((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+            "down",
+        )
+            .into());
+        w.settled(&redis_error);
+        w.issued();
+        assert!(!w.wedged(), "an error from Redis is a reply");
+        assert!(!Watch::new(Duration::MAX).wedged());
+    }
 
     #[test]
     fn a_pipeline_spans_slots_only_when_its_keys_do() {
