@@ -37,7 +37,7 @@
 #            BENCH_TENANTS=N spreads the pre-queued tasks (phases 2, 3, --limiter) over N tenants
 #            (fair scheduling's rotation; default 1, the default tenant);
 #          3 wide fan-out (mock LLM 2 s, concurrency 1000), over HTTP/1.1 and again over HTTP/2
-#            (AGENTQ_LLM_HTTP=http2; BENCH_H2=0 skips it);
+#            (AGENTQ_LLM_HTTP=http2; BENCH_H2=0 skips it, BENCH_H1=0 the HTTP/1.1 run);
 #          4 queue latency at a paced, moderate rate;
 #          5 a workflow fan-out of 1000 nodes (200 in --smoke): Redis time per node, and per plain
 #            task for scale (BENCH_WF_NODES=0 skips it, for binaries from before workflows);
@@ -671,10 +671,13 @@ phase_chat() { # VARIANT ROUND
 }
 
 # HTTP/1.1 (the default for a plain http:// upstream) and HTTP/2 (h2c) to the same mock,
-# interleaved; BENCH_H2=0 skips the second (binaries from before AGENTQ_LLM_HTTP)
+# interleaved; BENCH_H2=0 skips the second (binaries from before AGENTQ_LLM_HTTP), BENCH_H1=0 the
+# first (an HTTP/2-only experiment)
 phase_fanouts() {
   for i in $(seq "$RUNS"); do
-    phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"
+    if (( ${BENCH_H1:-1} > 0 )); then
+      phase_drain fanout "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID"
+    fi
     if (( ${BENCH_H2:-1} > 0 )); then
       phase_drain fanout-h2 "$i" "$FAN_N" "$FAN_CONC" "$M2PORT" "$MOCK2_PID" AGENTQ_LLM_HTTP=http2
     fi
