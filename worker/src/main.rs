@@ -21,8 +21,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   (~1 MiB more off the peak).
 ///
 /// Neither changed the drain's CPU per task (loadtest/bench/README.md, "jemalloc's options").
-// The only unsafe-lint exception in the workspace (worker/Cargo.toml): a symbol export, no unsafe
-// block. tikv-jemalloc-sys builds jemalloc with the `_rjem_` prefix, so this is its `malloc_conf`.
+// One of the two unsafe-lint exceptions in the workspace (worker/Cargo.toml; the other is this
+// file's test): a symbol export, no unsafe block. tikv-jemalloc-sys builds jemalloc with the `_rjem_` prefix, so this is its `malloc_conf`.
 #[allow(non_upper_case_globals, unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &u8 = &JEMALLOC_OPTIONS[0];
