@@ -1608,6 +1608,55 @@ def enqueue_cost(port, src_dir, n, prefill="12000"):
             "us_per_enqueue": round(int(st.get("usec", 0)) / max(calls, 1), 3)}
 
 
+def bulk_cost(port, n, rounds, *src_dirs):
+    """Redis's own time per item inside `enqueue_many.lua` (fair.lua and enqueue_item.lua
+    prepended, as common/src/queue/enqueue.rs sends it) of each source tree in `src_dirs`, in
+    interleaved rounds: 12,000 tasks first (past the `recent` index's cap, so its trim runs as in
+    steady operation), then n more in 100-item calls pipelined 20 at a time, as the api writes a
+    1,000-task POST /v1/tasks/batch; INFO commandstats' `usec` per item. A tree whose
+    enqueue_many.lua takes the flags string (ARGV[6], issue 20's second round) gets it; an older
+    one gets its per-item '' argument. Run it on an otherwise idle private Redis (it FLUSHALLs)."""
+    r = connect(port)
+    n, rounds = int(n), int(rounds)
+    payload = json.dumps({"messages": [{"role": "user", "content": PROMPT}]}, separators=(",", ":"))
+    scripts = {}
+    for d in src_dirs:
+        q = os.path.join(d, "common", "src", "queue")
+        src = "".join(open(os.path.join(q, f)).read() for f in ("fair.lua", "enqueue_item.lua", "enqueue_many.lua"))
+        scripts[d] = (src, "local flags = ARGV[6]" in src)
+
+    def batch(sha, flags, k):
+        p = r.pipeline(transaction=False)
+        for c in range(0, k, 100):
+            ids = [f"{QUEUE}.{uuid7()}" for _ in range(min(100, k - c))]
+            keys = [PENDING, f"{BASE}:lanes"] + [TASK_PREFIX + i for i in ids]
+            argv = [QUEUE, int(time.time() * 1000), 86400, 5, ""]
+            if flags:
+                argv.append("0" * len(ids))
+                for i in ids:
+                    argv += [i, payload]
+            else:
+                for i in ids:
+                    argv += [i, payload, ""]
+            p.evalsha(sha, len(keys), *keys, *argv)
+        p.execute()
+
+    per = {d: [] for d in src_dirs}
+    for _ in range(rounds):
+        for d in src_dirs:
+            src, flags = scripts[d]
+            r.flushall()
+            sha = r.script_load(src)
+            batch(sha, flags, 12000)
+            r.config_resetstat()
+            for c in range(0, n, 2000):
+                batch(sha, flags, min(2000, n - c))
+            st = r.info("commandstats").get("cmdstat_evalsha", {})
+            per[d].append(round(int(st.get("usec", 0)) / n, 3))
+    return {"tasks": n, "rounds": rounds,
+            "us_per_item": {d: {"median": statistics.median(v), "runs": v} for d, v in per.items()}}
+
+
 def main(argv):
     cmd, args = argv[1], argv[2:]
     if cmd == "freeport":
@@ -1627,6 +1676,8 @@ def main(argv):
         out = script_cost(*args)
     elif cmd == "enqueue-cost":
         out = enqueue_cost(*args)
+    elif cmd == "bulk-cost":
+        out = bulk_cost(*args)
     elif cmd == "workflow":
         out = workflow(*args)
     elif cmd == "sse-enqueue":

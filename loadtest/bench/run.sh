@@ -19,6 +19,9 @@
 #   loadtest/bench/run.sh --fanout   only phase 3 (1000 concurrent 2 s calls), over HTTP/1.1 and
 #                                    HTTP/2 alternately, 3 rounds; writes
 #                                    loadtest/bench/results-fanout.json
+#   loadtest/bench/run.sh --bulk     only phase 8 (POST /v1/tasks/batch and the raw HSET limit), 3 runs;
+#                                    writes loadtest/bench/results-bulk.json (with --smoke: 1 short
+#                                    run to loadtest/out/bench/results-bulk-smoke.json)
 #
 # Options: --no-build (use the binaries in $AGENTQ_BENCH_BIN_DIR, default target/release),
 #          --runs N, --out FILE, --keep (leave the logs of this run in loadtest/out/bench/),
@@ -78,6 +81,7 @@ while [[ $# -gt 0 ]]; do
     --streams) STREAMS_ONLY=1 ;;
     --chat) CHAT_ONLY=1 ;;
     --fanout) FANOUT_ONLY=1 ;;
+    --bulk) BULK_ONLY=1 ;;
     -h|--help) sed -n '2,56p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
   esac
@@ -118,6 +122,17 @@ elif [[ -n ${FANOUT_ONLY:-} ]]; then
   fi
   MODE=fanout-$MODE
   WRK_SECS=0; RB_N=0; DRAIN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0; STREAMS_N=0; STREAMS_WORDS=0; CHAT_N=0; BENCH_BULK=0
+elif [[ -n ${BULK_ONLY:-} ]]; then
+  # only phase 8
+  if [[ $MODE == smoke ]]; then
+    RUNS=${RUNS:-1}; WRK_SECS=2; RB_N=20000
+    OUT=${OUT:-$ROOT/loadtest/out/bench/results-bulk-smoke.json}
+  else
+    RUNS=${RUNS:-3}; WRK_SECS=10; RB_N=200000
+    OUT=${OUT:-$HERE/results-bulk.json}
+  fi
+  MODE=bulk-$MODE
+  DRAIN_N=0; FAN_N=0; LAT_RATE=0; LAT_SECS=0; WF_NODES=0; STREAMS_N=0; STREAMS_WORDS=0; CHAT_N=0
 elif [[ -n ${STREAMS_ONLY:-} ]]; then
   # only phase 6
   if [[ $MODE == smoke ]]; then
@@ -432,7 +447,7 @@ if [[ -n ${LIMITER:-} ]]; then
   # in steady operation (bench.py seed)
   # limits-percall: the same binaries with grants off (AGENTQ_LIMITER_GRANTS=0), every call
   # reserved and settled by its own item of a script, as before grants
-  VARIANTS+=("implicit|$BIN|mock-gpt|" "limits|$BIN|mock-gpt|$UPS_MOCK" "limits-steady|$BIN|mock-gpt|$UPS_MOCK|steady" "limits-rate|$BIN|mock-gpt|$UPS_RATE" "limits-percall|$BIN|mock-gpt|$UPS_MOCK|empty|AGENTQ_LIMITER_GRANTS=0")
+  VARIANTS+=("implicit|$BIN|mock-gpt|" "limits|$BIN|mock-gpt|$UPS_MOCK" "limits-steady|$BIN|mock-gpt|$UPS_MOCK|steady" "limits-rate|$BIN|mock-gpt|$UPS_RATE" "limits-percall|$BIN|mock-gpt|$UPS_MOCK|empty|AGENTQ_LIMITER_GRANTS=0" "implicit-nocalllog|$BIN|mock-gpt||empty|RUST_LOG=info,agent_call=off")
   [[ -n $BEFORE_BIN ]] && VARIANTS+=("before-openai|$BEFORE_BIN|gpt-4o-mini|")
   VARIANTS+=("implicit-openai|$BIN|gpt-4o-mini|" "limits-openai|$BIN|gpt-4o-mini|$UPS_OAI")
   if [[ -n ${BENCH_LIMITER_VARIANTS:-} ]]; then # a comma-separated subset
@@ -532,7 +547,7 @@ EOF
   rr0=$(cpu_s "$REDIS_PID")
   for try in 1 2; do
     if redis-benchmark -p "$RPORT" -c 4 -P 100 -n "$((RB_N * 2))" -r 100000000 --csv \
-      HSET 'agentq:{raw}:task:__rand_int__' queue default status queued attempts 0 rate_limited 0 \
+      HSET 'agentq:{raw}:task:__rand_int__' queue default status queued \
       max_attempts 3 payload '{"messages":[{"role":"user","content":"hello from the bench"}]}' \
       created_at 1764950400000 > "$WORK/rbraw-$i.csv" 2> "$WORK/rbraw-$i.err"; then
       break
@@ -686,6 +701,9 @@ phase_fanouts() {
 
 if [[ -n ${FANOUT_ONLY:-} ]]; then
   phase_fanouts
+elif [[ -n ${BULK_ONLY:-} ]]; then
+  (( BULK > 0 )) || { echo "run.sh: --bulk with BENCH_BULK=0 runs nothing" >&2; exit 64; }
+  for i in $(seq "$RUNS"); do phase_bulk "$i"; done
 elif [[ -n $MAIN_PHASES ]]; then
   for i in $(seq "$RUNS"); do
     phase_enqueue "$i"

@@ -27,14 +27,14 @@ for i = 1, n do
   local id, payload = ARGV[o + 1], ARGV[o + 4]
   local tkey = KEYS[3 + i]
   if payload ~= '' then
-    redis.call('HSET', tkey, 'queue', b[5], 'status', 'queued', 'attempts', 0, 'rate_limited', 0,
+    redis.call('HSET', tkey, 'queue', b[5], 'status', 'queued',
       'max_attempts', ARGV[o + 3], 'payload', payload, 'created_at', ARGV[2], 'batch', KEYS[1],
       'custom_id', ARGV[o + 2])
     if tenant then redis.call('HSET', tkey, 'tenant', tenant) end
     fq_push(base, tenant, id, false)
   else
     -- final from the start: counted here, as ev_final would count it
-    redis.call('HSET', tkey, 'queue', b[5], 'status', 'failed', 'attempts', 0, 'rate_limited', 0,
+    redis.call('HSET', tkey, 'queue', b[5], 'status', 'failed',
       'max_attempts', ARGV[o + 3], 'created_at', ARGV[2], 'finished_at', ARGV[2], 'batch', KEYS[1],
       'custom_id', ARGV[o + 2], 'error', ARGV[o + 5], 'batch_error', ARGV[o + 6])
     if tenant then redis.call('HSET', tkey, 'tenant', tenant) end

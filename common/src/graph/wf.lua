@@ -29,12 +29,12 @@ local function wf()
   local function wf_task(base, wf, n, tid, queue, now, max_attempts, payload, tenant)
     local tkey = base .. 'task:' .. tid
     redis.call('HSET', tkey,
-      'queue', queue, 'status', 'queued', 'attempts', 0, 'rate_limited', 0,
+      'queue', queue, 'status', 'queued',
       'max_attempts', max_attempts, 'payload', payload, 'created_at', now, 'wf', wf, 'node', n)
     if tenant and tenant ~= '' then redis.call('HSET', tkey, 'tenant', tenant) end
     -- the queue's newest tasks, as in enqueue.lua (a:n, the lane name, was written just before)
     local agent = string.match(redis.call('HGET', wf, 'a:' .. n) or '', '[^~]*$')
-    redis.call('ZADD', base .. 'recent', 0, tid .. '~' .. (tenant or '') .. '~' .. agent)
+    redis.call('ZADD', base .. 'recent', '0', tid .. '~' .. (tenant or '') .. '~' .. agent)
     redis.call('ZREMRANGEBYRANK', base .. 'recent', 0, -10001)
   end
 

@@ -166,30 +166,38 @@ impl Broker {
             )
         });
         let (usual_attempts, usual_tenant) = usual.unwrap_or((1, ""));
+        fn tenant_of(item: &EnqueueItem) -> Option<&str> {
+            crate::tenant::non_default(item.task.payload.tenant.as_deref())
+        }
+        // lanes are per tenant: two tenants' agents of one name never wait on each other
+        let agent_keys: Vec<_> = items.iter().map(|i| i.task.payload.agent_key()).collect();
+        let usual: Vec<bool> = items
+            .iter()
+            .zip(&agent_keys)
+            .map(|(item, agent_key)| {
+                item.task.max_attempts == usual_attempts
+                    && tenant_of(item).unwrap_or("") == usual_tenant
+                    && item.idempotency_key.is_none()
+                    && agent_key.is_none()
+            })
+            .collect();
+        let flags: String = usual.iter().map(|&u| if u { '0' } else { '1' }).collect();
         let mut inv = ENQUEUE_MANY.prepare_invoke();
         inv.key(keys.pending()).key(keys.lanes());
         inv.arg(queue)
             .arg(created)
             .arg(ttl.as_secs().max(1))
             .arg(usual_attempts)
-            .arg(usual_tenant);
+            .arg(usual_tenant)
+            .arg(flags);
         let task_prefix = keys.task_prefix();
-        for (item, id) in items.iter().zip(ids) {
+        for (((item, id), agent_key), usual) in items.iter().zip(ids).zip(&agent_keys).zip(usual) {
             let payload = serde_json::to_string(&item.task.payload).map_err(|e| {
                 redis::RedisError::from((redis::ErrorKind::Client, "payload", e.to_string()))
             })?;
             inv.key(format!("{task_prefix}{id}"));
-            let tenant =
-                crate::tenant::non_default(item.task.payload.tenant.as_deref()).unwrap_or("");
-            // lanes are per tenant: two tenants' agents of one name never wait on each other
-            let agent_key = item.task.payload.agent_key();
             inv.arg(id.as_str()).arg(payload);
-            let usual = item.task.max_attempts == usual_attempts
-                && tenant == usual_tenant
-                && item.idempotency_key.is_none()
-                && agent_key.is_none();
             if usual {
-                inv.arg("");
                 continue;
             }
             if let Some(k) = &item.idempotency_key {
@@ -198,15 +206,14 @@ impl Broker {
             if let Some(a) = agent_key.as_deref() {
                 inv.key(keys.lane(a));
             }
-            inv.arg("1")
-                .arg(item.task.max_attempts)
+            inv.arg(item.task.max_attempts)
                 .arg(if item.idempotency_key.is_some() {
                     "1"
                 } else {
                     "0"
                 })
                 .arg(agent_key.as_deref().unwrap_or(""))
-                .arg(tenant);
+                .arg(tenant_of(item).unwrap_or(""));
         }
         Ok(inv)
     }

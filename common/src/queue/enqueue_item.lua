@@ -51,20 +51,25 @@ local function enqueue_item(g, tkey, idem, lane, lanes, id, queue, created, max_
       return 2, tostring(queued)
     end
   end
+  -- `attempts` and `rate_limited` start absent (read as 0 everywhere: `tonumber(x) or 0` here,
+  -- `TaskView::from_hash`), not 0: each field costs the HSET, and a number argument costs Lua a
+  -- number-to-string conversion on top; 2 of 7 fields were ~1 µs of Redis per task in a bulk
+  -- enqueue (loadtest/bench/README.md, "Bulk enqueue")
   if tenant == '' then
     redis.call('HSET', tkey,
-      'queue', queue, 'status', 'queued', 'attempts', 0, 'rate_limited', 0,
+      'queue', queue, 'status', 'queued',
       'max_attempts', max_attempts, 'payload', payload, 'created_at', created)
   else
     redis.call('HSET', tkey,
-      'queue', queue, 'status', 'queued', 'attempts', 0, 'rate_limited', 0,
+      'queue', queue, 'status', 'queued',
       'max_attempts', max_attempts, 'payload', payload, 'created_at', created, 'tenant', tenant)
   end
   -- the newest tasks, for GET /v1/tasks (keys.rs `recent`): '<id>~<tenant>~<agent id>' (the agent
   -- key's last part: the lane name carries the tenant), score 0 so it sorts by id (UUID v7, by
-  -- time); kept to the newest 10000 (keys.rs RECENT_CAP) by enqueue_flush()
+  -- time); kept to the newest 10000 (keys.rs RECENT_CAP) by enqueue_flush(); the score is the
+  -- string '0', which Redis takes as it is (a Lua number would be formatted for every entry)
   local recent = g.recent
-  recent[#recent + 1] = 0
+  recent[#recent + 1] = '0'
   if agent == '' then
     recent[#recent + 1] = id .. '~' .. tenant .. '~'
   else
