@@ -1108,7 +1108,7 @@ def slowlog(port, *roots):
 
 # the limiter phase's variants, in the order of the report; (variant, minus) pairs for the deltas
 LIMITER_ORDER = ["before", "implicit", "limits", "limits-steady", "limits-rate", "limits-percall", "before-openai",
-                 "implicit-openai", "limits-openai"]
+                 "implicit-openai", "limits-openai", "implicit-nocalllog"]
 LIMITER_DELTAS = [
     ("limits", "before", True), ("limits-steady", "before", True), ("limits-openai", "before-openai", True),
     ("limits-rate", "before", True), ("limits-percall", "before", False), ("limits", "limits-percall", False),
@@ -1116,6 +1116,7 @@ LIMITER_DELTAS = [
     ("implicit", "before", False), ("implicit-openai", "before-openai", False),
     ("limits", "implicit", False), ("limits-openai", "implicit-openai", False),
     ("implicit-openai", "implicit", False), ("limits-openai", "limits", False),
+    ("implicit-nocalllog", "implicit", False),
 ]
 LIMITER_FIGURES = [
     ("worker_cpu_us_per_task", "worker CPU us/task (drain only)"),
@@ -1146,6 +1147,7 @@ LIMITER_VARIANTS = {
     "before-openai": "as before, AGENTQ_MODEL=gpt-4o-mini",
     "implicit-openai": "as implicit, AGENTQ_MODEL=gpt-4o-mini (prompt tokens counted with tiktoken's o200k_base)",
     "limits-openai": "as limits, serving gpt-4o-mini (tiktoken)",
+    "implicit-nocalllog": "as implicit with RUST_LOG=info,agent_call=off: without the per-call audit log line",
 }
 
 
@@ -1243,13 +1245,13 @@ def limiter_report(runs_path, out_path, mode, n_runs, meta_path):
     mc = result["machine"]
     print(f"\nagentq limiter bench ({mode}, median of {n_runs} round(s)) on {mc.get('cores')} cores, "
           f"{mc.get('cpu_model')}; load average at start {mc.get('loadavg_start')}, at end {mc.get('loadavg_end')}")
-    print(f"{'figure':36}" + "".join(f"{v:>16}" for v in variants))
+    print(f"{'figure':36}" + "".join(f"{v:>20}" for v in variants))
     for k, label in LIMITER_FIGURES:
-        print(f"{label:36}" + "".join(f"{med[v][k]:>16,.2f}" for v in variants))
+        print(f"{label:36}" + "".join(f"{med[v][k]:>20,.2f}" for v in variants))
     print("\ndeltas, us/task (difference of medians; [median of per-round differences])")
     for row in deltas:
         ok = "" if "meets_target" not in row else (" target <= 15: " + ("met" if row["meets_target"] else "MISSED"))
-        print(f"  {row['variant']:>16} - {row['minus']:<16} worker {row['worker_cpu_us_per_task']:+7.2f} "
+        print(f"  {row['variant']:>18} - {row['minus']:<16} worker {row['worker_cpu_us_per_task']:+7.2f} "
               f"[{row.get('worker_cpu_us_per_task_paired', 0):+7.2f}]  redis {row['redis_cpu_us_per_task']:+7.2f} "
               f"[{row.get('redis_cpu_us_per_task_paired', 0):+7.2f}]  sum {row['worker_redis_us_per_task']:+7.2f} "
               f"[{row.get('worker_redis_us_per_task_paired', 0):+7.2f}]{ok}")

@@ -167,8 +167,10 @@ impl Llm {
 /// The parts of a chunk the answer is made of. Every other key (`id`, `object`, `created`,
 /// `system_fingerprint`, vendors' extras) is skipped unread instead of being built into a map:
 /// parsing whole chunks into `Value`s cost ~8,000 instructions a chunk, a fifth of the worker's
-/// CPU per task. Each part is still read as a `Value`, so a part of an unexpected type reads as
-/// absent, as before.
+/// CPU per task. `choices`, in every chunk, is read into the few typed parts the answer takes
+/// (building it as a `Value` tree was still ~6 % of the worker's CPU in a drain); the other parts
+/// are rare or small and stay `Value`s. Every part reads leniently: one of an unexpected type
+/// reads as absent, as a `Value` lookup would.
 #[derive(Default, serde::Deserialize)]
 struct Chunk {
     #[serde(default)]
@@ -179,7 +181,219 @@ struct Chunk {
     #[serde(default)]
     error: Value,
     #[serde(default)]
-    choices: Value,
+    choices: lenient::Choices,
+}
+
+/// Lenient typed reads of a chunk's `choices`: each visitor takes the JSON type it expects and
+/// skips anything else (consuming it unread), so a server's odd chunk reads as the `Value` code
+/// read it: a choice that is no object is no choice, a `finish_reason` that is no string is none.
+mod lenient {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde::Deserialize;
+    use serde_json::Value;
+
+    /// Skips a value of any type.
+    fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    /// Implements a visitor's methods for every JSON type it does not take: the value is
+    /// consumed and reads as `$none`.
+    macro_rules! other_types {
+        ($none:expr; $($skip:ident),*) => {
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> { Ok($none) }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> { Ok($none) }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> { Ok($none) }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> { Ok($none) }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> { Ok($none) }
+            $(other_types!(@ $skip $none);)*
+        };
+        (@ u64 $none:expr) => {
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> { Ok($none) }
+        };
+        (@ str $none:expr) => {
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> { Ok($none) }
+        };
+        (@ seq $none:expr) => {
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                skip_seq(seq)?;
+                Ok($none)
+            }
+        };
+        (@ map $none:expr) => {
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                skip_map(map)?;
+                Ok($none)
+            }
+        };
+    }
+
+    /// A string, or none.
+    pub struct Str(pub Option<String>);
+
+    impl<'de> Deserialize<'de> for Str {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Str;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("anything")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Str, E> {
+                    Ok(Str(Some(v.to_owned())))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Str, E> {
+                    Ok(Str(Some(v)))
+                }
+                other_types!(Str(None); u64, seq, map);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// An unsigned integer, or none (`Value::as_u64`: a negative or fractional number is none).
+    pub struct U64(pub Option<u64>);
+
+    impl<'de> Deserialize<'de> for U64 {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = U64;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("anything")
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<U64, E> {
+                    Ok(U64(Some(v)))
+                }
+                other_types!(U64(None); str, seq, map);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A choice's delta: the parts the answer is made of.
+    #[derive(Default)]
+    pub struct Delta {
+        /// A string, or (some servers) an array of content parts.
+        pub content: Value,
+        pub refusal: Option<String>,
+        /// Rare (a tool call's pieces): kept as sent.
+        pub tool_calls: Value,
+    }
+
+    /// One choice of a chunk.
+    #[derive(Default)]
+    pub struct Choice {
+        pub index: Option<u64>,
+        /// `None`: absent or not a string (`Some("")` is a server's "not yet").
+        pub finish_reason: Option<String>,
+        pub delta: Option<Delta>,
+    }
+
+    /// The chunk's choices: those of its `choices` array that are objects.
+    #[derive(Default)]
+    pub struct Choices(pub Vec<Choice>);
+
+    impl<'de> Deserialize<'de> for Choices {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Choices;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("anything")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some(c) = seq.next_element::<Obj<Choice>>()? {
+                        out.extend(c.0);
+                    }
+                    Ok(Choices(out))
+                }
+                other_types!(Choices::default(); u64, str, map);
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// An object read key by key into `T`, or none when the value is no object.
+    struct Obj<T>(Option<T>);
+
+    /// What an [`Obj`] is read into: one key's value at a time (a key given twice: the last
+    /// one counts, as in a `Value` map).
+    trait FromKeys: Default {
+        fn read<'de, A: MapAccess<'de>>(&mut self, key: Key, map: &mut A) -> Result<(), A::Error>;
+    }
+
+    impl FromKeys for Choice {
+        fn read<'de, A: MapAccess<'de>>(&mut self, key: Key, map: &mut A) -> Result<(), A::Error> {
+            match key {
+                Key::Index => self.index = map.next_value::<U64>()?.0,
+                Key::FinishReason => self.finish_reason = map.next_value::<Str>()?.0,
+                Key::Delta => self.delta = map.next_value::<Obj<Delta>>()?.0,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl FromKeys for Delta {
+        fn read<'de, A: MapAccess<'de>>(&mut self, key: Key, map: &mut A) -> Result<(), A::Error> {
+            match key {
+                Key::Content => self.content = map.next_value()?,
+                Key::Refusal => self.refusal = map.next_value::<Str>()?.0,
+                Key::ToolCalls => self.tool_calls = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl<'de, T: FromKeys> Deserialize<'de> for Obj<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<T>(std::marker::PhantomData<T>);
+            impl<'de, T: FromKeys> Visitor<'de> for V<T> {
+                type Value = Obj<T>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("anything")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Obj<T>, A::Error> {
+                    let mut out = T::default();
+                    while let Some(key) = map.next_key::<Key>()? {
+                        out.read(key, &mut map)?;
+                    }
+                    Ok(Obj(Some(out)))
+                }
+                other_types!(Obj(None); u64, str, seq);
+            }
+            d.deserialize_any(V(std::marker::PhantomData))
+        }
+    }
+
+    /// The keys read from a choice and its delta; any other is `Other` (no string kept).
+    #[derive(Deserialize)]
+    #[serde(field_identifier, rename_all = "snake_case")]
+    enum Key {
+        Index,
+        FinishReason,
+        Delta,
+        Content,
+        Refusal,
+        ToolCalls,
+        #[serde(other)]
+        Other,
+    }
 }
 
 impl Chunk {
@@ -486,37 +700,30 @@ impl Answer {
             self.usage = Some(chunk.usage);
         }
         let mut added = String::new();
-        let Some(choices) = chunk.choices.as_array() else {
-            return added;
-        };
-        for choice in choices {
+        for choice in chunk.choices.0 {
             // n = 1: the answer is choice 0; one that numbers its choice oddly is read as it.
-            if choice
-                .get("index")
-                .and_then(Value::as_u64)
-                .is_some_and(|i| i != 0)
-            {
+            if choice.index.is_some_and(|i| i != 0) {
                 continue;
             }
             // "" and null mean "not yet" in some servers' chunks; only a named reason ends.
-            if let Some(reason) = text(choice, "finish_reason") {
-                self.finish_reason = Some(reason.to_owned());
-            } else if choice.get("finish_reason").and_then(Value::as_str) == Some("") {
-                self.empty_reason = true;
+            match choice.finish_reason {
+                Some(reason) if !reason.is_empty() => self.finish_reason = Some(reason),
+                Some(_) => self.empty_reason = true,
+                None => {}
             }
-            let Some(delta) = choice.get("delta") else {
+            let Some(delta) = choice.delta else {
                 continue;
             };
-            if let Some(piece) = delta.get("content").and_then(content_text) {
+            if let Some(piece) = content_text(&delta.content) {
                 self.held += piece.len();
                 self.content.push_str(&piece);
                 added.push_str(&piece);
             }
-            if let Some(piece) = delta.get("refusal").and_then(Value::as_str) {
+            if let Some(piece) = delta.refusal {
                 self.held += piece.len();
-                self.refusal.push_str(piece);
+                self.refusal.push_str(&piece);
             }
-            if let Some(pieces) = delta.get("tool_calls").and_then(Value::as_array) {
+            if let Some(pieces) = delta.tool_calls.as_array() {
                 for piece in pieces {
                     self.merge_call(piece);
                 }
@@ -1293,6 +1500,76 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         (ours, theirs)
+    }
+
+    /// Odd chunks read as the `Value` lookups before the typed `choices` read them: a part of
+    /// an unexpected type is absent, never an error, and nothing else in the chunk is lost.
+    #[test]
+    fn odd_choices_read_leniently() {
+        fn read(chunks: &[&str]) -> (String, Option<String>, bool, String, usize) {
+            let mut answer = Answer::default();
+            for data in chunks {
+                let event = Event {
+                    kind: Kind::Message,
+                    data: (*data).to_owned(),
+                };
+                let chunk = Chunk::read(&event).unwrap_or_else(|_| panic!("{data} reads"));
+                answer.add(chunk);
+            }
+            let calls = answer.tool_calls.len();
+            (
+                answer.content,
+                answer.finish_reason,
+                answer.empty_reason,
+                answer.refusal,
+                calls,
+            )
+        }
+        let none = (String::new(), None, false, String::new(), 0);
+        for odd in [
+            r#"{"choices": null}"#,
+            r#"{"choices": {"delta": {"content": "x"}}}"#,
+            r#"{"choices": "x"}"#,
+            r#"{"choices": [1, "x", null, [{"delta": {"content": "x"}}]]}"#,
+            r#"{"choices": [{"delta": "x"}]}"#,
+            r#"{"choices": [{"delta": {"content": 7, "refusal": ["x"], "tool_calls": {}}}]}"#,
+            r#"{"choices": [{"index": 1, "delta": {"content": "x"}, "finish_reason": "stop"}]}"#,
+            r#"{"choices": [{"finish_reason": 3}, {"finish_reason": {"a": [1]}}]}"#,
+        ] {
+            assert_eq!(read(&[odd]), none, "{odd}");
+        }
+        // an index that is no unsigned integer counts as choice 0, as `as_u64` read it
+        assert_eq!(
+            read(&[
+                r#"{"choices": [{"index": -1, "delta": {"content": "a"}}]}"#,
+                r#"{"choices": [{"index": 0.0, "delta": {"content": "b"}}]}"#,
+                r#"{"choices": [{"index": "1", "delta": {"content": [{"text": "c"}, {"x": 1}]}}]}"#,
+            ])
+            .0,
+            "abc"
+        );
+        // unknown keys at every level are skipped, escapes are read, the last of a key given
+        // twice counts, "" is "not yet" until a named reason comes
+        assert_eq!(
+            read(&[
+                r#"{"id": "x", "object": {"deep": [1, {"a": null}]}, "choices": [{"logprobs": {"content": [{"token": "a"}]}, "delta": {"role": "assistant", "content": "one\n\"two\"", "extra": [1]}, "finish_reason": ""}]}"#,
+                r#"{"choices": [{"delta": {"content": "a", "content": "b", "refusal": "no"}, "finish_reason": "stop", "finish_reason": "length"}]}"#,
+            ]),
+            (
+                "one\n\"two\"b".to_owned(),
+                Some("length".to_owned()),
+                true,
+                "no".to_owned(),
+                0
+            )
+        );
+        assert_eq!(
+            read(&[
+                r#"{"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}]}}]}"#
+            ])
+            .4,
+            1
+        );
     }
 
     #[test]
