@@ -19,7 +19,10 @@
 -- whose steps failed (its writes up to the error stay, as with a failed complete.lua call; the
 -- worker resends that item, and its fence answers the resend).
 local inflight, active, running = KEYS[1], KEYS[2], KEYS[3]
-local now, ttl = ARGV[2], tonumber(ARGV[3])
+-- both kept as the strings the worker sent: a Lua number argument to redis.call is formatted anew
+-- on every call (~0.3 µs for a TTL, ~0.7 for a time in ms, on the path of every task); ev_final's
+-- arithmetic on ttl takes the string as Lua coerces it
+local now, ttl = ARGV[2], ARGV[3]
 -- plain items that ended their run: ids to take off `active`, runs per tenant to count off
 local ended, by_tenant = {}, {}
 

@@ -8,7 +8,8 @@
 
 -- Most entries a stream keeps ('~': Redis trims whole nodes, so a few more may stay). A long
 -- agent's deltas are batched (one entry per ~50 ms), so this is far past a normal task.
-local EV_MAXLEN = 10000
+-- A string: a Lua number argument is formatted into one on every call.
+local EV_MAXLEN = '10000'
 
 local function ev_add(key, kind, data)
   return redis.call('XADD', key, 'MAXLEN', '~', EV_MAXLEN, '*', 'e', kind, 'd', data)
@@ -43,9 +44,10 @@ end
 -- two on every task's path).
 -- node: false when the caller knows the task is no workflow's node (no lookup then).
 -- The JSON is built by hand on this path every task takes: cjson costs a table per event.
+-- attempt and token: strings or numbers (fetch.lua passes the strings it wrote to the record).
 local function ev_started(tkey, attempt, token, node)
   ev_add(tkey .. ':events', 'started', '{"attempt":' .. attempt .. ',"run":' .. token .. '}')
-  if node ~= false then ev_node(tkey, {status = 'running', attempt = attempt}) end
+  if node ~= false then ev_node(tkey, {status = 'running', attempt = tonumber(attempt)}) end
 end
 
 -- A batch's request became final (docs/architecture.md, "Batch API"): every final transition

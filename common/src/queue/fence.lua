@@ -17,8 +17,9 @@ local function fence(tkey, inflight, id, token, status, current, reported)
     redis.call('HINCRBY', tkey, 'fenced', 1)
     return 'stale'
   end
-  -- -1: search from the tail, where the oldest ids (the ones finishing now) sit; LMOVE adds at the head
-  if redis.call('LREM', inflight, -1, id) == 0 then
+  -- -1: search from the tail, where the oldest ids (the ones finishing now) sit; LMOVE adds at the
+  -- head. A string: every report passes here, and Lua formats a number argument on every call.
+  if redis.call('LREM', inflight, '-1', id) == 0 then
     -- the token matches but the id is not in this worker's list: not this run's to write
     redis.call('HINCRBY', tkey, 'fenced', 1)
     return 'stale'

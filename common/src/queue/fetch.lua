@@ -76,21 +76,24 @@ local function start(id)
     return
   end
   attempts = attempts + 1
-  local token = redis.call('HINCRBY', tkey, 'runs', 1)
-  redis.call('HSET', tkey, 'status', 'running', 'attempts', attempts, 'started_at', now,
+  -- numbers go to Redis (and into the event's JSON) as strings made once: Lua formats a number
+  -- argument anew for every call that takes it; ARGV[3] is `now` as the worker wrote it
+  local att = tostring(attempts)
+  local token = tostring(redis.call('HINCRBY', tkey, 'runs', '1'))
+  redis.call('HSET', tkey, 'status', 'running', 'attempts', att, 'started_at', ARGV[3],
     'worker', ARGV[4], 'token', token)
-  redis.call('ZADD', KEYS[3], now, id)
+  redis.call('ZADD', KEYS[3], ARGV[3], id)
   local tenant = t[10]
   if not tenant or tenant == '' then tenant = 'default' end
   started[tenant] = (started[tenant] or 0) + 1
   -- a client streaming the task drops any partial text of an earlier attempt on attempt_started
-  ev_started(tkey, attempts, token, t[9] ~= false)
+  ev_started(tkey, att, token, t[9] ~= false)
   out[#out + 1] = id
   out[#out + 1] = attempts
   out[#out + 1] = t[4] or ''
   out[#out + 1] = tonumber(t[5]) or 0
   out[#out + 1] = tonumber(t[7]) or 0
-  out[#out + 1] = tostring(token)
+  out[#out + 1] = token
   out[#out + 1] = tonumber(t[8]) or 0
   if t[8] then redis.call('HDEL', tkey, 'turn') end
 end
