@@ -628,6 +628,8 @@ pub(crate) struct Feed {
     /// Dropped by the hub as too slow, read on from the cursor instead of ending (a reader
     /// inside the api, which has no `Last-Event-ID` to reconnect with).
     rejoin: bool,
+    /// This connection turned the task's stream on (`follow.lua`): done once, before its replay.
+    followed: bool,
     _slot: Slot,
 }
 
@@ -758,6 +760,16 @@ impl Feed {
     }
 
     async fn replay(&mut self) -> redis::RedisResult<()> {
+        if !self.followed {
+            // A task's stream is written only once someone follows it (events.lua, "Streams on
+            // demand"): this turns it on, with the entries of what happened before, so the
+            // replay below reads the task's whole story. A record that is gone reads as today.
+            if let Of::Task(id) = &self.of {
+                let keys = self.state.broker.keys(id.queue());
+                self.state.broker.follow(&keys, id).await?;
+            }
+            self.followed = true;
+        }
         let (more, terminal) = self.page().await?;
         if terminal {
             self.phase = Phase::Done;
@@ -1050,6 +1062,7 @@ pub(crate) fn task_feed(state: AppState, id: TaskId, slot: Slot) -> Feed {
         phase: Phase::Replay,
         sent: 0,
         rejoin: true,
+        followed: false,
         _slot: slot,
     }
 }
@@ -1075,6 +1088,7 @@ fn serve(
         phase: Phase::Replay,
         sent: 0,
         rejoin: false,
+        followed: false,
         _slot: slot,
     };
     let stream = futures::stream::unfold(feed, |mut f| async move {

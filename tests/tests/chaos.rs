@@ -385,9 +385,24 @@ for _, key in ipairs(redis.call('KEYS', p .. 'inflight:*')) do
 end
 local running = {}
 local tasks = 0
+local broken = fair_violations(p)
 for _, key in ipairs(redis.call('KEYS', p .. 'task:*')) do
-  -- a task's event stream sits beside its record: '<record key>:events'
-  if string.sub(key, -7) ~= ':events' then
+  -- a task's event stream sits beside its record: '<record key>:events'. Streams are written on
+  -- demand (events.lua): one exists only while its record says it is on, and a final task whose
+  -- stream is on has its end written last
+  if string.sub(key, -7) == ':events' then
+    local rec = string.sub(key, 1, -8)
+    if redis.call('EXISTS', rec) == 1 and redis.call('HEXISTS', rec, 'ev') == 0 then
+      broken[#broken + 1] = key .. ' exists but its record says the stream is off'
+    end
+  else
+    local r = redis.call('HMGET', key, 'status', 'ev')
+    if r[2] and (r[1] == 'succeeded' or r[1] == 'failed' or r[1] == 'cancelled') then
+      local last = redis.call('XREVRANGE', key .. ':events', '+', '-', 'COUNT', 1)[1]
+      if not last or last[2][2] ~= 'final' then
+        broken[#broken + 1] = key .. ' is ' .. r[1] .. ' with its stream on, but the stream does not end with its end'
+      end
+    end
     tasks = tasks + 1
     local t = redis.call('HMGET', key, 'status', 'worker')
     if t[1] == 'running' then
@@ -395,7 +410,7 @@ for _, key in ipairs(redis.call('KEYS', p .. 'task:*')) do
     end
   end
 end
-return {pending, delayed, dead, active, inflight, running, tasks, throttled, fair_violations(p)}
+return {pending, delayed, dead, active, inflight, running, tasks, throttled, broken}
 "#;
 
 #[derive(Debug, Default)]
@@ -412,7 +427,9 @@ struct Snapshot {
     running: Vec<(String, String)>,
     task_records: usize,
     /// Broken invariants of fair scheduling: tickets against queued ids, the ring, the run
-    /// counts per tenant ([`agentq_tests::fair::FAIR_CHECK_LUA`]).
+    /// counts per tenant ([`agentq_tests::fair::FAIR_CHECK_LUA`]); and of the on-demand event
+    /// streams (a stream only while its record says it is on, a final task's on stream ending
+    /// with its end).
     fair: Vec<String>,
 }
 
@@ -1063,8 +1080,12 @@ async fn run(cfg: Config) -> Result<()> {
         t0,
     );
     violations.extend(report.violations.iter().cloned());
-    violations.extend(streams::check(&client, &ids).await?);
-    violations.extend(streams::check(&client, &chat_ids).await?);
+    let broker = agentq_common::Broker::new(
+        agentq_common::Redis::open(&secrecy::SecretString::from(s.redis.url()))?,
+        "agentq",
+    );
+    violations.extend(streams::check(&client, &broker, &ids).await?);
+    violations.extend(streams::check(&client, &broker, &chat_ids).await?);
     violations.extend(chat::check(&client, &chat_subs).await?);
     let chat_records = read_records(&client, &chat_ids).await?;
 

@@ -4,7 +4,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use agentq_common::keys::TaskId;
+use agentq_common::redis_conn::RedisTarget;
+use agentq_common::{Broker, Redis};
 use agentq_tests::{MockConfig, RedisCluster, Stack};
+use secrecy::SecretString;
 use serde_json::json;
 
 /// Three queue names whose hash tags land on three different masters, so the test spreads
@@ -296,12 +300,22 @@ async fn a_master_killed_under_load_loses_no_acknowledged_task() -> anyhow::Resu
     let ids: Vec<String> = acked.iter().map(|a| a.1.clone()).collect();
     let done = s.wait_final(&ids, Duration::from_secs(90)).await?;
     let mut conn = c.client()?.get_async_connection().await?;
+    // streams are written on demand (events.lua): following each task now writes its story, in
+    // which a task that reached its end once has exactly one end
+    let seeds = c
+        .seeds()
+        .split(',')
+        .map(|u| SecretString::from(u.to_owned()))
+        .collect();
+    let broker = Broker::new(Redis::open_target(&RedisTarget::Cluster(seeds))?, "agentq");
     let mut seen = HashSet::new();
     for ((prompt, id, _), t) in acked.iter().zip(&done) {
         assert_eq!(t["status"], "succeeded", "{prompt}: {t}");
         assert_eq!(t["result"]["content"], format!("echo: {prompt}"), "{t}");
         assert!(seen.insert(id.clone()), "{id} acknowledged for two prompts");
         assert!(s.mock.calls(prompt) >= 1, "{prompt} never reached the LLM");
+        let tid = TaskId::parse(id)?;
+        assert!(broker.follow(&broker.keys(tid.queue()), &tid).await?);
         let events: Vec<redis::Value> = redis::cmd("XRANGE")
             .arg(format!("agentq:{{{q}}}:task:{id}:events"))
             .arg("-")

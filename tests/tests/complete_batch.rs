@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use agentq_common::keys::Keys;
+use agentq_common::keys::{Keys, TaskId};
 use agentq_common::queue::{Completion, MemoryWrite, NodeDone, StreamRest, UsageAdd};
 use agentq_common::{Broker, Redis};
 use agentq_tests::fair::fair_violations;
@@ -181,6 +181,9 @@ async fn one_call_answers_each_item_by_its_own_fence() -> Result<()> {
         step: 0,
         unacked: None,
     };
+    // a client follows 5 (its stream is on: the final entry carries the rest of the text); 0 is
+    // followed by nobody until it is final
+    ensure!(broker.follow(&keys, &TaskId::parse(&ids[5])?).await?);
     // 6: a node whose plan is not JSON: its body fails after the fence (as complete.lua alone
     // would), and only that item is answered with the error
     let mut broken = completion(&ids[6], &tok(6), "broken");
@@ -255,6 +258,31 @@ async fn one_call_answers_each_item_by_its_own_fence() -> Result<()> {
         field(last, "d").contains(r#""text":"remembered""#),
         "{last:?}"
     );
+    // nobody followed 0: no stream was written; its first follower gets the run's start and its
+    // end rebuilt from the record, the answer's text with it (events.lua, "Streams on demand")
+    let stream0 = format!("{}:events", task_key(&ids[0]));
+    let exists: bool = redis::cmd("EXISTS").arg(&stream0).query(&mut c)?;
+    ensure!(!exists, "an unfollowed task's stream was written");
+    ensure!(broker.follow(&keys, &TaskId::parse(&ids[0])?).await?);
+    let events: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(&stream0)
+        .arg("-")
+        .arg("+")
+        .query(&mut c)?;
+    let kinds: Vec<&str> = events.iter().map(|e| field(&e.1, "e")).collect();
+    assert_eq!(kinds, ["started", "final"], "{events:?}");
+    let run = format!(r#"{{"attempt":1,"run":{}}}"#, tok(0));
+    assert_eq!(field(&events[0].1, "d"), run);
+    let end: Value = serde_json::from_str(field(&events[1].1, "d"))?;
+    assert_eq!(end["status"], "succeeded", "{end}");
+    assert_eq!(end["delta"]["text"], "zero", "{end}");
+    assert_eq!(end["delta"]["attempt"], 1, "{end}");
+    let ttl: i64 = redis::cmd("TTL").arg(&stream0).query(&mut c)?;
+    ensure!(ttl > 0, "the stream expires with its record (TTL {ttl})");
+    // a second follower changes nothing
+    ensure!(broker.follow(&keys, &TaskId::parse(&ids[0])?).await?);
+    let n: usize = redis::cmd("XLEN").arg(&stream0).query(&mut c)?;
+    assert_eq!(n, 2);
     // only the run another run owns is still listed (never this run's to remove); `active`
     // keeps it, and the id whose record was gone (complete.lua leaves that one to the sweep)
     let left = lrange(&mut c, &keys.inflight(me))?;

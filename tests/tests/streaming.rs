@@ -74,6 +74,24 @@ fn words(n: usize, tag: &str) -> String {
     (0..n).map(|i| format!("{tag}{i} ")).collect::<String>()
 }
 
+/// Follows a task from now until its stream ends, in the background.
+fn follow(s: &Stack, id: &str) -> tokio::task::JoinHandle<Result<Vec<Ev>>> {
+    let api = s.api_url.clone();
+    let path = format!("/v1/tasks/{id}/events");
+    tokio::spawn(async move { read_at(&api, &path, None, None).await })
+}
+
+/// Cancels a task; the api answers 200.
+async fn cancel(s: &Stack, id: &str) -> Result<()> {
+    let r = s
+        .http
+        .delete(format!("{}/v1/tasks/{id}", s.api_url))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_stream_adds_up_to_the_result_and_replays_after_the_end() -> Result<()> {
     let mut s = stack(400).await?;
@@ -373,22 +391,12 @@ async fn cancel_ends_the_stream() -> Result<()> {
     let mut s = stack(20).await?;
     let _w = s.start_worker(&[("AGENTQ_LLM_TIMEOUT_SECS", "30")]).await?;
     let id = s.submit(&words(200, "c")).await?;
-    let path = format!("/v1/tasks/{id}/events");
-    let reader = {
-        let api = s.api_url.clone();
-        let path = path.clone();
-        tokio::spawn(async move { read_at(&api, &path, None, None).await })
-    };
+    let reader = follow(&s, &id);
     s.wait_for(&id, Duration::from_secs(10), |t| t["status"] == "running")
         .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
-    let r = s
-        .http
-        .delete(format!("{}/v1/tasks/{id}", s.api_url))
-        .send()
-        .await?;
-    ensure!(r.status() == 200, "{}", r.status());
+    cancel(&s, &id).await?;
     let events = tokio::time::timeout(Duration::from_secs(5), reader)
         .await
         .context("the stream ended after the cancel")???;
@@ -527,5 +535,163 @@ async fn with_streaming_off_the_text_comes_whole_with_the_result() -> Result<()>
         sent.len() == 1 && sent[0].get("stream").is_none(),
         "no stream asked for: {sent:?}"
     );
+    Ok(())
+}
+
+/// An event as a follower at any moment reads it: its name and data, without what differs
+/// between two runs of the same story (the answer's words, which echo each task's own prompt, and
+/// the retry's clock time).
+fn story(events: &[Ev]) -> Vec<(String, Value)> {
+    events
+        .iter()
+        .filter(|e| !e.id.is_empty())
+        .map(|e| {
+            let mut d = e.data.clone();
+            if let Some(o) = d.as_object_mut() {
+                o.remove("text");
+                o.remove("result");
+                o.remove("retry_at");
+            }
+            (e.event.clone(), d)
+        })
+        .collect()
+}
+
+/// Streams are written on demand (events.lua, "Streams on demand"): a task nobody follows writes
+/// no stream, and its first follower, whenever it comes (while queued, mid-run, or long after the
+/// end), reads the same events as a client that followed from the start: a plain task, a 5xx
+/// retried, a 429 retried (an attempt given back), a permanent failure, a task cancelled while
+/// queued and one followed mid-run. Every one's kept text is its result, and the LLM was called
+/// exactly as often for the late tasks as for the early ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_follower_reads_the_same_story_as_an_early_one() -> Result<()> {
+    let mut s = stack(2000).await?;
+    let stories = [
+        ("plain", ""),
+        ("retried", "[[fail:500:1]]"),
+        ("refused", "[[fail:400]]"),
+        ("slow", "[[sleep:1500]]"),
+    ];
+    let prompt = |tag: &str, how: &str| format!("{}{how}", words(12, tag));
+    // early: followed while queued, before any worker runs
+    let mut early = Vec::new();
+    for (name, how) in stories {
+        let id = s.submit(&prompt(&format!("e{name}"), how)).await?;
+        let reader = follow(&s, &id);
+        early.push((id, reader));
+    }
+    // cancelled while queued: one followed, one not
+    let cancel_early = s.submit(&words(12, "ecancel")).await?;
+    let reader = follow(&s, &cancel_early);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cancel_late = s.submit(&words(12, "lcancel")).await?;
+    for id in [&cancel_early, &cancel_late] {
+        cancel(&s, id).await?;
+    }
+    let _w = s
+        .start_worker(&[
+            ("AGENTQ_RETRY_BASE_MS", "50"),
+            ("AGENTQ_RETRY_MAX_MS", "100"),
+            ("AGENTQ_STREAM_FLUSH_MS", "5000"),
+        ])
+        .await?;
+    // the early ones end first: a 429 blocks the model for the fleet a while (flow control), and
+    // a late task meeting that block would be parked first, another story
+    let mut pairs = Vec::new();
+    for ((id, reader), (name, how)) in early.into_iter().zip(stories) {
+        let e = tokio::time::timeout(Duration::from_secs(30), reader).await???;
+        pairs.push((name, id, e, how));
+    }
+    // late: nobody follows until the end (the slow one: from the middle of its run)
+    let mut late = Vec::new();
+    for (name, how) in stories {
+        late.push(s.submit(&prompt(&format!("l{name}"), how)).await?);
+    }
+    let slow = late[3].clone();
+    s.wait_for(&slow, Duration::from_secs(20), |t| t["status"] == "running")
+        .await?;
+    let mut mid = Some(follow(&s, &slow));
+    let finals = s.wait_final(&late, Duration::from_secs(30)).await?;
+    ensure!(finals[0]["status"] == "succeeded", "{}", finals[0]);
+    let written = redis::cmd("EXISTS")
+        .arg(format!("{}:events", task_key(&late[0])))
+        .query::<bool>(&mut s.redis.conn()?)?;
+    ensure!(!written, "a plain task nobody followed wrote a stream");
+    for ((name, early_id, early_events, how), late_id) in pairs.into_iter().zip(&late) {
+        let late_events = if let (true, Some(m)) = (name == "slow", mid.take()) {
+            tokio::time::timeout(Duration::from_secs(30), m).await???
+        } else {
+            read(&s, &format!("/v1/tasks/{late_id}/events"), None, None).await?
+        };
+        let (a, b) = (story(&early_events), story(&late_events));
+        ensure!(a == b, "{name}: followed early {a:?}\nfollowed late {b:?}");
+        for (id, events) in [(&early_id, &early_events), (late_id, &late_events)] {
+            let t = s.task(id).await?;
+            let result = t["result"]["content"].as_str().unwrap_or_default();
+            ensure!(
+                kept_text(events) == result,
+                "{name}: {:?} vs {t}",
+                names(events)
+            );
+        }
+        let calls = |tag: &str| s.mock.calls(&prompt(tag, how));
+        ensure!(
+            calls(&format!("e{name}")) == calls(&format!("l{name}")),
+            "{name}: calls {} early, {} late",
+            calls(&format!("e{name}")),
+            calls(&format!("l{name}"))
+        );
+        if name == "slow" {
+            // the mid-run follower's task is the same story, so with the same end
+            ensure!(names(&late_events).last() == Some(&"done"), "{name}");
+        }
+    }
+    let a = tokio::time::timeout(Duration::from_secs(10), reader).await???;
+    let b = read(&s, &format!("/v1/tasks/{cancel_late}/events"), None, None).await?;
+    ensure!(
+        story(&a) == story(&b),
+        "cancelled: {:?}\n{:?}",
+        story(&a),
+        story(&b)
+    );
+    ensure!(names(&b).last() == Some(&"error"), "{:?}", names(&b));
+
+    // a 429 retried (the attempt is given back before the retry): a 429 also blocks the model for
+    // the whole fleet a while (flow control), so its two tasks run alone, one after the other
+    let how = "[[fail:429:1]]";
+    let early_id = s.submit(&prompt("elimited", how)).await?;
+    let a = read(&s, &format!("/v1/tasks/{early_id}/events"), None, None).await?;
+    let late_id = s.submit(&prompt("llimited", how)).await?;
+    s.wait_final(std::slice::from_ref(&late_id), Duration::from_secs(30))
+        .await?;
+    let b = read(&s, &format!("/v1/tasks/{late_id}/events"), None, None).await?;
+    ensure!(
+        story(&a) == story(&b),
+        "limited: {:?}\n{:?}",
+        story(&a),
+        story(&b)
+    );
+    ensure!(
+        names(&b)
+            .iter()
+            .filter(|n| **n == "attempt_started")
+            .count()
+            == 2,
+        "{:?}",
+        names(&b)
+    );
+    for (id, events) in [(&early_id, &a), (&late_id, &b)] {
+        let t = s.task(id).await?;
+        let result = t["result"]["content"].as_str().unwrap_or_default();
+        ensure!(
+            kept_text(events) == result,
+            "limited: {:?} vs {t}",
+            names(events)
+        );
+    }
+    ensure!(
+        s.mock.calls(&prompt("elimited", how)) == 2 && s.mock.calls(&prompt("llimited", how)) == 2
+    );
+    assert_no_panic(&s);
     Ok(())
 }

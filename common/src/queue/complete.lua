@@ -13,7 +13,7 @@
 -- Returns 'ok'; or, writing nothing: the verdict this run already got (a resend after a lost reply),
 -- the final status ('succeeded', 'failed', 'cancelled'), 'missing', or 'stale' (another run owns it).
 local token = ARGV[2]
-local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', 'attempts', 'evbatch', 'wf', 'tenant', 'batch')
+local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'usage', 'attempts', 'evbatch', 'wf', 'tenant', 'batch', 'ev')
 local refused = fence(KEYS[1], KEYS[2], ARGV[1], token, t[1], t[2], t[3])
 if refused then return refused end
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -40,8 +40,8 @@ if ARGV[14] and ARGV[14] ~= '' then
 end
 -- one entry: the last text, the usage, the status and the end (the api sends them as events)
 if usage == '' then usage = t[4] end
--- the batch field read above spares ev_final its own lookup
-ev_final(KEYS[1], 'succeeded', tonumber(ARGV[5]), nil, usage, rest, t[5], ARGV[13], t[7] ~= false, t[9])
+-- the batch and ev fields read above spare ev_final its own lookups
+ev_final(KEYS[1], 'succeeded', tonumber(ARGV[5]), nil, usage, rest, t[5], ARGV[13], t[7] ~= false, t[9], t[10])
 if #KEYS == 5 and #ARGV > 15 then
   for i = 16, #ARGV do
     redis.call('RPUSH', KEYS[5], ARGV[i])

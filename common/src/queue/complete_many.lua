@@ -27,7 +27,7 @@ local now, ttl = ARGV[2], ARGV[3]
 local ended, by_tenant = {}, {}
 
 local function plain(tkey, id, token, result, call_usage, rest, step)
-  local t = redis.call('HMGET', tkey, 'status', 'token', 'reported', 'usage', 'attempts', 'wf', 'tenant', 'batch')
+  local t = redis.call('HMGET', tkey, 'status', 'token', 'reported', 'usage', 'attempts', 'wf', 'tenant', 'batch', 'ev')
   local refused = fence(tkey, inflight, id, token, t[1], t[2], t[3])
   if refused then return refused end
   ended[#ended + 1] = id
@@ -46,7 +46,7 @@ local function plain(tkey, id, token, result, call_usage, rest, step)
   end
   redis.call('HDEL', tkey, 'error', 'token')
   redis.call('EXPIRE', tkey, ttl)
-  ev_final(tkey, 'succeeded', ttl, nil, usage, rest, t[5], step, t[6] ~= false, t[8])
+  ev_final(tkey, 'succeeded', ttl, nil, usage, rest, t[5], step, t[6] ~= false, t[8], t[9])
   return 'ok'
 end
 

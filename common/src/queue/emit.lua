@@ -19,6 +19,7 @@ for i = 4, #ARGV - 1, 2 do
   if ARGV[i] == 'delta' then
     ev_delta(KEYS[1], ARGV[i + 1], t[4], ARGV[3])
   else
+    ev_on(KEYS[1])
     ev_add(KEYS[1] .. ':events', ARGV[i], ARGV[i + 1])
   end
 end

@@ -19,6 +19,9 @@ local mode = ARGV[4]
 local t = redis.call('HMGET', KEYS[1], 'status', 'token', 'reported', 'attempts', 'max_attempts', 'rate_limited', 'tenant')
 local refused = fence(KEYS[1], KEYS[2], id, token, t[1], t[2], t[3])
 if refused then return refused end
+-- every way out of here writes an event; the stream is turned on first, while `attempts` is still
+-- the run's (the uncounted modes give it back below), so a late follower sees this run's start
+ev_on(KEYS[1], t[4])
 redis.call('ZREM', KEYS[3], id)
 -- the fence saw this run's token on the record: removing it ends the run
 redis.call('HDEL', KEYS[1], 'token')

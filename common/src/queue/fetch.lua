@@ -52,7 +52,7 @@ end
 
 local function start(id)
   local tkey = ARGV[1] .. id
-  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error', 'created_at', 'turn', 'wf', 'tenant')
+  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error', 'created_at', 'turn', 'wf', 'tenant', 'ev')
   local status = t[1]
   if not status then
     redis.call('LREM', KEYS[2], 1, id)
@@ -86,8 +86,9 @@ local function start(id)
   local tenant = t[10]
   if not tenant or tenant == '' then tenant = 'default' end
   started[tenant] = (started[tenant] or 0) + 1
-  -- a client streaming the task drops any partial text of an earlier attempt on attempt_started
-  ev_started(tkey, att, token, t[9] ~= false)
+  -- a client streaming the task drops any partial text of an earlier attempt on attempt_started;
+  -- written only when the task's stream is on (events.lua, "Streams on demand")
+  ev_started(tkey, att, token, t[9] ~= false, t[11])
   out[#out + 1] = id
   out[#out + 1] = attempts
   out[#out + 1] = t[4] or ''

@@ -37,6 +37,7 @@ struct Scripts {
     redrive: Script,
     give_back: Script,
     emit: Script,
+    follow: Script,
 }
 
 // Every script that queues an id, takes one out of pending work or ends a run goes through the
@@ -97,6 +98,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     emit: Script::new(concat!(
         include_str!("events.lua"),
         include_str!("emit.lua")
+    )),
+    follow: Script::new(concat!(
+        include_str!("events.lua"),
+        include_str!("follow.lua")
     )),
 });
 
@@ -716,6 +721,17 @@ impl Broker {
             inv.arg(e.kind).arg(&e.data);
         }
         inv.invoke_async(&mut conn).await
+    }
+
+    /// A client follows a task: its event stream is turned on and holds, from here, every event
+    /// of the task from its start (`follow.lua`; events.lua, "Streams on demand"). False when
+    /// the record is gone.
+    pub async fn follow(&self, keys: &Keys, id: &crate::keys::TaskId) -> RedisResult<bool> {
+        let mut conn = self.redis.conn().await?;
+        let mut inv = SCRIPTS.follow.prepare_invoke();
+        inv.key(keys.task(id));
+        let found: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(found == 1)
     }
 
     /// Records a failed run (or gives it back), fenced by the run's token. `id` is the raw id from

@@ -33,8 +33,10 @@ for _, id in ipairs(ids) do
     if b and redis.call('HEXISTS', b, 'keep_until') == 1 and redis.call('HEXISTS', b, 'frozen') == 0 then
       redis.call('HINCRBY', b, 'failed', -1)
     end
-    -- its old stream ended with a terminal event; the new life starts a new one
+    -- its old stream ended with a terminal event; the new life starts a new one, on demand
+    -- (events.lua, "Streams on demand")
     redis.call('DEL', tkey .. ':events')
+    redis.call('HDEL', tkey, 'ev', 'everr')
     fq_push(base, tenant, id, false)
     moved = moved + 1
   else

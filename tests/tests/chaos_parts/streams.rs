@@ -1,5 +1,6 @@
-//! Event streams under chaos: every task the chaos test acknowledged is checked against the
-//! invariants of its event stream (docs/architecture.md, "Streaming"), whatever the faults did
+//! Event streams under chaos: every task the chaos test acknowledged is followed (its stream is
+//! written on demand) and checked against the invariants of its event stream
+//! (docs/architecture.md, "Streaming"), whatever the faults did
 //! (workers SIGKILLed or frozen mid-stream, Redis killed and restarted from its AOF, drains):
 //! - a final task's stream ends with exactly one terminal entry (`final`, which the api sends as
 //!   the last delta, usage, status and `done` / `error`), which agrees with its status, and the
@@ -12,6 +13,8 @@
 
 use std::collections::HashMap;
 
+use agentq_common::keys::TaskId;
+use agentq_common::Broker;
 use anyhow::Result;
 use redis::Value as RValue;
 use serde_json::Value;
@@ -152,10 +155,16 @@ pub fn violations_of(
     out
 }
 
-/// Reads every task's stream and record and checks them; returns the violations.
-pub async fn check(client: &redis::Client, ids: &[String]) -> Result<Vec<String>> {
+/// Follows every task (streams are written on demand: a task nobody followed has none until
+/// then, and `follow.lua` writes its story so far), then reads each stream and record and checks
+/// them; returns the violations.
+pub async fn check(client: &redis::Client, broker: &Broker, ids: &[String]) -> Result<Vec<String>> {
     let mut conn = client.get_multiplexed_async_connection().await?;
     let mut out = Vec::new();
+    for id in ids {
+        let tid = TaskId::parse(id)?;
+        broker.follow(&broker.keys(tid.queue()), &tid).await?;
+    }
     for chunk in ids.chunks(200) {
         let mut pipe = redis::pipe();
         for id in chunk {
