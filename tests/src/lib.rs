@@ -659,6 +659,17 @@ impl Stack {
             .context("202 without an id")
     }
 
+    /// Cancels a task (`DELETE /v1/tasks/{id}`); the api must answer 200.
+    pub async fn cancel(&self, id: &str) -> Result<()> {
+        let r = self
+            .http
+            .delete(format!("{}/v1/tasks/{id}", self.api_url))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status() == 200, "DELETE {id} answered {}", r.status());
+        Ok(())
+    }
+
     pub async fn task(&self, id: &str) -> Result<Value> {
         let r = self
             .http

@@ -35,16 +35,6 @@ fn zrange(c: &mut redis::Connection, key: &str) -> Result<Vec<String>> {
     Ok(redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).query(c)?)
 }
 
-async fn cancel(s: &Stack, id: &str) -> Result<()> {
-    let r = s
-        .http
-        .delete(format!("{}/v1/tasks/{id}", s.api_url))
-        .send()
-        .await?;
-    ensure!(r.status() == 200, "DELETE {id} answered {}", r.status());
-    Ok(())
-}
-
 async fn wait_until<F: FnMut() -> Result<bool>>(
     what: &str,
     timeout: Duration,
@@ -138,7 +128,7 @@ async fn one_call_answers_each_item_by_its_own_fence() -> Result<()> {
     let mut c = s.redis.conn()?;
     // 1: cancelled while running; 2: another run took it (its token replaced, as recovery and a
     // new fetch would); 3: already written once; 4: the record is gone
-    cancel(&s, &ids[1]).await?;
+    s.cancel(&ids[1]).await?;
     let _: () = redis::cmd("HSET")
         .arg(task_key(&ids[2]))
         .arg("token")
@@ -364,7 +354,7 @@ async fn a_group_lands_while_its_cancelled_and_stolen_runs_are_refused_alone() -
     // the calls answered at once (0 ms): the runs left their execute step and wait in A's group
     tokio::time::sleep(Duration::from_millis(300)).await;
     for p in &doomed {
-        cancel(&s, &id_of[p]).await?;
+        s.cancel(&id_of[p]).await?;
     }
     let ids1: Vec<String> = all1.iter().map(|p| id_of[*p].clone()).collect();
     let done = s
@@ -424,7 +414,7 @@ async fn a_group_lands_while_its_cancelled_and_stolen_runs_are_refused_alone() -
     let a_id = field(&rec(&mut c, &id_of[&stolen[0]])?, "worker").to_owned();
     a.proc.freeze();
     for p in &dropped {
-        cancel(&s, &id_of[p]).await?;
+        s.cancel(&id_of[p]).await?;
     }
     // B's reruns take a while, so A wakes while B still owns the tasks
     s.mock.set_latency(Duration::from_secs(3));

@@ -81,17 +81,6 @@ fn follow(s: &Stack, id: &str) -> tokio::task::JoinHandle<Result<Vec<Ev>>> {
     tokio::spawn(async move { read_at(&api, &path, None, None).await })
 }
 
-/// Cancels a task; the api answers 200.
-async fn cancel(s: &Stack, id: &str) -> Result<()> {
-    let r = s
-        .http
-        .delete(format!("{}/v1/tasks/{id}", s.api_url))
-        .send()
-        .await?;
-    ensure!(r.status() == 200, "{}", r.status());
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_stream_adds_up_to_the_result_and_replays_after_the_end() -> Result<()> {
     let mut s = stack(400).await?;
@@ -396,7 +385,7 @@ async fn cancel_ends_the_stream() -> Result<()> {
         .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
-    cancel(&s, &id).await?;
+    s.cancel(&id).await?;
     let events = tokio::time::timeout(Duration::from_secs(5), reader)
         .await
         .context("the stream ended after the cancel")???;
@@ -586,7 +575,7 @@ async fn a_late_follower_reads_the_same_story_as_an_early_one() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cancel_late = s.submit(&words(12, "lcancel")).await?;
     for id in [&cancel_early, &cancel_late] {
-        cancel(&s, id).await?;
+        s.cancel(id).await?;
     }
     let _w = s
         .start_worker(&[
