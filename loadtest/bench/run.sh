@@ -248,9 +248,11 @@ BENCH_NAME=run.sh
 # shellcheck source=loadtest/bench/lib.sh
 source "$HERE/lib.sh"
 
-cpu_s() { # PID -> CPU seconds (utime+stime) from /proc/PID/stat, as a decimal
+cpu_s() { # PID -> CPU seconds (utime+stime) from /proc/PID/stat, as a decimal; fails if it is gone
   local line rest
-  read -r line < "/proc/$1/stat"
+  # a process that exits between a caller's check and this read leaves no stat to read: fail here,
+  # where the caller's `||` catches it, not at ${12} below (an unbound variable ends the shell)
+  read -r line < "/proc/$1/stat" || return 1
   rest=${line##*) }
   # shellcheck disable=SC2086
   set -- $rest
