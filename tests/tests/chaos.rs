@@ -385,7 +385,8 @@ for _, key in ipairs(redis.call('KEYS', p .. 'inflight:*')) do
 end
 local running = {}
 local tasks = 0
-local broken = fair_violations(p)
+-- at any instant, not settled: workers may sit between a blocking wait and its fetch
+local broken = fair_violations(p, false)
 for _, key in ipairs(redis.call('KEYS', p .. 'task:*')) do
   -- a task's event stream sits beside its record: '<record key>:events'. Streams are written on
   -- demand (events.lua): one exists only while its record says it is on, and a final task whose

@@ -177,7 +177,7 @@ fn check_invariants(c: &mut redis::Connection) -> Result<()> {
         active == running,
         "active {active:?} is not the set of running tasks {running:?}"
     );
-    let fair = fair_violations(c)?;
+    let fair = fair_violations(c, true)?;
     ensure!(fair.is_empty(), "fair scheduling's invariants: {fair:?}");
     Ok(())
 }

@@ -277,6 +277,18 @@ async fn auto_takes_http2_where_a_tls_upstream_offers_it() -> anyhow::Result<()>
             ("AGENTQ_LLM_HTTP2_STREAMS", "8"),
         ])
         .await?;
+    // One call per lane first. In auto mode a lane cannot share a connection before ALPN has said
+    // h2, so calls that reach a lane still connecting each open their own connection (hyper pools
+    // the extra one too). The second call is taken while the first is in flight, so it takes the
+    // other lane; after these two each lane holds one pooled HTTP/2 connection for the burst.
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        ids.push(s.submit(&format!("tls warm {i}")).await?);
+    }
+    for t in s.wait_final(&ids, Duration::from_secs(30)).await? {
+        assert_eq!(t["status"], "succeeded", "{t}");
+    }
+    assert_eq!(s.mock.http2_connections(), 2, "one connection per lane");
     let mut ids = Vec::new();
     for i in 0..48 {
         ids.push(s.submit(&format!("tls auto {i}")).await?);
@@ -285,12 +297,16 @@ async fn auto_takes_http2_where_a_tls_upstream_offers_it() -> anyhow::Result<()>
         assert_eq!(t["status"], "succeeded", "{t}");
         assert_eq!(t["attempts"], 1, "{t}");
     }
-    assert_eq!(s.mock.total_calls(), 48);
+    assert_eq!(s.mock.total_calls(), 50);
     assert_eq!(
         s.mock.http2_requests(),
-        48,
+        50,
         "auto took the HTTP/2 the server offered"
     );
-    assert_eq!(s.mock.http2_connections(), 2, "16 calls at 8 a connection");
+    assert_eq!(
+        s.mock.http2_connections(),
+        2,
+        "16 calls at 8 a connection, on the lanes' pooled connections"
+    );
     Ok(())
 }
