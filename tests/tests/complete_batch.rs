@@ -309,6 +309,81 @@ async fn one_call_answers_each_item_by_its_own_fence() -> Result<()> {
 /// group waiting; 2 of its tasks are cancelled and worker B recovers and reruns the other 4; A
 /// wakes and writes the group: 4 stale, 2 cancelled, B's results stand. Every record is final as
 /// it should be, with the exact calls, and the lists are clean.
+/// One fetch that starts 600 runs (more than `fetch.lua` adds to `active` in one `ZADD`): every
+/// run is in `active` at its start time and counted in `running`, each record's token is its
+/// `runs` count (1 for a first run), and a run given back and taken again gets the next token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_fetch_starts_every_run_with_its_own_token_in_active() -> Result<()> {
+    let mut s = Stack::new(MockConfig::default()).await?;
+    s.start_api(&[]).await?;
+    let tasks: Vec<Value> = (0..600)
+        .map(|i| json!({"prompt": format!("large fetch {i}")}))
+        .collect();
+    let r = s
+        .http
+        .post(format!("{}/v1/tasks/batch", s.api_url))
+        .json(&json!({ "tasks": tasks }))
+        .send()
+        .await?;
+    ensure!(r.status() == 202, "batch: {}", r.status());
+    let broker = Broker::new(Redis::open(&SecretString::from(s.redis.url()))?, "agentq");
+    let keys = Keys::new("agentq", "default");
+    let me = "large-fetch-worker";
+    let fetched = broker
+        .fetch(&keys, me, 600, None, TTL, Duration::from_secs(60))
+        .await?;
+    ensure!(fetched.started.len() == 600, "{}", fetched.started.len());
+    let mut c = s.redis.conn()?;
+    let active: Vec<(String, i64)> = redis::cmd("ZRANGE")
+        .arg("agentq:{default}:active")
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut c)?;
+    ensure!(active.len() == 600, "{} in active", active.len());
+    for (id, score) in &active {
+        let r = rec(&mut c, id)?;
+        ensure!(field(&r, "status") == "running", "{id}: {r:?}");
+        ensure!(
+            field(&r, "token") == "1" && field(&r, "runs") == "1",
+            "{id}: {r:?}"
+        );
+        ensure!(
+            field(&r, "started_at") == score.to_string(),
+            "{id}: {r:?} at {score}"
+        );
+    }
+    let running: String = redis::cmd("HGET")
+        .arg("agentq:{default}:running")
+        .arg("default")
+        .query(&mut c)?;
+    ensure!(running == "600", "running counts {running}");
+    let fair = fair_violations(&mut c, true)?;
+    ensure!(fair.is_empty(), "{fair:?}");
+
+    let first = &fetched.started[0];
+    let back = broker
+        .return_unstarted(&keys, me, &first.id, Some(&first.token))
+        .await?;
+    ensure!(back == "queued", "{back}");
+    let again = broker
+        .fetch(&keys, me, 1, None, TTL, Duration::from_secs(60))
+        .await?;
+    let ids: Vec<(&str, &str)> = again
+        .started
+        .iter()
+        .map(|t| (t.id.as_str(), t.token.as_str()))
+        .collect();
+    ensure!(ids == [(first.id.as_str(), "2")], "{ids:?}");
+    let r = rec(&mut c, &first.id)?;
+    ensure!(
+        field(&r, "runs") == "2" && field(&r, "token") == "2",
+        "{r:?}"
+    );
+    ensure!(s.mock.total_calls() == 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_lands_while_its_cancelled_and_stolen_runs_are_refused_alone() -> Result<()> {
     let mut s = Stack::new(MockConfig::default()).await?;

@@ -678,7 +678,7 @@ async fn a_ticket_whose_id_was_cancelled_is_spent_or_dropped() -> Result<()> {
     let started: Vec<&str> = got.started.iter().map(|t| t.id.as_str()).collect();
     ensure!(started == [b.as_str()], "started {started:?}");
     ensure!(lrange(&mut c, pending)? == ["~"], "b's own ticket is spare");
-    ensure!(lrange(&mut c, &inflight)? == [b.clone()]);
+    ensure!(lrange(&mut c, &inflight)? == [b.as_str()]);
     let now = fair_violations(&mut c, false)?;
     ensure!(now.is_empty(), "{now:?}");
 
@@ -692,7 +692,7 @@ async fn a_ticket_whose_id_was_cancelled_is_spent_or_dropped() -> Result<()> {
         .await?;
     ensure!(got.started.is_empty() && !got.capped, "{:?}", got.started);
     ensure!(lrange(&mut c, pending)?.is_empty());
-    ensure!(lrange(&mut c, &inflight)? == [b.clone()]);
+    ensure!(lrange(&mut c, &inflight)? == [b.as_str()]);
     let settled = fair_violations(&mut c, true)?;
     ensure!(settled.is_empty(), "{settled:?}");
     ensure!(s.task(&a).await?["status"] == "cancelled");

@@ -30,6 +30,8 @@ local base = fq_base(KEYS[1])
 local out = {0}
 -- runs started here per tenant, added to `running` at the end (one HINCRBY per tenant)
 local started = {}
+-- the runs started here as `active` members (score, id, ...), added at the end in one ZADD
+local act = {}
 
 -- A worker that takes work is alive and registered, in the same step: a worker killed right after
 -- its first fetch (before any heartbeat), or recovered while stalled, is still found and recovered
@@ -52,7 +54,7 @@ end
 
 local function start(id)
   local tkey = ARGV[1] .. id
-  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error', 'created_at', 'turn', 'wf', 'tenant', 'ev')
+  local t = redis.call('HMGET', tkey, 'status', 'attempts', 'max_attempts', 'payload', 'rate_limited', 'error', 'created_at', 'turn', 'wf', 'tenant', 'ev', 'runs')
   local status = t[1]
   if not status then
     redis.call('LREM', KEYS[2], 1, id)
@@ -79,10 +81,13 @@ local function start(id)
   -- numbers go to Redis (and into the event's JSON) as strings made once: Lua formats a number
   -- argument anew for every call that takes it; ARGV[3] is `now` as the worker wrote it
   local att = tostring(attempts)
-  local token = tostring(redis.call('HINCRBY', tkey, 'runs', '1'))
+  -- the run's fencing token: `runs` plus one, written with the rest (the script is atomic, so
+  -- this is HINCRBY's count without its own command)
+  local token = tostring((tonumber(t[12]) or 0) + 1)
   redis.call('HSET', tkey, 'status', 'running', 'attempts', att, 'started_at', ARGV[3],
-    'worker', ARGV[4], 'token', token)
-  redis.call('ZADD', KEYS[3], ARGV[3], id)
+    'worker', ARGV[4], 'token', token, 'runs', token)
+  act[#act + 1] = ARGV[3]
+  act[#act + 1] = id
   local tenant = t[10]
   if not tenant or tenant == '' then tenant = 'default' end
   started[tenant] = (started[tenant] or 0) + 1
@@ -213,6 +218,10 @@ if want > 0 then
     redis.call('RPUSH', KEYS[1], unpack(back))
     out[1] = 1
   end
+end
+-- in slices: unpack is bounded by Lua's C stack (a fetch takes up to 1,000 ids)
+for i = 1, #act, 256 do
+  redis.call('ZADD', KEYS[3], unpack(act, i, math.min(i + 255, #act)))
 end
 for tenant, k in pairs(started) do
   redis.call('HINCRBY', base .. 'running', tenant, k)
