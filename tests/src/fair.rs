@@ -31,7 +31,7 @@ end
 return out
 "#;
 
-/// The invariants of fair scheduling, as a Lua function `fair_violations(base)` returning a list
+/// The invariants of fair scheduling, as a Lua function `fair_violations(base, settled)` returning a list
 /// of strings (empty when they hold). Atomic when run inside one script (the chaos test appends
 /// it to its snapshot script):
 /// - LLEN of the tenants' lines, summed, is at most the tickets in `pending` plus the tickets a

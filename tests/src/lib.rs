@@ -269,6 +269,14 @@ impl RedisServer {
         Ok(redis::Client::open(self.url())?)
     }
 
+    /// The product's own connection to this server, as the binaries open it: for tests that call
+    /// `Broker` or `Limiter` the way a worker does.
+    pub fn agentq(&self) -> Result<agentq_common::Redis> {
+        Ok(agentq_common::Redis::open(&secrecy::SecretString::from(
+            self.url(),
+        ))?)
+    }
+
     /// A synchronous connection for assertions and fault injection.
     pub fn conn(&self) -> Result<redis::Connection> {
         Ok(self.client()?.get_connection()?)

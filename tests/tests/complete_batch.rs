@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 
 use agentq_common::keys::{Keys, TaskId};
 use agentq_common::queue::{Completion, MemoryWrite, NodeDone, StreamRest, UsageAdd};
-use agentq_common::{Broker, Redis};
+use agentq_common::Broker;
 use agentq_tests::fair::fair_violations;
 use agentq_tests::{assert_no_panic, log_tails, task_key, MockConfig, Stack, Worker};
 use anyhow::{bail, ensure, Context, Result};
-use secrecy::SecretString;
 use serde_json::{json, Value};
 
 const ACTIVE: &str = "agentq:{default}:active";
@@ -112,7 +111,7 @@ async fn one_call_answers_each_item_by_its_own_fence() -> Result<()> {
     for i in 0..7 {
         ids.push(s.submit(&format!("direct {i}")).await?);
     }
-    let broker = Broker::new(Redis::open(&SecretString::from(s.redis.url()))?, "agentq");
+    let broker = Broker::new(s.redis.agentq()?, "agentq");
     let keys = Keys::new("agentq", "default");
     let me = "batch-test-worker";
     let fetched = broker
@@ -326,7 +325,7 @@ async fn a_large_fetch_starts_every_run_with_its_own_token_in_active() -> Result
         .send()
         .await?;
     ensure!(r.status() == 202, "batch: {}", r.status());
-    let broker = Broker::new(Redis::open(&SecretString::from(s.redis.url()))?, "agentq");
+    let broker = Broker::new(s.redis.agentq()?, "agentq");
     let keys = Keys::new("agentq", "default");
     let me = "large-fetch-worker";
     let fetched = broker

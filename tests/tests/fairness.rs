@@ -9,12 +9,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use agentq_common::keys::Keys;
-use agentq_common::{Broker, Redis};
+use agentq_common::Broker;
 use agentq_tests::fair::{fair_violations, pending_ids};
 use agentq_tests::{assert_no_panic, log_tails, MockConfig, Stack, ADMIN_TOKEN};
 use anyhow::{bail, ensure, Context, Result};
 use futures::StreamExt;
-use secrecy::SecretString;
 use serde_json::{json, Value};
 
 /// Records' TTL for the fetches this file makes itself.
@@ -639,8 +638,8 @@ async fn a_worker_does_not_spin_while_every_tenant_with_work_is_capped() -> Resu
 async fn a_ticket_whose_id_was_cancelled_is_spent_or_dropped() -> Result<()> {
     let mut s = Stack::new(MockConfig::default()).await?;
     s.start_api(&[]).await?;
-    let broker = Broker::new(Redis::open(&SecretString::from(s.redis.url()))?, "agentq");
-    let blocking = Redis::open(&SecretString::from(s.redis.url()))?;
+    let broker = Broker::new(s.redis.agentq()?, "agentq");
+    let blocking = s.redis.agentq()?;
     let keys = Keys::new("agentq", "default");
     let me = "ticket-test-worker";
     let mut c = s.redis.conn()?;

@@ -10,7 +10,6 @@ use std::time::Duration;
 use agentq_common::flow::{
     Admission, Limiter, Limits, Line, Refusal, Reservation, Route, Settlement, Upstream, Upstreams,
 };
-use agentq_common::Redis;
 use agentq_tests::RedisServer;
 use anyhow::{bail, Result};
 use redis::AsyncCommands;
@@ -46,8 +45,7 @@ fn route(u: &Upstream) -> Route<'_> {
 
 async fn setup() -> Result<(RedisServer, Limiter, agentq_common::redis_conn::Conn)> {
     let redis = RedisServer::start()?;
-    let url = SecretString::from(redis.url());
-    let r = Redis::open(&url)?;
+    let r = redis.agentq()?;
     let conn = r.conn().await?;
     Ok((redis, Limiter::new(r, "agentq"), conn))
 }
@@ -674,7 +672,7 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
     for a in reserve_together(&l, &u, WAVE, |_| 100, "b", Line::Join).await? {
         held.push(admitted(a)?);
     }
-    let other = Limiter::new(Redis::open(&SecretString::from(_redis.url()))?, "agentq");
+    let other = Limiter::new(_redis.agentq()?, "agentq");
     let until = redis_ms(&mut conn).await? + 5_000;
     other.learn(&route(&u), false, until, 0, 0).await?;
     tokio::time::sleep(Duration::from_millis(110)).await;
@@ -728,7 +726,7 @@ async fn a_hot_route_takes_grants_that_settle_exactly_and_end_at_a_block() -> Re
     // a call that outlives the crash: the leases do not all expire at once
     let long = admitted(reserve(&l, &route(&u2), 1, "long", false).await)?;
     assert_eq!(slots_held(&mut conn, key).await?, 1);
-    let dying = Limiter::new(Redis::open(&SecretString::from(_redis.url()))?, "agentq");
+    let dying = Limiter::new(_redis.agentq()?, "agentq");
     let mut held = Vec::new();
     for w in 0..3 {
         let calls = (0..WAVE).map(|i| {
