@@ -747,7 +747,12 @@ impl Worker {
                         worker: &me,
                         id: task.id.clone(),
                     };
-                    me.run_guarded(task, &hard).await;
+                    // Boxed: a run's future holds every step's state (7,176 bytes in a
+                    // release build, under tokio's 16 KiB threshold for boxing it itself),
+                    // which tokio would otherwise copy whole as the task moves into its
+                    // cell and again when the output replaces it: ~2 % of the worker's CPU
+                    // in a 0 ms drain (loadtest/bench/README.md, "A run's future, boxed").
+                    Box::pin(me.run_guarded(task, &hard)).await;
                     drop(hold);
                     drop(permit);
                     me.run_ended.notify_waiters();
