@@ -1,17 +1,19 @@
 //! The LLM call, streamed: the same one request with `stream: true`, its content handed to a
 //! [`DeltaSink`] as it arrives.
 //!
-//! The chunks are accumulated and rebuilt into the completion a non-streamed call would have
-//! read, which [`wire::parse_value`] then reads: a streamed reply and a non-streamed one mean the
-//! same usage, refusal, tool calls, finish reason and failures.
+//! The chunks are accumulated into the parts of the completion a non-streamed call would have
+//! read, which [`wire::reply`] then reads as it reads a completion's: a streamed reply and a
+//! non-streamed one mean the same usage, refusal, tool calls, finish reason and failures.
 
+use std::pin::Pin;
 use std::time::Instant;
 
 use agentq_common::chat::ChatParams;
 use agentq_common::task::{Message, Usage};
 use async_openai::types::chat::ChatCompletionStreamOptions;
 use reqwest::header::CONTENT_TYPE;
-use serde_json::{Map, Value};
+use serde_json::Value;
+use tokio::time::Instant as TokioInstant;
 
 use super::{strip_url, too_large, truncate, wire, Call, Llm, LlmFailure, Outcome, Reported};
 
@@ -107,23 +109,48 @@ impl Llm {
         let mut sse = Sse::default();
         let mut answer = Answer::default();
         let mut may_flush = true;
+        // The sink's flush deadline: one timer, made when a wait first needs it and re-armed
+        // only when the deadline moves. A `sleep_until` made per event was a timer-wheel insert
+        // and removal per chunk; events a read brought together are taken without any wait.
+        let mut timer: Option<(Pin<Box<tokio::time::Sleep>>, Option<TokioInstant>)> = None;
         loop {
             let due = if may_flush { sink.due() } else { None };
-            let next = match due {
-                Some(at) => tokio::select! {
-                    // a due flush goes first, so text is flushed on time even when chunks
-                    // keep coming
-                    biased;
-                    () = tokio::time::sleep_until(at) => {
-                        sink.flush().await;
-                        // a sink still due right after its flush waits for the next chunk
-                        // instead of spinning
-                        may_flush = false;
-                        continue;
+            let next = if sse.has_ready() {
+                // a flush already due still goes first, as in the wait below
+                if due.is_some_and(|at| at <= TokioInstant::now()) {
+                    sink.flush().await;
+                    may_flush = false;
+                    continue;
+                }
+                Ok(sse.take())
+            } else {
+                match due {
+                    Some(at) => {
+                        let (sleep, armed) = timer.get_or_insert_with(|| {
+                            (Box::pin(tokio::time::sleep_until(at)), Some(at))
+                        });
+                        if *armed != Some(at) {
+                            sleep.as_mut().reset(at);
+                            *armed = Some(at);
+                        }
+                        tokio::select! {
+                            // a due flush goes first, so text is flushed on time even when
+                            // chunks keep coming
+                            biased;
+                            () = sleep.as_mut() => {
+                                // fired: re-armed before it is awaited again
+                                *armed = None;
+                                sink.flush().await;
+                                // a sink still due right after its flush waits for the next
+                                // chunk instead of spinning
+                                may_flush = false;
+                                continue;
+                            }
+                            next = sse.next(&mut response, limit) => next,
+                        }
                     }
-                    next = sse.next(&mut response, limit) => next,
-                },
-                None => sse.next(&mut response, limit).await,
+                    None => sse.next(&mut response, limit).await,
+                }
             };
             may_flush = true;
             let event = match next {
@@ -153,12 +180,12 @@ impl Llm {
                     Err(wire::classify_error_object(&chunk.error)),
                 );
             }
-            let text = answer.add(chunk);
+            let added = answer.add(chunk);
             if answer.held > limit {
                 return (answer.usage(), Err(too_large(limit)));
             }
-            if !text.is_empty() {
-                sink.push(&text).await;
+            if let Some(text) = answer.content.get(added..).filter(|t| !t.is_empty()) {
+                sink.push(text).await;
             }
         }
     }
@@ -502,6 +529,16 @@ impl Sse {
         self.line.len() + self.data.len()
     }
 
+    /// A whole event is parsed and not yet taken.
+    fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// The next event already parsed, if any.
+    fn take(&mut self) -> Option<Event> {
+        self.ready.pop_front()
+    }
+
     /// The next whole event of the body; `None` at its end (an event the body did not end is
     /// dropped, as the spec says). Cancel-safe: a chunk is parsed in the poll that reads it.
     async fn next(
@@ -623,18 +660,23 @@ fn text<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
-/// Content as a string, or (as some servers send) an array of content parts, as wire.rs reads it.
-fn content_text(v: &Value) -> Option<String> {
+/// Appends content, a string or (as some servers send) an array of content parts, as wire.rs
+/// reads it, to `to`; returns how many bytes it added.
+fn push_content(to: &mut String, v: &Value) -> usize {
+    let before = to.len();
     match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => Some(
-            parts
+        Value::String(s) => to.push_str(s),
+        Value::Array(parts) => {
+            for t in parts
                 .iter()
                 .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect(),
-        ),
-        _ => None,
+            {
+                to.push_str(t);
+            }
+        }
+        _ => {}
     }
+    to.len() - before
 }
 
 /// One tool call, from its pieces.
@@ -648,22 +690,10 @@ struct ToolCall {
 }
 
 impl ToolCall {
+    /// The call as a completion's `tool_calls` item (its `Serialize`, in `rebuilt`, is the one
+    /// shape both this and the rebuilt answer's size use).
     fn to_json(&self) -> Value {
-        let mut function = Map::new();
-        if let Some(name) = &self.name {
-            function.insert("name".into(), name.clone().into());
-        }
-        function.insert("arguments".into(), self.arguments.clone().into());
-        let mut call = Map::new();
-        if let Some(id) = &self.id {
-            call.insert("id".into(), id.clone().into());
-        }
-        call.insert(
-            "type".into(),
-            self.kind.as_deref().unwrap_or("function").into(),
-        );
-        call.insert("function".into(), function.into());
-        call.into()
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 }
 
@@ -687,8 +717,10 @@ struct Answer {
 }
 
 impl Answer {
-    /// Adds a chunk; returns its content, for the sink.
-    fn add(&mut self, chunk: Chunk) -> String {
+    /// Adds a chunk; returns where its content starts in `content` (what follows is the chunk's,
+    /// for the sink).
+    fn add(&mut self, chunk: Chunk) -> usize {
+        let start = self.content.len();
         if self.model.is_none() {
             self.model = chunk
                 .model
@@ -699,7 +731,6 @@ impl Answer {
         if chunk.usage.is_object() {
             self.usage = Some(chunk.usage);
         }
-        let mut added = String::new();
         for choice in chunk.choices.0 {
             // n = 1: the answer is choice 0; one that numbers its choice oddly is read as it.
             if choice.index.is_some_and(|i| i != 0) {
@@ -714,11 +745,7 @@ impl Answer {
             let Some(delta) = choice.delta else {
                 continue;
             };
-            if let Some(piece) = content_text(&delta.content) {
-                self.held += piece.len();
-                self.content.push_str(&piece);
-                added.push_str(&piece);
-            }
+            self.held += push_content(&mut self.content, &delta.content);
             if let Some(piece) = delta.refusal {
                 self.held += piece.len();
                 self.refusal.push_str(&piece);
@@ -729,7 +756,7 @@ impl Answer {
                 }
             }
         }
-        added
+        start
     }
 
     /// A piece of a tool call: the call is found by `index`; its id, type and name come from its
@@ -783,10 +810,7 @@ impl Answer {
 
     /// The usage seen so far, read as wire.rs reads a completion's.
     fn usage(&self) -> Option<Usage> {
-        let usage = self.usage.as_ref()?;
-        let mut body = Map::new();
-        body.insert("usage".into(), usage.clone());
-        wire::parse_value(body.into(), "").usage
+        self.usage.clone().and_then(wire::usage_of)
     }
 
     /// The body ended, cleanly or not (`error`): complete if a finish reason was seen (some
@@ -815,48 +839,33 @@ impl Answer {
         )
     }
 
-    /// The answer as the non-streamed completion it stands for, read by wire.rs.
+    /// The answer as the non-streamed completion it stands for, read by wire.rs: its parts go
+    /// to [`wire::reply`] as a completion's would, and its size is that of the body a
+    /// non-streamed call would have read (serialized into a counter, never written out).
     fn finish(self, model: &str, limit: usize) -> Outcome {
-        let mut message = Map::new();
-        message.insert("role".into(), "assistant".into());
-        let content = if self.content.is_empty() {
-            Value::Null
-        } else {
-            self.content.into()
-        };
-        message.insert("content".into(), content);
-        if !self.refusal.is_empty() {
-            message.insert("refusal".into(), self.refusal.into());
-        }
-        if !self.tool_calls.is_empty() {
-            message.insert(
-                "tool_calls".into(),
-                self.tool_calls.iter().map(ToolCall::to_json).collect(),
-            );
-        }
-        let mut choice = Map::new();
-        choice.insert("index".into(), 0.into());
-        choice.insert("message".into(), message.into());
         let reason = self
             .finish_reason
             .or_else(|| self.empty_reason.then(String::new));
-        choice.insert("finish_reason".into(), reason.into());
-        let mut completion = Map::new();
-        completion.insert("choices".into(), Value::Array(vec![choice.into()]));
-        if let Some(m) = self.model {
-            completion.insert("model".into(), m.into());
-        }
-        if let Some(u) = self.usage {
-            completion.insert("usage".into(), u);
-        }
-        let completion = Value::from(completion);
-        // Its size as the body a non-streamed call would have read, counted without writing it
-        // out; the answer is read from the value itself, not from a text of it parsed again.
         let mut size = ByteCount(0);
-        let rebuilt = serde_json::to_writer(&mut size, &completion);
-        let parsed = wire::parse_value(completion, model);
-        if let Err(e) = rebuilt {
-            // unreachable for a Value (string keys only), but not worth a panic
+        let counted = serde_json::to_writer(
+            &mut size,
+            &rebuilt::Completion {
+                choices: [rebuilt::Choice {
+                    index: 0,
+                    message: rebuilt::Message {
+                        role: "assistant",
+                        content: Some(self.content.as_str()).filter(|c| !c.is_empty()),
+                        refusal: Some(self.refusal.as_str()).filter(|r| !r.is_empty()),
+                        tool_calls: &self.tool_calls,
+                    },
+                    finish_reason: reason.as_deref(),
+                }],
+                model: self.model.as_deref(),
+                usage: self.usage.as_ref(),
+            },
+        );
+        if let Err(e) = counted {
+            // unreachable (strings and a Value into a counter), but not worth a panic
             return (
                 None,
                 Err(LlmFailure::Permanent {
@@ -865,11 +874,87 @@ impl Answer {
                 }),
             );
         }
+        let usage = self.usage.and_then(wire::usage_of);
         if size.0 > limit {
             // the same answer non-streamed would have been refused as too large
-            return (parsed.usage, Err(too_large(limit)));
+            return (usage, Err(too_large(limit)));
         }
+        let tool_calls = (!self.tool_calls.is_empty())
+            .then(|| self.tool_calls.iter().map(ToolCall::to_json).collect());
+        let parsed = wire::reply(
+            wire::Reply {
+                usage,
+                model: self.model,
+                finish_reason: reason,
+                content: Some(self.content),
+                refusal: Some(self.refusal),
+                tool_calls,
+            },
+            model,
+        );
         (parsed.usage, parsed.result)
+    }
+}
+
+/// The completion a streamed answer stands for, as the JSON a non-streamed call would have read
+/// (only its size is taken: `Answer::finish`). Keys are those of the completion wire.rs reads;
+/// the order does not change the size.
+mod rebuilt {
+    use serde::ser::{SerializeMap, Serializer};
+    use serde::Serialize;
+    use serde_json::Value;
+
+    #[derive(Serialize)]
+    pub struct Completion<'a> {
+        pub choices: [Choice<'a>; 1],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub model: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub usage: Option<&'a Value>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Choice<'a> {
+        pub index: u8,
+        pub message: Message<'a>,
+        pub finish_reason: Option<&'a str>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Message<'a> {
+        pub role: &'static str,
+        /// `null` when there is none, as in a non-streamed reply
+        pub content: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub refusal: Option<&'a str>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        pub tool_calls: &'a [super::ToolCall],
+    }
+
+    /// A call's JSON, as a completion's `tool_calls` item has it: `{"id", "type", "function":
+    /// {"name", "arguments"}}`, `type` "function" unless a piece named another.
+    impl Serialize for super::ToolCall {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            #[derive(Serialize)]
+            struct Function<'a> {
+                #[serde(skip_serializing_if = "Option::is_none")]
+                name: Option<&'a str>,
+                arguments: &'a str,
+            }
+            let mut m = s.serialize_map(None)?;
+            if let Some(id) = &self.id {
+                m.serialize_entry("id", id)?;
+            }
+            m.serialize_entry("type", self.kind.as_deref().unwrap_or("function"))?;
+            m.serialize_entry(
+                "function",
+                &Function {
+                    name: self.name.as_deref(),
+                    arguments: &self.arguments,
+                },
+            )?;
+            m.end()
+        }
     }
 }
 
@@ -886,7 +971,6 @@ mod tests {
     use agentq_common::task::TaskResult;
     use secrecy::SecretString;
     use serde_json::json;
-    use tokio::time::Instant as TokioInstant;
 
     use super::super::LlmSettings;
     use super::*;
@@ -1000,6 +1084,10 @@ mod tests {
     }
 
     impl Recorder {
+        fn kinds(&self) -> Vec<Seen> {
+            self.seen.iter().map(|(_, s)| s.clone()).collect()
+        }
+
         fn pushes(&self) -> Vec<String> {
             self.seen
                 .iter()
@@ -1327,37 +1415,73 @@ mod tests {
         assert!(sink.seen.is_empty());
     }
 
-    #[tokio::test]
-    async fn a_slow_stream_is_flushed_while_waiting() {
-        let mut reply = Reply::sse(&[
+    /// Three content chunks, the last with the finish reason, then `[DONE]`: each a part of the
+    /// body, sent at once.
+    fn three_pieces() -> Reply {
+        Reply::sse(&[
             chunk(json!({"content": "first"}), None),
-            chunk(json!({"content": " second"}), Some("stop")),
+            chunk(json!({"content": " second"}), None),
+            chunk(json!({"content": " third"}), Some("stop")),
             DONE.to_owned(),
-        ]);
-        reply.parts[1].0 = Duration::from_millis(200);
+        ])
+    }
+
+    /// Streams `three_pieces` as `reply` sends them into a sink batching for `batch`; returns the
+    /// sink.
+    async fn read_three(reply: Reply, batch: Duration) -> Recorder {
         let server = serve(reply, 1 << 20).await;
         let mut sink = Recorder {
-            batch: Some(Duration::from_millis(50)),
+            batch: Some(batch),
             ..Default::default()
         };
         let call = streamed(&server, &mut sink).await;
-        assert_eq!(call.result.expect("a result").content, "first second");
-        let kinds: Vec<Seen> = sink.seen.iter().map(|(_, s)| s.clone()).collect();
-        // flushed once while waiting for " second"; the rest is the caller's to flush
-        assert_eq!(
-            kinds,
-            [
-                Seen::Push("first".into()),
-                Seen::Flush,
-                Seen::Push(" second".into())
-            ]
-        );
-        let waited = sink.seen[1].0 - sink.seen[0].0;
-        assert!(
-            waited >= Duration::from_millis(50) && waited < Duration::from_millis(150),
-            "flushed {waited:?} after the push"
-        );
+        assert_eq!(call.result.expect("a result").content, "first second third");
+        sink
+    }
+
+    /// `three_pieces` pushed, with a flush between each two.
+    fn flushed_between_pieces() -> Vec<Seen> {
+        vec![
+            Seen::Push("first".into()),
+            Seen::Flush,
+            Seen::Push(" second".into()),
+            Seen::Flush,
+            Seen::Push(" third".into()),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_slow_stream_is_flushed_while_waiting() {
+        // two waits, each longer than the batching: the flush timer fires in both (it is one
+        // timer, armed again after it fired)
+        let mut reply = three_pieces();
+        reply.parts[1].0 = Duration::from_millis(200);
+        reply.parts[2].0 = Duration::from_millis(200);
+        let sink = read_three(reply, Duration::from_millis(50)).await;
+        // flushed while waiting for " second" and " third"; the rest is the caller's to flush
+        assert_eq!(sink.kinds(), flushed_between_pieces());
+        for (push, flush) in [(0, 1), (2, 3)] {
+            let waited = sink.seen[flush].0 - sink.seen[push].0;
+            assert!(
+                waited >= Duration::from_millis(50) && waited < Duration::from_millis(150),
+                "flushed {waited:?} after push {push}"
+            );
+        }
         assert!(sink.due.is_some(), "the last push is left unflushed");
+    }
+
+    #[tokio::test]
+    async fn a_due_flush_goes_before_events_that_came_together() {
+        // every event in one part of the body (one read): no wait, yet the sink, due at once
+        // after each push, is flushed before the next event is handed over
+        let mut reply = three_pieces();
+        let whole: Vec<u8> = reply.parts.iter().flat_map(|(_, b)| b.clone()).collect();
+        reply.parts = vec![(Duration::ZERO, whole)];
+        let sink = read_three(reply, Duration::ZERO).await;
+        let mut expected = flushed_between_pieces();
+        // due before the `[DONE]` event was taken
+        expected.push(Seen::Flush);
+        assert_eq!(sink.kinds(), expected);
     }
 
     #[tokio::test]

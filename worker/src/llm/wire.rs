@@ -174,21 +174,6 @@ pub fn parse(body: &[u8], model: &str) -> Parsed {
     read(completion, model)
 }
 
-/// A completion already in hand as a JSON value (a streamed answer rebuilt), read as [`parse`]
-/// reads the same completion's text.
-pub fn parse_value(body: Value, model: &str) -> Parsed {
-    match Completion::deserialize(body) {
-        Ok(completion) => read(completion, model),
-        Err(e) => Parsed {
-            usage: None,
-            result: Err(LlmFailure::Permanent {
-                outcome: "bad_response",
-                message: format!("llm answer is not a chat completion ({e})"),
-            }),
-        },
-    }
-}
-
 fn read(completion: Completion, model: &str) -> Parsed {
     let usage = completion.usage.map(Usage::from);
     let choices = completion.choices.unwrap_or_default();
@@ -209,14 +194,53 @@ fn read(completion: Completion, model: &str) -> Parsed {
     let finish_reason = choice.finish_reason;
     let (content, refusal, tool_calls) = match choice.message {
         Some(m) => (
-            m.content.map(Content::into_text).filter(|c| !c.is_empty()),
+            m.content.map(Content::into_text),
             m.refusal
-                .or_else(|| m.provider_specific_fields.and_then(|p| p.refusal))
-                .filter(|r| !r.is_empty()),
-            m.tool_calls.filter(|t| !t.is_empty()),
+                .or_else(|| m.provider_specific_fields.and_then(|p| p.refusal)),
+            m.tool_calls,
         ),
         None => (None, None, None),
     };
+    reply(
+        Reply {
+            usage,
+            model: completion.model,
+            finish_reason,
+            content,
+            refusal,
+            tool_calls,
+        },
+        model,
+    )
+}
+
+/// The parts of a completion's first choice the result is made of, as read from the wire (a
+/// streamed answer's, accumulated, are the same parts).
+pub struct Reply {
+    pub usage: Option<Usage>,
+    /// The model the server named.
+    pub model: Option<String>,
+    pub finish_reason: Option<String>,
+    pub content: Option<String>,
+    pub refusal: Option<String>,
+    pub tool_calls: Option<Vec<Value>>,
+}
+
+/// The result a reply's parts make: empty parts are absent, and a reply with no content, refusal
+/// or tool calls is an `empty_response`. `model` is the requested model, used when the server
+/// names none.
+pub fn reply(parts: Reply, model: &str) -> Parsed {
+    let Reply {
+        usage,
+        model: named,
+        finish_reason,
+        content,
+        refusal,
+        tool_calls,
+    } = parts;
+    let content = content.filter(|c| !c.is_empty());
+    let refusal = refusal.filter(|r| !r.is_empty());
+    let tool_calls = tool_calls.filter(|t| !t.is_empty());
     if content.is_none() && refusal.is_none() && tool_calls.is_none() {
         return Parsed {
             usage,
@@ -231,8 +255,7 @@ fn read(completion: Completion, model: &str) -> Parsed {
     }
     let result = TaskResult {
         content: content.unwrap_or_default(),
-        model: completion
-            .model
+        model: named
             .filter(|m| !m.is_empty())
             .unwrap_or_else(|| model.to_owned()),
         usage: usage.unwrap_or_default(),
@@ -246,6 +269,12 @@ fn read(completion: Completion, model: &str) -> Parsed {
         usage,
         result: Ok(result),
     }
+}
+
+/// A usage object read as a completion's `usage` is (leniently: one that does not read is
+/// absent).
+pub fn usage_of(v: Value) -> Option<Usage> {
+    serde_json::from_value::<WireUsage>(v).ok().map(Usage::from)
 }
 
 /// A 2xx whose body is an error object (`{"error": {...}}`), as proxies send when an upstream
