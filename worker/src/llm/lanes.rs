@@ -8,8 +8,8 @@
 //! `SETTINGS_MAX_CONCURRENT_STREAMS` wait inside it for a stream to free (hyper#2197), which
 //! would cap a worker's real concurrency at that number. So an upstream that may speak HTTP/2
 //! gets several clients ("lanes"), about `concurrency ÷ AGENTQ_LLM_HTTP2_STREAMS`, each with its
-//! own connection pool, and a call takes the lane with the fewest calls in flight: no lane ever
-//! carries more than `ceil(calls ÷ lanes)`.
+//! own connection pool, and a call takes the lane with the fewest calls in flight: no lane
+//! carries more than `ceil(calls ÷ lanes)` (while no call ends meanwhile; see `take`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -107,29 +107,50 @@ impl Lanes {
         self.lanes.len()
     }
 
-    /// The lane with the fewest calls in flight (the first of equals), counted as taken. Two calls
-    /// choosing at once may pick the same lane; the next choice sees both, so the spread stays
-    /// within one call of even.
+    /// The lane with the fewest calls in flight (the first of equals), counted as taken. The
+    /// count is raised only from the value the choice read (a compare-and-swap; chosen again if
+    /// another call got there first), so two calls choosing at once never both land on one lane
+    /// while another has fewer: with no call ending meanwhile, the lanes stay within one call of
+    /// even.
     pub(crate) fn take(self: &Arc<Self>) -> Taken {
-        let mut index = 0;
-        if self.lanes.len() > 1 {
-            let mut least = usize::MAX;
-            for (i, lane) in self.lanes.iter().enumerate() {
-                let n = lane.calls.load(Ordering::Relaxed);
-                if n < least {
-                    least = n;
-                    index = i;
-                    if n == 0 {
-                        break;
-                    }
+        let index = if self.lanes.len() == 1 {
+            self.lanes[0].calls.fetch_add(1, Ordering::Relaxed);
+            0
+        } else {
+            loop {
+                let (index, n) = self.least();
+                if self.raise(index, n) {
+                    break index;
                 }
             }
-        }
-        self.lanes[index].calls.fetch_add(1, Ordering::Relaxed);
+        };
         Taken {
             lanes: self.clone(),
             index,
         }
+    }
+
+    /// One call more on the lane, if it still has the `seen` calls the choice read.
+    fn raise(&self, index: usize, seen: usize) -> bool {
+        self.lanes[index]
+            .calls
+            .compare_exchange(seen, seen + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// The lane with the fewest calls in flight (the first of equals) and that count.
+    fn least(&self) -> (usize, usize) {
+        let mut best = (0, usize::MAX);
+        for (i, lane) in self.lanes.iter().enumerate() {
+            let n = lane.calls.load(Ordering::Relaxed);
+            if n < best.1 {
+                best = (i, n);
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        best
     }
 }
 
@@ -144,6 +165,22 @@ mod tests {
         assert_eq!(lane_count(LlmHttp::Auto, false, 1000, 100), 10);
         assert_eq!(lane_count(LlmHttp::Http2, true, 1001, 100), 11);
         assert_eq!(lane_count(LlmHttp::Http2, true, 16, 100), 1);
+    }
+
+    #[test]
+    fn a_choice_made_on_a_stale_count_is_made_again() {
+        // call A reads the lanes; call B takes the lane A chose before A raises its count
+        let lanes =
+            Arc::new(Lanes::new(LlmHttp::Http2, 2, Duration::from_secs(1)).expect("builds"));
+        let (chosen, seen) = lanes.least();
+        let b = lanes.take();
+        assert_eq!((chosen, seen, b.index), (0, 0, 0));
+        // A's choice no longer holds (it would put two calls on lane 0, none on lane 1) ...
+        assert!(!lanes.raise(chosen, seen));
+        // ... so A chooses again, and takes the other lane
+        let a = lanes.take();
+        assert_eq!(a.index, 1);
+        assert!(lanes.raise(1, 1), "a choice that still holds is taken");
     }
 
     #[test]
