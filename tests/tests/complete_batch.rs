@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use agentq_common::keys::{Keys, TaskId};
-use agentq_common::queue::{Completion, MemoryWrite, NodeDone, StreamRest, UsageAdd};
+use agentq_common::queue::{Completion, Fetched, MemoryWrite, NodeDone, StreamRest, UsageAdd};
 use agentq_common::Broker;
 use agentq_tests::fair::fair_violations;
 use agentq_tests::{assert_no_panic, log_tails, task_key, MockConfig, Stack, Worker};
@@ -17,6 +17,22 @@ use serde_json::{json, Value};
 
 const ACTIVE: &str = "agentq:{default}:active";
 const TTL: Duration = Duration::from_secs(3600);
+
+/// The product's broker on the stack's Redis, and the default queue's keys: for tests that act
+/// as a worker themselves.
+fn queue(s: &Stack) -> Result<(Broker, Keys)> {
+    Ok((
+        Broker::new(s.redis.agentq()?, "agentq"),
+        Keys::new("agentq", "default"),
+    ))
+}
+
+/// Fetches up to `n` tasks as worker `me` (no blocking wait, a 60 s heartbeat).
+async fn fetch(broker: &Broker, keys: &Keys, me: &str, n: usize) -> Result<Fetched> {
+    Ok(broker
+        .fetch(keys, me, n, None, TTL, Duration::from_secs(60))
+        .await?)
+}
 
 fn rec(c: &mut redis::Connection, id: &str) -> Result<HashMap<String, String>> {
     Ok(redis::cmd("HGETALL").arg(task_key(id)).query(c)?)
@@ -111,12 +127,9 @@ async fn one_call_answers_each_item_by_its_own_fence() -> Result<()> {
     for i in 0..7 {
         ids.push(s.submit(&format!("direct {i}")).await?);
     }
-    let broker = Broker::new(s.redis.agentq()?, "agentq");
-    let keys = Keys::new("agentq", "default");
     let me = "batch-test-worker";
-    let fetched = broker
-        .fetch(&keys, me, 7, None, TTL, Duration::from_secs(60))
-        .await?;
+    let (broker, keys) = queue(&s)?;
+    let fetched = fetch(&broker, &keys, me, 7).await?;
     ensure!(fetched.started.len() == 7, "fetched {:?}", fetched.started);
     let token: HashMap<String, String> = fetched
         .started
@@ -325,12 +338,9 @@ async fn a_large_fetch_starts_every_run_with_its_own_token_in_active() -> Result
         .send()
         .await?;
     ensure!(r.status() == 202, "batch: {}", r.status());
-    let broker = Broker::new(s.redis.agentq()?, "agentq");
-    let keys = Keys::new("agentq", "default");
     let me = "large-fetch-worker";
-    let fetched = broker
-        .fetch(&keys, me, 600, None, TTL, Duration::from_secs(60))
-        .await?;
+    let (broker, keys) = queue(&s)?;
+    let fetched = fetch(&broker, &keys, me, 600).await?;
     ensure!(fetched.started.len() == 600, "{}", fetched.started.len());
     let mut c = s.redis.conn()?;
     let active: Vec<(String, i64)> = redis::cmd("ZRANGE")
@@ -365,9 +375,7 @@ async fn a_large_fetch_starts_every_run_with_its_own_token_in_active() -> Result
         .return_unstarted(&keys, me, &first.id, Some(&first.token))
         .await?;
     ensure!(back == "queued", "{back}");
-    let again = broker
-        .fetch(&keys, me, 1, None, TTL, Duration::from_secs(60))
-        .await?;
+    let again = fetch(&broker, &keys, me, 1).await?;
     let ids: Vec<(&str, &str)> = again
         .started
         .iter()
