@@ -820,7 +820,7 @@ async fn admit_submission(state: &AppState, caller: &Caller, count: u32) -> Resu
 }
 
 static GCRA: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("tenants/gcra.lua")));
+    std::sync::LazyLock::new(|| agentq_common::script::declared(include_str!("tenants/gcra.lua")));
 
 /// The tenant's spend budget, checked before enqueueing: a tenant whose `tenant:<id>` budget
 /// has nothing left gets 429 now instead of a task that would fail `budget_exceeded` later.

@@ -102,6 +102,15 @@ impl Keys {
         format!("{}{tenant}", self.tenant_pending_prefix())
     }
 
+    /// The line of a task's tenant as its record names it: `None` (or "") is the default
+    /// tenant's (records of the default tenant carry no `tenant` field).
+    pub fn line(&self, tenant: Option<&str>) -> String {
+        match tenant {
+            Some(t) if !t.is_empty() => self.tenant_pending(t),
+            _ => self.tenant_pending(crate::tenant::DEFAULT_TENANT),
+        }
+    }
+
     /// `tenant_pending(t)` without the tenant.
     pub fn tenant_pending_prefix(&self) -> String {
         format!("{}:pending:", self.base)
@@ -197,6 +206,11 @@ impl Keys {
     /// it is in the queue's slot whatever the id holds.
     pub fn task_raw(&self, id: &str) -> String {
         format!("{}:task:{id}", self.base)
+    }
+
+    /// `task_events` of an id as read off a list or given by a worker (see [`Self::task_raw`]).
+    pub fn task_events_raw(&self, id: &str) -> String {
+        format!("{}:task:{id}:events", self.base)
     }
 
     /// Scripts build task keys from ids they read off lists; they get this prefix to do it.

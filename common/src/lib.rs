@@ -9,6 +9,7 @@
 //! - [`tenant`]: tenant ids, the names they namespace, and what admission needs of a tenant.
 //! - [`chat`]: the chat-completions request a task carries (messages, tools, parameters).
 //! - [`config`]: environment variables, parsed once; bad values exit 64.
+//! - [`script`]: how a Lua script is made; a debug build checks that it touches only its `KEYS`.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`backoff`]: shared plumbing.
 //!
 //! See docs/architecture.md for the task lifecycle and the guarantees under failure.
@@ -24,6 +25,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod queue;
 pub mod redis_conn;
+pub mod script;
 pub mod shutdown;
 pub mod task;
 pub mod telemetry;

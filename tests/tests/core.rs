@@ -642,3 +642,56 @@ async fn password_protected_tls_redis_works_and_the_password_stays_out_of_logs(
     }
     Ok(())
 }
+
+/// The check every test runs under (common/src/script.rs): in a debug build a script made with
+/// `script::declared` fails on the first command whose key is not in its `KEYS`, before that
+/// command runs; keys it was given pass, whatever their place in the command (DEL's every
+/// argument, LMOVE's second), and commands with no key (PUBLISH, TIME) pass too. A release
+/// build has no check, so this test exists only in a debug one.
+#[cfg(debug_assertions)]
+#[test]
+fn a_script_touching_a_key_it_was_not_given_fails_in_a_debug_build() -> anyhow::Result<()> {
+    let r = agentq_tests::RedisServer::start()?;
+    let mut c = r.conn()?;
+    let script = agentq_common::script::declared(
+        "redis.call('SET', KEYS[1], 'a') \
+         redis.call('RPUSH', KEYS[2], 'x') \
+         redis.call('LMOVE', KEYS[2], KEYS[1] .. ':list', 'LEFT', 'RIGHT') \
+         redis.call('DEL', KEYS[3], KEYS[1] .. ':list') \
+         redis.call('PUBLISH', 'news', 'x') \
+         redis.call('TIME') \
+         if ARGV[1] ~= '' then redis.call(ARGV[1], ARGV[2], ARGV[3]) end \
+         return redis.sha1hex('a')",
+    );
+    let given = ["k", "l", "m", "k:list"];
+    let ok: String = script
+        .key(&given[..])
+        .arg("")
+        .arg("")
+        .arg("")
+        .invoke(&mut c)?;
+    assert_eq!(ok, "86f7e437faa5a7fce15d1ddcb9eaeaea377667b8");
+    // undeclared as the first key of a command, as a later key of DEL, and through pcall
+    for (cmd, a, b) in [("SET", "other", "1"), ("DEL", "k", "other")] {
+        let err = script
+            .key(&given[..])
+            .arg(cmd)
+            .arg(a)
+            .arg(b)
+            .invoke::<String>(&mut c)
+            .expect_err("an undeclared key must fail the script");
+        assert!(err.to_string().contains("undeclared key other"), "{err}");
+    }
+    let exists: bool = redis::cmd("EXISTS").arg("other").query(&mut c)?;
+    assert!(!exists, "the refused command did not run");
+    let pcall = agentq_common::script::declared("return redis.pcall('GET', 'elsewhere')");
+    let err = pcall
+        .key("k")
+        .invoke::<Option<String>>(&mut c)
+        .expect_err("pcall checks its key too");
+    assert!(
+        err.to_string().contains("undeclared key elsewhere"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -13,6 +13,7 @@ use redis::{RedisResult, Script};
 
 use crate::keys::{self, Keys};
 use crate::queue::Broker;
+use crate::script::declared;
 use crate::time::now_ms;
 
 struct Scripts {
@@ -33,19 +34,19 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("../queue/fair.lua"),
         include_str!("fanout.lua")
     )),
-    stop: Script::new(include_str!("stop.lua")),
+    stop: declared(include_str!("stop.lua")),
     // it makes tasks final, so it passes ev_final like every such script
     cancel_page: Script::new(concat!(
         include_str!("../queue/events.lua"),
         include_str!("../queue/fair.lua"),
         include_str!("cancel_page.lua")
     )),
-    finalize: Script::new(include_str!("finalize.lua")),
-    lease: Script::new(include_str!("lease.lua")),
-    file_use: Script::new(include_str!("file_use.lua")),
-    file_delete: Script::new(include_str!("file_delete.lua")),
-    file_commit: Script::new(include_str!("file_commit.lua")),
-    file_charge: Script::new(include_str!("file_charge.lua")),
+    finalize: declared(include_str!("finalize.lua")),
+    lease: declared(include_str!("lease.lua")),
+    file_use: declared(include_str!("file_use.lua")),
+    file_delete: declared(include_str!("file_delete.lua")),
+    file_commit: declared(include_str!("file_commit.lua")),
+    file_charge: declared(include_str!("file_charge.lua")),
 });
 
 /// ZSET of one tenant's stored files (member id, score = created ms), beside

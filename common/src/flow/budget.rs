@@ -20,12 +20,12 @@ use std::time::Duration;
 use redis::{RedisResult, Script};
 use serde::{Deserialize, Serialize};
 
+use crate::script::declared;
 use crate::task::{valid_name, FieldError};
 use crate::Redis;
 
-static RESERVE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("budget_reserve.lua")));
-static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("budget_settle.lua")));
+static RESERVE: LazyLock<Script> = LazyLock::new(|| declared(include_str!("budget_reserve.lua")));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| declared(include_str!("budget_settle.lua")));
 
 /// Nano-dollars in a dollar.
 pub const NANOS: f64 = 1e9;
@@ -460,7 +460,7 @@ impl Budgets {
         // one script: the counts and the write cannot interleave with another PUT. The counts
         // walk the table's names (at most a few thousand, and PUTs are rare), so no counter can
         // drift from what the table holds.
-        let script = Script::new(
+        let script = declared(
             "redis.call('HDEL', KEYS[2], 'refused_until') \
              if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then \
                redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 0 end \

@@ -19,10 +19,11 @@ use tokio::sync::oneshot;
 use super::upstreams::{Limits, Route, Upstream, Upstreams};
 use crate::keys;
 use crate::redis_conn::Redis;
+use crate::script::declared;
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
-static RECONCILE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reconcile.lua")));
-static LEARN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("learn.lua")));
+static RESERVE: LazyLock<Script> = LazyLock::new(|| declared(include_str!("reserve.lua")));
+static RECONCILE: LazyLock<Script> = LazyLock::new(|| declared(include_str!("reconcile.lua")));
+static LEARN: LazyLock<Script> = LazyLock::new(|| declared(include_str!("learn.lua")));
 
 /// State kept for models of the implicit upstream (any model name a task gives) expires when
 /// unused, so names clients make up cannot pile up keys; configured scopes keep theirs.

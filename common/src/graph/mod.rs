@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::keys::{validate_queue, TaskId};
+use crate::script::declared;
 use crate::task::{
     check_cost_cap, check_metadata, parse_usage, CreateTask, FieldError, NewTask, TaskUsage,
 };
@@ -554,8 +555,8 @@ static CANCEL: LazyLock<Script> = LazyLock::new(|| {
         include_str!("wf_cancel.lua")
     ))
 });
-static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("wf_hold.lua")));
-static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("wf_settle.lua")));
+static HOLD: LazyLock<Script> = LazyLock::new(|| declared(include_str!("wf_hold.lua")));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| declared(include_str!("wf_settle.lua")));
 
 /// What a workflow's cost cap said to a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use redis::RedisResult;
 
-use super::{Broker, DeadTask, SCRIPTS};
+use super::{Broker, DeadTask};
 
 /// Dead-set entries read per round trip while looking for one tenant's.
 const PAGE: isize = 500;
@@ -92,14 +92,6 @@ impl Broker {
         }
         let keys = self.keys(queue);
         let mut conn = self.redis.conn().await?;
-        let mut inv = SCRIPTS.redrive.prepare_invoke();
-        inv.key(keys.dead())
-            .key(keys.pending())
-            .arg(keys.task_prefix())
-            .arg(ids.len());
-        for id in ids {
-            inv.arg(id);
-        }
-        inv.invoke_async(&mut conn).await
+        self.redrive_these(&keys, &mut conn, ids).await
     }
 }

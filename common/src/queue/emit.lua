@@ -2,7 +2,7 @@
 -- ('delta') and its agent steps ('tool_call', 'tool_result', 'attempt_started' before a fallback
 -- model's call). Only while that run owns the task: a run fenced out (a stale owner) never adds
 -- a delta a client would mix into the winning attempt's text.
--- KEYS[1] task hash
+-- KEYS[1] task hash, KEYS[2] its event stream (events.lua)
 -- ARGV[1] run token, ARGV[2] the run's batch number (1, 2, ...), ARGV[3] the run's step number,
 -- ARGV[4..] pairs: event name, data ('delta': the text itself; others: JSON)
 -- A batch is written once: a resend after a lost reply (same token, a batch number not above the

@@ -1,6 +1,7 @@
 -- One task (fair.lua and enqueue_item.lua are prepended; see enqueue_item.lua for the step).
 -- KEYS[1] task hash, KEYS[2] pending list (tickets), then (each only when given) the idempotency
--- key, and the agent's lane list and the lanes set
+-- key, and the agent's lane list and the lanes set; then the tenant's line, the ring, `tenants`
+-- and `recent` (enqueue_item.lua reaches them from the queue's base)
 -- ARGV[1] id, ARGV[2] queue, ARGV[3] created_at ms, ARGV[4] max_attempts, ARGV[5] payload JSON,
 -- ARGV[6] idempotency TTL seconds, ARGV[7] '1' when an idempotency key is given, ARGV[8] '1' when
 -- the task is an agent's (lane keys given), ARGV[9] the agent id, ARGV[10] the tenant ('' for the

@@ -10,6 +10,7 @@ use redis::{RedisResult, Script};
 
 use super::{Broker, Enqueued};
 use crate::keys::TaskId;
+use crate::script::declared;
 use crate::task::NewTask;
 use crate::time::now_ms;
 
@@ -20,7 +21,7 @@ use crate::time::now_ms;
 pub const ITEMS_PER_CALL: usize = 100;
 
 static ENQUEUE_MANY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
+    declared(concat!(
         include_str!("fair.lua"),
         include_str!("enqueue_item.lua"),
         include_str!("enqueue_many.lua")
@@ -215,6 +216,16 @@ impl Broker {
                 .arg(agent_key.as_deref().unwrap_or(""))
                 .arg(tenant_of(item).unwrap_or(""));
         }
+        // what enqueue_item.lua reaches from the queue's base, after the items' keys (the script
+        // reads those in order and never counts KEYS): each tenant's line once, the ring,
+        // `tenants` and `recent`
+        let mut lines: Vec<&str> = items.iter().map(|i| tenant_of(i).unwrap_or("")).collect();
+        lines.sort_unstable();
+        lines.dedup();
+        for t in lines {
+            inv.key(keys.line(Some(t)));
+        }
+        inv.key(keys.ring()).key(keys.tenants()).key(keys.recent());
         Ok(inv)
     }
 }

@@ -3,7 +3,9 @@
 -- commit. Each item is enqueue_item()'s step, in order, decided on its own (idempotency key
 -- already used, tenant at max_pending); the script as a whole is one atomic step.
 -- KEYS[1] pending list (tickets), KEYS[2] the lanes set, then per item in order: its task hash,
--- its idempotency key (only when it has one), its agent's lane list (only when it has an agent)
+-- its idempotency key (only when it has one), its agent's lane list (only when it has an agent);
+-- then the line of each tenant the items name, the ring, `tenants` and `recent` (enqueue_item.lua
+-- reaches them from the queue's base)
 -- ARGV[1] queue, ARGV[2] created_at ms, ARGV[3] idempotency TTL seconds, ARGV[4] the usual
 -- max_attempts, ARGV[5] the usual tenant ('' for the default tenant), ARGV[6] one character per
 -- item: '0' when it has the usual max_attempts and tenant, no idempotency key and no agent, else

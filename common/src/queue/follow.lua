@@ -7,7 +7,7 @@
 -- gave (`everr`, written by ev_final while the stream was off). One atomic
 -- step: every event after it is written by its own script (the stream is on), and every one before
 -- it is covered here, so a follower never misses or repeats one.
--- KEYS[1] task hash
+-- KEYS[1] task hash, KEYS[2] its event stream (events.lua)
 -- Returns 0 when the record is gone, else 1.
 local t = redis.call('HMGET', KEYS[1], 'status', 'ev', 'result', 'everr', 'usage', 'attempts', 'steps', 'error')
 if not t[1] then return 0 end

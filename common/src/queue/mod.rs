@@ -10,11 +10,13 @@ use redis::{AsyncCommands, RedisResult, Script};
 
 use crate::keys::{Keys, TaskId};
 use crate::redis_conn::Redis;
+use crate::script::declared;
 use crate::task::{NewTask, StartedTask, TaskView};
 use crate::time::now_ms;
 
 mod complete_batch;
 mod dead;
+mod declare;
 mod enqueue;
 mod group;
 mod recent;
@@ -44,7 +46,7 @@ struct Scripts {
 // tenants' lines, the ring and the run counts of fair.lua (prepended: a Redis script cannot import
 // another); wf.lua uses it too, so it comes first.
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    enqueue: Script::new(concat!(
+    enqueue: declared(concat!(
         include_str!("fair.lua"),
         include_str!("enqueue_item.lua"),
         include_str!("enqueue.lua")
@@ -71,12 +73,12 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("fence.lua"),
         include_str!("fail.lua")
     )),
-    promote: Script::new(concat!(
+    promote: declared(concat!(
         include_str!("fair.lua"),
         include_str!("promote.lua")
     )),
-    usage: Script::new(include_str!("usage.lua")),
-    recover: Script::new(concat!(
+    usage: declared(include_str!("usage.lua")),
+    recover: declared(concat!(
         include_str!("events.lua"),
         include_str!("fair.lua"),
         include_str!("recover.lua")
@@ -87,19 +89,19 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("../graph/wf.lua"),
         include_str!("cancel.lua")
     )),
-    redrive: Script::new(concat!(
+    redrive: declared(concat!(
         include_str!("fair.lua"),
         include_str!("redrive.lua")
     )),
-    give_back: Script::new(concat!(
+    give_back: declared(concat!(
         include_str!("fair.lua"),
         include_str!("return.lua")
     )),
-    emit: Script::new(concat!(
+    emit: declared(concat!(
         include_str!("events.lua"),
         include_str!("emit.lua")
     )),
-    follow: Script::new(concat!(
+    follow: declared(concat!(
         include_str!("events.lua"),
         include_str!("follow.lua")
     )),
@@ -329,6 +331,12 @@ impl Broker {
         if let Some(a) = agent {
             inv.key(keys.lane(a)).key(keys.lanes());
         }
+        // what enqueue_item.lua reaches from the queue's base: declared like the rest
+        let tenant = crate::tenant::non_default(task.payload.tenant.as_deref());
+        inv.key(keys.line(tenant))
+            .key(keys.ring())
+            .key(keys.tenants())
+            .key(keys.recent());
         inv.arg(id.to_string())
             .arg(&task.queue)
             .arg(now_ms())
@@ -338,7 +346,7 @@ impl Broker {
             .arg(if idempotency_key.is_some() { "1" } else { "0" })
             .arg(if agent.is_some() { "1" } else { "0" })
             .arg(agent.unwrap_or(""))
-            .arg(crate::tenant::non_default(task.payload.tenant.as_deref()).unwrap_or(""));
+            .arg(tenant.unwrap_or(""));
         let mut conn = self.write_conn().await?;
         let (code, value): (i64, String) = inv.invoke_async(&mut conn).await?;
         self.replicated(&mut conn, &keys.pending()).await?;
@@ -545,14 +553,35 @@ impl Broker {
     pub async fn redrive(&self, queue: &str, limit: usize) -> RedisResult<(u64, u64)> {
         let keys = self.keys(queue);
         let mut conn = self.redis.conn().await?;
-        SCRIPTS
-            .redrive
-            .key(keys.dead())
-            .key(keys.pending())
-            .arg(keys.task_prefix())
-            .arg(limit.max(1))
-            .invoke_async(&mut conn)
-            .await
+        let ids: Vec<String> = conn
+            .zrange(keys.dead(), 0, (limit.max(1) - 1) as isize)
+            .await?;
+        self.redrive_these(&keys, &mut conn, &ids).await
+    }
+
+    /// `redrive.lua` for `ids`, with the keys their records name declared.
+    async fn redrive_these(
+        &self,
+        keys: &Keys,
+        conn: &mut crate::redis_conn::Conn,
+        ids: &[String],
+    ) -> RedisResult<(u64, u64)> {
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        let routes = declare::routes(conn, keys, ids).await?;
+        let mut declared = declare::Declared::default();
+        for (id, route) in ids.iter().zip(&routes) {
+            declared.task(keys, id, route);
+        }
+        declared.key(keys.ring());
+        let mut inv = SCRIPTS.redrive.prepare_invoke();
+        inv.key(keys.dead()).key(keys.pending());
+        declared.to(&mut inv);
+        for id in ids {
+            inv.arg(id);
+        }
+        inv.invoke_async(conn).await
     }
 
     /// Adds a declared queue to the registry set (`agentq:queues`).
@@ -716,7 +745,11 @@ impl Broker {
     ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
         let mut inv = SCRIPTS.emit.prepare_invoke();
-        inv.key(keys.task_raw(id)).arg(token).arg(batch).arg(step);
+        inv.key(keys.task_raw(id))
+            .key(keys.task_events_raw(id))
+            .arg(token)
+            .arg(batch)
+            .arg(step);
         for e in events {
             inv.arg(e.kind).arg(&e.data);
         }
@@ -729,7 +762,7 @@ impl Broker {
     pub async fn follow(&self, keys: &Keys, id: &crate::keys::TaskId) -> RedisResult<bool> {
         let mut conn = self.redis.conn().await?;
         let mut inv = SCRIPTS.follow.prepare_invoke();
-        inv.key(keys.task(id));
+        inv.key(keys.task(id)).key(keys.task_events(id));
         let found: i64 = inv.invoke_async(&mut conn).await?;
         Ok(found == 1)
     }
@@ -824,15 +857,71 @@ impl Broker {
     ) -> RedisResult<Promoted> {
         let mut conn = self.redis.conn().await?;
         let lag = i64::try_from(lag.as_millis()).unwrap_or(i64::MAX);
-        let (moved, next): (u64, i64) = SCRIPTS
-            .promote
-            .key(keys.delayed())
-            .key(keys.pending())
-            .key(keys.throttled())
-            .arg(now_ms().saturating_sub(lag))
-            .arg(limit.max(1))
-            .invoke_async(&mut conn)
+        let now = now_ms().saturating_sub(lag);
+        let limit = limit.max(1);
+        // what is due, and when the first entry of either set is: the script is called only when
+        // something is due, with the ids it may move and the keys they reach declared
+        type First = Vec<(String, f64)>;
+        let (delayed, throttled, first_delayed, first_throttled): (
+            Vec<String>,
+            Vec<String>,
+            First,
+            First,
+        ) = redis::pipe()
+            .cmd("ZRANGEBYSCORE")
+            .arg(keys.delayed())
+            .arg("-inf")
+            .arg(now)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .cmd("ZRANGEBYSCORE")
+            .arg(keys.throttled())
+            .arg("-inf")
+            .arg(now)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .cmd("ZRANGE")
+            .arg(keys.delayed())
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .cmd("ZRANGE")
+            .arg(keys.throttled())
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
             .await?;
+        if delayed.is_empty() && throttled.is_empty() {
+            let next = first_delayed
+                .iter()
+                .chain(&first_throttled)
+                .map(|(_, at)| *at as i64)
+                .min();
+            return Ok(Promoted {
+                moved: 0,
+                next_due_ms: next,
+            });
+        }
+        let ids: Vec<String> = delayed.iter().chain(&throttled).cloned().collect();
+        let routes = declare::routes(&mut conn, keys, &ids).await?;
+        let mut declared = declare::Declared::default();
+        for (id, route) in ids.iter().zip(&routes) {
+            declared.task(keys, id, route);
+        }
+        declared.key(keys.ring());
+        let mut inv = SCRIPTS.promote.prepare_invoke();
+        inv.key(keys.delayed())
+            .key(keys.pending())
+            .key(keys.throttled());
+        declared.to(&mut inv);
+        inv.arg(now).arg(delayed.len());
+        for id in &ids {
+            inv.arg(id);
+        }
+        let (moved, next): (u64, i64) = inv.invoke_async(&mut conn).await?;
         Ok(Promoted {
             moved,
             next_due_ms: (next >= 0).then_some(next),
@@ -903,13 +992,25 @@ impl Broker {
         token: Option<&str>,
     ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
-        SCRIPTS
-            .give_back
-            .key(keys.task_raw(id))
+        // the tenant's line the id goes back to (a ticket goes back to pending alone)
+        let mut declared = declare::Declared::default();
+        if id != crate::keys::TICKET {
+            let ids = [id.to_string()];
+            let routes = declare::routes(&mut conn, keys, &ids).await?;
+            let route = routes.into_iter().next().unwrap_or_default();
+            declared
+                .key(keys.line(route.tenant.as_deref()))
+                .key(keys.line(None))
+                .key(keys.ring())
+                .key(keys.running());
+        }
+        let mut inv = SCRIPTS.give_back.prepare_invoke();
+        inv.key(keys.task_raw(id))
             .key(keys.inflight(worker_id))
             .key(keys.pending())
-            .key(keys.active())
-            .arg(id)
+            .key(keys.active());
+        declared.to(&mut inv);
+        inv.arg(id)
             .arg(worker_id)
             .arg(token.unwrap_or(""))
             .invoke_async(&mut conn)
@@ -950,19 +1051,45 @@ impl Broker {
         let workers: Vec<String> = conn.smembers(keys.workers()).await?;
         let mut recovered = Vec::new();
         for w in workers.into_iter().filter(|w| w != self_id) {
-            let n: i64 = SCRIPTS
-                .recover
-                .key(keys.heartbeat(&w))
-                .key(keys.inflight(&w))
-                .key(keys.pending())
-                .key(keys.workers())
-                .key(keys.active())
-                .arg(&w)
-                .arg(keys.task_prefix())
-                .invoke_async(&mut conn)
-                .await?;
-            if n >= 0 {
-                recovered.push((w, n as u64));
+            // the list is read first, so the keys its ids reach are declared; the script refuses
+            // (-2) a list that changed since, and it is read again (only a worker that came back
+            // to life changes it, and then the heartbeat answers -1)
+            for _ in 0..3 {
+                let alive: bool = conn.exists(keys.heartbeat(&w)).await?;
+                if alive {
+                    break;
+                }
+                let ids: Vec<String> = conn.lrange(keys.inflight(&w), 0, -1).await?;
+                let tasks: Vec<String> = ids
+                    .iter()
+                    .filter(|id| id.as_str() != crate::keys::TICKET)
+                    .cloned()
+                    .collect();
+                let routes = declare::routes(&mut conn, keys, &tasks).await?;
+                let mut declared = declare::Declared::default();
+                for (id, route) in tasks.iter().zip(&routes) {
+                    declared.task(keys, id, route);
+                }
+                declared.key(keys.ring()).key(keys.running());
+                let mut inv = SCRIPTS.recover.prepare_invoke();
+                inv.key(keys.heartbeat(&w))
+                    .key(keys.inflight(&w))
+                    .key(keys.pending())
+                    .key(keys.workers())
+                    .key(keys.active());
+                declared.to(&mut inv);
+                inv.arg(&w);
+                for id in &ids {
+                    inv.arg(id);
+                }
+                let n: i64 = inv.invoke_async(&mut conn).await?;
+                if n >= 0 {
+                    recovered.push((w, n as u64));
+                    break;
+                }
+                if n == -1 {
+                    break;
+                }
             }
         }
         Ok(recovered)

@@ -4,13 +4,20 @@
 -- Each id goes to the head of its tenant's line; a ticket its blocking wait had moved (fetch.lua
 -- never ran for it) goes back to pending as a ticket (fair.lua is prepended).
 -- KEYS[1] heartbeat key of the lost worker, KEYS[2] its in-flight list, KEYS[3] pending list
--- (tickets; the tenants' lines and the `running` hash are built from it), KEYS[4] workers set,
--- KEYS[5] active zset
--- ARGV[1] the lost worker's id, ARGV[2] task key prefix
--- Returns the number of ids given back to pending, or -1 when the worker is alive after all.
+-- (tickets), KEYS[4] workers set, KEYS[5] active zset, then what the ids reach, declared by the
+-- caller from its read of the list (queue/declare.rs): each id's record, its stream, its tenant's
+-- line and its workflow's keys (named from the queue's base and the record), the ring and the
+-- `running` hash
+-- ARGV[1] the lost worker's id, ARGV[2..] its in-flight list as the caller read it
+-- Returns the number of ids given back to pending, -1 when the worker is alive after all, or -2
+-- when the list is not what the caller read (nothing written: read it again).
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local n = 0
 local ids = redis.call('LRANGE', KEYS[2], 0, -1)
+if #ids ~= #ARGV - 1 then return -2 end
+for i, id in ipairs(ids) do
+  if ARGV[i + 1] ~= id then return -2 end
+end
 redis.call('DEL', KEYS[2])
 local F = fair()
 local base = fq_base(KEYS[3])
@@ -20,7 +27,7 @@ for i = #ids, 1, -1 do
   if id == F.TICKET then
     F.ticket_back(base)
   else
-    local tkey = ARGV[2] .. id
+    local tkey = base .. 'task:' .. id
     local t = redis.call('HMGET', tkey, 'status', 'worker', 'tenant')
     local status = t[1]
     if status == 'running' and t[2] == ARGV[1] then

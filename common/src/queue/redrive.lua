@@ -1,23 +1,18 @@
 -- Put dead-lettered tasks back on the pending list as new attempts.
 -- Each goes to the back of its tenant's line (fair.lua is prepended).
--- KEYS[1] dead zset, KEYS[2] pending list (tickets; the tenants' lines are built from it)
--- ARGV[1] task key prefix, ARGV[2] most tasks to move, then (optional) the exact ids to move:
--- a tenant's redrive names its own dead ids, and only those still dead are moved
+-- KEYS[1] dead zset, KEYS[2] pending list (tickets), then what the ids reach, declared by the
+-- caller (queue/declare.rs): each id's record, its stream, its tenant's line and its batch (named
+-- from the queue's base and the record), and the ring
+-- ARGV the ids to move: the oldest the caller read off the dead set, or the ids a tenant's
+-- redrive names (its own); only those still dead are moved
 -- Returns {redriven, dropped}; dropped ids had no record left (expired or never written).
-local ids
-if #ARGV > 2 then
-  ids = {}
-  for i = 3, math.min(#ARGV, 2 + tonumber(ARGV[2])) do ids[#ids + 1] = ARGV[i] end
-else
-  ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-end
 local moved, dropped = 0, 0
 local F = fair()
 local base = fq_base(KEYS[2])
-for _, id in ipairs(ids) do
+for _, id in ipairs(ARGV) do
   -- an id that is no longer dead (redriven already, or never was) is left alone
   local dead = redis.call('ZREM', KEYS[1], id) == 1
-  local tkey = ARGV[1] .. id
+  local tkey = base .. 'task:' .. id
   if not dead then
     -- nothing
   elseif redis.call('EXISTS', tkey) == 1 and redis.call('HEXISTS', tkey, 'payload') == 1 then

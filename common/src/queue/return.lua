@@ -3,8 +3,9 @@
 -- It goes to the head of its tenant's line; a ticket ('~', moved by a blocking wait whose fetch
 -- never ran) goes back to pending as a ticket (fair.lua is prepended).
 -- KEYS[1] task hash (for a ticket: any key of the queue's slot), KEYS[2] this worker's in-flight
--- list, KEYS[3] pending list (tickets; the tenants' lines and the `running` hash are built from
--- it), KEYS[4] active zset
+-- list, KEYS[3] pending list (tickets), KEYS[4] active zset, then (not for a ticket) the task's
+-- tenant's line, the default tenant's, the ring and the `running` hash (named from the queue's
+-- base; the caller read the tenant, queue/declare.rs)
 -- ARGV[1] id (or '~'), ARGV[2] worker id, ARGV[3] run token, or '' for any run of this worker (an
 -- orphan whose fetch reply was lost, so its token never reached the worker)
 -- Returns 'queued' when given back, 'dropped' for a copy that was not this worker's to give back

@@ -2,7 +2,7 @@
 -- ran): the reply and the tools' results are appended to the task's transcript, with the call's
 -- usage, only while the run still owns the task. A later run (after a crash, a retry) resumes
 -- from here, so no recorded model call or tool call is made again.
--- KEYS[1] task hash
+-- KEYS[1] task hash, KEYS[2] its event stream (events.lua)
 -- ARGV[1] run token, ARGV[2] the step's messages (JSON, one per line), ARGV[3] the call's usage
 -- ("prompt|completion|cached|cost", or '')
 -- Returns 'ok'; or, writing nothing, 'missing', the final status, or 'stale' (another run owns

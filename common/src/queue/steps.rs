@@ -12,6 +12,7 @@ use redis::{RedisResult, Script};
 
 use super::{Broker, UsageAdd};
 use crate::keys::Keys;
+use crate::script::declared;
 use crate::time::now_ms;
 
 struct Scripts {
@@ -24,7 +25,7 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    step: Script::new(concat!(
+    step: declared(concat!(
         include_str!("events.lua"),
         include_str!("usage_add.lua"),
         include_str!("step.lua")
@@ -102,6 +103,7 @@ impl Broker {
         SCRIPTS
             .step
             .key(keys.task_raw(id))
+            .key(keys.task_events_raw(id))
             .arg(token)
             .arg(messages.join("\n"))
             .arg(UsageAdd::script_arg(usage))
