@@ -4,7 +4,8 @@
 -- loop resuming it after a crash, or two loops) never enqueue a line twice or skip one.
 -- KEYS[1] batch hash, KEYS[2] its task list, KEYS[3] the queue's pending list (tickets; each task
 -- goes to the back of its tenant's line, fair.lua is prepended), KEYS[4..] the chunk's task hashes
--- (new keys, one per line, in order)
+-- (new keys, one per line, in order), then the batch's tenant's line (the caller read the
+-- batch's tenant) and the ring
 -- Every task belongs to the batch's tenant (its `tenant` field, none for the default tenant).
 -- ARGV[1] the cursor the chunk starts at, ARGV[2] now ms, ARGV[3] now (Unix seconds), ARGV[4]
 -- the result TTL (seconds), then 6 values per line: task id, custom_id, max_attempts, payload JSON
@@ -16,7 +17,7 @@ if not b[1] then return {'missing', 0} end
 local cursor = tonumber(b[2]) or 0
 if b[3] or (b[1] ~= 'validating' and b[1] ~= 'in_progress') then return {'stopped', cursor} end
 if cursor ~= tonumber(ARGV[1]) then return {'moved', cursor} end
-local n = #KEYS - 3
+local n = (#ARGV - 4) / 6
 if cursor + n > (tonumber(b[6]) or 0) then return {'moved', cursor} end
 local keep = tonumber(b[4]) + tonumber(ARGV[4])
 local base = fq_base(KEYS[3])

@@ -30,7 +30,7 @@ struct Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     // each task goes to its tenant's line (fair.lua, see queue/mod.rs)
-    fanout: Script::new(concat!(
+    fanout: declared(concat!(
         include_str!("../queue/fair.lua"),
         include_str!("fanout.lua")
     )),
@@ -150,6 +150,14 @@ impl Broker {
         ttl: Duration,
         lines: &[FanoutLine],
     ) -> RedisResult<Fanout> {
+        let mut conn = self.redis().conn().await?;
+        // the tasks go to the batch's tenant's line: its tenant is read first (set when the
+        // batch is created, never changed) to declare that line
+        let tenant: Option<String> = redis::cmd("HGET")
+            .arg(keys.batch(batch_id))
+            .arg("tenant")
+            .query_async(&mut conn)
+            .await?;
         let now = now_ms();
         let mut inv = SCRIPTS.fanout.prepare_invoke();
         inv.key(keys.batch(batch_id))
@@ -158,6 +166,7 @@ impl Broker {
         for l in lines {
             inv.key(keys.task_raw(&l.task_id));
         }
+        inv.key(keys.line(tenant.as_deref())).key(keys.ring());
         inv.arg(from)
             .arg(now)
             .arg(now / 1000)
@@ -171,7 +180,6 @@ impl Broker {
                 .arg(msg)
                 .arg(err);
         }
-        let mut conn = self.redis().conn().await?;
         let (verdict, cursor): (String, u64) = inv.invoke_async(&mut conn).await?;
         Ok(match verdict.as_str() {
             "ok" => Fanout::Done(cursor),

@@ -2,7 +2,9 @@
 -- of pending (its conversation is under way). The resumed run is not a new attempt: `attempts`
 -- goes down by the one fetch.lua will add back.
 -- KEYS[1] task hash, KEYS[2] waiting zset, KEYS[3] pending list (tickets: the task goes to the
--- head of its tenant's line, fair.lua is prepended)
+-- head of its tenant's line, fair.lua is prepended), then the task's stream, its tenant's line,
+-- its workflow's keys when it is a node, and the ring (the caller read its record,
+-- queue/declare.rs)
 -- ARGV[1] id, ARGV[2] the pending tool calls the outputs answer (JSON, as read: a concurrent
 -- submission that already resumed the task makes this one a no-op), ARGV[3] the tool messages
 -- (JSON, one per line)

@@ -8,16 +8,17 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::{RedisResult, Script};
+use redis::{AsyncCommands, RedisResult, Script};
 
+use super::declare::Declared;
 use super::{Broker, UsageAdd};
 use crate::keys::Keys;
+use crate::redis_conn::Conn;
 use crate::script::declared;
 use crate::time::now_ms;
 
 struct Scripts {
     lane_release: Script,
-    lane_sweep: Script,
     step: Script,
     suspend: Script,
     resume: Script,
@@ -31,24 +32,19 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("step.lua")
     )),
     // fair.lua: a queued id goes to its tenant's line, and an ended run is counted off (see mod.rs)
-    lane_release: Script::new(concat!(
+    lane_release: declared(concat!(
         include_str!("fair.lua"),
         include_str!("lane.lua"),
         include_str!("lane_release.lua")
     )),
-    lane_sweep: Script::new(concat!(
-        include_str!("fair.lua"),
-        include_str!("lane.lua"),
-        include_str!("lane_sweep.lua")
-    )),
-    suspend: Script::new(concat!(
+    suspend: declared(concat!(
         include_str!("events.lua"),
         include_str!("fair.lua"),
         include_str!("fence.lua"),
         include_str!("usage_add.lua"),
         include_str!("suspend.lua")
     )),
-    resume: Script::new(concat!(
+    resume: declared(concat!(
         include_str!("events.lua"),
         include_str!("fair.lua"),
         include_str!("resume.lua")
@@ -88,6 +84,25 @@ pub enum Resumed {
     NotWaiting(String),
 }
 
+/// How many entries of a lane [`Broker::lane_release`] reads at once, and how many times it
+/// reads before leaving the rest to the next release or sweep.
+const LANE_READ: usize = 32;
+const LANE_READS: usize = 8;
+
+/// The keys a script reaches through one task's record (its stream, its tenant's line, its
+/// workflow's), read first (declare.rs).
+async fn declared_task(conn: &mut Conn, keys: &Keys, id: &str) -> RedisResult<Declared> {
+    let ids = [id.to_string()];
+    let route = super::declare::routes(conn, keys, &ids)
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let mut declared = Declared::default();
+    declared.task(keys, id, &route);
+    Ok(declared)
+}
+
 impl Broker {
     /// Records a step of a run that goes on (server-side tools ran), fenced by the run's token.
     /// Returns `ok`, or why nothing was written (`stale`, `cancelled`, ...; see `step.lua`).
@@ -122,14 +137,16 @@ impl Broker {
         step: &Suspend<'_>,
     ) -> RedisResult<String> {
         let mut conn = self.redis.conn().await?;
-        SCRIPTS
-            .suspend
-            .key(keys.task_raw(id))
+        // the task's stream, and its workflow's when it is a node (the status event goes there)
+        let declared = declared_task(&mut conn, keys, id).await?;
+        let mut inv = SCRIPTS.suspend.prepare_invoke();
+        inv.key(keys.task_raw(id))
             .key(keys.inflight(worker_id))
             .key(keys.active())
             .key(keys.waiting())
-            .key(keys.running())
-            .arg(id)
+            .key(keys.running());
+        declared.to(&mut inv);
+        inv.arg(id)
             .arg(token)
             .arg(now_ms())
             .arg(step.messages.join("\n"))
@@ -179,11 +196,15 @@ impl Broker {
         messages: &[String],
     ) -> RedisResult<Resumed> {
         let mut conn = self.redis.conn().await?;
-        let out: String = SCRIPTS
-            .resume
-            .key(keys.task_raw(id))
+        // its tenant's line (it is queued again), its stream and its workflow's
+        let mut declared = declared_task(&mut conn, keys, id).await?;
+        declared.key(keys.ring());
+        let mut inv = SCRIPTS.resume.prepare_invoke();
+        inv.key(keys.task_raw(id))
             .key(keys.waiting())
-            .key(keys.pending())
+            .key(keys.pending());
+        declared.to(&mut inv);
+        let out: String = inv
             .arg(id)
             .arg(pending)
             .arg(messages.join("\n"))
@@ -200,15 +221,34 @@ impl Broker {
     /// Moves an agent's lane on after one of its tasks became final: its next task may run.
     pub async fn lane_release(&self, keys: &Keys, agent_id: &str) -> RedisResult<()> {
         let mut conn = self.redis.conn().await?;
-        let _: i64 = SCRIPTS
-            .lane_release
-            .key(keys.lane(agent_id))
-            .key(keys.pending())
-            .key(keys.lanes())
-            .arg(keys.task_prefix())
-            .arg(agent_id)
-            .invoke_async(&mut conn)
-            .await?;
+        // The script walks the lane from its head, dropping final tasks, up to the first live
+        // one; it reaches each head's record and tenant line, so the caller reads the lane's
+        // first entries and their routes first. A lane longer in final tasks than one read, or
+        // changed since, answers 2 and is read again.
+        for _ in 0..LANE_READS {
+            let ids: Vec<String> = conn
+                .lrange(keys.lane(agent_id), 0, LANE_READ as isize - 1)
+                .await?;
+            let routes = super::declare::routes(&mut conn, keys, &ids).await?;
+            let mut declared = Declared::default();
+            for (id, route) in ids.iter().zip(&routes) {
+                declared.task(keys, id, route);
+            }
+            declared.key(keys.ring());
+            let mut inv = SCRIPTS.lane_release.prepare_invoke();
+            inv.key(keys.lane(agent_id))
+                .key(keys.pending())
+                .key(keys.lanes());
+            declared.to(&mut inv);
+            inv.arg(agent_id);
+            for id in &ids {
+                inv.arg(id);
+            }
+            let left: i64 = inv.invoke_async(&mut conn).await?;
+            if left != 2 {
+                break;
+            }
+        }
         Ok(())
     }
 
@@ -216,17 +256,17 @@ impl Broker {
     /// the next cursor (0 when a pass over every lane is done).
     pub async fn lane_sweep(&self, keys: &Keys, cursor: u64, count: usize) -> RedisResult<u64> {
         let mut conn = self.redis.conn().await?;
-        let next: String = SCRIPTS
-            .lane_sweep
-            .key(keys.lanes())
-            .key(keys.pending())
-            .arg(keys.lane_prefix())
-            .arg(keys.task_prefix())
+        let (next, agents): (u64, Vec<String>) = redis::cmd("SSCAN")
+            .arg(keys.lanes())
             .arg(cursor)
+            .arg("COUNT")
             .arg(count.max(1))
-            .invoke_async(&mut conn)
+            .query_async(&mut conn)
             .await?;
-        Ok(next.parse().unwrap_or(0))
+        for agent in agents {
+            self.lane_release(keys, &agent).await?;
+        }
+        Ok(next)
     }
 
     /// Fails the tasks whose tool outputs are overdue; returns how many.

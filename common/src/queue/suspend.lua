@@ -1,7 +1,8 @@
 -- A run's model asked for client-side tools: record the step and wait for the client's outputs,
 -- holding no worker slot. Only if that run still owns the task (fence.lua is prepended).
 -- KEYS[1] task hash, KEYS[2] worker in-flight list, KEYS[3] active zset, KEYS[4] waiting zset,
--- KEYS[5] the queue's `running` hash (runs in flight per tenant, fair.lua)
+-- KEYS[5] the queue's `running` hash (runs in flight per tenant, fair.lua), then the task's
+-- stream and its workflow's keys when it is a node (the caller read its record, queue/declare.rs)
 -- ARGV[1] id, ARGV[2] run token, ARGV[3] now ms, ARGV[4] the step's messages to append to the
 -- transcript (JSON, one per line), ARGV[5] the pending tool calls (JSON array), ARGV[6] the time
 -- the outputs are due by (ms), ARGV[7] the step's call usage ("prompt|completion|cached|cost", or '')
