@@ -9,7 +9,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::{RedisResult, Script};
+use redis::{AsyncCommands, RedisResult, Script};
 
 use crate::keys::{self, Keys};
 use crate::queue::Broker;
@@ -36,7 +36,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     )),
     stop: declared(include_str!("stop.lua")),
     // it makes tasks final, so it passes ev_final like every such script
-    cancel_page: Script::new(concat!(
+    cancel_page: declared(concat!(
         include_str!("../queue/events.lua"),
         include_str!("../queue/fair.lua"),
         include_str!("cancel_page.lua")
@@ -218,21 +218,55 @@ impl Broker {
         reason: &str,
     ) -> RedisResult<(u64, u64)> {
         let mut conn = self.redis().conn().await?;
-        SCRIPTS
-            .cancel_page
-            .key(keys.batch(batch_id))
+        // the page and the worker running each of its tasks are read first, so their records,
+        // streams and in-flight lists are declared (the script stops at a task whose run moved)
+        let at: Option<u64> = redis::cmd("HGET")
+            .arg(keys.batch(batch_id))
+            .arg("ccur")
+            .query_async(&mut conn)
+            .await?;
+        let at = at.unwrap_or(0);
+        let ids: Vec<String> = conn
+            .lrange(
+                keys.batch_tasks(batch_id),
+                at as isize,
+                (at as usize + page.max(1) - 1) as isize,
+            )
+            .await?;
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HGET").arg(keys.task_raw(id)).arg("worker");
+        }
+        let workers: Vec<Option<String>> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        let mut declared = crate::queue::Declared::default();
+        let mut inv = SCRIPTS.cancel_page.prepare_invoke();
+        inv.key(keys.batch(batch_id))
             .key(keys.batch_tasks(batch_id))
             .key(keys.delayed())
             .key(keys.active())
             .key(keys.throttled())
             .key(keys.waiting())
-            .arg(keys.base())
-            .arg(page.max(1))
+            .key(keys.running());
+        inv.arg(at)
+            .arg(keys.cancels())
             .arg(now_ms())
             .arg(ttl.as_secs().max(1))
-            .arg(reason)
-            .invoke_async(&mut conn)
-            .await
+            .arg(reason);
+        for (id, worker) in ids.iter().zip(&workers) {
+            declared
+                .key(keys.task_raw(id))
+                .key(keys.task_events_raw(id));
+            if let Some(w) = worker {
+                declared.key(keys.inflight(w));
+            }
+            inv.arg(id).arg(worker.as_deref().unwrap_or(""));
+        }
+        declared.to(&mut inv);
+        inv.invoke_async(&mut conn).await
     }
 
     /// `finalize.lua` step `begin`: freezes the counts once every request is final.

@@ -540,7 +540,7 @@ pub struct WorkflowView {
 
 // fair.lua before wf.lua: queued nodes go to their tenant's line (see queue/mod.rs)
 static CREATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
+    declared(concat!(
         include_str!("../queue/events.lua"),
         include_str!("../queue/fair.lua"),
         include_str!("wf.lua"),
@@ -602,10 +602,23 @@ impl Broker {
         }
         let capped = wf.max_cost_usd.is_some();
         let mut inv = CREATE.prepare_invoke();
-        inv.key(keys.workflow(&wf_id));
+        inv.key(keys.workflow(&wf_id)).key(keys.pending());
         if let Some(k) = idempotency_key {
             inv.key(keys.workflow_idempotency(k));
         }
+        // every node belongs to the workflow's tenant: the api gives all nodes the caller's
+        let tenant = wf
+            .nodes
+            .first()
+            .and_then(|n| crate::tenant::non_default(n.task.payload.tenant.as_deref()));
+        // what the writes reach besides: declared after the keys the script reads by position
+        let mut declared = crate::queue::Declared::default();
+        declared
+            .key(keys.workflow_events(&wf_id))
+            .key(keys.line(tenant))
+            .key(keys.ring())
+            .key(keys.lanes())
+            .key(keys.recent());
         inv.arg(&wf_id)
             .arg(now_ms())
             .arg(
@@ -620,13 +633,17 @@ impl Broker {
                     .unwrap_or_default(),
             )
             .arg(ttl.as_secs().max(1))
-            .arg(keys.base())
+            .arg(if idempotency_key.is_some() { "1" } else { "0" })
             .arg(&wf.queue)
             .arg(wf.nodes.len());
         for n in &wf.nodes {
             let task_id = TaskId::generate(&wf.queue).map_err(|e| {
                 redis::RedisError::from((redis::ErrorKind::Client, "bad queue", e.to_string()))
             })?;
+            declared.key(keys.task(&task_id));
+            if let Some(agent) = n.task.payload.agent_key() {
+                declared.key(keys.lane(&agent));
+            }
             let mut payload = n.task.payload.clone();
             payload.workflow = Some(Box::new(NodeRef {
                 workflow: wf_id.clone(),
@@ -655,13 +672,8 @@ impl Broker {
                 .arg(if n.kind == Kind::Plan { "plan" } else { "" })
                 .arg(n.depends_on.join(" "));
         }
-        // every node belongs to the workflow's tenant: the api gives all nodes the caller's
-        inv.arg(
-            wf.nodes
-                .first()
-                .and_then(|n| crate::tenant::non_default(n.task.payload.tenant.as_deref()))
-                .unwrap_or(""),
-        );
+        inv.arg(tenant.unwrap_or(""));
+        declared.to(&mut inv);
         let mut conn = self.write_conn().await?;
         let (created, id): (i64, String) = inv.invoke_async(&mut conn).await?;
         self.replicated(&mut conn, &keys.pending()).await?;

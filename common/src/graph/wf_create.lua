@@ -1,22 +1,24 @@
 -- Write a workflow and every node's task, atomically; queue the nodes with no parents.
--- KEYS[1] the workflow hash, KEYS[2] (only with an Idempotency-Key) the key's record
+-- KEYS[1] the workflow hash, KEYS[2] the queue's pending list (tickets; the queue's key base is
+-- taken from it), KEYS[3] (only with an Idempotency-Key) the key's record, then every key the
+-- writes reach (graph/mod.rs declares them): each node's task record, the lanes of the nodes'
+-- agents, the workflow's stream, the tenant's line, the ring, the lanes set and `recent`
 -- ARGV[1] workflow id, ARGV[2] now ms, ARGV[3] metadata JSON or '', ARGV[4] max cost in
--- nano-dollars or '', ARGV[5] result TTL seconds (kept after the workflow ends), ARGV[6] the
--- queue's key base ('<prefix>:{<queue>}:'), ARGV[7] queue, ARGV[8] node count N, then per node
+-- nano-dollars or '', ARGV[5] result TTL seconds (kept after the workflow ends), ARGV[6] '1' when
+-- an Idempotency-Key is given, ARGV[7] queue, ARGV[8] node count N, then per node
 -- 10 values: id, task id, payload JSON, max_attempts, parent count, dependents (space-separated),
 -- on_failure (f/c/s), agent id or '', kind ('plan' or ''), depends_on (space-separated); then the
 -- tenant ('' for the default tenant; kept on the workflow and on every node's task, whose queued
 -- ids go to that tenant's line, fair.lua)
--- Task keys are built from ARGV[6]: the queue's hash tag, so the same cluster slot as KEYS[1].
 -- Returns {1, id} when written, {0, existing id} when the Idempotency-Key was used already.
-if KEYS[2] then
-  local existing = redis.call('GET', KEYS[2])
+if ARGV[6] == '1' then
+  local existing = redis.call('GET', KEYS[3])
   if existing then return {0, existing} end
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[5]))
+  redis.call('SET', KEYS[3], ARGV[1], 'EX', tonumber(ARGV[5]))
 end
 local W = wf()
 local wf = KEYS[1]
-local now, base, queue = ARGV[2], ARGV[6], ARGV[7]
+local now, base, queue = ARGV[2], fq_base(KEYS[2]), ARGV[7]
 local n = tonumber(ARGV[8])
 local tenant = ARGV[9 + n * 10] or ''
 local ids = {}

@@ -17,6 +17,7 @@ use crate::time::now_ms;
 mod complete_batch;
 mod dead;
 mod declare;
+pub(crate) use declare::Declared;
 mod enqueue;
 mod group;
 mod recent;
