@@ -179,12 +179,6 @@ impl Keys {
         format!("{}:inflight:{worker_id}", self.base)
     }
 
-    /// `inflight(w)` without the worker id: scripts that must reach a run's owner (cancel) append
-    /// the `worker` field of the record.
-    pub fn inflight_prefix(&self) -> String {
-        format!("{}:inflight:", self.base)
-    }
-
     /// HASH with one task's record.
     pub fn task(&self, id: &TaskId) -> String {
         format!("{}{id}", self.task_prefix())

@@ -147,8 +147,9 @@ impl Worker {
             biased;
             o = self.execute(&task) => Some(o),
             // Dropping the execute future closes the LLM request's connection (the upstream
-            // stops generating) and ends any MCP tool call. No report: cancel.lua took the id off
-            // every list and cleared the token, so there is nothing left for this run to write.
+            // stops generating) and ends any MCP tool call. No report: the task is final (or its
+            // record gone) and its token cleared, so there is nothing left for this run to write
+            // but to drop its copy of the id from this worker's in-flight list (below).
             _ = registered.aborted() => None,
             _ = hard.cancelled() => Some(Outcome::GiveBack),
         };
@@ -168,6 +169,11 @@ impl Worker {
             None => {
                 self.count("cancelled", started);
                 tracing::info!(task.id = %task.id, attempt = task.attempt, "run aborted: task cancelled");
+                // a copy left behind (Redis away now) is found by the orphan sweep, which gives
+                // it back through return.lua: a final task's copy is dropped there
+                if let Err(e) = self.broker.forget(&self.keys, &self.id, &task.id).await {
+                    tracing::warn!(task.id = %task.id, error = %e, "could not drop the cancelled task from the in-flight list; the orphan sweep will");
+                }
             }
         }
         // An agent's next task may run once this one is final. Idempotent and cheap when the

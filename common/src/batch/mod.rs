@@ -218,8 +218,7 @@ impl Broker {
         reason: &str,
     ) -> RedisResult<(u64, u64)> {
         let mut conn = self.redis().conn().await?;
-        // the page and the worker running each of its tasks are read first, so their records,
-        // streams and in-flight lists are declared (the script stops at a task whose run moved)
+        // the page is read first, so its tasks' records and streams are declared
         let at: Option<u64> = redis::cmd("HGET")
             .arg(keys.batch(batch_id))
             .arg("ccur")
@@ -233,15 +232,6 @@ impl Broker {
                 (at as usize + page.max(1) - 1) as isize,
             )
             .await?;
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HGET").arg(keys.task_raw(id)).arg("worker");
-        }
-        let workers: Vec<Option<String>> = if ids.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut conn).await?
-        };
         let mut declared = crate::queue::Declared::default();
         let mut inv = SCRIPTS.cancel_page.prepare_invoke();
         inv.key(keys.batch(batch_id))
@@ -256,14 +246,11 @@ impl Broker {
             .arg(now_ms())
             .arg(ttl.as_secs().max(1))
             .arg(reason);
-        for (id, worker) in ids.iter().zip(&workers) {
+        for id in &ids {
             declared
                 .key(keys.task_raw(id))
                 .key(keys.task_events_raw(id));
-            if let Some(w) = worker {
-                declared.key(keys.inflight(w));
-            }
-            inv.arg(id).arg(worker.as_deref().unwrap_or(""));
+            inv.arg(id);
         }
         declared.to(&mut inv);
         inv.invoke_async(&mut conn).await

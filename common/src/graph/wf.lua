@@ -63,13 +63,13 @@ local function wf()
   -- up: removing it here would scan the list once per node.
   local function wf_cancel_task(base, tid, now, ttl, why)
     local tkey = base .. 'task:' .. tid
-    local t = redis.call('HMGET', tkey, 'status', 'worker', 'tenant')
+    local t = redis.call('HMGET', tkey, 'status', 'tenant')
     local st = t[1]
     if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' then return end
     redis.call('HSET', tkey, 'status', 'cancelled', 'finished_at', now)
     if why then redis.call('HSET', tkey, 'error', why) end
     -- the token's HDEL answers 1 only for a run in flight: it is counted off once
-    if redis.call('HDEL', tkey, 'token') == 1 then fq_ended(base .. 'running', t[3]) end
+    if redis.call('HDEL', tkey, 'token') == 1 then fq_ended(base .. 'running', t[2]) end
     redis.call('HDEL', tkey, 'pending_tool_calls', 'waiting_until')
     redis.call('EXPIRE', tkey, ttl)
     ev_final(tkey, 'cancelled', ttl, why or 'cancelled')
@@ -77,10 +77,8 @@ local function wf()
     redis.call('ZREM', base .. 'active', tid)
     redis.call('ZREM', base .. 'throttled', tid)
     redis.call('ZREM', base .. 'waiting', tid)
-    if st == 'running' and t[2] then
-      redis.call('LREM', base .. 'inflight:' .. t[2], 0, tid)
-      redis.call('PUBLISH', base .. 'cancels', tid)
-    end
+    -- its owner drops its in-flight copy when it hears (cancel.lua says how)
+    if st == 'running' then redis.call('PUBLISH', base .. 'cancels', tid) end
   end
 
   local function wf_close(wf, status, now, ttl, reason)

@@ -1,12 +1,14 @@
--- Cancel a task that has not finished. It is taken off every list now, including its running
--- owner's in-flight list; the run's token is cleared, so the owner's report writes nothing.
+-- Cancel a task that has not finished. It is taken off every list of the queue now; the run's
+-- token is cleared, so the owner's report writes nothing. The owner's in-flight list is its own:
+-- the worker drops its copy when it hears of the cancel (the message below, or its poll of its
+-- runs' records), or when its report is answered `cancelled` (fence.lua); recovery drops it for a
+-- lost worker.
 -- KEYS[1] task hash, KEYS[2] pending list (tickets; the tenant's line, the ring and the `running`
 -- hash are built from it, fair.lua), KEYS[3] delayed zset, KEYS[4] active zset,
 -- KEYS[5] throttled zset, KEYS[6] waiting zset (tasks waiting for tool outputs)
--- ARGV[1] id, ARGV[2] now ms, ARGV[3] result TTL seconds, ARGV[4] in-flight list key prefix
--- (the owner's list is ARGV[4] .. worker; same hash tag, so the same slot), ARGV[5] the queue's
--- cancel channel (optional): a running task's id is published there, so the worker running it
--- aborts its LLM call now instead of paying for an answer nobody will keep
+-- ARGV[1] id, ARGV[2] now ms, ARGV[3] result TTL seconds, ARGV[4] the queue's cancel channel
+-- (optional): a running task's id is published there, so the worker running it aborts its LLM
+-- call now instead of paying for an answer nobody will keep
 -- Returns 'ok' when cancelled now, 'missing', or the final status the task already had.
 local t = redis.call('HMGET', KEYS[1], 'status', 'worker', 'tenant')
 local status = t[1]
@@ -27,11 +29,8 @@ if KEYS[6] then
   redis.call('ZREM', KEYS[6], ARGV[1])
   redis.call('HDEL', KEYS[1], 'pending_tool_calls', 'waiting_until')
 end
-if status == 'running' and t[2] then
-  redis.call('LREM', ARGV[4] .. t[2], 0, ARGV[1])
-end
-if status == 'running' and ARGV[5] then
-  redis.call('PUBLISH', ARGV[5], ARGV[1])
+if status == 'running' and ARGV[4] then
+  redis.call('PUBLISH', ARGV[4], ARGV[1])
 end
 ev_final(KEYS[1], 'cancelled', tonumber(ARGV[3]), 'cancelled by request')
 -- a workflow's node: its on_failure decides what happens to the rest (wf.lua)

@@ -3,6 +3,9 @@
 -- worker's in-flight list: the caller may write. Otherwise it returns the answer to give without
 -- writing anything: the verdict this run already got (`reported` names its token: a resend after a
 -- lost reply), the final status, 'missing', or 'stale' (the run was fenced out; `fenced` += 1).
+-- A final task has no run left, so the reporting worker's copy of its id is dropped from that
+-- worker's list with the final status: a cancel leaves the owner's list to its owner (the other
+-- way to learn of it is the cancel message or the poll, and the worker drops its copy then).
 local function fence(tkey, inflight, id, token, status, current, reported)
   if not status then
     redis.call('LREM', inflight, -1, id)
@@ -13,7 +16,10 @@ local function fence(tkey, inflight, id, token, status, current, reported)
     if reported and string.sub(reported, 1, #prefix) == prefix then
       return string.sub(reported, #prefix + 1)
     end
-    if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
+    if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+      redis.call('LREM', inflight, '-1', id)
+      return status
+    end
     redis.call('HINCRBY', tkey, 'fenced', 1)
     return 'stale'
   end

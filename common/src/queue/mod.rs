@@ -455,7 +455,6 @@ impl Broker {
             .arg(id.to_string())
             .arg(now_ms())
             .arg(ttl.as_secs().max(1))
-            .arg(keys.inflight_prefix())
             .arg(keys.cancels())
             .invoke_async(&mut conn)
             .await?;
@@ -1016,6 +1015,14 @@ impl Broker {
             .arg(token.unwrap_or(""))
             .invoke_async(&mut conn)
             .await
+    }
+
+    /// Drops one copy of `id` from this worker's own in-flight list: its run was aborted because
+    /// the task is final (cancelled, or finished by another run) or its record is gone. A cancel
+    /// leaves the owner's list to the owner (cancel.lua).
+    pub async fn forget(&self, keys: &Keys, worker_id: &str, id: &str) -> RedisResult<()> {
+        let mut conn = self.redis.conn().await?;
+        conn.lrem(keys.inflight(worker_id), -1, id).await
     }
 
     /// The `status` of each task record (`None` for a record that is gone), in the order of
