@@ -548,7 +548,7 @@ static CREATE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
+    declared(concat!(
         include_str!("../queue/events.lua"),
         include_str!("../queue/fair.lua"),
         include_str!("wf.lua"),
@@ -789,12 +789,30 @@ impl Broker {
     ) -> RedisResult<WorkflowCancel> {
         let keys = self.keys(id.queue());
         let mut conn = self.redis().conn().await?;
-        let out: String = CANCEL
-            .key(keys.workflow(&id.to_string()))
-            .arg(now_ms())
-            .arg(ttl.as_secs().max(1))
-            .invoke_async(&mut conn)
-            .await?;
+        let wf = keys.workflow(&id.to_string());
+        // the workflow is read first for the keys its end may reach, and again if a plan
+        // spawned children in between
+        let mut out = String::from("reread");
+        for _ in 0..crate::queue::REREADS {
+            let mut declared = crate::queue::Declared::default();
+            let nodes =
+                crate::queue::declare_workflow(&mut conn, &keys, &wf, &mut declared).await?;
+            let mut inv = CANCEL.prepare_invoke();
+            inv.key(&wf);
+            declared.to(&mut inv);
+            out = inv
+                .arg(now_ms())
+                .arg(ttl.as_secs().max(1))
+                .arg(nodes)
+                .invoke_async(&mut conn)
+                .await?;
+            if out != "reread" {
+                break;
+            }
+        }
+        if out == "reread" {
+            return Err(crate::queue::workflow_moving());
+        }
         Ok(match out.as_str() {
             "ok" => WorkflowCancel::Cancelled,
             "missing" => WorkflowCancel::NotFound,

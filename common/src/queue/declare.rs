@@ -81,3 +81,57 @@ impl Declared {
         }
     }
 }
+
+/// Declares what a workflow's bookkeeping (graph/wf.lua) may reach when one of its nodes ends or
+/// the workflow is cancelled: the workflow's keys, every node's record and stream, the lanes of
+/// the nodes' agents, the tenant's line, and the queue's lists a cancelled node leaves. Returns
+/// the workflow's `nodes` as read: the script compares it with the field now and, when a plan
+/// spawned children since, writes nothing and answers so (the caller reads again).
+pub(crate) async fn workflow(
+    conn: &mut Conn,
+    keys: &Keys,
+    wf: &str,
+    d: &mut Declared,
+) -> RedisResult<String> {
+    let (nodes, tenant): (Option<String>, Option<String>) = redis::cmd("HMGET")
+        .arg(wf)
+        .arg("nodes")
+        .arg("tenant")
+        .query_async(conn)
+        .await?;
+    let nodes = nodes.unwrap_or_default();
+    let names: Vec<&str> = nodes.split_whitespace().collect();
+    if !names.is_empty() {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(wf);
+        for n in &names {
+            cmd.arg(format!("t:{n}")).arg(format!("a:{n}"));
+        }
+        let fields: Vec<Option<String>> = cmd.query_async(conn).await?;
+        for pair in fields.chunks(2) {
+            if let Some(Some(task)) = pair.first() {
+                d.key(keys.task_raw(task)).key(keys.task_events_raw(task));
+            }
+            if let Some(Some(agent)) = pair.get(1) {
+                if !agent.is_empty() {
+                    d.key(keys.lane(agent));
+                }
+            }
+        }
+    }
+    d.key(wf.to_owned())
+        .key(format!("{wf}:events"))
+        .key(format!("{wf}:holds"))
+        .key(keys.line(tenant.as_deref()))
+        .key(keys.line(None))
+        .key(keys.pending())
+        .key(keys.ring())
+        .key(keys.lanes())
+        .key(keys.recent())
+        .key(keys.running())
+        .key(keys.delayed())
+        .key(keys.active())
+        .key(keys.throttled())
+        .key(keys.waiting());
+    Ok(nodes)
+}

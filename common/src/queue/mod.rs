@@ -17,7 +17,7 @@ use crate::time::now_ms;
 mod complete_batch;
 mod dead;
 mod declare;
-pub(crate) use declare::Declared;
+pub(crate) use declare::{workflow as declare_workflow, Declared};
 mod enqueue;
 mod group;
 mod recent;
@@ -84,7 +84,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("fair.lua"),
         include_str!("recover.lua")
     )),
-    cancel: Script::new(concat!(
+    cancel: declared(concat!(
         include_str!("events.lua"),
         include_str!("fair.lua"),
         include_str!("../graph/wf.lua"),
@@ -107,6 +107,19 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("follow.lua")
     )),
 });
+
+/// How many times a script that declares a workflow's keys reads the workflow again when a plan
+/// spawned children between the read and the script (each spawn is one node's end: a handful in a
+/// row is already far-fetched).
+pub(crate) const REREADS: usize = 5;
+
+/// The error when a workflow kept changing under [`REREADS`] reads (the api answers 503).
+pub(crate) fn workflow_moving() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "the workflow kept changing while it was read; try again",
+    ))
+}
 
 /// Counts of one queue, as `GET /v1/queues/{queue}` shows them.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -444,20 +457,54 @@ impl Broker {
     pub async fn cancel(&self, id: &TaskId, ttl: Duration) -> RedisResult<CancelOutcome> {
         let keys = self.keys(id.queue());
         let mut conn = self.redis.conn().await?;
-        let out: String = SCRIPTS
-            .cancel
-            .key(keys.task(id))
-            .key(keys.pending())
-            .key(keys.delayed())
-            .key(keys.active())
-            .key(keys.throttled())
-            .key(keys.waiting())
-            .arg(id.to_string())
-            .arg(now_ms())
-            .arg(ttl.as_secs().max(1))
-            .arg(keys.cancels())
-            .invoke_async(&mut conn)
-            .await?;
+        let ids = [id.to_string()];
+        // The record is read first for the keys it names (tenant, batch, workflow); a node's
+        // whole workflow is declared, and read again if a plan spawned children in between.
+        let mut out = String::from("reread");
+        for _ in 0..REREADS {
+            let route = declare::routes(&mut conn, &keys, &ids)
+                .await?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let mut declared = Declared::default();
+            declared
+                .key(keys.line(route.tenant.as_deref()))
+                .key(keys.line(None))
+                .key(keys.ring())
+                .key(keys.turns())
+                .key(keys.running());
+            if let Some(b) = &route.batch {
+                declared.key(b.clone());
+            }
+            let nodes = match &route.wf {
+                Some(wf) => declare::workflow(&mut conn, &keys, wf, &mut declared).await?,
+                None => String::new(),
+            };
+            let mut inv = SCRIPTS.cancel.prepare_invoke();
+            inv.key(keys.task(id))
+                .key(keys.pending())
+                .key(keys.delayed())
+                .key(keys.active())
+                .key(keys.throttled())
+                .key(keys.waiting())
+                .key(keys.task_events(id));
+            declared.to(&mut inv);
+            out = inv
+                .arg(&ids[0])
+                .arg(now_ms())
+                .arg(ttl.as_secs().max(1))
+                .arg(keys.cancels())
+                .arg(nodes)
+                .invoke_async(&mut conn)
+                .await?;
+            if out != "reread" {
+                break;
+            }
+        }
+        if out == "reread" {
+            return Err(workflow_moving());
+        }
         Ok(match out.as_str() {
             "ok" => CancelOutcome::Cancelled,
             "missing" => CancelOutcome::NotFound,

@@ -49,7 +49,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("fair.lua"),
         include_str!("resume.lua")
     )),
-    tool_timeout: Script::new(concat!(
+    tool_timeout: declared(concat!(
         include_str!("events.lua"),
         include_str!("fair.lua"),
         include_str!("../graph/wf.lua"),
@@ -277,15 +277,45 @@ impl Broker {
         limit: usize,
     ) -> RedisResult<u64> {
         let mut conn = self.redis.conn().await?;
-        SCRIPTS
-            .tool_timeout
-            .key(keys.waiting())
-            .key(keys.dead())
-            .arg(keys.task_prefix())
-            .arg(now_ms())
-            .arg(ttl.as_secs().max(1))
+        let now = now_ms();
+        // the due ids and what their records name are read first (declare.rs)
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(keys.waiting())
+            .arg("-inf")
+            .arg(now)
+            .arg("LIMIT")
+            .arg(0)
             .arg(limit.max(1))
-            .invoke_async(&mut conn)
-            .await
+            .query_async(&mut conn)
+            .await?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let routes = super::declare::routes(&mut conn, keys, &due).await?;
+        let mut declared = Declared::default();
+        let mut snapshots: std::collections::HashMap<String, String> = Default::default();
+        for (id, route) in due.iter().zip(&routes) {
+            declared.task(keys, id, route);
+            if let Some(wf) = &route.wf {
+                if !snapshots.contains_key(wf) {
+                    let nodes =
+                        super::declare::workflow(&mut conn, keys, wf, &mut declared).await?;
+                    snapshots.insert(wf.clone(), nodes);
+                }
+            }
+        }
+        let mut inv = SCRIPTS.tool_timeout.prepare_invoke();
+        inv.key(keys.waiting()).key(keys.dead());
+        declared.to(&mut inv);
+        inv.arg(now).arg(ttl.as_secs().max(1));
+        for (id, route) in due.iter().zip(&routes) {
+            let nodes = route
+                .wf
+                .as_ref()
+                .and_then(|wf| snapshots.get(wf))
+                .map_or("", String::as_str);
+            inv.arg(id).arg(nodes);
+        }
+        inv.invoke_async(&mut conn).await
     }
 }
