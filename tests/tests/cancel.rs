@@ -64,6 +64,34 @@ async fn aborted_within(s: &Stack, n: u64, since: Instant, limit: Duration) -> R
     }
 }
 
+/// Waits until no worker's in-flight list holds `id`: a cancel leaves the owner's list to the
+/// owner, which drops its copy when it aborts the run.
+async fn out_of_every_inflight_list(s: &Stack, id: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut c = s.redis.conn()?;
+        let lists: Vec<String> = redis::cmd("KEYS")
+            .arg("agentq:{default}:inflight:*")
+            .query(&mut c)?;
+        let mut holders = Vec::new();
+        for l in lists {
+            let ids: Vec<String> = redis::cmd("LRANGE").arg(&l).arg(0).arg(-1).query(&mut c)?;
+            if ids.iter().any(|i| i == id) {
+                holders.push(l);
+            }
+        }
+        if holders.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{id} is still in {holders:?} 3 s after its run was aborted\n{}",
+            log_tails(s)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn record(s: &Stack, id: &str) -> Result<HashMap<String, String>> {
     Ok(redis::cmd("HGETALL")
         .arg(task_key(id))
@@ -84,14 +112,27 @@ async fn start_worker(s: &mut Stack, poll_ms: &str) -> Result<Worker> {
     .await
 }
 
+/// [`start_worker`] with a 30 s heartbeat: its orphan sweep (every third of it, an id seen twice)
+/// cannot take an id out of its in-flight list within a test's few seconds, so only the worker's
+/// own drop after an abort can.
+async fn start_worker_slow_sweep(s: &mut Stack, poll_ms: &str) -> Result<Worker> {
+    s.start_worker(&[
+        ("AGENTQ_LLM_TIMEOUT_SECS", "60"),
+        ("WORKER_CONCURRENCY", "1"),
+        ("AGENTQ_CANCEL_POLL_MS", poll_ms),
+        ("AGENTQ_HEARTBEAT_SECS", "30"),
+    ])
+    .await
+}
+
 /// DELETE during a 20 s call: the worker hangs up within 3 s (the poll is a minute away, so the
-/// cancel channel did it), writes nothing, counts the run `cancelled`, and its only slot is free
-/// for the next task at once.
+/// cancel channel did it), writes nothing but drops the id from its in-flight list, counts the run
+/// `cancelled`, and its only slot is free for the next task at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_tasks_llm_call_is_aborted_at_once() -> Result<()> {
     let mut s = Stack::new(MockConfig::default()).await?;
     s.start_api(&[]).await?;
-    let w = start_worker(&mut s, "60000").await?;
+    let w = start_worker_slow_sweep(&mut s, "60000").await?;
     let p = format!("cancel me mid-call {SLOW}");
     let id = s.submit(&p).await?;
     calls_reach(&s, &p, 1).await?;
@@ -134,6 +175,7 @@ async fn a_cancelled_tasks_llm_call_is_aborted_at_once() -> Result<()> {
         "{}",
         w.proc.tail()
     );
+    out_of_every_inflight_list(&s, &id).await?;
 
     // a second later nothing has changed: no late write, no second call
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -159,12 +201,13 @@ async fn a_cancelled_tasks_llm_call_is_aborted_at_once() -> Result<()> {
 
 /// A cancel that reached the record but never the channel (as if published while the worker's
 /// subscription was reconnecting): written straight into Redis, with no PUBLISH. The worker's poll
-/// (every 300 ms) finds the record final and hangs up within its period.
+/// (every 300 ms) finds the record final, hangs up within its period and drops the id from its
+/// in-flight list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_the_channel_missed_is_found_by_the_poll() -> Result<()> {
     let mut s = Stack::new(MockConfig::default()).await?;
     s.start_api(&[]).await?;
-    let w = start_worker(&mut s, "300").await?;
+    let w = start_worker_slow_sweep(&mut s, "300").await?;
     let p = format!("cancelled behind the channel's back {SLOW}");
     let id = s.submit(&p).await?;
     calls_reach(&s, &p, 1).await?;
@@ -185,6 +228,7 @@ async fn a_cancel_the_channel_missed_is_found_by_the_poll() -> Result<()> {
     // 300 ms of poll period, plus the poll's round trip and the mock noticing the hang-up
     let took = aborted_within(&s, 1, cancelled_at, Duration::from_millis(1500)).await?;
     println!("the poll aborted the call {took:?} after the record was cancelled");
+    out_of_every_inflight_list(&s, &id).await?;
 
     let rec = record(&s, &id)?;
     assert_eq!(rec.get("status").map(String::as_str), Some("cancelled"));

@@ -792,7 +792,7 @@ impl Broker {
         let wf = keys.workflow(&id.to_string());
         // the workflow is read first for the keys its end may reach, and again if a plan
         // spawned children in between
-        let mut out = String::from("reread");
+        let mut out = String::from(crate::queue::REREAD);
         for _ in 0..crate::queue::REREADS {
             let mut declared = crate::queue::Declared::default();
             let nodes =
@@ -806,14 +806,11 @@ impl Broker {
                 .arg(nodes)
                 .invoke_async(&mut conn)
                 .await?;
-            if out != "reread" {
+            if out != crate::queue::REREAD {
                 break;
             }
         }
-        if out == "reread" {
-            return Err(crate::queue::workflow_moving());
-        }
-        Ok(match out.as_str() {
+        Ok(match crate::queue::after_rereads(out)?.as_str() {
             "ok" => WorkflowCancel::Cancelled,
             "missing" => WorkflowCancel::NotFound,
             other => match WorkflowStatus::parse(other) {

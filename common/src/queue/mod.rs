@@ -113,12 +113,20 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 /// row is already far-fetched).
 pub(crate) const REREADS: usize = 5;
 
-/// The error when a workflow kept changing under [`REREADS`] reads (the api answers 503).
-pub(crate) fn workflow_moving() -> redis::RedisError {
-    redis::RedisError::from((
-        redis::ErrorKind::Io,
-        "the workflow kept changing while it was read; try again",
-    ))
+/// The answer of a script that declared a workflow's keys when the workflow had changed since
+/// they were read: nothing was written.
+pub(crate) const REREAD: &str = "reread";
+
+/// A script's last answer after at most [`REREADS`] reads: an error when the workflow never held
+/// still (the api answers 503), else the answer.
+pub(crate) fn after_rereads(out: String) -> RedisResult<String> {
+    if out == REREAD {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "the workflow kept changing while it was read; try again",
+        )));
+    }
+    Ok(out)
 }
 
 /// Counts of one queue, as `GET /v1/queues/{queue}` shows them.
@@ -460,7 +468,7 @@ impl Broker {
         let ids = [id.to_string()];
         // The record is read first for the keys it names (tenant, batch, workflow); a node's
         // whole workflow is declared, and read again if a plan spawned children in between.
-        let mut out = String::from("reread");
+        let mut out = String::from(REREAD);
         for _ in 0..REREADS {
             let route = declare::routes(&mut conn, &keys, &ids)
                 .await?
@@ -498,14 +506,11 @@ impl Broker {
                 .arg(nodes)
                 .invoke_async(&mut conn)
                 .await?;
-            if out != "reread" {
+            if out != REREAD {
                 break;
             }
         }
-        if out == "reread" {
-            return Err(workflow_moving());
-        }
-        Ok(match out.as_str() {
+        Ok(match after_rereads(out)?.as_str() {
             "ok" => CancelOutcome::Cancelled,
             "missing" => CancelOutcome::NotFound,
             other => match crate::task::Status::parse(other) {
