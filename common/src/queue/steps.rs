@@ -263,8 +263,44 @@ impl Broker {
             .arg(count.max(1))
             .query_async(&mut conn)
             .await?;
-        for agent in agents {
-            self.lane_release(keys, &agent).await?;
+        if agents.is_empty() {
+            return Ok(next);
+        }
+        // Most lanes need nothing: their head is live and already runnable. Their heads and
+        // those heads' records are read in two pipelined round trips, and only a lane that is
+        // empty, or whose head is final, gone or not yet runnable, is released.
+        let mut pipe = redis::pipe();
+        for agent in &agents {
+            pipe.cmd("LINDEX").arg(keys.lane(agent)).arg(0);
+        }
+        let heads: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        let mut pipe = redis::pipe();
+        for head in heads.iter().flatten() {
+            pipe.cmd("HMGET")
+                .arg(keys.task_raw(head))
+                .arg("status")
+                .arg("lane_ready");
+        }
+        let states: Vec<(Option<String>, Option<String>)> = if heads.iter().any(Option::is_some) {
+            pipe.query_async(&mut conn).await?
+        } else {
+            Vec::new()
+        };
+        let mut states = states.into_iter();
+        for (agent, head) in agents.iter().zip(&heads) {
+            let stuck = match head {
+                None => true,
+                Some(_) => match states.next() {
+                    Some((Some(status), ready)) => {
+                        matches!(status.as_str(), "succeeded" | "failed" | "cancelled")
+                            || ready.is_none()
+                    }
+                    _ => true,
+                },
+            };
+            if stuck {
+                self.lane_release(keys, agent).await?;
+            }
         }
         Ok(next)
     }
